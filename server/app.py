@@ -1,0 +1,151 @@
+"""The gateway application. ``create_app`` lists the request path in the order every request takes it."""
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from .config import GatewaySettings
+from .errors import (
+    NO_STORE,
+    AirlockError,
+    BodyTooLarge,
+    EngineUnavailable,
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotFound,
+    RouteNotFound,
+    error_response,
+)
+from .proxy import EngineExchange
+from .upstream import ReplicaPool
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A request that passed the gateway's checks, ready to forward as is."""
+
+    body: bytes
+    model: str
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it is known to exceed ``limit`` (before reading it all)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
+    return bytes(body)
+
+
+def parse_request(body: bytes) -> dict[str, Any]:
+    """The JSON object of an OpenAI request, with a ``model`` string."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest("request body is not valid JSON", code="invalid_json") from exc
+    if not isinstance(payload, dict):
+        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required and must be a string", param="model", code="missing_model")
+    return payload
+
+
+def create_app(settings: GatewaySettings, upstream_urls: Sequence[str]) -> FastAPI:
+    """Build the gateway for the engines at ``upstream_urls``."""
+    pool = ReplicaPool(upstream_urls, settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await pool.start()
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(
+        title="Airlock",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+
+    async def engine_request(request: Request) -> EngineRequest:
+        # 1. bounded body -> 2. parse -> 3. a replica serving the model (picked again in EngineExchange).
+        body = await read_body(request, settings.max_body_bytes)
+        model = parse_request(body)["model"]
+        if pool.pick(model) is None:
+            if not pool.ready:
+                raise EngineUnavailable(
+                    "the model engines are not ready yet; try again shortly",
+                    headers={"retry-after": str(settings.retry_after_s)},
+                )
+            if not pool.knows(model):
+                raise ModelNotFound(f"the model '{model}' does not exist", param="model")
+        return EngineRequest(body, model)
+
+    ScreenedRequest = Annotated[EngineRequest, Depends(engine_request)]
+
+    def exchange(path: str, request: EngineRequest) -> EngineExchange:
+        return EngineExchange(pool, path, request.body, request.model, settings.retry_after_s)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ScreenedRequest) -> Response:
+        return exchange("/v1/chat/completions", request)
+
+    @app.post("/v1/completions")
+    async def completions(request: ScreenedRequest) -> Response:
+        return exchange("/v1/completions", request)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return JSONResponse({"object": "list", "data": pool.model_cards()}, headers=NO_STORE)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return JSONResponse({"status": "ok"}, headers=NO_STORE)
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if pool.ready:
+            return JSONResponse({"status": "ready"}, headers=NO_STORE)
+        return JSONResponse({"status": "starting"}, status_code=503, headers=NO_STORE)
+
+    install_error_handlers(app)
+    return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves in OpenAI shape."""
+
+    async def airlock_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, AirlockError)
+        return exc.to_response()
+
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            return RouteNotFound("no such endpoint").to_response()
+        if exc.status_code == 405:
+            return MethodNotAllowed("method not allowed on this endpoint").to_response()
+        return error_response(exc.status_code, "request refused", "invalid_request_error", None)
+
+    async def validation_error(_: Request, exc: Exception) -> Response:
+        return InvalidRequest("the request is not valid").to_response()
+
+    app.add_exception_handler(AirlockError, airlock_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)

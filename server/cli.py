@@ -1,0 +1,156 @@
+"""The ``airlock`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, Settings, load_settings
+
+EXIT_CONFIG = 2
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # httpx logs every request line at INFO; the gateway's own logs say what matters.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    gateway = {key: value for key in ("host", "port") if (value := getattr(args, key, None)) is not None}
+    if gateway:
+        overrides["gateway"] = gateway
+    engine = {key: value for key in ("model", "replicas") if (value := getattr(args, key, None)) is not None}
+    if engine:
+        overrides["engine"] = engine
+    return load_settings(args.config, **overrides)
+
+
+def _cmd_up(args: argparse.Namespace) -> None:
+    from .runner import run_up
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    asyncio.run(run_up(settings))
+
+
+def _cmd_engine(args: argparse.Namespace) -> None:
+    from .runner import plan_engines, run_engines, runtime_directory
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    if args.dry_run:
+        with runtime_directory(settings) as runtime_dir:
+            choice, device, launches = plan_engines(settings, runtime_dir)
+        from .engine import PRIVACY_ENV
+
+        plan = {
+            "model": str(choice.path), "served_model_name": choice.served_name, "demo": choice.is_demo,
+            "device": device,
+            "replicas": [
+                {
+                    "url": launch.url,
+                    "argv": shlex.join(launch.argv),
+                    # Only what Airlock sets; the rest is the caller's own environment.
+                    "env": {k: v for k, v in launch.env.items()
+                            if k in PRIVACY_ENV or k.startswith(("VLLM_CPU_", "CUDA_VISIBLE"))},
+                }
+                for launch in launches
+            ],
+        }
+        print(json.dumps(plan, indent=2))
+        return
+    asyncio.run(run_engines(settings))
+
+
+def _cmd_gateway(args: argparse.Namespace) -> None:
+    from .runner import run_gateway
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    asyncio.run(run_gateway(settings))
+
+
+def _cmd_demo_model(args: argparse.Namespace) -> None:
+    from .demo_model import build_demo_model, is_built
+
+    if is_built(args.directory) and not args.force:
+        print(f"demo model already at {args.directory} (use --force to rebuild)")
+        return
+    build_demo_model(args.directory)
+    print(f"demo model written to {args.directory} (random weights: its answers are noise)")
+
+
+def _cmd_config(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    print(yaml.safe_dump(json.loads(settings.model_dump_json()), sort_keys=False), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="airlock",
+        description="Private, multi-user vision-language model server (vLLM behind an OpenAI-compatible gateway).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--config", type=Path, help="YAML settings file (see configs/airlock.example.yaml)")
+        return sub
+
+    up = with_config(commands.add_parser("up", help="start the engines and the gateway"))
+    up.add_argument("--host", help="gateway address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, help="gateway port (default 8000)")
+    up.add_argument("--model", help="auto | demo | profile name | local model directory")
+    up.add_argument("--replicas", type=int, help="engine replicas (one per GPU or tensor-parallel group)")
+    up.set_defaults(func=_cmd_up)
+
+    engine = with_config(commands.add_parser("engine", help="start only the engines"))
+    engine.add_argument("--model", help="auto | demo | profile name | local model directory")
+    engine.add_argument("--replicas", type=int, help="engine replicas")
+    engine.add_argument("--dry-run", action="store_true", help="print the vLLM command lines and exit")
+    engine.set_defaults(func=_cmd_engine)
+
+    gateway = with_config(commands.add_parser("gateway", help="start only the gateway (engines from 'upstreams')"))
+    gateway.add_argument("--host", help="gateway address (default 127.0.0.1)")
+    gateway.add_argument("--port", type=int, help="gateway port (default 8000)")
+    gateway.set_defaults(func=_cmd_gateway)
+
+    demo = commands.add_parser("demo-model", help="build the tiny random-weight Qwen3-VL used for demos and tests")
+    demo.add_argument("directory", type=Path)
+    demo.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    demo.set_defaults(func=_cmd_demo_model)
+
+    config = with_config(commands.add_parser("config", help="validate the settings and print them"))
+    config.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as exc:
+        print(f"airlock: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

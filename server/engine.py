@@ -1,0 +1,178 @@
+"""vLLM command lines and environments, one per replica, with every privacy setting forced on.
+
+The privacy settings are applied last and cannot be changed from a profile or ``engine.extra_args``: an extra
+argument that names one of them is refused at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .config import ConfigError, EngineSettings
+from .profiles import ModelChoice
+
+Device = Literal["cpu", "gpu"]
+
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+# Forced on every engine: no usage statistics, no hub, no telemetry, no debug logging of bodies.
+PRIVACY_ENV: Mapping[str, str] = {
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "VLLM_DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "VLLM_LOGGING_LEVEL": "INFO",
+}
+
+# Forced on every engine: no access log (it carries client addresses), no prompt or output logging, no
+# cross-user multimodal cache unless the operator asks, no file:// media, no API docs.
+PRIVACY_ARGS = (
+    "--disable-uvicorn-access-log",
+    "--no-enable-log-requests",
+    "--no-enable-log-outputs",
+    "--disable-fastapi-docs",
+)
+
+# Flags an operator may not pass through extra_args: they would undo a privacy setting, bind the engine
+# elsewhere, load something other than the chosen local model, or read a config file that could do any of it.
+PROTECTED_FLAGS = frozenset({
+    "--model", "--served-model-name", "--tokenizer", "--download-dir", "--hf-token", "--revision",
+    "--host", "--port", "--uds", "--api-key", "--ssl-keyfile", "--root-path",
+    "--disable-uvicorn-access-log", "--enable-log-requests", "--enable-log-outputs", "--enable-log-deltas",
+    "--disable-log-requests", "--allowed-local-media-path", "--allowed-media-domains",
+    "--mm-processor-cache-gb", "--mm-processor-cache-type", "--limit-mm-per-prompt",
+    "--disable-fastapi-docs", "--enable-server-load-tracking", "--config", "--trust-remote-code",
+    "--middleware", "--tool-server", "--media-io-kwargs",
+})
+
+# Parent environment variables that never reach an engine: they could log bodies, cache media on disk,
+# send traffic through a proxy, or authenticate to a hub.
+_BLOCKED_ENV_PREFIXES = ("VLLM_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_")
+_BLOCKED_ENV = frozenset({"http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy"})
+# VLLM_* variables an operator may still set for tuning.
+_ALLOWED_VLLM_ENV = frozenset({
+    "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_ATTENTION_BACKEND",
+    "VLLM_WORKER_MULTIPROC_METHOD", "VLLM_CPU_SGL_KERNEL",
+})
+
+
+@dataclass(frozen=True)
+class ReplicaLaunch:
+    """Everything needed to start one engine replica."""
+
+    index: int
+    argv: list[str]
+    env: dict[str, str]
+    url: str
+
+
+def check_extra_args(args: list[str]) -> None:
+    """Refuse extra vLLM arguments that touch a protected flag, however spelt (abbreviated, _ for -, =value)."""
+    for arg in args:
+        if not arg.startswith("--"):
+            continue
+        flag = arg.split("=", 1)[0].replace("_", "-")
+        bare = "--" + flag.removeprefix("--").removeprefix("no-")
+        if any(protected == bare or protected.startswith(bare) for protected in PROTECTED_FLAGS):
+            raise ConfigError(
+                f"engine.extra_args: {flag} is set by Airlock itself (privacy, binding or model choice) "
+                "and cannot be overridden"
+            )
+
+
+def engine_environment(parent: Mapping[str, str]) -> dict[str, str]:
+    """The parent's environment minus anything that could weaken privacy, plus the forced settings."""
+    env = {
+        name: value
+        for name, value in parent.items()
+        if name.lower() not in _BLOCKED_ENV
+        and (not name.startswith(_BLOCKED_ENV_PREFIXES) or name in _ALLOWED_VLLM_ENV)
+    }
+    env.update(PRIVACY_ENV)
+    return env
+
+
+def replica_url(settings: EngineSettings, runtime_dir: Path, index: int) -> str:
+    if settings.bind == "unix":
+        return f"unix:{runtime_dir / f'replica-{index}.sock'}"
+    return f"http://127.0.0.1:{settings.base_port + index}"
+
+
+def build_replicas(
+    settings: EngineSettings,
+    choice: ModelChoice,
+    device: Device,
+    runtime_dir: Path,
+    parent_env: Mapping[str, str] | None = None,
+    cpu_count: int | None = None,
+) -> list[ReplicaLaunch]:
+    """One launch per replica: the vLLM command line, its environment and where it will listen."""
+    profile = choice.profile
+    check_extra_args(profile.extra_args)
+    check_extra_args(settings.extra_args)
+    base_env = engine_environment(os.environ if parent_env is None else parent_env)
+    python = settings.python or sys.executable
+    max_images = (
+        settings.max_images_per_request
+        if settings.max_images_per_request is not None
+        else profile.max_images_per_request
+    )
+    launches = []
+    for index in range(settings.replicas):
+        url = replica_url(settings, runtime_dir, index)
+        argv = [
+            python, "-m", VLLM_SERVER_MODULE,
+            "--model", str(choice.path),
+            "--served-model-name", choice.served_name,
+            "--max-model-len", str(settings.max_model_len or profile.max_model_len),
+            "--limit-mm-per-prompt", json.dumps({"image": max_images, "video": 0}),
+            "--mm-processor-cache-gb", _number(settings.mm_processor_cache_gb),
+            "--tensor-parallel-size", str(settings.tensor_parallel_size),
+            "--dtype", "bfloat16" if device == "cpu" else profile.dtype,
+            *PRIVACY_ARGS,
+        ]
+        if url.startswith("unix:"):
+            argv += ["--uds", url.removeprefix("unix:")]
+        else:
+            argv += ["--host", "127.0.0.1", "--port", str(settings.base_port + index)]
+        if profile.reasoning_parser:
+            argv += ["--reasoning-parser", profile.reasoning_parser]
+        env = dict(base_env)
+        if device == "gpu":
+            utilization = settings.gpu_memory_utilization or profile.gpu_memory_utilization
+            argv += ["--gpu-memory-utilization", _number(utilization)]
+            first = index * settings.tensor_parallel_size
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(
+                str(gpu) for gpu in range(first, first + settings.tensor_parallel_size)
+            )
+        else:
+            # CUDA graphs do not exist on CPU; eager mode also starts faster.
+            argv += ["--enforce-eager"]
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_gb)
+            if settings.replicas > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in base_env:
+                cpus = cpu_count or os.cpu_count() or 1
+                env["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_share(index, settings.replicas, cpus)
+        argv += [*profile.extra_args, *settings.extra_args]
+        launches.append(ReplicaLaunch(index, argv, env, url))
+    return launches
+
+
+def _cpu_share(index: int, replicas: int, cpus: int) -> str:
+    """Give each CPU replica its own cores, or they fight over the same ones."""
+    per = max(1, cpus // replicas)
+    first = (index * per) % cpus
+    last = min(first + per, cpus) - 1
+    return f"{first}-{last}" if last > first else str(first)
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"

@@ -1,0 +1,155 @@
+"""Forward one request to an engine and relay its answer, byte for byte.
+
+The whole exchange, including the wait for the engine's first byte, runs under a watch for the client going
+away: when it does, the upstream request is closed at once, vLLM aborts it, and its batch slot is freed.
+
+Streaming commits late: the engine's status is read before the client's response starts, so an engine error
+becomes a proper OpenAI error with the right status. A connection that fails before any byte came back is
+retried once on another replica. Once a stream has started, a failure is reported as a final SSE error event,
+never as a silent truncation.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import httpx
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from .errors import NO_STORE, EngineFailed, EngineUnavailable, error_body, translate_engine_error
+from .upstream import Replica, ReplicaPool
+
+log = logging.getLogger(__name__)
+
+# Error answers from an engine are small; anything longer is cut (and then not parsed as JSON).
+MAX_ENGINE_ERROR_BYTES = 64 * 1024
+# Headers worth passing from the engine to the client; everything else (server, date, ...) is dropped.
+RELAYED_HEADERS = frozenset({"content-type"})
+
+
+class EngineExchange(Response):
+    """An ASGI response that performs the upstream call itself, so a disconnect can cancel all of it."""
+
+    def __init__(self, pool: ReplicaPool, path: str, body: bytes, model: str, retry_after_s: int) -> None:
+        self.pool = pool
+        self.path = path
+        self.payload = body
+        self.model = model
+        self.retry_after_s = retry_after_s
+        self.status_code = 0
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as tasks:
+
+            async def cancel_on_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                tasks.cancel_scope.cancel()
+
+            tasks.start_soon(cancel_on_disconnect)
+            try:
+                await self._exchange(send)
+            finally:
+                tasks.cancel_scope.cancel()
+
+    async def _exchange(self, send: Send) -> None:
+        tried: Replica | None = None
+        for _attempt in range(2):
+            replica = self.pool.pick(self.model, exclude=tried)
+            if replica is None:
+                break
+            tried = replica
+            replica.outstanding += 1
+            try:
+                upstream = await self._open(replica)
+                if upstream is None:
+                    continue
+                await self._relay(upstream, send)
+                return
+            finally:
+                replica.outstanding -= 1
+        unavailable = EngineUnavailable(
+            "no engine for this model is available right now; try again shortly",
+            headers={"retry-after": str(self.retry_after_s)},
+        )
+        await self._send_error(unavailable.to_response(), send)
+
+    async def _open(self, replica: Replica) -> httpx.Response | None:
+        """Send the request; None when the engine could not be reached (nothing was sent back yet)."""
+        request = replica.client.build_request(
+            "POST", self.path, content=self.payload, headers={"content-type": "application/json"}
+        )
+        try:
+            return await replica.client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ConnectTimeout):
+            self.pool.mark_failed(replica)
+            return None
+
+    async def _relay(self, upstream: httpx.Response, send: Send) -> None:
+        try:
+            if upstream.status_code >= 400:
+                raw = await _read_bounded(upstream, MAX_ENGINE_ERROR_BYTES)
+                await self._send_error(translate_engine_error(upstream.status_code, raw), send)
+            elif upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                await self._relay_stream(upstream, send)
+            else:
+                await self._relay_whole(upstream, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await upstream.aclose()
+
+    def _relayed_headers(
+        self, upstream: httpx.Response, extra: dict[str, str] | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        headers = {name: value for name, value in upstream.headers.items() if name.lower() in RELAYED_HEADERS}
+        headers.update(NO_STORE)
+        headers.update(extra or {})
+        return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+
+    async def _relay_whole(self, upstream: httpx.Response, send: Send) -> None:
+        # A non-streaming answer arrives at once; reading it whole lets an engine failure still become a 502.
+        try:
+            content = await upstream.aread()
+        except httpx.TransportError:
+            await self._send_error(EngineFailed("the model engine stopped while answering").to_response(), send)
+            return
+        self.status_code = upstream.status_code
+        headers = self._relayed_headers(upstream, {"content-length": str(len(content))})
+        await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": content, "more_body": False})
+
+    async def _relay_stream(self, upstream: httpx.Response, send: Send) -> None:
+        self.status_code = upstream.status_code
+        headers = self._relayed_headers(upstream, {"x-accel-buffering": "no"})
+        await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
+        try:
+            async for chunk in upstream.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.TransportError:
+            log.warning("an engine stream broke before its end")
+            event = error_body("the model engine stopped while answering", "server_error", "engine_error")
+            await send({"type": "http.response.body", "body": b"data: " + event + b"\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send_error(self, response: Response, send: Send) -> None:
+        self.status_code = response.status_code
+        await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": bytes(response.body), "more_body": False})
+
+
+async def _read_bounded(upstream: httpx.Response, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in upstream.aiter_raw():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                break
+    except httpx.TransportError:
+        pass
+    return b"".join(chunks)[:limit]
+

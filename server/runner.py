@@ -1,0 +1,176 @@
+"""Start Airlock: the engines (``airlock engine``), the gateway (``airlock gateway``), or both (``airlock up``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+
+from .app import create_app
+from .config import ConfigError, Settings
+from .engine import Device, ReplicaLaunch, build_replicas
+from .profiles import ModelChoice, choose_model, detect_gpu_free_gb, load_profiles
+from .supervisor import Supervisor
+
+log = logging.getLogger("airlock")
+
+DEMO_WARNING = """
+================================================================================
+ Airlock is serving the DEMO model: a tiny Qwen3-VL with RANDOM weights.
+ Its answers are noise. It is here so that Airlock runs out of the box.
+ Why: {reason}.
+ To serve real Qwen3-VL: copy the weights (e.g. Qwen3-VL-8B-Instruct) into
+ {models_dir}/<name>, or set engine.model to a local model directory.
+ See README.md, "Serving real Qwen3-VL weights".
+================================================================================"""
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: Airlock's runner decides the shutdown order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=settings.gateway.host,
+        port=settings.gateway.port,
+        access_log=False,  # an access log would record who asked what, and from where
+        proxy_headers=False,
+        server_header=False,
+        log_config=None,
+        lifespan="on",
+    )
+
+
+def plan_engines(settings: Settings, runtime_dir: Path) -> tuple[ModelChoice, Device, list[ReplicaLaunch]]:
+    """Decide the model, the device and the replica command lines; nothing is started."""
+    profiles = load_profiles(settings.engine.profiles_dir)
+    gpus = detect_gpu_free_gb() if settings.engine.device != "cpu" else []
+    requested = settings.engine.device
+    device: Device = ("gpu" if gpus else "cpu") if requested == "auto" else requested
+    if device == "gpu" and not gpus:
+        raise ConfigError("engine.device is 'gpu' but nvidia-smi sees no GPU")
+    needed = settings.engine.replicas * settings.engine.tensor_parallel_size
+    if device == "gpu" and needed > len(gpus):
+        raise ConfigError(f"{needed} GPUs needed (replicas x tensor_parallel_size), {len(gpus)} visible")
+    choice = choose_model(settings.engine, gpus, profiles)
+    return choice, device, build_replicas(settings.engine, choice, device, runtime_dir)
+
+
+def ensure_demo_model(choice: ModelChoice, python: str | None) -> None:
+    """Build the demo model in a child process, so that torch never loads into the gateway's process."""
+    from .demo_model import is_built
+
+    if not choice.is_demo or is_built(choice.path):
+        return
+    log.info("building the demo model once (a few seconds)")
+    subprocess.run(
+        [python or sys.executable, "-m", "server.cli", "demo-model", str(choice.path)],
+        check=True,
+    )
+
+
+@contextlib.contextmanager
+def runtime_directory(settings: Settings) -> Iterator[Path]:
+    """Where engine sockets live: a private (0700) directory, removed at exit unless configured."""
+    if settings.engine.socket_dir is not None:
+        settings.engine.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        yield settings.engine.socket_dir
+        return
+    path = Path(tempfile.mkdtemp(prefix="airlock-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _announce(choice: ModelChoice, device: Device, launches: list[ReplicaLaunch], settings: Settings) -> None:
+    log.info(
+        "model %s on %s, %d replica(s)%s", choice.served_name, device, len(launches),
+        f", tensor parallel {settings.engine.tensor_parallel_size}" if device == "gpu" else "",
+    )
+    if choice.is_demo:
+        print(DEMO_WARNING.format(reason=choice.reason, models_dir=settings.engine.models_dir),
+              file=sys.stderr, flush=True)
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _serve_gateway(server: _Server, stop_when: asyncio.Task[None]) -> None:
+    serving = asyncio.create_task(server.serve())
+    await asyncio.wait({serving, stop_when}, return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    await serving
+    if server.started is False and not stop_when.done():
+        raise ConfigError(f"the gateway could not listen on {server.config.host}:{server.config.port}")
+
+
+async def run_up(settings: Settings) -> None:
+    """Engines and gateway in one command: replicas start, the gateway serves (ready once they are)."""
+    with runtime_directory(settings) as runtime_dir:
+        choice, device, launches = plan_engines(settings, runtime_dir)
+        _announce(choice, device, launches, settings)
+        ensure_demo_model(choice, settings.engine.python)
+        supervisor = Supervisor(launches, settings.engine)
+        supervisor.start()
+        signalled = asyncio.create_task(_until_signalled())
+        try:
+            app = create_app(settings.gateway, [launch.url for launch in launches])
+            log.info("gateway on http://%s:%d/v1 (ready once an engine is healthy: GET /readyz)",
+                     settings.gateway.host, settings.gateway.port)
+            await _serve_gateway(_Server(_uvicorn_config(app, settings)), signalled)
+        finally:
+            signalled.cancel()
+            log.info("stopping the engines")
+            await supervisor.stop()
+
+
+async def run_engines(settings: Settings) -> None:
+    """Only the engines, for a gateway that runs elsewhere (its upstreams are printed)."""
+    with runtime_directory(settings) as runtime_dir:
+        choice, device, launches = plan_engines(settings, runtime_dir)
+        _announce(choice, device, launches, settings)
+        ensure_demo_model(choice, settings.engine.python)
+        supervisor = Supervisor(launches, settings.engine)
+        supervisor.start()
+        for launch in launches:
+            print(f"replica {launch.index}: {launch.url}", flush=True)
+        try:
+            await _until_signalled()
+        finally:
+            await supervisor.stop()
+
+
+async def run_gateway(settings: Settings) -> None:
+    """Only the gateway, in front of the engines listed under ``upstreams``."""
+    if not settings.upstreams:
+        raise ConfigError("upstreams: list at least one engine (url: unix:/path.sock or http://host:port)")
+    app = create_app(settings.gateway, [upstream.url for upstream in settings.upstreams])
+    signalled = asyncio.create_task(_until_signalled())
+    try:
+        await _serve_gateway(_Server(_uvicorn_config(app, settings)), signalled)
+    finally:
+        signalled.cancel()

@@ -1,0 +1,166 @@
+"""Run engine replicas as child processes: wait for health, restart crashes with back-off, stop without orphans.
+
+Each replica runs in its own process group, so stopping it also stops the engine-core processes vLLM starts.
+Children die with the launcher even if it is killed outright (parent-death signal), and never dump core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import resource
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import httpx
+
+from .config import EngineSettings
+from .engine import ReplicaLaunch
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
+# A replica that stayed up this long has earned a fresh back-off.
+STABLE_AFTER_S = 120.0
+
+
+def _prepare_child() -> None:
+    """Runs in the child before exec: no core dumps, and die when the launcher dies."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class ReplicaState:
+    launch: ReplicaLaunch
+    process: asyncio.subprocess.Process | None = None
+    starts: int = 0
+    healthy: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+
+class Supervisor:
+    """Keeps every replica running until ``stop`` is called."""
+
+    def __init__(self, launches: Sequence[ReplicaLaunch], settings: EngineSettings) -> None:
+        self.replicas = [ReplicaState(launch) for launch in launches]
+        self._settings = settings
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._keep_running(replica), name=f"airlock-replica-{replica.launch.index}")
+            for replica in self.replicas
+        ]
+
+    async def wait_healthy(self, timeout: float | None = None) -> bool:
+        """True once every replica has answered its health check (False on timeout)."""
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(replica.healthy.wait() for replica in self.replicas)), timeout
+            )
+        except TimeoutError:
+            return False
+        return True
+
+    async def _keep_running(self, replica: ReplicaState) -> None:
+        backoff = self._settings.restart_backoff_initial_s
+        index = replica.launch.index
+        while not self._stopping:
+            replica.healthy.clear()
+            replica.starts += 1
+            started = time.monotonic()
+            replica.process = await asyncio.create_subprocess_exec(
+                *replica.launch.argv,
+                env=replica.launch.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_prepare_child,
+            )
+            log.info("replica %d started (pid %d)", index, replica.process.pid)
+            watcher = asyncio.create_task(self._watch_health(replica))
+            code = await replica.process.wait()
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            replica.healthy.clear()
+            if self._stopping:
+                break
+            await self._kill_group(replica.process)  # reap engine-core children the crash left behind
+            if time.monotonic() - started > STABLE_AFTER_S:
+                backoff = self._settings.restart_backoff_initial_s
+            log.warning("replica %d exited with status %s; restarting in %.0f s", index, code, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._settings.restart_backoff_max_s)
+
+    async def _watch_health(self, replica: ReplicaState) -> None:
+        url = replica.launch.url
+        if url.startswith("unix:"):
+            client = httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(uds=url.removeprefix("unix:")),
+                base_url="http://engine", trust_env=False,
+            )
+        else:
+            client = httpx.AsyncClient(base_url=url, trust_env=False)
+        deadline = time.monotonic() + self._settings.startup_timeout_s
+        async with client:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get("/health", timeout=2.0)).status_code == 200:
+                        log.info("replica %d is healthy", replica.launch.index)
+                        replica.healthy.set()
+                        return
+                await asyncio.sleep(1.0)
+        log.error("replica %d did not become healthy within %.0f s; restarting it",
+                  replica.launch.index, self._settings.startup_timeout_s)
+        if replica.process is not None:
+            await self._kill_group(replica.process)
+
+    async def stop(self) -> None:
+        """Stop every replica: SIGTERM to each process group, SIGKILL after the grace period."""
+        self._stopping = True
+        await asyncio.gather(*(self._kill_group(r.process) for r in self.replicas if r.process is not None))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _kill_group(self, process: asyncio.subprocess.Process) -> None:
+        pgid = process.pid  # start_new_session=True: the child leads its own group
+        _signal_group(pgid, signal.SIGTERM)
+        if process.returncode is None:
+            try:
+                await asyncio.wait_for(process.wait(), self._settings.stop_timeout_s)
+            except TimeoutError:
+                log.warning("a replica did not stop within %.0f s; killing it", self._settings.stop_timeout_s)
+        # Whatever is left of the group (engine-core workers) goes now.
+        await _wait_group_gone(pgid, self._settings.stop_timeout_s)
+        _signal_group(pgid, signal.SIGKILL)
+        if process.returncode is None:
+            await process.wait()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def _wait_group_gone(pgid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        await asyncio.sleep(0.2)

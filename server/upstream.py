@@ -1,0 +1,158 @@
+"""The engines behind the gateway: their health, the models they serve, and which one takes a request.
+
+Replicas are named by index only ("replica 0"); addresses never reach a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+
+from .config import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Replica:
+    """One vLLM server, reached over a unix socket or HTTP."""
+
+    index: int
+    client: httpx.AsyncClient
+    healthy: bool = False
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outstanding: int = 0
+
+    def serves(self, model: str) -> bool:
+        return model in self.models
+
+
+def make_client(url: str, settings: GatewaySettings) -> httpx.AsyncClient:
+    """An HTTP client for one engine; ``unix:/path`` means a unix socket."""
+    timeout = httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s)
+    limits = httpx.Limits(
+        max_connections=settings.max_upstream_connections,
+        max_keepalive_connections=min(settings.max_upstream_connections, 256),
+    )
+    if url.startswith("unix:"):
+        transport = httpx.AsyncHTTPTransport(uds=url.removeprefix("unix:"), limits=limits, retries=0)
+        base_url = "http://engine"
+    else:
+        transport = httpx.AsyncHTTPTransport(limits=limits, retries=0)
+        base_url = url.rstrip("/")
+    # trust_env=False: proxy variables in the environment must never send prompts elsewhere.
+    return httpx.AsyncClient(transport=transport, base_url=base_url, timeout=timeout, trust_env=False)
+
+
+class RoutingStrategy(Protocol):
+    def choose(self, candidates: Sequence[Replica]) -> Replica: ...
+
+
+class LeastOutstanding:
+    """Fewest requests in flight; ties go round-robin so idle replicas share the work."""
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def choose(self, candidates: Sequence[Replica]) -> Replica:
+        self._turn += 1
+        least = min(replica.outstanding for replica in candidates)
+        tied = [replica for replica in candidates if replica.outstanding == least]
+        return tied[self._turn % len(tied)]
+
+
+class ReplicaPool:
+    """Keeps an up-to-date view of the engines by polling them, and picks one per request."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        settings: GatewaySettings,
+        strategy: RoutingStrategy | None = None,
+    ) -> None:
+        self.replicas = [Replica(index, make_client(url, settings)) for index, url in enumerate(urls)]
+        self._interval = settings.health_interval_s
+        self._strategy = strategy or LeastOutstanding()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.check_all()
+        self._task = asyncio.create_task(self._poll(), name="airlock-health")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await asyncio.gather(*(replica.client.aclose() for replica in self.replicas))
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.check_all()
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self._check(replica) for replica in self.replicas))
+
+    async def _check(self, replica: Replica) -> None:
+        try:
+            health = await replica.client.get("/health", timeout=HEALTH_TIMEOUT_S)
+            healthy = health.status_code == 200
+            if healthy and not replica.models:
+                listing = await replica.client.get("/v1/models", timeout=HEALTH_TIMEOUT_S)
+                listing.raise_for_status()
+                replica.models = {card["id"]: card for card in listing.json()["data"]}
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            healthy = False
+        self._set_health(replica, healthy)
+
+    def _set_health(self, replica: Replica, healthy: bool) -> None:
+        if healthy != replica.healthy:
+            if healthy:
+                log.info("replica %d is healthy, serving %s", replica.index, ", ".join(sorted(replica.models)))
+            else:
+                log.warning("replica %d is unhealthy", replica.index)
+        replica.healthy = healthy
+
+    def mark_failed(self, replica: Replica) -> None:
+        """Passive detection: a connection failure takes the replica out until a health check succeeds."""
+        self._set_health(replica, False)
+
+    def pick(self, model: str, exclude: Replica | None = None) -> Replica | None:
+        candidates = [r for r in self.replicas if r.healthy and r.serves(model) and r is not exclude]
+        return self._strategy.choose(candidates) if candidates else None
+
+    def knows(self, model: str) -> bool:
+        """True when some replica, healthy or not, has ever served ``model``."""
+        return any(replica.serves(model) for replica in self.replicas)
+
+    @property
+    def ready(self) -> bool:
+        return any(replica.healthy for replica in self.replicas)
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        """OpenAI model cards for the models healthy replicas serve (no engine paths or internals)."""
+        cards: dict[str, dict[str, Any]] = {}
+        for replica in self.replicas:
+            if not replica.healthy:
+                continue
+            for model_id, card in replica.models.items():
+                cards.setdefault(
+                    model_id,
+                    {
+                        "id": model_id,
+                        "object": "model",
+                        "created": card.get("created", 0),
+                        "owned_by": "airlock",
+                        "max_model_len": card.get("max_model_len"),
+                    },
+                )
+        return [cards[name] for name in sorted(cards)]
