@@ -58,7 +58,8 @@ class EngineExchange(Response):
     async def _exchange(self, send: Send) -> None:
         tried: Replica | None = None
         for _attempt in range(2):
-            replica = self.pool.pick(self.model, exclude=tried)
+            # Prefer a replica not tried yet; the same one again only if it is still in the pool.
+            replica = self.pool.pick(self.model, exclude=tried) or self.pool.pick(self.model)
             if replica is None:
                 break
             tried = replica
@@ -78,15 +79,19 @@ class EngineExchange(Response):
         await self._send_error(unavailable.to_response(), send)
 
     async def _open(self, replica: Replica) -> httpx.Response | None:
-        """Send the request; None when the engine could not be reached (nothing was sent back yet)."""
+        """Send the request; None when it failed before the engine answered (so it may be retried)."""
         request = replica.client.build_request(
             "POST", self.path, content=self.payload, headers={"content-type": "application/json"}
         )
         try:
             return await replica.client.send(request, stream=True)
-        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ConnectTimeout):
+        except httpx.ConnectError:
+            # Refused or no socket: the engine is down. Out of the pool until a health check says otherwise.
             self.pool.mark_failed(replica)
-            return None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.ConnectTimeout):
+            # A kept-alive connection the engine had just closed, or an engine too busy to accept: not dead.
+            log.info("replica %d dropped a request before answering; retrying it", replica.index)
+        return None
 
     async def _relay(self, upstream: httpx.Response, send: Send) -> None:
         try:

@@ -13,9 +13,11 @@ import logging
 import os
 import resource
 import signal
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -81,6 +83,7 @@ class Supervisor:
         while not self._stopping:
             replica.healthy.clear()
             replica.starts += 1
+            _remove_stale_socket(replica.launch.url)
             started = time.monotonic()
             replica.process = await asyncio.create_subprocess_exec(
                 *replica.launch.argv,
@@ -149,6 +152,16 @@ class Supervisor:
         _signal_group(pgid, signal.SIGKILL)
         if process.returncode is None:
             await process.wait()
+
+
+def _remove_stale_socket(url: str) -> None:
+    """A socket left by a replica that died hard would make its successor fail with 'address in use'."""
+    if not url.startswith("unix:"):
+        return
+    path = Path(url.removeprefix("unix:"))
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

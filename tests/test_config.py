@@ -1,0 +1,109 @@
+"""Settings: YAML file, environment, precedence, and clear refusals."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from server.config import ConfigError, EngineSettings, GatewaySettings, Settings, load_settings
+
+from .conftest import AIRLOCK, ROOT
+
+EXAMPLE = ROOT / "configs" / "airlock.example.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "airlock.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_safe() -> None:
+    settings = load_settings()
+    assert settings.gateway.host == "127.0.0.1"
+    assert settings.gateway.port == 8000
+    assert settings.engine.bind == "unix"
+    assert settings.engine.mm_processor_cache_gb == 0
+
+
+def test_yaml_file_is_read(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "gateway:\n  port: 9100\nengine:\n  replicas: 3\n"))
+    assert settings.gateway.port == 9100
+    assert settings.engine.replicas == 3
+
+
+def test_environment_beats_file_and_flags_beat_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write(tmp_path, "gateway:\n  port: 9100\n  max_body_bytes: 4096\n")
+    monkeypatch.setenv("AIRLOCK_GATEWAY__PORT", "9200")
+    settings = load_settings(config)
+    assert settings.gateway.port == 9200
+    assert settings.gateway.max_body_bytes == 4096  # untouched keys of the same section survive
+    assert load_settings(config, gateway={"port": 9300}).gateway.port == 9300
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, "gateway:\n  prot: 9100\n"))
+    assert "gateway.prot: unknown setting" in str(caught.value)
+
+
+def test_wrong_value_is_named_without_echoing_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, "gateway:\n  port: 70000\n"))
+    message = str(caught.value)
+    assert "gateway.port" in message
+    assert "70000" not in message  # values may be secrets: never repeated back
+
+
+def test_broken_yaml_says_where(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+, column \d+"):
+        load_settings(write(tmp_path, "gateway:\n  port: [9100\n"))
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "airlock.internal"])
+def test_listening_beyond_loopback_without_auth_is_refused(host: str) -> None:
+    with pytest.raises(ConfigError, match="refusing to listen"):
+        load_settings(gateway={"host": host})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_addresses_are_fine(host: str) -> None:
+    assert load_settings(gateway={"host": host}).gateway.host == host
+
+
+def test_the_loud_opt_out_allows_a_remote_address() -> None:
+    settings = load_settings(gateway={"host": "0.0.0.0", "insecure_allow_unauthenticated_remote": True})
+    assert settings.gateway.host == "0.0.0.0"
+
+
+def test_home_is_expanded_in_paths() -> None:
+    settings = load_settings(engine={"models_dir": "~/models"})
+    assert "~" not in str(settings.engine.models_dir)
+
+
+def test_example_file_documents_every_setting_and_loads_as_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    example = yaml.safe_load(EXAMPLE.read_text())
+    sections = {"gateway": GatewaySettings, "engine": EngineSettings}
+    assert set(example) == set(Settings.model_fields)
+    for name, model in sections.items():
+        assert set(example[name]) == set(model.model_fields), f"{name}: example and settings differ"
+    assert load_settings(EXAMPLE) == load_settings()
+
+
+def test_cli_reports_config_errors_with_exit_status_2(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*AIRLOCK, "config", "--config", str(write(tmp_path, "engine:\n  replicas: 0\n"))],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "engine.replicas" in result.stderr
+    assert "Traceback" not in result.stderr

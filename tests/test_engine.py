@@ -1,0 +1,140 @@
+"""Engine command lines: every privacy setting is on and cannot be undone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from server.config import ConfigError, load_settings
+from server.engine import PRIVACY_ARGS, PRIVACY_ENV, ReplicaLaunch, build_replicas, check_extra_args
+from server.profiles import choose_model, load_profiles
+
+from .conftest import AIRLOCK, ROOT
+
+PROFILES = load_profiles()
+
+
+def fake_model(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def launches(tmp_path: Path, device: str = "cpu", parent_env: dict[str, str] | None = None,
+             **engine: object) -> list[ReplicaLaunch]:
+    settings = load_settings(engine={"models_dir": str(tmp_path), **engine}).engine
+    choice = choose_model(settings, [], PROFILES)
+    return build_replicas(settings, choice, device, tmp_path / "run", parent_env or {}, cpu_count=8)  # type: ignore[arg-type]
+
+
+def flag_value(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_every_privacy_setting_is_on(tmp_path: Path, device: str) -> None:
+    (launch,) = launches(tmp_path, device, model="demo")
+    for arg in PRIVACY_ARGS:
+        assert arg in launch.argv
+    for name, value in PRIVACY_ENV.items():
+        assert launch.env[name] == value
+    assert launch.env["VLLM_NO_USAGE_STATS"] == "1" and launch.env["HF_HUB_OFFLINE"] == "1"
+    assert flag_value(launch.argv, "--mm-processor-cache-gb") == "0"
+    assert json.loads(flag_value(launch.argv, "--limit-mm-per-prompt"))["video"] == 0
+    assert "--enable-log-requests" not in launch.argv
+    assert "--allowed-local-media-path" not in launch.argv
+    assert not any(arg.startswith("--trust-remote-code") for arg in launch.argv)
+
+
+def test_engines_bind_to_private_unix_sockets_by_default(tmp_path: Path) -> None:
+    (launch,) = launches(tmp_path, model="demo")
+    assert flag_value(launch.argv, "--uds") == str(tmp_path / "run" / "replica-0.sock")
+    assert launch.url == f"unix:{tmp_path / 'run' / 'replica-0.sock'}"
+    assert "--host" not in launch.argv
+
+
+def test_tcp_binding_is_loopback_only(tmp_path: Path) -> None:
+    first, second = launches(tmp_path, model="demo", bind="tcp", replicas=2, base_port=9100)
+    assert flag_value(first.argv, "--host") == "127.0.0.1"
+    assert (flag_value(first.argv, "--port"), flag_value(second.argv, "--port")) == ("9100", "9101")
+
+
+def test_environment_is_scrubbed_of_anything_that_could_leak(tmp_path: Path) -> None:
+    parent = {
+        "PATH": "/usr/bin",
+        "VLLM_MEDIA_CACHE": "/tmp/media",
+        "VLLM_REQUEST_BODY_LOG_LEVEL": "DEBUG",
+        "VLLM_LOGGING_LEVEL": "DEBUG",
+        "VLLM_NO_USAGE_STATS": "0",
+        "HF_TOKEN": "hf_secret",
+        "https_proxy": "http://proxy:3128",
+        "HTTPS_PROXY": "http://proxy:3128",
+        "VLLM_CPU_OMP_THREADS_BIND": "0-3",
+    }
+    (launch,) = launches(tmp_path, parent_env=parent, model="demo")
+    for leaked in ("VLLM_MEDIA_CACHE", "VLLM_REQUEST_BODY_LOG_LEVEL", "HF_TOKEN", "https_proxy", "HTTPS_PROXY"):
+        assert leaked not in launch.env
+    assert launch.env["VLLM_LOGGING_LEVEL"] == "INFO"
+    assert launch.env["VLLM_NO_USAGE_STATS"] == "1"
+    assert launch.env["PATH"] == "/usr/bin"
+    assert launch.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-3"  # tuning the operator may keep
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "--enable-log-requests", "--enable_log_requests", "--enable-log-req", "--no-disable-uvicorn-access-log",
+        "--allowed-local-media-path=/", "--mm-processor-cache-gb=8", "--host=0.0.0.0", "--port", "--uds",
+        "--config", "--model", "--enable-log-outputs", "--trust-remote-code", "--api-key=x",
+    ],
+)
+def test_extra_args_cannot_touch_privacy_binding_or_model(tmp_path: Path, arg: str) -> None:
+    with pytest.raises(ConfigError, match="cannot be overridden"):
+        check_extra_args([arg])
+    with pytest.raises(ConfigError):
+        launches(tmp_path, model="demo", extra_args=[arg])
+
+
+def test_harmless_extra_args_pass_through(tmp_path: Path) -> None:
+    (launch,) = launches(tmp_path, model="demo", extra_args=["--enable-prefix-caching", "--max-num-seqs", "64"])
+    assert launch.argv[-3:] == ["--enable-prefix-caching", "--max-num-seqs", "64"]
+
+
+def test_gpu_replicas_get_their_own_gpus(tmp_path: Path) -> None:
+    fake_model(tmp_path, "Qwen3-VL-8B-Instruct")
+    replicas = launches(tmp_path, "gpu", model="qwen3-vl-8b-instruct", replicas=2, tensor_parallel_size=2)
+    assert [launch.env["CUDA_VISIBLE_DEVICES"] for launch in replicas] == ["0,1", "2,3"]
+    assert all(flag_value(launch.argv, "--tensor-parallel-size") == "2" for launch in replicas)
+    assert all("--enforce-eager" not in launch.argv for launch in replicas)
+    assert flag_value(replicas[0].argv, "--gpu-memory-utilization") == "0.9"
+
+
+def test_cpu_replicas_get_their_own_cores(tmp_path: Path) -> None:
+    replicas = launches(tmp_path, model="demo", replicas=2, cpu_kvcache_gb=2)
+    assert [launch.env["VLLM_CPU_OMP_THREADS_BIND"] for launch in replicas] == ["0-3", "4-7"]
+    assert all(launch.env["VLLM_CPU_KVCACHE_SPACE"] == "2" for launch in replicas)
+
+
+def test_thinking_models_get_the_reasoning_parser(tmp_path: Path) -> None:
+    fake_model(tmp_path, "Qwen3-VL-4B-Thinking")
+    fake_model(tmp_path, "Qwen3-VL-4B-Instruct")
+    (thinking,) = launches(tmp_path, "gpu", model="qwen3-vl-4b-thinking")
+    (instruct,) = launches(tmp_path, "gpu", model="qwen3-vl-4b-instruct")
+    assert flag_value(thinking.argv, "--reasoning-parser") == "qwen3"
+    assert "--reasoning-parser" not in instruct.argv
+    assert flag_value(thinking.argv, "--served-model-name") == "Qwen3-VL-4B-Thinking"
+
+
+def test_dry_run_prints_the_plan(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*AIRLOCK, "engine", "--dry-run", "--model", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["demo"] is True
+    assert "--disable-uvicorn-access-log" in plan["replicas"][0]["argv"]
+    assert plan["replicas"][0]["env"]["VLLM_NO_USAGE_STATS"] == "1"

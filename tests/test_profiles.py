@@ -1,0 +1,86 @@
+"""Engine profiles and the choice of model: local directories only, sized to the GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.config import ConfigError, load_settings
+from server.profiles import choose_model, choose_size, load_profiles
+
+PROFILES = load_profiles()
+
+
+def engine(tmp_path: Path, **values: object):  # type: ignore[no-untyped-def]
+    return load_settings(engine={"models_dir": str(tmp_path), "demo_model_dir": str(tmp_path / "demo"),
+                                 **values}).engine
+
+
+def install(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def test_every_target_model_has_a_profile() -> None:
+    for name in ("qwen3-vl-8b-instruct", "qwen3-vl-4b-instruct", "qwen3-vl-8b-thinking", "qwen3-vl-4b-thinking"):
+        profile = PROFILES[name]
+        assert profile.max_model_len >= 8192
+        assert profile.max_images_per_request >= 1
+        assert profile.min_gpu_memory_gb > 0
+        assert (profile.reasoning_parser == "qwen3") == (profile.variant == "thinking")
+
+
+@pytest.mark.parametrize(
+    ("free_gb", "tensor_parallel", "size"),
+    [
+        ([80.0], 1, "8b"),
+        ([23.5], 1, "8b"),
+        ([16.0], 1, "4b"),
+        ([12.0, 12.0], 2, "8b"),   # a tensor-parallel pair pools its memory
+        ([12.0, 4.0], 2, "4b"),    # ... limited by its emptiest GPU
+        ([8.0], 1, "4b"),          # nothing fits: the smallest, and vLLM will say why
+        ([], 1, "4b"),             # CPU
+    ],
+)
+def test_auto_picks_the_largest_model_that_fits(free_gb: list[float], tensor_parallel: int, size: str) -> None:
+    assert choose_size(free_gb, tensor_parallel, PROFILES, "instruct").size == size
+
+
+def test_auto_uses_installed_weights(tmp_path: Path) -> None:
+    path = install(tmp_path, "Qwen3-VL-8B-Thinking")
+    choice = choose_model(engine(tmp_path, variant="thinking"), [40.0], PROFILES)
+    assert (choice.path, choice.served_name, choice.is_demo) == (path, "Qwen3-VL-8B-Thinking", False)
+
+
+def test_auto_without_weights_falls_back_to_the_demo_and_says_why(tmp_path: Path) -> None:
+    choice = choose_model(engine(tmp_path), [40.0], PROFILES)
+    assert choice.is_demo
+    assert choice.path == tmp_path / "demo"
+    assert "Qwen3-VL-8B-Instruct" in choice.reason and str(tmp_path) in choice.reason
+
+
+def test_a_local_directory_is_served_under_its_profile(tmp_path: Path) -> None:
+    path = install(tmp_path, "Qwen3-VL-4B-Instruct")
+    choice = choose_model(engine(tmp_path, model=str(path)), [], PROFILES)
+    assert choice.profile.name == "qwen3-vl-4b-instruct"
+
+
+def test_an_unknown_local_directory_gets_the_generic_profile_and_its_own_name(tmp_path: Path) -> None:
+    path = install(tmp_path, "our-finetune")
+    choice = choose_model(engine(tmp_path, model=str(path)), [], PROFILES)
+    assert (choice.profile.name, choice.served_name) == ("qwen3-vl-generic", "our-finetune")
+
+
+@pytest.mark.parametrize("model", ["Qwen/Qwen3-VL-8B-Instruct", "/nonexistent/model", "qwen3-vl-8b-instruct"])
+def test_nothing_is_ever_downloaded(tmp_path: Path, model: str) -> None:
+    with pytest.raises(ConfigError, match="never downloads"):
+        choose_model(engine(tmp_path, model=model), [], PROFILES)
+
+
+def test_unknown_profile_is_named(tmp_path: Path) -> None:
+    path = install(tmp_path, "x")
+    with pytest.raises(ConfigError, match="no profile named 'nope'"):
+        choose_model(engine(tmp_path, model=str(path), profile="nope"), [], PROFILES)
