@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 AIRLOCK = [sys.executable, "-m", "server.cli"]
 STACK_START_TIMEOUT_S = 600
 TEST_MAX_BODY_BYTES = 8 * 1024 * 1024
+LONG_CONTEXT = 32768
 
 
 def free_port() -> int:
@@ -60,8 +61,22 @@ class Stack:
     def engine_client(self) -> httpx.Client:
         """Straight to the engine, bypassing the gateway: for looking at vLLM's own metrics."""
         return httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(self.engine_socket)), base_url="http://engine", timeout=10
+            transport=httpx.HTTPTransport(uds=str(self.engine_socket)), base_url="http://engine", timeout=30
         )
+
+    def running_in_engine(self) -> float:
+        """vLLM's own gauge of requests being generated, read straight from the engine."""
+        with self.engine_client() as engine:
+            for line in engine.get("/metrics").text.splitlines():
+                if line.startswith("vllm:num_requests_running{"):
+                    return float(line.rsplit(" ", 1)[1])
+        raise AssertionError("vllm:num_requests_running is missing from the engine's metrics")
+
+    def wait_for_running(self, expected: float, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (running := self.running_in_engine()) != expected:
+            assert time.monotonic() < deadline, f"the engine runs {running} requests, expected {expected}"
+            time.sleep(0.1)
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float) -> None:
@@ -101,6 +116,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Ite
             "demo_model_dir": str(demo_model_dir),
             "socket_dir": str(socket_dir),
             "cpu_kvcache_gb": 1,
+            # Room for answers long enough (tens of seconds) that no stall of this machine can end them early.
+            "max_model_len": LONG_CONTEXT,
         },
     })
     log_path = workdir / "airlock.log"

@@ -100,7 +100,7 @@ def test_a_killed_replica_is_restarted_and_stop_leaves_no_orphans(
     first.send_signal(signal.SIGKILL)
     wait_for(lambda: not engine_healthy(socket), "the replica to go down", process, log, 30)
     # The crashed replica's engine-core processes are reaped too, not left running.
-    gone, alive = psutil.wait_procs(family, timeout=60)
+    _gone, alive = psutil.wait_procs(family, timeout=60)
     assert not alive, f"left over after the crash: {[p.pid for p in alive]}"
 
     wait_for(lambda: engine_healthy(socket), "the restart", process, log, START_TIMEOUT_S)
@@ -111,5 +111,5 @@ def test_a_killed_replica_is_restarted_and_stop_leaves_no_orphans(
     family = [second, *second.children(recursive=True)]
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
-    gone, alive = psutil.wait_procs(family, timeout=30)
+    _gone, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, f"left running after SIGTERM: {[p.pid for p in alive]}"

@@ -1,0 +1,163 @@
+"""How the gateway reports engine failures.
+
+A real vLLM does not fail on cue, so these tests put a small misbehaving engine (a real HTTP server on a unix
+socket, see ``FaultyEngine``) behind the real gateway (real uvicorn). Everything else is the production code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from server.app import create_app
+from server.config import load_settings
+
+from .conftest import free_port
+
+MODEL = "faulty-model"
+SECRET_DETAIL = "Traceback: CUDA error at /srv/engine/secret_path.py line 42"
+
+
+async def health(_: Request) -> Response:
+    return JSONResponse({})
+
+
+async def models(_: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [{"id": MODEL, "created": 1, "max_model_len": 4096}]})
+
+
+async def chat(request: Request) -> Response:
+    """Behaves according to the prompt: the test says which failure it wants."""
+    body = await request.json()
+    behaviour = body["messages"][0]["content"]
+    if behaviour == "crash":
+        return JSONResponse({"error": {"message": SECRET_DETAIL, "type": "InternalServerError", "code": 500}},
+                            status_code=500)
+    if behaviour == "reject":
+        return JSONResponse({"error": {"message": "temperature must be >= 0", "type": "BadRequestError",
+                                       "param": "temperature", "code": 400}}, status_code=400)
+    if behaviour == "garbage-error":
+        return Response(b"<html>bad gateway</html>", status_code=400, media_type="text/html")
+
+    async def broken_stream() -> AsyncIterator[bytes]:
+        yield b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n'
+        await asyncio.sleep(0.05)
+        raise RuntimeError("engine died mid-stream")
+
+    return StreamingResponse(broken_stream(), media_type="text/event-stream")
+
+
+class ThreadedServer:
+    """A real uvicorn server in a background thread."""
+
+    def __init__(self, app: object, **where: object) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="on", **where))  # type: ignore[arg-type]
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ThreadedServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    engine_socket = tmp_path_factory.mktemp("faulty") / "engine.sock"
+    dead_socket = Path(str(engine_socket) + ".dead")  # a second replica that is never there
+    engine = Starlette(routes=[
+        Route("/health", health), Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"]),
+    ])
+    port = free_port()
+    settings = load_settings(gateway={"port": port, "health_interval_s": 0.5}).gateway
+    app = create_app(settings, [f"unix:{engine_socket}", f"unix:{dead_socket}"])
+    with ThreadedServer(engine, uds=str(engine_socket)), ThreadedServer(app, host="127.0.0.1", port=port):
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{base}/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        yield base
+
+
+def ask(gateway: str, behaviour: str, stream: bool = False) -> httpx.Response:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": behaviour}], "stream": stream}
+    return httpx.post(f"{gateway}/v1/chat/completions", json=body, timeout=20)
+
+
+def test_engine_crash_becomes_a_502_that_reveals_nothing(gateway: str) -> None:
+    response = ask(gateway, "crash")
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "engine_error")
+    assert "secret_path" not in response.text and "CUDA" not in response.text
+
+
+def test_engine_rejection_keeps_its_message_in_openai_shape(gateway: str) -> None:
+    response = ask(gateway, "reject")
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "message": "temperature must be >= 0", "type": "invalid_request_error", "param": "temperature",
+        "code": "invalid_request",
+    }
+
+
+def test_an_engine_error_that_is_not_json_still_gets_openai_shape(gateway: str) -> None:
+    response = ask(gateway, "garbage-error")
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "the model engine rejected this request"
+
+
+def test_a_stream_cut_midway_ends_with_an_error_event(gateway: str) -> None:
+    response = ask(gateway, "cut", stream=True)
+    assert response.status_code == 200
+    events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line.startswith("data: ")]
+    assert json.loads(events[0])["choices"][0]["delta"]["content"] == "Hel"
+    assert json.loads(events[-1])["error"]["code"] == "engine_error"
+
+
+def test_a_replica_that_is_not_there_is_left_out(gateway: str) -> None:
+    # Half the replicas are missing; every request still lands on the live one.
+    assert all(ask(gateway, "reject").status_code == 400 for _ in range(6))
+
+
+def test_no_engine_at_all_is_a_503_with_retry_after(tmp_path: Path) -> None:
+    port = free_port()
+    settings = load_settings(gateway={"port": port}).gateway
+    with ThreadedServer(create_app(settings, [f"unix:{tmp_path / 'none.sock'}"]), host="127.0.0.1", port=port):
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                              json={"model": MODEL, "messages": []}, timeout=10)
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 503
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert response.json()["error"]["code"] == "engine_unavailable"
+
+
+def test_unix_socket_path_is_not_in_any_answer(tmp_path: Path) -> None:
+    # Engine addresses are internal; not even an error may show them.
+    port = free_port()
+    settings = load_settings(gateway={"port": port}).gateway
+    sock = tmp_path / "hidden-engine.sock"
+    with ThreadedServer(create_app(settings, [f"unix:{sock}"]), host="127.0.0.1", port=port):
+        texts = [httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": MODEL}, timeout=10).text,
+                 httpx.get(f"http://127.0.0.1:{port}/v1/models").text]
+    assert not any("hidden-engine" in text for text in texts)
+

@@ -1,0 +1,32 @@
+"""The README's Python example really runs against a real stack."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, Stack
+from .images import image_bytes
+
+pytestmark = pytest.mark.engine
+
+
+def readme_python_example() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+    (example,) = [block for block in blocks if "chat.completions.create" in block]
+    return example
+
+
+def test_readme_sdk_example_answers_about_an_image(stack: Stack, tmp_path: Path) -> None:
+    example = readme_python_example()
+    assert 'base_url="http://127.0.0.1:8000/v1"' in example
+    (tmp_path / "invoice.png").write_bytes(image_bytes("PNG", (320, 240)))
+    script = tmp_path / "example.py"
+    script.write_text(example.replace("http://127.0.0.1:8000", stack.base_url))
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
