@@ -7,6 +7,7 @@ import contextlib
 import logging
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -119,18 +120,33 @@ async def _until_signalled() -> None:
             loop.remove_signal_handler(sig)
 
 
-async def _serve_gateway(server: _Server, stop_when: asyncio.Task[None]) -> None:
-    serving = asyncio.create_task(server.serve())
+def listen(settings: Settings) -> socket.socket:
+    """Bind the gateway's address up front, so a taken port fails at once, before any engine starts."""
+    host, port = settings.gateway.host, settings.gateway.port
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, IndexError) as exc:
+        raise ConfigError(f"gateway.host: cannot resolve {host!r}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return sock
+
+
+async def _serve_gateway(server: _Server, sock: socket.socket, stop_when: asyncio.Task[None]) -> None:
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
     await asyncio.wait({serving, stop_when}, return_when=asyncio.FIRST_COMPLETED)
     server.should_exit = True
     await serving
-    if server.started is False and not stop_when.done():
-        raise ConfigError(f"the gateway could not listen on {server.config.host}:{server.config.port}")
 
 
 async def run_up(settings: Settings) -> None:
     """Engines and gateway in one command: replicas start, the gateway serves (ready once they are)."""
-    with runtime_directory(settings) as runtime_dir:
+    with runtime_directory(settings) as runtime_dir, listen(settings) as sock:
         choice, device, launches = plan_engines(settings, runtime_dir)
         _announce(choice, device, launches, settings)
         ensure_demo_model(choice, settings.engine.python)
@@ -141,7 +157,7 @@ async def run_up(settings: Settings) -> None:
             app = create_app(settings.gateway, [launch.url for launch in launches])
             log.info("gateway on http://%s:%d/v1 (ready once an engine is healthy: GET /readyz)",
                      settings.gateway.host, settings.gateway.port)
-            await _serve_gateway(_Server(_uvicorn_config(app, settings)), signalled)
+            await _serve_gateway(_Server(_uvicorn_config(app, settings)), sock, signalled)
         finally:
             signalled.cancel()
             log.info("stopping the engines")
@@ -169,8 +185,9 @@ async def run_gateway(settings: Settings) -> None:
     if not settings.upstreams:
         raise ConfigError("upstreams: list at least one engine (url: unix:/path.sock or http://host:port)")
     app = create_app(settings.gateway, [upstream.url for upstream in settings.upstreams])
-    signalled = asyncio.create_task(_until_signalled())
-    try:
-        await _serve_gateway(_Server(_uvicorn_config(app, settings)), signalled)
-    finally:
-        signalled.cancel()
+    with listen(settings) as sock:
+        signalled = asyncio.create_task(_until_signalled())
+        try:
+            await _serve_gateway(_Server(_uvicorn_config(app, settings)), sock, signalled)
+        finally:
+            signalled.cancel()
