@@ -146,6 +146,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def validation_error(_: Request, exc: Exception) -> Response:
         return InvalidRequest("the request is not valid").to_response()
 
+    async def unexpected_error(_: Request, exc: Exception) -> Response:
+        # A bug in Airlock: a 500 that reveals nothing (uvicorn still logs the traceback, which holds no content).
+        return AirlockError("internal error in the gateway").to_response()
+
+    app.add_exception_handler(Exception, unexpected_error)
     app.add_exception_handler(AirlockError, airlock_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)

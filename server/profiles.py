@@ -49,8 +49,8 @@ class EngineProfile(BaseModel):
 
 
 def default_profiles_dir() -> Path:
-    """configs/models, shipped inside the wheel as server/profiles or read from the source tree."""
-    packaged = Path(__file__).parent / "profiles"
+    """configs/models, shipped inside the wheel as server/engine_profiles or read from the source tree."""
+    packaged = Path(__file__).parent / "engine_profiles"
     return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "configs" / "models"
 
 
