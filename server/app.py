@@ -87,14 +87,15 @@ def create_app(settings: GatewaySettings, upstream_urls: Sequence[str]) -> FastA
         # 1. bounded body -> 2. parse -> 3. a replica serving the model (picked again in EngineExchange).
         body = await read_body(request, settings.max_body_bytes)
         model = parse_request(body)["model"]
-        if pool.pick(model) is None:
+        if not pool.can_serve(model):
             if not pool.ready:
                 raise EngineUnavailable(
                     "the model engines are not ready yet; try again shortly",
                     headers={"retry-after": str(settings.retry_after_s)},
                 )
             if not pool.knows(model):
-                raise ModelNotFound(f"the model '{model}' does not exist", param="model")
+                shown = model if len(model) <= 100 else model[:100] + "..."
+                raise ModelNotFound(f"the model '{shown}' does not exist", param="model")
         return EngineRequest(body, model)
 
     ScreenedRequest = Annotated[EngineRequest, Depends(engine_request)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
 
@@ -55,6 +56,8 @@ class GatewaySettings(_Section):
     health_interval_s: float = Field(2.0, gt=0)
     # Retry-After sent with 503 while no engine is ready.
     retry_after_s: int = Field(5, ge=1)
+    # On stop, how long open requests may take to finish before they are cut.
+    shutdown_grace_s: int = Field(30, ge=0)
 
     @model_validator(mode="after")
     def _refuse_open_door(self) -> GatewaySettings:
@@ -201,10 +204,21 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings from explicit overrides, the environment and the YAML file (if any)."""
+    _check_environment_names(os.environ)
     token = _yaml_values.set(_read_yaml(config_file) if config_file else {})
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from exc
+    except SettingsError as exc:
+        raise ConfigError(f"an AIRLOCK_* environment variable cannot be parsed: {exc}") from exc
     finally:
         _yaml_values.reset(token)
+
+
+def _check_environment_names(environ: Mapping[str, str]) -> None:
+    """A misspelt AIRLOCK_* variable would otherwise be ignored without a word."""
+    known = {name.upper() for name in Settings.model_fields}
+    for name in environ:
+        if name.startswith("AIRLOCK_") and name.removeprefix("AIRLOCK_").split("__")[0] not in known:
+            raise ConfigError(f"{name}: unknown setting (check the spelling against configs/airlock.example.yaml)")

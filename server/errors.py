@@ -7,7 +7,8 @@
     ├── RouteNotFound                 404 not_found_error
     ├── MethodNotAllowed              405 invalid_request_error
     ├── EngineUnavailable             503 server_error (with Retry-After)
-    └── EngineFailed                  502 server_error
+    ├── EngineFailed                  502 server_error
+    └── EngineTimeout                 504 server_error
 
 Messages are written for the user and never carry request content, credentials or addresses. Builtin
 exceptions are never turned into 4xx: a bug in Airlock stays a 500 and is not blamed on the client.
@@ -83,6 +84,11 @@ class EngineUnavailable(AirlockError):
 class EngineFailed(AirlockError):
     status = 502
     default_code = "engine_error"
+
+
+class EngineTimeout(AirlockError):
+    status = 504
+    default_code = "engine_timeout"
 
 
 # OpenAI error types by status, for errors that come back from an engine.

@@ -18,7 +18,15 @@ import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from .errors import NO_STORE, EngineFailed, EngineUnavailable, error_body, translate_engine_error
+from .errors import (
+    NO_STORE,
+    AirlockError,
+    EngineFailed,
+    EngineTimeout,
+    EngineUnavailable,
+    error_body,
+    translate_engine_error,
+)
 from .upstream import Replica, ReplicaPool
 
 log = logging.getLogger(__name__)
@@ -27,6 +35,8 @@ log = logging.getLogger(__name__)
 MAX_ENGINE_ERROR_BYTES = 64 * 1024
 # Headers worth passing from the engine to the client; everything else (server, date, ...) is dropped.
 RELAYED_HEADERS = frozenset({"content-type"})
+# What the gateway sends the engine: nothing of the client's headers. identity: bytes are relayed as they are.
+UPSTREAM_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
 
 
 class EngineExchange(Response):
@@ -70,6 +80,9 @@ class EngineExchange(Response):
                     continue
                 await self._relay(upstream, send)
                 return
+            except AirlockError as error:
+                await self._send_error(error.to_response(), send)
+                return
             finally:
                 replica.outstanding -= 1
         unavailable = EngineUnavailable(
@@ -80,17 +93,22 @@ class EngineExchange(Response):
 
     async def _open(self, replica: Replica) -> httpx.Response | None:
         """Send the request; None when it failed before the engine answered (so it may be retried)."""
-        request = replica.client.build_request(
-            "POST", self.path, content=self.payload, headers={"content-type": "application/json"}
-        )
+        request = replica.client.build_request("POST", self.path, content=self.payload, headers=UPSTREAM_HEADERS)
         try:
             return await replica.client.send(request, stream=True)
         except httpx.ConnectError:
             # Refused or no socket: the engine is down. Out of the pool until a health check says otherwise.
             self.pool.mark_failed(replica)
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.ConnectTimeout):
-            # A kept-alive connection the engine had just closed, or an engine too busy to accept: not dead.
+            # Dropped before any answer (a kept-alive connection the engine had just closed, an engine too busy to
+            # accept, or one that died): nothing reached the client yet, so another try is safe.
             log.info("replica %d dropped a request before answering; retrying it", replica.index)
+        except httpx.TimeoutException as exc:
+            # No answer within read_timeout_s (a long non-streaming answer), or no free connection: not retried,
+            # the work may still be under way.
+            raise EngineTimeout("the model engine did not answer in time; try a smaller request or streaming") from exc
+        except httpx.TransportError as exc:
+            raise EngineFailed("the model engine failed to answer this request; try again") from exc
         return None
 
     async def _relay(self, upstream: httpx.Response, send: Send) -> None:

@@ -53,6 +53,7 @@ def _uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
         server_header=False,
         log_config=None,
         lifespan="on",
+        timeout_graceful_shutdown=settings.gateway.shutdown_grace_s,
     )
 
 
@@ -89,6 +90,8 @@ def runtime_directory(settings: Settings) -> Iterator[Path]:
     """Where engine sockets live: a private (0700) directory, removed at exit unless configured."""
     if settings.engine.socket_dir is not None:
         settings.engine.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The engines trust whoever reaches their sockets: nobody but this user may.
+        settings.engine.socket_dir.chmod(0o700)
         yield settings.engine.socket_dir
         return
     path = Path(tempfile.mkdtemp(prefix="airlock-"))
@@ -108,16 +111,39 @@ def _announce(choice: ModelChoice, device: Device, launches: list[ReplicaLaunch]
               file=sys.stderr, flush=True)
 
 
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
+class Signals:
+    """SIGINT/SIGTERM for the whole run: the first asks for a clean stop; a second one only hurries it (the
+    gateway stops waiting for open connections), so the engines are still stopped and nothing is orphaned."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.server: uvicorn.Server | None = None
+
+    def _received(self) -> None:
+        if self.stop.is_set() and self.server is not None:
+            self.server.force_exit = True
+        self.stop.set()
+
+    def __enter__(self) -> Signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._received)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+    async def serve(self, server: uvicorn.Server, sock: socket.socket) -> None:
+        """Run the gateway until a signal (or until it stops by itself)."""
+        self.server = server
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        stopping = asyncio.create_task(self.stop.wait())
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        server.should_exit = True
+        await serving
 
 
 def listen(settings: Settings) -> socket.socket:
@@ -137,13 +163,6 @@ def listen(settings: Settings) -> socket.socket:
     return sock
 
 
-async def _serve_gateway(server: _Server, sock: socket.socket, stop_when: asyncio.Task[None]) -> None:
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    await asyncio.wait({serving, stop_when}, return_when=asyncio.FIRST_COMPLETED)
-    server.should_exit = True
-    await serving
-
-
 async def run_up(settings: Settings) -> None:
     """Engines and gateway in one command: replicas start, the gateway serves (ready once they are)."""
     with runtime_directory(settings) as runtime_dir, listen(settings) as sock:
@@ -151,17 +170,16 @@ async def run_up(settings: Settings) -> None:
         _announce(choice, device, launches, settings)
         ensure_demo_model(choice, settings.engine.python)
         supervisor = Supervisor(launches, settings.engine)
-        supervisor.start()
-        signalled = asyncio.create_task(_until_signalled())
-        try:
-            app = create_app(settings.gateway, [launch.url for launch in launches])
-            log.info("gateway on http://%s:%d/v1 (ready once an engine is healthy: GET /readyz)",
-                     settings.gateway.host, settings.gateway.port)
-            await _serve_gateway(_Server(_uvicorn_config(app, settings)), sock, signalled)
-        finally:
-            signalled.cancel()
-            log.info("stopping the engines")
-            await supervisor.stop()
+        with Signals() as signals:
+            supervisor.start()
+            try:
+                app = create_app(settings.gateway, [launch.url for launch in launches])
+                log.info("gateway on http://%s:%d/v1 (ready once an engine is healthy: GET /readyz)",
+                         settings.gateway.host, settings.gateway.port)
+                await signals.serve(_Server(_uvicorn_config(app, settings)), sock)
+            finally:
+                log.info("stopping the engines")
+                await supervisor.stop()
 
 
 async def run_engines(settings: Settings) -> None:
@@ -171,13 +189,14 @@ async def run_engines(settings: Settings) -> None:
         _announce(choice, device, launches, settings)
         ensure_demo_model(choice, settings.engine.python)
         supervisor = Supervisor(launches, settings.engine)
-        supervisor.start()
-        for launch in launches:
-            print(f"replica {launch.index}: {launch.url}", flush=True)
-        try:
-            await _until_signalled()
-        finally:
-            await supervisor.stop()
+        with Signals() as signals:
+            supervisor.start()
+            for launch in launches:
+                print(f"replica {launch.index}: {launch.url}", flush=True)
+            try:
+                await signals.stop.wait()
+            finally:
+                await supervisor.stop()
 
 
 async def run_gateway(settings: Settings) -> None:
@@ -185,9 +204,5 @@ async def run_gateway(settings: Settings) -> None:
     if not settings.upstreams:
         raise ConfigError("upstreams: list at least one engine (url: unix:/path.sock or http://host:port)")
     app = create_app(settings.gateway, [upstream.url for upstream in settings.upstreams])
-    with listen(settings) as sock:
-        signalled = asyncio.create_task(_until_signalled())
-        try:
-            await _serve_gateway(_Server(_uvicorn_config(app, settings)), sock, signalled)
-        finally:
-            signalled.cancel()
+    with listen(settings) as sock, Signals() as signals:
+        await signals.serve(_Server(_uvicorn_config(app, settings)), sock)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -27,17 +28,26 @@ from .engine import ReplicaLaunch
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-_PR_SET_DUMPABLE = 4
 # A replica that stayed up this long has earned a fresh back-off.
 STABLE_AFTER_S = 120.0
+
+
+def _find_prctl() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up once here: the child between fork and exec must not load libraries or allocate.
+_PRCTL = _find_prctl()
 
 
 def _prepare_child() -> None:
     """Runs in the child before exec: no core dumps, and die when the launcher dies."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -80,11 +90,29 @@ class Supervisor:
     async def _keep_running(self, replica: ReplicaState) -> None:
         backoff = self._settings.restart_backoff_initial_s
         index = replica.launch.index
-        while not self._stopping:
+        try:
+            while not self._stopping:
+                replica.healthy.clear()
+                replica.starts += 1
+                _remove_stale_socket(replica.launch.url)
+                started = time.monotonic()
+                code = await self._run_once(replica)
+                if self._stopping:
+                    break
+                if time.monotonic() - started > STABLE_AFTER_S:
+                    backoff = self._settings.restart_backoff_initial_s
+                log.warning("replica %d exited with status %s; restarting in %.0f s", index, code, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._settings.restart_backoff_max_s)
+        finally:
+            # However this ends (stop, cancellation, a bug), no engine process outlives it.
             replica.healthy.clear()
-            replica.starts += 1
-            _remove_stale_socket(replica.launch.url)
-            started = time.monotonic()
+            if replica.process is not None and replica.process.returncode is None:
+                await asyncio.shield(self._kill_group(replica.process))
+
+    async def _run_once(self, replica: ReplicaState) -> int | str:
+        """Start the replica and wait for it to end; its exit status, or why it could not start."""
+        try:
             replica.process = await asyncio.create_subprocess_exec(
                 *replica.launch.argv,
                 env=replica.launch.env,
@@ -92,21 +120,23 @@ class Supervisor:
                 start_new_session=True,
                 preexec_fn=_prepare_child,
             )
-            log.info("replica %d started (pid %d)", index, replica.process.pid)
-            watcher = asyncio.create_task(self._watch_health(replica))
+        except OSError as exc:
+            log.error("replica %d could not be started: %s", replica.launch.index, exc.strerror)
+            return "not started"
+        log.info("replica %d started (pid %d)", replica.launch.index, replica.process.pid)
+        if self._stopping:  # stop() ran while this one was being spawned
+            return "stopped"
+        watcher = asyncio.create_task(self._watch_health(replica))
+        try:
             code = await replica.process.wait()
+        finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-            replica.healthy.clear()
-            if self._stopping:
-                break
+        replica.healthy.clear()
+        if not self._stopping:
             await self._kill_group(replica.process)  # reap engine-core children the crash left behind
-            if time.monotonic() - started > STABLE_AFTER_S:
-                backoff = self._settings.restart_backoff_initial_s
-            log.warning("replica %d exited with status %s; restarting in %.0f s", index, code, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self._settings.restart_backoff_max_s)
+        return code
 
     async def _watch_health(self, replica: ReplicaState) -> None:
         url = replica.launch.url
@@ -134,7 +164,10 @@ class Supervisor:
     async def stop(self) -> None:
         """Stop every replica: SIGTERM to each process group, SIGKILL after the grace period."""
         self._stopping = True
-        await asyncio.gather(*(self._kill_group(r.process) for r in self.replicas if r.process is not None))
+        await asyncio.gather(*(
+            self._kill_group(r.process) for r in self.replicas
+            if r.process is not None and r.process.returncode is None
+        ))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -138,9 +138,16 @@ class ReplicaPool:
         """Passive detection: a connection failure takes the replica out until a health check succeeds."""
         self._set_health(replica, False)
 
+    def _candidates(self, model: str, exclude: Replica | None = None) -> list[Replica]:
+        return [r for r in self.replicas if r.healthy and r.serves(model) and r is not exclude]
+
     def pick(self, model: str, exclude: Replica | None = None) -> Replica | None:
-        candidates = [r for r in self.replicas if r.healthy and r.serves(model) and r is not exclude]
+        candidates = self._candidates(model, exclude)
         return self._strategy.choose(candidates) if candidates else None
+
+    def can_serve(self, model: str) -> bool:
+        """Whether a healthy replica serves ``model`` (without taking a routing turn)."""
+        return bool(self._candidates(model))
 
     def knows(self, model: str) -> bool:
         """True when some replica, healthy or not, has ever served ``model``."""

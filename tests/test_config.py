@@ -50,6 +50,18 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
     assert "gateway.prot: unknown setting" in str(caught.value)
 
 
+def test_misspelt_environment_variable_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRLOCK_GATEWY__PORT", "9000")
+    with pytest.raises(ConfigError, match="AIRLOCK_GATEWY__PORT: unknown setting"):
+        load_settings()
+
+
+def test_unparsable_environment_value_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRLOCK_UPSTREAMS", "not json")
+    with pytest.raises(ConfigError, match="cannot be parsed"):
+        load_settings()
+
+
 def test_wrong_value_is_named_without_echoing_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path, "gateway:\n  port: 70000\n"))

@@ -48,6 +48,9 @@ async def chat(request: Request) -> Response:
     if behaviour == "reject":
         return JSONResponse({"error": {"message": "temperature must be >= 0", "type": "BadRequestError",
                                        "param": "temperature", "code": 400}}, status_code=400)
+    if behaviour == "slow":
+        await asyncio.sleep(3)
+        return JSONResponse({"choices": []})
     if behaviour == "garbage-error":
         return Response(b"<html>bad gateway</html>", status_code=400, media_type="text/html")
 
@@ -87,7 +90,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         Route("/health", health), Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"]),
     ])
     port = free_port()
-    settings = load_settings(gateway={"port": port, "health_interval_s": 0.5}).gateway
+    settings = load_settings(gateway={"port": port, "health_interval_s": 0.5, "read_timeout_s": 1.0}).gateway
     app = create_app(settings, [f"unix:{engine_socket}", f"unix:{dead_socket}"])
     with ThreadedServer(engine, uds=str(engine_socket)), ThreadedServer(app, host="127.0.0.1", port=port):
         base = f"http://127.0.0.1:{port}"
@@ -124,6 +127,13 @@ def test_an_engine_error_that_is_not_json_still_gets_openai_shape(gateway: str) 
     response = ask(gateway, "garbage-error")
     assert response.status_code == 400
     assert response.json()["error"]["message"] == "the model engine rejected this request"
+
+
+def test_an_engine_that_does_not_answer_in_time_is_a_504(gateway: str) -> None:
+    response = ask(gateway, "slow")
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "engine_timeout"
+    assert ask(gateway, "reject").status_code == 400  # and the gateway carries on
 
 
 def test_a_stream_cut_midway_ends_with_an_error_event(gateway: str) -> None:
