@@ -35,6 +35,9 @@ DEMO_WARNING = """
 ================================================================================"""
 
 
+CLIENT_KEEP_ALIVE_S = 75
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: Airlock's runner decides the shutdown order."""
 
@@ -54,6 +57,9 @@ def _uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
         log_config=None,
         lifespan="on",
         timeout_graceful_shutdown=settings.gateway.shutdown_grace_s,
+        # Longer than client connection pools keep idle connections (httpx, which the OpenAI SDK uses: 5 s), so a
+        # client never reuses a connection the gateway is closing at that very moment.
+        timeout_keep_alive=CLIENT_KEEP_ALIVE_S,
     )
 
 

@@ -23,6 +23,8 @@ AIRLOCK = [sys.executable, "-m", "server.cli"]
 STACK_START_TIMEOUT_S = 600
 TEST_MAX_BODY_BYTES = 8 * 1024 * 1024
 LONG_CONTEXT = 32768
+# Tokens in an answer that takes this machine half a minute or more: longer than any wait in the tests.
+LONG_ANSWER = 10000
 
 
 def free_port() -> int:
@@ -64,13 +66,16 @@ class Stack:
             transport=httpx.HTTPTransport(uds=str(self.engine_socket)), base_url="http://engine", timeout=30
         )
 
-    def running_in_engine(self) -> float:
-        """vLLM's own gauge of requests being generated, read straight from the engine."""
+    def engine_metric(self, prefix: str) -> float:
+        """Sum of a vLLM metric's series whose line starts with ``prefix``, read straight from the engine."""
         with self.engine_client() as engine:
-            for line in engine.get("/metrics").text.splitlines():
-                if line.startswith("vllm:num_requests_running{"):
-                    return float(line.rsplit(" ", 1)[1])
-        raise AssertionError("vllm:num_requests_running is missing from the engine's metrics")
+            values = [float(line.rsplit(" ", 1)[1]) for line in engine.get("/metrics").text.splitlines()
+                      if line.startswith(prefix)]
+        assert values, f"{prefix} is missing from the engine's metrics"
+        return sum(values)
+
+    def running_in_engine(self) -> float:
+        return self.engine_metric("vllm:num_requests_running{")
 
     def wait_for_running(self, expected: float, seconds: float) -> None:
         deadline = time.monotonic() + seconds
