@@ -54,12 +54,7 @@ def _prepare_child() -> None:
 class ReplicaState:
     launch: ReplicaLaunch
     process: asyncio.subprocess.Process | None = None
-    starts: int = 0
     healthy: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
 
 
 class Supervisor:
@@ -93,7 +88,6 @@ class Supervisor:
         try:
             while not self._stopping:
                 replica.healthy.clear()
-                replica.starts += 1
                 _remove_stale_socket(replica.launch.url)
                 started = time.monotonic()
                 code = await self._run_once(replica)
