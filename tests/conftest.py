@@ -23,8 +23,8 @@ AIRLOCK = [sys.executable, "-m", "server.cli"]
 STACK_START_TIMEOUT_S = 600
 TEST_MAX_BODY_BYTES = 8 * 1024 * 1024
 LONG_CONTEXT = 32768
-# Tokens in an answer that takes this machine half a minute or more: longer than any wait in the tests.
-LONG_ANSWER = 10000
+# Tokens in an answer that takes this machine a minute or so (about 500 tokens/s): far longer than any stall.
+LONG_ANSWER = 30000
 
 
 def free_port() -> int:
@@ -77,7 +77,16 @@ class Stack:
     def running_in_engine(self) -> float:
         return self.engine_metric("vllm:num_requests_running{")
 
+    def generated_tokens(self) -> float:
+        return self.engine_metric("vllm:generation_tokens_total{")
+
+    def finished_requests(self) -> float:
+        """Requests that ran to their end (stop, length, ...): vLLM does not count aborted ones here."""
+        return self.engine_metric("vllm:request_success_total{")
+
     def wait_for_running(self, expected: float, seconds: float) -> None:
+        """Only for waiting until the engine is idle: while it streams, vLLM answers ``/metrics`` late (its event loop
+        is busy with the stream), so a reading of a running request can arrive after the request ended."""
         deadline = time.monotonic() + seconds
         while (running := self.running_in_engine()) != expected:
             assert time.monotonic() < deadline, f"the engine runs {running} requests, expected {expected}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import openai
@@ -18,6 +17,8 @@ TOKENS = 128
 # This 2-core machine now and then stalls the CPU engine for seconds (seen with or without the gateway), so the
 # concurrent burst is measured a few times and the best run counts. Sequential stalls only lower the ratio.
 CONCURRENT_RUNS = 5
+CHUNKS_BEFORE_LEAVING = 5
+DISCONNECT_ATTEMPTS = 3
 
 
 async def one_request(client: openai.AsyncOpenAI, model: str) -> int:
@@ -60,29 +61,28 @@ def test_32_concurrent_requests_finish_at_least_4x_faster_than_one_by_one(stack:
 
 
 def test_client_disconnect_mid_stream_aborts_the_engine_request(client: openai.OpenAI, stack: Stack) -> None:
-    stack.wait_for_running(0, 60)  # nothing left over from earlier tests
-    stream = client.chat.completions.create(
-        model=stack.model,
-        messages=[{"role": "user", "content": "Write a very long story."}],
-        max_tokens=LONG_ANSWER,  # half a minute or more of generation on this CPU
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
-    leave = threading.Event()
-
-    def live_client() -> None:
-        # Reads as fast as the answer comes, as a live client does, then leaves.
-        for _chunk in stream:
-            if leave.is_set():
-                break
-        stream.close()
-
-    reader = threading.Thread(target=live_client)
-    reader.start()
-    try:
-        stack.wait_for_running(1, 30)  # generating, and for half a minute more if nobody stops it
-    finally:
-        leave.set()
-        reader.join(timeout=30)
-    assert not reader.is_alive()
-    stack.wait_for_running(0, 15)  # vLLM aborted it and freed the batch slot
+    # Only ordering is asserted. With this tiny model the CPU engine outruns vLLM's own API server, whose output loop
+    # then starves its HTTP side: now and then no chunk leaves vLLM until the whole answer is generated. Such an
+    # attempt proves nothing either way, so it is retried; an attempt where chunks came early must show the abort.
+    for _attempt in range(DISCONNECT_ATTEMPTS):
+        stack.wait_for_running(0, 120)  # nothing left over from earlier tests or attempts
+        generated_before, finished_before = stack.generated_tokens(), stack.finished_requests()
+        with client.chat.completions.create(
+            model=stack.model,
+            messages=[{"role": "user", "content": "Write a very long story."}],
+            max_tokens=LONG_ANSWER,  # a minute or more of generation on this CPU
+            stream=True,
+            extra_body={"ignore_eos": True},
+        ) as stream:
+            chunks = iter(stream)
+            for _ in range(CHUNKS_BEFORE_LEAVING):
+                assert next(chunks).choices
+            generated_when_leaving = stack.generated_tokens() - generated_before
+        if generated_when_leaving >= LONG_ANSWER:
+            continue  # the chunks came only after the engine had finished: inconclusive
+        stack.wait_for_running(0, 120)  # vLLM aborted it and freed the batch slot
+        generated = stack.generated_tokens() - generated_before
+        assert generated < LONG_ANSWER, f"the engine generated all {LONG_ANSWER} tokens for a departed client"
+        assert stack.finished_requests() == finished_before, "the answer ran to its end: nothing aborted it"
+        return
+    pytest.fail(f"in {DISCONNECT_ATTEMPTS} attempts vLLM sent no chunk before finishing the answer")

@@ -10,7 +10,9 @@ import asyncio
 import json
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
@@ -53,6 +55,8 @@ async def chat(request: Request) -> Response:
         return JSONResponse({"choices": []})
     if behaviour == "garbage-error":
         return Response(b"<html>bad gateway</html>", status_code=400, media_type="text/html")
+    if behaviour.startswith("hold:"):
+        return StreamingResponse(held_stream(HELD_STREAMS[behaviour]), media_type="text/event-stream")
 
     async def broken_stream() -> AsyncIterator[bytes]:
         yield b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n'
@@ -60,6 +64,38 @@ async def chat(request: Request) -> Response:
         raise RuntimeError("engine died mid-stream")
 
     return StreamingResponse(broken_stream(), media_type="text/event-stream")
+
+
+class HeldStream:
+    """A stream whose second chunk waits until the test says so, and which notes when its reader went away."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.abandoned = threading.Event()
+        self.prompt = f"hold:{uuid.uuid4()}"
+        HELD_STREAMS[self.prompt] = self
+
+    def open(self, gateway: str) -> AbstractContextManager[httpx.Response]:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": self.prompt}], "stream": True}
+        return httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body, timeout=20)
+
+
+HELD_STREAMS: dict[str, HeldStream] = {}
+
+
+async def held_stream(held: HeldStream) -> AsyncIterator[bytes]:
+    try:
+        yield b'data: {"choices": [{"delta": {"content": "first"}}]}\n\n'
+        while not held.release.is_set():
+            await asyncio.sleep(0.01)
+        yield b'data: {"choices": [{"delta": {"content": "second"}}]}\n\n'
+        for _ in range(2000):  # then goes on for a minute unless the reader leaves
+            await asyncio.sleep(0.03)
+            yield b'data: {"choices": [{"delta": {"content": "more"}}]}\n\n'
+        yield b"data: [DONE]\n\n"
+    except BaseException:
+        held.abandoned.set()  # uvicorn cancels the response when the gateway closes the connection
+        raise
 
 
 class ThreadedServer:
@@ -142,6 +178,26 @@ def test_a_stream_cut_midway_ends_with_an_error_event(gateway: str) -> None:
     events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line.startswith("data: ")]
     assert json.loads(events[0])["choices"][0]["delta"]["content"] == "Hel"
     assert json.loads(events[-1])["error"]["code"] == "engine_error"
+
+
+def test_each_chunk_reaches_the_client_before_the_engine_sends_the_next(gateway: str) -> None:
+    held = HeldStream()
+    with held.open(gateway) as response:
+        lines = response.iter_lines()
+        assert "first" in next(lines)  # the engine holds everything after this until we have it
+        held.release.set()
+        assert "second" in next(line for line in lines if line)
+
+
+def test_a_client_that_leaves_mid_stream_closes_the_engine_request(gateway: str) -> None:
+    held = HeldStream()
+    held.release.set()
+    with held.open(gateway) as response:
+        lines = response.iter_lines()
+        assert "first" in next(lines)
+        assert "second" in next(line for line in lines if line)
+    # The answer had a minute to go; the engine must learn of the departure well before.
+    assert held.abandoned.wait(timeout=20), "the gateway kept the engine request open after the client left"
 
 
 def test_a_replica_that_is_not_there_is_left_out(gateway: str) -> None:
