@@ -1,5 +1,6 @@
 """The gateway application. ``create_app`` lists the request path in the order every request takes it."""
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -12,7 +13,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from .config import GatewaySettings
+from .auth import ModelAccess, Principal, build_authentication
+from .config import AuthorizationSettings, AuthSettings, GatewaySettings
 from .errors import (
     NO_STORE,
     AirlockError,
@@ -21,6 +23,7 @@ from .errors import (
     InvalidRequest,
     MethodNotAllowed,
     ModelNotFound,
+    PermissionDenied,
     RouteNotFound,
     error_response,
 )
@@ -63,16 +66,28 @@ def parse_request(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def create_app(settings: GatewaySettings, upstream_urls: Sequence[str]) -> FastAPI:
-    """Build the gateway for the engines at ``upstream_urls``."""
+def create_app(
+    settings: GatewaySettings,
+    upstream_urls: Sequence[str],
+    auth: AuthSettings | None = None,
+    authorization: AuthorizationSettings | None = None,
+) -> FastAPI:
+    """Build the gateway for the engines at ``upstream_urls``; no ``auth`` means nobody is asked who they are."""
     pool = ReplicaPool(upstream_urls, settings)
+    authentication = build_authentication(auth or AuthSettings())
+    access = ModelAccess(authorization or AuthorizationSettings())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await pool.start()
+        # The provider's keys are fetched in the background: an IdP that is down must not hold up the start.
+        keys = authentication.provider_keys
+        fetch = asyncio.create_task(keys.refresh()) if keys else None
         try:
             yield
         finally:
+            if fetch is not None:
+                fetch.cancel()
             await pool.close()
 
     app = FastAPI(
@@ -83,10 +98,23 @@ def create_app(settings: GatewaySettings, upstream_urls: Sequence[str]) -> FastA
         openapi_url=None,
     )
 
-    async def engine_request(request: Request) -> EngineRequest:
-        # 1. bounded body -> 2. parse -> 3. a replica serving the model (picked again in EngineExchange).
+    async def authenticate(request: Request) -> Principal:
+        source = request.client.host if request.client else "unknown"
+        return await authentication.authenticate(request.headers.get("authorization"), source)
+
+    CurrentPrincipal = Annotated[Principal, Depends(authenticate)]
+
+    async def engine_request(request: Request, principal: CurrentPrincipal) -> EngineRequest:
+        # 1. who (before a byte of the body is read) -> 2. bounded body -> 3. parse -> 4. may they use the model
+        # -> 5. a replica serving it (picked again in EngineExchange).
         body = await read_body(request, settings.max_body_bytes)
         model = parse_request(body)["model"]
+        shown = model if len(model) <= 100 else model[:100] + "..."
+        if not access.allows(principal, model):
+            if access.hide_denied:
+                raise ModelNotFound(f"the model '{shown}' does not exist", param="model")
+            raise PermissionDenied(f"you are not allowed to use the model '{shown}'", param="model",
+                                   code="model_not_allowed")
         if not pool.can_serve(model):
             if not pool.ready:
                 raise EngineUnavailable(
@@ -94,7 +122,6 @@ def create_app(settings: GatewaySettings, upstream_urls: Sequence[str]) -> FastA
                     headers={"retry-after": str(settings.retry_after_s)},
                 )
             if not pool.knows(model):
-                shown = model if len(model) <= 100 else model[:100] + "..."
                 raise ModelNotFound(f"the model '{shown}' does not exist", param="model")
         return EngineRequest(body, model)
 
@@ -112,8 +139,9 @@ def create_app(settings: GatewaySettings, upstream_urls: Sequence[str]) -> FastA
         return exchange("/v1/completions", request)
 
     @app.get("/v1/models")
-    async def models() -> Response:
-        return JSONResponse({"object": "list", "data": pool.model_cards()}, headers=NO_STORE)
+    async def models(principal: CurrentPrincipal) -> Response:
+        cards = [card for card in pool.model_cards() if access.allows(principal, str(card["id"]))]
+        return JSONResponse({"object": "list", "data": cards}, headers=NO_STORE)
 
     @app.get("/healthz")
     async def healthz() -> Response:

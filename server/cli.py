@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from .cli_auth import CommandError
+from .cli_auth import add_commands as add_auth_commands
 from .config import ConfigError, Settings, load_settings
 
 EXIT_CONFIG = 2
@@ -137,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = with_config(commands.add_parser("config", help="validate the settings and print them"))
     config.set_defaults(func=_cmd_config)
+    add_auth_commands(commands, with_config)
     return parser
 
 
@@ -147,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"airlock: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except CommandError as exc:
+        print(f"airlock: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

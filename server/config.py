@@ -59,15 +59,112 @@ class GatewaySettings(_Section):
     # On stop, how long open requests may take to finish before they are cut.
     shutdown_grace_s: int = Field(30, ge=0)
 
+
+# Asymmetric signatures only: "none" and HMAC (whose secret a verifier would have to share) are never accepted.
+SAFE_JWT_ALGORITHMS = frozenset({
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA", "Ed25519",
+})
+
+
+class OidcSettings(_Section):
+    """Bearer tokens (JWTs) from the site's OpenID provider. Enabled by setting ``issuer``."""
+
+    issuer: str | None = None
+    # The value the provider puts in "aud" for tokens meant for Airlock (often the client id).
+    audience: str | None = None
+    # Keys from a local JWKS file instead of the provider's discovery document (sites with no reachable metadata).
+    jwks_file: Path | None = None
+    # Keys from this URL instead of the one the discovery document names.
+    jwks_url: str | None = None
+    # CA bundle for the provider's TLS certificate (an internal CA); default: the system's.
+    ca_file: Path | None = None
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "PS256", "ES256", "EdDSA"], min_length=1)
+    # Clock skew tolerated on exp, nbf and iat.
+    leeway_s: int = Field(30, ge=0, le=300)
+    # Claims: the user id, a display name, and the groups (a dotted path such as realm_access.roles).
+    user_claim: str = "sub"
+    name_claim: str = "preferred_username"
+    groups_claim: str = "groups"
+    # An unknown key id makes Airlock fetch the provider's keys again, at most this often (key rotation).
+    jwks_refresh_min_interval_s: float = Field(60.0, ge=0)
+    http_timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _only_asymmetric(cls, value: list[str]) -> list[str]:
+        unsafe = sorted(set(value) - SAFE_JWT_ALGORITHMS)
+        if unsafe:
+            raise ValueError(f"not allowed: {', '.join(unsafe)} (only {', '.join(sorted(SAFE_JWT_ALGORITHMS))})")
+        return value
+
+    @field_validator("jwks_file", "ca_file")
+    @classmethod
+    def _expand_home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
     @model_validator(mode="after")
-    def _refuse_open_door(self) -> GatewaySettings:
-        if not is_loopback_host(self.host) and not self.insecure_allow_unauthenticated_remote:
-            raise ValueError(
-                f"refusing to listen on {self.host!r} without authentication: anyone on the network could use "
-                "the models. Listen on 127.0.0.1, or set gateway.insecure_allow_unauthenticated_remote: true "
-                "if something in front of Airlock authenticates every request."
-            )
+    def _complete(self) -> OidcSettings:
+        if self.issuer is not None and not self.audience:
+            raise ValueError("auth.oidc.audience is required with auth.oidc.issuer")
+        if self.issuer is None and (self.jwks_file or self.jwks_url or self.audience):
+            raise ValueError("auth.oidc.issuer is required to accept OIDC tokens")
         return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.issuer is not None
+
+
+class FailedLoginSettings(_Section):
+    """Repeated failures from one client address are slowed down, then refused for a while (memory only)."""
+
+    free_attempts: int = Field(5, ge=1)
+    window_s: float = Field(600.0, gt=0)
+    # Each failure beyond the free ones doubles the delay before the 401, up to this.
+    max_delay_s: float = Field(5.0, ge=0)
+    # Beyond this many failures in the window, the address gets 429 without its credentials being checked.
+    block_after: int = Field(100, ge=1)
+    tracked_addresses: int = Field(10_000, ge=100)
+
+
+class AuthSettings(_Section):
+    """Who may use Airlock. With no method configured, only this machine may reach the gateway (loopback)."""
+
+    realm: str = "Airlock"
+    # HTTP Basic: an htpasswd file with bcrypt hashes (``airlock users add``).
+    htpasswd_file: Path | None = None
+    # API keys for SDK clients (``airlock keys create``): a JSON file holding only hashes.
+    api_keys_file: Path | None = None
+    # Groups of the users in htpasswd_file and of API key owners: group -> user names.
+    local_groups: dict[str, list[str]] = Field(default_factory=dict)
+    # How long a checked Basic password is remembered (in memory, as a keyed hash), so bcrypt runs once per period.
+    basic_cache_s: float = Field(300.0, ge=0)
+    oidc: OidcSettings = Field(default_factory=lambda: OidcSettings())
+    failed_logins: FailedLoginSettings = Field(default_factory=lambda: FailedLoginSettings())
+
+    @field_validator("htpasswd_file", "api_keys_file")
+    @classmethod
+    def _expand_home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.htpasswd_file or self.api_keys_file or self.oidc.enabled)
+
+
+class AccessRule(_Section):
+    """Models (shell patterns on the served name) that only members of these groups may use."""
+
+    models: list[str] = Field(min_length=1)
+    groups: list[str] = Field(min_length=1)
+
+
+class AuthorizationSettings(_Section):
+    """Which groups may use which models. A model no rule names is open to every authenticated user."""
+
+    rules: list[AccessRule] = Field(default_factory=list)
+    # Answer 404 instead of 403 for a model the user may not use, as if it did not exist.
+    hide_denied_models: bool = False
 
 
 class UpstreamSettings(_Section):
@@ -137,7 +234,21 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     gateway: GatewaySettings = Field(default_factory=lambda: GatewaySettings())
     engine: EngineSettings = Field(default_factory=lambda: EngineSettings())
+    auth: AuthSettings = Field(default_factory=lambda: AuthSettings())
+    authorization: AuthorizationSettings = Field(default_factory=lambda: AuthorizationSettings())
     upstreams: list[UpstreamSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _refuse_open_door(self) -> Settings:
+        gateway = self.gateway
+        if is_loopback_host(gateway.host) or self.auth.configured or gateway.insecure_allow_unauthenticated_remote:
+            return self
+        raise ValueError(
+            f"refusing to listen on {gateway.host!r} without authentication: anyone on the network could use the "
+            "models. Configure auth (htpasswd_file, api_keys_file or oidc), listen on 127.0.0.1, or set "
+            "gateway.insecure_allow_unauthenticated_remote: true if something in front of Airlock authenticates "
+            "every request."
+        )
 
     @classmethod
     def settings_customise_sources(

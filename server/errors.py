@@ -3,6 +3,9 @@
     AirlockError                      500 server_error
     ├── InvalidRequest                400 invalid_request_error
     │   └── BodyTooLarge              413 invalid_request_error
+    ├── Unauthenticated               401 authentication_error (with WWW-Authenticate)
+    ├── PermissionDenied              403 permission_error
+    ├── TooManyFailures               429 rate_limit_error (with Retry-After)
     ├── ModelNotFound                 404 not_found_error
     ├── RouteNotFound                 404 not_found_error
     ├── MethodNotAllowed              405 invalid_request_error
@@ -56,6 +59,26 @@ class InvalidRequest(AirlockError):
 class BodyTooLarge(InvalidRequest):
     status = 413
     default_code = "request_too_large"
+
+
+class Unauthenticated(AirlockError):
+    """Always the same message, whatever was wrong: no hint of which user, key or claim failed."""
+
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_credentials"
+
+
+class PermissionDenied(AirlockError):
+    status = 403
+    type = "permission_error"
+    default_code = "permission_denied"
+
+
+class TooManyFailures(AirlockError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "too_many_failed_logins"
 
 
 class ModelNotFound(AirlockError):

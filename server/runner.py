@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
+from fastapi import FastAPI
 
 from .app import create_app
+from .auth.watched import CredentialsFileError
 from .config import ConfigError, Settings
 from .engine import Device, ReplicaLaunch, build_replicas
 from .profiles import ModelChoice, choose_model, detect_gpu_free_gb, load_profiles
@@ -169,17 +171,31 @@ def listen(settings: Settings) -> socket.socket:
     return sock
 
 
+def build_gateway(settings: Settings, upstream_urls: list[str]) -> FastAPI:
+    """The gateway app, with its credentials files read (and refused, naming the line, if unusable)."""
+    try:
+        app = create_app(settings.gateway, upstream_urls, settings.auth, settings.authorization)
+    except CredentialsFileError as exc:
+        raise ConfigError(str(exc)) from exc
+    methods = [name for name, on in (
+        ("basic (htpasswd)", settings.auth.htpasswd_file), ("api keys", settings.auth.api_keys_file),
+        ("oidc", settings.auth.oidc.enabled),
+    ) if on]
+    log.info("authentication: %s", ", ".join(methods) if methods else "none (every local client is let in)")
+    return app
+
+
 async def run_up(settings: Settings) -> None:
     """Engines and gateway in one command: replicas start, the gateway serves (ready once they are)."""
     with runtime_directory(settings) as runtime_dir, listen(settings) as sock:
         choice, device, launches = plan_engines(settings, runtime_dir)
         _announce(choice, device, launches, settings)
         ensure_demo_model(choice, settings.engine.python)
+        app = build_gateway(settings, [launch.url for launch in launches])
         supervisor = Supervisor(launches, settings.engine)
         with Signals() as signals:
             supervisor.start()
             try:
-                app = create_app(settings.gateway, [launch.url for launch in launches])
                 log.info("gateway on http://%s:%d/v1 (ready once an engine is healthy: GET /readyz)",
                          settings.gateway.host, settings.gateway.port)
                 await signals.serve(_Server(_uvicorn_config(app, settings)), sock)
@@ -209,6 +225,6 @@ async def run_gateway(settings: Settings) -> None:
     """Only the gateway, in front of the engines listed under ``upstreams``."""
     if not settings.upstreams:
         raise ConfigError("upstreams: list at least one engine (url: unix:/path.sock or http://host:port)")
-    app = create_app(settings.gateway, [upstream.url for upstream in settings.upstreams])
+    app = build_gateway(settings, [upstream.url for upstream in settings.upstreams])
     with listen(settings) as sock, Signals() as signals:
         await signals.serve(_Server(_uvicorn_config(app, settings)), sock)

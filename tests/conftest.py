@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ import openai
 import pytest
 import yaml
 
+from .servers import OidcProvider, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 AIRLOCK = [sys.executable, "-m", "server.cli"]
 STACK_START_TIMEOUT_S = 600
@@ -26,12 +27,6 @@ LONG_CONTEXT = 32768
 # Tokens in an answer that takes this machine a minute or so (about 500 tokens/s): far longer than any stall.
 LONG_ANSWER = 30000
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def log_tail(path: Path, lines: int = 60) -> str:
@@ -55,6 +50,12 @@ class Stack:
     socket_dir: Path
     log_path: Path
     model: str
+    api_key: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers of a signed-in client (alice's API key)."""
+        return {"authorization": f"Bearer {self.api_key}"}
 
     @property
     def engine_socket(self) -> Path:
@@ -119,12 +120,63 @@ def airlock_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[Stack]:
+def oidc_provider() -> Iterator[OidcProvider]:
+    provider = OidcProvider().start()
+    try:
+        yield provider
+    finally:
+        provider.stop()
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What the session's users sign in with, made with the real ``airlock users`` / ``airlock keys`` commands."""
+
+    htpasswd: Path
+    api_keys: Path
+    api_key: str  # alice's
+    passwords: dict[str, str]
+
+
+def airlock_cli(*args: str, stdin: str = "") -> str:
+    result = subprocess.run([*AIRLOCK, *args], cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="session")
+def credentials(tmp_path_factory: pytest.TempPathFactory) -> Credentials:
+    directory = tmp_path_factory.mktemp("credentials")
+    htpasswd, api_keys = directory / "htpasswd", directory / "api-keys.json"
+    passwords = {"alice": "correct horse battery staple", "bob": "tr0ub4dor&3"}
+    for user, password in passwords.items():
+        airlock_cli("users", "add", user, "--file", str(htpasswd), "--password-stdin", "--cost", "10",
+                    stdin=password + "\n")
+    key = airlock_cli("keys", "create", "--user", "alice", "--name", "tests", "--file", str(api_keys)).strip()
+    return Credentials(htpasswd, api_keys, key, passwords)
+
+
+def auth_settings(credentials: Credentials, provider: OidcProvider) -> dict[str, object]:
+    """Every method at once: Basic, API keys and OIDC."""
+    return {
+        "htpasswd_file": str(credentials.htpasswd),
+        "api_keys_file": str(credentials.api_keys),
+        "local_groups": {"vision": ["alice"]},
+        "oidc": {"issuer": provider.url, "audience": "airlock", "leeway_s": 0, "jwks_refresh_min_interval_s": 1},
+    }
+
+
+@pytest.fixture(scope="session")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path, credentials: Credentials,
+    oidc_provider: OidcProvider,
+) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("stack")
     socket_dir = workdir / "sockets"
     port = free_port()
     config = write_config(workdir / "airlock.yaml", {
         "gateway": {"port": port, "max_body_bytes": TEST_MAX_BODY_BYTES},
+        "auth": auth_settings(credentials, oidc_provider),
         "engine": {
             "model": "demo",
             "demo_model_dir": str(demo_model_dir),
@@ -143,7 +195,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Ite
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(f"{base_url}/readyz", process, log_path, STACK_START_TIMEOUT_S)
-        yield Stack(process, base_url, socket_dir, log_path, "airlock-demo-qwen3-vl")
+        yield Stack(process, base_url, socket_dir, log_path, "airlock-demo-qwen3-vl", credentials.api_key)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -154,6 +206,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Ite
 
 
 @pytest.fixture(scope="session")
-def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="not-checked-yet", max_retries=0, timeout=120)
+def client(stack: Stack, credentials: Credentials) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=credentials.api_key, max_retries=0, timeout=120)
 

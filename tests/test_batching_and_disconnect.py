@@ -37,7 +37,7 @@ async def one_request(client: openai.AsyncOpenAI, model: str) -> int:
 
 def test_32_concurrent_requests_finish_at_least_4x_faster_than_one_by_one(stack: Stack) -> None:
     async def measure() -> tuple[float, float]:
-        async with openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key="x", max_retries=0,
+        async with openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.api_key, max_retries=0,
                                       timeout=300) as client:
             # Warm-up: the engine's first large batch is slow (allocations, first use of batched kernels).
             await asyncio.gather(*(one_request(client, stack.model) for _ in range(REQUESTS)))

@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.config import ConfigError, EngineSettings, GatewaySettings, Settings, load_settings
+from server.config import (
+    AuthorizationSettings,
+    AuthSettings,
+    ConfigError,
+    EngineSettings,
+    FailedLoginSettings,
+    GatewaySettings,
+    OidcSettings,
+    Settings,
+    load_settings,
+)
 
 from .conftest import AIRLOCK, ROOT
 
@@ -104,10 +114,13 @@ def test_home_is_expanded_in_paths() -> None:
 def test_example_file_documents_every_setting_and_loads_as_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     example = yaml.safe_load(EXAMPLE.read_text())
-    sections = {"gateway": GatewaySettings, "engine": EngineSettings}
+    sections = {"gateway": GatewaySettings, "engine": EngineSettings, "auth": AuthSettings,
+                "authorization": AuthorizationSettings}
     assert set(example) == set(Settings.model_fields)
     for name, model in sections.items():
         assert set(example[name]) == set(model.model_fields), f"{name}: example and settings differ"
+    for name, model in {"oidc": OidcSettings, "failed_logins": FailedLoginSettings}.items():
+        assert set(example["auth"][name]) == set(model.model_fields), f"auth.{name}: example and settings differ"
     assert load_settings(EXAMPLE) == load_settings()
 
 

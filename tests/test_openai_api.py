@@ -117,7 +117,7 @@ def test_engine_rejection_keeps_its_message_in_openai_shape(client: openai.OpenA
     ],
 )
 def test_malformed_requests_get_clear_errors(stack: Stack, body: bytes, status: int, code: str) -> None:
-    response = httpx.post(f"{stack.base_url}/v1/chat/completions", content=body, timeout=30)
+    response = httpx.post(f"{stack.base_url}/v1/chat/completions", content=body, headers=stack.auth, timeout=30)
     assert response.status_code == status
     error = response.json()["error"]
     assert error["code"] == code
@@ -128,7 +128,7 @@ def test_malformed_requests_get_clear_errors(stack: Stack, body: bytes, status: 
 def test_oversized_body_is_refused_with_413(stack: Stack) -> None:
     padding = "x" * (TEST_MAX_BODY_BYTES + 1)
     body = json.dumps({"model": stack.model, "messages": [{"role": "user", "content": padding}]})
-    response = httpx.post(f"{stack.base_url}/v1/chat/completions", content=body, timeout=30)
+    response = httpx.post(f"{stack.base_url}/v1/chat/completions", content=body, headers=stack.auth, timeout=30)
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
 
@@ -136,18 +136,18 @@ def test_oversized_body_is_refused_with_413(stack: Stack) -> None:
         for start in range(0, len(body), 1 << 20):
             yield body[start:start + (1 << 20)].encode()
 
-    response = httpx.post(f"{stack.base_url}/v1/chat/completions", content=chunks(), timeout=30)
+    response = httpx.post(f"{stack.base_url}/v1/chat/completions", content=chunks(), headers=stack.auth, timeout=30)
     assert response.status_code == 413
 
 
 def test_unknown_endpoint_is_404_in_openai_shape(stack: Stack) -> None:
-    response = httpx.get(f"{stack.base_url}/v1/embeddingz", timeout=10)
+    response = httpx.get(f"{stack.base_url}/v1/embeddingz", headers=stack.auth, timeout=10)
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "not_found_error"
 
 
 def test_api_responses_are_not_cached(stack: Stack) -> None:
-    response = httpx.get(f"{stack.base_url}/v1/models", timeout=10)
+    response = httpx.get(f"{stack.base_url}/v1/models", headers=stack.auth, timeout=10)
     assert response.headers["cache-control"] == "no-store"
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -26,7 +25,7 @@ from starlette.routing import Route
 from server.app import create_app
 from server.config import load_settings
 
-from .conftest import free_port
+from .servers import ThreadedServer, free_port
 
 MODEL = "faulty-model"
 SECRET_DETAIL = "Traceback: CUDA error at /srv/engine/secret_path.py line 42"
@@ -96,26 +95,6 @@ async def held_stream(held: HeldStream) -> AsyncIterator[bytes]:
     except BaseException:
         held.abandoned.set()  # uvicorn cancels the response when the gateway closes the connection
         raise
-
-
-class ThreadedServer:
-    """A real uvicorn server in a background thread."""
-
-    def __init__(self, app: object, **where: object) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="on", **where))  # type: ignore[arg-type]
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ThreadedServer:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -27,6 +28,8 @@ def test_readme_sdk_example_answers_about_an_image(stack: Stack, tmp_path: Path)
     (tmp_path / "invoice.png").write_bytes(image_bytes("PNG", (320, 240)))
     script = tmp_path / "example.py"
     script.write_text(example.replace("http://127.0.0.1:8000", stack.base_url))
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "OPENAI_API_KEY": stack.api_key}  # the test stack asks who is calling
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()

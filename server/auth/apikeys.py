@@ -1,0 +1,114 @@
+"""API keys for SDK clients: ``alk_<id>_<secret>``, stored as SHA-256 hashes in a JSON file.
+
+The id finds the entry in one dictionary lookup (no scan over all keys); the secret is compared in constant time,
+and an unknown id costs the same hash-and-compare as a known one. The secret has 256 random bits, so a fast hash
+is safe here (unlike a password, it cannot be guessed from a dictionary).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from .principal import Principal
+from .watched import CredentialsFileError, WatchedFile
+
+PREFIX = "alk_"
+KEY_PATTERN = re.compile(r"^alk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
+_DUMMY_DIGEST = hashlib.sha256(b"no such key").hexdigest()
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One stored key. ``sha256`` is the hash of the secret part; the key itself is never stored."""
+
+    id: str
+    user: str
+    name: str
+    sha256: str
+    created: str
+    expires: str | None = None
+    revoked: str | None = None
+
+    def state(self, now: datetime) -> str:
+        if self.revoked:
+            return "revoked"
+        if self.expires and datetime.fromisoformat(self.expires) <= now:
+            return "expired"
+        return "active"
+
+
+def looks_like_api_key(token: str) -> bool:
+    return token.startswith(PREFIX)
+
+
+def new_key(user: str, name: str, lifetime: timedelta | None, now: datetime | None = None) -> tuple[str, ApiKey]:
+    """A fresh key (shown once) and the entry to store."""
+    now = now or datetime.now(UTC)
+    key_id = secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    entry = ApiKey(
+        id=key_id, user=user, name=name, sha256=hashlib.sha256(secret.encode()).hexdigest(),
+        created=now.isoformat(timespec="seconds"),
+        expires=(now + lifetime).isoformat(timespec="seconds") if lifetime else None,
+    )
+    return f"{PREFIX}{key_id}_{secret}", entry
+
+
+def revoke(entry: ApiKey, now: datetime | None = None) -> ApiKey:
+    return replace(entry, revoked=(now or datetime.now(UTC)).isoformat(timespec="seconds"))
+
+
+def parse_keys(text: str, path: Path) -> dict[str, ApiKey]:
+    if not text.strip():
+        return {}
+    try:
+        data: Any = json.loads(text)
+        entries = [ApiKey(**entry) for entry in data["keys"]]
+        for entry in entries:
+            if entry.expires:
+                datetime.fromisoformat(entry.expires)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CredentialsFileError(f"{path}: not an Airlock API key file") from exc
+    return {entry.id: entry for entry in entries}
+
+
+def format_keys(keys: dict[str, ApiKey]) -> str:
+    entries = sorted(keys.values(), key=lambda entry: (entry.created, entry.id))
+    return json.dumps({"version": 1, "keys": [asdict(entry) for entry in entries]}, indent=2) + "\n"
+
+
+class ApiKeyAuthenticator:
+    """``Authorization: Bearer alk_...`` (what the OpenAI SDK sends for ``api_key=``)."""
+
+    scheme = "bearer"
+
+    def __init__(self, keys: WatchedFile[dict[str, ApiKey]], groups: dict[str, frozenset[str]]) -> None:
+        self._keys = keys
+        self._groups = groups
+
+    def accepts(self, scheme: str, credentials: str) -> bool:
+        return scheme == "bearer" and looks_like_api_key(credentials)
+
+    async def authenticate(self, token: str) -> Principal | None:
+        match = KEY_PATTERN.match(token)
+        keys = self._keys.current
+        if match is None or keys is None:
+            return None
+        entry = keys.get(match.group(1))
+        digest = hashlib.sha256(match.group(2).encode()).hexdigest()
+        if not hmac.compare_digest(digest, entry.sha256 if entry else _DUMMY_DIGEST) or entry is None:
+            return None
+        if entry.state(datetime.now(UTC)) != "active":
+            return None
+        return Principal(
+            user_id=entry.user, source="local", display_name=entry.user,
+            groups=self._groups.get(entry.user, frozenset()),
+        )

@@ -1,0 +1,92 @@
+"""HTTP Basic against the htpasswd file, with bcrypt run off the event loop and remembered for a while."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+
+import anyio.to_thread
+
+from .htpasswd import password_matches
+from .principal import Principal
+from .watched import WatchedFile
+
+# A real bcrypt hash of a random password: unknown users cost the same time as known ones.
+_DUMMY_HASH = b"$2b$12$K/5MVBU9cXaK2o9TqGF2nuIfus9PdfvoMSeTCISNk9tupU2X25YQu"
+
+
+class BasicAuthenticator:
+    """``Authorization: Basic base64(user:password)``."""
+
+    scheme = "basic"
+
+    def __init__(
+        self, htpasswd: WatchedFile[dict[str, bytes]], groups: dict[str, frozenset[str]], cache_s: float,
+        cache_size: int = 10_000,
+    ) -> None:
+        self._htpasswd = htpasswd
+        self._groups = groups
+        self._cache_s = cache_s
+        self._cache_size = cache_size
+        # Keyed hash of (file version, user, password) -> when the check expires. The key is random per process,
+        # so a fingerprint cannot be tested against password guesses anywhere else; a changed file forgets them all.
+        self._cache_key = secrets.token_bytes(32)
+        self._checked: OrderedDict[bytes, float] = OrderedDict()
+
+    def accepts(self, scheme: str, credentials: str) -> bool:
+        return scheme == "basic"
+
+    async def authenticate(self, credentials: str) -> Principal | None:
+        """The principal, or None when the credentials are wrong (for any reason: the caller says no more)."""
+        parsed = _decode(credentials)
+        users = self._htpasswd.current
+        if parsed is None or users is None:
+            return None
+        user, password = parsed
+        fingerprint = hmac.new(
+            self._cache_key, f"{self._htpasswd.version}\0{user}\0{password}".encode(), hashlib.sha256
+        ).digest()
+        if self._remembered(fingerprint):
+            return self._principal(user)
+        hashed = users.get(user)
+        matches = await anyio.to_thread.run_sync(password_matches, password, hashed or _DUMMY_HASH)
+        if not matches or hashed is None:
+            return None
+        self._remember(fingerprint)
+        return self._principal(user)
+
+    def _principal(self, user: str) -> Principal:
+        return Principal(user_id=user, source="local", display_name=user, groups=self._groups.get(user, frozenset()))
+
+    def _remembered(self, fingerprint: bytes) -> bool:
+        expires = self._checked.get(fingerprint)
+        if expires is None:
+            return False
+        if expires < time.monotonic():
+            del self._checked[fingerprint]
+            return False
+        return True
+
+    def _remember(self, fingerprint: bytes) -> None:
+        if self._cache_s <= 0:
+            return
+        self._checked[fingerprint] = time.monotonic() + self._cache_s
+        self._checked.move_to_end(fingerprint)
+        while len(self._checked) > self._cache_size:
+            self._checked.popitem(last=False)
+
+
+def _decode(credentials: str) -> tuple[str, str] | None:
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    if not sep or not user:
+        return None
+    return user, password

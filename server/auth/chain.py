@@ -1,0 +1,120 @@
+"""Authentication: the configured authenticators, tried in order, and what a failure looks like to the client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Protocol
+
+from ..config import AuthSettings
+from ..errors import TooManyFailures, Unauthenticated
+from .apikeys import ApiKeyAuthenticator, parse_keys
+from .basic import BasicAuthenticator
+from .htpasswd import parse_htpasswd
+from .oidc import OidcAuthenticator, ProviderKeys
+from .principal import ANONYMOUS, Principal
+from .throttle import FailureThrottle
+from .watched import WatchedFile
+
+log = logging.getLogger("airlock.auth")
+
+# The only message a failed attempt ever gets: it does not say whether the user, password, key or token was wrong.
+FAILED = "invalid or missing credentials"
+
+
+class Authenticator(Protocol):
+    """One way of proving who you are."""
+
+    scheme: str  # the HTTP authentication scheme it answers to, for the 401 challenge
+
+    def accepts(self, scheme: str, credentials: str) -> bool:
+        """Whether these credentials are of this authenticator's kind (no checking yet)."""
+
+    async def authenticate(self, credentials: str) -> Principal | None:
+        """The principal, or None for credentials of this kind that are not valid."""
+
+
+class Authentication:
+    """Turns an ``Authorization`` header into a ``Principal``, or refuses with 401/429."""
+
+    def __init__(self, settings: AuthSettings, authenticators: list[Authenticator],
+                 provider_keys: ProviderKeys | None = None) -> None:
+        self._settings = settings
+        self._authenticators = authenticators
+        self.provider_keys = provider_keys
+        self._throttle = FailureThrottle(settings.failed_logins)
+        self._challenges = {refused: _challenge(settings, authenticators, refused) for refused in (False, True)}
+
+    @property
+    def required(self) -> bool:
+        return bool(self._authenticators)
+
+    async def authenticate(self, authorization: str | None, source: str) -> Principal:
+        if not self._authenticators:
+            return ANONYMOUS
+        blocked = self._throttle.blocked_for(source)
+        if blocked > 0:
+            raise TooManyFailures("too many failed sign-in attempts; try again later",
+                                  headers={"retry-after": str(int(blocked) + 1)})
+        principal = await self._check(authorization)
+        if principal is not None:
+            return principal
+        delay = self._throttle.record_failure(source) if authorization else 0.0
+        if delay:
+            await asyncio.sleep(delay)
+        token_refused = (authorization or "").strip().lower().startswith("bearer ")
+        raise Unauthenticated(FAILED, headers={"www-authenticate": self._challenges[token_refused]})
+
+    async def _check(self, authorization: str | None) -> Principal | None:
+        if not authorization:
+            return None
+        scheme, _, credentials = authorization.strip().partition(" ")
+        scheme, credentials = scheme.lower(), credentials.strip()
+        for authenticator in self._authenticators:
+            if authenticator.accepts(scheme, credentials):
+                return await authenticator.authenticate(credentials)
+        return None
+
+
+def _challenge(settings: AuthSettings, authenticators: list[Authenticator], token_refused: bool) -> str:
+    """RFC 7235 challenges for the schemes on offer; a refused bearer token gets RFC 6750's ``invalid_token``
+    (which says the token was refused, not why)."""
+    realm = settings.realm.replace('"', "")
+    challenges = []
+    if any(a.scheme == "basic" for a in authenticators):
+        challenges.append(f'Basic realm="{realm}", charset="UTF-8"')
+    if any(a.scheme == "bearer" for a in authenticators):
+        challenges.append(f'Bearer realm="{realm}"' + (', error="invalid_token"' if token_refused else ""))
+    return ", ".join(challenges)
+
+
+def build_authentication(settings: AuthSettings) -> Authentication:
+    """The authenticators ``settings`` asks for, in order: Basic, API keys, OIDC. Raises on unusable files."""
+    groups = _groups_by_user(settings.local_groups)
+    authenticators: list[Authenticator] = []
+    if settings.htpasswd_file is not None:
+        htpasswd = WatchedFile(settings.htpasswd_file, parse_htpasswd)
+        authenticators.append(BasicAuthenticator(htpasswd, groups, settings.basic_cache_s))
+        _warn_if_missing(settings.htpasswd_file, "htpasswd_file")
+    if settings.api_keys_file is not None:
+        authenticators.append(ApiKeyAuthenticator(WatchedFile(settings.api_keys_file, parse_keys), groups))
+        _warn_if_missing(settings.api_keys_file, "api_keys_file")
+    keys = None
+    if settings.oidc.enabled:
+        keys = ProviderKeys(settings.oidc)
+        authenticators.append(OidcAuthenticator(settings.oidc, keys))
+    return Authentication(settings, authenticators, keys)
+
+
+def _groups_by_user(local_groups: dict[str, list[str]]) -> dict[str, frozenset[str]]:
+    by_user: dict[str, set[str]] = {}
+    for group, users in local_groups.items():
+        for user in users:
+            by_user.setdefault(user, set()).add(group)
+    return {user: frozenset(groups) for user, groups in by_user.items()}
+
+
+def _warn_if_missing(path: Path, setting: str) -> None:
+    if not path.exists():
+        log.warning("auth.%s does not exist yet: nobody can sign in with it until it is created", setting)

@@ -1,0 +1,83 @@
+"""The htpasswd file: ``user:bcrypt-hash`` lines, read by the gateway and written by ``airlock users``.
+
+Only bcrypt is accepted. Apache's other schemes (MD5-crypt ``$apr1$``, SHA-1 ``{SHA}``, crypt, plain text) are
+fast to brute-force, so a file holding one is refused, naming the line and never its content.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import bcrypt
+
+from .watched import CredentialsFileError
+
+BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+USER_NAME = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")
+DEFAULT_COST = 12
+
+
+def parse_htpasswd(text: str, path: Path) -> dict[str, bytes]:
+    """User name -> bcrypt hash. Blank lines and ``#`` comments are skipped."""
+    users: dict[str, bytes] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hashed = line.partition(":")
+        if not sep or not USER_NAME.match(user):
+            raise CredentialsFileError(f"{path}, line {number}: not a 'user:hash' line")
+        if not hashed.startswith(BCRYPT_PREFIXES) or len(hashed) != 60:
+            raise CredentialsFileError(
+                f"{path}, line {number}: the password is not hashed with bcrypt (only bcrypt is accepted; "
+                "set it again with 'airlock users passwd')"
+            )
+        if user in users:
+            raise CredentialsFileError(f"{path}, line {number}: the user appears twice")
+        users[user] = hashed.encode()
+    return users
+
+
+def check_user_name(user: str) -> str:
+    if not USER_NAME.match(user):
+        raise ValueError("a user name is 1 to 128 letters, digits or . _ @ + -")
+    return user
+
+
+def hash_password(password: str, cost: int = DEFAULT_COST) -> bytes:
+    if not password:
+        raise ValueError("the password is empty")
+    if len(password.encode()) > 72:
+        raise ValueError("bcrypt uses at most 72 bytes of a password; choose a shorter one")
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=cost))
+
+
+def password_matches(password: str, hashed: bytes) -> bool:
+    encoded = password.encode()
+    if len(encoded) > 72:  # bcrypt would silently ignore the rest; such a password was never set by us
+        return False
+    return bcrypt.checkpw(encoded, hashed)
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Replace ``path`` atomically (a reader sees the old file or the new one), readable by its owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = (path.stat().st_mode & 0o777) if path.exists() else 0o600
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def format_htpasswd(users: dict[str, bytes]) -> str:
+    return "".join(f"{user}:{hashed.decode()}\n" for user, hashed in sorted(users.items()))

@@ -1,0 +1,204 @@
+"""``airlock users`` and ``airlock keys``: manage the htpasswd and API key files the gateway re-reads live."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import re
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from .auth.apikeys import format_keys, new_key, parse_keys, revoke
+from .auth.htpasswd import (
+    check_user_name,
+    format_htpasswd,
+    hash_password,
+    parse_htpasswd,
+    write_private_file,
+)
+from .auth.watched import CredentialsFileError
+from .config import ConfigError, Settings, load_settings
+
+DURATION = re.compile(r"^(\d+)([dhm])$")
+DEFAULT_KEY_LIFETIME = "90d"
+
+
+class CommandError(Exception):
+    """The command cannot do what was asked (exit status 1)."""
+
+
+def _file(args: argparse.Namespace, pick: Callable[[Settings], Path | None], setting: str) -> Path:
+    if args.file is not None:
+        return Path(args.file)
+    path = pick(load_settings(args.config))
+    if path is None:
+        raise ConfigError(f"auth.{setting} is not set: give --file, or --config with auth.{setting}")
+    return path
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8") if path.exists() else ""
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _htpasswd(args: argparse.Namespace) -> tuple[Path, dict[str, bytes]]:
+    path = _file(args, lambda s: s.auth.htpasswd_file, "htpasswd_file")
+    try:
+        return path, parse_htpasswd(_read(path), path)
+    except CredentialsFileError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def _new_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        if not sys.stdin.isatty():
+            raise CommandError("no terminal to ask for the password: pipe it in with --password-stdin")
+        password = getpass.getpass("New password: ")
+        if getpass.getpass("Again: ") != password:
+            raise CommandError("the passwords differ")
+    return password
+
+
+def _set_password(args: argparse.Namespace, must_exist: bool) -> None:
+    path, users = _htpasswd(args)
+    try:
+        user = check_user_name(args.user)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    if must_exist and user not in users:
+        raise CommandError(f"no user '{user}' in {path}")
+    if not must_exist and user in users:
+        raise CommandError(f"user '{user}' already exists in {path} (use 'airlock users passwd')")
+    try:
+        users[user] = hash_password(_new_password(args), args.cost)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    write_private_file(path, format_htpasswd(users))
+    print(f"{'password changed for' if must_exist else 'added'} {user} ({path})")
+
+
+def _cmd_users_add(args: argparse.Namespace) -> None:
+    _set_password(args, must_exist=False)
+
+
+def _cmd_users_passwd(args: argparse.Namespace) -> None:
+    _set_password(args, must_exist=True)
+
+
+def _cmd_users_remove(args: argparse.Namespace) -> None:
+    path, users = _htpasswd(args)
+    if users.pop(args.user, None) is None:
+        raise CommandError(f"no user '{args.user}' in {path}")
+    write_private_file(path, format_htpasswd(users))
+    print(f"removed {args.user} ({path}); their API keys still work until revoked: airlock keys list --user "
+          f"{args.user}")
+
+
+def _cmd_users_list(args: argparse.Namespace) -> None:
+    _, users = _htpasswd(args)
+    for user in sorted(users):
+        print(user)
+
+
+def parse_lifetime(text: str) -> timedelta | None:
+    """``90d``, ``12h``, ``30m`` or ``never``."""
+    if text == "never":
+        return None
+    match = DURATION.match(text)
+    if match is None or int(match.group(1)) == 0:
+        raise CommandError(f"--expires: '{text}' is not a duration like 90d, 12h, 30m, or never")
+    amount, unit = int(match.group(1)), match.group(2)
+    return timedelta(**{{"d": "days", "h": "hours", "m": "minutes"}[unit]: amount})
+
+
+def _cmd_keys_create(args: argparse.Namespace) -> None:
+    path = _file(args, lambda s: s.auth.api_keys_file, "api_keys_file")
+    try:
+        user = check_user_name(args.user)
+        keys = parse_keys(_read(path), path)
+    except (ValueError, CredentialsFileError) as exc:
+        raise CommandError(str(exc)) from exc
+    key, entry = new_key(user, args.name, parse_lifetime(args.expires))
+    keys[entry.id] = entry
+    write_private_file(path, format_keys(keys))
+    print(key)
+    expiry = f"expires {entry.expires}" if entry.expires else "never expires"
+    print(f"key {entry.id} for {user} ({expiry}). It is shown only this once: store it now.", file=sys.stderr)
+
+
+def _cmd_keys_list(args: argparse.Namespace) -> None:
+    path = _file(args, lambda s: s.auth.api_keys_file, "api_keys_file")
+    try:
+        keys = parse_keys(_read(path), path)
+    except CredentialsFileError as exc:
+        raise CommandError(str(exc)) from exc
+    now = datetime.now(UTC)
+    rows = [("ID", "USER", "NAME", "CREATED", "EXPIRES", "STATE")]
+    rows += [(k.id, k.user, k.name or "-", k.created, k.expires or "never", k.state(now))
+             for k in sorted(keys.values(), key=lambda k: k.created) if args.user in (None, k.user)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _cmd_keys_revoke(args: argparse.Namespace) -> None:
+    path = _file(args, lambda s: s.auth.api_keys_file, "api_keys_file")
+    try:
+        keys = parse_keys(_read(path), path)
+    except CredentialsFileError as exc:
+        raise CommandError(str(exc)) from exc
+    entry = keys.get(args.key_id)
+    if entry is None:
+        raise CommandError(f"no key '{args.key_id}' in {path} (see 'airlock keys list')")
+    if entry.revoked:
+        print(f"key {entry.id} was already revoked on {entry.revoked}")
+        return
+    keys[entry.id] = revoke(entry)
+    write_private_file(path, format_keys(keys))
+    print(f"revoked key {entry.id} of {entry.user}; the gateway refuses it within a second")
+
+
+def add_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
+) -> None:
+    def with_file(sub: argparse.ArgumentParser, setting: str) -> argparse.ArgumentParser:
+        with_config(sub).add_argument("--file", type=Path, help=f"the file to manage (default: auth.{setting})")
+        return sub
+
+    users = commands.add_parser("users", help="manage HTTP Basic users (the htpasswd file)")
+    user_commands = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    for name, func, text in (("add", _cmd_users_add, "add a user"),
+                             ("passwd", _cmd_users_passwd, "change a user's password")):
+        sub = with_file(user_commands.add_parser(name, help=text), "htpasswd_file")
+        sub.add_argument("user")
+        sub.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+        sub.add_argument("--cost", type=int, default=12, choices=range(10, 16), metavar="10-15",
+                         help="bcrypt cost (default 12)")
+        sub.set_defaults(func=func)
+    remove = with_file(user_commands.add_parser("remove", help="remove a user"), "htpasswd_file")
+    remove.add_argument("user")
+    remove.set_defaults(func=_cmd_users_remove)
+    with_file(user_commands.add_parser("list", help="list the users"), "htpasswd_file").set_defaults(
+        func=_cmd_users_list)
+
+    keys = commands.add_parser("keys", help="manage API keys (the api_keys_file)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = with_file(key_commands.add_parser("create", help="create a key and print it once"), "api_keys_file")
+    create.add_argument("--user", required=True, help="whose key it is")
+    create.add_argument("--name", default="", help="a label, e.g. the laptop it is for")
+    create.add_argument("--expires", default=DEFAULT_KEY_LIFETIME,
+                        help=f"lifetime: 90d, 12h, 30m or never (default {DEFAULT_KEY_LIFETIME})")
+    create.set_defaults(func=_cmd_keys_create)
+    listing = with_file(key_commands.add_parser("list", help="list keys (never their secrets)"), "api_keys_file")
+    listing.add_argument("--user", help="only this user's keys")
+    listing.set_defaults(func=_cmd_keys_list)
+    revoke_ = with_file(key_commands.add_parser("revoke", help="revoke a key by its id"), "api_keys_file")
+    revoke_.add_argument("key_id")
+    revoke_.set_defaults(func=_cmd_keys_revoke)
