@@ -132,3 +132,28 @@ def test_cli_reports_config_errors_with_exit_status_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "engine.replicas" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("algorithm", ["HS256", "none", "HS512"])
+def test_oidc_never_accepts_none_or_hmac(algorithm: str) -> None:
+    with pytest.raises(ConfigError, match=r"auth\.oidc\.algorithms"):
+        load_settings(auth={"oidc": {"issuer": "https://idp", "audience": "a", "algorithms": ["RS256", algorithm]}})
+
+
+def test_oidc_needs_an_audience_and_an_issuer() -> None:
+    with pytest.raises(ConfigError, match="audience is required"):
+        load_settings(auth={"oidc": {"issuer": "https://idp"}})
+    with pytest.raises(ConfigError, match="issuer is required"):
+        load_settings(auth={"oidc": {"audience": "airlock", "jwks_file": "/etc/airlock/jwks.json"}})
+
+
+@pytest.mark.parametrize("auth", [{"htpasswd_file": "/etc/airlock/htpasswd"}, {"api_keys_file": "/k.json"},
+                                  {"oidc": {"issuer": "https://idp", "audience": "airlock"}}])
+def test_any_auth_method_allows_a_remote_address(auth: dict[str, object]) -> None:
+    assert load_settings(gateway={"host": "0.0.0.0"}, auth=auth).gateway.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("name", ["auth-basic.yaml", "auth-apikeys.yaml", "auth-oidc.yaml"])
+def test_auth_examples_are_valid_settings(name: str) -> None:
+    settings = load_settings(ROOT / "configs" / name)
+    assert settings.auth.configured and settings.gateway.host == "0.0.0.0"

@@ -54,6 +54,8 @@ async def chat(request: Request) -> Response:
         return JSONResponse({"choices": []})
     if behaviour == "garbage-error":
         return Response(b"<html>bad gateway</html>", status_code=400, media_type="text/html")
+    if behaviour == "headers":
+        return JSONResponse({"choices": [], "headers": dict(request.headers)})
     if behaviour.startswith("hold:"):
         return StreamingResponse(held_stream(HELD_STREAMS[behaviour]), media_type="text/event-stream")
 
@@ -177,6 +179,18 @@ def test_a_client_that_leaves_mid_stream_closes_the_engine_request(gateway: str)
         assert "second" in next(line for line in lines if line)
     # The answer had a minute to go; the engine must learn of the departure well before.
     assert held.abandoned.wait(timeout=20), "the gateway kept the engine request open after the client left"
+
+
+def test_the_clients_credentials_and_headers_stay_at_the_gateway(gateway: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "headers"}]}
+    response = httpx.post(f"{gateway}/v1/chat/completions", json=body, timeout=20, headers={
+        "authorization": "Bearer alk_0123456789abcdef_secret", "cookie": "session=abc", "x-forwarded-for": "10.1.2.3",
+        "user-agent": "OpenAI/Python 1.0",
+    })
+    assert response.status_code == 200
+    received = response.json()["headers"]
+    assert not set(received) & {"authorization", "cookie", "x-forwarded-for"}
+    assert "OpenAI" not in received.get("user-agent", "")
 
 
 def test_a_replica_that_is_not_there_is_left_out(gateway: str) -> None:
