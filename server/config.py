@@ -78,7 +78,7 @@ class OidcSettings(_Section):
     jwks_url: str | None = None
     # CA bundle for the provider's TLS certificate (an internal CA); default: the system's.
     ca_file: Path | None = None
-    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "PS256", "ES256", "EdDSA"], min_length=1)
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "PS256", "ES256", "Ed25519"], min_length=1)
     # Clock skew tolerated on exp, nbf and iat.
     leeway_s: int = Field(30, ge=0, le=300)
     # Claims: the user id, a display name, and the groups (a dotted path such as realm_access.roles).
@@ -130,7 +130,7 @@ class FailedLoginSettings(_Section):
 class AuthSettings(_Section):
     """Who may use Airlock. With no method configured, only this machine may reach the gateway (loopback)."""
 
-    realm: str = "Airlock"
+    realm: str = Field("Airlock", pattern=r'^[A-Za-z0-9 ._:/()+-]{1,64}$')
     # HTTP Basic: an htpasswd file with bcrypt hashes (``airlock users add``).
     htpasswd_file: Path | None = None
     # API keys for SDK clients (``airlock keys create``): a JSON file holding only hashes.

@@ -153,6 +153,21 @@ def test_a_new_key_id_is_picked_up_without_restart(stack: Stack, offline_keys: P
         assert_refused(models(gateway, signed(old, claims())))  # retired with the old key set
 
 
+def test_unreadable_or_weak_keys_in_the_key_set_are_skipped_not_fatal(stack: Stack, offline_keys: Path) -> None:
+    key = rsa_key("good")
+    offline_keys.write_text(json.dumps({"keys": [
+        {"kty": "EC", "crv": "P-999", "x": "AA", "y": "AA", "kid": "unknown-curve"},
+        {"kty": "RSA", "n": "AQAB" * 40, "e": "AQAB", "kid": "too-small"},
+        {"kty": "oct", "k": "c2VjcmV0", "kid": "symmetric"},
+        key.as_dict(private=False),
+    ]}))
+    oidc = {"issuer": ISSUER, "audience": "airlock", "jwks_file": str(offline_keys)}
+    with gateway_in_front_of(stack.engine_socket, auth={"oidc": oidc}) as gateway:
+        assert models(gateway, signed(key, claims())).status_code == 200
+        hs256 = unsigned({"alg": "HS256", "kid": "symmetric"}, claims())
+        assert_refused(models(gateway, hs256 + "." + b64url(hmac.new(b"secret", hs256.encode(), "sha256").digest())))
+
+
 def test_unknown_key_ids_fetch_the_keys_at_most_once_per_interval(stack: Stack) -> None:
     key = rsa_key("published")
     fetches: list[float] = []

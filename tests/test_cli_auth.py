@@ -76,6 +76,21 @@ def test_weak_hashes_are_refused_naming_the_line_not_the_hash(tmp_path: Path) ->
     assert "line 3" in result.stderr and md5 not in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("line", "message"), [
+    ("carol:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(5)).decode(), "bcrypt cost 5 is outside 10-17"),
+    ("carol:$2b$12$" + "!" * 53, "not hashed with bcrypt"),
+    ("carol:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=", "not hashed with bcrypt"),
+    ("carol:plain-text-password", "not hashed with bcrypt"),
+    ("carol", "not a 'user:hash' line"),
+])
+def test_every_weak_or_broken_line_is_refused(tmp_path: Path, line: str, message: str) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(line + "\n")
+    with pytest.raises(CredentialsFileError, match=message) as caught:
+        build_authentication(AuthSettings(htpasswd_file=htpasswd))
+    assert line.partition(":")[2] not in str(caught.value) or not line.partition(":")[2]
+
+
 def test_keys_create_prints_the_key_once_and_stores_a_hash(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys.json"
     result = run("keys", "create", "--user", "alice", "--name", "laptop", "--expires", "30d", "--file", str(keys_file))

@@ -157,3 +157,9 @@ def test_any_auth_method_allows_a_remote_address(auth: dict[str, object]) -> Non
 def test_auth_examples_are_valid_settings(name: str) -> None:
     settings = load_settings(ROOT / "configs" / name)
     assert settings.auth.configured and settings.gateway.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("realm", ['Air"lock', "Airlock\r\nX-Injected: 1", "Büro", ""])
+def test_realm_must_be_safe_in_a_header(realm: str) -> None:
+    with pytest.raises(ConfigError, match=r"auth\.realm"):
+        load_settings(auth={"realm": realm})

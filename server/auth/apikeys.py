@@ -71,13 +71,21 @@ def parse_keys(text: str, path: Path) -> dict[str, ApiKey]:
         return {}
     try:
         data: Any = json.loads(text)
-        entries = [ApiKey(**entry) for entry in data["keys"]]
-        for entry in entries:
-            if entry.expires:
-                datetime.fromisoformat(entry.expires)
+        entries = [_checked(ApiKey(**entry)) for entry in data["keys"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise CredentialsFileError(f"{path}: not an Airlock API key file") from exc
     return {entry.id: entry for entry in entries}
+
+
+def _checked(entry: ApiKey) -> ApiKey:
+    """Refuse a hand-edited entry that would fail later, at every request."""
+    strings = (entry.id, entry.user, entry.name, entry.sha256, entry.created)
+    if not all(isinstance(value, str) for value in strings) or not re.fullmatch(r"[0-9a-f]{64}", entry.sha256):
+        raise ValueError("malformed entry")
+    for stamp in (entry.expires, entry.revoked):
+        if stamp is not None and (not isinstance(stamp, str) or datetime.fromisoformat(stamp).tzinfo is None):
+            raise ValueError("dates need a time zone")
+    return entry
 
 
 def format_keys(keys: dict[str, ApiKey]) -> str:

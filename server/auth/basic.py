@@ -12,12 +12,12 @@ from collections import OrderedDict
 
 import anyio.to_thread
 
-from .htpasswd import password_matches
+from .htpasswd import costliest, password_matches
 from .principal import Principal
 from .watched import WatchedFile
 
-# A real bcrypt hash of a random password: unknown users cost the same time as known ones.
-_DUMMY_HASH = b"$2b$12$K/5MVBU9cXaK2o9TqGF2nuIfus9PdfvoMSeTCISNk9tupU2X25YQu"
+# For an empty file: some real bcrypt hash to spend the time on.
+_FALLBACK_HASH = b"$2b$12$K/5MVBU9cXaK2o9TqGF2nuIfus9PdfvoMSeTCISNk9tupU2X25YQu"
 
 
 class BasicAuthenticator:
@@ -54,7 +54,9 @@ class BasicAuthenticator:
         if self._remembered(fingerprint):
             return self._principal(user)
         hashed = users.get(user)
-        matches = await anyio.to_thread.run_sync(password_matches, password, hashed or _DUMMY_HASH)
+        # An unknown user is checked against the file's slowest hash, so the time taken does not tell them apart.
+        spent_on = hashed or costliest(users) or _FALLBACK_HASH
+        matches = await anyio.to_thread.run_sync(password_matches, password, spent_on)
         if not matches or hashed is None:
             return None
         self._remember(fingerprint)
@@ -83,8 +85,8 @@ class BasicAuthenticator:
 
 def _decode(credentials: str) -> tuple[str, str] | None:
     try:
-        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+        decoded = base64.b64decode(credentials.strip().encode("ascii"), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeError, ValueError):
         return None
     user, sep, password = decoded.partition(":")
     if not sep or not user:

@@ -57,18 +57,20 @@ class Authentication:
         if blocked > 0:
             raise TooManyFailures("too many failed sign-in attempts; try again later",
                                   headers={"retry-after": str(int(blocked) + 1)})
+        if not authorization:
+            raise Unauthenticated(FAILED, headers={"www-authenticate": self._challenges[False]})
+        self._throttle.attempt(source)
         principal = await self._check(authorization)
         if principal is not None:
+            self._throttle.succeeded(source)
             return principal
-        delay = self._throttle.record_failure(source) if authorization else 0.0
+        delay = self._throttle.delay(source)
         if delay:
             await asyncio.sleep(delay)
-        token_refused = (authorization or "").strip().lower().startswith("bearer ")
+        token_refused = authorization.strip().lower().startswith("bearer ")
         raise Unauthenticated(FAILED, headers={"www-authenticate": self._challenges[token_refused]})
 
-    async def _check(self, authorization: str | None) -> Principal | None:
-        if not authorization:
-            return None
+    async def _check(self, authorization: str) -> Principal | None:
         scheme, _, credentials = authorization.strip().partition(" ")
         scheme, credentials = scheme.lower(), credentials.strip()
         for authenticator in self._authenticators:

@@ -15,13 +15,16 @@ import bcrypt
 
 from .watched import CredentialsFileError
 
-BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+BCRYPT_HASH = re.compile(r"^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}$")
 USER_NAME = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")
 DEFAULT_COST = 12
+# Apache's `htpasswd -B` uses cost 5 unless told otherwise (-C): thousands of guesses a second per core.
+MIN_COST = 10
+MAX_COST = 17
 
 
 def parse_htpasswd(text: str, path: Path) -> dict[str, bytes]:
-    """User name -> bcrypt hash. Blank lines and ``#`` comments are skipped."""
+    """User name -> bcrypt hash. Blank lines and ``#`` comments are skipped; costs are checked."""
     users: dict[str, bytes] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
@@ -30,10 +33,16 @@ def parse_htpasswd(text: str, path: Path) -> dict[str, bytes]:
         user, sep, hashed = line.partition(":")
         if not sep or not USER_NAME.match(user):
             raise CredentialsFileError(f"{path}, line {number}: not a 'user:hash' line")
-        if not hashed.startswith(BCRYPT_PREFIXES) or len(hashed) != 60:
+        match = BCRYPT_HASH.match(hashed)
+        if match is None:
             raise CredentialsFileError(
                 f"{path}, line {number}: the password is not hashed with bcrypt (only bcrypt is accepted; "
                 "set it again with 'airlock users passwd')"
+            )
+        if not MIN_COST <= int(match.group(1)) <= MAX_COST:
+            raise CredentialsFileError(
+                f"{path}, line {number}: bcrypt cost {int(match.group(1))} is outside {MIN_COST}-{MAX_COST} "
+                "(set it again with 'airlock users passwd', or 'htpasswd -B -C 12')"
             )
         if user in users:
             raise CredentialsFileError(f"{path}, line {number}: the user appears twice")
@@ -53,6 +62,11 @@ def hash_password(password: str, cost: int = DEFAULT_COST) -> bytes:
     if len(password.encode()) > 72:
         raise ValueError("bcrypt uses at most 72 bytes of a password; choose a shorter one")
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=cost))
+
+
+def costliest(users: dict[str, bytes]) -> bytes | None:
+    """The slowest hash in the file: checking an unknown user against it takes as long as the slowest real one."""
+    return max(users.values(), key=lambda hashed: int(hashed[4:6]), default=None)
 
 
 def password_matches(password: str, hashed: bytes) -> bool:

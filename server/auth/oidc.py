@@ -27,6 +27,7 @@ log = logging.getLogger("airlock.auth")
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 NO_KEYS_RETRY_S = 5.0
+MIN_RSA_BITS = 2048
 
 
 class ProviderKeys:
@@ -69,10 +70,12 @@ class ProviderKeys:
         """Fetch the keys now. Failures are logged and leave the cached keys in place."""
         self._last_fetch = self._clock()
         try:
-            document = await self._fetch_jwks()
-            keys = _signing_keys(document)
-        except (OSError, httpx.HTTPError, ValueError, JoseError) as exc:
+            keys = _signing_keys(await self._fetch_jwks())
+        except Exception as exc:  # whatever the provider or network did, the cached keys stay in service
             log.warning("could not fetch the OIDC provider's keys (%s); keeping the cached ones", type(exc).__name__)
+            return
+        if not keys.keys:
+            log.warning("the OIDC provider published no usable signing key; keeping the cached ones")
             return
         if self._keys is None or {k.kid for k in keys.keys} != {k.kid for k in self._keys.keys}:
             log.info("OIDC provider keys loaded: %d signing keys", len(keys.keys))
@@ -117,21 +120,39 @@ class ProviderKeys:
         if not isinstance(metadata, dict) or str(metadata.get("issuer", "")).rstrip("/") != issuer:
             raise ValueError("the discovery document names another issuer")
         jwks_uri = metadata.get("jwks_uri")
-        if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
-            raise ValueError("the discovery document has no jwks_uri")
+        # Keys over plain HTTP only from an issuer that is itself plain HTTP (a lab): never a downgrade.
+        schemes = ("https://",) if issuer.startswith("https://") else ("https://", "http://")
+        if not isinstance(jwks_uri, str) or not jwks_uri.startswith(schemes):
+            raise ValueError("the discovery document has no usable jwks_uri")
         return jwks_uri
 
 
 def _signing_keys(document: Any) -> KeySet:
-    """Public signing keys only: symmetric ("oct") keys and encryption keys are dropped."""
+    """Public signing keys only: symmetric ("oct") keys, encryption keys and RSA keys under 2048 bits are dropped,
+    and one key that cannot be read does not cost the others."""
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise ValueError("not a JWKS document")
-    usable = [
-        entry for entry in document["keys"]
-        if isinstance(entry, dict) and entry.get("kty") in {"RSA", "EC", "OKP"} and entry.get("use", "sig") == "sig"
-        and "d" not in entry  # a private key has no business in a JWKS; refuse to hold one
-    ]
-    return KeySet.import_key_set({"keys": usable})
+    keys = []
+    for entry in document["keys"]:
+        if not _usable(entry):
+            continue
+        try:
+            keys.append(KeySet.import_key_set({"keys": [entry]}).keys[0])
+        except Exception:  # an unknown curve, a garbled modulus...: skip this key
+            log.warning("skipped an OIDC provider key that cannot be read (kty %s)", entry.get("kty"))
+    return KeySet(keys)
+
+
+def _usable(entry: Any) -> bool:
+    if not isinstance(entry, dict) or entry.get("kty") not in {"RSA", "EC", "OKP"}:
+        return False
+    if entry.get("use", "sig") != "sig" or "d" in entry:  # a private key has no business in a JWKS
+        return False
+    if entry["kty"] == "RSA":
+        modulus = entry.get("n")
+        if not isinstance(modulus, str) or len(modulus.rstrip("=")) * 6 < MIN_RSA_BITS - 6:
+            return False
+    return True
 
 
 class OidcAuthenticator:
@@ -171,7 +192,7 @@ class OidcAuthenticator:
             return None
         try:
             self._claims.validate(claims)
-        except (JoseError, ValueError):
+        except (JoseError, ValueError, TypeError):
             return None
         return self._principal(claims)
 
@@ -180,7 +201,7 @@ class OidcAuthenticator:
         for key in keys:
             try:
                 return dict(jwt.decode(token, key, algorithms=self._algorithms).claims)
-            except (JoseError, ValueError):
+            except (JoseError, ValueError, TypeError):
                 continue
         return None
 

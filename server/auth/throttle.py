@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -19,7 +20,8 @@ class _Window:
 class FailureThrottle:
     """How long to hold a failed attempt's 401, and whether an address is refused outright for a while.
 
-    The first ``free_attempts`` failures in a window cost nothing extra (typos happen); each further one doubles
+    Sources are client addresses; IPv6 addresses count per /64, the block one host usually holds. The first
+    ``free_attempts`` failures in a window cost nothing extra (typos happen); each further one doubles
     the delay up to ``max_delay_s``; past ``block_after`` the address gets 429 until its window ends. The table is
     bounded: the least recently seen addresses are forgotten first.
     """
@@ -31,16 +33,30 @@ class FailureThrottle:
 
     def blocked_for(self, source: str) -> float:
         """Seconds until ``source`` may try again, or 0 when it may try now."""
+        source = _network(source)
         window = self._window(source, create=False)
         if window is None or window.failures < self._settings.block_after:
             return 0.0
         return max(0.0, window.started + self._settings.window_s - self._clock())
 
-    def record_failure(self, source: str) -> float:
-        """Count a failure; the delay to apply before answering it."""
-        window = self._window(source, create=True)
+    def attempt(self, source: str) -> None:
+        """Count an attempt as failed before its credentials are checked, so that many attempts in parallel
+        cannot all slip in under the limit while the first ones are still being checked."""
+        window = self._window(_network(source), create=True)
         assert window is not None
         window.failures += 1
+
+    def succeeded(self, source: str) -> None:
+        """The attempt was good after all: it does not count."""
+        window = self._window(_network(source), create=False)
+        if window is not None and window.failures > 0:
+            window.failures -= 1
+
+    def delay(self, source: str) -> float:
+        """How long to hold the answer to a failed attempt."""
+        window = self._window(_network(source), create=False)
+        if window is None:
+            return 0.0
         beyond = window.failures - self._settings.free_attempts
         if beyond <= 0:
             return 0.0
@@ -59,3 +75,13 @@ class FailureThrottle:
         if window is not None:
             self._windows.move_to_end(source)
         return window
+
+
+def _network(source: str) -> str:
+    try:
+        address = ipaddress.ip_address(source)
+    except ValueError:
+        return source
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return source
