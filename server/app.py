@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -14,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from .auth import ModelAccess, Principal, build_authentication
-from .config import AuthorizationSettings, AuthSettings, GatewaySettings
+from .config import Settings
 from .errors import (
     NO_STORE,
     AirlockError,
@@ -27,8 +28,13 @@ from .errors import (
     RouteNotFound,
     error_response,
 )
+from .posture import privacy_posture
 from .proxy import EngineExchange
+from .screening import Route, Screening
+from .tenancy import TenantSalts
 from .upstream import ReplicaPool
+
+SCREEN_INLINE_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -66,16 +72,14 @@ def parse_request(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def create_app(
-    settings: GatewaySettings,
-    upstream_urls: Sequence[str],
-    auth: AuthSettings | None = None,
-    authorization: AuthorizationSettings | None = None,
-) -> FastAPI:
-    """Build the gateway for the engines at ``upstream_urls``; no ``auth`` means nobody is asked who they are."""
+def create_app(config: Settings, upstream_urls: Sequence[str]) -> FastAPI:
+    """Build the gateway for the engines at ``upstream_urls``."""
+    settings = config.gateway
     pool = ReplicaPool(upstream_urls, settings)
-    authentication = build_authentication(auth or AuthSettings())
-    access = ModelAccess(authorization or AuthorizationSettings())
+    authentication = build_authentication(config.auth)
+    access = ModelAccess(config.authorization)
+    screening = Screening(config.screening, TenantSalts(config.privacy))
+    posture = privacy_posture(config, upstream_urls)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -106,9 +110,10 @@ def create_app(
 
     async def engine_request(request: Request, principal: CurrentPrincipal) -> EngineRequest:
         # 1. who (before a byte of the body is read) -> 2. bounded body -> 3. parse -> 4. may they use the model
-        # -> 5. a replica serving it (picked again in EngineExchange).
+        # -> 5. a replica serving it (picked again in EngineExchange) -> 6. screen (fields, images, salt).
         body = await read_body(request, settings.max_body_bytes)
-        model = parse_request(body)["model"]
+        payload = parse_request(body)
+        model = payload["model"]
         shown = model if len(model) <= 100 else model[:100] + "..."
         if not access.allows(principal, model):
             if access.hide_denied:
@@ -123,7 +128,12 @@ def create_app(
                 )
             if not pool.knows(model):
                 raise ModelNotFound(f"the model '{shown}' does not exist", param="model")
-        return EngineRequest(body, model)
+        route: Route = "chat" if request.url.path.endswith("/chat/completions") else "completions"
+        if len(body) < SCREEN_INLINE_BYTES:
+            screened = screening.screen(route, payload, principal)
+        else:  # decoding and checking megabytes of images would stall every other request
+            screened = await anyio.to_thread.run_sync(screening.screen, route, payload, principal)
+        return EngineRequest(screened, model)
 
     ScreenedRequest = Annotated[EngineRequest, Depends(engine_request)]
 
@@ -142,6 +152,10 @@ def create_app(
     async def models(principal: CurrentPrincipal) -> Response:
         cards = [card for card in pool.model_cards() if access.allows(principal, str(card["id"]))]
         return JSONResponse({"object": "list", "data": cards}, headers=NO_STORE)
+
+    @app.get("/v1/airlock/privacy")
+    async def privacy(_: CurrentPrincipal) -> Response:
+        return JSONResponse(posture, headers=NO_STORE)
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -167,6 +167,42 @@ class AuthorizationSettings(_Section):
     hide_denied_models: bool = False
 
 
+ImageFormat = Literal["png", "jpeg", "webp", "gif", "bmp", "tiff"]
+_DEFAULT_FORMATS: list[ImageFormat] = ["png", "jpeg", "webp"]
+
+
+class ScreeningSettings(_Section):
+    """What a request may carry before it is forwarded to an engine."""
+
+    max_images_per_request: int = Field(8, ge=0)
+    # Decoded bytes of one image (it travels base64-encoded, a third larger, inside the body).
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    # Pixels of one image, read from its header before anything decodes it (25 MP: a 5000x5000 scan).
+    max_image_pixels: int = Field(25_000_000, ge=1024)
+    image_formats: list[ImageFormat] = Field(default_factory=lambda: _DEFAULT_FORMATS.copy(), min_length=1)
+    # Highest max_tokens (or max_completion_tokens) a request may ask for; also the default when it asks none.
+    max_tokens_limit: int = Field(8192, ge=1)
+    # Highest n (and best_of): each choice is a full generation on the engine.
+    max_choices: int = Field(4, ge=1)
+    # chat_template_kwargs keys a request may set (anything else could change how the prompt is built).
+    chat_template_kwargs: list[str] = Field(default_factory=lambda: ["enable_thinking"])
+
+
+class PrivacySettings(_Section):
+    """Isolation between users of the same engines."""
+
+    # Whose requests may share vLLM's prefix cache: each user alone, the members of a group, or everyone.
+    tenant: Literal["user", "group", "shared"] = "user"
+    # A file holding the secret the per-tenant cache salts derive from (at least 32 bytes). Give every gateway copy
+    # the same one so a tenant keeps its cache across them; default: a random secret per start.
+    salt_secret_file: Path | None = None
+
+    @field_validator("salt_secret_file")
+    @classmethod
+    def _expand_home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+
 class UpstreamSettings(_Section):
     """An engine the gateway forwards to when it does not launch engines itself (``airlock gateway``)."""
 
@@ -236,6 +272,8 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=lambda: EngineSettings())
     auth: AuthSettings = Field(default_factory=lambda: AuthSettings())
     authorization: AuthorizationSettings = Field(default_factory=lambda: AuthorizationSettings())
+    screening: ScreeningSettings = Field(default_factory=lambda: ScreeningSettings())
+    privacy: PrivacySettings = Field(default_factory=lambda: PrivacySettings())
     upstreams: list[UpstreamSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")

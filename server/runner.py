@@ -174,7 +174,7 @@ def listen(settings: Settings) -> socket.socket:
 def build_gateway(settings: Settings, upstream_urls: list[str]) -> FastAPI:
     """The gateway app, with its credentials files read (and refused, naming the line, if unusable)."""
     try:
-        app = create_app(settings.gateway, upstream_urls, settings.auth, settings.authorization)
+        app = create_app(settings, upstream_urls)
     except CredentialsFileError as exc:
         raise ConfigError(str(exc)) from exc
     methods = [name for name, on in (

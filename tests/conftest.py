@@ -177,6 +177,7 @@ def stack(
     config = write_config(workdir / "airlock.yaml", {
         "gateway": {"port": port, "max_body_bytes": TEST_MAX_BODY_BYTES},
         "auth": auth_settings(credentials, oidc_provider),
+        "screening": {"max_tokens_limit": LONG_CONTEXT, "max_image_bytes": 1_000_000},
         "engine": {
             "model": "demo",
             "demo_model_dir": str(demo_model_dir),

@@ -128,7 +128,7 @@ def gateway_in_front_of(engine_socket: Path, **settings: Any) -> Iterator[str]:
 
     port = free_port()
     loaded = load_settings(gateway={"port": port, "health_interval_s": 0.5}, **settings)
-    app = create_app(loaded.gateway, [f"unix:{engine_socket}"], loaded.auth, loaded.authorization)
+    app = create_app(loaded, [f"unix:{engine_socket}"])
     with ThreadedServer(app, host="127.0.0.1", port=port):
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30

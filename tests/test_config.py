@@ -16,6 +16,8 @@ from server.config import (
     FailedLoginSettings,
     GatewaySettings,
     OidcSettings,
+    PrivacySettings,
+    ScreeningSettings,
     Settings,
     load_settings,
 )
@@ -115,7 +117,7 @@ def test_example_file_documents_every_setting_and_loads_as_the_defaults(monkeypa
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     example = yaml.safe_load(EXAMPLE.read_text())
     sections = {"gateway": GatewaySettings, "engine": EngineSettings, "auth": AuthSettings,
-                "authorization": AuthorizationSettings}
+                "authorization": AuthorizationSettings, "screening": ScreeningSettings, "privacy": PrivacySettings}
     assert set(example) == set(Settings.model_fields)
     for name, model in sections.items():
         assert set(example[name]) == set(model.model_fields), f"{name}: example and settings differ"

@@ -10,7 +10,7 @@ import jsonschema
 import openai
 import pytest
 
-from .conftest import TEST_MAX_BODY_BYTES, Stack
+from .conftest import LONG_CONTEXT, TEST_MAX_BODY_BYTES, Stack
 from .images import image_part
 
 pytestmark = pytest.mark.engine
@@ -101,10 +101,12 @@ def test_unknown_model_is_404_in_openai_shape(client: openai.OpenAI) -> None:
 
 
 def test_engine_rejection_keeps_its_message_in_openai_shape(client: openai.OpenAI, stack: Stack) -> None:
+    # Within the gateway's max_tokens limit, but with the prompt it no longer fits the engine's context.
     with pytest.raises(openai.BadRequestError) as caught:
-        ask(client, stack.model, "hello", max_tokens=1_000_000)
+        ask(client, stack.model, "hello", max_tokens=LONG_CONTEXT)
     assert caught.value.body["type"] == "invalid_request_error"
-    assert "max_tokens" in caught.value.body["message"]
+    assert "context length" in caught.value.body["message"] or "max_tokens" in caught.value.body["message"]
+    assert "limit of" not in caught.value.body["message"]  # the engine's words, not the gateway's
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         Route("/health", health), Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"]),
     ])
     port = free_port()
-    settings = load_settings(gateway={"port": port, "health_interval_s": 0.5, "read_timeout_s": 1.0}).gateway
+    settings = load_settings(gateway={"port": port, "health_interval_s": 0.5, "read_timeout_s": 1.0})
     app = create_app(settings, [f"unix:{engine_socket}", f"unix:{dead_socket}"])
     with ThreadedServer(engine, uds=str(engine_socket)), ThreadedServer(app, host="127.0.0.1", port=port):
         base = f"http://127.0.0.1:{port}"
@@ -200,7 +200,7 @@ def test_a_replica_that_is_not_there_is_left_out(gateway: str) -> None:
 
 def test_no_engine_at_all_is_a_503_with_retry_after(tmp_path: Path) -> None:
     port = free_port()
-    settings = load_settings(gateway={"port": port}).gateway
+    settings = load_settings(gateway={"port": port})
     with ThreadedServer(create_app(settings, [f"unix:{tmp_path / 'none.sock'}"]), host="127.0.0.1", port=port):
         response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
                               json={"model": MODEL, "messages": []}, timeout=10)
@@ -213,7 +213,7 @@ def test_no_engine_at_all_is_a_503_with_retry_after(tmp_path: Path) -> None:
 def test_unix_socket_path_is_not_in_any_answer(tmp_path: Path) -> None:
     # Engine addresses are internal; not even an error may show them.
     port = free_port()
-    settings = load_settings(gateway={"port": port}).gateway
+    settings = load_settings(gateway={"port": port})
     sock = tmp_path / "hidden-engine.sock"
     with ThreadedServer(create_app(settings, [f"unix:{sock}"]), host="127.0.0.1", port=port):
         texts = [httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": MODEL}, timeout=10).text,

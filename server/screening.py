@@ -1,0 +1,169 @@
+"""Request screening: what a request may carry before it reaches an engine.
+
+Fields are on an allow-list (anything that changes how the server builds prompts or caches, such as
+``mm_processor_kwargs`` or a per-request ``chat_template``, is refused); images must be inline ``data:`` URLs within
+limits (see ``images``); a client's ``uuid`` on a content part (vLLM's multimodal cache key: another user could read
+or poison the cached image) and a client's ``cache_salt`` are refused; ``max_tokens`` is capped; and the gateway
+sets ``cache_salt`` from the tenant, so the prefix cache is never shared across tenants.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from .auth import Principal
+from .config import ScreeningSettings
+from .errors import InvalidRequest
+from .images import ImageLimits, check_image_url
+from .tenancy import TenantSalts
+
+Route = Literal["chat", "completions"]
+
+_SAMPLING = frozenset({
+    "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream", "stream_options", "stop",
+    "stop_token_ids", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+    "logprobs", "top_logprobs", "min_tokens", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
+    "include_stop_str_in_output", "length_penalty", "response_format", "structured_outputs", "user",
+})
+FIELDS: dict[Route, frozenset[str]] = {
+    "chat": _SAMPLING | {
+        "messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
+        "reasoning_effort", "add_generation_prompt", "continue_final_message", "echo",
+    },
+    "completions": _SAMPLING | {"prompt", "echo", "suffix", "best_of"},
+}
+MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning", "reasoning_content"})
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+PART_FIELDS = {"text": frozenset({"type", "text"}), "image_url": frozenset({"type", "image_url"})}
+IMAGE_URL_FIELDS = frozenset({"url", "detail"})
+
+
+class Screening:
+    def __init__(self, settings: ScreeningSettings, salts: TenantSalts) -> None:
+        self._settings = settings
+        self._salts = salts
+        self._images = ImageLimits(frozenset(settings.image_formats), settings.max_image_bytes,
+                                   settings.max_image_pixels)
+
+    def screen(self, route: Route, payload: dict[str, Any], principal: Principal) -> bytes:
+        """The body to forward, or ``InvalidRequest`` saying what to change."""
+        for field in payload:
+            if field == "cache_salt":
+                raise InvalidRequest("cache_salt is set by this server for each user; leave it out",
+                                     param="cache_salt", code="field_not_allowed")
+            if field not in FIELDS[route]:
+                raise InvalidRequest(f"the field '{_shown(field)}' is not accepted by this server",
+                                     param=_shown(field), code="field_not_allowed")
+        payload.pop("user", None)  # OpenAI's end-user id: an identity the engine has no use for
+        self._cap_tokens(payload)
+        if route == "chat":
+            self._check_messages(payload.get("messages"))
+            self._check_template_kwargs(payload.get("chat_template_kwargs"))
+        else:
+            _check_prompt(payload.get("prompt"))
+        payload["cache_salt"] = self._salts.salt_for(principal)
+        return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+    def _cap_tokens(self, payload: dict[str, Any]) -> None:
+        limit = self._settings.max_tokens_limit
+        asked = False
+        for field in ("max_tokens", "max_completion_tokens"):
+            value = payload.get(field)
+            if value is None:
+                continue
+            asked = True
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidRequest(f"{field} must be a positive integer", param=field, code="invalid_value")
+            if value > limit:
+                raise InvalidRequest(f"{field} is {value}, above this server's limit of {limit}", param=field,
+                                     code="max_tokens_too_large")
+        if not asked:
+            payload["max_tokens"] = limit
+        for field in ("n", "best_of"):
+            value = payload.get(field)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidRequest(f"{field} must be a positive integer", param=field, code="invalid_value")
+            if value > self._settings.max_choices:
+                raise InvalidRequest(f"{field} is {value}, above this server's limit of {self._settings.max_choices}",
+                                     param=field, code="too_many_choices")
+
+    def _check_messages(self, messages: Any) -> None:
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("messages must be a non-empty list", param="messages", code="invalid_messages")
+        images = 0
+        for m, message in enumerate(messages):
+            where = f"messages[{m}]"
+            if not isinstance(message, dict):
+                raise InvalidRequest(f"{where} must be an object", param=where, code="invalid_messages")
+            unknown = set(message) - MESSAGE_FIELDS
+            if unknown:
+                raise InvalidRequest(f"{where} has a field this server does not accept: '{_shown(min(unknown))}'",
+                                     param=where, code="field_not_allowed")
+            if message.get("role") not in ROLES:
+                raise InvalidRequest(f"{where}.role must be one of {', '.join(sorted(ROLES))}", param=where,
+                                     code="invalid_messages")
+            content = message.get("content")
+            if content is None or isinstance(content, str):
+                continue
+            if not isinstance(content, list):
+                raise InvalidRequest(f"{where}.content must be a string or a list of parts", param=where,
+                                     code="invalid_messages")
+            for p, part in enumerate(content):
+                images += self._check_part(part, f"{where}.content[{p}]")
+        if images > self._settings.max_images_per_request:
+            raise InvalidRequest(f"{images} images in one request, limit {self._settings.max_images_per_request}",
+                                 param="messages", code="too_many_images")
+
+    def _check_part(self, part: Any, where: str) -> int:
+        """1 for an image part, 0 for text."""
+        if not isinstance(part, dict) or part.get("type") not in PART_FIELDS:
+            raise InvalidRequest(f"{where} must be a part of type text or image_url", param=where,
+                                 code="unsupported_content")
+        if "uuid" in part:
+            raise InvalidRequest(f"{where}: 'uuid' is not accepted (this server caches nothing across users)",
+                                 param=where, code="field_not_allowed")
+        unknown = set(part) - PART_FIELDS[part["type"]]
+        if unknown:
+            raise InvalidRequest(f"{where} has a field this server does not accept: '{_shown(min(unknown))}'",
+                                 param=where, code="field_not_allowed")
+        if part["type"] == "text":
+            if not isinstance(part.get("text"), str):
+                raise InvalidRequest(f"{where}.text must be a string", param=where, code="invalid_messages")
+            return 0
+        image_url = part.get("image_url")
+        if isinstance(image_url, str):  # a shorthand some clients send
+            image_url = {"url": image_url}
+        if not isinstance(image_url, dict) or set(image_url) - IMAGE_URL_FIELDS:
+            raise InvalidRequest(f"{where}.image_url must be {{\"url\": \"data:...\"}}", param=where,
+                                 code="invalid_image")
+        check_image_url(image_url.get("url"), self._images, where)
+        return 1
+
+    def _check_template_kwargs(self, kwargs: Any) -> None:
+        if kwargs is None:
+            return
+        if not isinstance(kwargs, dict):
+            raise InvalidRequest("chat_template_kwargs must be an object", param="chat_template_kwargs",
+                                 code="invalid_value")
+        refused = set(kwargs) - set(self._settings.chat_template_kwargs)
+        if refused:
+            raise InvalidRequest(
+                f"chat_template_kwargs may only set {', '.join(self._settings.chat_template_kwargs) or 'nothing'}",
+                param="chat_template_kwargs", code="field_not_allowed",
+            )
+
+
+def _check_prompt(prompt: Any) -> None:
+    if isinstance(prompt, str) and prompt:
+        return
+    if isinstance(prompt, list) and prompt and all(isinstance(item, str) for item in prompt):
+        return
+    raise InvalidRequest("prompt must be a non-empty string or list of strings", param="prompt",
+                         code="invalid_prompt")
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= 64 else name[:64] + "..."
