@@ -21,6 +21,7 @@ from .app import create_app
 from .auth.watched import CredentialsFileError
 from .config import ConfigError, Settings
 from .engine import Device, ReplicaLaunch, build_replicas
+from .privacy import harden_process
 from .profiles import ModelChoice, choose_model, detect_gpu_free_gb, load_profiles
 from .supervisor import Supervisor
 
@@ -187,6 +188,7 @@ def build_gateway(settings: Settings, upstream_urls: list[str]) -> FastAPI:
 
 async def run_up(settings: Settings) -> None:
     """Engines and gateway in one command: replicas start, the gateway serves (ready once they are)."""
+    harden_process()
     with runtime_directory(settings) as runtime_dir, listen(settings) as sock:
         choice, device, launches = plan_engines(settings, runtime_dir)
         _announce(choice, device, launches, settings)
@@ -206,6 +208,7 @@ async def run_up(settings: Settings) -> None:
 
 async def run_engines(settings: Settings) -> None:
     """Only the engines, for a gateway that runs elsewhere (its upstreams are printed)."""
+    harden_process()
     with runtime_directory(settings) as runtime_dir:
         choice, device, launches = plan_engines(settings, runtime_dir)
         _announce(choice, device, launches, settings)
@@ -223,6 +226,7 @@ async def run_engines(settings: Settings) -> None:
 
 async def run_gateway(settings: Settings) -> None:
     """Only the gateway, in front of the engines listed under ``upstreams``."""
+    harden_process()
     if not settings.upstreams:
         raise ConfigError("upstreams: list at least one engine (url: unix:/path.sock or http://host:port)")
     app = build_gateway(settings, [upstream.url for upstream in settings.upstreams])
