@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import openai
 import pytest
@@ -14,9 +13,9 @@ pytestmark = pytest.mark.engine
 
 REQUESTS = 32
 TOKENS = 128
-# This 2-core machine now and then stalls the CPU engine for seconds (seen with or without the gateway), so the
-# concurrent burst is measured a few times and the best run counts. Sequential stalls only lower the ratio.
-CONCURRENT_RUNS = 5
+SEQUENTIAL_REFERENCE = 4
+# Share of the burst's tokens that may come from steps decoding a single request (stragglers at the start and end).
+MAX_UNBATCHED_SHARE = 0.25
 CHUNKS_BEFORE_LEAVING = 5
 DISCONNECT_ATTEMPTS = 3
 
@@ -35,29 +34,42 @@ async def one_request(client: openai.AsyncOpenAI, model: str) -> int:
     return answer.usage.completion_tokens
 
 
-def test_32_concurrent_requests_finish_at_least_4x_faster_than_one_by_one(stack: Stack) -> None:
-    async def measure() -> tuple[float, float]:
+def single_token_steps(stack: Stack) -> float:
+    """Engine steps that produced one token: a request decoding alone (vLLM's iteration_tokens histogram)."""
+    with stack.engine_client() as engine:
+        lines = engine.get("/metrics").text.splitlines()
+    values = [float(line.rsplit(" ", 1)[1]) for line in lines
+              if line.startswith("vllm:iteration_tokens_total_bucket{") and 'le="1.0"' in line]
+    assert values, "vllm:iteration_tokens_total is missing from the engine's metrics"
+    return sum(values)
+
+
+def test_concurrent_requests_through_the_gateway_share_engine_steps(stack: Stack) -> None:
+    # Speed belongs in the benchmarks; what is asserted here is the mechanism. Requests that reach the engine one
+    # at a time decode alone: one token per engine step. Batched, the steps carry many tokens each.
+    async def send(client: openai.AsyncOpenAI, concurrent: int) -> None:
+        counts = await asyncio.gather(*(one_request(client, stack.model) for _ in range(concurrent)))
+        assert counts == [TOKENS] * concurrent
+
+    async def steps_of_one(sequential: int, concurrent: int) -> float:
+        stack.wait_for_running(0, 120)
+        before = single_token_steps(stack)
         async with openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.api_key, max_retries=0,
                                       timeout=300) as client:
-            # Warm-up: the engine's first large batch is slow (allocations, first use of batched kernels).
-            await asyncio.gather(*(one_request(client, stack.model) for _ in range(REQUESTS)))
-            start = time.monotonic()
-            for _ in range(REQUESTS):
-                assert await one_request(client, stack.model) == TOKENS
-            sequential = time.monotonic() - start
-            bursts = []
-            for _ in range(CONCURRENT_RUNS):
-                start = time.monotonic()
-                counts = await asyncio.gather(*(one_request(client, stack.model) for _ in range(REQUESTS)))
-                bursts.append(time.monotonic() - start)
-                assert counts == [TOKENS] * REQUESTS
-            print(f"\nconcurrent bursts: {', '.join(f'{burst:.2f} s' for burst in bursts)}")
-            return sequential, min(bursts)
+            for _ in range(sequential):
+                await send(client, 1)
+            if concurrent:
+                await send(client, concurrent)
+        stack.wait_for_running(0, 120)
+        return single_token_steps(stack) - before
 
-    sequential, concurrent = asyncio.run(measure())
-    print(f"\n{REQUESTS} requests x {TOKENS} tokens: one by one {sequential:.2f} s, "
-          f"concurrent {concurrent:.2f} s, speed-up {sequential / concurrent:.1f}x")
-    assert sequential / concurrent >= 4
+    alone = asyncio.run(steps_of_one(sequential=SEQUENTIAL_REFERENCE, concurrent=0))
+    # The yardstick works: requests one by one decode in single-token steps, about TOKENS - 1 of them each.
+    assert alone >= SEQUENTIAL_REFERENCE * (TOKENS - 1) * 0.9, alone
+    together = asyncio.run(steps_of_one(sequential=0, concurrent=REQUESTS))
+    print(f"\nsingle-token engine steps: {alone:.0f} for {SEQUENTIAL_REFERENCE} requests one by one, "
+          f"{together:.0f} for {REQUESTS} at once ({REQUESTS * (TOKENS - 1)} if none were batched)")
+    assert together < REQUESTS * (TOKENS - 1) * MAX_UNBATCHED_SHARE
 
 
 def test_client_disconnect_mid_stream_aborts_the_engine_request(client: openai.OpenAI, stack: Stack) -> None:
