@@ -46,10 +46,6 @@ class Authentication:
         self._throttle = FailureThrottle(settings.failed_logins)
         self._challenges = {refused: _challenge(settings, authenticators, refused) for refused in (False, True)}
 
-    @property
-    def required(self) -> bool:
-        return bool(self._authenticators)
-
     async def authenticate(self, authorization: str | None, source: str) -> Principal:
         if not self._authenticators:
             return ANONYMOUS
