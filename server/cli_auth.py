@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from .auth.apikeys import format_keys, new_key, parse_keys, revoke
+from .auth.apikeys import ApiKey, format_keys, new_key, parse_keys, revoke
 from .auth.htpasswd import (
     check_user_name,
     format_htpasswd,
@@ -117,13 +117,20 @@ def parse_lifetime(text: str) -> timedelta | None:
     return timedelta(**{{"d": "days", "h": "hours", "m": "minutes"}[unit]: amount})
 
 
-def _cmd_keys_create(args: argparse.Namespace) -> None:
+def _api_keys(args: argparse.Namespace) -> tuple[Path, dict[str, ApiKey]]:
     path = _file(args, lambda s: s.auth.api_keys_file, "api_keys_file")
     try:
-        user = check_user_name(args.user)
-        keys = parse_keys(_read(path), path)
-    except (ValueError, CredentialsFileError) as exc:
+        return path, parse_keys(_read(path), path)
+    except CredentialsFileError as exc:
         raise CommandError(str(exc)) from exc
+
+
+def _cmd_keys_create(args: argparse.Namespace) -> None:
+    try:
+        user = check_user_name(args.user)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    path, keys = _api_keys(args)
     key, entry = new_key(user, args.name, parse_lifetime(args.expires))
     keys[entry.id] = entry
     write_private_file(path, format_keys(keys))
@@ -133,11 +140,7 @@ def _cmd_keys_create(args: argparse.Namespace) -> None:
 
 
 def _cmd_keys_list(args: argparse.Namespace) -> None:
-    path = _file(args, lambda s: s.auth.api_keys_file, "api_keys_file")
-    try:
-        keys = parse_keys(_read(path), path)
-    except CredentialsFileError as exc:
-        raise CommandError(str(exc)) from exc
+    _, keys = _api_keys(args)
     now = datetime.now(UTC)
     rows = [("ID", "USER", "NAME", "CREATED", "EXPIRES", "STATE")]
     rows += [(k.id, k.user, k.name or "-", k.created, k.expires or "never", k.state(now))
@@ -148,11 +151,7 @@ def _cmd_keys_list(args: argparse.Namespace) -> None:
 
 
 def _cmd_keys_revoke(args: argparse.Namespace) -> None:
-    path = _file(args, lambda s: s.auth.api_keys_file, "api_keys_file")
-    try:
-        keys = parse_keys(_read(path), path)
-    except CredentialsFileError as exc:
-        raise CommandError(str(exc)) from exc
+    path, keys = _api_keys(args)
     entry = keys.get(args.key_id)
     if entry is None:
         raise CommandError(f"no key '{args.key_id}' in {path} (see 'airlock keys list')")

@@ -130,9 +130,13 @@ def gateway_in_front_of(engine_socket: Path, **settings: Any) -> Iterator[str]:
     loaded = load_settings(gateway={"port": port, "health_interval_s": 0.5}, **settings)
     app = create_app(loaded, [f"unix:{engine_socket}"])
     with ThreadedServer(app, host="127.0.0.1", port=port):
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{base}/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "the gateway did not see the engine"
-            time.sleep(0.1)
-        yield base
+        yield wait_until_ready(f"http://127.0.0.1:{port}")
+
+
+def wait_until_ready(base_url: str, seconds: float = 30) -> str:
+    """``base_url`` once the gateway there has a healthy engine."""
+    deadline = time.monotonic() + seconds
+    while httpx.get(f"{base_url}/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "the gateway did not see the engine"
+        time.sleep(0.1)
+    return base_url

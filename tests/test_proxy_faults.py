@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractContextManager
@@ -25,7 +24,7 @@ from starlette.routing import Route
 from server.app import create_app
 from server.config import load_settings
 
-from .servers import ThreadedServer, free_port
+from .servers import ThreadedServer, free_port, wait_until_ready
 
 MODEL = "faulty-model"
 SECRET_DETAIL = "Traceback: CUDA error at /srv/engine/secret_path.py line 42"
@@ -110,12 +109,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     settings = load_settings(gateway={"port": port, "health_interval_s": 0.5, "read_timeout_s": 1.0})
     app = create_app(settings, [f"unix:{engine_socket}", f"unix:{dead_socket}"])
     with ThreadedServer(engine, uds=str(engine_socket)), ThreadedServer(app, host="127.0.0.1", port=port):
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while httpx.get(f"{base}/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        yield base
+        yield wait_until_ready(f"http://127.0.0.1:{port}")
 
 
 def ask(gateway: str, behaviour: str, stream: bool = False) -> httpx.Response:

@@ -7,7 +7,6 @@ engine (a real HTTP server on a unix socket); users sign in through the real htp
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from server.config import ConfigError, PrivacySettings, load_settings
 from server.tenancy import TenantSalts
 
 from .conftest import Credentials
-from .servers import ThreadedServer, free_port
+from .servers import ThreadedServer, free_port, wait_until_ready
 
 MODEL = "recorded-model"
 received: list[dict[str, Any]] = []
@@ -55,12 +54,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, credentials: Credentials) 
                              auth={"htpasswd_file": str(credentials.htpasswd)})
     with ThreadedServer(engine, uds=str(engine_socket)), \
             ThreadedServer(create_app(settings, [f"unix:{engine_socket}"]), host="127.0.0.1", port=port):
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while httpx.get(f"{base}/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        yield base
+        yield wait_until_ready(f"http://127.0.0.1:{port}")
 
 
 def forwarded(gateway: str, auth: tuple[str, str], path: str = "/v1/chat/completions",
