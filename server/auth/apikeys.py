@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from .principal import Principal
+from .principal import Principal, local_principal
 from .watched import CredentialsFileError, WatchedFile
 
 PREFIX = "alk_"
@@ -116,7 +116,4 @@ class ApiKeyAuthenticator:
             return None
         if entry.state(datetime.now(UTC)) != "active":
             return None
-        return Principal(
-            user_id=entry.user, source="local", display_name=entry.user,
-            groups=self._groups.get(entry.user, frozenset()),
-        )
+        return local_principal(entry.user, self._groups)

@@ -13,7 +13,7 @@ from collections import OrderedDict
 import anyio.to_thread
 
 from .htpasswd import costliest, password_matches
-from .principal import Principal
+from .principal import Principal, local_principal
 from .watched import WatchedFile
 
 # For an empty file: some real bcrypt hash to spend the time on.
@@ -52,7 +52,7 @@ class BasicAuthenticator:
             self._cache_key, f"{self._htpasswd.version}\0{user}\0{password}".encode(), hashlib.sha256
         ).digest()
         if self._remembered(fingerprint):
-            return self._principal(user)
+            return local_principal(user, self._groups)
         hashed = users.get(user)
         # An unknown user is checked against the file's slowest hash, so the time taken does not tell them apart.
         spent_on = hashed or costliest(users) or _FALLBACK_HASH
@@ -60,10 +60,7 @@ class BasicAuthenticator:
         if not matches or hashed is None:
             return None
         self._remember(fingerprint)
-        return self._principal(user)
-
-    def _principal(self, user: str) -> Principal:
-        return Principal(user_id=user, source="local", display_name=user, groups=self._groups.get(user, frozenset()))
+        return local_principal(user, self._groups)
 
     def _remembered(self, fingerprint: bytes) -> bool:
         expires = self._checked.get(fingerprint)

@@ -27,3 +27,8 @@ class Principal:
 
 # Everyone, when no authentication is configured and the gateway listens on loopback only.
 ANONYMOUS = Principal(user_id="anonymous", source="anonymous", display_name="anonymous")
+
+
+def local_principal(user: str, groups_by_user: dict[str, frozenset[str]]) -> Principal:
+    """A user of Airlock's own files (htpasswd, API keys), with groups from ``auth.local_groups``."""
+    return Principal(user_id=user, source="local", display_name=user, groups=groups_by_user.get(user, frozenset()))
