@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .audit import AuditError
 from .cli_auth import CommandError
 from .cli_auth import add_commands as add_auth_commands
 from .config import ConfigError, Settings, load_settings
@@ -98,6 +99,20 @@ def _cmd_demo_model(args: argparse.Namespace) -> None:
     print(f"demo model written to {args.directory} (random weights: its answers are noise)")
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from .audit.run import AuditOptions, audit
+
+    if args.attach is not None and args.netns:
+        raise CommandError("--attach audits a running stack; --netns starts one: choose one")
+    if args.config is not None:
+        _settings(args)  # a bad file fails here, before anything is started
+    return audit(AuditOptions(
+        config=args.config, attach=args.attach, url=args.url, netns=args.netns, inside_netns=args.inside_netns,
+        rounds=args.rounds,
+        start_timeout_s=args.start_timeout, json_path=args.json,
+    ))
+
+
 def _cmd_config(args: argparse.Namespace) -> None:
     settings = _settings(args)
     print(yaml.safe_dump(json.loads(settings.model_dump_json()), sort_keys=False), end="")
@@ -137,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="rebuild even if it exists")
     demo.set_defaults(func=_cmd_demo_model)
 
+    audit = with_config(commands.add_parser(
+        "audit", help="trace a stack while canary requests go through it; report egress, DNS, files and logs",
+    ))
+    audit.add_argument("--netns", action="store_true", help="run the stack in a loopback-only network namespace")
+    audit.add_argument("--attach", type=int, metavar="PID", help="audit a running stack: its 'airlock up' pid")
+    audit.add_argument("--url", help="with --attach: the gateway's address, e.g. http://127.0.0.1:8000")
+    audit.add_argument("--rounds", type=int, default=2, help="rounds of canary requests (default 2)")
+    audit.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for the stack (default 900)")
+    audit.add_argument("--inside-netns", action="store_true", help=argparse.SUPPRESS)  # set by --netns itself
+    audit.add_argument("--json", metavar="PATH", help="write the full report as JSON ('-': to stdout)")
+    audit.set_defaults(func=_cmd_audit)
+
     config = with_config(commands.add_parser("config", help="validate the settings and print them"))
     config.set_defaults(func=_cmd_config)
     add_auth_commands(commands, with_config)
@@ -146,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except ConfigError as exc:
+        status = args.func(args)
+    except (ConfigError, AuditError) as exc:
         print(f"airlock: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except CommandError as exc:
@@ -155,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ PRIVACY_ENV: Mapping[str, str] = {
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "VLLM_LOGGING_LEVEL": "INFO",
+    # Without it vLLM finds "its" address by connecting a UDP socket to 8.8.8.8 (found by `airlock audit`): no
+    # packet leaves, but it is an attempt to route outside, and a replica only ever talks over loopback.
+    "VLLM_HOST_IP": "127.0.0.1",
 }
 
 # Forced on every engine: no access log (it carries client addresses), no prompt or output logging, no

@@ -17,7 +17,9 @@ import openai
 import pytest
 import yaml
 
+from .leaks import files_holding
 from .servers import OidcProvider, free_port
+from .suite_canary import CARRIED, SUITE_CANARY, Carried, canary_in_every_request
 
 ROOT = Path(__file__).resolve().parent.parent
 AIRLOCK = [sys.executable, "-m", "server.cli"]
@@ -27,6 +29,35 @@ LONG_CONTEXT = 32768
 # Tokens in an answer that takes this machine a minute or so (about 500 tokens/s): far longer than any stall.
 LONG_ANSWER = 30000
 
+
+
+SUITE_STARTED = pytest.StashKey[float]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[SUITE_STARTED] = time.time()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def canary_everywhere() -> Iterator[Carried]:
+    with canary_in_every_request() as carried:
+        yield carried
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After every stack has stopped: no file written during the run holds the suite's canary (its logs included)."""
+    if CARRIED.requests == 0:
+        return  # no test sent a request (a run of a few unit tests): nothing to look for
+    leaks, scanned = files_holding(SUITE_CANARY.encode(), session.config.stash[SUITE_STARTED])
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    line = (f"suite canary: {CARRIED.requests} requests carried it ({CARRIED.bodies} in their content); "
+            f"{scanned} files written during the run scanned, {len(leaks)} hold it")
+    if reporter is not None:
+        reporter.write_line(line, red=bool(leaks), green=not leaks)
+        for leak in leaks:
+            reporter.write_line(f"  LEAK: {leak}", red=True)
+    if leaks:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def log_tail(path: Path, lines: int = 60) -> str:

@@ -17,8 +17,9 @@ import httpx
 import openai
 import pytest
 
-from .conftest import ROOT, Stack
+from .conftest import Stack
 from .images import data_url, image_bytes, image_part
+from .leaks import files_written_since, read
 
 pytestmark = pytest.mark.engine
 
@@ -200,31 +201,6 @@ def test_after_the_corpus_the_gateway_is_healthy_and_nothing_was_written(
     assert stack.process.poll() is None
     leaks = [path for path in files_written_since(written_since) if CANARY.encode() in read(path)]
     assert leaks == []
-
-
-# Package caches and the project's own build artefacts: nothing of a request could land there, and they are huge.
-SKIPPED_DIRS = frozenset({".venv", ".tools", ".git", "node_modules", "__pycache__", "uv", "pip"})
-
-
-def files_written_since(since: float) -> Iterator[Path]:
-    roots = [Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"), Path.home(), ROOT]
-    for root in roots:
-        for directory, dirs, files in os.walk(root):
-            dirs[:] = [d for d in dirs if d not in SKIPPED_DIRS]
-            for name in files:
-                path = Path(directory, name)
-                try:
-                    if path.is_file() and path.stat().st_mtime >= since and path.suffix != ".py":
-                        yield path
-                except OSError:
-                    continue
-
-
-def read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()[:50_000_000]
-    except OSError:
-        return b""
 
 
 def test_privacy_posture_for_auditors(stack: Stack) -> None:

@@ -1,0 +1,99 @@
+"""The audit's requests: ordinary OpenAI API calls carrying the canaries, plus one the gateway must refuse."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+
+from .canary import Canaries
+from .report import ProbeSummary
+
+MAX_TOKENS = 16
+REQUEST_TIMEOUT_S = 300
+
+
+class ProbeError(Exception):
+    """The stack did not take the audit's requests: without them the audit proves nothing."""
+
+
+def auth_headers(credential: str | None) -> dict[str, str]:
+    """``user:password`` signs in with Basic; anything else is sent as a bearer token (an API key or OIDC token)."""
+    if not credential:
+        return {}
+    if ":" in credential:
+        return {"authorization": "Basic " + base64.b64encode(credential.encode()).decode()}
+    return {"authorization": f"Bearer {credential}"}
+
+
+def run_probe(base_url: str, credential: str | None, canaries: Canaries, rounds: int) -> ProbeSummary:
+    summary = ProbeSummary()
+    with httpx.Client(base_url=base_url, headers=auth_headers(credential), timeout=REQUEST_TIMEOUT_S) as client:
+        models = client.get("/v1/models")
+        if models.status_code != 200:
+            raise ProbeError(f"GET /v1/models answered {models.status_code}"
+                             + (" (set AIRLOCK_AUDIT_KEY to a credential)" if models.status_code == 401 else ""))
+        listed = models.json().get("data") or []
+        if not listed:
+            raise ProbeError("the stack lists no model")
+        summary.model = listed[0]["id"]
+        for _ in range(rounds):
+            _ask(client, summary, canaries, stream=False)
+            _ask(client, summary, canaries, stream=True)
+            _complete(client, summary, canaries)
+            _refused(client, summary, canaries)
+    if summary.answered != summary.sent - summary.refused:
+        raise ProbeError(f"only {summary.answered} of {summary.sent - summary.refused} requests were answered")
+    return summary
+
+
+def _messages(canaries: Canaries) -> list[dict[str, object]]:
+    return [{"role": "user", "content": [
+        {"type": "text", "text": f"Describe this scan. Reference {canaries.text}."},
+        {"type": "image_url", "image_url": {"url": canaries.data_url}},
+    ]}]
+
+
+def _ask(client: httpx.Client, summary: ProbeSummary, canaries: Canaries, *, stream: bool) -> None:
+    payload = {"model": summary.model, "max_tokens": MAX_TOKENS, "messages": _messages(canaries), "stream": stream}
+    summary.sent += 1
+    if not stream:
+        response = client.post("/v1/chat/completions", json=payload)
+        if response.status_code == 200:
+            summary.answered += 1
+            canaries.add_answer(response.json()["choices"][0]["message"].get("content") or "")
+        return
+    answer = []
+    with client.stream("POST", "/v1/chat/completions", json=payload) as response:
+        if response.status_code != 200:
+            return
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                delta = json.loads(line[len("data: "):])["choices"]
+                answer += [choice["delta"].get("content") or "" for choice in delta]
+    summary.answered += 1
+    canaries.add_answer("".join(answer))
+
+
+def _complete(client: httpx.Client, summary: ProbeSummary, canaries: Canaries) -> None:
+    summary.sent += 1
+    response = client.post("/v1/completions", json={
+        "model": summary.model, "max_tokens": MAX_TOKENS, "prompt": f"Summarise contract {canaries.text}:",
+    })
+    if response.status_code == 200:
+        summary.answered += 1
+        canaries.add_answer(response.json()["choices"][0]["text"])
+
+
+def _refused(client: httpx.Client, summary: ProbeSummary, canaries: Canaries) -> None:
+    """A remote image URL naming the canary: refused, and the refusal path must not keep it either."""
+    summary.sent += 1
+    response = client.post("/v1/chat/completions", json={"model": summary.model, "max_tokens": MAX_TOKENS, "messages": [
+        {"role": "user", "content": [
+            {"type": "text", "text": canaries.text},
+            {"type": "image_url", "image_url": {"url": f"https://files.invalid/{canaries.text}.png"}},
+        ]},
+    ]})
+    if response.status_code == 400:
+        summary.refused += 1

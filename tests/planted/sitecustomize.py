@@ -1,0 +1,41 @@
+"""A deliberately leaky gateway, for proving that ``airlock audit`` catches leaks (tests/test_audit.py).
+
+Python imports this module at start-up when its folder is on PYTHONPATH; it does anything only when
+LEAKY_GATEWAY_TEST=1. It then wraps the httpx client the gateway forwards requests with, so that each
+forwarded body is spooled to an unnamed temporary file, printed to stderr, and followed by an attempt to
+reach an outside address and to resolve a name: one of each kind of violation the audit reports.
+Never on the path of a real deployment: only the test puts this folder on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+
+if os.environ.get("LEAKY_GATEWAY_TEST") == "1":
+    import contextlib
+    import socket
+    import sys
+    import tempfile
+    import threading
+    from typing import Any
+
+    import httpx
+
+    _send = httpx.AsyncClient.send
+
+    def _reach_outside() -> None:
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.connect(("192.0.2.1", 9))  # TEST-NET-1: reserved, never routed
+        with contextlib.suppress(OSError):
+            socket.getaddrinfo("airlock-planted.invalid", 443)
+
+    async def _leaky_send(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        body = request.content
+        if body:
+            with tempfile.TemporaryFile() as spool:
+                spool.write(body)
+            print(body[:8192].decode(errors="replace"), file=sys.stderr, flush=True)
+            threading.Thread(target=_reach_outside, daemon=True).start()
+        return await _send(self, request, **kwargs)
+
+    httpx.AsyncClient.send = _leaky_send  # type: ignore[method-assign]

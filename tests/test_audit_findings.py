@@ -1,0 +1,153 @@
+"""How the audit reads strace's output: exact strace lines in, findings out (no engine, no tracing)."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+from PIL import Image
+
+from server.audit.canary import Canaries
+from server.audit.findings import Findings, program_name, storage_of
+from server.audit.report import ProbeSummary, Report
+from server.audit.strace import TraceReader
+
+CANARIES = Canaries.fresh("alk_0123456789abcdef_secret")
+PROMPT = CANARIES.text
+
+
+def hexed(data: bytes) -> str:
+    """A string the way `strace -x` prints bytes that are not all printable."""
+    return "".join(f"\\x{byte:02x}" for byte in data)
+
+
+def findings_of(*lines: str) -> Findings:
+    findings, reader = Findings(CANARIES), TraceReader()
+    for line in lines:
+        for call in reader.feed(line + "\n"):
+            findings.observe(call)
+    return findings
+
+
+def verdict(*lines: str) -> list[str]:
+    return Report("started", False, ["lo"], ProbeSummary(), findings_of(*lines)).judge().violations
+
+
+def test_a_file_written_with_the_prompt_is_a_violation_printable_or_hex() -> None:
+    accented = hexed("café ".encode() + PROMPT.encode())
+    findings = findings_of(
+        '7 openat(AT_FDCWD</srv>, "/var/spool/x", O_WRONLY|O_CREAT|O_TRUNC|O_CLOEXEC, 0666) = 3</var/spool/x>',
+        f'7 write(3</var/spool/x>, "{accented}", 60) = 60',
+        f'7 write(3</var/spool/y>, "ok {PROMPT}"..., 70000) = 70000',
+    )
+    assert findings.files["/var/spool/x"].opens == 1
+    assert findings.files["/var/spool/x"].canaries == {"prompt"}
+    assert findings.files["/var/spool/y"].canaries == {"prompt"}
+
+
+def test_reads_devices_and_clean_writes_are_not_violations() -> None:
+    lines = (
+        '7 openat(AT_FDCWD</srv>, "/etc/hosts", O_RDONLY|O_CLOEXEC) = 3</etc/hosts>',
+        '7 openat(AT_FDCWD</srv>, "/dev/null", O_WRONLY|O_CREAT|O_TRUNC, 0666) = 3</dev/null>',
+        f'7 write(3</dev/null>, "{PROMPT}", 45) = 45',
+        '7 openat(AT_FDCWD</srv>, "/dev/shm/psm_1", O_RDWR|O_CREAT|O_EXCL, 0600) = 4</dev/shm/psm_1>',
+        '7 write(4</dev/shm/psm_1>, "\\x00\\x01", 2) = 2',
+        f'7 write(5<socket:[99]>, "{PROMPT}", 45) = 45',  # to the engine: forwarding is the job
+    )
+    findings = findings_of(*lines)
+    assert set(findings.files) == {"/dev/shm/psm_1"}
+    assert verdict(*lines) == []
+
+
+def test_an_interrupted_call_is_joined_before_it_is_judged() -> None:
+    findings = findings_of(
+        f'9 write(2<pipe:[5]>, "request {PROMPT}\\n", 54 <unfinished ...>',
+        '8 write(1<pipe:[5]>, "ready\\n", 6) = 6',
+        "9 <... write resumed>) = 54",
+    )
+    streams = {stream.fd: stream for stream in findings.logs.values()}
+    assert streams[2].canaries == {"prompt"} and streams[1].canaries == set()
+    assert verdict(f'9 write(2<pipe:[5]>, "request {PROMPT}\\n", 54) = 54')[0].startswith("log:")
+
+
+def test_writev_pieces_are_searched_together() -> None:
+    half = len(CANARIES.needles["credential"]) // 2
+    key = CANARIES.needles["credential"].decode()
+    findings = findings_of(
+        f'3 writev(2</var/log/a.log>, [{{iov_base="key={key[:half]}", iov_len=9}}, '
+        f'{{iov_base="{key[half:]}\\n", iov_len=20}}], 2) = 29',
+    )
+    assert findings.files["/var/log/a.log"].canaries == {"credential"}
+
+
+def test_outside_addresses_are_egress_and_loopback_is_not() -> None:
+    findings = findings_of(
+        '4 connect(5<socket:[1]>, {sa_family=AF_INET, sin_port=htons(80), sin_addr=inet_addr("8.8.8.8")}, 16) = 0',
+        '4 connect(5<socket:[2]>, {sa_family=AF_INET, sin_port=htons(8000), sin_addr=inet_addr("127.0.0.1")}, 16)'
+        " = 0",
+        '4 connect(6<socket:[3]>, {sa_family=AF_INET6, sin6_port=htons(443), sin6_flowinfo=htonl(0), '
+        'inet_pton(AF_INET6, "2001:db8::1", &sin6_addr), sin6_scope_id=0}, 28) = -1 ENETUNREACH (Network is '
+        "unreachable)",
+        '4 connect(6<socket:[4]>, {sa_family=AF_INET6, sin6_port=htons(1), sin6_flowinfo=htonl(0), '
+        'inet_pton(AF_INET6, "::ffff:127.0.0.1", &sin6_addr), sin6_scope_id=0}, 28) = 0',
+        '4 connect(7<socket:[5]>, {sa_family=AF_UNIX, sun_path="/run/airlock/replica-0.sock"}, 110) = 0',
+    )
+    assert sorted(findings.egress) == [("2001:db8::1", 443), ("8.8.8.8", 80)]  # a failed attempt counts too
+    assert findings.dns == {}
+
+
+def test_dns_by_port_53_even_on_loopback() -> None:
+    findings = findings_of(
+        '4 sendto(3<socket:[1]>, "\\x12\\x34", 2, MSG_NOSIGNAL, {sa_family=AF_INET, sin_port=htons(53), '
+        'sin_addr=inet_addr("127.0.0.53")}, 16) = 2',
+    )
+    assert list(findings.dns) == [("127.0.0.53", 53)]
+
+
+def nscd_request(kind: int) -> str:
+    return hexed(struct.pack("=iii", 2, kind, 12) + b"example.org\x00")
+
+
+def test_nscd_host_requests_are_lookups_but_user_lookups_are_not() -> None:
+    connect = '4 connect(3<socket:[77]>, {sa_family=AF_UNIX, sun_path="/var/run/nscd/socket"}, 110) = 0'
+    getpwuid = f'4 sendto(3<socket:[77]>, "{nscd_request(1)}", 24, MSG_NOSIGNAL, NULL, 0) = 24'
+    gethostbyname = f'4 sendto(3<socket:[77]>, "{nscd_request(4)}", 24, MSG_NOSIGNAL, NULL, 0) = 24'
+    assert findings_of(connect, getpwuid).dns == {}
+    assert list(findings_of(connect, gethostbyname).dns) == [("nscd", 0)]
+    no_daemon = connect.replace("= 0", "= -1 ENOENT (No such file or directory)")
+    assert findings_of(no_daemon, gethostbyname).dns == {}
+
+
+def test_every_kind_of_violation_is_named() -> None:
+    violations = verdict(
+        '4 connect(5<socket:[1]>, {sa_family=AF_INET, sin_port=htons(9), sin_addr=inet_addr("192.0.2.1")}, 16) = 0',
+        '4 sendto(3<socket:[2]>, "x", 1, 0, {sa_family=AF_INET, sin_port=htons(53), '
+        'sin_addr=inet_addr("10.0.0.2")}, 16) = 1',
+        f'4 write(9</tmp/#123 (deleted)>, "{CANARIES.needles["image base64"].decode()}", 64) = 64',
+        f'4 write(2<pipe:[1]>, "{PROMPT}", 45) = 45',
+    )
+    assert [violation.split(":")[0] for violation in violations] == ["egress", "dns", "file", "log"]
+
+
+def test_the_canary_image_carries_its_markers_where_they_can_be_found() -> None:
+    canaries = Canaries.fresh()
+    image = Image.open(io.BytesIO(canaries.image_png))
+    assert image.format == "PNG" and image.size == (64, 64)
+    assert image.tobytes().startswith(canaries.needles["image pixels"])  # a decoded copy shows it
+    assert canaries.needles["image"] in canaries.image_png  # the raw upload shows it
+    assert canaries.needles["image base64"] in canaries.data_url.encode()  # the request body shows it
+    assert canaries.needles["prompt"] != Canaries.fresh().needles["prompt"]  # fresh every audit
+    canaries.add_answer("short")
+    canaries.add_answer("a longer answer from the model, long enough to look for")
+    assert [name for name in canaries.needles if name.startswith("answer")] == ["answer 1"]
+
+
+def test_program_names_and_storage() -> None:
+    assert program_name(["/srv/.venv/bin/python", "-m", "server.cli", "up", "--config", "a"]) == "server.cli up"
+    assert program_name(["python3", "-m", "vllm.entrypoints.openai.api_server"]) == "vllm.entrypoints.openai.api_server"
+    assert program_name(["/usr/bin/lscpu"]) == "lscpu"
+    mounts = [("/", "ext4"), ("/dev/shm", "tmpfs"), ("/tmp", "tmpfs"), ("/tmpdata", "xfs")]
+    assert storage_of("/tmp/x", mounts) == "memory"
+    assert storage_of("/tmpdata/x", mounts) == "disk"
+    assert storage_of("/dev/shm/psm_1", mounts) == "memory"
+    assert storage_of("/proc/self/oom_score_adj", mounts) == "pseudo"
