@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from .config import ConfigError, EngineSettings
+from .privacy import HARDENED_START
 from .profiles import ModelChoice
 
 Device = Literal["cpu", "gpu"]
@@ -133,7 +134,7 @@ def build_replicas(
     for index in range(settings.replicas):
         url = replica_url(settings, runtime_dir, index)
         argv = [
-            python, "-m", VLLM_SERVER_MODULE,
+            python, "-c", HARDENED_START, VLLM_SERVER_MODULE,
             "--model", str(choice.path),
             "--served-model-name", choice.served_name,
             "--max-model-len", str(settings.max_model_len or profile.max_model_len),

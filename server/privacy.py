@@ -21,5 +21,18 @@ def harden_process() -> None:
         log.warning("could not mark the process non-dumpable (errno %d)", ctypes.get_errno())
 
 
+# Prepended to an engine's command line (``python -c HARDENED_START module args...``): the same hardening as
+# ``harden_process`` for a process that runs vLLM, then the module as ``__main__``. Inline, not ``-m server...``,
+# because an engine's Python (engine.python) may have vLLM but not Airlock. Children vLLM forks (its engine core
+# and workers) inherit both settings; exec resets "dumpable", so anything it starts with exec keeps only the
+# core-dump limit.
+HARDENED_START = (
+    "import ctypes, resource, runpy, sys; "
+    "resource.setrlimit(resource.RLIMIT_CORE, (0, 0)); "
+    f"ctypes.CDLL(None).prctl({PR_SET_DUMPABLE}, 0, 0, 0, 0); "
+    "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)"
+)
+
+
 def is_dumpable() -> bool:
     return bool(ctypes.CDLL(None).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from server.config import ConfigError, load_settings
-from server.engine import PRIVACY_ARGS, PRIVACY_ENV, ReplicaLaunch, build_replicas, check_extra_args
+from server.engine import (
+    PRIVACY_ARGS,
+    PRIVACY_ENV,
+    VLLM_SERVER_MODULE,
+    ReplicaLaunch,
+    build_replicas,
+    check_extra_args,
+)
+from server.privacy import HARDENED_START
 from server.profiles import choose_model, load_profiles
 
 from .conftest import AIRLOCK, ROOT
@@ -48,6 +56,9 @@ def test_every_privacy_setting_is_on(tmp_path: Path, device: str) -> None:
     assert "--enable-log-requests" not in launch.argv
     assert "--allowed-local-media-path" not in launch.argv
     assert not any(arg.startswith("--trust-remote-code") for arg in launch.argv)
+    # Started hardened (no core dumps, not dumpable: see test_privacy_hardening.py), then vLLM's server module.
+    assert launch.argv[1:4] == ["-c", HARDENED_START, VLLM_SERVER_MODULE]
+    assert launch.env["VLLM_HOST_IP"] == "127.0.0.1"  # else vLLM routes towards 8.8.8.8 to find its address
 
 
 def test_engines_bind_to_private_unix_sockets_by_default(tmp_path: Path) -> None:

@@ -215,7 +215,8 @@ def program_name(argv: list[str]) -> str:
             rest = argv[argv.index("-m") + 2:]
             return f"{module} {rest[0]}" if module == "server.cli" and rest else module
         if "-c" in argv[:-1]:
-            return f"{name} -c"
+            after_code = argv[argv.index("-c") + 2: argv.index("-c") + 3]  # Airlock's hardened engine start
+            return after_code[0] if after_code and re.fullmatch(r"[\w.]+", after_code[0]) else f"{name} -c"
         return argv[1].rsplit("/", 1)[-1]
     return name
 
