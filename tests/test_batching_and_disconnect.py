@@ -77,8 +77,9 @@ def test_concurrent_requests_through_the_gateway_share_engine_steps(stack: Stack
 
 def test_client_disconnect_mid_stream_aborts_the_engine_request(client: openai.OpenAI, stack: Stack) -> None:
     # Only ordering is asserted. With this tiny model the CPU engine outruns vLLM's own API server, whose output loop
-    # then starves its HTTP side: now and then no chunk leaves vLLM until the whole answer is generated. Such an
-    # attempt proves nothing either way, so it is retried; an attempt where chunks came early must show the abort.
+    # then starves its HTTP side (its /metrics included): now and then no chunk leaves vLLM until the whole answer is
+    # generated. Such an attempt looks like a failed abort (the whole answer generated), so it is retried; if every
+    # attempt generates the whole answer, the test fails.
     for _attempt in range(DISCONNECT_ATTEMPTS):
         stack.wait_for_running(0, 120)  # nothing left over from earlier tests or attempts
         generated_before, finished_before = stack.generated_tokens(), stack.finished_requests()
@@ -92,12 +93,11 @@ def test_client_disconnect_mid_stream_aborts_the_engine_request(client: openai.O
             chunks = iter(stream)
             for _ in range(CHUNKS_BEFORE_LEAVING):
                 assert next(chunks).choices
-            generated_when_leaving = stack.generated_tokens() - generated_before
-        if generated_when_leaving >= LONG_ANSWER:
-            continue  # the chunks came only after the engine had finished: inconclusive
+        # Left: the metrics are read only now, as reading them mid-stream can wait for the answer's end.
         stack.wait_for_running(0, 120)  # vLLM aborted it and freed the batch slot
         generated = stack.generated_tokens() - generated_before
-        assert generated < LONG_ANSWER, f"the engine generated all {LONG_ANSWER} tokens for a departed client"
+        if generated >= LONG_ANSWER:
+            continue  # the chunks came only after the engine had finished (or nothing aborted it): try again
         assert stack.finished_requests() == finished_before, "the answer ran to its end: nothing aborted it"
         return
-    pytest.fail(f"in {DISCONNECT_ATTEMPTS} attempts vLLM sent no chunk before finishing the answer")
+    pytest.fail(f"in {DISCONNECT_ATTEMPTS} attempts the engine generated the whole answer for a departed client")
