@@ -4,7 +4,6 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -14,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from .admission import Admission
 from .auth import ModelAccess, Principal, build_authentication
 from .config import Settings
 from .errors import (
@@ -29,20 +29,13 @@ from .errors import (
     error_response,
 )
 from .posture import privacy_posture
-from .proxy import EngineExchange
+from .proxy import EngineExchange, EngineRequest
+from .routing import build_strategy
 from .screening import Route, Screening
 from .tenancy import TenantSalts
 from .upstream import ReplicaPool
 
 SCREEN_INLINE_BYTES = 256 * 1024
-
-
-@dataclass(frozen=True)
-class EngineRequest:
-    """A request that passed the gateway's checks, ready to forward as is."""
-
-    body: bytes
-    model: str
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -75,7 +68,10 @@ def parse_request(body: bytes) -> dict[str, Any]:
 def create_app(config: Settings, upstream_urls: Sequence[str]) -> FastAPI:
     """Build the gateway for the engines at ``upstream_urls``."""
     settings = config.gateway
-    pool = ReplicaPool(upstream_urls, settings)
+    pool = ReplicaPool(upstream_urls, settings, build_strategy(config.routing),
+                       config.admission.max_in_flight_per_replica)
+    admission = Admission(config.admission, pool.capacity)
+    pool.on_change.append(admission.capacity_changed)
     authentication = build_authentication(config.auth)
     access = ModelAccess(config.authorization)
     screening = Screening(config.screening, TenantSalts(config.privacy))
@@ -110,7 +106,8 @@ def create_app(config: Settings, upstream_urls: Sequence[str]) -> FastAPI:
 
     async def engine_request(request: Request, principal: CurrentPrincipal) -> EngineRequest:
         # 1. who (before a byte of the body is read) -> 2. bounded body -> 3. parse -> 4. may they use the model
-        # -> 5. a replica serving it (picked again in EngineExchange) -> 6. screen (fields, images, salt).
+        # -> 5. a replica serving it -> 6. screen (fields, images, salt) -> then, in EngineExchange: 7. the user's
+        # limits and the model's fair queue -> 8. a replica (routing) -> 9. forward, with one retry elsewhere.
         body = await read_body(request, settings.max_body_bytes)
         payload = parse_request(body)
         model = payload["model"]
@@ -121,7 +118,7 @@ def create_app(config: Settings, upstream_urls: Sequence[str]) -> FastAPI:
             raise PermissionDenied(f"you are not allowed to use the model '{shown}'", param="model",
                                    code="model_not_allowed")
         if not pool.can_serve(model):
-            if not pool.ready:
+            if not pool.any_healthy:
                 raise EngineUnavailable(
                     "the model engines are not ready yet; try again shortly",
                     headers={"retry-after": str(settings.retry_after_s)},
@@ -133,12 +130,13 @@ def create_app(config: Settings, upstream_urls: Sequence[str]) -> FastAPI:
             screened = screening.screen(route, payload, principal)
         else:  # decoding and checking megabytes of images would stall every other request
             screened = await anyio.to_thread.run_sync(screening.screen, route, payload, principal)
-        return EngineRequest(screened, model)
+        cost = admission.estimate_cost(payload, screened.image_pixels)
+        return EngineRequest(screened.body, model, principal, screened.cache_salt, cost)
 
     ScreenedRequest = Annotated[EngineRequest, Depends(engine_request)]
 
     def exchange(path: str, request: EngineRequest) -> EngineExchange:
-        return EngineExchange(pool, path, request.body, request.model, settings.retry_after_s)
+        return EngineExchange(pool, admission, path, request, settings.retry_after_s)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ScreenedRequest) -> Response:

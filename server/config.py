@@ -203,6 +203,32 @@ class PrivacySettings(_Section):
         return value.expanduser() if value is not None else None
 
 
+class RoutingSettings(_Section):
+    """Which replica takes a request."""
+
+    # least_outstanding: fewest requests in flight. tenant_affinity: the same, but a tenant stays on the replica
+    # that holds its prefix cache while that replica is at most affinity_slack requests busier than the least busy.
+    strategy: Literal["least_outstanding", "tenant_affinity"] = "tenant_affinity"
+    affinity_slack: int = Field(4, ge=0)
+
+
+class AdmissionSettings(_Section):
+    """Fair share: per-user limits, and a fair queue in front of the engines. 0 turns a per-user limit off."""
+
+    max_concurrent_per_user: int = Field(32, ge=0)
+    requests_per_minute_per_user: int = Field(600, ge=0)
+    # Requests an engine replica is given at once; beyond that they wait in the fair queue.
+    max_in_flight_per_replica: int = Field(64, ge=1)
+    max_queued: int = Field(1024, ge=0)
+    max_queued_per_user: int = Field(256, ge=0)
+    queue_timeout_s: float = Field(120.0, gt=0)
+    # Retry-After sent with 429 and 503 from the queue.
+    retry_after_s: int = Field(5, ge=1)
+    # Cost of a request in the fair queue, in tokens: its prompt (characters / 4), its images (pixels /
+    # image_pixels_per_token: 32x32 for Qwen3-VL) and max_tokens x n.
+    image_pixels_per_token: int = Field(1024, ge=1)
+
+
 class UpstreamSettings(_Section):
     """An engine the gateway forwards to when it does not launch engines itself (``airlock gateway``)."""
 
@@ -274,6 +300,8 @@ class Settings(BaseSettings):
     authorization: AuthorizationSettings = Field(default_factory=lambda: AuthorizationSettings())
     screening: ScreeningSettings = Field(default_factory=lambda: ScreeningSettings())
     privacy: PrivacySettings = Field(default_factory=lambda: PrivacySettings())
+    routing: RoutingSettings = Field(default_factory=lambda: RoutingSettings())
+    admission: AdmissionSettings = Field(default_factory=lambda: AdmissionSettings())
     upstreams: list[UpstreamSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")

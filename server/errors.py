@@ -6,10 +6,12 @@
     ├── Unauthenticated               401 authentication_error (with WWW-Authenticate)
     ├── PermissionDenied              403 permission_error
     ├── TooManyFailures               429 rate_limit_error (with Retry-After)
+    ├── RateLimited                   429 rate_limit_error (with Retry-After)
     ├── ModelNotFound                 404 not_found_error
     ├── RouteNotFound                 404 not_found_error
     ├── MethodNotAllowed              405 invalid_request_error
     ├── EngineUnavailable             503 server_error (with Retry-After)
+    ├── Overloaded                    503 server_error (with Retry-After)
     ├── EngineFailed                  502 server_error
     └── EngineTimeout                 504 server_error
 
@@ -81,6 +83,14 @@ class TooManyFailures(AirlockError):
     default_code = "too_many_failed_logins"
 
 
+class RateLimited(AirlockError):
+    """A user's own limit: requests in progress, per minute, or waiting."""
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
 class ModelNotFound(AirlockError):
     status = 404
     type = "not_found_error"
@@ -102,6 +112,13 @@ class MethodNotAllowed(AirlockError):
 class EngineUnavailable(AirlockError):
     status = 503
     default_code = "engine_unavailable"
+
+
+class Overloaded(AirlockError):
+    """The server as a whole is at capacity: the queue is full, or a request waited too long in it."""
+
+    status = 503
+    default_code = "overloaded"
 
 
 class EngineFailed(AirlockError):

@@ -28,8 +28,9 @@ class ImageLimits:
     max_pixels: int
 
 
-def check_image_url(url: object, limits: ImageLimits, param: str) -> None:
-    """Raise ``InvalidRequest`` unless ``url`` is a ``data:`` URL holding an allowed, small enough image."""
+def check_image_url(url: object, limits: ImageLimits, param: str) -> int:
+    """The image's pixel count; ``InvalidRequest`` unless ``url`` is a ``data:`` URL holding an allowed, small
+    enough image."""
     if not isinstance(url, str):
         raise InvalidRequest("image_url.url must be a string", param=param, code="invalid_image")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
@@ -51,10 +52,10 @@ def check_image_url(url: object, limits: ImageLimits, param: str) -> None:
         raise InvalidRequest("the image is not valid base64", param=param, code="invalid_image") from exc
     if len(raw) > limits.max_bytes:
         raise InvalidRequest(_too_big(len(raw), limits.max_bytes), param=param, code="image_too_large")
-    _check_header(raw, limits, param)
+    return _check_header(raw, limits, param)
 
 
-def _check_header(raw: bytes, limits: ImageLimits, param: str) -> None:
+def _check_header(raw: bytes, limits: ImageLimits, param: str) -> int:
     allowed = [FORMATS[name] for name in sorted(limits.formats)]
     with warnings.catch_warnings():
         # Pillow's own bomb guard warns (or raises far above our limit): our pixel limit below decides instead.
@@ -68,6 +69,7 @@ def _check_header(raw: bytes, limits: ImageLimits, param: str) -> None:
                         f"{limits.max_pixels / 1e6:.1f} MP", param=param, code="image_too_large",
                     )
                 image.verify()  # structure and checksums, without decoding pixels
+                return width * height
         except InvalidRequest:
             raise
         except Image.DecompressionBombError as exc:

@@ -12,12 +12,15 @@ never as a silent truncation.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import anyio
 import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from .admission import Admission
+from .auth import Principal
 from .errors import (
     NO_STORE,
     AirlockError,
@@ -33,20 +36,42 @@ log = logging.getLogger(__name__)
 
 # Error answers from an engine are small; anything longer is cut (and then not parsed as JSON).
 MAX_ENGINE_ERROR_BYTES = 64 * 1024
+# Engine answers that say "not now" rather than "not this request": tried once more on another replica.
+RETRIED_STATUSES = frozenset({502, 503, 504})
+ATTEMPTS = 2
 # Headers worth passing from the engine to the client; everything else (server, date, ...) is dropped.
 RELAYED_HEADERS = frozenset({"content-type"})
 # What the gateway sends the engine: nothing of the client's headers. identity: bytes are relayed as they are.
 UPSTREAM_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
 
 
-class EngineExchange(Response):
-    """An ASGI response that performs the upstream call itself, so a disconnect can cancel all of it."""
+@dataclass(frozen=True)
+class EngineRequest:
+    """A request that passed the gateway's checks, ready to forward as is."""
 
-    def __init__(self, pool: ReplicaPool, path: str, body: bytes, model: str, retry_after_s: int) -> None:
+    body: bytes
+    model: str
+    principal: Principal
+    # The tenant's cache salt: requests with the same one share a prefix cache, so routing keeps them together.
+    cache_salt: str
+    # Estimated tokens, for the fair queue.
+    cost: float
+
+
+class _TryElsewhere(Exception):
+    """The engine failed before any byte went to the client: another replica may take the request."""
+
+
+class EngineExchange(Response):
+    """An ASGI response that performs the upstream call itself, so a disconnect can cancel all of it (waiting in
+    the queue included)."""
+
+    def __init__(self, pool: ReplicaPool, admission: Admission, path: str, request: EngineRequest,
+                 retry_after_s: int) -> None:
         self.pool = pool
+        self.admission = admission
         self.path = path
-        self.payload = body
-        self.model = model
+        self.request = request
         self.retry_after_s = retry_after_s
         self.status_code = 0
         self.background = None
@@ -61,15 +86,20 @@ class EngineExchange(Response):
 
             tasks.start_soon(cancel_on_disconnect)
             try:
-                await self._exchange(send)
+                request = self.request
+                async with self.admission.enter(request.principal, request.model, request.cost):
+                    await self._exchange(send)
+            except AirlockError as error:
+                await self._send_error(error.to_response(), send)
             finally:
                 tasks.cancel_scope.cancel()
 
     async def _exchange(self, send: Send) -> None:
         tried: Replica | None = None
-        for _attempt in range(2):
+        model, tenant = self.request.model, self.request.cache_salt
+        for attempt in range(ATTEMPTS):
             # Prefer a replica not tried yet; the same one again only if it is still in the pool.
-            replica = self.pool.pick(self.model, exclude=tried) or self.pool.pick(self.model)
+            replica = self.pool.pick(model, tenant, exclude=tried) or self.pool.pick(model, tenant)
             if replica is None:
                 break
             tried = replica
@@ -78,22 +108,21 @@ class EngineExchange(Response):
                 upstream = await self._open(replica)
                 if upstream is None:
                     continue
-                await self._relay(upstream, send)
+                await self._relay(replica, upstream, send, last=attempt == ATTEMPTS - 1)
                 return
-            except AirlockError as error:
-                await self._send_error(error.to_response(), send)
-                return
+            except _TryElsewhere:
+                continue
             finally:
                 replica.outstanding -= 1
-        unavailable = EngineUnavailable(
+        raise EngineUnavailable(
             "no engine for this model is available right now; try again shortly",
             headers={"retry-after": str(self.retry_after_s)},
         )
-        await self._send_error(unavailable.to_response(), send)
 
     async def _open(self, replica: Replica) -> httpx.Response | None:
         """Send the request; None when it failed before the engine answered (so it may be retried)."""
-        request = replica.client.build_request("POST", self.path, content=self.payload, headers=UPSTREAM_HEADERS)
+        request = replica.client.build_request("POST", self.path, content=self.request.body,
+                                               headers=UPSTREAM_HEADERS)
         try:
             return await replica.client.send(request, stream=True)
         except httpx.ConnectError:
@@ -103,6 +132,7 @@ class EngineExchange(Response):
             # Dropped before any answer (a kept-alive connection the engine had just closed, an engine too busy to
             # accept, or one that died): nothing reached the client yet, so another try is safe.
             log.info("replica %d dropped a request before answering; retrying it", replica.index)
+            self.pool.check_soon(replica)
         except httpx.TimeoutException as exc:
             # No answer within read_timeout_s (a long non-streaming answer), or no free connection: not retried,
             # the work may still be under way.
@@ -111,15 +141,19 @@ class EngineExchange(Response):
             raise EngineFailed("the model engine failed to answer this request; try again") from exc
         return None
 
-    async def _relay(self, upstream: httpx.Response, send: Send) -> None:
+    async def _relay(self, replica: Replica, upstream: httpx.Response, send: Send, *, last: bool) -> None:
         try:
+            if upstream.status_code >= 500:
+                self.pool.check_soon(replica)  # passive detection: a sick engine leaves the pool at once
+                if upstream.status_code in RETRIED_STATUSES and not last:
+                    raise _TryElsewhere
             if upstream.status_code >= 400:
                 raw = await _read_bounded(upstream, MAX_ENGINE_ERROR_BYTES)
                 await self._send_error(translate_engine_error(upstream.status_code, raw), send)
             elif upstream.headers.get("content-type", "").startswith("text/event-stream"):
-                await self._relay_stream(upstream, send)
+                await self._relay_stream(replica, upstream, send, last=last)
             else:
-                await self._relay_whole(upstream, send)
+                await self._relay_whole(replica, upstream, send, last=last)
         finally:
             with anyio.CancelScope(shield=True):
                 await upstream.aclose()
@@ -132,27 +166,47 @@ class EngineExchange(Response):
         headers.update(extra or {})
         return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
 
-    async def _relay_whole(self, upstream: httpx.Response, send: Send) -> None:
-        # A non-streaming answer arrives at once; reading it whole lets an engine failure still become a 502.
+    async def _relay_whole(self, replica: Replica, upstream: httpx.Response, send: Send, *, last: bool) -> None:
+        # A non-streaming answer arrives at once; reading it whole lets an engine failure still become a retry or
+        # a 502.
         try:
             content = await upstream.aread()
         except httpx.TransportError:
+            self.pool.check_soon(replica)
+            if not last:
+                raise _TryElsewhere from None
             await self._send_error(EngineFailed("the model engine stopped while answering").to_response(), send)
             return
+        replica.made_progress()
         self.status_code = upstream.status_code
         headers = self._relayed_headers(upstream, {"content-length": str(len(content))})
         await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": content, "more_body": False})
 
-    async def _relay_stream(self, upstream: httpx.Response, send: Send) -> None:
+    async def _relay_stream(self, replica: Replica, upstream: httpx.Response, send: Send, *, last: bool) -> None:
+        # Commit late: the client's response starts only with the engine's first chunk, so an engine that fails
+        # before it is replaced by another replica and the client never notices.
+        chunks = upstream.aiter_raw()
+        try:
+            first = await anext(chunks, b"")
+        except httpx.TransportError:
+            self.pool.check_soon(replica)
+            if not last:
+                raise _TryElsewhere from None
+            await self._send_error(EngineFailed("the model engine stopped while answering").to_response(), send)
+            return
+        replica.made_progress()
         self.status_code = upstream.status_code
         headers = self._relayed_headers(upstream, {"x-accel-buffering": "no"})
         await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": first, "more_body": True})
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in chunks:
+                replica.made_progress()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.TransportError:
-            log.warning("an engine stream broke before its end")
+            log.warning("replica %d: a stream broke before its end", replica.index)
+            self.pool.check_soon(replica)
             event = error_body("the model engine stopped while answering", "server_error", "engine_error")
             await send({"type": "http.response.body", "body": b"data: " + event + b"\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

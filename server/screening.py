@@ -10,6 +10,7 @@ sets ``cache_salt`` from the tenant, so the prefix cache is never shared across 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from .auth import Principal
@@ -39,6 +40,15 @@ PART_FIELDS = {"text": frozenset({"type", "text"}), "image_url": frozenset({"typ
 IMAGE_URL_FIELDS = frozenset({"url", "detail"})
 
 
+@dataclass(frozen=True)
+class Screened:
+    """A request fit to forward: its body, the tenant's cache salt, and its images' pixels (for its cost)."""
+
+    body: bytes
+    cache_salt: str
+    image_pixels: int
+
+
 class Screening:
     def __init__(self, settings: ScreeningSettings, salts: TenantSalts) -> None:
         self._settings = settings
@@ -46,8 +56,8 @@ class Screening:
         self._images = ImageLimits(frozenset(settings.image_formats), settings.max_image_bytes,
                                    settings.max_image_pixels)
 
-    def screen(self, route: Route, payload: dict[str, Any], principal: Principal) -> bytes:
-        """The body to forward, or ``InvalidRequest`` saying what to change."""
+    def screen(self, route: Route, payload: dict[str, Any], principal: Principal) -> Screened:
+        """The body to forward, or ``InvalidRequest`` saying what to change. ``payload`` is left as forwarded."""
         for field in payload:
             if field == "cache_salt":
                 raise InvalidRequest("cache_salt is set by this server for each user; leave it out",
@@ -57,13 +67,14 @@ class Screening:
                                      param=_shown(field), code="field_not_allowed")
         payload.pop("user", None)  # OpenAI's end-user id: an identity the engine has no use for
         self._cap_tokens(payload)
+        pixels = 0
         if route == "chat":
-            self._check_messages(payload.get("messages"))
+            pixels = self._check_messages(payload.get("messages"))
             self._check_template_kwargs(payload.get("chat_template_kwargs"))
         else:
             _check_prompt(payload.get("prompt"))
-        payload["cache_salt"] = self._salts.salt_for(principal)
-        return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        payload["cache_salt"] = salt = self._salts.salt_for(principal)
+        return Screened(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(), salt, pixels)
 
     def _cap_tokens(self, payload: dict[str, Any]) -> None:
         limit = self._settings.max_tokens_limit
@@ -90,10 +101,11 @@ class Screening:
                 raise InvalidRequest(f"{field} is {value}, above this server's limit of {self._settings.max_choices}",
                                      param=field, code="too_many_choices")
 
-    def _check_messages(self, messages: Any) -> None:
+    def _check_messages(self, messages: Any) -> int:
+        """The pixels of all images in the messages."""
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("messages must be a non-empty list", param="messages", code="invalid_messages")
-        images = 0
+        images = pixels = 0
         for m, message in enumerate(messages):
             where = f"messages[{m}]"
             if not isinstance(message, dict):
@@ -112,13 +124,17 @@ class Screening:
                 raise InvalidRequest(f"{where}.content must be a string or a list of parts", param=where,
                                      code="invalid_messages")
             for p, part in enumerate(content):
-                images += self._check_part(part, f"{where}.content[{p}]")
+                part_pixels = self._check_part(part, f"{where}.content[{p}]")
+                if part_pixels is not None:
+                    images += 1
+                    pixels += part_pixels
         if images > self._settings.max_images_per_request:
             raise InvalidRequest(f"{images} images in one request, limit {self._settings.max_images_per_request}",
                                  param="messages", code="too_many_images")
+        return pixels
 
-    def _check_part(self, part: Any, where: str) -> int:
-        """1 for an image part, 0 for text."""
+    def _check_part(self, part: Any, where: str) -> int | None:
+        """An image part's pixel count; None for text."""
         if not isinstance(part, dict) or part.get("type") not in PART_FIELDS:
             raise InvalidRequest(f"{where} must be a part of type text or image_url", param=where,
                                  code="unsupported_content")
@@ -132,15 +148,14 @@ class Screening:
         if part["type"] == "text":
             if not isinstance(part.get("text"), str):
                 raise InvalidRequest(f"{where}.text must be a string", param=where, code="invalid_messages")
-            return 0
+            return None
         image_url = part.get("image_url")
         if isinstance(image_url, str):  # a shorthand some clients send
             image_url = {"url": image_url}
         if not isinstance(image_url, dict) or set(image_url) - IMAGE_URL_FIELDS:
             raise InvalidRequest(f"{where}.image_url must be {{\"url\": \"data:...\"}}", param=where,
                                  code="invalid_image")
-        check_image_url(image_url.get("url"), self._images, where)
-        return 1
+        return check_image_url(image_url.get("url"), self._images, where)
 
     def _check_template_kwargs(self, kwargs: Any) -> None:
         if kwargs is None:

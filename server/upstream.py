@@ -8,20 +8,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from .config import GatewaySettings
 
+if TYPE_CHECKING:
+    from .routing import RoutingStrategy
+
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 5.0
-# A busy engine can be slow to answer /health; only this many slow answers in a row take it out of the pool.
-# A refused connection or an error status takes it out at once.
+# A busy engine can be slow to answer /health; only this many slow answers in a row take it out of the pool, and
+# none while it is still sending answers (bytes within the last PROGRESS_KEEPS_HEALTHY_S). A refused connection
+# or an error status takes it out at once.
 SLOW_CHECKS_TOLERATED = 2
+PROGRESS_KEEPS_HEALTHY_S = 10.0
 KEEPALIVE_EXPIRY_S = 3.0
 
 
@@ -35,9 +41,19 @@ class Replica:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     outstanding: int = 0
     slow_checks: int = 0
+    # When bytes of an answer last came from it (time.monotonic()).
+    last_progress: float = 0.0
+    recheck: asyncio.Task[None] | None = None
 
     def serves(self, model: str) -> bool:
         return model in self.models
+
+    def made_progress(self) -> None:
+        self.last_progress = time.monotonic()
+
+    @property
+    def answering(self) -> bool:
+        return time.monotonic() - self.last_progress < PROGRESS_KEEPS_HEALTHY_S
 
 
 def make_client(url: str, settings: GatewaySettings) -> httpx.AsyncClient:
@@ -59,23 +75,6 @@ def make_client(url: str, settings: GatewaySettings) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=transport, base_url=base_url, timeout=timeout, trust_env=False)
 
 
-class RoutingStrategy(Protocol):
-    def choose(self, candidates: Sequence[Replica]) -> Replica: ...
-
-
-class LeastOutstanding:
-    """Fewest requests in flight; ties go round-robin so idle replicas share the work."""
-
-    def __init__(self) -> None:
-        self._turn = 0
-
-    def choose(self, candidates: Sequence[Replica]) -> Replica:
-        self._turn += 1
-        least = min(replica.outstanding for replica in candidates)
-        tied = [replica for replica in candidates if replica.outstanding == least]
-        return tied[self._turn % len(tied)]
-
-
 class ReplicaPool:
     """Keeps an up-to-date view of the engines by polling them, and picks one per request."""
 
@@ -83,12 +82,16 @@ class ReplicaPool:
         self,
         urls: Sequence[str],
         settings: GatewaySettings,
-        strategy: RoutingStrategy | None = None,
+        strategy: RoutingStrategy,
+        max_in_flight_per_replica: int,
     ) -> None:
         self.replicas = [Replica(index, make_client(url, settings)) for index, url in enumerate(urls)]
         self._interval = settings.health_interval_s
-        self._strategy = strategy or LeastOutstanding()
+        self._strategy = strategy
+        self._max_in_flight = max_in_flight_per_replica
         self._task: asyncio.Task[None] | None = None
+        # Called when a replica joins or leaves the pool (the fair queues' capacity changes).
+        self.on_change: list[Callable[[], None]] = []
 
     async def start(self) -> None:
         await self.check_all()
@@ -99,6 +102,9 @@ class ReplicaPool:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for replica in self.replicas:
+            if replica.recheck is not None:
+                replica.recheck.cancel()
         await asyncio.gather(*(replica.client.aclose() for replica in self.replicas))
 
     async def _poll(self) -> None:
@@ -119,7 +125,7 @@ class ReplicaPool:
                 replica.models = {card["id"]: card for card in listing.json()["data"]}
         except httpx.TimeoutException:
             replica.slow_checks += 1
-            healthy = replica.healthy and replica.slow_checks < SLOW_CHECKS_TOLERATED
+            healthy = replica.healthy and (replica.slow_checks < SLOW_CHECKS_TOLERATED or replica.answering)
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             healthy = False
         else:
@@ -132,18 +138,33 @@ class ReplicaPool:
                 log.info("replica %d is healthy, serving %s", replica.index, ", ".join(sorted(replica.models)))
             else:
                 log.warning("replica %d is unhealthy", replica.index)
-        replica.healthy = healthy
+            replica.healthy = healthy
+            for listener in self.on_change:
+                listener()
 
     def mark_failed(self, replica: Replica) -> None:
         """Passive detection: a connection failure takes the replica out until a health check succeeds."""
         self._set_health(replica, False)
 
+    def check_soon(self, replica: Replica) -> None:
+        """Passive detection of a replica that answered with a server error: check its health now, not at the next
+        round (one check at a time per replica)."""
+        if replica.recheck is None or replica.recheck.done():
+            replica.recheck = asyncio.create_task(self._check(replica), name=f"airlock-recheck-{replica.index}")
+
     def _candidates(self, model: str, exclude: Replica | None = None) -> list[Replica]:
         return [r for r in self.replicas if r.healthy and r.serves(model) and r is not exclude]
 
-    def pick(self, model: str, exclude: Replica | None = None) -> Replica | None:
+    def pick(self, model: str, tenant: str, exclude: Replica | None = None) -> Replica | None:
+        """A replica for the request: among healthy ones serving ``model``, those below the per-replica cap (a
+        request being retried may go over it)."""
         candidates = self._candidates(model, exclude)
-        return self._strategy.choose(candidates) if candidates else None
+        roomy = [replica for replica in candidates if replica.outstanding < self._max_in_flight]
+        return self._strategy.choose(roomy or candidates, tenant) if candidates else None
+
+    def capacity(self, model: str) -> int:
+        """Requests ``model``'s healthy replicas may have in flight at once."""
+        return self._max_in_flight * len(self._candidates(model))
 
     def can_serve(self, model: str) -> bool:
         """Whether a healthy replica serves ``model`` (without taking a routing turn)."""
@@ -155,6 +176,12 @@ class ReplicaPool:
 
     @property
     def ready(self) -> bool:
+        """Every model any replica has served has a healthy replica now (and at least one replica is healthy)."""
+        models = {model for replica in self.replicas for model in replica.models}
+        return any(replica.healthy for replica in self.replicas) and all(self.can_serve(m) for m in models)
+
+    @property
+    def any_healthy(self) -> bool:
         return any(replica.healthy for replica in self.replicas)
 
     def model_cards(self) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from server.config import (
+    AdmissionSettings,
     AuthorizationSettings,
     AuthSettings,
     ConfigError,
@@ -17,6 +18,7 @@ from server.config import (
     GatewaySettings,
     OidcSettings,
     PrivacySettings,
+    RoutingSettings,
     ScreeningSettings,
     Settings,
     load_settings,
@@ -117,7 +119,8 @@ def test_example_file_documents_every_setting_and_loads_as_the_defaults(monkeypa
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     example = yaml.safe_load(EXAMPLE.read_text())
     sections = {"gateway": GatewaySettings, "engine": EngineSettings, "auth": AuthSettings,
-                "authorization": AuthorizationSettings, "screening": ScreeningSettings, "privacy": PrivacySettings}
+                "authorization": AuthorizationSettings, "screening": ScreeningSettings, "privacy": PrivacySettings,
+                "routing": RoutingSettings, "admission": AdmissionSettings}
     assert set(example) == set(Settings.model_fields)
     for name, model in sections.items():
         assert set(example[name]) == set(model.model_fields), f"{name}: example and settings differ"

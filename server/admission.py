@@ -1,0 +1,70 @@
+"""Who may start a request now: the user's own limits first (429), then the model's fair queue (503 on timeout).
+
+A request's cost for the queue is an estimate in tokens, made from what screening already knows: the prompt's
+characters, the images' pixel counts (from their headers), and the most it may generate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from .auth import Principal
+from .config import AdmissionSettings
+from .fairqueue import FairQueue
+from .limits import UserLimits
+
+CHARS_PER_TOKEN = 4
+
+
+class Admission:
+    def __init__(self, settings: AdmissionSettings, capacity: Callable[[str], int]) -> None:
+        self._settings = settings
+        self._capacity = capacity
+        self._limits = UserLimits(settings)
+        self._queues: dict[str, FairQueue] = {}
+
+    def queue(self, model: str) -> FairQueue:
+        """The model's queue (models come from the engines, so this table stays small)."""
+        if model not in self._queues:
+            self._queues[model] = FairQueue(self._settings, lambda: self._capacity(model))
+        return self._queues[model]
+
+    def capacity_changed(self) -> None:
+        for queue in self._queues.values():
+            queue.capacity_changed()
+
+    @asynccontextmanager
+    async def enter(self, principal: Principal, model: str, cost: float) -> AsyncIterator[None]:
+        """Hold the user's place and a slot of the model for the whole request.
+
+        Everyone is one anonymous user when no sign-in is configured (loopback only): per-user limits would then
+        limit the whole machine, so they apply to signed-in users only; the queue still applies.
+        """
+        if principal.source == "anonymous":
+            async with self.queue(model).slot(principal.key, cost):
+                yield
+            return
+        with self._limits.admit(principal.key):
+            async with self.queue(model).slot(principal.key, cost):
+                yield
+
+    def estimate_cost(self, payload: dict[str, Any], image_pixels: int) -> float:
+        """Tokens the request will take: prompt text, images, and the most it may generate (for each choice)."""
+        prompt_chars = _text_length(payload.get("messages")) + _text_length(payload.get("prompt"))
+        generated = int(payload.get("max_tokens") or payload.get("max_completion_tokens") or 0)
+        choices = int(payload.get("n") or 1)
+        return (prompt_chars / CHARS_PER_TOKEN + image_pixels / self._settings.image_pixels_per_token
+                + generated * choices)
+
+
+def _text_length(value: Any) -> int:
+    """Characters of text anywhere in a prompt or a list of messages (already screened: known shapes only)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_length(item) for item in value)
+    if isinstance(value, dict):
+        return _text_length(value.get("content")) + _text_length(value.get("text"))
+    return 0

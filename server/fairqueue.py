@@ -1,0 +1,134 @@
+"""Admission to a model's engines: at most ``max_in_flight_per_replica`` requests per healthy replica; beyond that,
+requests wait in a queue that serves users in turn, weighted by what their requests are estimated to cost.
+
+Start-time fair queuing: each request gets a start tag, the later of the queue's virtual clock and the finish tag
+of its user's previous request; its finish tag is the start plus its cost. The request with the smallest start
+tag goes next. A user with 100 requests waiting has tags far ahead of the clock, so another user's single request
+(tagged at the clock) goes before all but at most one of them; a user who was idle gets no credit for it.
+Everything lives in memory, and a slot is always given back (``finally``), whatever happens to the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from .config import AdmissionSettings
+from .errors import Overloaded, RateLimited
+
+FINISH_TAGS_KEPT = 1024
+
+
+@dataclass(order=True)
+class _Waiter:
+    start: float
+    order: int
+    user: str = field(compare=False)
+    cost: float = field(compare=False)
+    granted: asyncio.Future[None] = field(compare=False)
+
+
+class FairQueue:
+    """One model's queue. ``capacity`` says how many requests may be in flight right now (it changes with
+    replica health: call ``capacity_changed`` then)."""
+
+    def __init__(self, settings: AdmissionSettings, capacity: Callable[[], int]) -> None:
+        self._settings = settings
+        self._capacity = capacity
+        self._in_flight = 0
+        self._clock = 0.0
+        self._finish: dict[str, float] = {}
+        self._waiting: list[_Waiter] = []
+        self._queued: Counter[str] = Counter()
+        self._order = itertools.count()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def queued(self) -> int:
+        return sum(self._queued.values())
+
+    @asynccontextmanager
+    async def slot(self, user: str, cost: float) -> AsyncIterator[None]:
+        """Hold one of the model's slots for the duration of a request."""
+        await self._acquire(user, cost)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, user: str, cost: float) -> None:
+        start = max(self._clock, self._finish.get(user, 0.0))
+        if not self._waiting and self._in_flight < self._capacity():
+            self._finish[user] = start + cost
+            self._admit(start)
+            return
+        settings = self._settings
+        if self._queued[user] >= settings.max_queued_per_user:
+            raise RateLimited(
+                f"you already have {self._queued[user]} requests waiting for this model; wait for some to finish",
+                code="too_many_queued", headers={"retry-after": str(settings.retry_after_s)},
+            )
+        if self.queued >= settings.max_queued:
+            raise Overloaded("the server is at capacity; try again shortly", code="queue_full",
+                             headers={"retry-after": str(settings.retry_after_s)})
+        self._finish[user] = start + cost
+        waiter = _Waiter(start, next(self._order), user, cost, asyncio.get_running_loop().create_future())
+        heapq.heappush(self._waiting, waiter)
+        self._queued[user] += 1
+        try:
+            async with asyncio.timeout(settings.queue_timeout_s):
+                await waiter.granted
+        except TimeoutError:
+            self._abandon(waiter)
+            raise Overloaded(
+                f"waited {settings.queue_timeout_s:g} s for a free engine slot; the server is busy, try again shortly",
+                code="queue_timeout", headers={"retry-after": str(settings.retry_after_s)},
+            ) from None
+        except BaseException:  # the client went away while waiting
+            self._abandon(waiter)
+            raise
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        if waiter.granted.done() and not waiter.granted.cancelled():
+            self._release()  # granted at the very moment the wait ended: pass the slot on
+            return
+        waiter.granted.cancel()
+        self._queued[waiter.user] -= 1
+        if self._queued[waiter.user] <= 0:
+            del self._queued[waiter.user]
+        # The user is not charged for a request that never ran.
+        if self._finish.get(waiter.user) == waiter.start + waiter.cost:
+            self._finish[waiter.user] = waiter.start
+
+    def _admit(self, start: float) -> None:
+        self._in_flight += 1
+        self._clock = max(self._clock, start)
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        self.capacity_changed()
+
+    def capacity_changed(self) -> None:
+        """Let waiting requests in while there is room."""
+        while self._waiting and self._in_flight < self._capacity():
+            waiter = heapq.heappop(self._waiting)
+            if waiter.granted.done():
+                continue  # abandoned
+            self._queued[waiter.user] -= 1
+            if self._queued[waiter.user] <= 0:
+                del self._queued[waiter.user]
+            self._admit(waiter.start)
+            waiter.granted.set_result(None)
+        if not self._waiting and not self._in_flight:
+            self._finish.clear()  # idle: nobody carries history into the next busy spell
+        elif len(self._finish) > FINISH_TAGS_KEPT:
+            # A tag at or behind the clock gives its user nothing any more: forget it.
+            self._finish = {user: tag for user, tag in self._finish.items() if tag > self._clock}

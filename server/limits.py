@@ -1,0 +1,72 @@
+"""Per-user limits: requests in progress at once, and requests per minute (a token bucket). Over either: 429
+with Retry-After. Keyed by user id, in memory only, and bounded: idle users with a full bucket are forgotten."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .config import AdmissionSettings
+from .errors import RateLimited
+
+# Past this many remembered users, those with nothing in progress and a full bucket are dropped.
+USERS_KEPT = 4096
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class UserLimits:
+    def __init__(self, settings: AdmissionSettings) -> None:
+        self._max_concurrent = settings.max_concurrent_per_user
+        self._per_minute = settings.requests_per_minute_per_user
+        self._active: Counter[str] = Counter()
+        self._buckets: dict[str, _Bucket] = {}
+
+    @contextmanager
+    def admit(self, user: str) -> Iterator[None]:
+        """Count one request of ``user`` while it runs, or refuse it with 429."""
+        if self._max_concurrent and self._active[user] >= self._max_concurrent:
+            raise RateLimited(
+                f"you have {self._active[user]} requests in progress, the limit is {self._max_concurrent}; "
+                "wait for one to finish", code="too_many_concurrent_requests", headers={"retry-after": "1"},
+            )
+        if self._per_minute:
+            self._take_token(user)
+        self._active[user] += 1
+        try:
+            yield
+        finally:
+            self._active[user] -= 1
+            if self._active[user] <= 0:
+                del self._active[user]
+
+    def _take_token(self, user: str) -> None:
+        now = time.monotonic()
+        rate = self._per_minute / 60.0
+        bucket = self._buckets.get(user)
+        if bucket is None:
+            if len(self._buckets) >= USERS_KEPT:
+                self._forget_idle(now, rate)
+            bucket = self._buckets[user] = _Bucket(float(self._per_minute), now)
+        bucket.tokens = min(float(self._per_minute), bucket.tokens + (now - bucket.updated) * rate)
+        bucket.updated = now
+        if bucket.tokens < 1.0:
+            wait = math.ceil((1.0 - bucket.tokens) / rate)
+            raise RateLimited(f"more than {self._per_minute} requests per minute; try again in {wait} s",
+                              code="rate_limit_exceeded", headers={"retry-after": str(wait)})
+        bucket.tokens -= 1.0
+
+    def _forget_idle(self, now: float, rate: float) -> None:
+        full = float(self._per_minute)
+        self._buckets = {
+            user: bucket for user, bucket in self._buckets.items()
+            if user in self._active or bucket.tokens + (now - bucket.updated) * rate < full
+        }

@@ -1,0 +1,141 @@
+"""The fair queue and per-user limits on their own (asyncio, no network): order of service, costs, timeouts,
+limits, and that every slot comes back whatever happens to a request."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.config import AdmissionSettings
+from server.errors import Overloaded, RateLimited
+from server.fairqueue import FairQueue
+from server.limits import UserLimits
+
+
+class Capacity:
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+
+    def __call__(self) -> int:
+        return self.slots
+
+
+async def served_order(queue: FairQueue, requests: list[tuple[str, float]], hold: asyncio.Event) -> list[str]:
+    """Start every request in order (one event-loop turn apart) and note the order they get a slot in."""
+    order: list[str] = []
+
+    async def one(user: str, cost: float) -> None:
+        async with queue.slot(user, cost):
+            order.append(user)
+            await hold.wait()
+
+    tasks = []
+    for user, cost in requests:
+        tasks.append(asyncio.create_task(one(user, cost)))
+        await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    hold.set()
+    await asyncio.gather(*tasks)
+    return order
+
+
+def test_a_user_with_one_request_is_not_behind_another_users_hundred() -> None:
+    async def scenario() -> list[str]:
+        queue = FairQueue(AdmissionSettings(), Capacity(1))
+        flood = [("A", 100.0)] * 100
+        return await served_order(queue, [*flood, ("B", 100.0)], asyncio.Event())
+
+    order = asyncio.run(scenario())
+    assert len(order) == 101
+    assert order.index("B") <= 2  # A's first (already running), at most one more of A's, then B
+
+
+def test_users_take_turns_weighted_by_cost() -> None:
+    async def scenario() -> list[str]:
+        queue = FairQueue(AdmissionSettings(), Capacity(1))
+        # A asks for big answers (cost 400), B for small ones (100): B gets about four in for each of A's.
+        return await served_order(queue, [("A", 400.0)] * 4 + [("B", 100.0)] * 12, asyncio.Event())
+
+    order = asyncio.run(scenario())
+    first_eight = order[:8]
+    assert first_eight.count("B") >= 5, order
+    assert order.count("A") == 4 and order.count("B") == 12
+
+
+def test_a_wait_that_times_out_is_503_and_gives_nothing_away() -> None:
+    async def scenario() -> None:
+        queue = FairQueue(AdmissionSettings(queue_timeout_s=0.05, retry_after_s=7), Capacity(1))
+        async with queue.slot("A", 1):
+            with pytest.raises(Overloaded) as refused:
+                async with queue.slot("B", 1):
+                    pass
+            assert refused.value.code == "queue_timeout" and refused.value.headers == {"retry-after": "7"}
+            assert queue.queued == 0 and queue.in_flight == 1
+        assert queue.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_queue_limits_total_503_and_per_user_429() -> None:
+    async def scenario() -> None:
+        settings = AdmissionSettings(max_queued=3, max_queued_per_user=2)
+        queue = FairQueue(settings, Capacity(0))  # nothing can run: everyone waits
+        waiting = [asyncio.create_task(queue._acquire(user, 1)) for user in ("A", "A", "B")]
+        await asyncio.sleep(0)
+        with pytest.raises(RateLimited) as per_user:
+            await queue._acquire("A", 1)
+        assert per_user.value.status == 429 and per_user.value.code == "too_many_queued"
+        with pytest.raises(Overloaded) as total:
+            await queue._acquire("C", 1)
+        assert total.value.status == 503 and total.value.code == "queue_full"
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        assert queue.queued == 0 and queue.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_waiters_get_in_when_capacity_grows_and_a_cancelled_one_is_skipped() -> None:
+    async def scenario() -> None:
+        capacity = Capacity(0)
+        queue = FairQueue(AdmissionSettings(), capacity)
+        first, gone, third = (asyncio.create_task(queue._acquire(user, 1)) for user in ("A", "B", "C"))
+        await asyncio.sleep(0)
+        gone.cancel()  # its client went away while it waited
+        await asyncio.sleep(0)
+        capacity.slots = 2  # a replica became healthy
+        queue.capacity_changed()
+        await asyncio.gather(first, third)
+        assert queue.in_flight == 2 and queue.queued == 0
+        queue._release()
+        queue._release()
+        assert queue.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_concurrent_requests_per_user_are_limited_and_given_back() -> None:
+    limits = UserLimits(AdmissionSettings(max_concurrent_per_user=2, requests_per_minute_per_user=0))
+    with limits.admit("alice"), limits.admit("alice"):
+        with pytest.raises(RateLimited) as refused, limits.admit("alice"):
+            pass
+        assert refused.value.code == "too_many_concurrent_requests" and refused.value.headers["retry-after"]
+        with limits.admit("bob"):  # another user is not affected
+            pass
+    with limits.admit("alice"), limits.admit("alice"):
+        pass  # both places came back
+
+
+def test_requests_per_minute_refuse_with_the_wait_in_retry_after() -> None:
+    limits = UserLimits(AdmissionSettings(max_concurrent_per_user=0, requests_per_minute_per_user=3))
+    for _ in range(3):
+        with limits.admit("alice"):
+            pass
+    with pytest.raises(RateLimited) as refused, limits.admit("alice"):
+        pass
+    assert refused.value.code == "rate_limit_exceeded"
+    assert 1 <= int(refused.value.headers["retry-after"]) <= 20  # one request back every 20 s at 3 per minute
+    with limits.admit("bob"):
+        pass
