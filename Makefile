@@ -8,7 +8,7 @@ ENGINE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench-fairness clean
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -22,6 +22,10 @@ run: install
 
 test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# User B's time to first token while user A floods: through Airlock's fair queue and straight to vLLM.
+bench-fairness: install
+	$(VENV)/bin/python -m tests.bench.fairness $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check server tests

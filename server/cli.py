@@ -39,6 +39,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     if gateway:
         overrides["gateway"] = gateway
     engine = {key: value for key in ("model", "replicas") if (value := getattr(args, key, None)) is not None}
+    if getattr(args, "tensor_parallel", None) is not None:
+        engine["tensor_parallel_size"] = args.tensor_parallel
     if engine:
         overrides["engine"] = engine
     return load_settings(args.config, **overrides)
@@ -134,11 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, help="gateway port (default 8000)")
     up.add_argument("--model", help="auto | demo | profile name | local model directory")
     up.add_argument("--replicas", type=int, help="engine replicas (one per GPU or tensor-parallel group)")
+    up.add_argument("--tensor-parallel", type=int, metavar="K", help="GPUs per replica (tensor parallel)")
     up.set_defaults(func=_cmd_up)
 
     engine = with_config(commands.add_parser("engine", help="start only the engines"))
     engine.add_argument("--model", help="auto | demo | profile name | local model directory")
     engine.add_argument("--replicas", type=int, help="engine replicas")
+    engine.add_argument("--tensor-parallel", type=int, metavar="K", help="GPUs per replica (tensor parallel)")
     engine.add_argument("--dry-run", action="store_true", help="print the vLLM command lines and exit")
     engine.set_defaults(func=_cmd_engine)
 

@@ -231,12 +231,17 @@ def stack(
         wait_ready(f"{base_url}/readyz", process, log_path, STACK_START_TIMEOUT_S)
         yield Stack(process, base_url, socket_dir, log_path, "airlock-demo-qwen3-vl", credentials.api_key)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """SIGTERM (a clean stop: the gateway drains, then the engines stop), and a kill if that takes too long."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -140,6 +140,19 @@ def test_thinking_models_get_the_reasoning_parser(tmp_path: Path) -> None:
     assert flag_value(thinking.argv, "--served-model-name") == "Qwen3-VL-4B-Thinking"
 
 
+def test_dry_run_with_replicas_and_tensor_parallel_flags() -> None:
+    result = subprocess.run(
+        [*AIRLOCK, "engine", "--dry-run", "--model", "demo", "--replicas", "2", "--tensor-parallel", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    replicas = json.loads(result.stdout)["replicas"]
+    assert [replica["url"].rsplit("/", 1)[-1] for replica in replicas] == ["replica-0.sock", "replica-1.sock"]
+    assert all("--tensor-parallel-size 1" in replica["argv"] for replica in replicas)
+    # Two CPU replicas on this machine: each is pinned to its own share of the cores.
+    assert len({replica["env"].get("VLLM_CPU_OMP_THREADS_BIND") for replica in replicas}) == 2
+
+
 def test_dry_run_prints_the_plan(tmp_path: Path) -> None:
     result = subprocess.run(
         [*AIRLOCK, "engine", "--dry-run", "--model", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60,

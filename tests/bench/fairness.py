@@ -1,0 +1,141 @@
+"""Benchmark: user B's time to first token while user A floods the server, through Airlock's fair queue and
+straight to vLLM, alternating in one run on the same engine.
+
+The engine runs at most MAX_NUM_SEQS sequences at once (as a GPU replica would, by memory); A keeps FLOOD
+requests open. Straight to vLLM, B's request waits behind A's in vLLM's first-come queue. Through Airlock (per
+replica cap = MAX_NUM_SEQS), it waits for at most one of A's. Run: ``make bench-fairness``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+AIRLOCK = [sys.executable, "-m", "server.cli"]
+MODEL = "airlock-demo-qwen3-vl"
+MAX_NUM_SEQS = 8
+FLOOD = 64
+A_TOKENS = 256
+B_TOKENS = 8
+B_REQUESTS = 3
+
+
+def chat(tokens: int) -> dict[str, object]:
+    return {"model": MODEL, "max_tokens": tokens, "stream": True, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Summarise the scanned report."}]}
+
+
+async def first_token_s(client: httpx.AsyncClient, headers: dict[str, str]) -> float:
+    started = time.perf_counter()
+    async with client.stream("POST", "/v1/chat/completions", json=chat(B_TOKENS), headers=headers) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {") and '"content":"' in line.replace(" ", ""):
+                return time.perf_counter() - started
+    raise RuntimeError("no token came")
+
+
+async def a_request(client: httpx.AsyncClient, headers: dict[str, str], streaming: asyncio.Event) -> None:
+    async with client.stream("POST", "/v1/chat/completions", json=chat(A_TOKENS), headers=headers) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                streaming.set()
+
+
+async def scenario(client: httpx.AsyncClient, a: dict[str, str], b: dict[str, str]) -> list[float]:
+    """A floods; once A's requests stream, B asks B_REQUESTS times, one after the other."""
+    streaming = asyncio.Event()
+    flood = [asyncio.create_task(a_request(client, a, streaming)) for _ in range(FLOOD)]
+    await asyncio.wait_for(streaming.wait(), 300)
+    await asyncio.sleep(1.0)
+    waits = [await first_token_s(client, b) for _ in range(B_REQUESTS)]
+    for task in flood:
+        task.cancel()
+    await asyncio.gather(*flood, return_exceptions=True)
+    await asyncio.sleep(2.0)  # the engine drops the departed requests
+    return waits
+
+
+@contextmanager
+def airlock_stack(work: Path) -> Iterator[tuple[str, Path, dict[str, str], dict[str, str]]]:
+    keys_file = work / "api-keys.json"
+    keys = {}
+    for user in ("user-a", "user-b"):
+        created = subprocess.run([*AIRLOCK, "keys", "create", "--user", user, "--file", str(keys_file)], cwd=ROOT,
+                                 capture_output=True, text=True, check=True)
+        keys[user] = {"authorization": f"Bearer {created.stdout.strip()}"}
+    port = 18600
+    config = work / "airlock.yaml"
+    config.write_text(yaml.safe_dump({
+        "gateway": {"port": port},
+        "auth": {"api_keys_file": str(keys_file)},
+        "admission": {"max_in_flight_per_replica": MAX_NUM_SEQS, "max_concurrent_per_user": 0,
+                      "requests_per_minute_per_user": 0},
+        "engine": {"model": "demo", "socket_dir": str(work / "sockets"), "cpu_kvcache_gb": 1, "max_model_len": 4096,
+                   "extra_args": ["--max-num-seqs", str(MAX_NUM_SEQS)]},
+    }))
+    log = (work / "airlock.log").open("wb")
+    stack = subprocess.Popen([*AIRLOCK, "up", "--config", str(config)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if stack.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("airlock did not start: see " + str(work / "airlock.log"))
+            time.sleep(1)
+        yield base, work / "sockets" / "replica-0.sock", keys["user-a"], keys["user-b"]
+    finally:
+        stack.send_signal(signal.SIGTERM)
+        stack.wait(120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of (direct, airlock), alternating")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    results: dict[str, list[float]] = {"direct to vLLM": [], "through Airlock": []}
+    with tempfile.TemporaryDirectory(prefix="airlock-bench-") as work, airlock_stack(Path(work)) as stack:
+        base, socket, a, b = stack
+
+        async def run() -> None:
+            direct = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(socket)), base_url="http://engine",
+                                       timeout=600, limits=httpx.Limits(max_connections=FLOOD + 8))
+            gateway = httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=FLOOD + 8))
+            async with direct, gateway:
+                for _ in range(args.rounds):
+                    results["direct to vLLM"] += await scenario(direct, {}, {})
+                    results["through Airlock"] += await scenario(gateway, a, b)
+
+        asyncio.run(run())
+    print(f"\nUser B's time to first token while user A keeps {FLOOD} requests of {A_TOKENS} tokens open "
+          f"(engine: --max-num-seqs {MAX_NUM_SEQS}; Airlock: max_in_flight_per_replica {MAX_NUM_SEQS})\n")
+    print(f"{'path':<18}{'n':>4}{'median s':>11}{'max s':>9}")
+    for path, waits in results.items():
+        print(f"{path:<18}{len(waits):>4}{statistics.median(waits):>11.2f}{max(waits):>9.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"flood": FLOOD, "max_num_seqs": MAX_NUM_SEQS, "ttft_s": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Per-user limits (429), the queue's wait timeout (503) and a graceful drain on SIGTERM, against the session's
+real engine behind gateways set up for each case."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import AIRLOCK, LONG_ANSWER, ROOT, Credentials, Stack, airlock_cli, wait_ready, write_config
+from .servers import free_port, gateway_in_front_of
+
+pytestmark = pytest.mark.engine
+
+
+def chat(tokens: int, stream: bool = False) -> dict[str, object]:
+    return {"model": "airlock-demo-qwen3-vl", "max_tokens": tokens, "stream": stream, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Read the scanned form."}]}
+
+
+@pytest.fixture(scope="module")
+def bob_key(credentials: Credentials) -> str:
+    return airlock_cli("keys", "create", "--user", "bob", "--file", str(credentials.api_keys)).strip()
+
+
+def first_chunk(stream: httpx.Response) -> Iterator[str]:
+    lines = stream.iter_lines()
+    for line in lines:
+        if line.startswith("data: {"):
+            yield line
+            break
+    yield from lines
+
+
+def test_concurrent_limit_429_and_queue_timeout_503(stack: Stack, credentials: Credentials, bob_key: str) -> None:
+    admission = {"max_concurrent_per_user": 1, "requests_per_minute_per_user": 0, "max_in_flight_per_replica": 1,
+                 "queue_timeout_s": 1.0, "retry_after_s": 3}
+    auth = {"api_keys_file": str(credentials.api_keys)}
+    alice, bob = {"authorization": f"Bearer {credentials.api_key}"}, {"authorization": f"Bearer {bob_key}"}
+    screening = {"max_tokens_limit": LONG_ANSWER}
+    with gateway_in_front_of(stack.engine_socket, admission=admission, auth=auth, screening=screening) as base_url, \
+            httpx.Client(base_url=base_url, timeout=120) as client:
+        # A minute of generation that this client does not read: the gateway holds alice's place and the slot
+        # until the engine is done or she leaves.
+        with client.stream("POST", "/v1/chat/completions", json=chat(LONG_ANSWER, stream=True), headers=alice) as held:
+            assert held.status_code == 200
+            lines = first_chunk(held)  # kept: a dropped line iterator would close the stream
+            next(lines)
+
+            second = client.post("/v1/chat/completions", json=chat(4), headers=alice)
+            assert second.status_code == 429, second.text
+            assert second.json()["error"]["code"] == "too_many_concurrent_requests"
+            assert int(second.headers["retry-after"]) >= 1
+
+            waited = client.post("/v1/chat/completions", json=chat(4), headers=bob)
+            assert waited.status_code == 503, waited.text
+            assert waited.json()["error"]["code"] == "queue_timeout"
+            assert waited.headers["retry-after"] == "3"
+        # alice left: her place and the slot came back
+        assert client.post("/v1/chat/completions", json=chat(4), headers=bob).status_code == 200
+        assert client.post("/v1/chat/completions", json=chat(4), headers=alice).status_code == 200
+
+
+def test_requests_per_minute_429_with_retry_after(stack: Stack, credentials: Credentials, bob_key: str) -> None:
+    admission = {"max_concurrent_per_user": 0, "requests_per_minute_per_user": 2}
+    auth = {"api_keys_file": str(credentials.api_keys)}
+    alice, bob = {"authorization": f"Bearer {credentials.api_key}"}, {"authorization": f"Bearer {bob_key}"}
+    with gateway_in_front_of(stack.engine_socket, admission=admission, auth=auth) as base_url, \
+            httpx.Client(base_url=base_url, timeout=120) as client:
+        statuses = [client.post("/v1/chat/completions", json=chat(1), headers=alice).status_code for _ in range(2)]
+        assert statuses == [200, 200]
+        refused = client.post("/v1/chat/completions", json=chat(1), headers=alice)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 1 <= int(refused.headers["retry-after"]) <= 30
+        assert client.post("/v1/chat/completions", json=chat(1), headers=bob).status_code == 200
+
+
+def test_sigterm_lets_a_running_stream_finish_refuses_new_requests_and_exits(
+    stack: Stack, credentials: Credentials, tmp_path: Path,
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "gateway.yaml", {
+        "gateway": {"port": port, "shutdown_grace_s": 300},
+        "auth": {"api_keys_file": str(credentials.api_keys)},
+        "upstreams": [{"url": f"unix:{stack.engine_socket}"}],
+    })
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("wb") as log:
+        gateway = subprocess.Popen([*AIRLOCK, "gateway", "--config", str(config)], cwd=ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+    headers = {"authorization": f"Bearer {credentials.api_key}"}
+    try:
+        wait_ready(f"{base_url}/readyz", gateway, log_path, 60)
+        # About 12 s of generation: time enough to see the draining gateway refuse a newcomer meanwhile.
+        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=chat(6000, stream=True),
+                          headers=headers, timeout=300) as stream:
+            lines = first_chunk(stream)
+            next(lines)
+            gateway.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            refused = False
+            while not refused and time.monotonic() < deadline:
+                try:
+                    httpx.get(f"{base_url}/healthz", timeout=2)
+                    time.sleep(0.1)
+                except httpx.ConnectError:
+                    refused = True  # the listener is closed: new requests are turned away
+            assert refused, "the draining gateway still accepted new connections"
+            assert gateway.poll() is None  # still serving the stream
+            finish = [json.loads(line[6:])["choices"][0].get("finish_reason") for line in lines
+                      if line.startswith("data: {")]
+        assert finish and finish[-1] == "length", "the stream was cut instead of finishing"
+        assert gateway.wait(timeout=60) == 0
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+            gateway.wait()

