@@ -65,6 +65,7 @@ class FairQueue:
             self._release()
 
     async def _acquire(self, user: str, cost: float) -> None:
+        self.capacity_changed()  # those already waiting go first, and abandoned waits are cleared away
         start = max(self._clock, self._finish.get(user, 0.0))
         if not self._waiting and self._in_flight < self._capacity():
             self._finish[user] = start + cost
@@ -107,6 +108,7 @@ class FairQueue:
         # The user is not charged for a request that never ran.
         if self._finish.get(waiter.user) == waiter.start + waiter.cost:
             self._finish[waiter.user] = waiter.start
+        self.capacity_changed()
 
     def _admit(self, start: float) -> None:
         self._in_flight += 1

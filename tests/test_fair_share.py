@@ -139,3 +139,20 @@ def test_requests_per_minute_refuse_with_the_wait_in_retry_after() -> None:
     assert 1 <= int(refused.value.headers["retry-after"]) <= 20  # one request back every 20 s at 3 per minute
     with limits.admit("bob"):
         pass
+
+
+def test_an_abandoned_wait_does_not_block_the_next_request() -> None:
+    async def scenario() -> None:
+        capacity = Capacity(1)
+        queue = FairQueue(AdmissionSettings(queue_timeout_s=5), capacity)
+        async with queue.slot("A", 1):
+            gone = asyncio.create_task(queue._acquire("B", 1))
+            await asyncio.sleep(0)
+            gone.cancel()
+            await asyncio.gather(gone, return_exceptions=True)
+        # Nothing in flight, only the abandoned wait left behind: a newcomer gets in at once.
+        async with asyncio.timeout(1), queue.slot("C", 1):
+            assert queue.in_flight == 1
+        assert queue.in_flight == 0 and queue.queued == 0
+
+    asyncio.run(scenario())
