@@ -219,8 +219,11 @@ class AdmissionSettings(_Section):
     requests_per_minute_per_user: int = Field(600, ge=0)
     # Requests an engine replica is given at once; beyond that they wait in the fair queue.
     max_in_flight_per_replica: int = Field(64, ge=1)
-    max_queued: int = Field(1024, ge=0)
-    max_queued_per_user: int = Field(256, ge=0)
+    # Slots per replica one user may not take, kept for others: a newcomer starts at once instead of waiting for a
+    # running answer to end. 0: one user may fill every slot.
+    reserved_slots_per_replica: int = Field(1, ge=0)
+    max_queued: int = Field(1024, ge=1)
+    max_queued_per_user: int = Field(256, ge=1)
     queue_timeout_s: float = Field(120.0, gt=0)
     # Retry-After sent with 429 and 503 from the queue.
     retry_after_s: int = Field(5, ge=1)

@@ -5,7 +5,9 @@ Start-time fair queuing: each request gets a start tag, the later of the queue's
 of its user's previous request; its finish tag is the start plus its cost. The request with the smallest start
 tag goes next. A user with 100 requests waiting has tags far ahead of the clock, so another user's single request
 (tagged at the clock) goes before all but at most one of them; a user who was idle gets no credit for it.
-Everything lives in memory, and a slot is always given back (``finally``), whatever happens to the request.
+One user may hold all but ``reserved_slots_per_replica`` slots per replica, so that a newcomer does not wait for
+someone else's long answer to end. Everything lives in memory, and a slot is always given back (``finally``),
+whatever happens to the request.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class FairQueue:
         self._finish: dict[str, float] = {}
         self._waiting: list[_Waiter] = []
         self._queued: Counter[str] = Counter()
+        self._holding: Counter[str] = Counter()
         self._order = itertools.count()
 
     @property
@@ -62,28 +65,35 @@ class FairQueue:
         try:
             yield
         finally:
-            self._release()
+            self._release(user)
+
+    def user_cap(self) -> int:
+        """Slots one user may hold: all but ``reserved_slots_per_replica`` per replica (at least one), so that
+        a newcomer finds a slot free instead of waiting for someone's long answer to end."""
+        capacity, per_replica = self._capacity(), self._settings.max_in_flight_per_replica
+        replicas = -(-capacity // per_replica)
+        return max(1, capacity - self._settings.reserved_slots_per_replica * replicas)
 
     async def _acquire(self, user: str, cost: float) -> None:
-        self.capacity_changed()  # those already waiting go first, and abandoned waits are cleared away
-        start = max(self._clock, self._finish.get(user, 0.0))
-        if not self._waiting and self._in_flight < self._capacity():
-            self._finish[user] = start + cost
-            self._admit(start)
-            return
         settings = self._settings
-        if self._queued[user] >= settings.max_queued_per_user:
-            raise RateLimited(
-                f"you already have {self._queued[user]} requests waiting for this model; wait for some to finish",
-                code="too_many_queued", headers={"retry-after": str(settings.retry_after_s)},
-            )
-        if self.queued >= settings.max_queued:
-            raise Overloaded("the server is at capacity; try again shortly", code="queue_full",
-                             headers={"retry-after": str(settings.retry_after_s)})
+        start = max(self._clock, self._finish.get(user, 0.0))
         self._finish[user] = start + cost
         waiter = _Waiter(start, next(self._order), user, cost, asyncio.get_running_loop().create_future())
         heapq.heappush(self._waiting, waiter)
         self._queued[user] += 1
+        self.capacity_changed()  # in at once if there is room for it, in fair order
+        if waiter.granted.done():
+            return
+        if self._queued[user] > settings.max_queued_per_user:
+            self._abandon(waiter)
+            raise RateLimited(
+                f"you already have {self._queued[user]} requests waiting for this model; wait for some to finish",
+                code="too_many_queued", headers={"retry-after": str(settings.retry_after_s)},
+            )
+        if self.queued > settings.max_queued:
+            self._abandon(waiter)
+            raise Overloaded("the server is at capacity; try again shortly", code="queue_full",
+                             headers={"retry-after": str(settings.retry_after_s)})
         try:
             async with asyncio.timeout(settings.queue_timeout_s):
                 await waiter.granted
@@ -99,7 +109,7 @@ class FairQueue:
 
     def _abandon(self, waiter: _Waiter) -> None:
         if waiter.granted.done() and not waiter.granted.cancelled():
-            self._release()  # granted at the very moment the wait ended: pass the slot on
+            self._release(waiter.user)  # granted at the very moment the wait ended: pass the slot on
             return
         waiter.granted.cancel()
         self._queued[waiter.user] -= 1
@@ -110,25 +120,34 @@ class FairQueue:
             self._finish[waiter.user] = waiter.start
         self.capacity_changed()
 
-    def _admit(self, start: float) -> None:
-        self._in_flight += 1
-        self._clock = max(self._clock, start)
-
-    def _release(self) -> None:
+    def _release(self, user: str) -> None:
         self._in_flight -= 1
+        self._holding[user] -= 1
+        if self._holding[user] <= 0:
+            del self._holding[user]
         self.capacity_changed()
 
     def capacity_changed(self) -> None:
-        """Let waiting requests in while there is room."""
-        while self._waiting and self._in_flight < self._capacity():
+        """Let waiting requests in while there is room, smallest start tag first, passing over users who hold
+        all the slots one user may."""
+        capacity, user_cap = self._capacity(), self.user_cap()
+        passed_over = []
+        while self._waiting and self._in_flight < capacity:
             waiter = heapq.heappop(self._waiting)
             if waiter.granted.done():
                 continue  # abandoned
+            if self._holding[waiter.user] >= user_cap:
+                passed_over.append(waiter)
+                continue
             self._queued[waiter.user] -= 1
             if self._queued[waiter.user] <= 0:
                 del self._queued[waiter.user]
-            self._admit(waiter.start)
+            self._in_flight += 1
+            self._holding[waiter.user] += 1
+            self._clock = max(self._clock, waiter.start)
             waiter.granted.set_result(None)
+        for waiter in passed_over:
+            heapq.heappush(self._waiting, waiter)
         if not self._waiting and not self._in_flight:
             self._finish.clear()  # idle: nobody carries history into the next busy spell
         elif len(self._finish) > FINISH_TAGS_KEPT:

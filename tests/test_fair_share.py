@@ -109,8 +109,8 @@ def test_waiters_get_in_when_capacity_grows_and_a_cancelled_one_is_skipped() -> 
         queue.capacity_changed()
         await asyncio.gather(first, third)
         assert queue.in_flight == 2 and queue.queued == 0
-        queue._release()
-        queue._release()
+        queue._release("A")
+        queue._release("C")
         assert queue.in_flight == 0
 
     asyncio.run(scenario())
@@ -156,3 +156,22 @@ def test_an_abandoned_wait_does_not_block_the_next_request() -> None:
         assert queue.in_flight == 0 and queue.queued == 0
 
     asyncio.run(scenario())
+
+
+def test_a_slot_is_kept_free_for_others_so_a_newcomer_starts_at_once() -> None:
+    async def scenario(reserved: int) -> tuple[bool, int]:
+        settings = AdmissionSettings(max_in_flight_per_replica=4, reserved_slots_per_replica=reserved)
+        queue = FairQueue(settings, Capacity(8))  # two replicas of 4
+        flood = [asyncio.create_task(queue._acquire("A", 100)) for _ in range(10)]
+        await asyncio.sleep(0)
+        held_by_a = queue.in_flight
+        newcomer = asyncio.create_task(queue._acquire("B", 10))
+        await asyncio.sleep(0)
+        started_at_once = newcomer.done()
+        for task in [*flood, newcomer]:
+            task.cancel()
+        await asyncio.gather(*flood, newcomer, return_exceptions=True)
+        return started_at_once, held_by_a
+
+    assert asyncio.run(scenario(reserved=1)) == (True, 6)  # A holds all but one slot per replica
+    assert asyncio.run(scenario(reserved=0)) == (False, 8)  # A fills them all: B waits for one to end

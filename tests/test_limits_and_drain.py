@@ -3,18 +3,23 @@ real engine behind gateways set up for each case."""
 
 from __future__ import annotations
 
-import json
+import asyncio
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
 
 from .conftest import AIRLOCK, LONG_ANSWER, ROOT, Credentials, Stack, airlock_cli, wait_ready, write_config
-from .servers import free_port, gateway_in_front_of
+from .servers import ThreadedServer, free_port, gateway_in_front_of
+from .test_proxy_faults import MODEL, health, models
 
 pytestmark = pytest.mark.engine
 
@@ -82,44 +87,66 @@ def test_requests_per_minute_429_with_retry_after(stack: Stack, credentials: Cre
         assert client.post("/v1/chat/completions", json=chat(1), headers=bob).status_code == 200
 
 
+PACED_CHUNKS = 100
+PACE_S = 0.05
+
+
+async def paced_chat(_: Request) -> Response:
+    """An engine that streams one chunk every PACE_S, whatever the machine is doing."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for index in range(PACED_CHUNKS):
+            await asyncio.sleep(PACE_S)
+            yield f'data: {{"choices": [{{"index": 0, "delta": {{"content": "{index} "}}}}]}}\n\n'.encode()
+        yield b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}\n\n'
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(chunks(), media_type="text/event-stream")
+
+
 def test_sigterm_lets_a_running_stream_finish_refuses_new_requests_and_exits(
-    stack: Stack, credentials: Credentials, tmp_path: Path,
+    credentials: Credentials, tmp_path: Path,
 ) -> None:
+    """The real gateway process in front of a paced engine. A fake on purpose: on this CPU, vLLM's API server
+    sometimes holds its chunks until the answer is complete, so a real stream cannot be caught mid-way on cue."""
+    engine_socket = tmp_path / "paced.sock"
+    engine = Starlette(routes=[Route("/health", health), Route("/v1/models", models),
+                               Route("/v1/chat/completions", paced_chat, methods=["POST"])])
     port = free_port()
     config = write_config(tmp_path / "gateway.yaml", {
         "gateway": {"port": port, "shutdown_grace_s": 300},
         "auth": {"api_keys_file": str(credentials.api_keys)},
-        "upstreams": [{"url": f"unix:{stack.engine_socket}"}],
+        "upstreams": [{"url": f"unix:{engine_socket}"}],
     })
     log_path = tmp_path / "gateway.log"
-    with log_path.open("wb") as log:
-        gateway = subprocess.Popen([*AIRLOCK, "gateway", "--config", str(config)], cwd=ROOT, stdout=log,
-                                   stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    headers = {"authorization": f"Bearer {credentials.api_key}"}
-    try:
-        wait_ready(f"{base_url}/readyz", gateway, log_path, 60)
-        # About 12 s of generation: time enough to see the draining gateway refuse a newcomer meanwhile.
-        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=chat(6000, stream=True),
-                          headers=headers, timeout=300) as stream:
-            lines = first_chunk(stream)
-            next(lines)
-            gateway.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            refused = False
-            while not refused and time.monotonic() < deadline:
-                try:
-                    httpx.get(f"{base_url}/healthz", timeout=2)
-                    time.sleep(0.1)
-                except httpx.ConnectError:
-                    refused = True  # the listener is closed: new requests are turned away
-            assert refused, "the draining gateway still accepted new connections"
-            assert gateway.poll() is None  # still serving the stream
-            finish = [json.loads(line[6:])["choices"][0].get("finish_reason") for line in lines
-                      if line.startswith("data: {")]
-        assert finish and finish[-1] == "length", "the stream was cut instead of finishing"
-        assert gateway.wait(timeout=60) == 0
-    finally:
-        if gateway.poll() is None:
-            gateway.kill()
-            gateway.wait()
+    with ThreadedServer(engine, uds=str(engine_socket)):
+        with log_path.open("wb") as log:
+            gateway = subprocess.Popen([*AIRLOCK, "gateway", "--config", str(config)], cwd=ROOT, stdout=log,
+                                       stderr=subprocess.STDOUT)
+        base_url = f"http://127.0.0.1:{port}"
+        headers = {"authorization": f"Bearer {credentials.api_key}"}
+        body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "Read the form."}]}
+        try:
+            wait_ready(f"{base_url}/readyz", gateway, log_path, 60)
+            with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, headers=headers,
+                              timeout=60) as stream:
+                lines = first_chunk(stream)
+                next(lines)
+                gateway.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                refused = False
+                while not refused and time.monotonic() < deadline:
+                    try:
+                        httpx.get(f"{base_url}/healthz", timeout=2)
+                        time.sleep(0.1)
+                    except httpx.ConnectError:
+                        refused = True  # the listener is closed: new requests are turned away
+                assert refused, "the draining gateway still accepted new connections"
+                assert gateway.poll() is None  # still serving the stream
+                data = [line for line in lines if line.startswith("data: ")]
+            assert len(data) == PACED_CHUNKS + 1 and data[-1] == "data: [DONE]", "the stream was cut"
+            assert gateway.wait(timeout=60) == 0
+        finally:
+            if gateway.poll() is None:
+                gateway.kill()
+                gateway.wait()
