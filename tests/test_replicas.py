@@ -192,20 +192,24 @@ def test_a_replica_killed_mid_burst_fails_only_started_streams_then_serves_again
             tasks = [asyncio.create_task(stream_one(alice if i % 2 else bob, 2000, outcome, started))
                      for i, outcome in enumerate(outcomes)]
             await asyncio.wait_for(started.wait(), 120)
+            streaming_at_kill.extend(outcome.chunks > 0 for outcome in outcomes)
             victim = stack.replica_pid(1)
             os.killpg(os.getpgid(victim), signal.SIGKILL)  # replica 1 dies, engine core and all
-            streaming_at_kill.extend(outcome.chunks > 0 for outcome in outcomes)
             await asyncio.gather(*tasks)
 
     asyncio.run(burst_and_kill())
-    not_started = [outcome for outcome, started in zip(outcomes, streaming_at_kill, strict=True) if not started]
-    assert not_started, "every stream had started before the kill: the test proved nothing about failover"
-    assert all(outcome.finished and not outcome.error for outcome in not_started), [o.error for o in not_started]
+    # No request failed before its first byte: those the gateway had not started on replica 1 went elsewhere.
+    failed_unstarted = [outcome.error for outcome in outcomes if outcome.error and outcome.chunks == 0]
+    assert failed_unstarted == [], failed_unstarted
+    assert all(outcome.finished or outcome.error for outcome in outcomes), outcomes  # none ended silently
+    # Streams that had shown the client nothing yet when the replica died (a first chunk may have been on its way,
+    # so some of these may have been cut as started ones) were served by the surviving replica.
+    waiting = [outcome for outcome, started in zip(outcomes, streaming_at_kill, strict=True) if not started]
+    assert sum(outcome.finished for outcome in waiting) >= 1, "no queued request was served after the kill"
     cut = [outcome for outcome in outcomes if outcome.error]
     assert cut, "no stream was running on the killed replica: the test proved nothing"
     # A stream cut midway ended with an explicit error event, after chunks had arrived: never a silent end.
     assert all(outcome.chunks > 0 and not outcome.finished for outcome in cut), outcomes
-    assert all(started for outcome, started in zip(outcomes, streaming_at_kill, strict=True) if outcome.error)
     assert all("stopped while answering" in outcome.error for outcome in cut), [o.error for o in cut]
     assert sum(outcome.finished for outcome in outcomes) == len(outcomes) - len(cut)
 
