@@ -191,7 +191,13 @@ def test_a_replica_killed_mid_burst_fails_only_started_streams_then_serves_again
             # streams must still be generating on replica 1 well after the first chunk anywhere.
             tasks = [asyncio.create_task(stream_one(alice if i % 2 else bob, 2000, outcome, started))
                      for i, outcome in enumerate(outcomes)]
-            await asyncio.wait_for(started.wait(), 120)
+            await asyncio.wait_for(started.wait(), 300)
+            # Each replica runs at most 2 (IN_FLIGHT_PER_REPLICA): once 3 streams are flowing and unfinished, both
+            # replicas have one, so the kill cuts a stream that really was under way.
+            deadline = time.monotonic() + 300
+            while sum(outcome.chunks > 0 and not outcome.finished for outcome in outcomes) < 3:
+                assert time.monotonic() < deadline, "streams never flowed on both replicas at once"
+                await asyncio.sleep(0.05)
             streaming_at_kill.extend(outcome.chunks > 0 for outcome in outcomes)
             victim = stack.replica_pid(1)
             os.killpg(os.getpgid(victim), signal.SIGKILL)  # replica 1 dies, engine core and all
