@@ -166,16 +166,21 @@ class EngineExchange(Response):
         headers.update(extra or {})
         return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
 
+    async def _failed_before_first_byte(self, replica: Replica, send: Send, *, last: bool) -> None:
+        """The engine broke before anything went to the client: another replica may take it, unless this was
+        the last try."""
+        self.pool.check_soon(replica)
+        if not last:
+            raise _TryElsewhere
+        await self._send_error(EngineFailed("the model engine stopped while answering").to_response(), send)
+
     async def _relay_whole(self, replica: Replica, upstream: httpx.Response, send: Send, *, last: bool) -> None:
         # A non-streaming answer arrives at once; reading it whole lets an engine failure still become a retry or
         # a 502.
         try:
             content = await upstream.aread()
         except httpx.TransportError:
-            self.pool.check_soon(replica)
-            if not last:
-                raise _TryElsewhere from None
-            await self._send_error(EngineFailed("the model engine stopped while answering").to_response(), send)
+            await self._failed_before_first_byte(replica, send, last=last)
             return
         replica.made_progress()
         self.status_code = upstream.status_code
@@ -190,10 +195,7 @@ class EngineExchange(Response):
         try:
             first = await anext(chunks, b"")
         except httpx.TransportError:
-            self.pool.check_soon(replica)
-            if not last:
-                raise _TryElsewhere from None
-            await self._send_error(EngineFailed("the model engine stopped while answering").to_response(), send)
+            await self._failed_before_first_byte(replica, send, last=last)
             return
         replica.made_progress()
         self.status_code = upstream.status_code
