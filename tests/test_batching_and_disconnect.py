@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import openai
 import pytest
 
@@ -18,6 +19,7 @@ SEQUENTIAL_REFERENCE = 4
 # 2 to 1423 single-token steps of 4064 at 128 tokens); long answers make that head and tail a smaller share.
 BATCH_TOKENS = 256
 MAX_UNBATCHED_SHARE = 0.5
+BATCH_ROUNDS = 3
 CHUNKS_BEFORE_LEAVING = 5
 DISCONNECT_ATTEMPTS = 3
 
@@ -49,30 +51,41 @@ def single_token_steps(stack: Stack) -> float:
 def test_concurrent_requests_through_the_gateway_share_engine_steps(stack: Stack) -> None:
     # Speed belongs in the benchmarks; what is asserted here is the mechanism. Requests that reach the engine one
     # at a time decode alone: one token per engine step. Batched, the steps carry many tokens each.
-    async def send(client: openai.AsyncOpenAI, concurrent: int) -> None:
-        counts = await asyncio.gather(*(one_request(client, stack.model, BATCH_TOKENS) for _ in range(concurrent)))
-        assert counts == [BATCH_TOKENS] * concurrent
-
-    async def steps_of_one(sequential: int, concurrent: int) -> float:
+    async def steps_of_one(client: openai.AsyncOpenAI, sequential: int, concurrent: int) -> float:
         stack.wait_for_running(0, 120)
         before = single_token_steps(stack)
-        async with openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.api_key, max_retries=0,
-                                      timeout=300) as client:
+        async with client:
             for _ in range(sequential):
-                await send(client, 1)
-            if concurrent:
-                await send(client, concurrent)
+                assert await one_request(client, stack.model, BATCH_TOKENS) == BATCH_TOKENS
+            counts = await asyncio.gather(*(one_request(client, stack.model, BATCH_TOKENS) for _ in range(concurrent)))
+            assert counts == [BATCH_TOKENS] * concurrent
         stack.wait_for_running(0, 120)
         return single_token_steps(stack) - before
 
-    alone = asyncio.run(steps_of_one(sequential=SEQUENTIAL_REFERENCE, concurrent=0))
+    def through_gateway() -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.api_key, max_retries=0, timeout=300)
+
+    def straight_to_engine() -> openai.AsyncOpenAI:
+        http = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(stack.engine_socket)), timeout=300)
+        return openai.AsyncOpenAI(base_url="http://engine/v1", api_key="unused", max_retries=0, http_client=http)
+
+    alone = asyncio.run(steps_of_one(through_gateway(), sequential=SEQUENTIAL_REFERENCE, concurrent=0))
     # The yardstick works: requests one by one decode in single-token steps, one per token after the first.
     assert alone >= SEQUENTIAL_REFERENCE * (BATCH_TOKENS - 1) * 0.9, alone
-    together = asyncio.run(steps_of_one(sequential=0, concurrent=REQUESTS))
     unbatched = REQUESTS * (BATCH_TOKENS - 1)
-    print(f"\nsingle-token engine steps: {alone:.0f} for {SEQUENTIAL_REFERENCE} requests one by one, "
-          f"{together:.0f} for {REQUESTS} at once ({unbatched} if none were batched)")
-    assert together < unbatched * MAX_UNBATCHED_SHARE
+    # vLLM's own API server on this 2-core machine sometimes lets a burst in one request at a time (seen: 0 to 4845
+    # of 8160 steps decoding alone, straight to vLLM, in consecutive bursts). So each round measures vLLM alone
+    # next to the gateway; a gateway that serialised requests would show no batching in any round.
+    rounds = []
+    for _ in range(BATCH_ROUNDS):
+        direct = asyncio.run(steps_of_one(straight_to_engine(), sequential=0, concurrent=REQUESTS))
+        gateway = asyncio.run(steps_of_one(through_gateway(), sequential=0, concurrent=REQUESTS))
+        rounds.append((direct, gateway))
+        print(f"\nsingle-token engine steps for {REQUESTS} at once ({unbatched} if none were batched): "
+              f"{direct:.0f} straight to vLLM, {gateway:.0f} through the gateway")
+        if gateway < unbatched * MAX_UNBATCHED_SHARE:
+            break
+    assert rounds[-1][1] < unbatched * MAX_UNBATCHED_SHARE, f"no batching through the gateway in any round: {rounds}"
 
 
 def test_client_disconnect_mid_stream_aborts_the_engine_request(client: openai.OpenAI, stack: Stack) -> None:
