@@ -31,6 +31,10 @@ class Admission:
             self._queues[model] = FairQueue(self._settings, lambda: self._capacity(model))
         return self._queues[model]
 
+    def queues(self) -> list[tuple[str, FairQueue]]:
+        """Every model's queue so far, for the metrics."""
+        return list(self._queues.items())
+
     def capacity_changed(self) -> None:
         for queue in self._queues.values():
             queue.capacity_changed()

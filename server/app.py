@@ -4,12 +4,15 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio.to_thread
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -28,12 +31,16 @@ from .errors import (
     RouteNotFound,
     error_response,
 )
+from .metrics import UNKNOWN_MODEL, GatewayMetrics
+from .metrics_endpoint import MetricsEndpoint, metrics_app
+from .metrics_middleware import MetricsMiddleware, request_record
 from .posture import privacy_posture
 from .proxy import EngineExchange, EngineRequest
 from .routing import build_strategy
 from .screening import Route, Screening
 from .tenancy import TenantSalts
 from .upstream import ReplicaPool
+from .usage import ask_for_usage
 
 SCREEN_INLINE_BYTES = 256 * 1024
 
@@ -65,13 +72,27 @@ def parse_request(body: bytes) -> dict[str, Any]:
     return payload
 
 
+@dataclass(frozen=True)
+class Gateway:
+    """The API, and the app of the separate metrics listener when ``metrics.listener`` is ``separate``."""
+
+    api: FastAPI
+    metrics: Starlette | None
+
+
 def create_app(config: Settings, upstream_urls: Sequence[str]) -> FastAPI:
+    return create_gateway(config, upstream_urls).api
+
+
+def create_gateway(config: Settings, upstream_urls: Sequence[str]) -> Gateway:
     """Build the gateway for the engines at ``upstream_urls``."""
     settings = config.gateway
     pool = ReplicaPool(upstream_urls, settings, build_strategy(config.routing),
                        config.admission.max_in_flight_per_replica)
     admission = Admission(config.admission, pool.capacity)
     pool.on_change.append(admission.capacity_changed)
+    metrics = GatewayMetrics(config.metrics.active_users_window_s)
+    metrics.watch(pool, admission)
     authentication = build_authentication(config.auth)
     access = ModelAccess(config.authorization)
     screening = Screening(config.screening, TenantSalts(config.privacy))
@@ -83,11 +104,14 @@ def create_app(config: Settings, upstream_urls: Sequence[str]) -> FastAPI:
         # The provider's keys are fetched in the background: an IdP that is down must not hold up the start.
         keys = authentication.provider_keys
         fetch = asyncio.create_task(keys.refresh()) if keys else None
+        interval = config.metrics.rejections_log_interval_s
+        summaries = asyncio.create_task(metrics.log_refusals(interval)) if interval else None
         try:
             yield
         finally:
-            if fetch is not None:
-                fetch.cancel()
+            for task in (fetch, summaries):
+                if task is not None:
+                    task.cancel()
             await pool.close()
 
     app = FastAPI(
@@ -100,7 +124,9 @@ def create_app(config: Settings, upstream_urls: Sequence[str]) -> FastAPI:
 
     async def authenticate(request: Request) -> Principal:
         source = request.client.host if request.client else "unknown"
-        return await authentication.authenticate(request.headers.get("authorization"), source)
+        principal = await authentication.authenticate(request.headers.get("authorization"), source)
+        metrics.active_users.saw(principal.key)
+        return principal
 
     CurrentPrincipal = Annotated[Principal, Depends(authenticate)]
 
@@ -111,6 +137,11 @@ def create_app(config: Settings, upstream_urls: Sequence[str]) -> FastAPI:
         body = await read_body(request, settings.max_body_bytes)
         payload = parse_request(body)
         model = payload["model"]
+        record = request_record(request)
+        if record is not None:
+            # Only a name an engine serves becomes a label; anything else a client typed is "unknown".
+            record.model = model if pool.knows(model) else UNKNOWN_MODEL
+            record.stream = payload.get("stream") is True
         shown = model if len(model) <= 100 else model[:100] + "..."
         if not access.allows(principal, model):
             if access.hide_denied:
@@ -126,25 +157,29 @@ def create_app(config: Settings, upstream_urls: Sequence[str]) -> FastAPI:
             if not pool.knows(model):
                 raise ModelNotFound(f"the model '{shown}' does not exist", param="model")
         route: Route = "chat" if request.url.path.endswith("/chat/completions") else "completions"
+        # Token counts for the metrics: a stream is asked to end with them (removed again if the client did not ask).
+        remove_usage = ask_for_usage(payload)
         if len(body) < SCREEN_INLINE_BYTES:
             screened = screening.screen(route, payload, principal)
         else:  # decoding and checking megabytes of images would stall every other request
             screened = await anyio.to_thread.run_sync(screening.screen, route, payload, principal)
         cost = admission.estimate_cost(payload, screened.image_pixels)
-        return EngineRequest(screened.body, model, principal, screened.cache_salt, cost)
+        return EngineRequest(screened.body, model, principal, screened.cache_salt, cost, remove_usage)
 
     ScreenedRequest = Annotated[EngineRequest, Depends(engine_request)]
 
-    def exchange(path: str, request: EngineRequest) -> EngineExchange:
-        return EngineExchange(pool, admission, path, request, settings.retry_after_s)
+    def exchange(request: Request, forwarded: EngineRequest) -> EngineExchange:
+        record = request_record(request)
+        assert record is not None, "API routes are under /v1/, where every request has a record"
+        return EngineExchange(pool, admission, request.url.path, forwarded, settings.retry_after_s, metrics, record)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ScreenedRequest) -> Response:
-        return exchange("/v1/chat/completions", request)
+    async def chat_completions(request: Request, forwarded: ScreenedRequest) -> Response:
+        return exchange(request, forwarded)
 
     @app.post("/v1/completions")
-    async def completions(request: ScreenedRequest) -> Response:
-        return exchange("/v1/completions", request)
+    async def completions(request: Request, forwarded: ScreenedRequest) -> Response:
+        return exchange(request, forwarded)
 
     @app.get("/v1/models")
     async def models(principal: CurrentPrincipal) -> Response:
@@ -165,27 +200,47 @@ def create_app(config: Settings, upstream_urls: Sequence[str]) -> FastAPI:
             return JSONResponse({"status": "ready"}, headers=NO_STORE)
         return JSONResponse({"status": "starting"}, status_code=503, headers=NO_STORE)
 
-    install_error_handlers(app)
-    return app
+    if config.metrics.listener == "main":
+        endpoint = metrics_endpoint(config, metrics, pool)
+        allowed_groups = frozenset(config.metrics.groups)
+
+        @app.get("/metrics")
+        async def metrics_route(principal: CurrentPrincipal) -> Response:
+            if allowed_groups and not allowed_groups & principal.groups:
+                raise PermissionDenied("the metrics are for operators", code="metrics_not_allowed")
+            return Response(await endpoint.render(), media_type=CONTENT_TYPE_LATEST, headers=NO_STORE)
+
+    install_error_handlers(app, metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    separate = config.metrics.listener == "separate"
+    return Gateway(app, metrics_app(metrics_endpoint(config, metrics, pool)) if separate else None)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves in OpenAI shape."""
+def metrics_endpoint(config: Settings, metrics: GatewayMetrics, pool: ReplicaPool) -> MetricsEndpoint:
+    return MetricsEndpoint(metrics, pool if config.metrics.include_engines else None, config.metrics.engine_timeout_s)
+
+
+def install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
+    """Every error leaves in OpenAI shape; refusals are counted by reason."""
+
+    def refuse(error: AirlockError) -> Response:
+        metrics.rejected(error)
+        return error.to_response()
 
     async def airlock_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, AirlockError)
-        return exc.to_response()
+        return refuse(exc)
 
     async def http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 404:
-            return RouteNotFound("no such endpoint").to_response()
+            return refuse(RouteNotFound("no such endpoint"))
         if exc.status_code == 405:
-            return MethodNotAllowed("method not allowed on this endpoint").to_response()
+            return refuse(MethodNotAllowed("method not allowed on this endpoint"))
         return error_response(exc.status_code, "request refused", "invalid_request_error", None)
 
     async def validation_error(_: Request, exc: Exception) -> Response:
-        return InvalidRequest("the request is not valid").to_response()
+        return refuse(InvalidRequest("the request is not valid"))
 
     async def unexpected_error(_: Request, exc: Exception) -> Response:
         # A bug in Airlock: a 500 that reveals nothing (uvicorn still logs the traceback, which holds no content).

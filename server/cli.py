@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import shlex
 import sys
 from collections.abc import Sequence
@@ -18,19 +17,13 @@ from .audit import AuditError
 from .cli_auth import CommandError
 from .cli_auth import add_commands as add_auth_commands
 from .config import ConfigError, Settings, load_settings
+from .logs import configure_logging
 
 EXIT_CONFIG = 2
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # httpx logs every request line at INFO; the gateway's own logs say what matters.
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _configure_logging(settings: Settings) -> None:
+    configure_logging(settings.log_level, settings.log_format)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -50,7 +43,7 @@ def _cmd_up(args: argparse.Namespace) -> None:
     from .runner import run_up
 
     settings = _settings(args)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
     asyncio.run(run_up(settings))
 
 
@@ -58,7 +51,7 @@ def _cmd_engine(args: argparse.Namespace) -> None:
     from .runner import plan_engines, run_engines, runtime_directory
 
     settings = _settings(args)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
     if args.dry_run:
         with runtime_directory(settings) as runtime_dir:
             choice, device, launches = plan_engines(settings, runtime_dir)
@@ -87,7 +80,7 @@ def _cmd_gateway(args: argparse.Namespace) -> None:
     from .runner import run_gateway
 
     settings = _settings(args)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
     asyncio.run(run_gateway(settings))
 
 

@@ -232,6 +232,25 @@ class AdmissionSettings(_Section):
     image_pixels_per_token: int = Field(1024, ge=1)
 
 
+class MetricsSettings(_Section):
+    """Prometheus metrics (anonymized: no label or value names a user, key, address or content)."""
+
+    # main: GET /metrics on the gateway's own listener, for signed-in users (members of ``groups`` if set).
+    # separate: a listener of its own on host:port, with no sign-in (keep it on loopback or behind a network policy).
+    # off: no metrics endpoint.
+    listener: Literal["main", "separate", "off"] = "main"
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=1, le=65535)
+    groups: list[str] = Field(default_factory=list)
+    # The engines' own vllm:* series in the same scrape, labelled by replica index.
+    include_engines: bool = True
+    engine_timeout_s: float = Field(5.0, gt=0)
+    # The window of airlock_active_users (a count of distinct users, nothing more).
+    active_users_window_s: float = Field(900.0, gt=0)
+    # How often refused requests are summed up in one log line (by reason, counts only); 0: never.
+    rejections_log_interval_s: float = Field(60.0, ge=0)
+
+
 class UpstreamSettings(_Section):
     """An engine the gateway forwards to when it does not launch engines itself (``airlock gateway``)."""
 
@@ -297,6 +316,8 @@ class Settings(BaseSettings):
     )
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # json: one JSON object per line (for log collectors); text: for people; auto: text on a terminal, else json.
+    log_format: Literal["auto", "json", "text"] = "auto"
     gateway: GatewaySettings = Field(default_factory=lambda: GatewaySettings())
     engine: EngineSettings = Field(default_factory=lambda: EngineSettings())
     auth: AuthSettings = Field(default_factory=lambda: AuthSettings())
@@ -305,6 +326,7 @@ class Settings(BaseSettings):
     privacy: PrivacySettings = Field(default_factory=lambda: PrivacySettings())
     routing: RoutingSettings = Field(default_factory=lambda: RoutingSettings())
     admission: AdmissionSettings = Field(default_factory=lambda: AdmissionSettings())
+    metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings())
     upstreams: list[UpstreamSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -50,4 +50,10 @@ def privacy_posture(config: Settings, upstream_urls: Sequence[str]) -> dict[str,
             "admission": config.admission.model_dump(),
         },
         "authentication": {"methods": methods, "required": bool(methods)},
+        "metrics": {
+            "listener": config.metrics.listener,
+            "labels": ["model", "route", "status", "stream", "reason", "code", "stage", "replica"],
+            "identifies_users": False,
+            "active_users": "a count only",
+        },
     }

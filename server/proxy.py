@@ -12,6 +12,7 @@ never as a silent truncation.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import anyio
@@ -30,7 +31,9 @@ from .errors import (
     error_body,
     translate_engine_error,
 )
+from .metrics import GatewayMetrics, RequestRecord
 from .upstream import Replica, ReplicaPool
+from .usage import StreamUsage, whole_answer_usage
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,8 @@ class EngineRequest:
     cache_salt: str
     # Estimated tokens, for the fair queue.
     cost: float
+    # The gateway asked the engine for a usage event the client did not ask for: it is removed from the stream.
+    remove_usage_event: bool = False
 
 
 class _TryElsewhere(Exception):
@@ -67,12 +72,14 @@ class EngineExchange(Response):
     the queue included)."""
 
     def __init__(self, pool: ReplicaPool, admission: Admission, path: str, request: EngineRequest,
-                 retry_after_s: int) -> None:
+                 retry_after_s: int, metrics: GatewayMetrics, record: RequestRecord) -> None:
         self.pool = pool
         self.admission = admission
         self.path = path
         self.request = request
         self.retry_after_s = retry_after_s
+        self.metrics = metrics
+        self.record = record
         self.status_code = 0
         self.background = None
 
@@ -87,9 +94,12 @@ class EngineExchange(Response):
             tasks.start_soon(cancel_on_disconnect)
             try:
                 request = self.request
+                queued = time.perf_counter()
                 async with self.admission.enter(request.principal, request.model, request.cost):
+                    self.record.queue_wait = time.perf_counter() - queued
                     await self._exchange(send)
             except AirlockError as error:
+                self.metrics.rejected(error)
                 await self._send_error(error.to_response(), send)
             finally:
                 tasks.cancel_scope.cancel()
@@ -102,6 +112,8 @@ class EngineExchange(Response):
             replica = self.pool.pick(model, tenant, exclude=tried) or self.pool.pick(model, tenant)
             if replica is None:
                 break
+            if tried is not None:
+                self.metrics.retries.inc()
             tried = replica
             replica.outstanding += 1
             try:
@@ -123,27 +135,34 @@ class EngineExchange(Response):
         """Send the request; None when it failed before the engine answered (so it may be retried)."""
         request = replica.client.build_request("POST", self.path, content=self.request.body,
                                                headers=UPSTREAM_HEADERS)
+        self.record.forwarded = time.perf_counter()
+        errors = self.metrics.upstream_errors
         try:
             return await replica.client.send(request, stream=True)
         except httpx.ConnectError:
             # Refused or no socket: the engine is down. Out of the pool until a health check says otherwise.
+            errors.labels("connect_failed").inc()
             self.pool.mark_failed(replica)
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.ConnectTimeout):
             # Dropped before any answer (a kept-alive connection the engine had just closed, an engine too busy to
             # accept, or one that died): nothing reached the client yet, so another try is safe.
+            errors.labels("dropped").inc()
             log.info("replica %d dropped a request before answering; retrying it", replica.index)
             self.pool.check_soon(replica)
         except httpx.TimeoutException as exc:
             # No answer within read_timeout_s (a long non-streaming answer), or no free connection: not retried,
             # the work may still be under way.
+            errors.labels("timeout").inc()
             raise EngineTimeout("the model engine did not answer in time; try a smaller request or streaming") from exc
         except httpx.TransportError as exc:
+            errors.labels("transport").inc()
             raise EngineFailed("the model engine failed to answer this request; try again") from exc
         return None
 
     async def _relay(self, replica: Replica, upstream: httpx.Response, send: Send, *, last: bool) -> None:
         try:
             if upstream.status_code >= 500:
+                self.metrics.upstream_errors.labels("error_status").inc()
                 self.pool.check_soon(replica)  # passive detection: a sick engine leaves the pool at once
                 if upstream.status_code in RETRIED_STATUSES and not last:
                     raise _TryElsewhere
@@ -169,6 +188,7 @@ class EngineExchange(Response):
     async def _failed_before_first_byte(self, replica: Replica, send: Send, *, last: bool) -> None:
         """The engine broke before anything went to the client: another replica may take it, unless this was
         the last try."""
+        self.metrics.upstream_errors.labels("broken_answer").inc()
         self.pool.check_soon(replica)
         if not last:
             raise _TryElsewhere
@@ -182,7 +202,11 @@ class EngineExchange(Response):
         except httpx.TransportError:
             await self._failed_before_first_byte(replica, send, last=last)
             return
+        self.record.first_byte_now()
         replica.made_progress()
+        counts = whole_answer_usage(content)
+        if counts is not None:
+            self.record.prompt_tokens, self.record.completion_tokens = counts
         self.status_code = upstream.status_code
         headers = self._relayed_headers(upstream, {"content-length": str(len(content))})
         await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
@@ -197,21 +221,42 @@ class EngineExchange(Response):
         except httpx.TransportError:
             await self._failed_before_first_byte(replica, send, last=last)
             return
+        record = self.record
+        record.first_byte_now()
         replica.made_progress()
         self.status_code = upstream.status_code
         headers = self._relayed_headers(upstream, {"x-accel-buffering": "no"})
         await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
-        await send({"type": "http.response.body", "body": first, "more_body": True})
+        usage = StreamUsage(self.request.remove_usage_event)
+
+        async def pass_on(chunk: bytes) -> None:
+            arrived = time.perf_counter()
+            await self._pass_on(usage.feed(chunk), send)
+            record.relay_s += time.perf_counter() - arrived
+            record.chunks += 1
+
         try:
+            await pass_on(first)
             async for chunk in chunks:
                 replica.made_progress()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await pass_on(chunk)
+            await self._pass_on(usage.rest(), send)
         except httpx.TransportError:
+            self.metrics.upstream_errors.labels("broken_stream").inc()
             log.warning("replica %d: a stream broke before its end", replica.index)
             self.pool.check_soon(replica)
             event = error_body("the model engine stopped while answering", "server_error", "engine_error")
+            # Only whole events went on, so the error event starts cleanly (a half-received event is dropped).
             await send({"type": "http.response.body", "body": b"data: " + event + b"\n\n", "more_body": True})
+        finally:
+            if usage.counts is not None:
+                record.prompt_tokens, record.completion_tokens = usage.counts
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _pass_on(body: bytes, send: Send) -> None:
+        if body:
+            await send({"type": "http.response.body", "body": body, "more_body": True})
 
     async def _send_error(self, response: Response, send: Send) -> None:
         self.status_code = response.status_code

@@ -11,15 +11,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from importlib.metadata import version
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI
 
-from .app import create_app
+from .app import Gateway, create_gateway
 from .auth.watched import CredentialsFileError
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, is_loopback_host
 from .engine import Device, ReplicaLaunch, build_replicas
 from .privacy import harden_process
 from .profiles import ModelChoice, choose_model, detect_gpu_free_gb, load_profiles
@@ -52,8 +52,6 @@ class _Server(uvicorn.Server):
 def _uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
-        host=settings.gateway.host,
-        port=settings.gateway.port,
         access_log=False,  # an access log would record who asked what, and from where
         proxy_headers=False,
         server_header=False,
@@ -155,27 +153,45 @@ class Signals:
         await serving
 
 
-def listen(settings: Settings) -> socket.socket:
-    """Bind the gateway's address up front, so a taken port fails at once, before any engine starts."""
-    host, port = settings.gateway.host, settings.gateway.port
+@contextlib.asynccontextmanager
+async def metrics_listener(gateway: Gateway, settings: Settings) -> AsyncIterator[None]:
+    """The separate metrics listener, when configured: up with the gateway, down after it."""
+    if gateway.metrics is None:
+        yield
+        return
+    metrics = settings.metrics
+    with listen(metrics.host, metrics.port, "metrics") as sock:
+        server = _Server(_uvicorn_config(gateway.metrics, settings))
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        log.info("metrics on http://%s:%d/metrics%s", metrics.host, metrics.port,
+                 "" if is_loopback_host(metrics.host) else " (no sign-in: restrict who can reach it)")
+        try:
+            yield
+        finally:
+            server.should_exit = True
+            await serving
+
+
+def listen(host: str, port: int, section: str = "gateway") -> socket.socket:
+    """Bind an address up front, so a taken port fails at once, before any engine starts."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
     except (OSError, IndexError) as exc:
-        raise ConfigError(f"gateway.host: cannot resolve {host!r}") from exc
+        raise ConfigError(f"{section}.host: cannot resolve {host!r}") from exc
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        raise ConfigError(f"cannot listen on {host}:{port} ({section}): {exc.strerror}") from exc
     return sock
 
 
-def build_gateway(settings: Settings, upstream_urls: list[str]) -> FastAPI:
-    """The gateway app, with its credentials files read (and refused, naming the line, if unusable)."""
+def build_gateway(settings: Settings, upstream_urls: list[str]) -> Gateway:
+    """The gateway apps, with the credentials files read (and refused, naming the line, if unusable)."""
     try:
-        app = create_app(settings, upstream_urls)
+        gateway = create_gateway(settings, upstream_urls)
     except CredentialsFileError as exc:
         raise ConfigError(str(exc)) from exc
     methods = [name for name, on in (
@@ -183,24 +199,27 @@ def build_gateway(settings: Settings, upstream_urls: list[str]) -> FastAPI:
         ("oidc", settings.auth.oidc.enabled),
     ) if on]
     log.info("authentication: %s", ", ".join(methods) if methods else "none (every local client is let in)")
-    return app
+    return gateway
 
 
 async def run_up(settings: Settings) -> None:
     """Engines and gateway in one command: replicas start, the gateway serves (ready once they are)."""
     harden_process()
-    with runtime_directory(settings) as runtime_dir, listen(settings) as sock:
+    _log_start("up", settings)
+    gateway_settings = settings.gateway
+    with runtime_directory(settings) as runtime_dir, listen(gateway_settings.host, gateway_settings.port) as sock:
         choice, device, launches = plan_engines(settings, runtime_dir)
         _announce(choice, device, launches, settings)
         ensure_demo_model(choice, settings.engine.python)
-        app = build_gateway(settings, [launch.url for launch in launches])
+        gateway = build_gateway(settings, [launch.url for launch in launches])
         supervisor = Supervisor(launches, settings.engine)
         with Signals() as signals:
             supervisor.start()
             try:
                 log.info("gateway on http://%s:%d/v1 (ready once an engine is healthy: GET /readyz)",
-                         settings.gateway.host, settings.gateway.port)
-                await signals.serve(_Server(_uvicorn_config(app, settings)), sock)
+                         gateway_settings.host, gateway_settings.port)
+                async with metrics_listener(gateway, settings):
+                    await signals.serve(_Server(_uvicorn_config(gateway.api, settings)), sock)
             finally:
                 log.info("stopping the engines")
                 await supervisor.stop()
@@ -209,6 +228,7 @@ async def run_up(settings: Settings) -> None:
 async def run_engines(settings: Settings) -> None:
     """Only the engines, for a gateway that runs elsewhere (its upstreams are printed)."""
     harden_process()
+    _log_start("engine", settings)
     with runtime_directory(settings) as runtime_dir:
         choice, device, launches = plan_engines(settings, runtime_dir)
         _announce(choice, device, launches, settings)
@@ -227,8 +247,22 @@ async def run_engines(settings: Settings) -> None:
 async def run_gateway(settings: Settings) -> None:
     """Only the gateway, in front of the engines listed under ``upstreams``."""
     harden_process()
+    _log_start("gateway", settings)
     if not settings.upstreams:
         raise ConfigError("upstreams: list at least one engine (url: unix:/path.sock or http://host:port)")
-    app = build_gateway(settings, [upstream.url for upstream in settings.upstreams])
-    with listen(settings) as sock, Signals() as signals:
-        await signals.serve(_Server(_uvicorn_config(app, settings)), sock)
+    gateway = build_gateway(settings, [upstream.url for upstream in settings.upstreams])
+    with listen(settings.gateway.host, settings.gateway.port) as sock, Signals() as signals:
+        async with metrics_listener(gateway, settings):
+            await signals.serve(_Server(_uvicorn_config(gateway.api, settings)), sock)
+
+
+def _log_start(command: str, settings: Settings) -> None:
+    """What started, with the settings that shape operations (no secret, path of a secret, or identity)."""
+    event = {
+        "event": "start", "command": command, "version": version("airlock"),
+        "gateway": {"host": settings.gateway.host, "port": settings.gateway.port},
+        "metrics": settings.metrics.listener, "routing": settings.routing.strategy,
+        "replicas": settings.engine.replicas if command != "gateway" else len(settings.upstreams),
+        "log_level": settings.log_level,
+    }
+    log.info("airlock %s %s starting", command, event["version"], extra={"event": event})

@@ -211,6 +211,7 @@ def stack(
         "screening": {"max_tokens_limit": LONG_CONTEXT, "max_image_bytes": 1_000_000},
         # Tests send bursts as one user; fair-share limits have their own tests (test_replicas.py, test_fair_share.py).
         "admission": {"max_concurrent_per_user": 0, "requests_per_minute_per_user": 0},
+        "metrics": {"rejections_log_interval_s": 1},
         "engine": {
             "model": "demo",
             "demo_model_dir": str(demo_model_dir),

@@ -266,3 +266,49 @@ def test_a_flooding_user_does_not_hold_back_another_users_requests(two_replicas:
         assert a_before < 64 - 8, "A's flood ended before B was measured: the test proved nothing"
         # B waits for at most one queued A request, then runs beside those already running (FIFO: about 60).
         assert a_after - a_before <= 2 * capacity + 2, (spans, "".join(completions))
+
+
+def test_readyz_flips_when_the_only_replica_of_a_model_dies_and_back_when_it_returns(
+    two_replicas: TwoReplicas, tmp_path: Path,
+) -> None:
+    # A second real gateway (`airlock gateway`) whose only engine is replica 1 of this stack, with its metrics on a
+    # listener of their own. The stack's supervisor restarts the replica after the kill.
+    stack = two_replicas
+    port, metrics_port = free_port(), free_port()
+    config = write_config(tmp_path / "gateway.yaml", {
+        "gateway": {"port": port, "health_interval_s": 0.5},
+        "upstreams": [{"url": f"unix:{stack.socket(1)}"}],
+        "metrics": {"listener": "separate", "port": metrics_port},
+    })
+    base_url, metrics_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("wb") as log:
+        gateway = subprocess.Popen([*AIRLOCK, "gateway", "--config", str(config)], cwd=ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT, env=airlock_env())
+
+    def gauges() -> dict[str, float]:
+        text = httpx.get(metrics_url, timeout=30).text
+        return {line.split(" ")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith(("airlock_ready ", 'airlock_replica_healthy{replica="0"}'))}
+
+    def wait_for_readyz(status: int, seconds: float) -> float:
+        started = time.monotonic()
+        while httpx.get(f"{base_url}/readyz", timeout=10).status_code != status:
+            assert time.monotonic() - started < seconds, f"/readyz did not become {status}:\n{log_tail(log_path)}"
+            time.sleep(0.1)
+        return time.monotonic() - started
+
+    try:
+        wait_ready(f"{base_url}/readyz", gateway, log_path, 60)
+        assert gauges() == {"airlock_ready": 1.0, 'airlock_replica_healthy{replica="0"}': 1.0}
+        # The main listener has no /metrics when they have a listener of their own.
+        assert httpx.get(f"{base_url}/metrics").status_code == 404
+        os.killpg(os.getpgid(stack.replica_pid(1)), signal.SIGKILL)
+        took = wait_for_readyz(503, 10)
+        assert gauges() == {"airlock_ready": 0.0, 'airlock_replica_healthy{replica="0"}': 0.0}
+        print(f"\n/readyz answered 503 {took:.1f} s after the kill")
+        wait_for_readyz(200, 600)
+        assert gauges() == {"airlock_ready": 1.0, 'airlock_replica_healthy{replica="0"}': 1.0}
+    finally:
+        stop(gateway)
+    wait_for_both(stack)

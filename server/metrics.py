@@ -1,0 +1,257 @@
+"""The gateway's own metrics, anonymized: what operators see says how the service is doing, never who used it.
+
+Labels are only ever the model (a name the engines serve, or ``unknown``), the route, the status code, the stream
+flag, a replica index, and reasons and stages from fixed lists in this code. No user, key, address, tenant or byte of
+content reaches a label or a value; the one figure about users is how many distinct ones were active lately.
+
+Each request carries a ``RequestRecord`` that the request path fills in as it goes (model, queue wait, when it
+was forwarded, the first byte from the engine, tokens); ``GatewayMetrics.finish`` observes it once, at its end,
+whatever that end was (``finally`` in the middleware), so accounting survives disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from .errors import AirlockError
+
+if TYPE_CHECKING:
+    from .admission import Admission
+    from .upstream import ReplicaPool
+
+log = logging.getLogger(__name__)
+
+# From a cached prefix on a small model (milliseconds) to a long answer of a Thinking model (minutes).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+                   600.0)
+# The gateway's own share: tens of microseconds to a slow screening of a large image.
+OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+TOKENS_PER_S_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
+# Distinct users remembered for the active-users figure; beyond this the oldest are forgotten first.
+MAX_TRACKED_USERS = 100_000
+NO_MODEL = "none"
+UNKNOWN_MODEL = "unknown"
+
+# Why a request was refused, by error class: a fixed list (the error's own code is a label too; codes are constants).
+REJECTION_REASONS: dict[str, str] = {
+    "Unauthenticated": "auth",
+    "TooManyFailures": "auth",
+    "PermissionDenied": "forbidden",
+    "RateLimited": "limits",
+    "Overloaded": "queue",
+    "InvalidRequest": "screening",
+    "BodyTooLarge": "screening",
+    "ModelNotFound": "not_found",
+    "RouteNotFound": "not_found",
+    "MethodNotAllowed": "not_found",
+    "EngineUnavailable": "no_engine",
+}
+# How an engine failed a request (proxy.py names them).
+UPSTREAM_ERRORS = ("connect_failed", "dropped", "timeout", "transport", "error_status", "broken_answer",
+                   "broken_stream")
+
+
+@dataclass
+class RequestRecord:
+    """What one API request did. Holds no identity and no content: only times, a model name, counts."""
+
+    route: str
+    arrived: float
+    model: str = NO_MODEL
+    stream: bool = False
+    queue_wait: float | None = None
+    # When the request left for an engine, and when the engine's first byte of answer came back.
+    forwarded: float | None = None
+    first_byte: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    # Time the gateway spent passing chunks on (from a chunk's arrival to its hand-over to the server), and how many.
+    relay_s: float = 0.0
+    chunks: int = 0
+
+    def first_byte_now(self) -> None:
+        if self.first_byte is None:
+            self.first_byte = time.perf_counter()
+
+
+def rejection_reason(error: AirlockError) -> str | None:
+    """The metric reason for an error the gateway answered with itself, or None for a failure of its own or of an
+    engine (counted elsewhere)."""
+    for cls in type(error).__mro__:
+        reason = REJECTION_REASONS.get(cls.__name__)
+        if reason is not None:
+            return reason
+    return None
+
+
+class ActiveUsers:
+    """Distinct users seen within a window, kept as keyed digests (the key is random per process and never leaves
+    memory), so that even this table names nobody."""
+
+    def __init__(self, window_s: float) -> None:
+        self._window_s = window_s
+        self._key = secrets.token_bytes(32)
+        self._last_seen: OrderedDict[bytes, float] = OrderedDict()
+
+    def saw(self, user_key: str) -> None:
+        digest = hmac.new(self._key, user_key.encode(), hashlib.sha256).digest()
+        self._last_seen[digest] = time.monotonic()
+        self._last_seen.move_to_end(digest)
+        if len(self._last_seen) > MAX_TRACKED_USERS:
+            self._last_seen.popitem(last=False)
+
+    def count(self) -> int:
+        horizon = time.monotonic() - self._window_s
+        while self._last_seen:
+            digest, seen = next(iter(self._last_seen.items()))
+            if seen >= horizon:
+                break
+            del self._last_seen[digest]
+        return len(self._last_seen)
+
+
+class _StateCollector(Collector):
+    """Figures read at scrape time from the objects that own them: replicas, queues, active users."""
+
+    def __init__(self, read: Callable[[], Iterator[Metric]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        return self._read()
+
+
+class GatewayMetrics:
+    """Every series the gateway exports, in a registry of its own (several gateways can live in one process)."""
+
+    def __init__(self, active_users_window_s: float) -> None:
+        # No *_created series: they double the exposition and no dashboard or alert reads them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.active_users = ActiveUsers(active_users_window_s)
+        self._window_s = active_users_window_s
+        self._pool: ReplicaPool | None = None
+        self._admission: Admission | None = None
+        self._refused_since_log: collections.Counter[str] = collections.Counter()
+        r = self.registry
+        self.requests = Counter("airlock_requests", "API requests answered, by model, route and status code.",
+                                ["model", "route", "status"], registry=r)
+        self.duration = Histogram(
+            "airlock_request_duration_seconds",
+            "From a request's arrival to the end of its answer, for requests forwarded to an engine.",
+            ["model", "route", "stream"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "airlock_time_to_first_token_seconds",
+            "From a request's arrival to the first byte of the engine's answer (the whole answer when not streamed).",
+            ["model", "route", "stream"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens_per_s = Histogram(
+            "airlock_output_tokens_per_second",
+            "Tokens generated per second for one request, from forwarding to the answer's end.",
+            ["model"], buckets=TOKENS_PER_S_BUCKETS, registry=r)
+        self.output_tokens = Counter("airlock_output_tokens", "Tokens generated, as the engines reported them.",
+                                     ["model"], registry=r)
+        self.prompt_tokens = Counter("airlock_prompt_tokens", "Prompt tokens, as the engines reported them.",
+                                     ["model"], registry=r)
+        self.queue_wait = Histogram(
+            "airlock_queue_wait_seconds", "Time requests waited in the fair queue for an engine slot.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram(
+            "airlock_gateway_overhead_seconds",
+            "The gateway's own time: before_forward (arrival to forwarding, queue wait excluded) and per_chunk "
+            "(mean time to pass one streamed chunk on, per request).",
+            ["stage"], buckets=OVERHEAD_BUCKETS, registry=r)
+        self.upstream_errors = Counter("airlock_upstream_errors", "Engine failures seen by the gateway, by reason.",
+                                       ["reason"], registry=r)
+        self.retries = Counter("airlock_upstream_retries", "Requests tried again on another replica.", registry=r)
+        self.rejections = Counter("airlock_rejected_requests", "Requests the gateway refused, by reason and code.",
+                                  ["reason", "code"], registry=r)
+        self.in_flight = Gauge("airlock_requests_in_flight", "API requests under way in the gateway (queued too).",
+                               registry=r)
+        for reason in UPSTREAM_ERRORS:
+            self.upstream_errors.labels(reason)
+        ProcessCollector(namespace="airlock", registry=r)
+        r.register(_StateCollector(self._state))
+
+    def watch(self, pool: ReplicaPool, admission: Admission) -> None:
+        """Export the replicas' health and load and the queues' lengths, read at each scrape."""
+        self._pool, self._admission = pool, admission
+
+    def _state(self) -> Iterator[Metric]:
+        users = GaugeMetricFamily("airlock_active_users",
+                                  f"Distinct users with a request in the last {self._window_s:g} s (a count only).")
+        users.add_metric([], self.active_users.count())
+        yield users
+        if self._pool is not None:
+            healthy = GaugeMetricFamily("airlock_replica_healthy", "1 while a replica is in the pool.",
+                                        labels=["replica"])
+            outstanding = GaugeMetricFamily("airlock_replica_outstanding", "Requests in flight on a replica.",
+                                            labels=["replica"])
+            for replica in self._pool.replicas:
+                healthy.add_metric([str(replica.index)], 1.0 if replica.healthy else 0.0)
+                outstanding.add_metric([str(replica.index)], replica.outstanding)
+            yield healthy
+            yield outstanding
+            ready = GaugeMetricFamily("airlock_ready", "1 while every model has a healthy replica (as /readyz).")
+            ready.add_metric([], 1.0 if self._pool.ready else 0.0)
+            yield ready
+        if self._admission is not None:
+            queued = GaugeMetricFamily("airlock_queued_requests", "Requests waiting in a model's fair queue.",
+                                       labels=["model"])
+            for model, queue in self._admission.queues():
+                queued.add_metric([model], queue.queued)
+            yield queued
+
+    def rejected(self, error: AirlockError) -> None:
+        reason = rejection_reason(error)
+        if reason is not None:
+            self.rejections.labels(reason, error.code).inc()
+            self._refused_since_log[reason] += 1
+
+    async def log_refusals(self, interval_s: float) -> None:
+        """Every ``interval_s``, one log line with how many requests were refused, by reason (counts only)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if not self._refused_since_log:
+                continue
+            counts, self._refused_since_log = dict(self._refused_since_log), collections.Counter()
+            summary = ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
+            log.info("requests refused in the last %g s: %s", interval_s, summary,
+                     extra={"event": {"event": "requests_refused", "window_s": interval_s, "counts": counts}})
+
+    def finish(self, record: RequestRecord, status: int) -> None:
+        """Observe a request at its end (its answer sent, or the client gone)."""
+        end = time.perf_counter()
+        model = record.model
+        self.requests.labels(model, record.route, str(status)).inc()
+        if record.forwarded is None:
+            return
+        stream = "true" if record.stream else "false"
+        self.duration.labels(model, record.route, stream).observe(end - record.arrived)
+        waited = record.queue_wait or 0.0
+        self.overhead.labels("before_forward").observe(max(0.0, record.forwarded - record.arrived - waited))
+        if record.queue_wait is not None:
+            self.queue_wait.labels(model).observe(record.queue_wait)
+        if record.first_byte is not None:
+            self.ttft.labels(model, record.route, stream).observe(record.first_byte - record.arrived)
+        if record.chunks:
+            self.overhead.labels("per_chunk").observe(record.relay_s / record.chunks)
+        if record.prompt_tokens:
+            self.prompt_tokens.labels(model).inc(record.prompt_tokens)
+        if record.completion_tokens:
+            self.output_tokens.labels(model).inc(record.completion_tokens)
+            if end > record.forwarded:
+                self.tokens_per_s.labels(model).observe(record.completion_tokens / (end - record.forwarded))

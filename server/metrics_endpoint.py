@@ -1,0 +1,101 @@
+"""``/metrics``: the gateway's own series, then the engines' ``vllm:*`` series, each labelled with its replica index.
+
+Engines are read over the same connections the gateway forwards on (their unix sockets, with ``airlock up``), so one
+scrape target covers the whole stack and the engines stay unreachable from outside. Only ``vllm:*`` families are
+passed on: the engines' process and Python series would clash with the gateway's, and say nothing about serving.
+An engine that does not answer within the timeout is left out of that scrape (``airlock_engine_scrape_ok`` 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+
+import anyio.to_thread
+import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .errors import NO_STORE
+from .metrics import GatewayMetrics
+from .upstream import Replica, ReplicaPool
+
+ENGINE_PREFIX = "vllm:"
+# An engine's exposition is some hundreds of KB at most; anything longer is not read.
+MAX_ENGINE_METRICS_BYTES = 8 * 1024 * 1024
+
+
+class _EngineFamilies(Collector):
+    """The engines' families, merged by name with a ``replica`` label, as parsed for one scrape."""
+
+    def __init__(self, texts: Sequence[tuple[int, str | None]]) -> None:
+        self._texts = texts
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        scraped = GaugeMetricFamily("airlock_engine_scrape_ok", "1 when a replica's own metrics were read in time.",
+                                    labels=["replica"])
+        for index, text in self._texts:
+            scraped.add_metric([str(index)], 0.0 if text is None else 1.0)
+            if text is None:
+                continue
+            for family in text_string_to_metric_families(text):
+                if not family.name.startswith(ENGINE_PREFIX):
+                    continue
+                into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                for sample in family.samples:
+                    into.add_sample(sample.name, {**sample.labels, "replica": str(index)}, sample.value,
+                                    sample.timestamp)
+        yield scraped
+        yield from merged.values()
+
+
+def _render(texts: Sequence[tuple[int, str | None]]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_EngineFamilies(texts))
+    return generate_latest(registry)
+
+
+class MetricsEndpoint:
+    """Builds the text of one scrape."""
+
+    def __init__(self, metrics: GatewayMetrics, pool: ReplicaPool | None, engine_timeout_s: float) -> None:
+        self._metrics = metrics
+        self._pool = pool
+        self._timeout = engine_timeout_s
+
+    async def _engine_text(self, replica: Replica) -> tuple[int, str | None]:
+        try:
+            answer = await replica.client.get("/metrics", timeout=self._timeout)
+        except httpx.HTTPError:
+            return replica.index, None
+        if answer.status_code != 200 or len(answer.content) > MAX_ENGINE_METRICS_BYTES:
+            return replica.index, None
+        return replica.index, answer.text
+
+    async def render(self) -> bytes:
+        own = generate_latest(self._metrics.registry)
+        if self._pool is None:
+            return own
+        texts = await asyncio.gather(*(self._engine_text(replica) for replica in self._pool.replicas))
+        try:
+            # Parsing some hundred KB of text takes milliseconds: off the event loop that relays streams.
+            engines = await anyio.to_thread.run_sync(_render, texts)
+        except ValueError:
+            engines = await anyio.to_thread.run_sync(_render, [(index, None) for index, _ in texts])
+        return own + engines
+
+
+def metrics_app(endpoint: MetricsEndpoint) -> Starlette:
+    """The separate metrics listener: ``GET /metrics`` and nothing else."""
+
+    async def scrape(_: Request) -> Response:
+        return Response(await endpoint.render(), media_type=CONTENT_TYPE_LATEST, headers=NO_STORE)
+
+    return Starlette(routes=[Route("/metrics", scrape)])

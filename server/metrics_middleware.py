@@ -1,0 +1,57 @@
+"""Pure ASGI middleware that gives every API request a ``RequestRecord`` and observes it when the request ends."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .metrics import GatewayMetrics, RequestRecord
+
+# The OpenAI routes, by the name their metrics carry; any other /v1/ path is "other" (answered 404).
+API_ROUTES = {
+    "/v1/chat/completions": "chat_completions",
+    "/v1/completions": "completions",
+    "/v1/models": "models",
+    "/v1/airlock/privacy": "privacy",
+}
+RECORD = "airlock_request_record"
+
+
+def request_record(request: Request) -> RequestRecord | None:
+    """The record of an API request (None for probes and other paths, which are not counted)."""
+    record = request.scope.get("state", {}).get(RECORD)
+    return record if isinstance(record, RequestRecord) else None
+
+
+class MetricsMiddleware:
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if not path.startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        record = RequestRecord(route=API_ROUTES.get(path, "other"), arrived=time.perf_counter())
+        scope.setdefault("state", {})[RECORD] = record
+        # A request that ends with no answer at all (the client left first) counts as 499, as nginx logs it.
+        status = 499
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_noting_status)
+        except Exception:
+            status = 500
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.finish(record, status)
