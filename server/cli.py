@@ -108,6 +108,37 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     ))
 
 
+def _progress_bar(total: int, description: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, file=sys.stderr,
+                disable=None)
+
+
+def _cmd_verify_model(args: argparse.Namespace) -> int:
+    from .manifest import ManifestError, listed_bytes, verify_model
+
+    try:
+        with _progress_bar(listed_bytes(args.directory), "verifying") as bar:
+            result = verify_model(args.directory, bar.update)
+    except ManifestError as exc:
+        raise CommandError(str(exc)) from exc
+    print(("ok: " if result.ok else "MISMATCH: ") + result.summary())
+    return 0 if result.ok else 1
+
+
+def _cmd_bundle(args: argparse.Namespace) -> None:
+    from .bundle import BundleOptions, make_bundle
+    from .manifest import model_files, total_bytes
+
+    options = BundleOptions(out=args.out, model=args.model, wheels=not args.no_wheels, engine=args.engine,
+                            platform=args.platform, python_version=args.python_version, project=args.project)
+    size = total_bytes(args.model, model_files(args.model)) if args.model else 0
+    with _progress_bar(size, "hashing the model") as bar:
+        description = make_bundle(options, bar.update)
+    print(f"bundle written to {args.out}: {json.dumps(description)}")
+
+
 def _cmd_config(args: argparse.Namespace) -> None:
     settings = _settings(args)
     print(yaml.safe_dump(json.loads(settings.model_dump_json()), sort_keys=False), end="")
@@ -160,6 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--inside-netns", action="store_true", help=argparse.SUPPRESS)  # set by --netns itself
     audit.add_argument("--json", metavar="PATH", help="write the full report as JSON ('-': to stdout)")
     audit.set_defaults(func=_cmd_audit)
+
+    verify = commands.add_parser("verify-model", help="check a model directory against its airlock-manifest.sha256")
+    verify.add_argument("directory", type=Path)
+    verify.set_defaults(func=_cmd_verify_model)
+
+    from .bundle import DEFAULT_PLATFORM, DEFAULT_PYTHON
+
+    bundle = commands.add_parser("bundle", help="gather wheels, a model and checksums for an air-gapped install")
+    bundle.add_argument("--out", type=Path, required=True, help="directory to write the bundle to")
+    bundle.add_argument("--model", type=Path, help="a model directory to carry along (a manifest is written)")
+    bundle.add_argument("--engine", choices=["gpu", "cpu"], default="gpu", help="engine build (default gpu)")
+    bundle.add_argument("--platform", default=DEFAULT_PLATFORM, help=f"target wheel platform ({DEFAULT_PLATFORM})")
+    bundle.add_argument("--python-version", default=DEFAULT_PYTHON, help=f"target Python ({DEFAULT_PYTHON})")
+    bundle.add_argument("--no-wheels", action="store_true", help="only the model and checksums")
+    bundle.add_argument("--project", type=Path, default=Path.cwd(), help="the Airlock checkout (default: here)")
+    bundle.set_defaults(func=_cmd_bundle)
 
     config = with_config(commands.add_parser("config", help="validate the settings and print them"))
     config.set_defaults(func=_cmd_config)

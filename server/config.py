@@ -275,14 +275,20 @@ class EngineSettings(_Section):
     models_dir: Path = Path("/var/lib/airlock/models")
     # Profile for a model given as a path; default: guessed from the directory name, else a generic one.
     profile: str | None = None
+    # The model directory's airlock-manifest.sha256 (see `airlock verify-model`): if_present checks it when the
+    # directory has one, require refuses a model without one, off skips the check. A mismatch stops the start.
+    verify_model: Literal["if_present", "require", "off"] = "if_present"
     profiles_dir: Path | None = None
     served_model_name: str | None = None
     device: Literal["auto", "cpu", "gpu"] = "auto"
     replicas: int = Field(1, ge=1, le=64)
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     demo_model_dir: Path = Field(default_factory=lambda: _default_cache_dir() / "demo-qwen3-vl")
-    # Engines listen on unix sockets (default, nothing else can reach them) or on 127.0.0.1 ports.
+    # Engines listen on unix sockets (default, nothing else can reach them) or on TCP ports.
     bind: Literal["unix", "tcp"] = "unix"
+    # With bind: tcp, the address engines listen on. Engines have no sign-in of their own: anything but loopback
+    # (a Kubernetes pod's address) must be fenced off by a network policy that lets only the gateway in.
+    host: str = "127.0.0.1"
     socket_dir: Path | None = None
     base_port: int = Field(8100, ge=1024, le=65000)
     max_model_len: int | None = Field(None, ge=256)

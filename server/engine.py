@@ -147,7 +147,7 @@ def build_replicas(
         if url.startswith("unix:"):
             argv += ["--uds", url.removeprefix("unix:")]
         else:
-            argv += ["--host", "127.0.0.1", "--port", str(settings.base_port + index)]
+            argv += ["--host", settings.host, "--port", str(settings.base_port + index)]
         if profile.reasoning_parser:
             argv += ["--reasoning-parser", profile.reasoning_parser]
         env = dict(base_env)

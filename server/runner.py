@@ -79,6 +79,29 @@ def plan_engines(settings: Settings, runtime_dir: Path) -> tuple[ModelChoice, De
     return choice, device, build_replicas(settings.engine, choice, device, runtime_dir)
 
 
+def check_model(choice: ModelChoice, settings: Settings) -> None:
+    """Refuse weights that do not match their manifest (``engine.verify_model``) before anything loads them."""
+    from .manifest import MANIFEST_NAME, ManifestError, verify_model
+
+    mode = settings.engine.verify_model
+    if choice.is_demo or mode == "off":
+        return
+    if not (choice.path / MANIFEST_NAME).exists():
+        if mode == "require":
+            raise ConfigError(f"engine.verify_model is 'require' and {choice.path} has no {MANIFEST_NAME} "
+                              "(write one with `airlock bundle` where the model was fetched)")
+        return
+    log.info("checking the model's files against %s", MANIFEST_NAME)
+    try:
+        result = verify_model(choice.path)
+    except ManifestError as exc:
+        raise ConfigError(f"engine.verify_model: {exc}") from exc
+    if not result.ok:
+        raise ConfigError(f"the model at {choice.path} does not match its manifest ({result.summary()}); "
+                          "refusing to start it")
+    log.info("model files match the manifest (%d files)", result.checked)
+
+
 def ensure_demo_model(choice: ModelChoice, python: str | None) -> None:
     """Build the demo model in a child process, so that torch never loads into the gateway's process."""
     from .demo_model import is_built
@@ -210,6 +233,7 @@ async def run_up(settings: Settings) -> None:
     with runtime_directory(settings) as runtime_dir, listen(gateway_settings.host, gateway_settings.port) as sock:
         choice, device, launches = plan_engines(settings, runtime_dir)
         _announce(choice, device, launches, settings)
+        check_model(choice, settings)
         ensure_demo_model(choice, settings.engine.python)
         gateway = build_gateway(settings, [launch.url for launch in launches])
         supervisor = Supervisor(launches, settings.engine)
@@ -232,6 +256,7 @@ async def run_engines(settings: Settings) -> None:
     with runtime_directory(settings) as runtime_dir:
         choice, device, launches = plan_engines(settings, runtime_dir)
         _announce(choice, device, launches, settings)
+        check_model(choice, settings)
         ensure_demo_model(choice, settings.engine.python)
         supervisor = Supervisor(launches, settings.engine)
         with Signals() as signals:
