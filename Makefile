@@ -8,7 +8,7 @@ ENGINE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install run test lint bench-fairness clean
+.PHONY: install browser run test lint bench-fairness clean
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -20,8 +20,14 @@ install: $(UV)
 run: install
 	$(VENV)/bin/airlock up $(ARGS)
 
-test: install
+test: install browser
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The console tests drive Debian's Chromium (Playwright's own browser downloads are never used).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null; } || \
+		{ echo "the console tests need Debian's chromium: sudo apt-get install chromium" >&2; exit 1; }
 
 # User B's time to first token while user A floods: through Airlock's fair queue and straight to vLLM.
 bench-fairness: install

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from .admission import Admission
 from .auth import ModelAccess, Principal, build_authentication
 from .config import Settings
+from .console import CONSOLE_HEADER, console_router
 from .errors import (
     NO_STORE,
     AirlockError,
@@ -29,6 +30,7 @@ from .errors import (
     ModelNotFound,
     PermissionDenied,
     RouteNotFound,
+    Unauthenticated,
     error_response,
 )
 from .metrics import UNKNOWN_MODEL, GatewayMetrics
@@ -38,11 +40,13 @@ from .posture import privacy_posture
 from .proxy import EngineExchange, EngineRequest
 from .routing import build_strategy
 from .screening import Route, Screening
+from .sessions import CSRF_HEADER, SESSION_COOKIE, SessionStore, csrf_matches
 from .tenancy import TenantSalts
 from .upstream import ReplicaPool
 from .usage import ask_for_usage
 
 SCREEN_INLINE_BYTES = 256 * 1024
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -96,6 +100,7 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str]) -> Gateway:
     authentication = build_authentication(config.auth)
     access = ModelAccess(config.authorization)
     screening = Screening(config.screening, TenantSalts(config.privacy))
+    sessions = SessionStore(config.console.session_idle_s, config.console.session_max_s, config.console.max_sessions)
     posture = privacy_posture(config, upstream_urls)
 
     @asynccontextmanager
@@ -123,8 +128,16 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str]) -> Gateway:
     )
 
     async def authenticate(request: Request) -> Principal:
-        source = request.client.host if request.client else "unknown"
-        principal = await authentication.authenticate(request.headers.get("authorization"), source)
+        authorization = request.headers.get("authorization")
+        session = None if authorization else sessions.get(request.cookies.get(SESSION_COOKIE))
+        if session is not None:
+            # The console's session cookie; anything but a read must also carry the page's CSRF token.
+            if request.method not in SAFE_METHODS and not csrf_matches(session, request.headers.get(CSRF_HEADER)):
+                raise Unauthenticated("the console's request lacks its token; reload the page")
+            principal = session.principal
+        else:
+            source = request.client.host if request.client else "unknown"
+            principal = await authentication.authenticate(authorization, source)
         metrics.active_users.saw(principal.key)
         return principal
 
@@ -210,6 +223,9 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str]) -> Gateway:
                 raise PermissionDenied("the metrics are for operators", code="metrics_not_allowed")
             return Response(await endpoint.render(), media_type=CONTENT_TYPE_LATEST, headers=NO_STORE)
 
+    if config.console.enabled:
+        app.include_router(console_router(config, authentication, sessions))
+
     install_error_handlers(app, metrics)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     separate = config.metrics.listener == "separate"
@@ -227,8 +243,11 @@ def install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
         metrics.rejected(error)
         return error.to_response()
 
-    async def airlock_error(_: Request, exc: Exception) -> Response:
+    async def airlock_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, AirlockError)
+        if request.headers.get(CONSOLE_HEADER) and "www-authenticate" in exc.headers:
+            # The console signs in with its own form: a challenge would make the browser pop up its password box.
+            exc.headers = {name: value for name, value in exc.headers.items() if name != "www-authenticate"}
         return refuse(exc)
 
     async def http_error(_: Request, exc: Exception) -> Response:

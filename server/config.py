@@ -251,6 +251,33 @@ class MetricsSettings(_Section):
     rejections_log_interval_s: float = Field(60.0, ge=0)
 
 
+class ConsoleSettings(_Section):
+    """The browser console at ``/``: sign-in with a form (Basic users) or the OIDC provider; sessions in memory."""
+
+    enabled: bool = True
+    # A session ends after this long unused, and after session_max_s in any case.
+    session_idle_s: float = Field(8 * 3600.0, gt=0)
+    session_max_s: float = Field(12 * 3600.0, gt=0)
+    max_sessions: int = Field(10_000, ge=1)
+    # The address people reach Airlock at (https://airlock.example.org), for the OIDC redirect and Secure cookies;
+    # default: the address each request names.
+    public_url: str | None = Field(None, pattern=r"^https?://[^/?#]+/?$")
+    # The console's client at the OIDC provider (default: auth.oidc.audience) and, for a confidential client, a file
+    # holding its secret; without one the console is a public client protected by PKCE.
+    oidc_client_id: str | None = None
+    oidc_client_secret_file: Path | None = None
+    oidc_scopes: list[str] = Field(default_factory=lambda: ["openid", "profile"], min_length=1)
+    # Secure cookies: auto (when public_url or the request is https), always, never.
+    secure_cookies: Literal["auto", "always", "never"] = "auto"
+    # The browser scales images down to at most this many pixels before sending them.
+    image_max_pixels: int = Field(4_000_000, ge=65_536)
+
+    @field_validator("oidc_client_secret_file")
+    @classmethod
+    def _expand_home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+
 class UpstreamSettings(_Section):
     """An engine the gateway forwards to when it does not launch engines itself (``airlock gateway``)."""
 
@@ -333,6 +360,7 @@ class Settings(BaseSettings):
     routing: RoutingSettings = Field(default_factory=lambda: RoutingSettings())
     admission: AdmissionSettings = Field(default_factory=lambda: AdmissionSettings())
     metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings())
+    console: ConsoleSettings = Field(default_factory=lambda: ConsoleSettings())
     upstreams: list[UpstreamSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -50,6 +50,12 @@ def privacy_posture(config: Settings, upstream_urls: Sequence[str]) -> dict[str,
             "admission": config.admission.model_dump(),
         },
         "authentication": {"methods": methods, "required": bool(methods)},
+        "console": {
+            "enabled": config.console.enabled,
+            "sessions": "memory only",
+            "browser_storage": "none",
+            "content_security_policy": "self only",
+        },
         "metrics": {
             "listener": config.metrics.listener,
             "labels": ["model", "route", "status", "stream", "reason", "code", "stage", "replica"],

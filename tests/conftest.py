@@ -212,6 +212,8 @@ def stack(
         # Tests send bursts as one user; fair-share limits have their own tests (test_replicas.py, test_fair_share.py).
         "admission": {"max_concurrent_per_user": 0, "requests_per_minute_per_user": 0},
         "metrics": {"rejections_log_interval_s": 1},
+        # The test provider takes any client, but only with a secret (no public clients).
+        "console": {"oidc_client_secret_file": str(write_secret(workdir / "console-client-secret", "unused"))},
         "engine": {
             "model": "demo",
             "demo_model_dir": str(demo_model_dir),
@@ -233,6 +235,12 @@ def stack(
         yield Stack(process, base_url, socket_dir, log_path, "airlock-demo-qwen3-vl", credentials.api_key)
     finally:
         stop(process)
+
+
+def write_secret(path: Path, value: str) -> Path:
+    path.write_text(value)
+    path.chmod(0o600)
+    return path
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 60) -> None:
