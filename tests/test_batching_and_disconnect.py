@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from .conftest import LONG_ANSWER, Stack
+from .servers import wait_until_ready
 
 pytestmark = pytest.mark.engine
 
@@ -53,6 +54,9 @@ def test_concurrent_requests_through_the_gateway_share_engine_steps(stack: Stack
     # at a time decode alone: one token per engine step. Batched, the steps carry many tokens each.
     async def steps_of_one(client: openai.AsyncOpenAI, sequential: int, concurrent: int) -> float:
         stack.wait_for_running(0, 120)
+        # A burst straight to vLLM slows its /health past the gateway's patience, and the gateway, which saw none of
+        # that traffic, may have taken the replica out for a moment: it is back once /health answers again.
+        wait_until_ready(stack.base_url, 60)
         before = single_token_steps(stack)
         async with client:
             for _ in range(sequential):
@@ -95,6 +99,7 @@ def test_client_disconnect_mid_stream_aborts_the_engine_request(client: openai.O
     # attempt generates the whole answer, the test fails.
     for _attempt in range(DISCONNECT_ATTEMPTS):
         stack.wait_for_running(0, 120)  # nothing left over from earlier tests or attempts
+        wait_until_ready(stack.base_url, 60)
         generated_before, finished_before = stack.generated_tokens(), stack.finished_requests()
         with client.chat.completions.create(
             model=stack.model,

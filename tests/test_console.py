@@ -250,7 +250,9 @@ def test_a_session_cookie_alone_cannot_send_requests(stack: Stack, credentials: 
         assert browser_like.get("/v1/models").status_code == 200  # reads need no token
         browser_like.post("/console/api/sign-out", headers={"x-airlock-csrf": signed.json()["csrf"]})
         assert browser_like.get("/v1/models").status_code == 401
-    wrong = httpx.post(f"{stack.base_url}/console/api/sign-in", json={"username": "alice", "password": "nope"})
+    # Failed sign-ins from this address are slowed down (up to 5 s each): the suite has made many.
+    wrong = httpx.post(f"{stack.base_url}/console/api/sign-in", json={"username": "alice", "password": "nope"},
+                       timeout=30)
     assert wrong.status_code == 401 and wrong.json()["error"]["message"] == "invalid or missing credentials"
     malformed = httpx.post(f"{stack.base_url}/console/api/sign-in", json={"username": ""})
     assert malformed.status_code == 400 and malformed.json()["error"]["type"] == "invalid_request_error"
