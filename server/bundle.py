@@ -71,10 +71,13 @@ def gather_wheels(options: BundleOptions) -> None:
 
 def copy_model(model: Path, out: Path, progress: Callable[[int], None] | None = None) -> Path:
     """The model's files, with a manifest written from the copy (what will travel is what is hashed)."""
+    model = model.resolve()
     if not (model / "config.json").is_file():
         raise ConfigError(f"{model} is not a model directory (no config.json)")
     target = out / "models" / model.name
-    shutil.copytree(model, target, dirs_exist_ok=True)
+    if target.exists():
+        raise ConfigError(f"{target} already exists: bundle into an empty directory")
+    shutil.copytree(model, target)
     write_manifest(target, progress)
     return target
 
@@ -93,6 +96,10 @@ def make_bundle(options: BundleOptions, progress: Callable[[int], None] | None =
     if options.wheels:
         gather_wheels(options)
     model = copy_model(options.model, out, progress) if options.model is not None else None
+    # What installing needs on the far side: the systemd units, Containerfiles, dashboards and the Helm chart.
+    for carried in ("deploy", "helm"):
+        if (options.project / carried).is_dir():
+            shutil.copytree(options.project / carried, out / carried, dirs_exist_ok=True)
     description: dict[str, object] = {
         "platform": options.platform, "python": options.python_version, "engine": options.engine,
         "wheels": options.wheels, "model": str(model.relative_to(out)) if model else None,

@@ -108,7 +108,9 @@ def engine_environment(parent: Mapping[str, str]) -> dict[str, str]:
 def replica_url(settings: EngineSettings, runtime_dir: Path, index: int) -> str:
     if settings.bind == "unix":
         return f"unix:{runtime_dir / f'replica-{index}.sock'}"
-    return f"http://127.0.0.1:{settings.base_port + index}"
+    # Where this machine reaches it: loopback when it listens on every address, else the address itself.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.base_port + index}"
 
 
 def build_replicas(

@@ -9,6 +9,7 @@ file can change what vLLM loads (a chat template, a tokenizer, a config).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,9 +45,21 @@ class Verification:
 
 
 def model_files(directory: Path) -> list[str]:
-    """Every regular file under ``directory`` (symlinks followed), relative, sorted; the manifest itself excluded."""
-    return sorted(str(path.relative_to(directory)) for path in directory.rglob("*")
-                  if path.is_file() and path.name != MANIFEST_NAME)
+    """Every regular file under ``directory``, relative, sorted; the manifest itself excluded. Symlinked files and
+    directories are followed (a directory reached twice is walked once), so nothing linked in escapes the check."""
+    found: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        identity = os.stat(root)
+        if (identity.st_dev, identity.st_ino) in seen:
+            dirs.clear()
+            continue
+        seen.add((identity.st_dev, identity.st_ino))
+        for name in files:
+            path = Path(root) / name
+            if path.is_file() and not (Path(root) == directory and name == MANIFEST_NAME):
+                found.append(str(path.relative_to(directory)))
+    return sorted(found)
 
 
 def sha256_of(path: Path, progress: Progress | None = None) -> str:
