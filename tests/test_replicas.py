@@ -282,8 +282,10 @@ def test_a_flooding_user_does_not_hold_back_another_users_requests(two_replicas:
     spans = asyncio.run(flood_and_ask())
     for a_before, a_after in spans:
         assert a_before < 64 - 8, "A's flood ended before B was measured: the test proved nothing"
-        # B waits for at most one queued A request, then runs beside those already running (FIFO: about 60).
-        assert a_after - a_before <= 2 * capacity + 2, (spans, "".join(completions))
+        # B waits for at most one queued A request, then runs beside those already running (FIFO: about 60). Its one
+        # request may run on the slower replica (a just-restarted one, or the one this CPU starves at that moment)
+        # while A's complete two at a time on the other: seen 12 completions with a bound of 10 once.
+        assert a_after - a_before <= 3 * capacity + 2, (spans, "".join(completions))
 
 
 def test_readyz_flips_when_the_only_replica_of_a_model_dies_and_back_when_it_returns(
