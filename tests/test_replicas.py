@@ -36,6 +36,8 @@ from .servers import free_port
 pytestmark = pytest.mark.engine
 
 IN_FLIGHT_PER_REPLICA = 2
+# The fairness test's flood: long answers (a few seconds each here) next to B's short ones.
+A_TOKENS = 1024
 MODEL = "airlock-demo-qwen3-vl"
 
 
@@ -253,7 +255,11 @@ def test_a_replica_killed_mid_burst_fails_only_started_streams_then_serves_again
 
 
 def test_a_flooding_user_does_not_hold_back_another_users_requests(two_replicas: TwoReplicas) -> None:
-    """A keeps 64 requests in flight; each of B's is served after a bounded number of A's completions."""
+    """A keeps 64 requests in flight; each of B's is served after a bounded number of A's completions.
+
+    A's answers are long and B's short, so that counting A's completions measures B's place in line, not B's
+    fixed costs: with short answers (48 tokens, about 0.2 s each here) A finished 10 a second, and the bound
+    was broken by a second of HTTP and CPU noise around one of B's requests."""
     stack = two_replicas
     completions: list[str] = []
     capacity = 2 * IN_FLIGHT_PER_REPLICA
@@ -262,7 +268,7 @@ def test_a_flooding_user_does_not_hold_back_another_users_requests(two_replicas:
         async with stack.client("alice") as alice, stack.client("bob") as bob:
 
             async def a_request() -> None:
-                await ask(alice, 48)
+                await ask(alice, A_TOKENS)
                 completions.append("A")
 
             flood = [asyncio.create_task(a_request()) for _ in range(64)]
@@ -282,10 +288,9 @@ def test_a_flooding_user_does_not_hold_back_another_users_requests(two_replicas:
     spans = asyncio.run(flood_and_ask())
     for a_before, a_after in spans:
         assert a_before < 64 - 8, "A's flood ended before B was measured: the test proved nothing"
-        # B waits for at most one queued A request, then runs beside those already running (FIFO: about 60). Its one
-        # request may run on the slower replica (a just-restarted one, or the one this CPU starves at that moment)
-        # while A's complete two at a time on the other: seen 12 completions with a bound of 10 once.
-        assert a_after - a_before <= 3 * capacity + 2, (spans, "".join(completions))
+        # B finds a slot kept free for newcomers and runs beside A's running requests, which end meanwhile (at
+        # most `capacity`, a few more if B's request is slow on a busy replica); first-come order gives about 60.
+        assert a_after - a_before <= 2 * capacity + 2, (spans, "".join(completions))
 
 
 def test_readyz_flips_when_the_only_replica_of_a_model_dies_and_back_when_it_returns(
