@@ -8,7 +8,7 @@ ENGINE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install browser run test lint bench-fairness clean
+.PHONY: install browser run test lint bench bench-fairness clean
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -28,6 +28,10 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null; } || \
 		{ echo "the console tests need Debian's chromium: sudo apt-get install chromium" >&2; exit 1; }
+
+# What the gateway costs, side by side with the same load straight upstream (see README, Performance).
+bench: install
+	$(VENV)/bin/python -m tests.bench.run $(ARGS)
 
 # User B's time to first token while user A floods: through Airlock's fair queue and straight to vLLM.
 bench-fairness: install

@@ -84,9 +84,11 @@ def last_answer(page: Page) -> Any:
 def count_answer_updates(page: Page) -> None:
     """Count the changes to the answer being written (each server-sent event adds to it)."""
     page.evaluate("""() => {
+        if (window.__updates === undefined) {
+            new MutationObserver(() => { window.__updates += 1; }).observe(
+                document.getElementById('conversation'), {subtree: true, childList: true, characterData: true});
+        }
         window.__updates = 0;
-        new MutationObserver(() => { window.__updates += 1; })
-            .observe(document.getElementById('conversation'), {subtree: true, childList: true, characterData: true});
     }""")
 
 
@@ -156,8 +158,18 @@ def test_password_sign_in_images_streamed_answer_structured_output_clear_and_sig
     assert [part["type"] for part in sent["messages"][-1]["content"]] == ["text", "image_url", "image_url"]
     assert asked.value.headers["content-type"].startswith("text/event-stream")
     assert last_answer(page).inner_text().strip()
-    assert page.evaluate("window.__updates") > 3  # written piece by piece, as the events came
     assert page.locator("#thumbnails li").count() == 0  # the images went with the question
+    # Written piece by piece, as the events came. vLLM on this CPU sometimes sends a short answer's events in one
+    # burst, and the tiny model may end after a token or two: of up to three answers, one must come in pieces.
+    updates = [page.evaluate("window.__updates")]
+    while updates[-1] <= 3 and len(updates) < 3:
+        count_answer_updates(page)
+        page.fill("#question", "And what else is written there?")
+        with page.expect_response(f"{origin}/v1/chat/completions"):
+            page.click("#send")
+        last_answer(page)
+        updates.append(page.evaluate("window.__updates"))
+    assert updates[-1] > 3, f"every answer appeared at once (changes per answer: {updates})"
     shot(page, "03-answer")
 
     # Structured output: a JSON answer that follows the schema, its boxes drawn over the image.

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,10 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-AIRLOCK = [sys.executable, "-m", "server.cli"]
+from .stacks import NO_USER_LIMITS, airlock, api_keys
+
 MODEL = "airlock-demo-qwen3-vl"
 MAX_NUM_SEQS = 8
 FLOOD = 64
@@ -84,40 +81,15 @@ async def scenario(client: httpx.AsyncClient, engine: httpx.AsyncClient, a: dict
 
 @contextmanager
 def airlock_stack(work: Path) -> Iterator[tuple[str, Path, dict[str, str], dict[str, str]]]:
-    keys_file = work / "api-keys.json"
-    keys = {}
-    for user in ("user-a", "user-b"):
-        created = subprocess.run([*AIRLOCK, "keys", "create", "--user", user, "--file", str(keys_file)], cwd=ROOT,
-                                 capture_output=True, text=True, check=True)
-        keys[user] = {"authorization": f"Bearer {created.stdout.strip()}"}
+    keys = api_keys(work / "api-keys.json", ["user-a", "user-b"])
     port = 18600
-    config = work / "airlock.yaml"
-    config.write_text(yaml.safe_dump({
-        "gateway": {"port": port},
-        "auth": {"api_keys_file": str(keys_file)},
-        "admission": {"max_in_flight_per_replica": MAX_NUM_SEQS, "max_concurrent_per_user": 0,
-                      "requests_per_minute_per_user": 0},
+    with airlock("up", work, port, {
+        "auth": {"api_keys_file": str(work / "api-keys.json")},
+        "admission": {"max_in_flight_per_replica": MAX_NUM_SEQS, **NO_USER_LIMITS},
         "engine": {"model": "demo", "socket_dir": str(work / "sockets"), "cpu_kvcache_gb": 1, "max_model_len": 4096,
                    "extra_args": ["--max-num-seqs", str(MAX_NUM_SEQS)]},
-    }))
-    log = (work / "airlock.log").open("wb")
-    stack = subprocess.Popen([*AIRLOCK, "up", "--config", str(config)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if stack.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("airlock did not start: see " + str(work / "airlock.log"))
-            time.sleep(1)
-        yield base, work / "sockets" / "replica-0.sock", keys["user-a"], keys["user-b"]
-    finally:
-        stack.send_signal(signal.SIGTERM)
-        stack.wait(120)
+    }):
+        yield f"http://127.0.0.1:{port}", work / "sockets" / "replica-0.sock", keys["user-a"], keys["user-b"]
 
 
 def main() -> int:

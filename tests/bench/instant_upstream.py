@@ -1,0 +1,93 @@
+"""A stand-in for vLLM that answers at once, so that a benchmark through the gateway measures the gateway alone.
+
+This is the one fake in the benchmarks, and only where a real engine cannot do the job: a real one takes
+milliseconds to seconds per answer, which would drown the gateway's microseconds. It speaks just enough of
+vLLM's OpenAI API for the gateway: ``/health``, ``/v1/models`` and chat completions, streamed (one event per
+token, as vLLM sends them, and a usage event when asked) or whole. It reads every request body to its end.
+
+Run: ``python -m tests.bench.instant_upstream --uds PATH [--tokens N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import uvicorn
+from starlette.types import Receive, Scope, Send
+
+from .load import MODEL
+
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8")]
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class InstantEngine:
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        chunk = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0, "model": MODEL}
+        usage = {"prompt_tokens": 12, "completion_tokens": tokens, "total_tokens": 12 + tokens}
+        self.stream = [_event({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})]
+        self.stream += [_event({**chunk, "choices": [{"index": 0, "delta": {"content": " word"}}]})] * tokens
+        self.stream.append(_event({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}))
+        self.usage_event = _event({**chunk, "choices": [], "usage": usage})
+        self.whole = json.dumps({
+            "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": MODEL,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": " word" * tokens},
+                         "finish_reason": "length"}],
+            "usage": usage,
+        }).encode()
+        self.models = json.dumps({"object": "list", "data": [
+            {"id": MODEL, "object": "model", "created": 0, "owned_by": "vllm", "max_model_len": 4096}]}).encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path = scope["path"]
+        if path == "/health":
+            await self._send(send, 200, JSON_HEADERS, b"")
+        elif path == "/v1/models":
+            await self._send(send, 200, JSON_HEADERS, self.models)
+        elif path == "/v1/chat/completions":
+            request = json.loads(body)
+            if request.get("stream"):
+                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                events = list(self.stream)
+                if (request.get("stream_options") or {}).get("include_usage"):
+                    events.append(self.usage_event)
+                for event in [*events, b"data: [DONE]\n\n"]:
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                await self._send(send, 200, JSON_HEADERS, self.whole)
+        else:
+            await self._send(send, 404, JSON_HEADERS, b'{"error":"not found"}')
+
+    @staticmethod
+    async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--uds", required=True, help="the unix socket to listen on")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens in each answer (one event each, streamed)")
+    args = parser.parse_args()
+    uvicorn.run(InstantEngine(args.tokens), uds=args.uds, log_level="warning", access_log=False,
+                timeout_keep_alive=75)
+
+
+if __name__ == "__main__":
+    main()

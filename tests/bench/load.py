@@ -1,0 +1,105 @@
+"""Closed-loop load: ``concurrency`` clients, each sending its next request as soon as its last one ended.
+
+The client is aiohttp (light, so that the client is not what limits a run); the same client and the same
+request bodies go straight to the engine and through the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiohttp
+
+FIRST_CONTENT = b'"content":"'
+MODEL = "airlock-demo-qwen3-vl"
+
+
+def chat_request(content: object, *, stream: bool, max_tokens: int, ignore_eos: bool = False) -> bytes:
+    """A chat completion body; a streamed one asks for the usage event (its token count is what is measured)."""
+    body: dict[str, object] = {"model": MODEL, "max_tokens": max_tokens, "stream": stream,
+                               "messages": [{"role": "user", "content": content}]}
+    if ignore_eos:
+        body["ignore_eos"] = True
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return json.dumps(body).encode()
+
+
+@dataclass(frozen=True)
+class Sample:
+    ttft_s: float  # to the first event carrying text (streamed), or to the whole answer
+    e2e_s: float
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Run:
+    samples: list[Sample]
+    wall_s: float
+
+    @property
+    def requests_per_s(self) -> float:
+        return len(self.samples) / self.wall_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(sample.tokens for sample in self.samples) / self.wall_s
+
+    def ttft(self, q: float) -> float:
+        return percentile([sample.ttft_s for sample in self.samples], q)
+
+    def e2e(self, q: float) -> float:
+        return percentile([sample.e2e_s for sample in self.samples], q)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), interpolated."""
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 10) - 1]
+
+
+def session(base_url: str, uds: str | None = None, connections: int = 512) -> aiohttp.ClientSession:
+    connector = (aiohttp.UnixConnector(path=uds, limit=connections) if uds
+                 else aiohttp.TCPConnector(limit=connections))
+    return aiohttp.ClientSession(base_url, connector=connector, timeout=aiohttp.ClientTimeout(total=900),
+                                 auto_decompress=False)
+
+
+async def one(client: aiohttp.ClientSession, body: bytes, headers: dict[str, str]) -> Sample:
+    started = time.perf_counter()
+    first = 0.0
+    async with client.post("/v1/chat/completions", data=body, headers=headers) as response:
+        if response.status != 200:
+            raise RuntimeError(f"status {response.status}: {(await response.text())[:300]}")
+        if response.content_type == "text/event-stream":
+            tokens = 0
+            async for line in response.content:
+                if not first and FIRST_CONTENT in line and b'"content":""' not in line:
+                    first = time.perf_counter()
+                if line.startswith(b"data: {") and b'"usage":{' in line:
+                    tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+        else:
+            tokens = json.loads(await response.read())["usage"]["completion_tokens"]
+    ended = time.perf_counter()
+    return Sample((first or ended) - started, ended - started, tokens)
+
+
+async def closed_loop(client: aiohttp.ClientSession, body: bytes, headers: dict[str, str], concurrency: int,
+                      requests: int) -> Run:
+    """``requests`` requests (rounded up to a multiple of ``concurrency``) from ``concurrency`` clients."""
+    per_client = -(-requests // concurrency)
+    samples: list[Sample] = []
+
+    async def client_loop() -> None:
+        for _ in range(per_client):
+            samples.append(await one(client, body, headers))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    return Run(samples, time.perf_counter() - started)

