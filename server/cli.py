@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from . import runtime
 from .audit import AuditError
 from .cli_auth import CommandError
 from .cli_auth import add_commands as add_auth_commands
@@ -44,7 +45,7 @@ def _cmd_up(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     _configure_logging(settings)
-    asyncio.run(run_up(settings))
+    runtime.run(run_up(settings))
 
 
 def _cmd_engine(args: argparse.Namespace) -> None:
@@ -81,7 +82,7 @@ def _cmd_gateway(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     _configure_logging(settings)
-    asyncio.run(run_gateway(settings))
+    runtime.run(run_gateway(settings))
 
 
 def _cmd_demo_model(args: argparse.Namespace) -> None:

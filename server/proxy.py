@@ -15,8 +15,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import aiohttp
 import anyio
-import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -131,54 +131,58 @@ class EngineExchange(Response):
             headers={"retry-after": str(self.retry_after_s)},
         )
 
-    async def _open(self, replica: Replica) -> httpx.Response | None:
+    async def _open(self, replica: Replica) -> aiohttp.ClientResponse | None:
         """Send the request; None when it failed before the engine answered (so it may be retried)."""
-        request = replica.client.build_request("POST", self.path, content=self.request.body,
-                                               headers=UPSTREAM_HEADERS)
+        assert replica.session is not None, "the pool opens every replica's session when it starts"
         self.record.forwarded = time.perf_counter()
         errors = self.metrics.upstream_errors
         try:
-            return await replica.client.send(request, stream=True)
-        except httpx.ConnectError:
+            return await replica.session.post(replica.endpoint(self.path), data=self.request.body,
+                                              headers=UPSTREAM_HEADERS)
+        except aiohttp.ClientConnectorError:
             # Refused or no socket: the engine is down. Out of the pool until a health check says otherwise.
             errors.labels("connect_failed").inc()
             self.pool.mark_failed(replica)
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.ConnectTimeout):
+        except (aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError, aiohttp.ClientOSError):
             # Dropped before any answer (a kept-alive connection the engine had just closed, an engine too busy to
             # accept, or one that died): nothing reached the client yet, so another try is safe.
             errors.labels("dropped").inc()
             log.info("replica %d dropped a request before answering; retrying it", replica.index)
             self.pool.check_soon(replica)
-        except httpx.TimeoutException as exc:
+        except TimeoutError as exc:
             # No answer within read_timeout_s (a long non-streaming answer), or no free connection: not retried,
             # the work may still be under way.
             errors.labels("timeout").inc()
             raise EngineTimeout("the model engine did not answer in time; try a smaller request or streaming") from exc
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             errors.labels("transport").inc()
             raise EngineFailed("the model engine failed to answer this request; try again") from exc
         return None
 
-    async def _relay(self, replica: Replica, upstream: httpx.Response, send: Send, *, last: bool) -> None:
+    async def _relay(self, replica: Replica, upstream: aiohttp.ClientResponse, send: Send, *, last: bool) -> None:
         try:
-            if upstream.status_code >= 500:
+            if upstream.status >= 500:
                 self.metrics.upstream_errors.labels("error_status").inc()
                 self.pool.check_soon(replica)  # passive detection: a sick engine leaves the pool at once
-                if upstream.status_code in RETRIED_STATUSES and not last:
+                if upstream.status in RETRIED_STATUSES and not last:
                     raise _TryElsewhere
-            if upstream.status_code >= 400:
+            if upstream.status >= 400:
                 raw = await _read_bounded(upstream, MAX_ENGINE_ERROR_BYTES)
-                await self._send_error(translate_engine_error(upstream.status_code, raw), send)
+                await self._send_error(translate_engine_error(upstream.status, raw), send)
             elif upstream.headers.get("content-type", "").startswith("text/event-stream"):
                 await self._relay_stream(replica, upstream, send, last=last)
             else:
                 await self._relay_whole(replica, upstream, send, last=last)
         finally:
-            with anyio.CancelScope(shield=True):
-                await upstream.aclose()
+            # A whole answer leaves its connection for the next request; anything else (an answer cut short, a
+            # client that left) closes it, and vLLM aborts the request.
+            if upstream.content.at_eof():
+                upstream.release()
+            else:
+                upstream.close()
 
     def _relayed_headers(
-        self, upstream: httpx.Response, extra: dict[str, str] | None = None
+        self, upstream: aiohttp.ClientResponse, extra: dict[str, str] | None = None
     ) -> list[tuple[bytes, bytes]]:
         headers = {name: value for name, value in upstream.headers.items() if name.lower() in RELAYED_HEADERS}
         headers.update(NO_STORE)
@@ -194,12 +198,13 @@ class EngineExchange(Response):
             raise _TryElsewhere
         await self._send_error(EngineFailed("the model engine stopped while answering").to_response(), send)
 
-    async def _relay_whole(self, replica: Replica, upstream: httpx.Response, send: Send, *, last: bool) -> None:
+    async def _relay_whole(self, replica: Replica, upstream: aiohttp.ClientResponse, send: Send, *,
+                           last: bool) -> None:
         # A non-streaming answer arrives at once; reading it whole lets an engine failure still become a retry or
         # a 502.
         try:
-            content = await upstream.aread()
-        except httpx.TransportError:
+            content = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError):
             await self._failed_before_first_byte(replica, send, last=last)
             return
         self.record.first_byte_now()
@@ -207,26 +212,27 @@ class EngineExchange(Response):
         counts = whole_answer_usage(content)
         if counts is not None:
             self.record.prompt_tokens, self.record.completion_tokens = counts
-        self.status_code = upstream.status_code
+        self.status_code = upstream.status
         headers = self._relayed_headers(upstream, {"content-length": str(len(content))})
-        await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
+        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         await send({"type": "http.response.body", "body": content, "more_body": False})
 
-    async def _relay_stream(self, replica: Replica, upstream: httpx.Response, send: Send, *, last: bool) -> None:
+    async def _relay_stream(self, replica: Replica, upstream: aiohttp.ClientResponse, send: Send, *,
+                            last: bool) -> None:
         # Commit late: the client's response starts only with the engine's first chunk, so an engine that fails
         # before it is replaced by another replica and the client never notices.
-        chunks = upstream.aiter_raw()
+        chunks = upstream.content.iter_any()
         try:
             first = await anext(chunks, b"")
-        except httpx.TransportError:
+        except (aiohttp.ClientError, TimeoutError):
             await self._failed_before_first_byte(replica, send, last=last)
             return
         record = self.record
         record.first_byte_now()
         replica.made_progress()
-        self.status_code = upstream.status_code
+        self.status_code = upstream.status
         headers = self._relayed_headers(upstream, {"x-accel-buffering": "no"})
-        await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
+        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         usage = StreamUsage(self.request.remove_usage_event)
 
         async def pass_on(chunk: bytes) -> None:
@@ -241,7 +247,7 @@ class EngineExchange(Response):
                 replica.made_progress()
                 await pass_on(chunk)
             await self._pass_on(usage.rest(), send)
-        except httpx.TransportError:
+        except (aiohttp.ClientError, TimeoutError):
             self.metrics.upstream_errors.labels("broken_stream").inc()
             log.warning("replica %d: a stream broke before its end", replica.index)
             self.pool.check_soon(replica)
@@ -264,16 +270,16 @@ class EngineExchange(Response):
         await send({"type": "http.response.body", "body": bytes(response.body), "more_body": False})
 
 
-async def _read_bounded(upstream: httpx.Response, limit: int) -> bytes:
+async def _read_bounded(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in upstream.aiter_raw():
+        async for chunk in upstream.content.iter_any():
             chunks.append(chunk)
             size += len(chunk)
             if size > limit:
                 break
-    except httpx.TransportError:
+    except (aiohttp.ClientError, TimeoutError):
         pass
     return b"".join(chunks)[:limit]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from .load import Run, chat_request, closed_loop
+from .load import Run, chat_request, side_by_side
 from .screening_cost import photo_like
 
 TOKENS = 32
@@ -29,15 +29,11 @@ def engine_body(kind: str) -> bytes:
 class EngineOverhead:
     kind: str
     concurrency: int
-    direct: list[Run]
-    gateway: list[Run]
-
-    @staticmethod
-    def _merged(runs: list[Run]) -> Run:
-        return Run([sample for run in runs for sample in run.samples], sum(run.wall_s for run in runs))
+    direct: Run
+    gateway: Run
 
     def figures(self) -> dict[str, float | int | str]:
-        direct, gateway = self._merged(self.direct), self._merged(self.gateway)
+        direct, gateway = self.direct, self.gateway
         return {
             "kind": self.kind, "concurrency": self.concurrency, "requests": len(gateway.samples),
             "direct_ttft_p50_ms": direct.ttft(50) * 1e3, "gateway_ttft_p50_ms": gateway.ttft(50) * 1e3,
@@ -57,10 +53,6 @@ async def engine_overheads(direct: aiohttp.ClientSession, gateway: aiohttp.Clien
         body = engine_body(kind)
         for concurrency in concurrencies:
             count = max(16, concurrency * requests_per_client)
-            runs: dict[str, list[Run]] = {"direct": [], "gateway": []}
-            for turn in range(rounds):
-                for path in (("direct", "gateway") if turn % 2 == 0 else ("gateway", "direct")):
-                    client, sent = (direct, {}) if path == "direct" else (gateway, headers)
-                    runs[path].append(await closed_loop(client, body, sent, concurrency, count))
-            results.append(EngineOverhead(kind, concurrency, runs["direct"], runs["gateway"]))
+            direct_run, gateway_run = await side_by_side(direct, gateway, headers, body, concurrency, count, rounds)
+            results.append(EngineOverhead(kind, concurrency, direct_run, gateway_run))
     return results

@@ -5,12 +5,16 @@ milliseconds to seconds per answer, which would drown the gateway's microseconds
 vLLM's OpenAI API for the gateway: ``/health``, ``/v1/models`` and chat completions, streamed (one event per
 token, as vLLM sends them, and a usage event when asked) or whole. It reads every request body to its end.
 
-Run: ``python -m tests.bench.instant_upstream --uds PATH [--tokens N]``.
+With ``--interval-ms``, a streamed answer's token events come that far apart (the pace of a GPU), so that many
+streams can be open at once without the upstream or the gateway being saturated.
+
+Run: ``python -m tests.bench.instant_upstream --uds PATH [--tokens N] [--interval-ms MS]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from typing import Any
 
@@ -28,8 +32,9 @@ def _event(payload: dict[str, Any]) -> bytes:
 
 
 class InstantEngine:
-    def __init__(self, tokens: int) -> None:
+    def __init__(self, tokens: int, interval_s: float) -> None:
         self.tokens = tokens
+        self.interval_s = interval_s
         chunk = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0, "model": MODEL}
         usage = {"prompt_tokens": 12, "completion_tokens": tokens, "total_tokens": 12 + tokens}
         self.stream = [_event({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})]
@@ -66,7 +71,9 @@ class InstantEngine:
                 events = list(self.stream)
                 if (request.get("stream_options") or {}).get("include_usage"):
                     events.append(self.usage_event)
-                for event in [*events, b"data: [DONE]\n\n"]:
+                for number, event in enumerate([*events, b"data: [DONE]\n\n"]):
+                    if self.interval_s and 1 <= number <= self.tokens:
+                        await asyncio.sleep(self.interval_s)  # each token takes its time
                     await send({"type": "http.response.body", "body": event, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             else:
@@ -84,9 +91,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--uds", required=True, help="the unix socket to listen on")
     parser.add_argument("--tokens", type=int, default=16, help="tokens in each answer (one event each, streamed)")
+    parser.add_argument("--interval-ms", type=float, default=0.0, help="between a stream's token events")
     args = parser.parse_args()
-    uvicorn.run(InstantEngine(args.tokens), uds=args.uds, log_level="warning", access_log=False,
-                timeout_keep_alive=75)
+    uvicorn.run(InstantEngine(args.tokens, args.interval_ms / 1000), uds=args.uds, log_level="warning",
+                access_log=False, timeout_keep_alive=75)
 
 
 if __name__ == "__main__":

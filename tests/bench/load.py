@@ -103,3 +103,22 @@ async def closed_loop(client: aiohttp.ClientSession, body: bytes, headers: dict[
     started = time.perf_counter()
     await asyncio.gather(*(client_loop() for _ in range(concurrency)))
     return Run(samples, time.perf_counter() - started)
+
+
+def merged(runs: Sequence[Run]) -> Run:
+    return Run([sample for run in runs for sample in run.samples], sum(run.wall_s for run in runs))
+
+
+async def side_by_side(direct: aiohttp.ClientSession, gateway: aiohttp.ClientSession, headers: dict[str, str],
+                       body: bytes, concurrency: int, requests: int, rounds: int,
+                       warm_up: bool = False) -> tuple[Run, Run]:
+    """The same load straight upstream and through the gateway, alternating, the order swapped each round (so
+    neither always runs on a warmer machine). ``headers`` (the gateway's credentials) go to the gateway only."""
+    runs: dict[str, list[Run]] = {"direct": [], "gateway": []}
+    for turn in range(rounds):
+        for path in (("direct", "gateway") if turn % 2 == 0 else ("gateway", "direct")):
+            client, sent = (direct, {"content-type": "application/json"}) if path == "direct" else (gateway, headers)
+            if warm_up and turn == 0:
+                await closed_loop(client, body, sent, concurrency, concurrency * 2)  # open the connections
+            runs[path].append(await closed_loop(client, body, sent, concurrency, requests))
+    return merged(runs["direct"]), merged(runs["gateway"])

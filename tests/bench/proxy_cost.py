@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import aiohttp
 import psutil
 
-from .load import Run, chat_request, closed_loop
+from .load import Run, chat_request, closed_loop, side_by_side
 
 TEXT = "Describe the attached invoice in one sentence."
 
@@ -30,19 +30,44 @@ class ProxyCost:
 
 async def proxy_costs(direct: aiohttp.ClientSession, gateway: aiohttp.ClientSession, headers: dict[str, str],
                       concurrencies: list[int], requests: int) -> list[ProxyCost]:
-    """For each concurrency, streamed and whole: the same load straight to the upstream and through the gateway,
-    alternating (the order swapped each time, so neither always runs on a warmer machine)."""
+    """For each concurrency, streamed and whole, side by side."""
     costs = []
-    for turn, (concurrency, stream) in enumerate((c, s) for c in concurrencies for s in (True, False)):
-        body = chat_request(TEXT, stream=stream, max_tokens=16)
-        count = max(requests, 8 * concurrency)
-        runs = {}
-        for path in (("direct", "gateway") if turn % 2 else ("gateway", "direct")):
-            client, sent = (direct, {}) if path == "direct" else (gateway, headers)
-            await closed_loop(client, body, sent, concurrency, concurrency * 2)  # warm connections
-            runs[path] = await closed_loop(client, body, sent, concurrency, count)
-        costs.append(ProxyCost(concurrency, stream, runs["direct"], runs["gateway"]))
+    for concurrency in concurrencies:
+        for stream in (True, False):
+            body = chat_request(TEXT, stream=stream, max_tokens=16)
+            direct_run, gateway_run = await side_by_side(direct, gateway, headers, body, concurrency,
+                                                         max(requests, 8 * concurrency), rounds=1, warm_up=True)
+            costs.append(ProxyCost(concurrency, stream, direct_run, gateway_run))
     return costs
+
+
+@dataclass(frozen=True)
+class PacedStreams:
+    """Many streams open at once at a GPU's pace: the gateway is not saturated, so what it adds is its latency."""
+
+    concurrency: int
+    tokens: int
+    interval_ms: float
+    direct: Run
+    gateway: Run
+
+    def figures(self) -> dict[str, float | int]:
+        d, g = self.direct, self.gateway
+        return {"concurrency": self.concurrency, "tokens": self.tokens, "interval_ms": self.interval_ms,
+                "requests": len(g.samples),
+                "direct_ttft_p50_ms": d.ttft(50) * 1e3, "gateway_ttft_p50_ms": g.ttft(50) * 1e3,
+                "added_ttft_p50_ms": (g.ttft(50) - d.ttft(50)) * 1e3,
+                "direct_ttft_p99_ms": d.ttft(99) * 1e3, "gateway_ttft_p99_ms": g.ttft(99) * 1e3,
+                "added_ttft_p99_ms": (g.ttft(99) - d.ttft(99)) * 1e3,
+                "added_e2e_p50_ms": (g.e2e(50) - d.e2e(50)) * 1e3, "added_e2e_p99_ms": (g.e2e(99) - d.e2e(99)) * 1e3}
+
+
+async def paced_streams(direct: aiohttp.ClientSession, gateway: aiohttp.ClientSession, headers: dict[str, str],
+                        concurrency: int, tokens: int, interval_ms: float, per_client: int) -> PacedStreams:
+    body = chat_request(TEXT, stream=True, max_tokens=tokens)
+    direct_run, gateway_run = await side_by_side(direct, gateway, headers, body, concurrency,
+                                                 concurrency * per_client, rounds=2, warm_up=True)
+    return PacedStreams(concurrency, tokens, interval_ms, direct_run, gateway_run)
 
 
 class PeakRss:

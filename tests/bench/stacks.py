@@ -63,6 +63,7 @@ def running(argv: list[str], log_path: Path, ready_url: str, timeout_s: float = 
 @contextmanager
 def airlock(command: str, work: Path, port: int, settings: dict[str, Any]) -> Iterator[subprocess.Popen[bytes]]:
     """`airlock up` or `airlock gateway` with ``settings`` on ``port``, ready to serve."""
+    work.mkdir(parents=True, exist_ok=True)
     config = work / f"airlock-{command}.yaml"
     config.write_text(yaml.safe_dump({"gateway": {"port": port}, **settings}))
     with running([*AIRLOCK, command, "--config", str(config)], work / f"airlock-{command}.log",
