@@ -54,12 +54,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
-    body = bytearray()
+    chunks, size = [], 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
             raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
-    return bytes(body)
+    return b"".join(chunks)  # one copy (a growing bytearray and bytes() of it made several)
 
 
 def parse_request(body: bytes) -> dict[str, Any]:

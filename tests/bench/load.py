@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import statistics
 import time
 from collections.abc import Sequence
@@ -102,6 +103,27 @@ async def closed_loop(client: aiohttp.ClientSession, body: bytes, headers: dict[
 
     started = time.perf_counter()
     await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    return Run(samples, time.perf_counter() - started)
+
+
+async def open_loop(client: aiohttp.ClientSession, body: bytes, headers: dict[str, str], rate: float,
+                    requests: int, seed: int) -> Run:
+    """``requests`` requests arriving at random (Poisson, ``rate`` a second), whether or not earlier ones ended:
+    how users arrive, unlike clients in lockstep. The same ``seed`` gives the same arrivals."""
+    arrivals = random.Random(seed)
+    samples: list[Sample] = []
+
+    async def send() -> None:
+        samples.append(await one(client, body, headers))
+
+    started = time.perf_counter()
+    tasks = []
+    due = started
+    for _ in range(requests):
+        due += arrivals.expovariate(rate)
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        tasks.append(asyncio.create_task(send()))
+    await asyncio.gather(*tasks)
     return Run(samples, time.perf_counter() - started)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import aiohttp
 import psutil
 
-from .load import Run, chat_request, closed_loop, side_by_side
+from .load import Run, chat_request, closed_loop, merged, open_loop, side_by_side
 
 TEXT = "Describe the attached invoice in one sentence."
 
@@ -43,7 +43,8 @@ async def proxy_costs(direct: aiohttp.ClientSession, gateway: aiohttp.ClientSess
 
 @dataclass(frozen=True)
 class PacedStreams:
-    """Many streams open at once at a GPU's pace: the gateway is not saturated, so what it adds is its latency."""
+    """Streams at a GPU's pace, arriving at random, about ``concurrency`` open at once: the gateway is not
+    saturated, so what it adds is its own latency."""
 
     concurrency: int
     tokens: int
@@ -63,11 +64,16 @@ class PacedStreams:
 
 
 async def paced_streams(direct: aiohttp.ClientSession, gateway: aiohttp.ClientSession, headers: dict[str, str],
-                        concurrency: int, tokens: int, interval_ms: float, per_client: int) -> PacedStreams:
+                        concurrency: int, tokens: int, interval_ms: float, requests: int) -> PacedStreams:
+    """The same random arrivals (same seed) straight upstream and through the gateway, twice each, alternating."""
     body = chat_request(TEXT, stream=True, max_tokens=tokens)
-    direct_run, gateway_run = await side_by_side(direct, gateway, headers, body, concurrency,
-                                                 concurrency * per_client, rounds=2, warm_up=True)
-    return PacedStreams(concurrency, tokens, interval_ms, direct_run, gateway_run)
+    rate = concurrency / (tokens * interval_ms / 1000)  # Little's law: that many streams open on average
+    runs: dict[str, list[Run]] = {"direct": [], "gateway": []}
+    for turn in range(2):
+        for path in (("direct", "gateway") if turn % 2 == 0 else ("gateway", "direct")):
+            client, sent = (direct, {"content-type": "application/json"}) if path == "direct" else (gateway, headers)
+            runs[path].append(await open_loop(client, body, sent, rate, requests, seed=turn))
+    return PacedStreams(concurrency, tokens, interval_ms, merged(runs["direct"]), merged(runs["gateway"]))
 
 
 class PeakRss:

@@ -119,10 +119,10 @@ async def pure_proxy(work: Path, args: argparse.Namespace, results: dict[str, An
     interval = ["--tokens", str(PACED_TOKENS), "--interval-ms", str(PACED_INTERVAL_MS)]
     async with behind_gateway(work, "paced", 18611, interval) as proxied:
         paced = await paced_streams(proxied.direct, proxied.gateway, proxied.headers, PACED_CONCURRENCY,
-                                    PACED_TOKENS, PACED_INTERVAL_MS, args.paced_requests_per_client)
+                                    PACED_TOKENS, PACED_INTERVAL_MS, args.paced_requests)
     results["paced"] = paced.figures()
-    table(f"Added latency with {PACED_CONCURRENCY} streams open at once, at a GPU's pace ({PACED_TOKENS} tokens, "
-          f"{PACED_INTERVAL_MS:g} ms apart), ms", [results["paced"]], {
+    table(f"Added latency with about {PACED_CONCURRENCY} streams open at once, arriving at random, at a GPU's pace "
+          f"({PACED_TOKENS} tokens, {PACED_INTERVAL_MS:g} ms apart), ms", [results["paced"]], {
               "requests": "requests", "direct_ttft_p50_ms": "direct ttft p50",
               "gateway_ttft_p50_ms": "airlock ttft p50", "added_ttft_p50_ms": "added p50",
               "direct_ttft_p99_ms": "direct ttft p99", "gateway_ttft_p99_ms": "airlock ttft p99",
@@ -191,7 +191,7 @@ def main() -> int:
                         help="where results.json (and a profile) go")
     parser.add_argument("--proxy-requests", type=int, default=800, help="requests per pure-proxy run (at least)")
     parser.add_argument("--memory-requests", type=int, default=5000)
-    parser.add_argument("--paced-requests-per-client", type=int, default=4)
+    parser.add_argument("--paced-requests", type=int, default=1000, help="per paced run (4 runs)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating (direct, airlock) rounds per engine cell")
     parser.add_argument("--requests-per-client", type=int, default=3, help="per engine run, at least 16 in all")
     parser.add_argument("--skip-engine", action="store_true", help="only what needs no vLLM engine")
