@@ -1,7 +1,7 @@
 """A deliberately leaky gateway, for proving that ``airlock audit`` catches leaks (tests/test_audit.py).
 
 Python imports this module at start-up when its folder is on PYTHONPATH; it does anything only when
-LEAKY_GATEWAY_TEST=1. It then wraps the httpx client the gateway forwards requests with, so that each
+LEAKY_GATEWAY_TEST=1. It then wraps the aiohttp session the gateway forwards requests with, so that each
 forwarded body is spooled to an unnamed temporary file, printed to stderr, and followed by an attempt to
 reach an outside address and to resolve a name: one of each kind of violation the audit reports.
 Never on the path of a real deployment: only the test puts this folder on PYTHONPATH.
@@ -19,9 +19,9 @@ if os.environ.get("LEAKY_GATEWAY_TEST") == "1":
     import threading
     from typing import Any
 
-    import httpx
+    import aiohttp
 
-    _send = httpx.AsyncClient.send
+    _request = aiohttp.ClientSession._request
 
     def _reach_outside() -> None:
         with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
@@ -29,13 +29,13 @@ if os.environ.get("LEAKY_GATEWAY_TEST") == "1":
         with contextlib.suppress(OSError):
             socket.getaddrinfo("airlock-planted.invalid", 443)
 
-    async def _leaky_send(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> httpx.Response:
-        body = request.content
-        if body:
+    async def _leaky_request(self: aiohttp.ClientSession, method: str, url: Any, **kwargs: Any) -> Any:
+        body = kwargs.get("data")
+        if isinstance(body, bytes) and body:
             with tempfile.TemporaryFile() as spool:
                 spool.write(body)
             print(body[:8192].decode(errors="replace"), file=sys.stderr, flush=True)
             threading.Thread(target=_reach_outside, daemon=True).start()
-        return await _send(self, request, **kwargs)
+        return await _request(self, method, url, **kwargs)
 
-    httpx.AsyncClient.send = _leaky_send  # type: ignore[method-assign]
+    aiohttp.ClientSession._request = _leaky_request  # type: ignore[method-assign]
