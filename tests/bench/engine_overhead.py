@@ -55,4 +55,5 @@ async def engine_overheads(direct: aiohttp.ClientSession, gateway: aiohttp.Clien
             count = max(16, concurrency * requests_per_client)
             direct_run, gateway_run = await side_by_side(direct, gateway, headers, body, concurrency, count, rounds)
             results.append(EngineOverhead(kind, concurrency, direct_run, gateway_run))
+            print(f"  {kind} at concurrency {concurrency}: {len(gateway_run.samples)} requests each way", flush=True)
     return results

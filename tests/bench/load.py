@@ -66,8 +66,10 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def session(base_url: str, uds: str | None = None, connections: int = 512) -> aiohttp.ClientSession:
-    connector = (aiohttp.UnixConnector(path=uds, limit=connections) if uds
-                 else aiohttp.TCPConnector(limit=connections))
+    """Idle connections are dropped after 2 s, before a server's own keep-alive ends (uvicorn's: 5 s), so that a
+    request between runs never goes out on a connection the server is closing."""
+    connector = (aiohttp.UnixConnector(path=uds, limit=connections, keepalive_timeout=2) if uds
+                 else aiohttp.TCPConnector(limit=connections, keepalive_timeout=2))
     return aiohttp.ClientSession(base_url, connector=connector, timeout=aiohttp.ClientTimeout(total=900),
                                  auto_decompress=False)
 
@@ -142,5 +144,9 @@ async def side_by_side(direct: aiohttp.ClientSession, gateway: aiohttp.ClientSes
             client, sent = (direct, {"content-type": "application/json"}) if path == "direct" else (gateway, headers)
             if warm_up and turn == 0:
                 await closed_loop(client, body, sent, concurrency, concurrency * 2)  # open the connections
-            runs[path].append(await closed_loop(client, body, sent, concurrency, requests))
+            try:
+                runs[path].append(await closed_loop(client, body, sent, concurrency, requests))
+            except Exception as exc:
+                exc.add_note(f"sent {path}, concurrency {concurrency}, round {turn}")
+                raise
     return merged(runs["direct"]), merged(runs["gateway"])
