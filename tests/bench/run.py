@@ -195,7 +195,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating (direct, airlock) rounds per engine cell")
     parser.add_argument("--requests-per-client", type=int, default=3, help="per engine run, at least 16 in all")
     parser.add_argument("--skip-engine", action="store_true", help="only what needs no vLLM engine")
-    parser.add_argument("--skip-proxy", action="store_true", help="no pure-proxy or memory runs")
+    parser.add_argument("--skip-proxy", action="store_true", help="no pure-proxy, memory or paced runs")
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway during the pure-proxy runs")
     args = parser.parse_args()
     results: dict[str, Any] = {"machine": machine()}
