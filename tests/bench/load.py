@@ -68,8 +68,8 @@ def percentile(values: Sequence[float], q: float) -> float:
 def session(base_url: str, uds: str | None = None, connections: int = 512) -> aiohttp.ClientSession:
     """Idle connections are dropped after 2 s, before a server's own keep-alive ends (uvicorn's: 5 s), so that a
     request between runs never goes out on a connection the server is closing."""
-    connector = (aiohttp.UnixConnector(path=uds, limit=connections, keepalive_timeout=2) if uds
-                 else aiohttp.TCPConnector(limit=connections, keepalive_timeout=2))
+    pool = {"limit": connections, "keepalive_timeout": 2}
+    connector = aiohttp.UnixConnector(path=uds, **pool) if uds else aiohttp.TCPConnector(**pool)
     return aiohttp.ClientSession(base_url, connector=connector, timeout=aiohttp.ClientTimeout(total=900),
                                  auto_decompress=False)
 
