@@ -148,35 +148,49 @@ class ReplicaPool:
         await asyncio.gather(*(self._check(replica) for replica in self.replicas))
 
     async def _check(self, replica: Replica) -> None:
+        reason = ""
         try:
-            health = await replica.client.get("/health", timeout=HEALTH_TIMEOUT_S)
+            health = await self._probe(replica, "/health")
             healthy = health.status_code == 200
+            reason = f"health status {health.status_code}"
             if healthy and not replica.models:
-                listing = await replica.client.get("/v1/models", timeout=HEALTH_TIMEOUT_S)
+                listing = await self._probe(replica, "/v1/models")
                 listing.raise_for_status()
                 replica.models = {card["id"]: card for card in listing.json()["data"]}
         except httpx.TimeoutException:
             replica.slow_checks += 1
             healthy = replica.healthy and (replica.slow_checks < SLOW_CHECKS_TOLERATED or replica.answering)
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            reason = f"{replica.slow_checks} health checks in a row timed out"
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             healthy = False
+            reason = f"health check failed ({type(exc).__name__})"
         else:
             replica.slow_checks = 0
-        self._set_health(replica, healthy)
+        self._set_health(replica, healthy, reason)
 
-    def _set_health(self, replica: Replica, healthy: bool) -> None:
+    @staticmethod
+    async def _probe(replica: Replica, path: str) -> httpx.Response:
+        """GET ``path``, once more if the connection died without an answer: a kept-alive connection the engine
+        closed at that moment says nothing about its health, and must not take it out of the pool."""
+        try:
+            return await replica.client.get(path, timeout=HEALTH_TIMEOUT_S)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            return await replica.client.get(path, timeout=HEALTH_TIMEOUT_S)
+
+    def _set_health(self, replica: Replica, healthy: bool, reason: str) -> None:
+        """``reason``: why it left the pool, for the log (status codes and exception type names only)."""
         if healthy != replica.healthy:
             if healthy:
                 log.info("replica %d is healthy, serving %s", replica.index, ", ".join(sorted(replica.models)))
             else:
-                log.warning("replica %d is unhealthy", replica.index)
+                log.warning("replica %d is unhealthy: %s", replica.index, reason)
             replica.healthy = healthy
             for listener in self.on_change:
                 listener()
 
     def mark_failed(self, replica: Replica) -> None:
         """Passive detection: a connection failure takes the replica out until a health check succeeds."""
-        self._set_health(replica, False)
+        self._set_health(replica, False, "a request could not connect")
 
     def check_soon(self, replica: Replica) -> None:
         """Passive detection of a replica that answered with a server error: check its health now, not at the next

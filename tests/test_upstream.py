@@ -1,12 +1,19 @@
-"""Routing among replicas and readiness (no network: replicas are marked healthy by hand)."""
+"""Routing among replicas and readiness (replicas marked healthy by hand), and the health checks' verdicts against
+an engine that times out or drops connections on cue."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
+from types import TracebackType
 
+import pytest
+
+from server import upstream
 from server.config import RoutingSettings, load_settings
 from server.routing import LeastOutstanding, TenantAffinity, build_strategy
-from server.upstream import ReplicaPool
+from server.upstream import PROGRESS_KEEPS_HEALTHY_S, SLOW_CHECKS_TOLERATED, ReplicaPool
 
 
 def pool_of(count: int, strategy: object = None, cap: int = 64) -> ReplicaPool:
@@ -100,3 +107,113 @@ def test_ready_only_when_every_model_has_a_healthy_replica() -> None:
 def test_strategy_from_settings() -> None:
     assert isinstance(build_strategy(RoutingSettings(strategy="least_outstanding")), LeastOutstanding)
     assert isinstance(build_strategy(RoutingSettings()), TenantAffinity)
+
+
+class ScriptedEngine:
+    """A stand-in for an engine's control plane, on a unix socket (a real vLLM cannot be made to stall or drop a
+    connection on cue): answers GETs with 200, hangs when ``silent``, and closes the connection without an answer
+    for the next ``drops`` requests."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.silent = False
+        self.drops = 0
+        self._released = asyncio.Event()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> ScriptedEngine:
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        trace: TracebackType | None) -> None:
+        self._released.set()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if self.drops:
+                    self.drops -= 1
+                    return
+                if self.silent:
+                    await self._released.wait()
+                    return
+                listing = {"data": [{"id": "m"}]}
+                body = json.dumps(listing if head.startswith(b"GET /v1/models ") else {}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
+                             % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def pool_at(path: Path) -> ReplicaPool:
+    return ReplicaPool([f"unix:{path}"], load_settings().gateway, LeastOutstanding(), 64)
+
+
+def test_a_connection_dropped_during_a_health_check_is_retried_not_taken_for_a_dead_engine(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with ScriptedEngine(tmp_path / "engine.sock") as engine:
+            pool = pool_at(engine.path)
+            replica = pool.replicas[0]
+            await pool.check_all()
+            assert replica.healthy and replica.serves("m")
+            engine.drops = 1  # the engine closed the kept-alive connection just as the check reused it
+            await pool.check_all()
+            assert engine.drops == 0 and replica.healthy
+            engine.drops = 2  # dropped again on a fresh connection: not a race, the engine is in trouble
+            await pool.check_all()
+            assert engine.drops == 0 and not replica.healthy
+            await pool.check_all()  # and back once it answers again
+            assert replica.healthy
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_busy_engine_still_sending_answers_keeps_its_place_through_slow_health_checks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream, "HEALTH_TIMEOUT_S", 0.1)
+
+    async def scenario() -> None:
+        async with ScriptedEngine(tmp_path / "engine.sock") as engine:
+            pool = pool_at(engine.path)
+            replica = pool.replicas[0]
+            await pool.check_all()
+            engine.silent = True  # /health waits behind a full batch
+            for _ in range(SLOW_CHECKS_TOLERATED + 3):
+                replica.made_progress()  # while answers keep flowing
+                await pool.check_all()
+                assert replica.healthy
+            replica.last_progress -= PROGRESS_KEEPS_HEALTHY_S  # no answer for that long: stuck, not busy
+            await pool.check_all()
+            assert not replica.healthy
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_idle_engine_that_stops_answering_health_checks_leaves_after_the_tolerated_slow_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream, "HEALTH_TIMEOUT_S", 0.1)
+
+    async def scenario() -> None:
+        async with ScriptedEngine(tmp_path / "engine.sock") as engine:
+            pool = pool_at(engine.path)
+            replica = pool.replicas[0]
+            await pool.check_all()
+            engine.silent = True
+            for _ in range(SLOW_CHECKS_TOLERATED - 1):
+                await pool.check_all()
+                assert replica.healthy  # one slow answer is not yet a verdict
+            await pool.check_all()
+            assert not replica.healthy
+            await pool.close()
+
+    asyncio.run(scenario())

@@ -45,6 +45,37 @@ TARGET_RSS_GROWTH = 0.10
 
 
 @dataclass(frozen=True)
+class Layout:
+    """Which cores do what. On a GPU server the model's compute is on the GPU and the gateway has cores of its own;
+    here the first half of the cores stands in for what is measured (the gateway in the pure-proxy runs, the
+    engine's compute against a real engine) and the rest run everything else (this process, the instant
+    upstream, the gateway and vLLM's API server against a real engine). None: one core, nothing pinned."""
+
+    measured: set[int] | None
+    others: set[int] | None
+
+    @classmethod
+    def of_this_machine(cls) -> Layout:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            return cls(None, None)
+        half = len(cores) // 2
+        return cls(set(cores[:half]), set(cores[half:]))
+
+    def engine_env(self) -> dict[str, str] | None:
+        """vLLM's CPU backend binds its compute threads to the measured cores."""
+        if self.measured is None:
+            return None
+        return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(str(core) for core in sorted(self.measured))}
+
+    def describe(self) -> str:
+        if self.measured is None:
+            return "one core: nothing pinned"
+        return (f"cores {sorted(self.measured)}: the gateway (pure proxy) or the engine's compute (real engine); "
+                f"cores {sorted(self.others or ())}: everything else")
+
+
+@dataclass(frozen=True)
 class Proxied:
     direct: aiohttp.ClientSession
     gateway: aiohttp.ClientSession
@@ -73,7 +104,8 @@ def machine() -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def behind_gateway(work: Path, name: str, port: int, upstream_args: list[str]) -> AsyncIterator[Proxied]:
+async def behind_gateway(work: Path, name: str, port: int, upstream_args: list[str],
+                         layout: Layout) -> AsyncIterator[Proxied]:
     """An instant upstream (with ``upstream_args``) and `airlock gateway` in front of it (API keys, screening and
     metrics on), with a client session for each."""
     upstream_socket = work / f"{name}.sock"
@@ -87,14 +119,14 @@ async def behind_gateway(work: Path, name: str, port: int, upstream_args: list[s
     }
     instant = [sys.executable, "-m", "tests.bench.instant_upstream", "--uds", str(upstream_socket), *upstream_args]
     with running(instant, work / f"{name}.log", "http://localhost/health", ready_uds=upstream_socket), \
-            airlock("gateway", work / name, port, settings) as gateway:
+            airlock("gateway", work / name, port, settings, cpus=layout.measured) as gateway:
         async with session("http://localhost", uds=str(upstream_socket)) as direct, \
                 session(f"http://127.0.0.1:{port}") as through:
             yield Proxied(direct, through, headers, gateway.pid)
 
 
-async def pure_proxy(work: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
-    async with behind_gateway(work, "instant", 18610, []) as proxied:
+async def pure_proxy(work: Path, args: argparse.Namespace, layout: Layout, results: dict[str, Any]) -> None:
+    async with behind_gateway(work, "instant", 18610, [], layout) as proxied:
         if args.profile:
             profile(proxied.gateway_pid, args.artifacts / "gateway-profile.speedscope.json")
         costs = await proxy_costs(proxied.direct, proxied.gateway, proxied.headers, PROXY_CONCURRENCY,
@@ -117,7 +149,7 @@ async def pure_proxy(work: Path, args: argparse.Namespace, results: dict[str, An
               f"(growth {use.growth:+.1%}); peak {use.peak_per_image_mb:.1f} MB per in-flight image "
               f"({use.in_flight} at once)")
     interval = ["--tokens", str(PACED_TOKENS), "--interval-ms", str(PACED_INTERVAL_MS)]
-    async with behind_gateway(work, "paced", 18611, interval) as proxied:
+    async with behind_gateway(work, "paced", 18611, interval, layout) as proxied:
         paced = await paced_streams(proxied.direct, proxied.gateway, proxied.headers, PACED_CONCURRENCY,
                                     PACED_TOKENS, PACED_INTERVAL_MS, args.paced_requests)
     results["paced"] = paced.figures()
@@ -139,7 +171,7 @@ def profile(pid: int, out: Path) -> None:
     print(f"profiling the gateway for 30 s into {out}")
 
 
-async def real_engine(work: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
+async def real_engine(work: Path, args: argparse.Namespace, layout: Layout, results: dict[str, Any]) -> None:
     keys_file = work / "engine-keys.json"
     headers = {**api_keys(keys_file, ["bench"])["bench"], "content-type": "application/json"}
     port = 18620
@@ -149,10 +181,10 @@ async def real_engine(work: Path, args: argparse.Namespace, results: dict[str, A
         "admission": {**NO_USER_LIMITS},
         "engine": {"model": "demo", "socket_dir": str(sockets), "cpu_kvcache_gb": 2, "max_model_len": 4096},
     }
-    with airlock("up", work, port, settings):
+    with airlock("up", work, port, settings, cpus=layout.others, env=layout.engine_env()):
         async with session("http://localhost", uds=str(sockets / "replica-0.sock")) as direct, \
                 session(f"http://127.0.0.1:{port}") as through:
-            overheads = await engine_overheads(direct, through, headers, ENGINE_CONCURRENCY, ENGINE_KINDS,
+            overheads = await engine_overheads(direct, through, headers, ENGINE_CONCURRENCY, args.kinds,
                                                args.rounds, args.requests_per_client)
     rows = [overhead.figures() for overhead in overheads]
     results["engine"] = rows
@@ -197,19 +229,26 @@ def main() -> int:
     parser.add_argument("--skip-engine", action="store_true", help="only what needs no vLLM engine")
     parser.add_argument("--skip-proxy", action="store_true", help="no pure-proxy, memory or paced runs")
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway during the pure-proxy runs")
+    parser.add_argument("--kinds", nargs="+", choices=ENGINE_KINDS, default=ENGINE_KINDS,
+                        help="which loads to send to the real engine")
+    parser.add_argument("--logs", type=Path, help="keep the processes' logs and configs here (default: deleted)")
     args = parser.parse_args()
-    results: dict[str, Any] = {"machine": machine()}
-    print(f"machine: {results['machine']}")
+    layout = Layout.of_this_machine()
+    if layout.others is not None:
+        os.sched_setaffinity(0, layout.others)
+    results: dict[str, Any] = {"machine": machine(), "layout": layout.describe()}
+    print(f"machine: {results['machine']}\nlayout: {results['layout']}")
     screening = [asdict(cost) for cost in measure()]
     results["screening"] = screening
     table("Screening cost per image (JSON parse + checks + body written again), ms", screening,
           {"image": "image", "image_format": "format", "image_mb": "MB", "median_ms": "median ms",
            "max_ms": "max ms"})
-    with tempfile.TemporaryDirectory(prefix="airlock-bench-") as work:
+    with tempfile.TemporaryDirectory(prefix="airlock-bench-") as scratch:
+        work = args.logs or scratch
         if not args.skip_proxy:
-            asyncio.run(pure_proxy(Path(work), args, results))
+            asyncio.run(pure_proxy(Path(work), args, layout, results))
         if not args.skip_engine:
-            asyncio.run(real_engine(Path(work), args, results))
+            asyncio.run(real_engine(Path(work), args, layout, results))
     print()
     for line in verdicts(results):
         print(line)

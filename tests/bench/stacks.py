@@ -3,6 +3,7 @@ in front of the instant upstream), started and stopped the way an operator would
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -33,11 +34,14 @@ def api_keys(keys_file: Path, users: list[str]) -> dict[str, dict[str, str]]:
 
 @contextmanager
 def running(argv: list[str], log_path: Path, ready_url: str, timeout_s: float = 600,
-            ready_uds: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """A process that is ready once ``ready_url`` answers 200 (over ``ready_uds`` if given); stopped with SIGTERM
-    at the end."""
+            ready_uds: Path | None = None, cpus: set[int] | None = None,
+            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A process (on ``cpus`` only, if given, with its children) that is ready once ``ready_url`` answers 200 (over
+    ``ready_uds`` if given); stopped with SIGTERM at the end."""
+    pin = None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
     with log_path.open("wb") as log:
-        process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin,
+                                   env=None if env is None else {**os.environ, **env})
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -61,11 +65,12 @@ def running(argv: list[str], log_path: Path, ready_url: str, timeout_s: float = 
 
 
 @contextmanager
-def airlock(command: str, work: Path, port: int, settings: dict[str, Any]) -> Iterator[subprocess.Popen[bytes]]:
+def airlock(command: str, work: Path, port: int, settings: dict[str, Any], cpus: set[int] | None = None,
+            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """`airlock up` or `airlock gateway` with ``settings`` on ``port``, ready to serve."""
     work.mkdir(parents=True, exist_ok=True)
     config = work / f"airlock-{command}.yaml"
     config.write_text(yaml.safe_dump({"gateway": {"port": port}, **settings}))
     with running([*AIRLOCK, command, "--config", str(config)], work / f"airlock-{command}.log",
-                 f"http://127.0.0.1:{port}/readyz") as process:
+                 f"http://127.0.0.1:{port}/readyz", cpus=cpus, env=env) as process:
         yield process
