@@ -179,8 +179,10 @@ class GatewayMetrics:
         self.retries = Counter("airlock_upstream_retries", "Requests tried again on another replica.", registry=r)
         self.rejections = Counter("airlock_rejected_requests", "Requests the gateway refused, by reason and code.",
                                   ["reason", "code"], registry=r)
-        self.in_flight = Gauge("airlock_requests_in_flight", "API requests under way in the gateway (queued too).",
-                               registry=r)
+        # A plain count, read at each scrape: cheaper per request than a Gauge's locked inc() and dec().
+        self.requests_in_flight = 0
+        Gauge("airlock_requests_in_flight", "API requests under way in the gateway (queued too).",
+              registry=r).set_function(lambda: self.requests_in_flight)
         for reason in UPSTREAM_ERRORS:
             self.upstream_errors.labels(reason)
         ProcessCollector(namespace="airlock", registry=r)

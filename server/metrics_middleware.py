@@ -46,12 +46,12 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        self.metrics.in_flight.inc()
+        self.metrics.requests_in_flight += 1
         try:
             await self.app(scope, receive, send_noting_status)
         except Exception:
             status = 500
             raise
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.requests_in_flight -= 1
             self.metrics.finish(record, status)

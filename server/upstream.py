@@ -99,8 +99,9 @@ def make_session(url: str, settings: GatewaySettings) -> aiohttp.ClientSession:
                                     sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s)
     # trust_env=False: proxy variables in the environment must never send prompts elsewhere. No decompression:
     # bytes are relayed as they came. No user agent: the engine learns nothing it does not need.
+    # No cookie jar: nothing an engine sets is kept or sent back.
     return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False, auto_decompress=False,
-                                 skip_auto_headers=("User-Agent",))
+                                 skip_auto_headers=("User-Agent",), cookie_jar=aiohttp.DummyCookieJar())
 
 
 class ReplicaPool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections import OrderedDict
@@ -77,7 +78,10 @@ class FailureThrottle:
         return window
 
 
+@functools.lru_cache(maxsize=4096)
 def _network(source: str) -> str:
+    """What failures are counted against: the address, or its /64 for IPv6 (cached: parsing is a measurable part
+    of every request's cost; the cache is in memory and bounded, like the failure windows)."""
     try:
         address = ipaddress.ip_address(source)
     except ValueError:
