@@ -102,10 +102,14 @@ class EngineRoutes:
         self.refuse = refuse
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in ENGINE_ROUTES:
+        if scope["type"] != "http" or scope["path"] not in ENGINE_ROUTES:
             await self.api(scope, receive, send)
             return
         request = Request(scope, receive)
+        if scope["method"] != "POST":
+            refusal = MethodNotAllowed("method not allowed on this endpoint", headers={"allow": "POST"})
+            await self.refuse(request, refusal)(scope, receive, send)
+            return
         try:
             exchange = await self.prepare(request)
         except AirlockError as error:

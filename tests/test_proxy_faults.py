@@ -21,8 +21,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from server import app as app_module
 from server.app import create_app
 from server.config import load_settings
+from server.proxy import EngineExchange
 
 from .servers import ThreadedServer, free_port, wait_until_ready
 
@@ -185,6 +187,30 @@ def test_the_clients_credentials_and_headers_stay_at_the_gateway(gateway: str) -
     received = response.json()["headers"]
     assert not set(received) & {"authorization", "cookie", "x-forwarded-for"}
     assert "OpenAI" not in received.get("user-agent", "")
+
+
+def test_other_methods_on_the_engine_routes_get_an_openai_405(gateway: str) -> None:
+    for method in ("GET", "PUT", "DELETE"):
+        response = httpx.request(method, f"{gateway}/v1/chat/completions", timeout=10)
+        assert response.status_code == 405
+        assert response.json()["error"]["code"] == "method_not_allowed"
+        assert response.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize("broken", [(app_module, "ask_for_usage"), (EngineExchange, "_exchange")],
+                         ids=["before forwarding", "while forwarding"])
+def test_a_bug_in_the_gateway_is_a_500_that_reveals_nothing_and_the_gateway_carries_on(
+        gateway: str, monkeypatch: pytest.MonkeyPatch, broken: tuple[object, str]) -> None:
+    def fail(*_: object) -> None:
+        raise RuntimeError(SECRET_DETAIL)
+
+    monkeypatch.setattr(*broken, fail)
+    response = ask(gateway, "reject")
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error"
+    assert "secret_path" not in response.text and "RuntimeError" not in response.text
+    monkeypatch.undo()
+    assert ask(gateway, "reject").status_code == 400
 
 
 def test_a_replica_that_is_not_there_is_left_out(gateway: str) -> None:
