@@ -36,6 +36,11 @@ PRIVACY_ENV: Mapping[str, str] = {
     # packet leaves, but it is an attempt to route outside, and a replica only ever talks over loopback.
     "VLLM_HOST_IP": "127.0.0.1",
 }
+# The gateway is an engine's only client and drops idle connections after 3 s (upstream.KEEPALIVE_EXPIRY_S). With
+# vLLM's own 5 s, an engine whose event loop stalls for a few seconds under load closes a connection just as the
+# gateway sends a request on it (`make bench`, concurrency 64: bursts of dropped requests, then 503s). Kept for
+# 60 s, the gateway always closes first.
+KEEPALIVE_ENV: Mapping[str, str] = {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "60"}
 
 # Forced on every engine: no access log (it carries client addresses), no prompt or output logging, no
 # cross-user multimodal cache unless the operator asks, no file:// media, no API docs.
@@ -102,6 +107,7 @@ def engine_environment(parent: Mapping[str, str]) -> dict[str, str]:
         and (not name.startswith(_BLOCKED_ENV_PREFIXES) or name in _ALLOWED_VLLM_ENV)
     }
     env.update(PRIVACY_ENV)
+    env.update(KEEPALIVE_ENV)
     return env
 
 

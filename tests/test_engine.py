@@ -19,6 +19,7 @@ from server.engine import (
 )
 from server.privacy import HARDENED_START
 from server.profiles import choose_model, load_profiles
+from server.upstream import KEEPALIVE_EXPIRY_S
 
 from .conftest import AIRLOCK, ROOT
 
@@ -59,6 +60,11 @@ def test_every_privacy_setting_is_on(tmp_path: Path, device: str) -> None:
     # Started hardened (no core dumps, not dumpable: see test_privacy_hardening.py), then vLLM's server module.
     assert launch.argv[1:4] == ["-c", HARDENED_START, VLLM_SERVER_MODULE]
     assert launch.env["VLLM_HOST_IP"] == "127.0.0.1"  # else vLLM routes towards 8.8.8.8 to find its address
+
+
+def test_engines_keep_idle_connections_longer_than_the_gateway_does(tmp_path: Path) -> None:
+    (launch,) = launches(tmp_path, model="demo", parent_env={"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "1"})
+    assert int(launch.env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) > 4 * KEEPALIVE_EXPIRY_S
 
 
 def test_engines_bind_to_private_unix_sockets_by_default(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ class EngineOverhead:
             "direct_e2e_p99_ms": direct.e2e(99) * 1e3, "gateway_e2e_p99_ms": gateway.e2e(99) * 1e3,
             "direct_tokens_per_s": direct.tokens_per_s, "gateway_tokens_per_s": gateway.tokens_per_s,
             "throughput_ratio": gateway.tokens_per_s / direct.tokens_per_s,
+            "direct_retries": direct.retries, "gateway_retries": gateway.retries,
         }
 
 
@@ -55,5 +56,8 @@ async def engine_overheads(direct: aiohttp.ClientSession, gateway: aiohttp.Clien
             count = max(16, concurrency * requests_per_client)
             direct_run, gateway_run = await side_by_side(direct, gateway, headers, body, concurrency, count, rounds)
             results.append(EngineOverhead(kind, concurrency, direct_run, gateway_run))
-            print(f"  {kind} at concurrency {concurrency}: {len(gateway_run.samples)} requests each way", flush=True)
+            retries = f" (retried after a dropped connection: {direct_run.retries} direct, {gateway_run.retries} " \
+                      "through the gateway)" if direct_run.retries or gateway_run.retries else ""
+            print(f"  {kind} at concurrency {concurrency}: {len(gateway_run.samples)} requests each way{retries}",
+                  flush=True)
     return results

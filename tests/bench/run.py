@@ -193,7 +193,8 @@ async def real_engine(work: Path, args: argparse.Namespace, layout: Layout, resu
                  "gateway_ttft_p50_ms": "airlock ttft p50", "direct_ttft_p99_ms": "direct ttft p99",
                  "gateway_ttft_p99_ms": "airlock ttft p99", "direct_e2e_p50_ms": "direct e2e p50",
                  "gateway_e2e_p50_ms": "airlock e2e p50", "direct_tokens_per_s": "direct tok/s",
-                 "gateway_tokens_per_s": "airlock tok/s", "throughput_ratio": "ratio"})
+                 "gateway_tokens_per_s": "airlock tok/s", "throughput_ratio": "ratio",
+                 "direct_retries": "retried direct", "gateway_retries": "retried airlock"})
 
 
 def verdicts(results: dict[str, Any]) -> list[str]:
