@@ -248,6 +248,7 @@ def main() -> int:
            "max_ms": "max ms"})
     with tempfile.TemporaryDirectory(prefix="airlock-bench-") as scratch:
         work = args.logs or scratch
+        Path(work).mkdir(parents=True, exist_ok=True)
         if not args.skip_proxy:
             asyncio.run(pure_proxy(Path(work), args, layout, results))
         if not args.skip_engine:
