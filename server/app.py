@@ -1,7 +1,6 @@
 """The gateway application. ``create_app`` lists the request path in the order every request takes it."""
 
 import asyncio
-import gc
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -149,10 +148,6 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str]) -> Gateway:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await pool.start()
-        # Everything made so far (modules, settings, the app) lives as long as the process: out of the collector's
-        # sight, a full collection no longer walks ~90,000 objects, which stalled every request for 55-65 ms about
-        # once per few thousand requests (`make bench`, pure proxy: the p99 at concurrency 32).
-        gc.freeze()
         # The provider's keys are fetched in the background: an IdP that is down must not hold up the start.
         keys = authentication.provider_keys
         fetch = asyncio.create_task(keys.refresh()) if keys else None

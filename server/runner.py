@@ -23,6 +23,7 @@ from .config import ConfigError, Settings, is_loopback_host
 from .engine import Device, ReplicaLaunch, build_replicas
 from .privacy import harden_process
 from .profiles import ModelChoice, choose_model, detect_gpu_free_gb, load_profiles
+from .runtime import settle_heap
 from .supervisor import Supervisor
 
 log = logging.getLogger("airlock")
@@ -236,6 +237,7 @@ async def run_up(settings: Settings) -> None:
         check_model(choice, settings)
         ensure_demo_model(choice, settings.engine.python)
         gateway = build_gateway(settings, [launch.url for launch in launches])
+        settle_heap()
         supervisor = Supervisor(launches, settings.engine)
         with Signals() as signals:
             supervisor.start()
@@ -276,6 +278,7 @@ async def run_gateway(settings: Settings) -> None:
     if not settings.upstreams:
         raise ConfigError("upstreams: list at least one engine (url: unix:/path.sock or http://host:port)")
     gateway = build_gateway(settings, [upstream.url for upstream in settings.upstreams])
+    settle_heap()
     with listen(settings.gateway.host, settings.gateway.port) as sock, Signals() as signals:
         async with metrics_listener(gateway, settings):
             await signals.serve(_Server(_uvicorn_config(gateway.api, settings)), sock)
