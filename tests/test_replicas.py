@@ -5,6 +5,7 @@ it comes back and serves again, and a flooding user does not hold another user's
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import socket
@@ -191,13 +192,27 @@ async def stream_one(client: openai.AsyncOpenAI, tokens: int, outcome: StreamOut
         outcome.error = f"{type(exc).__name__}: {exc}"
 
 
-def test_a_replica_killed_mid_burst_fails_only_started_streams_then_serves_again(two_replicas: TwoReplicas) -> None:
-    stack = two_replicas
+# Cancelling requests mid-flight leaves the SDK's (httpx's) connections to the garbage collector, which reports
+# them as unclosed transports: they are collected, and those reports ignored, in the test that cancels them rather
+# than in whichever test runs next.
+UNCLOSED_TRANSPORT = "ignore:Exception ignored in.*_SelectorTransport.__del__:pytest.PytestUnraisableExceptionWarning"
+
+
+@dataclass
+class Burst:
+    outcomes: list[StreamOutcome]
+    streaming_at_kill: list[bool]
+    victim: int | None  # None: streams never flowed on both replicas in time, and nothing was killed
+
+
+def burst_and_kill(stack: TwoReplicas) -> Burst:
+    """12 long streams from two users; once both replicas are relaying one, the busier replica is killed. If that
+    does not happen within 120 s, the streams are cancelled and nothing is killed."""
     outcomes = [StreamOutcome() for _ in range(12)]
     streaming_at_kill: list[bool] = []
     victims: list[int] = []
 
-    async def burst_and_kill() -> None:
+    async def run() -> None:
         started = asyncio.Event()
         async with stack.client("alice") as alice, stack.client("bob") as bob:
             # Long answers: on this CPU vLLM's API server sometimes sends a stream's chunks only at its end, so
@@ -207,32 +222,56 @@ def test_a_replica_killed_mid_burst_fails_only_started_streams_then_serves_again
             await asyncio.wait_for(started.wait(), 300)
             # Each replica runs at most 2 (IN_FLIGHT_PER_REPLICA): once 3 streams are flowing and unfinished, both
             # replicas have one, so the kill cuts a stream that really was under way.
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + 120
             while sum(outcome.chunks > 0 and not outcome.finished for outcome in outcomes) < 3:
-                assert time.monotonic() < deadline, "streams never flowed on both replicas at once"
+                if time.monotonic() > deadline:  # vLLM's API server is holding chunks back: try again later
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    return
                 await asyncio.sleep(0.05)
             # The victim: a replica the gateway is relaying a stream from right now (its own metrics say which): a
             # stream whose every byte had already arrived could not be cut. vLLM's API server on this CPU sometimes
             # sends a whole answer at once, so "a stream is flowing" alone does not tell.
             while max((busy := await asyncio.to_thread(stack.outstanding)).values()) < 1:
-                assert time.monotonic() < deadline, "no replica had a request in flight"
+                assert time.monotonic() < deadline + 60, "no replica had a request in flight"
                 await asyncio.sleep(0.05)
             victims.append(max(busy, key=lambda index: busy[index]))
             streaming_at_kill.extend(outcome.chunks > 0 for outcome in outcomes)
             os.killpg(os.getpgid(stack.replica_pid(victims[0])), signal.SIGKILL)  # it dies, engine core and all
             await asyncio.gather(*tasks)
 
-    asyncio.run(burst_and_kill())
-    # No request failed before its first byte: those the gateway had not started on replica 1 went elsewhere.
-    failed_unstarted = [outcome.error for outcome in outcomes if outcome.error and outcome.chunks == 0]
-    assert failed_unstarted == [], failed_unstarted
-    assert all(outcome.finished or outcome.error for outcome in outcomes), outcomes  # none ended silently
-    # Streams that had shown the client nothing yet when the replica died (a first chunk may have been on its way,
-    # so some of these may have been cut as started ones) were served by the surviving replica.
-    waiting = [outcome for outcome, started in zip(outcomes, streaming_at_kill, strict=True) if not started]
-    assert sum(outcome.finished for outcome in waiting) >= 1, "no queued request was served after the kill"
-    cut = [outcome for outcome in outcomes if outcome.error]
-    assert cut, "no stream was running on the killed replica: the test proved nothing"
+    asyncio.run(run())
+    gc.collect()  # the cancelled streams' connections (see UNCLOSED_TRANSPORT)
+    return Burst(outcomes, streaming_at_kill, victims[0] if victims else None)
+
+
+@pytest.mark.filterwarnings(UNCLOSED_TRANSPORT)
+def test_a_replica_killed_mid_burst_fails_only_started_streams_then_serves_again(two_replicas: TwoReplicas) -> None:
+    stack = two_replicas
+    # Even "in flight" by the gateway's metrics, a stream on the victim may already have had its last byte (vLLM's
+    # API server here sometimes sends a whole answer at once), or streams may not flow at all for a while: then
+    # nothing is cut, and the burst is tried again (once the victim is back), up to three times.
+    cut: list[StreamOutcome] = []
+    for _ in range(3):
+        burst = burst_and_kill(stack)
+        if burst.victim is None:
+            continue
+        outcomes = burst.outcomes
+        # No request failed before its first byte: those the gateway had not started on the victim went elsewhere.
+        failed_unstarted = [outcome.error for outcome in outcomes if outcome.error and outcome.chunks == 0]
+        assert failed_unstarted == [], failed_unstarted
+        assert all(outcome.finished or outcome.error for outcome in outcomes), outcomes  # none ended silently
+        # Streams that had shown the client nothing yet when the replica died (a first chunk may have been on its
+        # way, so some of these may have been cut as started ones) were served by the surviving replica.
+        waiting = [outcome for outcome, started in zip(outcomes, burst.streaming_at_kill, strict=True) if not started]
+        assert sum(outcome.finished for outcome in waiting) >= 1, "no queued request was served after the kill"
+        cut = [outcome for outcome in outcomes if outcome.error]
+        if cut:
+            break
+        wait_for_both(stack)
+    assert cut, "in three bursts no stream was cut on a killed replica: the test proved nothing"
+    assert burst.victim is not None
     # A stream cut midway ended with an explicit error event, after chunks had arrived: never a silent end.
     assert all(outcome.chunks > 0 and not outcome.finished for outcome in cut), outcomes
     assert all("stopped while answering" in outcome.error for outcome in cut), [o.error for o in cut]
@@ -240,7 +279,7 @@ def test_a_replica_killed_mid_burst_fails_only_started_streams_then_serves_again
 
     # The supervisor restarts it; once healthy, the gateway sends it work again.
     wait_for_both(stack)
-    victim = victims[0]
+    victim = burst.victim
     before = stack.served(victim)
 
     async def until_the_victim_serves() -> None:
@@ -254,6 +293,7 @@ def test_a_replica_killed_mid_burst_fails_only_started_streams_then_serves_again
     assert stack.served(victim) > before, "the restarted replica got no work"
 
 
+@pytest.mark.filterwarnings(UNCLOSED_TRANSPORT)
 def test_a_flooding_user_does_not_hold_back_another_users_requests(two_replicas: TwoReplicas) -> None:
     """A keeps 64 requests in flight; each of B's is served after a bounded number of A's completions.
 
@@ -286,6 +326,7 @@ def test_a_flooding_user_does_not_hold_back_another_users_requests(two_replicas:
             return spans
 
     spans = asyncio.run(flood_and_ask())
+    gc.collect()
     for a_before, a_after in spans:
         assert a_before < 64 - 8, "A's flood ended before B was measured: the test proved nothing"
         # B finds a slot kept free for newcomers and runs beside A's running requests, which end meanwhile (at
