@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -153,16 +155,27 @@ class ScriptedEngine:
             writer.close()
 
 
-def pool_at(path: Path) -> ReplicaPool:
-    return ReplicaPool([f"unix:{path}"], load_settings().gateway, LeastOutstanding(), 64)
+@asynccontextmanager
+async def checked_once(tmp_path: Path) -> AsyncIterator[tuple[ScriptedEngine, ReplicaPool]]:
+    """A scripted engine and a one-replica pool in front of it, after a first health check (closed at the end)."""
+    async with ScriptedEngine(tmp_path / "engine.sock") as engine:
+        pool = ReplicaPool([f"unix:{engine.path}"], load_settings().gateway, LeastOutstanding(), 64)
+        await pool.check_all()
+        try:
+            yield engine, pool
+        finally:
+            await pool.close()
+
+
+@pytest.fixture
+def quick_health_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream, "HEALTH_TIMEOUT_S", 0.1)
 
 
 def test_a_connection_dropped_during_a_health_check_is_retried_not_taken_for_a_dead_engine(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with ScriptedEngine(tmp_path / "engine.sock") as engine:
-            pool = pool_at(engine.path)
+        async with checked_once(tmp_path) as (engine, pool):
             replica = pool.replicas[0]
-            await pool.check_all()
             assert replica.healthy and replica.serves("m")
             engine.drops = 1  # the engine closed the kept-alive connection just as the check reused it
             await pool.check_all()
@@ -172,20 +185,15 @@ def test_a_connection_dropped_during_a_health_check_is_retried_not_taken_for_a_d
             assert engine.drops == 0 and not replica.healthy
             await pool.check_all()  # and back once it answers again
             assert replica.healthy
-            await pool.close()
 
     asyncio.run(scenario())
 
 
-def test_a_busy_engine_still_sending_answers_keeps_its_place_through_slow_health_checks(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(upstream, "HEALTH_TIMEOUT_S", 0.1)
-
+@pytest.mark.usefixtures("quick_health_timeout")
+def test_a_busy_engine_still_sending_answers_keeps_its_place_through_slow_health_checks(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with ScriptedEngine(tmp_path / "engine.sock") as engine:
-            pool = pool_at(engine.path)
+        async with checked_once(tmp_path) as (engine, pool):
             replica = pool.replicas[0]
-            await pool.check_all()
             engine.silent = True  # /health waits behind a full batch
             for _ in range(SLOW_CHECKS_TOLERATED + 3):
                 replica.made_progress()  # while answers keep flowing
@@ -194,26 +202,21 @@ def test_a_busy_engine_still_sending_answers_keeps_its_place_through_slow_health
             replica.last_progress -= PROGRESS_KEEPS_HEALTHY_S  # no answer for that long: stuck, not busy
             await pool.check_all()
             assert not replica.healthy
-            await pool.close()
 
     asyncio.run(scenario())
 
 
+@pytest.mark.usefixtures("quick_health_timeout")
 def test_an_idle_engine_that_stops_answering_health_checks_leaves_after_the_tolerated_slow_ones(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(upstream, "HEALTH_TIMEOUT_S", 0.1)
-
+        tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with ScriptedEngine(tmp_path / "engine.sock") as engine:
-            pool = pool_at(engine.path)
+        async with checked_once(tmp_path) as (engine, pool):
             replica = pool.replicas[0]
-            await pool.check_all()
             engine.silent = True
             for _ in range(SLOW_CHECKS_TOLERATED - 1):
                 await pool.check_all()
                 assert replica.healthy  # one slow answer is not yet a verdict
             await pool.check_all()
             assert not replica.healthy
-            await pool.close()
 
     asyncio.run(scenario())
