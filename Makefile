@@ -8,7 +8,7 @@ ENGINE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install browser run test lint bench bench-fairness clean
+.PHONY: install system-packages run test lint bench bench-fairness clean
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -20,14 +20,19 @@ install: $(UV)
 run: install
 	$(VENV)/bin/airlock up $(ARGS)
 
-test: install browser
+test: install system-packages
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# The console tests drive Debian's Chromium (Playwright's own browser downloads are never used).
-browser:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null; } || \
-		{ echo "the console tests need Debian's chromium: sudo apt-get install chromium" >&2; exit 1; }
+# Debian packages the tests drive, installed in one step (package lists first: a fresh machine has none).
+# chromium: the console tests (Playwright's own browser downloads are never used); tcpdump: `airlock audit`'s wire
+# capture; systemd: systemd-analyze checks the units.
+DEBIAN_PACKAGES := chromium tcpdump systemd
+DEBIAN_COMMANDS := chromium tcpdump systemd-analyze
+system-packages:
+	@missing=""; for cmd in $(DEBIAN_COMMANDS); do command -v $$cmd >/dev/null 2>&1 || missing=1; done; \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && export DEBIAN_FRONTEND=noninteractive && \
+		apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null; } || \
+		{ echo "the tests need Debian's $(DEBIAN_PACKAGES): sudo apt-get update && sudo apt-get install $(DEBIAN_PACKAGES)" >&2; exit 1; }
 
 # What the gateway costs, side by side with the same load straight upstream (see README, Performance).
 bench: install
