@@ -4,6 +4,7 @@ Every rule Airlock ships (example configs, README snippets) names a model a ship
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -28,6 +29,8 @@ from server.auth import ModelAccess, Principal, RuleCoverage
 from server.auth.access import unmatched_rules
 from server.config import AccessRule, AuthorizationSettings, load_settings
 from server.profiles import GENERIC_PROFILE, load_profiles
+from server.routing import LeastOutstanding
+from server.upstream import ReplicaPool
 
 from .conftest import ROOT, Credentials, Stack, airlock_cli
 from .servers import ThreadedServer, gateway_in_front_of
@@ -294,3 +297,30 @@ def test_a_non_member_is_refused_whatever_the_case_and_a_member_is_served(
                 with pytest.raises(refusal) as refused:
                     bob.chat.completions.create(model=name, messages=messages, max_tokens=2)  # type: ignore[arg-type]
                 assert refused.value.code == ("model_not_found" if hide else "model_not_allowed"), name
+
+
+def test_an_engine_restarted_with_another_model_is_checked_again(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """The pool re-reads a replica's models when it rejoins, and the rules are checked against the new set."""
+    socket = tmp_path / "engine.sock"
+    pool = ReplicaPool([f"unix:{socket}"], load_settings().gateway, LeastOutstanding(), 64)
+    coverage = RuleCoverage(access_for({"models": ["Qwen3-VL-8B-*"], "groups": ["radiology"]}))
+    pool.on_change.append(lambda: coverage.served_models(pool.served_models))
+
+    async def check() -> None:
+        await pool.check_all()
+
+    async def close() -> None:
+        await pool.close()
+
+    with ThreadedServer(scripted_control_plane("Qwen3-VL-8B-Instruct"), uds=str(socket)):
+        asyncio.run(check())
+    assert pool.served_models == {"Qwen3-VL-8B-Instruct"} and coverage.unmatched == []
+    asyncio.run(check())  # gone: out of the pool, its models still known
+    assert not pool.any_healthy and pool.served_models == {"Qwen3-VL-8B-Instruct"}
+    with ThreadedServer(scripted_control_plane("Qwen3-VL-4B-Instruct"), uds=str(socket)):
+        asyncio.run(check())
+    asyncio.run(close())
+    assert pool.served_models == {"Qwen3-VL-4B-Instruct"}
+    assert [finding.number for finding in coverage.unmatched] == [1]
+    assert [r.levelname for r in caplog.records if r.name == "server.auth.access"] == ["WARNING"]
