@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .admission import Admission
-from .auth import ModelAccess, Principal, build_authentication
+from .auth import ModelAccess, Principal, RuleCoverage, build_authentication
 from .config import Settings
 from .console import CONSOLE_HEADER, console_router
 from .errors import (
@@ -141,9 +141,11 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str]) -> Gateway:
     metrics.watch(pool, admission)
     authentication = build_authentication(config.auth)
     access = ModelAccess(config.authorization)
+    # Rules that name no served model are logged (and shown in the posture) when the served models are learnt.
+    coverage = RuleCoverage(access)
+    pool.on_change.append(lambda: coverage.served_models(pool.served_models))
     screening = Screening(config.screening, TenantSalts(config.privacy))
     sessions = SessionStore(config.console.session_idle_s, config.console.session_max_s, config.console.max_sessions)
-    posture = privacy_posture(config, upstream_urls)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -237,7 +239,7 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str]) -> Gateway:
 
     @app.get("/v1/airlock/privacy")
     async def privacy(_: CurrentPrincipal) -> Response:
-        return JSONResponse(posture, headers=NO_STORE)
+        return JSONResponse(privacy_posture(config, upstream_urls, coverage), headers=NO_STORE)
 
     @app.get("/healthz")
     async def healthz() -> Response:

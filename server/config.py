@@ -153,7 +153,7 @@ class AuthSettings(_Section):
 
 
 class AccessRule(_Section):
-    """Models (shell patterns on the served name) that only members of these groups may use."""
+    """Models (shell patterns on the served name, ignoring case) that only members of these groups may use."""
 
     models: list[str] = Field(min_length=1)
     groups: list[str] = Field(min_length=1)

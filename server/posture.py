@@ -1,16 +1,18 @@
 """The privacy posture an auditor can read from ``GET /v1/airlock/privacy``: the settings that decide what is
-kept, sent or shared, as the running gateway applies them. Nothing in it identifies a user or an address."""
+kept, sent or shared, as the running gateway applies them, and the authorization rules that name no served model
+(built per request: the served models change). Nothing in it identifies a user or an address."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+from .auth import RuleCoverage
 from .config import Settings
 from .engine import PRIVACY_ARGS, PRIVACY_ENV
 
 
-def privacy_posture(config: Settings, upstream_urls: Sequence[str]) -> dict[str, Any]:
+def privacy_posture(config: Settings, upstream_urls: Sequence[str], rules: RuleCoverage) -> dict[str, Any]:
     auth, screening, privacy = config.auth, config.screening, config.privacy
     methods = [name for name, on in (("basic", auth.htpasswd_file), ("api_key", auth.api_keys_file),
                                      ("oidc", auth.oidc.enabled)) if on]
@@ -50,6 +52,7 @@ def privacy_posture(config: Settings, upstream_urls: Sequence[str]) -> dict[str,
             "admission": config.admission.model_dump(),
         },
         "authentication": {"methods": methods, "required": bool(methods)},
+        "authorization": rules.posture(),
         "console": {
             "enabled": config.console.enabled,
             "sessions": "memory only",

@@ -154,7 +154,8 @@ class ReplicaPool:
             health = await self._probe(replica, "/health")
             healthy = health.status_code == 200
             reason = f"health status {health.status_code}"
-            if healthy and not replica.models:
+            # Learnt when a replica (re)joins: an engine restarted in its place may serve another model.
+            if healthy and (not replica.models or not replica.healthy):
                 listing = await self._probe(replica, "/v1/models")
                 listing.raise_for_status()
                 replica.models = {card["id"]: card for card in listing.json()["data"]}
@@ -226,6 +227,12 @@ class ReplicaPool:
         """Every model any replica has served has a healthy replica now (and at least one replica is healthy)."""
         models = {model for replica in self.replicas for model in replica.models}
         return any(replica.healthy for replica in self.replicas) and all(self.can_serve(m) for m in models)
+
+    @property
+    def served_models(self) -> frozenset[str]:
+        """Every model a replica serves, as its last /v1/models said (healthy or not). It changes only when a
+        replica joins the pool, so the ``on_change`` listeners see every change."""
+        return frozenset(model for replica in self.replicas for model in replica.models)
 
     @property
     def any_healthy(self) -> bool:

@@ -208,6 +208,8 @@ def stack(
     config = write_config(workdir / "airlock.yaml", {
         "gateway": {"port": port, "max_body_bytes": TEST_MAX_BODY_BYTES},
         "auth": auth_settings(credentials, oidc_provider),
+        # A rule naming no served model (the demo's is airlock-demo-qwen3-vl): the stack must say so in its log.
+        "authorization": {"rules": [{"models": ["Qwen3-VL-8B-*"], "groups": ["radiology"]}]},
         "screening": {"max_tokens_limit": LONG_CONTEXT, "max_image_bytes": 1_000_000},
         # Tests send bursts as one user; fair-share limits have their own tests (test_replicas.py, test_fair_share.py).
         "admission": {"max_concurrent_per_user": 0, "requests_per_minute_per_user": 0},

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -121,14 +121,15 @@ def _b64json(part: str) -> dict[str, Any]:
 
 
 @contextmanager
-def gateway_in_front_of(engine_socket: Path, **settings: Any) -> Iterator[str]:
-    """A real gateway (in a thread) with its own settings, in front of an existing engine; yields its base URL."""
+def gateway_in_front_of(engine_socket: Path, upstreams_extra: Sequence[str] = (), **settings: Any) -> Iterator[str]:
+    """A real gateway (in a thread) with its own settings, in front of an existing engine (and any
+    ``upstreams_extra``); yields its base URL."""
     from server.app import create_app
     from server.config import load_settings
 
     port = free_port()
     loaded = load_settings(gateway={"port": port, "health_interval_s": 0.5}, **settings)
-    app = create_app(loaded, [f"unix:{engine_socket}"])
+    app = create_app(loaded, [f"unix:{engine_socket}", *upstreams_extra])
     with ThreadedServer(app, host="127.0.0.1", port=port):
         yield wait_until_ready(f"http://127.0.0.1:{port}")
 

@@ -1,7 +1,7 @@
 """Who is asking (authentication) and what they may use (authorization)."""
 
-from .access import ModelAccess
+from .access import ModelAccess, RuleCoverage
 from .chain import Authentication, build_authentication
 from .principal import ANONYMOUS, Principal
 
-__all__ = ["ANONYMOUS", "Authentication", "ModelAccess", "Principal", "build_authentication"]
+__all__ = ["ANONYMOUS", "Authentication", "ModelAccess", "Principal", "RuleCoverage", "build_authentication"]
