@@ -151,6 +151,9 @@ class CaptureHandle:
                 self._process.wait()
             for reader in self._readers:
                 reader.join(timeout=STOP_TIMEOUT_S)
+            for stream in (self._process.stdout, self._process.stderr):
+                if stream is not None:
+                    stream.close()
             messages = "\n".join(self._reading.stderr)
             self._result = CaptureResult(bytes(self._reading.data), _count(_CAPTURED, messages),
                                          _count(_DROPPED, messages), self._reading.truncated)
