@@ -137,8 +137,8 @@ class CaptureHandle:
             if self._process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 said = "; ".join(line for line in self._reading.stderr if line)[-500:] or "no message"
-                raise AuditError(f"tcpdump cannot capture on {interface} (root or CAP_NET_RAW is needed): {said}; "
-                                 f"{NO_WIRE_HINT}")
+                raise AuditError(f"tcpdump cannot capture on {interface} (capturing needs root or CAP_NET_RAW): "
+                                 f"{said}; {NO_WIRE_HINT}")
 
     def stop(self) -> CaptureResult:
         if self._result is None:
