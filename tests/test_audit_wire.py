@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import base64
 import io
+import re
+import shlex
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +26,7 @@ from server.audit.canary import Canaries
 from server.audit.capture import CaptureResult, WirePlan, capturing, plan_wire
 from server.audit.report import WireReport
 from server.audit.wire import connections, is_tls, judge
+from server.cli import build_parser
 from server.config import load_settings
 
 from .servers import free_port
@@ -224,3 +229,38 @@ def test_an_interface_tcpdump_cannot_open_stops_the_audit() -> None:
     with pytest.raises(AuditError, match=r"tcpdump cannot capture on airlock-nonexistent0.*--no-wire"), \
             capturing(WirePlan("airlock-nonexistent0", {free_port(): "gateway"})):
         pass
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_audit_commands() -> list[list[str]]:
+    """Every `airlock audit` command in the README's "Proving it" section, as the shell would pass its arguments
+    (command substitutions, which find pids or make a key, stand in as a number)."""
+    text = README.read_text()
+    section = text[text.index("### Proving it: `airlock audit`"):text.index("**In the test suite** (`make test`)")]
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", section, re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            if "airlock audit" in line and not line.lstrip().startswith("#"):
+                words = shlex.split(re.sub(r'"\$\([^)]*\)"', "4242", line))
+                commands.append(words[words.index("audit") + 1:])
+    return commands
+
+
+def test_every_audit_example_in_the_readme_is_accepted_as_written() -> None:
+    parsed = [build_parser().parse_args(["audit", *arguments]) for arguments in readme_audit_commands()]
+    assert len(parsed) == 4 and all(args.func.__name__ == "_cmd_audit" for args in parsed)
+    attached = [args for args in parsed if args.attach]
+    assert [len(args.attach) for args in attached] == [1, 2]  # `airlock up`; the gateway and engines units
+    assert all(args.url for args in attached)
+
+
+def test_the_readme_synopsis_names_exactly_the_audit_options() -> None:
+    text = README.read_text()
+    synopsis = text[text.index("airlock audit [--config FILE]"):text.index("AIRLOCK_AUDIT_KEY: the credential")]
+    documented = set(re.findall(r"--[a-z][a-z-]+", synopsis))
+    help_text = subprocess.run([sys.executable, "-m", "server.cli", "audit", "--help"], capture_output=True,
+                               text=True, check=True, cwd=README.parent).stdout
+    offered = set(re.findall(r"--[a-z][a-z-]+", help_text)) - {"--help"}
+    assert documented == offered
