@@ -27,7 +27,7 @@ from server.audit.capture import CaptureResult, WirePlan, capturing, plan_wire
 from server.audit.report import WireReport
 from server.audit.wire import connections, is_tls, judge
 from server.cli import build_parser
-from server.config import load_settings
+from server.config import ConfigError, load_settings
 
 from .servers import free_port
 
@@ -264,3 +264,12 @@ def test_the_readme_synopsis_names_exactly_the_audit_options() -> None:
                                text=True, check=True, cwd=README.parent).stdout
     offered = set(re.findall(r"--[a-z][a-z-]+", help_text)) - {"--help"}
     assert documented == offered
+
+
+def test_the_audit_credential_is_not_taken_for_a_misspelt_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`AIRLOCK_AUDIT_KEY=... airlock audit --config FILE` (as the README writes it) loads the settings."""
+    monkeypatch.setenv("AIRLOCK_AUDIT_KEY", "alk_0123456789abcdef_secret")
+    assert load_settings(None).engine.bind == "unix"
+    monkeypatch.setenv("AIRLOCK_AUDIT_KEYS", "x")
+    with pytest.raises(ConfigError, match="AIRLOCK_AUDIT_KEYS: unknown setting"):
+        load_settings(None)
