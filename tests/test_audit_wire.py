@@ -192,10 +192,14 @@ def test_tls_is_recognised_by_its_first_record() -> None:
     assert not is_tls(b"\x17\x03\x03\x00\x20", opened_in_capture=True)
 
 
-def test_a_clean_plaintext_connection_is_neither_encrypted_nor_in_clear() -> None:
+def test_clean_plaintext_and_empty_connections_are_neither_encrypted_nor_in_clear() -> None:
     frames = [ethernet_frame(1, b"", flags=dpkt.tcp.TH_SYN), ethernet_frame(2, b"GET /readyz HTTP/1.1\r\n\r\n")]
     findings = judge(connections(pcap_of(frames), {8100: "engine"}), CANARIES)
-    assert (findings.encrypted, findings.plaintext_clean, findings.leaks) == (0, 1, [])
+    assert (findings.encrypted, findings.plaintext_clean, findings.empty, findings.leaks) == (0, 1, 0, [])
+    refused = [ethernet_frame(7, b"", flags=dpkt.tcp.TH_SYN), ethernet_frame(0, b"", flags=dpkt.tcp.TH_RST, sport=8100,
+                                                                              dport=40000)]
+    findings = judge(connections(pcap_of(refused), {8100: "engine"}), CANARIES)
+    assert (findings.connections, findings.encrypted, findings.plaintext_clean, findings.empty) == (1, 0, 0, 1)
 
 
 def test_no_connection_on_a_hop_means_not_verified() -> None:

@@ -86,7 +86,7 @@ class WireReport:
             wire = self.findings.as_json()
             lines.append(f"  wire: {wire['flows']} flows, {wire['bytes']} bytes captured on {self.plan.interface}, "
                          f"{wire['in_clear']} in clear ({wire['encrypted']} TLS, "
-                         f"{wire['plaintext_without_findings']} plaintext with nothing found)")
+                         f"{wire['plaintext_without_findings']} plaintext with nothing found, {wire['empty']} empty)")
         lines += [f"  wire: {note}" for note in self.plan.notes]
         lines += [f"  wire NOT verified: {problem}" for problem in self.problems]
         return lines

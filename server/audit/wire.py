@@ -102,6 +102,7 @@ class WireFindings:
     payload_bytes: int = 0
     encrypted: int = 0
     plaintext_clean: int = 0
+    empty: int = 0  # no byte either way: refused, or opened and closed (a probe before the port listened)
     missing_bytes: int = 0
     per_hop: dict[str, int] = field(default_factory=dict)
     leaks: list[Leak] = field(default_factory=list)
@@ -110,6 +111,7 @@ class WireFindings:
         return {"flows": self.connections, "bytes": self.payload_bytes,
                 "in_clear": len({(leak.hop, leak.from_port, leak.to_port) for leak in self.leaks}),
                 "encrypted": self.encrypted, "plaintext_without_findings": self.plaintext_clean,
+                "empty": self.empty,
                 "missing_bytes": self.missing_bytes, "flows_per_hop": dict(sorted(self.per_hop.items())),
                 "findings": [leak.as_json() for leak in self.leaks]}
 
@@ -170,7 +172,9 @@ def judge(found: list[Connection], canaries: Canaries) -> WireFindings:
                 leaked = True
                 findings.leaks.append(_leak(connection, outward, tuple(kinds)))
         if not leaked:
-            if is_tls(request, opened_in_capture=connection.opened_in_capture):
+            if not request and not answer:
+                findings.empty += 1
+            elif is_tls(request, opened_in_capture=connection.opened_in_capture):
                 findings.encrypted += 1
             else:
                 findings.plaintext_clean += 1
