@@ -5,6 +5,7 @@ and the reassembly on packets written by dpkt, for what loopback never does (los
 from __future__ import annotations
 
 import base64
+import http.server
 import io
 import re
 import shlex
@@ -18,13 +19,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dpkt
+import httpx
 import pytest
 import trustme
 
 from server.audit import AuditError
 from server.audit.canary import Canaries
 from server.audit.capture import CaptureResult, WirePlan, capturing, plan_wire
+from server.audit.probe import Gateway
 from server.audit.report import WireReport
+from server.audit.run import _certificate_name
 from server.audit.wire import connections, is_tls, judge
 from server.cli import build_parser
 from server.config import ConfigError, load_settings
@@ -277,3 +281,51 @@ def test_the_audit_credential_is_not_taken_for_a_misspelt_setting(monkeypatch: p
     monkeypatch.setenv("AIRLOCK_AUDIT_KEYS", "x")
     with pytest.raises(ConfigError, match="AIRLOCK_AUDIT_KEYS: unknown setting"):
         load_settings(None)
+
+
+class Answering(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_the_audit_reaches_a_tls_gateway_at_127_0_0_1_under_its_certificate_name(
+    ca: trustme.CA, tmp_path: Path,
+) -> None:
+    """How the audit talks to a TLS stack it started on 127.0.0.1: the CA from --ca-file, the name from the
+    gateway's certificate (a real TLS server with a certificate for a service name only)."""
+    leaf = ca.issue_cert("airlock.internal")
+    cert_file, ca_file = tmp_path / "gateway.pem", tmp_path / "ca.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    assert _certificate_name(cert_file) == "airlock.internal"
+    cases = ((("127.0.0.1", "airlock.internal"), None), (("airlock.internal", "localhost"), "localhost"))
+    for names, expected in cases:
+        other = tmp_path / "other.pem"
+        ca.issue_cert(*names).cert_chain_pems[0].write_to_path(str(other))
+        assert _certificate_name(other) == expected
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answering)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    leaf.configure_cert(context)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"https://127.0.0.1:{server.server_address[1]}"
+    try:
+        with Gateway(url, ca_file, "airlock.internal").client(timeout=5) as client:
+            assert client.get("/readyz").text == "ok"
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"), \
+                Gateway(url, ca_file).client(timeout=5) as client:
+            client.get("/readyz")  # 127.0.0.1 is not a name the certificate gives
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"), \
+                Gateway(url, None, "airlock.internal").client(timeout=5) as client:
+            client.get("/readyz")  # the system's CAs do not know the test CA
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
