@@ -109,7 +109,7 @@ class WireFindings:
 
     def as_json(self) -> dict[str, Any]:
         return {"flows": self.connections, "bytes": self.payload_bytes,
-                "in_clear": len({(leak.hop, leak.from_port, leak.to_port) for leak in self.leaks}),
+                "in_clear": len({(leak.hop, frozenset((leak.from_port, leak.to_port))) for leak in self.leaks}),
                 "encrypted": self.encrypted, "plaintext_without_findings": self.plaintext_clean,
                 "empty": self.empty,
                 "missing_bytes": self.missing_bytes, "flows_per_hop": dict(sorted(self.per_hop.items())),
