@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -98,14 +99,19 @@ def _cmd_demo_model(args: argparse.Namespace) -> None:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from .audit.run import AuditOptions, audit
 
-    if args.attach is not None and args.netns:
+    if args.attach and args.netns:
         raise CommandError("--attach audits a running stack; --netns starts one: choose one")
+    if args.no_wire and args.wire_interface:
+        raise CommandError("--no-wire and --wire-interface: choose one")
+    if args.wire_max_mb < 1:
+        raise CommandError("--wire-max-mb must be at least 1")
     if args.config is not None:
         _settings(args)  # a bad file fails here, before anything is started
+    ca_file = args.ca_file or (Path(os.environ["SSL_CERT_FILE"]) if os.environ.get("SSL_CERT_FILE") else None)
     return audit(AuditOptions(
-        config=args.config, attach=args.attach, url=args.url, netns=args.netns, inside_netns=args.inside_netns,
-        rounds=args.rounds,
-        start_timeout_s=args.start_timeout, json_path=args.json,
+        config=args.config, attach=tuple(args.attach or ()), url=args.url, netns=args.netns,
+        inside_netns=args.inside_netns, rounds=args.rounds, start_timeout_s=args.start_timeout, json_path=args.json,
+        wire=not args.no_wire, wire_interface=args.wire_interface, wire_max_mb=args.wire_max_mb, ca_file=ca_file,
     ))
 
 
@@ -182,11 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo_model)
 
     audit = with_config(commands.add_parser(
-        "audit", help="trace a stack while canary requests go through it; report egress, DNS, files and logs",
+        "audit", help="trace a stack while canary requests go through it; report egress, DNS, files, logs and "
+                      "anything sent in clear on the wire",
     ))
     audit.add_argument("--netns", action="store_true", help="run the stack in a loopback-only network namespace")
-    audit.add_argument("--attach", type=int, metavar="PID", help="audit a running stack: its 'airlock up' pid")
-    audit.add_argument("--url", help="with --attach: the gateway's address, e.g. http://127.0.0.1:8000")
+    audit.add_argument("--attach", type=int, action="append", metavar="PID",
+                       help="audit a running stack: the pid of 'airlock up' (or of 'airlock gateway', and again "
+                            "for 'airlock engine')")
+    audit.add_argument("--url", help="with --attach: the gateway's address, e.g. https://airlock.example:8000")
+    audit.add_argument("--ca-file", type=Path, metavar="PEM",
+                       help="CA that signed the gateway's certificate (default: $SSL_CERT_FILE, else the system's)")
+    audit.add_argument("--no-wire", action="store_true",
+                       help="do not capture the stack's TCP traffic (the report says the wire was not watched)")
+    audit.add_argument("--wire-interface", metavar="IFACE",
+                       help="interface tcpdump listens on (default: lo when every hop is on loopback, else any)")
+    audit.add_argument("--wire-max-mb", type=int, default=256, metavar="MB",
+                       help="most capture held in memory; past it the wire is not verified (default 256)")
     audit.add_argument("--rounds", type=int, default=2, help="rounds of canary requests (default 2)")
     audit.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for the stack (default 900)")
     audit.add_argument("--inside-netns", action="store_true", help=argparse.SUPPRESS)  # set by --netns itself

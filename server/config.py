@@ -452,9 +452,15 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         _yaml_values.reset(token)
 
 
+# AIRLOCK_* variables that are read by a command, not settings: `airlock audit`'s credential.
+COMMAND_VARIABLES = frozenset({"AIRLOCK_AUDIT_KEY"})
+
+
 def _check_environment_names(environ: Mapping[str, str]) -> None:
     """A misspelt AIRLOCK_* variable would otherwise be ignored without a word."""
     known = {name.upper() for name in Settings.model_fields}
     for name in environ:
+        if name in COMMAND_VARIABLES:
+            continue
         if name.startswith("AIRLOCK_") and name.removeprefix("AIRLOCK_").split("__")[0] not in known:
             raise ConfigError(f"{name}: unknown setting (check the spelling against configs/airlock.example.yaml)")

@@ -1,5 +1,6 @@
 """`airlock audit` on the real stack: no violation where there is none, every kind caught where one is planted,
-and the whole stack working inside a network namespace that has only loopback."""
+and the whole stack working inside a network namespace that has only loopback, where plaintext hops are caught on
+the wire."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -43,11 +45,14 @@ def assert_requests_went_through(report: dict[str, Any]) -> None:
 
 
 def test_audit_of_the_running_stack_finds_no_violation(stack: Stack) -> None:
+    """The session's stack speaks plain HTTP on loopback, so the wire is left out here, and the report says so."""
     assert os.geteuid() == 0, "attaching to a non-dumpable gateway needs root here: must not be skipped silently"
-    status, report, summary = run_audit("--attach", str(stack.process.pid), "--url", stack.base_url,
+    status, report, summary = run_audit("--attach", str(stack.process.pid), "--url", stack.base_url, "--no-wire",
                                         credential=stack.api_key)
     assert status == 0, summary
-    assert report["passed"] and report["violations"] == []
+    assert report["passed"] and report["violations"] == [] and report["verdict"] == "PASSED"
+    assert report["wire"] == {"watched": False, "verified": False, "reason": "--no-wire"}
+    assert "wire: NOT watched (--no-wire)" in summary
     assert report["mode"] == "attached"
     assert_requests_went_through(report)
     # The gateway, the engine's API server and its engine core, with their threads, were all watched.
@@ -72,21 +77,27 @@ def leaky_gateway(stack: Stack, credentials: Credentials, tmp_path: Path) -> Any
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(f"{base_url}/readyz", process, log_path, 60)
-        yield process, base_url
+        yield process, base_url, config
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
 
 
 def test_audit_catches_every_kind_of_planted_leak(leaky_gateway: Any, credentials: Credentials) -> None:
-    process, base_url = leaky_gateway
-    status, report, summary = run_audit("--attach", str(process.pid), "--url", base_url,
+    process, base_url, config = leaky_gateway
+    status, report, summary = run_audit("--attach", str(process.pid), "--url", base_url, "--config", str(config),
                                         credential=credentials.api_key)
     assert status == 1, summary
     assert not report["passed"]
     assert_requests_went_through(report)
     kinds = {violation.split(":", 1)[0] for violation in report["violations"]}
-    assert kinds == {"egress", "dns", "file", "log"}, report["violations"]
+    assert kinds == {"egress", "dns", "file", "log", "wire"}, report["violations"]
+    # On the wire: the plain-HTTP client hop, watched from the moment of attaching; the engine is on a unix socket.
+    wire = report["wire"]
+    assert wire["verified"] and wire["interface"] == "lo" and wire["ports"] == {str(urlsplit(base_url).port): "gateway"}
+    assert any("unix sockets" in note for note in wire["notes"])
+    sent = [finding for finding in wire["findings"] if finding["direction"] == "client -> gateway"]
+    assert sent and {"prompt", "image base64", "credential"} <= set(sent[0]["found"])
     assert [entry["address"] for entry in report["egress"]] == ["192.0.2.1"]
     spooled = [written for written in report["files_written"] if written["canaries"]]
     assert spooled and all(written["path"].startswith("/tmp/") for written in spooled)
@@ -97,17 +108,45 @@ def test_audit_catches_every_kind_of_planted_leak(leaky_gateway: Any, credential
     assert "VIOLATION" in summary
 
 
-def test_audit_runs_the_whole_stack_in_a_loopback_only_namespace(demo_model_dir: Path, tmp_path: Path) -> None:
-    """The audit's own stack (`airlock up`), traced from its first instruction, inside `unshare --net`."""
+def test_audit_runs_the_whole_stack_in_a_loopback_only_namespace_and_catches_plaintext_hops(
+    demo_model_dir: Path, credentials: Credentials, tmp_path: Path,
+) -> None:
+    """The audit's own stack (`airlock up`), traced from its first instruction, inside `unshare --net`: nothing
+    leaks to files, logs or the outside, but its gateway speaks plain HTTP and its engine plain HTTP over TCP
+    (a planted plaintext hop): the wire capture reports the canary on both hops, the credential on the first."""
     assert os.geteuid() == 0, "unshare --net needs root here; this test must not be skipped silently"
-    config = write_config(tmp_path / "airlock.yaml", {"engine": {
-        "model": "demo", "demo_model_dir": str(demo_model_dir), "socket_dir": str(tmp_path / "sockets"),
-        "cpu_kvcache_gb": 1, "max_model_len": 2048,
-    }})
-    status, report, summary = run_audit("--netns", "--config", str(config))
-    assert status == 0, summary
+    engine_port = free_port()
+    config = write_config(tmp_path / "airlock.yaml", {
+        "auth": {"htpasswd_file": str(credentials.htpasswd)},
+        "engine": {
+            "model": "demo", "demo_model_dir": str(demo_model_dir), "cpu_kvcache_gb": 1, "max_model_len": 2048,
+            "bind": "tcp", "host": "127.0.0.1", "base_port": engine_port,
+        },
+    })
+    basic = f"alice:{credentials.passwords['alice']}"
+    status, report, summary = run_audit("--netns", "--config", str(config), credential=basic)
+    assert status == 1, summary
     assert report["netns"] and report["interfaces"] == ["lo"]  # really nothing but loopback in there
     assert report["mode"] == "started"
     assert report["requests"]["answered"] == ROUNDS * (REQUESTS_PER_ROUND - 1)
     # Traced from the start: the engine processes vLLM spawned are among those seen.
     assert report["traced"]["processes_and_threads"] >= 10
+    # Only the wire failed: no egress, no lookup, no canary in a file or a log line.
+    assert report["verdict"] == "FAILED"
+    assert report["violations"] and all(v.startswith("wire: ") for v in report["violations"]), report["violations"]
+    wire = report["wire"]
+    assert wire["verified"], wire["problems"]
+    assert wire["interface"] == "lo" and set(wire["ports"].values()) == {"gateway", "engine"}
+    assert str(engine_port) in wire["ports"] and wire["notes"] == []
+    assert wire["flows_per_hop"]["gateway"] >= 1 and wire["flows_per_hop"]["engine"] >= 1
+    assert wire["encrypted"] == 0 and wire["in_clear"] >= 2 and wire["bytes"] > 0
+    found: dict[str, set[str]] = {}
+    for finding in wire["findings"]:
+        found.setdefault(finding["direction"], set()).update(finding["found"])
+    assert {"prompt", "image base64", "credential base64"} <= found["client -> gateway"]
+    assert {"prompt", "image base64"} <= found["gateway -> engine"]
+    # The gateway does not pass the client's credentials on to the engine.
+    assert not any(kind.startswith("credential") for kind in found["gateway -> engine"])
+    # Kinds and ports only: neither the secret nor the canary itself is printed.
+    assert credentials.passwords["alice"] not in summary + json.dumps(report)
+    assert "wire: " in summary and " in clear (0 TLS," in summary

@@ -19,6 +19,7 @@ BASE64_SLICE = slice(200, 264)
 # Answers shorter than this are too likely to occur elsewhere by chance to be worth looking for.
 MIN_ANSWER_NEEDLE_BYTES = 12
 ANSWER_NEEDLE_BYTES = 32
+MIN_PASSWORD_NEEDLE_BYTES = 8
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Canaries:
             "image base64": base64.b64encode(png)[BASE64_SLICE],
         }
         if credential:
-            canaries.needles["credential"] = credential.encode()
+            canaries.needles.update(credential_needles(credential))
         return canaries
 
     @property
@@ -60,6 +61,18 @@ class Canaries:
     def found_in(self, data: bytes) -> list[str]:
         """Names of the canaries whose bytes occur in ``data``."""
         return [name for name, needle in self.needles.items() if needle in data]
+
+
+def credential_needles(credential: str) -> dict[str, bytes]:
+    """The credential as given, and the forms it takes on the wire: Basic's ``user:password`` travels as base64,
+    and its password alone is looked for too when it is long enough not to occur by chance."""
+    needles = {"credential": credential.encode()}
+    if ":" in credential:  # Basic (see probe.auth_headers)
+        needles["credential base64"] = base64.b64encode(credential.encode())
+        password = credential.split(":", 1)[1].encode()
+        if len(password) >= MIN_PASSWORD_NEEDLE_BYTES:
+            needles["credential password"] = password
+    return needles
 
 
 def _canary_png(text_marker: str, pixel_marker: bytes) -> bytes:

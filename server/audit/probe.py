@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import httpx
 
+from ..tls import client_context
 from .canary import Canaries
 from .report import ProbeSummary
 
@@ -18,6 +22,25 @@ class ProbeError(Exception):
     """The stack did not take the audit's requests: without them the audit proves nothing."""
 
 
+@dataclass(frozen=True)
+class Gateway:
+    """Where the audit's requests go, and how a TLS gateway is trusted: its certificate is verified against
+    ``ca_file`` (default: the system's CAs) under ``server_name`` when that differs from the URL's host (the audit
+    reaches a stack it started at 127.0.0.1, whose certificate names the service)."""
+
+    url: str
+    ca_file: Path | None = None
+    server_name: str | None = None
+
+    def client(self, **options: Any) -> httpx.Client:
+        verify = client_context(self.ca_file) if self.url.startswith("https://") else True
+        hooks = {"request": [self._name_the_server]} if self.server_name else {}
+        return httpx.Client(base_url=self.url, verify=verify, event_hooks=hooks, **options)
+
+    def _name_the_server(self, request: httpx.Request) -> None:
+        request.extensions["sni_hostname"] = self.server_name
+
+
 def auth_headers(credential: str | None) -> dict[str, str]:
     """``user:password`` signs in with Basic; anything else is sent as a bearer token (an API key or OIDC token)."""
     if not credential:
@@ -27,9 +50,9 @@ def auth_headers(credential: str | None) -> dict[str, str]:
     return {"authorization": f"Bearer {credential}"}
 
 
-def run_probe(base_url: str, credential: str | None, canaries: Canaries, rounds: int) -> ProbeSummary:
+def run_probe(gateway: Gateway, credential: str | None, canaries: Canaries, rounds: int) -> ProbeSummary:
     summary = ProbeSummary()
-    with httpx.Client(base_url=base_url, headers=auth_headers(credential), timeout=REQUEST_TIMEOUT_S) as client:
+    with gateway.client(headers=auth_headers(credential), timeout=REQUEST_TIMEOUT_S) as client:
         models = client.get("/v1/models")
         if models.status_code != 200:
             raise ProbeError(f"GET /v1/models answered {models.status_code}"

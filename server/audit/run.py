@@ -3,6 +3,8 @@
 A stack the audit starts is traced from its first instruction, so every process it will ever run is seen. A
 running stack (``--attach PID``) is traced from the moment of attaching; that needs root or CAP_SYS_PTRACE,
 because Airlock marks its gateway non-dumpable precisely so that other processes cannot read its memory.
+Meanwhile tcpdump listens on the stack's TCP ports (``capture.py``), from before the stack starts, so that every
+connection is seen from its first packet; ``wire.py`` then says where anything travelled in clear.
 """
 
 from __future__ import annotations
@@ -21,15 +23,18 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
-from ..config import ConfigError
+from ..config import ConfigError, Settings, load_settings
+from ..tls import TlsFileError, client_context
 from . import AuditError
 from .canary import Canaries
+from .capture import CaptureHandle, CaptureResult, capturing, plan_wire
 from .findings import Findings, own_pid_tree
-from .probe import ProbeError, run_probe
-from .report import ProbeSummary, Report
+from .probe import Gateway, ProbeError, run_probe
+from .report import ProbeSummary, Report, WireReport
 from .strace import TraceReader, strace_command
 
 CREDENTIAL_ENV = "AIRLOCK_AUDIT_KEY"
@@ -44,13 +49,17 @@ LOG_TAIL_LINES = 40
 @dataclass(frozen=True)
 class AuditOptions:
     config: Path | None
-    attach: int | None
+    attach: tuple[int, ...]
     url: str | None
     netns: bool
     inside_netns: bool
     rounds: int
     start_timeout_s: float
     json_path: str | None
+    wire: bool = True
+    wire_interface: str | None = None
+    wire_max_mb: int = 256
+    ca_file: Path | None = None
 
 
 def audit(options: AuditOptions) -> int:
@@ -61,16 +70,31 @@ def audit(options: AuditOptions) -> int:
     credential = os.environ.get(CREDENTIAL_ENV) or None
     canaries = Canaries.fresh(credential)
     findings = Findings(canaries)
-    if options.attach is not None:
+    if options.attach:
         if not options.url:
             raise AuditError("--attach needs --url (the gateway's address)")
-        probe = _audit_attached(options, credential, findings)
+        settings = load_settings(options.config) if options.config is not None else None
+        gateway = Gateway(options.url.rstrip("/"), options.ca_file)
     else:
-        probe = _audit_started(options, credential, findings)
+        settings = load_settings(options.config)
+        gateway = _started_gateway(settings, _free_loopback_port(), options.ca_file)
+    if gateway.url.startswith("https://"):
+        try:
+            client_context(gateway.ca_file)
+        except TlsFileError as exc:
+            raise AuditError(f"--ca-file: {exc}") from exc
+    plan = (plan_wire(gateway.url, settings, interface=options.wire_interface, max_mb=options.wire_max_mb,
+                      started=not options.attach) if options.wire else None)
+    with capturing(plan) if plan else contextlib.nullcontext() as capture:
+        if options.attach:
+            probe = _audit_attached(options, gateway, credential, findings)
+        else:
+            probe = _audit_started(options, gateway, credential, findings)
+    wire = WireReport.of(plan, _stopped(capture), canaries) if plan else WireReport.not_watched("--no-wire")
     findings.scan_files_left()
     interfaces = sorted(name for _, name in socket.if_nameindex())
-    mode = "attached" if options.attach is not None else "started"
-    report = Report(mode, options.inside_netns, interfaces, probe, findings).judge()
+    mode = "attached" if options.attach else "started"
+    report = Report(mode, options.inside_netns, interfaces, probe, findings, wire).judge()
     document = json.dumps(report.as_json(), indent=2)
     if options.json_path == "-":
         print(document)
@@ -79,11 +103,41 @@ def audit(options: AuditOptions) -> int:
         if options.json_path:
             Path(options.json_path).write_text(document + "\n")
         print(report.summary())
-    return EXIT_PASSED if report.passed else EXIT_VIOLATIONS
+    return {"PASSED": EXIT_PASSED, "FAILED": EXIT_VIOLATIONS}.get(report.verdict, EXIT_NOT_RUN)
 
 
-def _audit_started(options: AuditOptions, credential: str | None, findings: Findings) -> ProbeSummary:
-    port = _free_loopback_port()
+def _stopped(capture: CaptureHandle | None) -> CaptureResult:
+    assert capture is not None
+    return capture.stop()
+
+
+def _started_gateway(settings: Settings, port: int, ca_file: Path | None) -> Gateway:
+    """The stack the audit starts listens on 127.0.0.1; with gateway TLS on, its certificate names the service,
+    so that name (or localhost / 127.0.0.1 when the certificate has them) is what the audit verifies."""
+    tls = getattr(settings.gateway, "tls", None)  # gateway.tls.* (see the README's TLS section)
+    cert_file = getattr(tls, "cert_file", None) if tls is not None else None
+    if not cert_file:
+        return Gateway(f"http://127.0.0.1:{port}")
+    return Gateway(f"https://127.0.0.1:{port}", ca_file, _certificate_name(Path(cert_file)))
+
+
+def _certificate_name(cert_file: Path) -> str | None:
+    """None when the certificate is valid for 127.0.0.1 itself; else localhost, or its first DNS name."""
+    from cryptography import x509  # joserfc's dependency; read only here
+
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound) as exc:
+        raise AuditError(f"gateway.tls.cert_file: cannot read its names ({type(exc).__name__})") from exc
+    if "127.0.0.1" in {str(address) for address in names.get_values_for_type(x509.IPAddress)}:
+        return None
+    dns = names.get_values_for_type(x509.DNSName)
+    return "localhost" if "localhost" in dns else (dns[0] if dns else None)
+
+
+def _audit_started(options: AuditOptions, gateway: Gateway, credential: str | None, findings: Findings) -> ProbeSummary:
+    port = urlsplit(gateway.url).port
     stack_command = [sys.executable, "-m", "server.cli", "up", "--host", "127.0.0.1", "--port", str(port)]
     if options.config is not None:
         stack_command += ["--config", str(options.config)]
@@ -92,10 +146,9 @@ def _audit_started(options: AuditOptions, credential: str | None, findings: Find
     with _traced(findings, lambda output: [*strace_command(output), "--", *stack_command], stack_env) as (
         tracer, log_tail,
     ):
-        base_url = f"http://127.0.0.1:{port}"
-        _wait_ready(base_url, tracer, log_tail, options.start_timeout_s)
+        _wait_ready(gateway, tracer, log_tail, options.start_timeout_s)
         try:
-            probe = run_probe(base_url, credential, findings.canaries, options.rounds)
+            probe = run_probe(gateway, credential, findings.canaries, options.rounds)
         except (ProbeError, httpx.HTTPError) as exc:
             raise AuditError(f"the audit's requests failed: {exc}\n" + "\n".join(log_tail)) from exc
         time.sleep(SETTLE_S)
@@ -106,13 +159,13 @@ def _audit_started(options: AuditOptions, credential: str | None, findings: Find
     return probe
 
 
-def _audit_attached(options: AuditOptions, credential: str | None, findings: Findings) -> ProbeSummary:
-    assert options.attach is not None and options.url is not None
-    pids = own_pid_tree(options.attach)
+def _audit_attached(options: AuditOptions, gateway: Gateway, credential: str | None,
+                    findings: Findings) -> ProbeSummary:
+    pids = [pid for root in options.attach for pid in own_pid_tree(root)]
     with _traced(findings, lambda output: strace_command(output, attach=pids)) as (tracer, log_tail):
         _wait_attached(pids, tracer, log_tail)
         try:
-            probe = run_probe(options.url.rstrip("/"), credential, findings.canaries, options.rounds)
+            probe = run_probe(gateway, credential, findings.canaries, options.rounds)
         except (ProbeError, httpx.HTTPError) as exc:
             raise AuditError(f"the audit's requests failed: {exc}") from exc
         time.sleep(SETTLE_S)
@@ -166,15 +219,22 @@ def _read_log(stream: object, tail: deque[str]) -> None:
         tail.append(raw.decode(errors="replace").rstrip())
 
 
-def _wait_ready(base_url: str, tracer: subprocess.Popen[bytes], log_tail: deque[str], timeout_s: float) -> None:
+def _wait_ready(gateway: Gateway, tracer: subprocess.Popen[bytes], log_tail: deque[str], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if tracer.poll() is not None:
-            raise AuditError("the stack stopped while starting:\n" + "\n".join(log_tail))
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(1)
+    with gateway.client(timeout=2) as client:
+        while time.monotonic() < deadline:
+            if tracer.poll() is not None:
+                raise AuditError("the stack stopped while starting:\n" + "\n".join(log_tail))
+            try:
+                if client.get("/readyz").status_code == 200:
+                    return
+            except httpx.ConnectError as exc:
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                    raise AuditError("the gateway's TLS certificate is not trusted: give the CA that signed it "
+                                     "with --ca-file (or SSL_CERT_FILE)") from exc
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
     raise AuditError(f"the stack was not ready after {timeout_s:.0f} s:\n" + "\n".join(log_tail))
 
 
@@ -228,9 +288,15 @@ def _reexec_in_netns(options: AuditOptions) -> int:
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         raise AuditError("--netns needs unshare (util-linux) and ip (iproute2)")
     inner = [sys.executable, "-m", "server.cli", "audit", "--inside-netns", "--rounds", str(options.rounds),
-             "--start-timeout", str(options.start_timeout_s)]
+             "--start-timeout", str(options.start_timeout_s), "--wire-max-mb", str(options.wire_max_mb)]
     if options.config is not None:
         inner += ["--config", str(options.config)]
+    if not options.wire:
+        inner += ["--no-wire"]
+    if options.wire_interface:
+        inner += ["--wire-interface", options.wire_interface]
+    if options.ca_file is not None:
+        inner += ["--ca-file", str(options.ca_file)]
     if options.json_path:
         inner += ["--json", options.json_path]
     namespace = ["unshare", "--net"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
