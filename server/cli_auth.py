@@ -215,7 +215,7 @@ def _mode(text: str) -> int:
 
 
 def add_commands(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    commands: argparse._SubParsersAction[SecretSafeParser],
     with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
 ) -> None:
     def with_file(sub: argparse.ArgumentParser, setting: str, writes: bool = True) -> argparse.ArgumentParser:

@@ -368,6 +368,6 @@ def test_the_units_proc_keeps_the_process_metrics(name: str) -> None:
     directives = unit(name)
     options = [PROC_OPTIONS[(key, value)] for key in ("ProtectProc", "ProcSubset") for value in directives.get(key, [])]
     assert DASHBOARD_PROCESS_SERIES and "hidepid=invisible" in options
-    assert DASHBOARD_PROCESS_SERIES <= process_series_under(options)
+    assert process_series_under(options) >= DASHBOARD_PROCESS_SERIES
     # What ProcSubset=pid did: /proc/stat hidden, and the series (and their dashboard panels) gone.
     assert not process_series_under([*options, "subset=pid"]) & DASHBOARD_PROCESS_SERIES
