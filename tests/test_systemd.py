@@ -318,14 +318,16 @@ def test_a_file_only_root_can_read_is_reported_and_group_fixes_it(throwaway_root
     subprocess.run(["groupadd", "--system", service_user], check=True)
     htpasswd = throwaway_root / "htpasswd"
     airlock = [str(ROOT / ".venv/bin/airlock"), "users"]
-    made = subprocess.run([*airlock, "add", "alice", "--file", str(htpasswd), "--password-stdin", "--cost", "10"],
-                          input="pw\n", capture_output=True, text=True)
+    # As an earlier Airlock made it: root:root 0600.
+    made = subprocess.run([*airlock, "add", "alice", "--file", str(htpasswd), "--password-stdin", "--cost", "10",
+                           "--mode", "0600"], input="pw\n", capture_output=True, text=True)
     assert made.returncode == 0 and "only root can read" in made.stderr and "--group airlock" in made.stderr
+    assert (htpasswd.stat().st_gid, oct(htpasswd.stat().st_mode & 0o777)) == (0, "0o600")
     fixed = subprocess.run([*airlock, "add", "bob", "--file", str(htpasswd), "--password-stdin", "--cost", "10",
                             "--group", service_user], input="pw\n", capture_output=True, text=True)
     assert fixed.returncode == 0 and "only root can read" not in fixed.stderr, fixed.stderr
     status = htpasswd.stat()
-    assert oct(status.st_mode & 0o777) == "0o640"
+    assert oct(status.st_mode & 0o777) == "0o640"  # --group alone: that group may read it
     assert grp.getgrgid(status.st_gid).gr_name == service_user
     # An explicit --mode and a group that does not exist: the first applies, the second changes nothing.
     subprocess.run([*airlock, "remove", "bob", "--file", str(htpasswd), "--mode", "0600"], check=True,

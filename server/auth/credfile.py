@@ -8,7 +8,8 @@ often run as root. The rule, as the README states it:
 - a new file takes the group of its directory and mode 0640, as files in a setgid directory do: the directory's
   group may read it, nobody else. A user who may not give it that group (not root, not a member) keeps their own
   group and gets 0600;
-- ``--group`` and ``--mode`` set them explicitly, for a new file or an existing one.
+- ``--group`` and ``--mode`` set them explicitly, for a new file or an existing one; ``--group`` alone also lets
+  that group read the file (a root-only 0600 file given ``--group airlock`` becomes 0640), since that is its point.
 
 The file is replaced atomically (a reader sees the old file or the new one), and is never readable by others.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 
 NEW_FILE_MODE = 0o640
 OWNER_ONLY_MODE = 0o600
+GROUP_READ = 0o040
 # Bits a credentials file may have: read/write for its owner and group, nothing for others, nothing executable.
 ALLOWED_MODE_BITS = 0o660
 
@@ -74,6 +76,8 @@ def write_credentials_file(path: Path, text: str, access: FileAccess = FileAcces
         gid, must_have_group = path.parent.stat().st_gid, False
     mode = access.mode if access.mode is not None else (
         current.st_mode & 0o777 if current is not None else NEW_FILE_MODE)
+    if access.group is not None and access.mode is None:
+        mode |= GROUP_READ
     root = os.geteuid() == 0
 
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600 until it is complete
@@ -104,7 +108,7 @@ def write_credentials_file(path: Path, text: str, access: FileAccess = FileAcces
 
 def only_root_can_read(status: os.stat_result) -> bool:
     """True for a file no service user could read: a gateway running as ``airlock`` would refuse everyone."""
-    return status.st_uid == 0 and (status.st_gid == 0 or not status.st_mode & 0o040)
+    return status.st_uid == 0 and (status.st_gid == 0 or not status.st_mode & GROUP_READ)
 
 
 def _group_name(gid: int) -> str:
