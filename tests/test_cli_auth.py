@@ -14,7 +14,8 @@ from server.auth.watched import CredentialsFileError
 from server.cli_auth import CommandError, parse_lifetime
 from server.config import AuthSettings
 
-from .conftest import AIRLOCK, ROOT, airlock_cli
+from .conftest import AIRLOCK, ROOT, airlock_cli, wait_ready, write_config
+from .servers import free_port
 from .terminal import TerminalRun, run_in_terminal
 
 
@@ -261,3 +262,35 @@ def test_config_errors_never_show_the_value(tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr
         if f"AIRLOCK_{SECRET.upper()}" not in env:  # for a misspelt variable, naming it is the point
             assert_not_echoed(result, SECRET)
+
+
+def test_audit_never_shows_its_credential(tmp_path: Path) -> None:
+    """`airlock audit` takes a credential (AIRLOCK_AUDIT_KEY): refused by a real gateway, neither the audit's
+    message nor the gateway's log repeats it."""
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text('{"version": 1, "keys": []}\n')
+    htpasswd = users_file(tmp_path)
+    config = write_config(tmp_path / "gateway.yaml", {
+        "auth": {"api_keys_file": str(keys_file), "htpasswd_file": str(htpasswd)},
+        "upstreams": [{"url": f"unix:{tmp_path}/no-engine.sock"}]})
+    port = free_port()
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("wb") as log:
+        gateway = subprocess.Popen([*AIRLOCK, "gateway", "--config", str(config), "--port", str(port)], cwd=ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/healthz", gateway, log_path, timeout=60)
+        wrong_key = f"alk_{'ab' * 8}_{NEW_SECRET.replace('-', '_')}_{'x' * 14}"
+        for credential in (wrong_key, f"alice:{NEW_SECRET}", NEW_SECRET):
+            result = subprocess.run(
+                [*AIRLOCK, "audit", "--attach", str(gateway.pid), "--url", f"http://127.0.0.1:{port}"], cwd=ROOT,
+                capture_output=True, text=True, timeout=120, env={**os.environ, "AIRLOCK_AUDIT_KEY": credential})
+            assert result.returncode == 2 and "answered 401" in result.stderr, result.stderr
+            assert_not_echoed(result, NEW_SECRET)
+            assert credential not in result.stdout + result.stderr
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=60)
+    logged = log_path.read_text()
+    assert "authentication: " in logged and "Finished server process" in logged  # the log was captured
+    assert NEW_SECRET not in logged and NEW_SECRET.replace("-", "_") not in logged
