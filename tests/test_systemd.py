@@ -313,6 +313,52 @@ def test_the_readme_steps_give_the_service_its_files_and_nobody_else(throwaway_r
     assert oct(readable[0].stat().st_mode & 0o777) == "0o640" and as_user(service_user, readable[0]).returncode == 0
 
 
+SOCKET_SERVER = """
+import os, socket, sys
+os.umask(int(sys.argv[2], 8))
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1])
+server.listen()
+print("listening", flush=True)
+server.accept()[0].close()
+"""
+SOCKET_CLIENT = """
+import socket, sys
+socket.socket(socket.AF_UNIX).connect(sys.argv[1])
+"""
+
+
+def test_only_the_service_user_reaches_the_engines_sockets(throwaway_root: Path, service_user: str) -> None:
+    """/run/airlock as the engines unit makes it (owner, RuntimeDirectoryMode, UMask), a socket bound in it as the
+    service user: the gateway (same user) connects, another account is refused. Debian's python3 plays both
+    (this checkout's venv is under /root, which other users cannot enter)."""
+    engines = unit("airlock-engines.service")
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", service_user],
+                   check=True)
+    runtime = throwaway_root / "run" / one(engines, "RuntimeDirectory")
+    runtime.mkdir(parents=True)
+    shutil.chown(runtime.parent, "root", "root")
+    runtime.parent.chmod(0o755)
+    shutil.chown(runtime, one(engines, "User").replace("airlock", service_user),
+                 one(engines, "Group").replace("airlock", service_user))
+    runtime.chmod(int(one(engines, "RuntimeDirectoryMode"), 8))
+    socket_path = runtime / "replica-0.sock"
+    with subprocess.Popen(["runuser", "-u", service_user, "--", "/usr/bin/python3", "-c", SOCKET_SERVER,
+                           str(socket_path), one(engines, "UMask")], stdout=subprocess.PIPE, text=True) as server:
+        try:
+            assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+            for user, allowed in (("nobody", False), (service_user, True)):
+                client = subprocess.run(["runuser", "-u", user, "--", "/usr/bin/python3", "-c", SOCKET_CLIENT,
+                                         str(socket_path)], capture_output=True, text=True, timeout=30)
+                assert (client.returncode == 0) is allowed, (user, client.stderr)
+                if not allowed:
+                    assert "PermissionError" in client.stderr, client.stderr
+            server.wait(timeout=30)
+        finally:
+            if server.poll() is None:
+                server.kill()
+
+
 def test_a_file_only_root_can_read_is_reported_and_group_fixes_it(throwaway_root: Path, service_user: str) -> None:
     """The lock-out issue 15 saw: files made as root in a root-owned directory. The command now says so."""
     subprocess.run(["groupadd", "--system", service_user], check=True)
