@@ -16,7 +16,7 @@ import yaml
 
 from . import runtime
 from .audit import AuditError
-from .cli_auth import CommandError
+from .cli_auth import CommandError, SecretSafeParser
 from .cli_auth import add_commands as add_auth_commands
 from .config import ConfigError, Settings, load_settings
 from .logs import configure_logging
@@ -152,7 +152,7 @@ def _cmd_config(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SecretSafeParser(
         prog="airlock",
         description="Private, multi-user vision-language model server (vLLM behind an OpenAI-compatible gateway).",
     )

@@ -6,27 +6,67 @@ import argparse
 import getpass
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import NoReturn
 
-from .auth.apikeys import ApiKey, format_keys, new_key, parse_keys, revoke
-from .auth.htpasswd import (
-    check_user_name,
-    format_htpasswd,
-    hash_password,
-    parse_htpasswd,
-    write_private_file,
-)
+from .auth.apikeys import PREFIX, ApiKey, format_keys, new_key, parse_keys, revoke
+from .auth.credfile import FileAccess, FileAccessError, only_root_can_read, parse_mode, write_credentials_file
+from .auth.htpasswd import check_user_name, format_htpasswd, hash_password, parse_htpasswd
 from .auth.watched import CredentialsFileError
 from .config import ConfigError, Settings, load_settings
 
 DURATION = re.compile(r"^(\d+)([dhm])$")
 DEFAULT_KEY_LIFETIME = "90d"
+# What `keys revoke` takes: a key id, or a whole key (whose secret is then used for nothing and never printed).
+KEY_ID = re.compile(r"^(?:alk_)?([0-9a-f]{16})(?:_[A-Za-z0-9_-]*)?$")
+HIDDEN = "(not shown)"
 
 
 class CommandError(Exception):
     """The command cannot do what was asked (exit status 1)."""
+
+
+class SecretSafeParser(argparse.ArgumentParser):
+    """argparse quotes what it could not use ("unrecognized arguments: hunter2"), so a password typed where a
+    name was expected would be printed back. Its errors here name the options and never a value that was given."""
+
+    _given: Sequence[str] = ()
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None,
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        for value in sorted(set(_values(self._given)), key=len, reverse=True):
+            message = message.replace(repr(value), HIDDEN)
+            message = re.sub(rf"(?<!\S){re.escape(value)}(?!\S)", HIDDEN, message)
+        super().error(message)
+
+
+def _values(arguments: Sequence[str]) -> Iterator[str]:
+    """Everything given on the command line but the option names themselves."""
+    for argument in arguments:
+        if argument.startswith("-"):
+            if "=" in argument:
+                yield argument.partition("=")[2]
+        elif argument:
+            yield argument
+
+
+def _write(args: argparse.Namespace, path: Path, text: str) -> None:
+    try:
+        status = write_credentials_file(path, text, FileAccess(args.group, args.mode))
+    except FileAccessError as exc:
+        raise CommandError(str(exc)) from exc
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc.strerror}") from exc
+    if only_root_can_read(status):
+        print(f"note: only root can read {path}; a gateway running as its own user (User=airlock) cannot. "
+              "Give the file that user's group: --group airlock (see the README, 'Bare metal').", file=sys.stderr)
 
 
 def _file(args: argparse.Namespace, pick: Callable[[Settings], Path | None], setting: str) -> Path:
@@ -79,7 +119,7 @@ def _set_password(args: argparse.Namespace, must_exist: bool) -> None:
         users[user] = hash_password(_new_password(args), args.cost)
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
-    write_private_file(path, format_htpasswd(users))
+    _write(args, path, format_htpasswd(users))
     print(f"{'password changed for' if must_exist else 'added'} {user} ({path})")
 
 
@@ -95,7 +135,7 @@ def _cmd_users_remove(args: argparse.Namespace) -> None:
     path, users = _htpasswd(args)
     if users.pop(args.user, None) is None:
         raise CommandError(f"no user '{args.user}' in {path}")
-    write_private_file(path, format_htpasswd(users))
+    _write(args, path, format_htpasswd(users))
     print(f"removed {args.user} ({path}); their API keys still work until revoked: airlock keys list --user "
           f"{args.user}")
 
@@ -133,7 +173,7 @@ def _cmd_keys_create(args: argparse.Namespace) -> None:
     path, keys = _api_keys(args)
     key, entry = new_key(user, args.name, parse_lifetime(args.expires))
     keys[entry.id] = entry
-    write_private_file(path, format_keys(keys))
+    _write(args, path, format_keys(keys))
     print(key)
     expiry = f"expires {entry.expires}" if entry.expires else "never expires"
     print(f"key {entry.id} for {user} ({expiry}). It is shown only this once: store it now.", file=sys.stderr)
@@ -151,24 +191,39 @@ def _cmd_keys_list(args: argparse.Namespace) -> None:
 
 
 def _cmd_keys_revoke(args: argparse.Namespace) -> None:
+    match = KEY_ID.match(args.key_id)
+    if match is None:
+        raise CommandError(f"give a key's id (16 hex digits, see 'airlock keys list') or the whole {PREFIX}... key; "
+                           "what was given is neither (it is not shown, in case it is a secret)")
     path, keys = _api_keys(args)
-    entry = keys.get(args.key_id)
+    entry = keys.get(match.group(1))
     if entry is None:
-        raise CommandError(f"no key '{args.key_id}' in {path} (see 'airlock keys list')")
+        raise CommandError(f"no key with id {match.group(1)} in {path} (see 'airlock keys list')")
     if entry.revoked:
         print(f"key {entry.id} was already revoked on {entry.revoked}")
         return
     keys[entry.id] = revoke(entry)
-    write_private_file(path, format_keys(keys))
+    _write(args, path, format_keys(keys))
     print(f"revoked key {entry.id} of {entry.user}; the gateway refuses it within a second")
 
 
+def _mode(text: str) -> int:
+    try:
+        return parse_mode(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--mode: ")) from exc
+
+
 def add_commands(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    commands: argparse._SubParsersAction[SecretSafeParser],
     with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
 ) -> None:
-    def with_file(sub: argparse.ArgumentParser, setting: str) -> argparse.ArgumentParser:
+    def with_file(sub: argparse.ArgumentParser, setting: str, writes: bool = True) -> argparse.ArgumentParser:
         with_config(sub).add_argument("--file", type=Path, help=f"the file to manage (default: auth.{setting})")
+        if writes:
+            sub.add_argument("--group", help="give the file this group (default: keep it; a new file takes its "
+                                             "directory's group)")
+            sub.add_argument("--mode", type=_mode, help="0600, 0640 or 0660 (default: keep it; a new file 0640)")
         return sub
 
     users = commands.add_parser("users", help="manage HTTP Basic users (the htpasswd file)")
@@ -184,7 +239,7 @@ def add_commands(
     remove = with_file(user_commands.add_parser("remove", help="remove a user"), "htpasswd_file")
     remove.add_argument("user")
     remove.set_defaults(func=_cmd_users_remove)
-    with_file(user_commands.add_parser("list", help="list the users"), "htpasswd_file").set_defaults(
+    with_file(user_commands.add_parser("list", help="list the users"), "htpasswd_file", writes=False).set_defaults(
         func=_cmd_users_list)
 
     keys = commands.add_parser("keys", help="manage API keys (the api_keys_file)")
@@ -195,9 +250,11 @@ def add_commands(
     create.add_argument("--expires", default=DEFAULT_KEY_LIFETIME,
                         help=f"lifetime: 90d, 12h, 30m or never (default {DEFAULT_KEY_LIFETIME})")
     create.set_defaults(func=_cmd_keys_create)
-    listing = with_file(key_commands.add_parser("list", help="list keys (never their secrets)"), "api_keys_file")
+    listing = with_file(key_commands.add_parser("list", help="list keys (never their secrets)"), "api_keys_file",
+                        writes=False)
     listing.add_argument("--user", help="only this user's keys")
     listing.set_defaults(func=_cmd_keys_list)
-    revoke_ = with_file(key_commands.add_parser("revoke", help="revoke a key by its id"), "api_keys_file")
+    revoke_ = with_file(key_commands.add_parser("revoke", help="revoke a key by its id (or the whole key)"),
+                        "api_keys_file")
     revoke_.add_argument("key_id")
     revoke_.set_defaults(func=_cmd_keys_revoke)

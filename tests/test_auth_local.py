@@ -100,7 +100,8 @@ def test_api_key_works_with_the_openai_sdk_and_is_stored_only_as_a_hash(
     stored = credentials.api_keys.read_text()
     secret = credentials.api_key.rsplit("_", 1)[1]
     assert credentials.api_key not in stored and secret not in stored
-    assert oct(credentials.api_keys.stat().st_mode & 0o777) == "0o600"
+    # Others get nothing; the directory's group may read it (the rule `airlock keys` follows: see test_systemd.py).
+    assert oct(credentials.api_keys.stat().st_mode & 0o777) == "0o640"
 
 
 def test_async_sdk_with_an_api_key(stack: Stack, credentials: Credentials) -> None:

@@ -6,9 +6,7 @@ fast to brute-force, so a file holding one is refused, naming the line and never
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import bcrypt
@@ -74,23 +72,6 @@ def password_matches(password: str, hashed: bytes) -> bool:
     if len(encoded) > 72:  # bcrypt would silently ignore the rest; such a password was never set by us
         return False
     return bcrypt.checkpw(encoded, hashed)
-
-
-def write_private_file(path: Path, text: str) -> None:
-    """Replace ``path`` atomically (a reader sees the old file or the new one), readable by its owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = (path.stat().st_mode & 0o777) if path.exists() else 0o600
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def format_htpasswd(users: dict[str, bytes]) -> str:
