@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -19,6 +21,10 @@ import httpx
 import openai
 import pytest
 import trustme
+import yaml
+
+from server.config import load_settings
+from server.tls import CertificateFiles, server_context
 
 from .conftest import AIRLOCK, ROOT, Credentials, Stack, log_tail, stop, write_config
 from .servers import free_port
@@ -78,7 +84,13 @@ class Gateway:
         return f"https://127.0.0.1:{self.port}"
 
 
-def start_gateway(workdir: Path, settings: dict[str, object], ready_url: str, verify: Path | bool) -> Gateway:
+def trusting(ca_file: Path) -> ssl.SSLContext:
+    """A client context trusting only the test CA (httpx deprecates ``verify=<path>``)."""
+    return ssl.create_default_context(cafile=str(ca_file))
+
+
+def start_gateway(workdir: Path, settings: dict[str, object], ready_url: str,
+                  verify: ssl.SSLContext | bool) -> Gateway:
     config = write_config(workdir / "gateway.yaml", {"log_format": "text", **settings})
     log_path = workdir / "gateway.log"
     with log_path.open("wb") as log:
@@ -89,8 +101,7 @@ def start_gateway(workdir: Path, settings: dict[str, object], ready_url: str, ve
         if process.poll() is not None:
             pytest.fail(f"airlock gateway exited with {process.returncode}:\n{log_tail(log_path)}")
         try:
-            if httpx.get(ready_url, verify=str(verify) if isinstance(verify, Path) else verify,
-                         timeout=2).status_code == 200:
+            if httpx.get(ready_url, verify=verify, timeout=2).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
@@ -120,7 +131,7 @@ def tls_gateway(
         "auth": {"api_keys_file": str(credentials.api_keys), "htpasswd_file": str(credentials.htpasswd)},
         "admission": {"max_concurrent_per_user": 0, "requests_per_minute_per_user": 0},
         "upstreams": [{"url": f"unix:{stack.engine_socket}"}],
-    }, f"https://127.0.0.1:{port}/readyz", certificates.ca_file)
+    }, f"https://127.0.0.1:{port}/readyz", trusting(certificates.ca_file))
     try:
         yield gateway
     finally:
@@ -130,12 +141,12 @@ def tls_gateway(
 def sdk(gateway: Gateway, credentials: Credentials, ca_file: Path) -> openai.OpenAI:
     # As the README tells users: the SDK's HTTP client trusts the site's CA.
     return openai.OpenAI(base_url=f"{gateway.https}/v1", api_key=credentials.api_key, max_retries=0, timeout=120,
-                         http_client=httpx.Client(verify=str(ca_file)))
+                         http_client=openai.DefaultHttpxClient(verify=trusting(ca_file)))
 
 
 def served_serial(port: int, ca_file: Path) -> int:
     """The serial number of the certificate a new connection is given."""
-    context = ssl.create_default_context(cafile=str(ca_file))
+    context = trusting(ca_file)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
             context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
         der = tls.getpeercert(binary_form=True)
@@ -201,7 +212,7 @@ def test_node_trusts_the_ca_through_node_extra_ca_certs(tls_gateway: Gateway, ce
 def test_the_application_sees_https(tls_gateway: Gateway, credentials: Credentials,
                                     certificates: Certificates) -> None:
     # The console marks its session cookie Secure when the request's scheme is https (scope["scheme"]).
-    answer = httpx.post(f"{tls_gateway.https}/console/api/sign-in", verify=str(certificates.ca_file),
+    answer = httpx.post(f"{tls_gateway.https}/console/api/sign-in", verify=trusting(certificates.ca_file),
                         json={"username": "alice", "password": credentials.passwords["alice"]}, timeout=30)
     assert answer.status_code == 200
     assert "secure" in answer.headers["set-cookie"].lower()
@@ -221,15 +232,19 @@ def test_plain_http_to_the_tls_port_gets_no_answer(tls_gateway: Gateway) -> None
 
 
 @pytest.mark.engine
-def test_a_client_trusting_another_ca_refuses_the_server(tls_gateway: Gateway, credentials: Credentials) -> None:
-    stranger = trustme.CA()
-    with httpx.Client(verify=stranger.get_ca_context()) as http, pytest.raises(httpx.ConnectError) as refused:
+def test_a_client_trusting_another_ca_refuses_the_server(tls_gateway: Gateway, credentials: Credentials,
+                                                         tmp_path: Path) -> None:
+    stranger = tmp_path / "another-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(stranger))
+    with httpx.Client(verify=trusting(stranger)) as http, pytest.raises(httpx.ConnectError) as refused:
         http.get(f"{tls_gateway.https}/healthz")
     assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
     client = openai.OpenAI(base_url=f"{tls_gateway.https}/v1", api_key=credentials.api_key, max_retries=0,
-                           http_client=httpx.Client(verify=stranger.get_ca_context()))
-    with pytest.raises(openai.APIConnectionError):
+                           http_client=openai.DefaultHttpxClient(verify=trusting(stranger)))
+    with pytest.raises(openai.APIConnectionError) as sdk_refused:
         client.models.list()
+    assert isinstance(sdk_refused.value.__cause__, Exception) and "CERTIFICATE_VERIFY_FAILED" in repr(
+        sdk_refused.value.__cause__)
 
 
 def _old_protocol_client(ca_file: Path | None, version: ssl.TLSVersion, ciphers: str) -> ssl.SSLContext:
@@ -288,7 +303,7 @@ def test_tls_1_1_and_weak_ciphers_are_refused(tls_gateway: Gateway, certificates
     static_rsa = _old_protocol_client(certificates.ca_file, ssl.TLSVersion.TLSv1_2, "AES128-GCM-SHA256:AES256-SHA")
     with pytest.raises(ssl.SSLError):
         _handshake(tls_gateway.port, static_rsa)
-    assert _handshake(tls_gateway.port, ssl.create_default_context(cafile=str(certificates.ca_file))) in {
+    assert _handshake(tls_gateway.port, trusting(certificates.ca_file)) in {
         "TLSv1.2", "TLSv1.3"}
 
 
@@ -424,3 +439,77 @@ def test_forwarded_headers_are_believed_only_from_trusted_proxies(
         # Headers from an untrusted peer are ignored: every failure counts against the peer itself (blocked after
         # three), and nobody's claimed https adds HSTS to a plain-HTTP answer.
         assert answers == [(401, None)] * 3 + [(429, None)] * 2
+
+
+def readme_tls_section() -> str:
+    readme = (ROOT / "README.md").read_text()
+    return readme.split("\n### TLS\n", 1)[1].split("\n## ", 1)[0]
+
+
+def readme_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", readme_tls_section(), flags=re.DOTALL)
+
+
+def handshake_in_memory(server: ssl.SSLContext, client: ssl.SSLContext, hostname: str) -> str:
+    """A TLS handshake between two contexts through memory buffers: no socket needed."""
+    client_in, client_out, server_in, server_out = (ssl.MemoryBIO() for _ in range(4))
+    client_side = client.wrap_bio(client_in, client_out, server_hostname=hostname)
+    server_side = server.wrap_bio(server_in, server_out, server_side=True)
+    done = {"client": False, "server": False}
+    for _ in range(20):
+        for name, side in (("client", client_side), ("server", server_side)):
+            if not done[name]:
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    side.do_handshake()
+                    done[name] = True
+        server_in.write(client_out.read())
+        client_in.write(server_out.read())
+        if all(done.values()):
+            return str(client_side.version())
+    raise AssertionError("the handshake did not finish")
+
+
+def test_the_readme_openssl_steps_make_a_certificate_the_gateway_can_serve(tmp_path: Path) -> None:
+    (steps,) = [block for block in readme_blocks("sh") if "openssl req -x509" in block]
+    result = subprocess.run(["sh", "-e", "-c", steps], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "airlock.crt: OK" in result.stdout
+    server = server_context(CertificateFiles(tmp_path / "airlock.crt", tmp_path / "airlock.key"))
+    client = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    assert handshake_in_memory(server, client, "airlock.internal") in {"TLSv1.2", "TLSv1.3"}
+    with pytest.raises(ssl.SSLCertVerificationError):  # a name the certificate does not list
+        handshake_in_memory(server, ssl.create_default_context(cafile=str(tmp_path / "ca.pem")), "other.internal")
+
+
+def test_the_readme_tls_settings_load(tmp_path: Path) -> None:
+    blocks = readme_blocks("yaml")
+    assert len(blocks) == 2
+    direct, proxied = (yaml.safe_load(block) for block in blocks)
+    auth = {"api_keys_file": str(tmp_path / "api-keys.json")}
+    settings = load_settings(**direct, auth=auth)
+    assert settings.gateway.host == "0.0.0.0" and settings.gateway.tls.enabled
+    settings = load_settings(**proxied, auth=auth)
+    assert settings.gateway.tls_terminated_by_proxy and settings.gateway.trusted_proxies == ["10.0.0.5/32"]
+
+
+@pytest.mark.engine
+def test_the_readme_python_example_trusts_the_ca(tls_gateway: Gateway, stack: Stack, credentials: Credentials,
+                                                  certificates: Certificates, tmp_path: Path) -> None:
+    (example,) = readme_blocks("python")
+    assert 'base_url="https://airlock.internal:8000/v1"' in example and '"/etc/airlock/tls/ca.pem"' in example
+    script = tmp_path / "example.py"
+    script.write_text(example.replace("https://airlock.internal:8000", tls_gateway.https)
+                      .replace("/etc/airlock/tls/ca.pem", str(certificates.ca_file)))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OPENAI_API_KEY": credentials.api_key})
+    assert result.returncode == 0, result.stderr
+    assert stack.model in result.stdout
+    # The variant without code: SSL_CERT_FILE for an SDK client built with no http_client.
+    plain = tmp_path / "plain.py"
+    plain.write_text(f'from openai import OpenAI\nprint([m.id for m in OpenAI(base_url="{tls_gateway.https}/v1")'
+                     '.models.list()])\n')
+    result = subprocess.run([sys.executable, str(plain)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OPENAI_API_KEY": credentials.api_key,
+                                 "SSL_CERT_FILE": str(certificates.ca_file)})
+    assert result.returncode == 0, result.stderr
+    assert stack.model in result.stdout
