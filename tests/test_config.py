@@ -237,7 +237,7 @@ def test_a_proxy_terminating_tls_allows_a_remote_address() -> None:
 
 
 def test_a_proxy_terminating_tls_must_be_named() -> None:
-    with pytest.raises(ConfigError, match="gateway.tls_terminated_by_proxy needs gateway.trusted_proxies"):
+    with pytest.raises(ConfigError, match=r"gateway\.tls_terminated_by_proxy needs gateway\.trusted_proxies"):
         load_settings(gateway={"host": "0.0.0.0", "tls_terminated_by_proxy": True}, auth=API_KEYS)
 
 
