@@ -126,7 +126,7 @@ def tls_gateway(
     """`airlock gateway` serving TLS in front of the session stack's engine (no second engine to start)."""
     port = free_port()
     gateway = start_gateway(tmp_path_factory.mktemp("tls-gateway"), {
-        "gateway": {"port": port, "tls": {"cert_file": str(certificates.cert_file),
+        "gateway": {"port": port, "shutdown_grace_s": 5, "tls": {"cert_file": str(certificates.cert_file),
                                           "key_file": str(certificates.key_file)}},
         "auth": {"api_keys_file": str(credentials.api_keys), "htpasswd_file": str(credentials.htpasswd)},
         "admission": {"max_concurrent_per_user": 0, "requests_per_minute_per_user": 0},
@@ -158,15 +158,19 @@ def served_serial(port: int, ca_file: Path) -> int:
 def test_the_openai_sdk_trusting_the_ca_gets_an_answer_and_a_stream(
     tls_gateway: Gateway, stack: Stack, credentials: Credentials, certificates: Certificates,
 ) -> None:
-    client = sdk(tls_gateway, credentials, certificates.ca_file)
+    with sdk(tls_gateway, credentials, certificates.ca_file) as client:
+        sdk_answer_and_stream(client, stack.model)
+
+
+def sdk_answer_and_stream(client: openai.OpenAI, model: str) -> None:
     raw = client.chat.completions.with_raw_response.create(
-        model=stack.model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
+        model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
     assert raw.headers["strict-transport-security"] == HSTS
     answer = raw.parse()
     assert answer.choices[0].message.content and answer.usage is not None and answer.usage.completion_tokens > 0
     # A stream passes the same layer: the header is on its first message too.
     with client.chat.completions.with_streaming_response.create(
-        model=stack.model, messages=[{"role": "user", "content": "Count."}], max_tokens=16, stream=True,
+        model=model, messages=[{"role": "user", "content": "Count."}], max_tokens=16, stream=True,
         extra_body={"ignore_eos": True},
     ) as streamed:
         assert streamed.headers["strict-transport-security"] == HSTS
@@ -241,7 +245,7 @@ def test_a_client_trusting_another_ca_refuses_the_server(tls_gateway: Gateway, c
     assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
     client = openai.OpenAI(base_url=f"{tls_gateway.https}/v1", api_key=credentials.api_key, max_retries=0,
                            http_client=openai.DefaultHttpxClient(verify=trusting(stranger)))
-    with pytest.raises(openai.APIConnectionError) as sdk_refused:
+    with client, pytest.raises(openai.APIConnectionError) as sdk_refused:
         client.models.list()
     assert isinstance(sdk_refused.value.__cause__, Exception) and "CERTIFICATE_VERIFY_FAILED" in repr(
         sdk_refused.value.__cause__)
@@ -345,8 +349,10 @@ def test_a_renewed_certificate_is_served_to_new_connections_while_an_open_stream
     seen_at = time.monotonic()
     assert served == new_serial
     # A new connection with the new certificate gets answers (the SDK's client opens a fresh one).
-    assert sdk(tls_gateway, credentials, certificates.ca_file).models.list().data
+    with sdk(tls_gateway, credentials, certificates.ca_file) as fresh:
+        assert fresh.models.list().data
     reader.join(timeout=600)
+    client.close()
     assert not reader.is_alive(), "the stream did not end"
     # The stream that started before the renewal kept flowing after it, to its natural end.
     assert arrivals[0] < renewed_at and arrivals[-1] > seen_at
