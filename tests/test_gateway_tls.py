@@ -126,8 +126,8 @@ def tls_gateway(
     """`airlock gateway` serving TLS in front of the session stack's engine (no second engine to start)."""
     port = free_port()
     gateway = start_gateway(tmp_path_factory.mktemp("tls-gateway"), {
-        "gateway": {"port": port, "shutdown_grace_s": 5, "tls": {"cert_file": str(certificates.cert_file),
-                                          "key_file": str(certificates.key_file)}},
+        "gateway": {"port": port, "shutdown_grace_s": 5,
+                    "tls": {"cert_file": str(certificates.cert_file), "key_file": str(certificates.key_file)}},
         "auth": {"api_keys_file": str(credentials.api_keys), "htpasswd_file": str(credentials.htpasswd)},
         "admission": {"max_concurrent_per_user": 0, "requests_per_minute_per_user": 0},
         "upstreams": [{"url": f"unix:{stack.engine_socket}"}],
