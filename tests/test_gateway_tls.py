@@ -3,6 +3,7 @@ in front of the session stack's real engine, and real clients (the OpenAI SDK, c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -22,8 +23,10 @@ import openai
 import pytest
 import trustme
 import yaml
+from starlette.responses import PlainTextResponse
 
 from server.config import load_settings
+from server.hsts import with_hsts
 from server.tls import CertificateFiles, server_context
 
 from .conftest import AIRLOCK, ROOT, Credentials, Stack, log_tail, stop, write_config
@@ -519,3 +522,26 @@ def test_the_readme_python_example_trusts_the_ca(tls_gateway: Gateway, stack: St
                                  "SSL_CERT_FILE": str(certificates.ca_file)})
     assert result.returncode == 0, result.stderr
     assert stack.model in result.stdout
+
+
+@pytest.mark.parametrize(("scheme", "max_age", "expected"), [
+    ("https", 31_536_000, [b"max-age=31536000"]), ("https", 600, [b"max-age=600"]), ("http", 600, []),
+    ("https", 0, []),
+])
+def test_hsts_only_over_https_and_only_when_wanted(scheme: str, max_age: int, expected: list[bytes]) -> None:
+    app = with_hsts(PlainTextResponse("ok"), max_age)
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "scheme": scheme, "method": "GET", "path": "/", "headers": [], "query_string": b""}
+    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    start = sent[0]
+    assert start["type"] == "http.response.start"
+    headers = start["headers"]
+    assert isinstance(headers, list)
+    assert [value for name, value in headers if name == b"strict-transport-security"] == expected
