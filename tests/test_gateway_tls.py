@@ -482,12 +482,12 @@ def test_the_readme_openssl_steps_make_a_certificate_the_gateway_can_serve(tmp_p
     (steps,) = [block for block in readme_blocks("sh") if "openssl req -x509" in block]
     result = subprocess.run(["sh", "-e", "-c", steps], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "airlock.crt: OK" in result.stdout
-    server = server_context(CertificateFiles(tmp_path / "airlock.crt", tmp_path / "airlock.key"))
-    client = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    assert "gateway.crt: OK" in result.stdout
+    server = server_context(CertificateFiles(tmp_path / "gateway.crt", tmp_path / "gateway.key"))
+    client = trusting(tmp_path / "internal-ca.pem")
     assert handshake_in_memory(server, client, "airlock.internal") in {"TLSv1.2", "TLSv1.3"}
     with pytest.raises(ssl.SSLCertVerificationError):  # a name the certificate does not list
-        handshake_in_memory(server, ssl.create_default_context(cafile=str(tmp_path / "ca.pem")), "other.internal")
+        handshake_in_memory(server, trusting(tmp_path / "internal-ca.pem"), "other.internal")
 
 
 def test_the_readme_tls_settings_load(tmp_path: Path) -> None:
@@ -505,10 +505,10 @@ def test_the_readme_tls_settings_load(tmp_path: Path) -> None:
 def test_the_readme_python_example_trusts_the_ca(tls_gateway: Gateway, stack: Stack, credentials: Credentials,
                                                   certificates: Certificates, tmp_path: Path) -> None:
     (example,) = readme_blocks("python")
-    assert 'base_url="https://airlock.internal:8000/v1"' in example and '"/etc/airlock/tls/ca.pem"' in example
+    assert 'base_url="https://airlock.internal:8000/v1"' in example and 'cafile="internal-ca.pem"' in example
     script = tmp_path / "example.py"
     script.write_text(example.replace("https://airlock.internal:8000", tls_gateway.https)
-                      .replace("/etc/airlock/tls/ca.pem", str(certificates.ca_file)))
+                      .replace('"internal-ca.pem"', f'"{certificates.ca_file}"'))
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "OPENAI_API_KEY": credentials.api_key})
     assert result.returncode == 0, result.stderr
