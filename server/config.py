@@ -107,6 +107,13 @@ class GatewaySettings(_Section):
                 ) from None
         return networks
 
+    @property
+    def client_tls(self) -> str:
+        """Where clients' TLS ends: at this gateway, at a proxy in front, both, or nowhere (loopback only)."""
+        if self.tls.enabled:
+            return "gateway, behind a proxy" if self.tls_terminated_by_proxy else "gateway"
+        return "proxy" if self.tls_terminated_by_proxy else "off (loopback only)"
+
     @model_validator(mode="after")
     def _proxy_named(self) -> GatewaySettings:
         if self.tls_terminated_by_proxy and not self.trusted_proxies:

@@ -50,6 +50,7 @@ def privacy_posture(config: Settings, upstream_urls: Sequence[str]) -> dict[str,
             "admission": config.admission.model_dump(),
         },
         "authentication": {"methods": methods, "required": bool(methods)},
+        "client_transport": {"tls": config.gateway.client_tls, "hsts_max_age_s": config.gateway.tls.hsts_max_age_s},
         "console": {
             "enabled": config.console.enabled,
             "sessions": "memory only",

@@ -337,17 +337,11 @@ async def serve_gateway(gateway: Gateway, settings: Settings, sock: socket.socke
         await signals.serve(_Server(config), sock)
 
 
-def _tls_mode(settings: Settings) -> str:
-    if settings.gateway.tls.enabled:
-        return "gateway" + (" (behind a proxy)" if settings.gateway.tls_terminated_by_proxy else "")
-    return "proxy" if settings.gateway.tls_terminated_by_proxy else "off"
-
-
 def _log_start(command: str, settings: Settings) -> None:
     """What started, with the settings that shape operations (no secret, path of a secret, or identity)."""
     event = {
         "event": "start", "command": command, "version": version("airlock"),
-        "gateway": {"host": settings.gateway.host, "port": settings.gateway.port, "tls": _tls_mode(settings)},
+        "gateway": {"host": settings.gateway.host, "port": settings.gateway.port, "tls": settings.gateway.client_tls},
         "metrics": settings.metrics.listener, "routing": settings.routing.strategy,
         "replicas": settings.engine.replicas if command != "gateway" else len(settings.upstreams),
         "log_level": settings.log_level,

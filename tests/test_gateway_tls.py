@@ -223,6 +223,10 @@ def test_the_application_sees_https(tls_gateway: Gateway, credentials: Credentia
                         json={"username": "alice", "password": credentials.passwords["alice"]}, timeout=30)
     assert answer.status_code == 200
     assert "secure" in answer.headers["set-cookie"].lower()
+    # The privacy posture says where clients' TLS ends.
+    posture = httpx.get(f"{tls_gateway.https}/v1/airlock/privacy", verify=trusting(certificates.ca_file),
+                        headers={"authorization": f"Bearer {credentials.api_key}"}, timeout=30).json()
+    assert posture["client_transport"] == {"tls": "gateway", "hsts_max_age_s": 31_536_000}
 
 
 @pytest.mark.engine
