@@ -100,11 +100,14 @@ class GatewaySettings(_Section):
         networks = []
         for position, entry in enumerate(value, start=1):
             try:
-                networks.append(str(ipaddress.ip_network(entry.strip(), strict=False)))
+                network = ipaddress.ip_network(entry.strip(), strict=False)
             except ValueError:
                 raise ValueError(
                     f"entry {position} is not an IP address or network (such as 10.0.0.5 or 10.0.0.0/8)"
                 ) from None
+            if network.prefixlen == 0:  # anyone could then claim any address and https
+                raise ValueError(f"entry {position} trusts every address: name the proxy's own addresses")
+            networks.append(str(network))
         return networks
 
     @property

@@ -249,3 +249,9 @@ def test_trusted_proxies_are_addresses_or_networks(entry: str) -> None:
     assert "gateway.trusted_proxies: entry 2 is not an IP address or network" in message
     if entry:
         assert entry not in message  # the value is not echoed
+
+
+@pytest.mark.parametrize("everyone", ["0.0.0.0/0", "::/0"])
+def test_trusted_proxies_cannot_be_everyone(everyone: str) -> None:
+    with pytest.raises(ConfigError, match=r"gateway\.trusted_proxies: entry 1 trusts every address"):
+        load_settings(gateway={"tls_terminated_by_proxy": True, "trusted_proxies": [everyone]})
