@@ -34,6 +34,7 @@ from .errors import (
     Unauthenticated,
     error_response,
 )
+from .hsts import with_hsts
 from .metrics import UNKNOWN_MODEL, GatewayMetrics
 from .metrics_endpoint import MetricsEndpoint, metrics_app
 from .metrics_middleware import MetricsMiddleware, request_record
@@ -266,7 +267,10 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str]) -> Gateway:
 
     refuse = install_error_handlers(app, metrics)
     # Every API request, FastAPI's or not, is observed by the metrics.
-    api = MetricsMiddleware(EngineRoutes(app, prepare, refuse), metrics=metrics)
+    api: ASGIApp = MetricsMiddleware(EngineRoutes(app, prepare, refuse), metrics=metrics)
+    if settings.tls.enabled or settings.tls_terminated_by_proxy:
+        # Every answer that travelled over TLS (here or at the trusted proxy) tells browsers to keep to https.
+        api = with_hsts(api, settings.tls.hsts_max_age_s)
     separate = config.metrics.listener == "separate"
     return Gateway(api, metrics_app(metrics_endpoint(config, metrics, pool)) if separate else None)
 

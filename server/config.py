@@ -41,6 +41,35 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class GatewayTlsSettings(_Section):
+    """TLS on the gateway's own listener: on when ``cert_file`` and ``key_file`` are set. The files are re-read when
+    they change (a renewal needs no restart)."""
+
+    # PEM: the server certificate (leaf first; intermediates may follow it or go in chain_file) and its private key.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    chain_file: Path | None = None
+    # Strict-Transport-Security on answers served over TLS: browsers then refuse plain HTTP to this host. 0: no header.
+    hsts_max_age_s: int = Field(31_536_000, ge=0)
+
+    @field_validator("cert_file", "key_file", "chain_file")
+    @classmethod
+    def _expand_home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @model_validator(mode="after")
+    def _pair(self) -> GatewayTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("gateway.tls.cert_file and gateway.tls.key_file go together: set both, or neither")
+        if self.chain_file is not None and self.cert_file is None:
+            raise ValueError("gateway.tls.chain_file needs gateway.tls.cert_file and gateway.tls.key_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None and self.key_file is not None
+
+
 class GatewaySettings(_Section):
     """The OpenAI-compatible front door."""
 
@@ -48,6 +77,12 @@ class GatewaySettings(_Section):
     port: int = Field(8000, ge=1, le=65535)
     # Starting on a non-loopback address with nobody authenticated would hand the models to the whole network.
     insecure_allow_unauthenticated_remote: bool = False
+    tls: GatewayTlsSettings = Field(default_factory=lambda: GatewayTlsSettings())
+    # TLS ends at a proxy in front (an Ingress, a load balancer): a non-loopback address without gateway.tls is then
+    # allowed, and the client address and scheme are read from X-Forwarded-For / X-Forwarded-Proto, but only when the
+    # connection comes from one of trusted_proxies (addresses or networks such as 10.0.0.0/8).
+    tls_terminated_by_proxy: bool = False
+    trusted_proxies: list[str] = Field(default_factory=list)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     connect_timeout_s: float = Field(5.0, gt=0)
     # Longest silence tolerated from an engine between two bytes of an answer.
@@ -58,6 +93,38 @@ class GatewaySettings(_Section):
     retry_after_s: int = Field(5, ge=1)
     # On stop, how long open requests may take to finish before they are cut.
     shutdown_grace_s: int = Field(30, ge=0)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        networks = []
+        for position, entry in enumerate(value, start=1):
+            try:
+                network = ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"entry {position} is not an IP address or network (such as 10.0.0.5 or 10.0.0.0/8)"
+                ) from None
+            if network.prefixlen == 0:  # anyone could then claim any address and https
+                raise ValueError(f"entry {position} trusts every address: name the proxy's own addresses")
+            networks.append(str(network))
+        return networks
+
+    @property
+    def client_tls(self) -> str:
+        """Where clients' TLS ends: at this gateway, at a proxy in front, both, or nowhere (loopback only)."""
+        if self.tls.enabled:
+            return "gateway, behind a proxy" if self.tls_terminated_by_proxy else "gateway"
+        return "proxy" if self.tls_terminated_by_proxy else "off (loopback only)"
+
+    @model_validator(mode="after")
+    def _proxy_named(self) -> GatewaySettings:
+        if self.tls_terminated_by_proxy and not self.trusted_proxies:
+            raise ValueError(
+                "gateway.tls_terminated_by_proxy needs gateway.trusted_proxies: the addresses of the proxy that "
+                "terminates TLS, whose X-Forwarded-For and X-Forwarded-Proto are believed"
+            )
+        return self
 
 
 # Asymmetric signatures only: "none" and HMAC (whose secret a verifier would have to share) are never accepted.
@@ -373,6 +440,18 @@ class Settings(BaseSettings):
             "models. Configure auth (htpasswd_file, api_keys_file or oidc), listen on 127.0.0.1, or set "
             "gateway.insecure_allow_unauthenticated_remote: true if something in front of Airlock authenticates "
             "every request."
+        )
+
+    @model_validator(mode="after")
+    def _refuse_clear_text(self) -> Settings:
+        gateway = self.gateway
+        if is_loopback_host(gateway.host) or gateway.tls.enabled or gateway.tls_terminated_by_proxy:
+            return self
+        raise ValueError(
+            f"refusing to listen on {gateway.host!r} without TLS: passwords, API keys, prompts and images would "
+            "cross the network in clear. Set gateway.tls.cert_file and gateway.tls.key_file (README, \"TLS\"), "
+            "listen on 127.0.0.1, or, if a proxy in front of Airlock terminates TLS, set "
+            "gateway.tls_terminated_by_proxy: true and list that proxy in gateway.trusted_proxies."
         )
 
     @classmethod

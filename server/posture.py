@@ -53,6 +53,7 @@ def privacy_posture(config: Settings, upstream_urls: Sequence[str], rules: RuleC
         },
         "authentication": {"methods": methods, "required": bool(methods)},
         "authorization": rules.posture(),
+        "client_transport": {"tls": config.gateway.client_tls, "hsts_max_age_s": config.gateway.tls.hsts_max_age_s},
         "console": {
             "enabled": config.console.enabled,
             "sessions": "memory only",

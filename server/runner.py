@@ -8,10 +8,12 @@ import logging
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from .privacy import harden_process
 from .profiles import ModelChoice, choose_model, detect_gpu_free_gb, load_profiles
 from .runtime import settle_heap
 from .supervisor import Supervisor
+from .tls import CertificateFiles, CertificateReloader, TlsFileError, reloading, server_context
 
 log = logging.getLogger("airlock")
 
@@ -50,11 +53,42 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
+@dataclass(frozen=True)
+class GatewayTls:
+    """The gateway listener's TLS context, and what keeps its certificate in step with the files on disk."""
+
+    context: ssl.SSLContext
+    reloader: CertificateReloader
+
+
+def load_gateway_tls(settings: Settings) -> GatewayTls | None:
+    """The listener's context from ``gateway.tls`` (None when TLS is off); an unusable file stops the start here,
+    before any engine starts, with a message naming the file (never its contents)."""
+    tls = settings.gateway.tls
+    if tls.cert_file is None or tls.key_file is None:
+        return None
+    certificate = CertificateFiles(tls.cert_file, tls.key_file, tls.chain_file)
+    try:
+        context = server_context(certificate)
+    except TlsFileError as exc:
+        raise ConfigError(f"gateway.tls: {exc}") from exc
+    return GatewayTls(context, CertificateReloader(certificate, [context]))
+
+
+def _uvicorn_config(app: object, settings: Settings, tls: GatewayTls | None = None,
+                    forwarded_from: list[str] | None = None) -> uvicorn.Config:
+    """uvicorn's settings for a listener: TLS with our own context (its certificate is replaced in place on
+    renewal, which uvicorn's file-based options could not do), and the proxy headers believed only from
+    ``forwarded_from``."""
+    context = tls.context if tls is not None else None
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         access_log=False,  # an access log would record who asked what, and from where
-        proxy_headers=False,
+        # X-Forwarded-For / -Proto give the client address (failed-login throttle) and scheme (Secure cookies,
+        # HSTS): believed only from the proxies named in gateway.trusted_proxies, never from anyone else.
+        proxy_headers=bool(forwarded_from),
+        forwarded_allow_ips=list(forwarded_from or []),
+        ssl_context_factory=(lambda _config, _default: context) if context is not None else None,
         server_header=False,
         log_config=None,
         lifespan="on",
@@ -187,8 +221,10 @@ async def metrics_listener(gateway: Gateway, settings: Settings) -> AsyncIterato
     with listen(metrics.host, metrics.port, "metrics") as sock:
         server = _Server(_uvicorn_config(gateway.metrics, settings))
         serving = asyncio.create_task(server.serve(sockets=[sock]))
+        # Plain HTTP on purpose: the series name nobody and carry no content or credential, and a scraper needs no
+        # CA; off loopback, fence the port with a network policy (README, "Monitoring").
         log.info("metrics on http://%s:%d/metrics%s", metrics.host, metrics.port,
-                 "" if is_loopback_host(metrics.host) else " (no sign-in: restrict who can reach it)")
+                 "" if is_loopback_host(metrics.host) else " (plain HTTP, no sign-in: restrict who can reach it)")
         try:
             yield
         finally:
@@ -232,6 +268,7 @@ async def run_up(settings: Settings) -> None:
     _log_start("up", settings)
     gateway_settings = settings.gateway
     with runtime_directory(settings) as runtime_dir, listen(gateway_settings.host, gateway_settings.port) as sock:
+        tls = load_gateway_tls(settings)
         choice, device, launches = plan_engines(settings, runtime_dir)
         _announce(choice, device, launches, settings)
         check_model(choice, settings)
@@ -242,10 +279,7 @@ async def run_up(settings: Settings) -> None:
         with Signals() as signals:
             supervisor.start()
             try:
-                log.info("gateway on http://%s:%d/v1 (ready once an engine is healthy: GET /readyz)",
-                         gateway_settings.host, gateway_settings.port)
-                async with metrics_listener(gateway, settings):
-                    await signals.serve(_Server(_uvicorn_config(gateway.api, settings)), sock)
+                await serve_gateway(gateway, settings, sock, signals, tls)
             finally:
                 log.info("stopping the engines")
                 await supervisor.stop()
@@ -277,18 +311,37 @@ async def run_gateway(settings: Settings) -> None:
     _log_start("gateway", settings)
     if not settings.upstreams:
         raise ConfigError("upstreams: list at least one engine (url: unix:/path.sock or http://host:port)")
+    tls = load_gateway_tls(settings)
     gateway = build_gateway(settings, [upstream.url for upstream in settings.upstreams])
     settle_heap()
     with listen(settings.gateway.host, settings.gateway.port) as sock, Signals() as signals:
-        async with metrics_listener(gateway, settings):
-            await signals.serve(_Server(_uvicorn_config(gateway.api, settings)), sock)
+        await serve_gateway(gateway, settings, sock, signals, tls)
+
+
+async def serve_gateway(gateway: Gateway, settings: Settings, sock: socket.socket, signals: Signals,
+                        tls: GatewayTls | None) -> None:
+    """The gateway's listener (and the metrics one) until a signal; a renewed certificate is picked up meanwhile."""
+    gateway_settings = settings.gateway
+    scheme = "https" if tls is not None else "http"
+    log.info("gateway on %s://%s:%d/v1 (ready once an engine is healthy: GET /readyz)",
+             scheme, gateway_settings.host, gateway_settings.port)
+    if tls is not None:
+        log.info("TLS: certificate from %s; a renewed certificate and key are used for new connections within %.0f s",
+                 gateway_settings.tls.cert_file, tls.reloader.interval_s)
+    if gateway_settings.tls_terminated_by_proxy:
+        log.info("TLS is terminated by a proxy in front; client address and scheme are taken from "
+                 "X-Forwarded-For / X-Forwarded-Proto of gateway.trusted_proxies only")
+    forwarded_from = gateway_settings.trusted_proxies if gateway_settings.tls_terminated_by_proxy else None
+    config = _uvicorn_config(gateway.api, settings, tls, forwarded_from)
+    async with metrics_listener(gateway, settings), reloading([tls.reloader] if tls is not None else []):
+        await signals.serve(_Server(config), sock)
 
 
 def _log_start(command: str, settings: Settings) -> None:
     """What started, with the settings that shape operations (no secret, path of a secret, or identity)."""
     event = {
         "event": "start", "command": command, "version": version("airlock"),
-        "gateway": {"host": settings.gateway.host, "port": settings.gateway.port},
+        "gateway": {"host": settings.gateway.host, "port": settings.gateway.port, "tls": settings.gateway.client_tls},
         "metrics": settings.metrics.listener, "routing": settings.routing.strategy,
         "replicas": settings.engine.replicas if command != "gateway" else len(settings.upstreams),
         "log_level": settings.log_level,

@@ -73,9 +73,11 @@ class CertificateFiles:
             finally:
                 os.close(joined)
         except FileNotFoundError as exc:
-            raise TlsFileError(f"{exc.filename}: no such file") from exc
+            raise TlsFileError(f"{self._culprit(exc)}: no such file") from exc
         except PermissionError as exc:
-            raise TlsFileError(f"{exc.filename}: permission denied (is it readable by the service's user?)") from exc
+            raise TlsFileError(
+                f"{self._culprit(exc)}: permission denied (is it readable by the service's user?)"
+            ) from exc
         except ssl.SSLError as exc:
             raise TlsFileError(
                 f"{self.cert_file} / {self.key_file}: not a PEM certificate and its matching private key "
@@ -83,6 +85,14 @@ class CertificateFiles:
             ) from exc
         except OSError as exc:
             raise TlsFileError(f"{self.cert_file}: cannot be read ({exc.strerror})") from exc
+
+
+    def _culprit(self, exc: OSError) -> object:
+        """The file an error is about: ``load_cert_chain`` raises without naming it (exc.filename is None)."""
+        if exc.filename is not None:
+            return exc.filename
+        unreadable = (path for path in self.paths if not os.access(path, os.R_OK))
+        return next(unreadable, self.cert_file)
 
 
 def server_context(certificate: CertificateFiles, client_ca_file: Path | None = None) -> ssl.SSLContext:

@@ -129,8 +129,10 @@ def test_remote_address_without_auth_is_refused_by_the_cli(tmp_path: Path) -> No
     assert "without authentication" in result.stderr
     env_result = subprocess.run([*AIRLOCK, "config"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                                 env={**os.environ, "AIRLOCK_GATEWAY__HOST": "0.0.0.0",
-                                     "AIRLOCK_AUTH__API_KEYS_FILE": str(tmp_path / "keys.json")})
-    assert env_result.returncode == 0, env_result.stderr  # with a method configured it may listen
+                                     "AIRLOCK_AUTH__API_KEYS_FILE": str(tmp_path / "keys.json"),
+                                     "AIRLOCK_GATEWAY__TLS__CERT_FILE": str(tmp_path / "airlock.crt"),
+                                     "AIRLOCK_GATEWAY__TLS__KEY_FILE": str(tmp_path / "airlock.key")})
+    assert env_result.returncode == 0, env_result.stderr  # with a method (and TLS) configured it may listen
 
 
 # --- No secret is ever echoed (issue 15, item 7) ------------------------------------------------------------------

@@ -16,6 +16,7 @@ from server.config import (
     EngineSettings,
     FailedLoginSettings,
     GatewaySettings,
+    GatewayTlsSettings,
     OidcSettings,
     PrivacySettings,
     RoutingSettings,
@@ -106,7 +107,9 @@ def test_loopback_addresses_are_fine(host: str) -> None:
 
 
 def test_the_loud_opt_out_allows_a_remote_address() -> None:
-    settings = load_settings(gateway={"host": "0.0.0.0", "insecure_allow_unauthenticated_remote": True})
+    # The proxy that authenticates every request terminates TLS too.
+    settings = load_settings(gateway={"host": "0.0.0.0", "insecure_allow_unauthenticated_remote": True,
+                                      "tls_terminated_by_proxy": True, "trusted_proxies": ["10.0.0.5"]})
     assert settings.gateway.host == "0.0.0.0"
 
 
@@ -126,6 +129,7 @@ def test_example_file_documents_every_setting_and_loads_as_the_defaults(monkeypa
         assert set(example[name]) == set(model.model_fields), f"{name}: example and settings differ"
     for name, model in {"oidc": OidcSettings, "failed_logins": FailedLoginSettings}.items():
         assert set(example["auth"][name]) == set(model.model_fields), f"auth.{name}: example and settings differ"
+    assert set(example["gateway"]["tls"]) == set(GatewayTlsSettings.model_fields), "gateway.tls: example differs"
     assert load_settings(EXAMPLE) == load_settings()
 
 
@@ -155,16 +159,99 @@ def test_oidc_needs_an_audience_and_an_issuer() -> None:
 @pytest.mark.parametrize("auth", [{"htpasswd_file": "/etc/airlock/htpasswd"}, {"api_keys_file": "/k.json"},
                                   {"oidc": {"issuer": "https://idp", "audience": "airlock"}}])
 def test_any_auth_method_allows_a_remote_address(auth: dict[str, object]) -> None:
-    assert load_settings(gateway={"host": "0.0.0.0"}, auth=auth).gateway.host == "0.0.0.0"
+    assert load_settings(gateway={"host": "0.0.0.0", "tls": TLS_FILES}, auth=auth).gateway.host == "0.0.0.0"
 
 
 @pytest.mark.parametrize("name", ["auth-basic.yaml", "auth-apikeys.yaml", "auth-oidc.yaml"])
 def test_auth_examples_are_valid_settings(name: str) -> None:
     settings = load_settings(ROOT / "configs" / name)
-    assert settings.auth.configured and settings.gateway.host == "0.0.0.0"
+    assert settings.auth.configured and settings.gateway.host == "0.0.0.0" and settings.gateway.tls.enabled
 
 
 @pytest.mark.parametrize("realm", ['Air"lock', "Airlock\r\nX-Injected: 1", "Büro", ""])
 def test_realm_must_be_safe_in_a_header(realm: str) -> None:
     with pytest.raises(ConfigError, match=r"auth\.realm"):
         load_settings(auth={"realm": realm})
+
+
+# TLS on the gateway's listener (the files themselves are read at start-up: tests/test_gateway_tls.py).
+TLS_FILES = {"cert_file": "/etc/airlock/tls/airlock.crt", "key_file": "/etc/airlock/tls/airlock.key"}
+API_KEYS = {"api_keys_file": "/etc/airlock/api-keys.json"}
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "airlock.internal"])
+def test_listening_beyond_loopback_without_tls_is_refused_naming_the_settings(host: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(gateway={"host": host}, auth=API_KEYS)
+    message = str(refused.value)
+    assert f"refusing to listen on {host!r} without TLS" in message
+    for setting in ("gateway.tls.cert_file", "gateway.tls.key_file", "gateway.tls_terminated_by_proxy",
+                    "gateway.trusted_proxies"):
+        assert setting in message
+
+
+def test_without_auth_and_without_tls_the_auth_refusal_still_speaks() -> None:
+    with pytest.raises(ConfigError, match="without authentication"):
+        load_settings(gateway={"host": "0.0.0.0", "tls": TLS_FILES})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_loopback_needs_no_tls(host: str) -> None:
+    settings = load_settings(gateway={"host": host})
+    assert not settings.gateway.tls.enabled and not settings.gateway.tls_terminated_by_proxy
+
+
+def test_tls_files_allow_a_remote_address_and_home_is_expanded() -> None:
+    settings = load_settings(gateway={"host": "0.0.0.0", "tls": {**TLS_FILES, "chain_file": "~/chain.pem"}},
+                             auth=API_KEYS)
+    tls = settings.gateway.tls
+    assert tls.enabled and tls.hsts_max_age_s == 31_536_000 and "~" not in str(tls.chain_file)
+
+
+@pytest.mark.parametrize("files", [{"cert_file": "/c.pem"}, {"key_file": "/k.pem"}, {"chain_file": "/chain.pem"}])
+def test_certificate_and_key_go_together(files: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match=r"gateway\.tls: gateway\.tls\.(cert_file|chain_file)"):
+        load_settings(gateway={"tls": files})
+
+
+def test_hsts_max_age_is_not_negative() -> None:
+    with pytest.raises(ConfigError, match=r"gateway\.tls\.hsts_max_age_s"):
+        load_settings(gateway={"tls": {**TLS_FILES, "hsts_max_age_s": -1}})
+    assert load_settings(gateway={"tls": {**TLS_FILES, "hsts_max_age_s": 0}}).gateway.tls.hsts_max_age_s == 0
+
+
+def test_tls_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRLOCK_GATEWAY__HOST", "0.0.0.0")
+    monkeypatch.setenv("AIRLOCK_GATEWAY__TLS__CERT_FILE", TLS_FILES["cert_file"])
+    monkeypatch.setenv("AIRLOCK_GATEWAY__TLS__KEY_FILE", TLS_FILES["key_file"])
+    monkeypatch.setenv("AIRLOCK_AUTH__API_KEYS_FILE", API_KEYS["api_keys_file"])
+    assert str(load_settings().gateway.tls.cert_file) == TLS_FILES["cert_file"]
+
+
+def test_a_proxy_terminating_tls_allows_a_remote_address() -> None:
+    settings = load_settings(gateway={"host": "0.0.0.0", "tls_terminated_by_proxy": True,
+                                      "trusted_proxies": ["10.0.0.5", " 10.42.0.0/16", "fd00::/8", "192.168.1.7/24"]},
+                             auth=API_KEYS)
+    # Normalised to networks, as uvicorn's proxy-headers layer reads them.
+    assert settings.gateway.trusted_proxies == ["10.0.0.5/32", "10.42.0.0/16", "fd00::/8", "192.168.1.0/24"]
+
+
+def test_a_proxy_terminating_tls_must_be_named() -> None:
+    with pytest.raises(ConfigError, match=r"gateway\.tls_terminated_by_proxy needs gateway\.trusted_proxies"):
+        load_settings(gateway={"host": "0.0.0.0", "tls_terminated_by_proxy": True}, auth=API_KEYS)
+
+
+@pytest.mark.parametrize("entry", ["*", "proxy.internal", "10.0.0.300", "10.0.0.0/33", ""])
+def test_trusted_proxies_are_addresses_or_networks(entry: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(gateway={"tls_terminated_by_proxy": True, "trusted_proxies": ["10.0.0.5", entry]})
+    message = str(refused.value)
+    assert "gateway.trusted_proxies: entry 2 is not an IP address or network" in message
+    if entry:
+        assert entry not in message  # the value is not echoed
+
+
+@pytest.mark.parametrize("everyone", ["0.0.0.0/0", "::/0"])
+def test_trusted_proxies_cannot_be_everyone(everyone: str) -> None:
+    with pytest.raises(ConfigError, match=r"gateway\.trusted_proxies: entry 1 trusts every address"):
+        load_settings(gateway={"tls_terminated_by_proxy": True, "trusted_proxies": [everyone]})
