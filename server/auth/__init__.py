@@ -3,5 +3,6 @@
 from .access import ModelAccess
 from .chain import Authentication, build_authentication
 from .principal import ANONYMOUS, Principal
+from .standing import Standing
 
-__all__ = ["ANONYMOUS", "Authentication", "ModelAccess", "Principal", "build_authentication"]
+__all__ = ["ANONYMOUS", "Authentication", "ModelAccess", "Principal", "Standing", "build_authentication"]
