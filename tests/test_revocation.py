@@ -12,6 +12,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +82,15 @@ def gateway(stack: Stack, credentials: Credentials, tmp_path_factory: pytest.Tem
         yield Gateway(base_url, htpasswd, api_keys, api_key, passwords)
 
 
-def sign_in(base_url: str, user: str, password: str) -> Signed:
-    client = httpx.Client(base_url=base_url, timeout=30)
+@pytest.fixture
+def browsers() -> Iterator[ExitStack]:
+    """Closes every browser-like client a test opened."""
+    with ExitStack() as opened:
+        yield opened
+
+
+def sign_in(browsers: ExitStack, base_url: str, user: str, password: str) -> Signed:
+    client = browsers.enter_context(httpx.Client(base_url=base_url, timeout=30))
     answer = client.post("/console/api/sign-in", json={"username": user, "password": password}, headers=CONSOLE)
     assert answer.status_code == 200, answer.text
     return Signed(client, answer.json()["csrf"])
@@ -118,11 +126,11 @@ def names_in_logs(caplog: pytest.LogCaptureFixture, *names: str) -> list[str]:
 
 @pytest.mark.engine
 def test_removing_a_user_ends_their_console_sessions_within_seconds(
-    gateway: Gateway, stack: Stack, caplog: pytest.LogCaptureFixture
+    gateway: Gateway, stack: Stack, browsers: ExitStack, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG)
-    carol = sign_in(gateway.base_url, "carol", gateway.passwords["carol"])
-    alice = sign_in(gateway.base_url, "alice", gateway.passwords["alice"])
+    caplog.set_level(logging.DEBUG, logger="airlock")
+    carol = sign_in(browsers, gateway.base_url, "carol", gateway.passwords["carol"])
+    alice = sign_in(browsers, gateway.base_url, "alice", gateway.passwords["alice"])
     answered = carol.ask(stack.model)
     assert answered.status_code == 200, answered.text
     assert carol.client.get("/console/api/session").json()["signed_in"] is True
@@ -135,7 +143,7 @@ def test_removing_a_user_ends_their_console_sessions_within_seconds(
 
     # Added again with the same password: a new entry (new salt), and the old session stays ended.
     add_user(gateway.htpasswd, "carol", gateway.passwords["carol"])
-    again = sign_in(gateway.base_url, "carol", gateway.passwords["carol"])
+    again = sign_in(browsers, gateway.base_url, "carol", gateway.passwords["carol"])
     assert again.models().status_code == 200
     assert carol.models().status_code == 401
 
@@ -146,11 +154,11 @@ def test_removing_a_user_ends_their_console_sessions_within_seconds(
 
 @pytest.mark.engine
 def test_a_new_password_ends_every_session_opened_with_the_old_one(
-    gateway: Gateway, stack: Stack, caplog: pytest.LogCaptureFixture
+    gateway: Gateway, stack: Stack, browsers: ExitStack, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG)
-    laptop = sign_in(gateway.base_url, "dave", gateway.passwords["dave"])
-    phone = sign_in(gateway.base_url, "dave", gateway.passwords["dave"])
+    caplog.set_level(logging.DEBUG, logger="airlock")
+    laptop = sign_in(browsers, gateway.base_url, "dave", gateway.passwords["dave"])
+    phone = sign_in(browsers, gateway.base_url, "dave", gateway.passwords["dave"])
     assert laptop.ask(stack.model).status_code == 200 and phone.models().status_code == 200
 
     add_user(gateway.htpasswd, "dave", "dave's second password", command="passwd")
@@ -161,7 +169,7 @@ def test_a_new_password_ends_every_session_opened_with_the_old_one(
     refused = httpx.post(f"{gateway.base_url}/console/api/sign-in", headers=CONSOLE, timeout=30,
                          json={"username": "dave", "password": gateway.passwords["dave"]})
     assert refused.status_code == 401
-    renewed = sign_in(gateway.base_url, "dave", "dave's second password")
+    renewed = sign_in(browsers, gateway.base_url, "dave", "dave's second password")
     assert renewed.ask(stack.model).status_code == 200
     assert names_in_logs(caplog, "dave") == []
 
@@ -191,7 +199,7 @@ def short_tokens() -> Iterator[OidcProvider]:
 def test_an_oidc_console_session_ends_at_the_tokens_exp(
     stack: Stack, short_tokens: OidcProvider, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="airlock")
     # Sessions would last hours, and bearer tokens get 30 s of leeway past exp: the session gets none of that.
     settings = {
         "auth": {"oidc": {"issuer": short_tokens.url, "audience": "airlock", "leeway_s": 30}},
