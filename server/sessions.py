@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import time
 from collections import OrderedDict
@@ -85,11 +86,12 @@ class SessionStore:
             self._sessions.pop(_key(cookie), None)
 
     def lifetime_s(self, session: Session, wall_clock: Callable[[], float] = time.time) -> int:
-        """How long the browser should keep the cookie: ``max_s``, or less when the credential lapses sooner."""
+        """How long the browser should keep the cookie: ``max_s``, or less when the credential lapses sooner (rounded
+        up: the gateway's own check ends the session; the browser then drops a cookie that is of no use)."""
         lifetime = self._max_s
         if session.standing.ends_at is not None:
             lifetime = min(lifetime, session.standing.ends_at - wall_clock())
-        return max(0, int(lifetime))
+        return max(0, math.ceil(lifetime))
 
     def __len__(self) -> int:
         return len(self._sessions)
