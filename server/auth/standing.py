@@ -58,7 +58,10 @@ def fingerprint(hashed: bytes) -> bytes:
 
 @dataclass
 class HtpasswdEntry:
-    """A Basic user's entry as it was when the password was checked (see the module docstring for the cost)."""
+    """A Basic user's entry as it was when the password was checked (see the module docstring for the cost).
+
+    A file that turns invalid ends every session that makes a request meanwhile (failing closed, as Basic does).
+    """
 
     file: WatchedFile[dict[str, bytes]]
     user: str
