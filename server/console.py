@@ -8,7 +8,10 @@ as every SDK client, screening, limits and metrics included:
   same throttling of failures).
 - OIDC users go through the provider with the authorization code flow and PKCE (authlib); the ID token that comes
   back is checked like a bearer token (issuer, audience, signature, expiry) plus its nonce, then dropped: the session
-  keeps who signed in, never a token.
+  keeps who signed in and the token's ``exp`` (it ends then at the latest), never a token.
+
+A Basic session stays tied to the user's htpasswd entry: removing the user or changing the password ends it within
+about a second (``auth/standing.py``). API keys open no session: they are for programs.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from joserfc import jws
 from pydantic import BaseModel, Field
 
-from .auth import Authentication, Principal
+from .auth import Authentication, Principal, Standing
 from .config import ConsoleSettings, Settings
 from .errors import NO_STORE, InvalidRequest, Unauthenticated
 from .sessions import CSRF_HEADER, SESSION_COOKIE, SessionStore, csrf_matches
@@ -171,11 +174,11 @@ def console_router(config: Settings, authentication: Authentication, sessions: S
     def source(request: Request) -> str:
         return request.client.host if request.client else "unknown"
 
-    def signed_in(request: Request, principal: Principal) -> JSONResponse:
-        cookie, session = sessions.open(principal)
+    def signed_in(request: Request, principal: Principal, standing: Standing) -> JSONResponse:
+        cookie, session = sessions.open(principal, standing)
         response = JSONResponse({"signed_in": True, "name": principal.display_name or principal.user_id,
                                  "csrf": session.csrf}, headers=NO_STORE)
-        response.set_cookie(SESSION_COOKIE, cookie, max_age=int(console.session_max_s), httponly=True,
+        response.set_cookie(SESSION_COOKIE, cookie, max_age=sessions.lifetime_s(session), httponly=True,
                             samesite="lax", secure=_secure(request, console), path="/")
         return response
 
@@ -211,8 +214,8 @@ def console_router(config: Settings, authentication: Authentication, sessions: S
         if not methods["password"]:
             raise InvalidRequest("sign-in with a password is not configured here", code="method_not_configured")
         basic = base64.b64encode(f"{form.username}:{form.password}".encode()).decode()
-        principal = await authentication.authenticate(f"Basic {basic}", source(request))
-        return signed_in(request, principal)
+        principal, standing = await authentication.sign_in(f"Basic {basic}", source(request))
+        return signed_in(request, principal, standing)
 
     @router.post("/console/api/sign-out")
     async def sign_out(request: Request) -> Response:
@@ -248,15 +251,15 @@ def console_router(config: Settings, authentication: Authentication, sessions: S
             return RedirectResponse("/?signin=failed", status_code=303, headers=NO_STORE)
         try:
             id_token, nonce = await oidc.finish(state, code)
-            principal = await authentication.authenticate(f"Bearer {id_token}", source(request))
+            principal, standing = await authentication.sign_in(f"Bearer {id_token}", source(request))
         except Exception:
             # says the sign-in failed and nothing more, as for a wrong password)
             return RedirectResponse("/?signin=failed", status_code=303, headers=NO_STORE)
         if _nonce_of(id_token) != nonce:
             return RedirectResponse("/?signin=failed", status_code=303, headers=NO_STORE)
-        cookie, _ = sessions.open(principal)
+        cookie, session = sessions.open(principal, standing)
         response = RedirectResponse("/", status_code=303, headers=NO_STORE)
-        response.set_cookie(SESSION_COOKIE, cookie, max_age=int(console.session_max_s), httponly=True,
+        response.set_cookie(SESSION_COOKIE, cookie, max_age=sessions.lifetime_s(session), httponly=True,
                             samesite="lax", secure=_secure(request, console), path="/")
         response.delete_cookie(LOGIN_COOKIE, path="/console/callback")
         return response

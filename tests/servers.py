@@ -54,14 +54,16 @@ class OidcProvider:
     ``iss`` is the URL it was reached at, so asking it through ``localhost`` gives tokens of another issuer.
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, token_max_age_s: int | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
+        # Lifetime of the ID tokens it issues (the provider's default: an hour).
+        self._lifetime = ["--token-max-age", str(token_max_age_s)] if token_max_age_s else []
 
     def start(self) -> OidcProvider:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "oidc_provider_mock", "--port", str(self.port)],
+            [sys.executable, "-m", "oidc_provider_mock", "--port", str(self.port), *self._lifetime],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .principal import Principal, local_principal
+from .standing import Standing
 from .watched import CredentialsFileError, WatchedFile
 
 PREFIX = "alk_"
@@ -104,6 +105,10 @@ class ApiKeyAuthenticator:
 
     def accepts(self, scheme: str, credentials: str) -> bool:
         return scheme == "bearer" and looks_like_api_key(credentials)
+
+    async def sign_in(self, token: str) -> tuple[Principal, Standing] | None:
+        """A key opens no console session: keys are for programs, which send them with every request."""
+        return None
 
     async def authenticate(self, token: str) -> Principal | None:
         match = KEY_PATTERN.match(token)

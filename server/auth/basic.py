@@ -14,6 +14,7 @@ import anyio.to_thread
 
 from .htpasswd import costliest, password_matches
 from .principal import Principal, local_principal
+from .standing import HtpasswdEntry, Standing, fingerprint
 from .watched import WatchedFile
 
 # For an empty file: some real bcrypt hash to spend the time on.
@@ -43,24 +44,37 @@ class BasicAuthenticator:
 
     async def authenticate(self, credentials: str) -> Principal | None:
         """The principal, or None when the credentials are wrong (for any reason: the caller says no more)."""
+        checked = await self._check(credentials)
+        return checked[0] if checked is not None else None
+
+    async def sign_in(self, credentials: str) -> tuple[Principal, Standing] | None:
+        """As ``authenticate``, plus the entry the console session is tied to (the user and their hash's
+        fingerprint): a removed user or a new password ends the session."""
+        checked = await self._check(credentials)
+        if checked is None:
+            return None
+        principal, hashed, version = checked
+        return principal, HtpasswdEntry(self._htpasswd, principal.user_id, fingerprint(hashed), version)
+
+    async def _check(self, credentials: str) -> tuple[Principal, bytes, int] | None:
+        """The principal, the hash its password matched and the file version that hash came from."""
         parsed = _decode(credentials)
         users = self._htpasswd.current
+        version = self._htpasswd.version
         if parsed is None or users is None:
             return None
         user, password = parsed
-        fingerprint = hmac.new(
-            self._cache_key, f"{self._htpasswd.version}\0{user}\0{password}".encode(), hashlib.sha256
-        ).digest()
-        if self._remembered(fingerprint):
-            return local_principal(user, self._groups)
         hashed = users.get(user)
+        cache_key = hmac.new(self._cache_key, f"{version}\0{user}\0{password}".encode(), hashlib.sha256).digest()
+        if hashed is not None and self._remembered(cache_key):
+            return local_principal(user, self._groups), hashed, version
         # An unknown user is checked against the file's slowest hash, so the time taken does not tell them apart.
         spent_on = hashed or costliest(users) or _FALLBACK_HASH
         matches = await anyio.to_thread.run_sync(password_matches, password, spent_on)
         if not matches or hashed is None:
             return None
-        self._remember(fingerprint)
-        return local_principal(user, self._groups)
+        self._remember(cache_key)
+        return local_principal(user, self._groups), hashed, version
 
     def _remembered(self, fingerprint: bytes) -> bool:
         expires = self._checked.get(fingerprint)

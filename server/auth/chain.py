@@ -14,6 +14,7 @@ from .basic import BasicAuthenticator
 from .htpasswd import parse_htpasswd
 from .oidc import OidcAuthenticator, ProviderKeys
 from .principal import ANONYMOUS, Principal
+from .standing import Standing, Unconditional
 from .throttle import FailureThrottle
 from .watched import WatchedFile
 
@@ -34,6 +35,10 @@ class Authenticator(Protocol):
     async def authenticate(self, credentials: str) -> Principal | None:
         """The principal, or None for credentials of this kind that are not valid."""
 
+    async def sign_in(self, credentials: str) -> tuple[Principal, Standing] | None:
+        """For a console session: the principal and what the session stays tied to, or None (not valid, or this
+        kind of credential opens no session)."""
+
 
 class Authentication:
     """Turns an ``Authorization`` header into a ``Principal``, or refuses with 401/429."""
@@ -49,6 +54,20 @@ class Authentication:
     async def authenticate(self, authorization: str | None, source: str) -> Principal:
         if not self._authenticators:
             return ANONYMOUS
+        principal, _ = await self._throttled(authorization, source, session=False)
+        return principal
+
+    async def sign_in(self, authorization: str, source: str) -> tuple[Principal, Standing]:
+        """Like ``authenticate``, for opening a console session: also returns what the session is tied to, which
+        the session store re-checks on every request (``standing.py``)."""
+        if not self._authenticators:
+            return ANONYMOUS, Unconditional()
+        principal, standing = await self._throttled(authorization, source, session=True)
+        assert standing is not None
+        return principal, standing
+
+    async def _throttled(self, authorization: str | None, source: str,
+                         session: bool) -> tuple[Principal, Standing | None]:
         blocked = self._throttle.blocked_for(source)
         if blocked > 0:
             raise TooManyFailures("too many failed sign-in attempts; try again later",
@@ -56,22 +75,25 @@ class Authentication:
         if not authorization:
             raise Unauthenticated(FAILED, headers={"www-authenticate": self._challenges[False]})
         self._throttle.attempt(source)
-        principal = await self._check(authorization)
-        if principal is not None:
+        checked = await self._check(authorization, session)
+        if checked is not None:
             self._throttle.succeeded(source)
-            return principal
+            return checked
         delay = self._throttle.delay(source)
         if delay:
             await asyncio.sleep(delay)
         token_refused = authorization.strip().lower().startswith("bearer ")
         raise Unauthenticated(FAILED, headers={"www-authenticate": self._challenges[token_refused]})
 
-    async def _check(self, authorization: str) -> Principal | None:
+    async def _check(self, authorization: str, session: bool) -> tuple[Principal, Standing | None] | None:
         scheme, _, credentials = authorization.strip().partition(" ")
         scheme, credentials = scheme.lower(), credentials.strip()
         for authenticator in self._authenticators:
             if authenticator.accepts(scheme, credentials):
-                return await authenticator.authenticate(credentials)
+                if session:
+                    return await authenticator.sign_in(credentials)
+                principal = await authenticator.authenticate(credentials)
+                return (principal, None) if principal is not None else None
         return None
 
 

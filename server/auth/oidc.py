@@ -22,6 +22,7 @@ from joserfc.jwk import Key, KeySet
 
 from ..config import OidcSettings
 from .principal import Principal
+from .standing import Standing, TokenExpiry
 
 log = logging.getLogger("airlock.auth")
 
@@ -164,6 +165,7 @@ class OidcAuthenticator:
         assert settings.issuer is not None and settings.audience is not None
         self._settings = settings
         self._keys = keys
+        self._wall_clock = wall_clock
         self._algorithms = list(settings.algorithms)
         self._claims = jwt.JWTClaimsRegistry(
             now=lambda: int(wall_clock()),
@@ -177,6 +179,19 @@ class OidcAuthenticator:
         return scheme == "bearer" and credentials.count(".") == 2
 
     async def authenticate(self, token: str) -> Principal | None:
+        claims = await self._claims_of(token)
+        return self._principal(claims) if claims is not None else None
+
+    async def sign_in(self, token: str) -> tuple[Principal, Standing] | None:
+        """As ``authenticate``, plus the token's ``exp``: the console session it opens ends then at the latest."""
+        claims = await self._claims_of(token)
+        principal = self._principal(claims) if claims is not None else None
+        if claims is None or principal is None:
+            return None
+        return principal, TokenExpiry(float(claims["exp"]), self._wall_clock)
+
+    async def _claims_of(self, token: str) -> dict[str, Any] | None:
+        """The claims of a token signed by the provider, valid now (issuer, audience, expiry), or None."""
         try:
             header = jws.extract_compact(token.encode("ascii")).headers()
         except (JoseError, ValueError, UnicodeEncodeError):
@@ -194,7 +209,7 @@ class OidcAuthenticator:
             self._claims.validate(claims)
         except (JoseError, ValueError, TypeError):
             return None
-        return self._principal(claims)
+        return claims
 
     def _verify(self, token: str, keys: list[Key]) -> dict[str, Any] | None:
         """The token's claims if one of ``keys`` made its signature."""
