@@ -176,7 +176,7 @@ UPSTREAM_TLS = {"ca_file": "~/engine-ca.pem", "cert_file": "~/gateway.pem", "key
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "engine-0.internal"])
 def test_engines_beyond_loopback_without_tls_are_refused(host: str) -> None:
-    with pytest.raises(ConfigError, match="without engine.tls") as refused:
+    with pytest.raises(ConfigError, match=r"without engine\.tls") as refused:
         load_settings(engine={"bind": "tcp", "host": host})
     message = str(refused.value)
     assert host not in message
@@ -204,7 +204,7 @@ def test_engine_tls_needs_all_three_files(missing: str) -> None:
 
 
 def test_engine_tls_on_unix_sockets_is_refused_as_meaningless() -> None:
-    with pytest.raises(ConfigError, match="engine.tls is set but engine.bind is 'unix'"):
+    with pytest.raises(ConfigError, match=r"engine\.tls is set but engine\.bind is 'unix'"):
         load_settings(engine={"tls": ENGINE_TLS})
 
 
@@ -256,6 +256,6 @@ def test_up_with_engine_tls_needs_upstream_tls(tmp_path: Path) -> None:
     assert "engine.tls is set, so `airlock up`" in result.stderr
     assert all(f"upstream_tls.{name}" in result.stderr for name in UPSTREAM_TLS)
     # The settings themselves are valid: the engines alone (`airlock engine`) need no client certificate.
-    with pytest.raises(ConfigError, match="upstream_tls"):
+    with pytest.raises(ConfigError, match=r"upstream_tls"):
         load_settings(config).check_own_engines()
     load_settings(config, upstream_tls=UPSTREAM_TLS).check_own_engines()
