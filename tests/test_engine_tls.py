@@ -30,6 +30,7 @@ import pytest
 import trustme
 import yaml
 
+from server import supervisor
 from server.config import ConfigError, UpstreamTlsSettings, load_settings
 from server.routing import LeastOutstanding
 from server.tls import CertificateFiles, client_context, server_context
@@ -157,6 +158,20 @@ def test_the_gateway_answers_through_the_engines_mutual_tls(tls_stack: TlsStack)
     # The gateway says how it reaches its engines.
     posture = httpx.get(f"{tls_stack.base_url}/v1/airlock/privacy", timeout=10).json()
     assert posture["egress"]["engine_transport"] == ["https"]
+
+
+@pytest.mark.engine
+def test_the_engines_metrics_come_over_the_same_tls(tls_stack: TlsStack) -> None:
+    scrape = httpx.get(f"{tls_stack.base_url}/metrics", timeout=30).text
+    assert 'airlock_engine_scrape_ok{replica="0"} 1.0' in scrape
+    assert "vllm:num_requests_running{" in scrape
+
+
+@pytest.mark.engine
+def test_the_launcher_saw_its_tls_engine_start(tls_stack: TlsStack) -> None:
+    # Without a client certificate the launcher cannot ask /health; had it not seen the engine serve, it would
+    # restart it after engine.startup_timeout_s.
+    assert '"logger": "server.supervisor", "message": "replica 0 is healthy"' in tls_stack.log_path.read_text()
 
 
 @pytest.mark.engine
@@ -437,3 +452,26 @@ def test_the_readmes_settings_for_both_hosts_are_valid() -> None:
     assert result.returncode == 0, result.stderr
     argv = json.loads(result.stdout)["replicas"][0]["argv"]
     assert "--ssl-ca-certs /etc/airlock/tls/gateway-ca.pem --ssl-cert-reqs 2" in argv
+
+
+# How the launcher sees that a TLS engine serves (it holds no client certificate, so it cannot ask /health).
+
+
+def test_the_launcher_takes_a_tls_engine_that_refuses_it_for_a_serving_one(who_am_i: tuple[Pki, int]) -> None:
+    _, port = who_am_i  # requires a client certificate the launcher does not have
+    assert asyncio.run(supervisor._serves_tls(f"https://127.0.0.1:{port}"))
+
+
+def test_the_launcher_does_not_take_silence_or_a_closed_port_for_a_serving_engine() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as bound:  # bound, listening, never answering: vLLM loading
+        assert not asyncio.run(supervisor._serves_tls(f"https://127.0.0.1:{bound.getsockname()[1]}"))
+    assert not asyncio.run(supervisor._serves_tls(f"https://127.0.0.1:{free_port()}"))  # nothing listening
+
+    with socket.create_server(("127.0.0.1", 0)) as closing:  # accepts and hangs up without a word
+        def hang_up() -> None:
+            connection, _ = closing.accept()
+            connection.close()
+        thread = threading.Thread(target=hang_up)
+        thread.start()
+        assert not asyncio.run(supervisor._serves_tls(f"https://127.0.0.1:{closing.getsockname()[1]}"))
+        thread.join(timeout=10)
