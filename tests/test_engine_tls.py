@@ -297,6 +297,29 @@ def test_a_gateway_set_up_like_the_readmes_host_a_is_ready_and_answers(tls_stack
         stop(process)
 
 
+def engine_certificate_name(port: int, context: ssl.SSLContext) -> str:
+    """The common name of the certificate the engine shows a new connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        subject = dict(item for rdn in tls.getpeercert()["subject"] for item in rdn)
+        return str(subject["commonName"])
+
+
+@pytest.mark.engine
+def test_a_renewed_engine_certificate_is_served_without_a_restart(tls_stack: TlsStack) -> None:
+    pki, port = tls_stack.pki, tls_stack.engine_port
+    assert engine_certificate_name(port, pki.context()) == "engine-0"
+    write_leaf(pki.engine_ca, pki.directory, "engine", "127.0.0.1", common_name="engine-0-renewed")
+    deadline = time.monotonic() + 30
+    while (name := engine_certificate_name(port, pki.context())) != "engine-0-renewed":
+        assert time.monotonic() < deadline, f"the engine still shows {name}"
+        time.sleep(0.5)
+    # The gateway trusts the renewed certificate as it did the first (same CA): it still answers.
+    client = openai.OpenAI(base_url=f"{tls_stack.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    answer = client.chat.completions.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    assert answer.choices[0].message.content
+
+
 # The gateway's client certificate renewed on disk: no engine needed, a small real TLS server shows which
 # certificate each new connection presents.
 
@@ -379,6 +402,16 @@ def test_unusable_client_certificate_files_stop_the_start_naming_the_setting(tmp
     missing = settings.model_copy(update={"ca_file": tmp_path / "absent.pem"})
     with pytest.raises(ConfigError, match=r"^upstream_tls: .*absent\.pem: no such file"):
         EngineTls.from_settings(missing)
+    # `airlock gateway` stops there, before it listens (exit status 2: the configuration was refused).
+    config = write_config(tmp_path / "gateway.yaml", {
+        "upstreams": [{"url": "https://127.0.0.1:9"}],
+        "upstream_tls": {"ca_file": str(tmp_path / "absent.pem"), "cert_file": str(pki.path("gateway.pem")),
+                         "key_file": str(pki.path("gateway.key"))},
+    })
+    result = subprocess.run([*AIRLOCK, "gateway", "--config", str(config)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env=airlock_env())
+    assert result.returncode == 2
+    assert f"upstream_tls: {tmp_path / 'absent.pem'}: no such file" in result.stderr
 
 
 # The README's steps, as typed.
