@@ -181,7 +181,7 @@ def test_the_engine_answers_a_client_holding_the_gateways_certificate(tls_stack:
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"])
 def test_a_client_without_a_certificate_is_refused_at_the_handshake(
     tls_stack: TlsStack, version: ssl.TLSVersion,
 ) -> None:
@@ -190,7 +190,7 @@ def test_a_client_without_a_certificate_is_refused_at_the_handshake(
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"])
 def test_a_client_certificate_from_another_ca_is_refused(tls_stack: TlsStack, version: ssl.TLSVersion) -> None:
     assert_refused(tls_stack.engine_port, tls_stack.pki.context(client="stranger"), version)
 
