@@ -41,6 +41,8 @@ HEALTH_TIMEOUT_S = 5.0
 SLOW_CHECKS_TOLERATED = 2
 PROGRESS_KEEPS_HEALTHY_S = 10.0
 KEEPALIVE_EXPIRY_S = 3.0
+# OpenSSL's verify codes for a certificate that does not name the host asked for (its message would quote the host).
+_NAME_MISMATCH = frozenset({62, 63, 64})
 
 
 @dataclass
@@ -58,6 +60,8 @@ class Replica:
     slow_checks: int = 0
     # When bytes of an answer last came from it (time.monotonic()).
     last_progress: float = 0.0
+    # The last TLS failure logged for it, so a misconfiguration is said once, not at every check.
+    tls_failure: str = ""
     recheck: asyncio.Task[None] | None = None
 
     def serves(self, model: str) -> bool:
@@ -127,6 +131,27 @@ def make_session(url: str, settings: GatewaySettings, tls: ssl.SSLContext | None
     # No cookie jar: nothing an engine sets is kept or sent back.
     return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False, auto_decompress=False,
                                  skip_auto_headers=("User-Agent",), cookie_jar=aiohttp.DummyCookieJar())
+
+
+def tls_failure(exc: BaseException) -> str | None:
+    """What went wrong with an https:// engine's TLS, in words that name settings, never an address (None: nothing
+    TLS did, such as a refused connection)."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        if cause.verify_code in _NAME_MISMATCH:
+            return "the engine's certificate does not name the host in its URL (upstreams[].url)"
+        return (f"the engine's certificate was not accepted ({cause.verify_message}): is it signed by "
+                "upstream_tls.ca_file, and still valid?")
+    if cause is not None and not isinstance(cause, ssl.SSLEOFError):
+        return f"TLS handshake failed ({cause.reason or type(cause).__name__})"
+    # Engines end the handshake without a word for a client certificate they do not accept: with TLS 1.2 the
+    # handshake meets the end of the connection, with TLS 1.3 the request that follows it does.
+    if cause is not None or isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
+        return (f"the engine closed the connection during or right after the TLS handshake ({type(exc).__name__}): "
+                "does it accept upstream_tls.cert_file (signed by its engine.tls.client_ca_file)?")
+    return None
 
 
 class ReplicaPool:
@@ -199,6 +224,9 @@ class ReplicaPool:
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             healthy = False
             reason = f"health check failed ({type(exc).__name__})"
+            failure = tls_failure(exc) if replica.url.startswith("https://") else None
+            if failure is not None:
+                self._report_tls_failure(replica, failure)
         else:
             replica.slow_checks = 0
         self._set_health(replica, healthy, reason)
@@ -211,6 +239,14 @@ class ReplicaPool:
             return await replica.client.get(path, timeout=HEALTH_TIMEOUT_S)
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
             return await replica.client.get(path, timeout=HEALTH_TIMEOUT_S)
+
+    @staticmethod
+    def _report_tls_failure(replica: Replica, failure: str) -> None:
+        """A TLS failure is a misconfiguration more often than an outage: say what it is, once (even for a replica
+        that was never healthy, whose state does not change)."""
+        if failure != replica.tls_failure:
+            replica.tls_failure = failure
+            log.warning("replica %d cannot be reached over TLS: %s", replica.index, failure)
 
     def _set_health(self, replica: Replica, healthy: bool, reason: str) -> None:
         """``reason``: why it left the pool, for the log (status codes and exception type names only)."""

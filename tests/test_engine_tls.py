@@ -158,6 +158,8 @@ def test_the_gateway_answers_through_the_engines_mutual_tls(tls_stack: TlsStack)
     # The gateway says how it reaches its engines.
     posture = httpx.get(f"{tls_stack.base_url}/v1/airlock/privacy", timeout=10).json()
     assert posture["egress"]["engine_transport"] == ["https"]
+    # An engine still loading is not taken for a TLS misconfiguration.
+    assert "cannot be reached over TLS" not in tls_stack.log_path.read_text()
 
 
 @pytest.mark.engine
@@ -246,11 +248,14 @@ def wait_alive(base_url: str, process: subprocess.Popen[bytes], log_path: Path) 
 
 MISCONFIGURED = {
     # The gateway trusts another CA than the one that signed the engine's certificate.
-    "wrong CA for the engine": ("127.0.0.1", "gateway-ca.pem", "gateway"),
+    "wrong CA for the engine": ("127.0.0.1", "gateway-ca.pem", "gateway",
+                                "the engine's certificate was not accepted (unable to get local issuer certificate)"),
     # The engine's certificate does not name the host the gateway reaches it at.
-    "host name not in the engine's certificate": ("localhost", "engine-ca.pem", "gateway"),
+    "host name not in the engine's certificate": ("localhost", "engine-ca.pem", "gateway",
+                                                  "the engine's certificate does not name the host in its URL"),
     # The gateway's client certificate is not one the engine accepts.
-    "client certificate from another CA": ("127.0.0.1", "engine-ca.pem", "stranger"),
+    "client certificate from another CA": ("127.0.0.1", "engine-ca.pem", "stranger",
+                                           "does it accept upstream_tls.cert_file"),
 }
 
 
@@ -259,7 +264,7 @@ MISCONFIGURED = {
 def test_a_misconfigured_gateway_is_not_ready_and_lets_nothing_through(
     tls_stack: TlsStack, tmp_path: Path, case: str,
 ) -> None:
-    host, trust, client = MISCONFIGURED[case]
+    host, trust, client, explanation = MISCONFIGURED[case]
     pki = tls_stack.pki
     process, base_url, log_path = start_gateway(tmp_path, f"https://{host}:{tls_stack.engine_port}", {
         "ca_file": str(pki.path(trust)), "cert_file": str(pki.path(f"{client}.pem")),
@@ -277,6 +282,10 @@ def test_a_misconfigured_gateway_is_not_ready_and_lets_nothing_through(
         assert tls_stack.finished_requests() == before  # nothing reached the engine
     finally:
         stop(process)
+    # The log says why, once, naming settings and no address.
+    warnings = [line for line in log_path.read_text().splitlines() if "cannot be reached over TLS" in line]
+    assert len(warnings) == 1 and explanation in warnings[0], log_tail(log_path)
+    assert "127.0.0.1" not in warnings[0] and "localhost" not in warnings[0]
 
 
 @pytest.mark.engine
@@ -295,6 +304,7 @@ def test_a_gateway_set_up_like_the_readmes_host_a_is_ready_and_answers(tls_stack
         assert answer.choices[0].message.content
     finally:
         stop(process)
+    assert "cannot be reached over TLS" not in log_path.read_text()
 
 
 def engine_certificate_name(port: int, context: ssl.SSLContext) -> str:
