@@ -30,7 +30,7 @@ import pytest
 import trustme
 import yaml
 
-from server import supervisor
+from server import supervisor, upstream
 from server.config import ConfigError, UpstreamTlsSettings, load_settings
 from server.routing import LeastOutstanding
 from server.tls import CertificateFiles, client_context, server_context
@@ -518,3 +518,14 @@ def test_the_launcher_does_not_take_silence_or_a_closed_port_for_a_serving_engin
         thread.start()
         assert not asyncio.run(supervisor._serves_tls(f"https://127.0.0.1:{closing.getsockname()[1]}"))
         thread.join(timeout=10)
+
+
+def test_a_refused_connection_or_a_timeout_is_not_called_a_tls_failure() -> None:
+    # An engine still loading (vLLM binds its port early) or gone is an outage, not a misconfiguration.
+    refused = httpx.ConnectError("refused")
+    refused.__cause__ = ConnectionRefusedError(111, "Connection refused")
+    assert upstream.tls_failure(refused) is None
+    assert upstream.tls_failure(httpx.ConnectTimeout("slow")) is None
+    closed = httpx.ConnectError("eof")
+    closed.__cause__ = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+    assert "upstream_tls.cert_file" in str(upstream.tls_failure(closed))
