@@ -149,8 +149,8 @@ def tls_failure(exc: BaseException) -> str | None:
     # Engines end the handshake without a word for a client certificate they do not accept: with TLS 1.2 the
     # handshake meets the end of the connection, with TLS 1.3 the request that follows it does.
     if cause is not None or isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
-        return (f"the engine closed the connection during or right after the TLS handshake ({type(exc).__name__}): "
-                "does it accept upstream_tls.cert_file (signed by its engine.tls.client_ca_file)?")
+        return ("the engine closed the connection during or right after the TLS handshake: does it accept "
+                "upstream_tls.cert_file (signed by its engine.tls.client_ca_file)?")
     return None
 
 
