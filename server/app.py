@@ -135,7 +135,7 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str]) -> Gateway:
     """Build the gateway for the engines at ``upstream_urls``."""
     settings = config.gateway
     pool = ReplicaPool(upstream_urls, settings, build_strategy(config.routing),
-                       config.admission.max_in_flight_per_replica)
+                       config.admission.max_in_flight_per_replica, config.upstream_tls)
     admission = Admission(config.admission, pool.capacity)
     pool.on_change.append(admission.capacity_changed)
     metrics = GatewayMetrics(config.metrics.active_users_window_s)

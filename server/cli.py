@@ -45,6 +45,7 @@ def _cmd_up(args: argparse.Namespace) -> None:
     from .runner import run_up
 
     settings = _settings(args)
+    settings.check_own_engines()
     _configure_logging(settings)
     runtime.run(run_up(settings))
 

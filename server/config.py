@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -355,7 +356,38 @@ class UpstreamSettings(_Section):
     def _known_scheme(cls, value: str) -> str:
         if not (value.startswith(("http://", "https://", "unix:"))):
             raise ValueError("must start with http://, https:// or unix: (a unix socket path)")
+        if value.startswith("http://") and not is_loopback_host(urlsplit(value).hostname or ""):
+            raise ValueError(
+                "http:// to another host would carry prompts and images across the network in clear: use https:// "
+                "(engines started with engine.tls) and give the gateway its client certificate in upstream_tls"
+            )
         return value
+
+
+def _expand(value: Path | None) -> Path | None:
+    return value.expanduser() if value is not None else None
+
+
+class EngineTlsSettings(_Section):
+    """TLS for engines reached over TCP: the engine's certificate, and the CA whose client certificates it accepts
+    (the gateway's). Engines refuse every client without such a certificate, at the handshake."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path
+
+    _expand_home = field_validator("cert_file", "key_file", "client_ca_file")(_expand)
+
+
+class UpstreamTlsSettings(_Section):
+    """How the gateway reaches ``https://`` engines: the CA that signed their certificates, and the client
+    certificate it presents to them (renewed files are picked up without a restart)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    _expand_home = field_validator("ca_file", "cert_file", "key_file")(_expand)
 
 
 class EngineSettings(_Section):
@@ -380,9 +412,10 @@ class EngineSettings(_Section):
     demo_model_dir: Path = Field(default_factory=lambda: _default_cache_dir() / "demo-qwen3-vl")
     # Engines listen on unix sockets (default, nothing else can reach them) or on TCP ports.
     bind: Literal["unix", "tcp"] = "unix"
-    # With bind: tcp, the address engines listen on. Engines have no sign-in of their own: anything but loopback
-    # (a Kubernetes pod's address) must be fenced off by a network policy that lets only the gateway in.
+    # With bind: tcp, the address engines listen on. Anything but loopback needs tls: engines then accept only
+    # clients holding a certificate from tls.client_ca_file (the gateway), and nothing crosses the network in clear.
     host: str = "127.0.0.1"
+    tls: EngineTlsSettings | None = None
     socket_dir: Path | None = None
     base_port: int = Field(8100, ge=1024, le=65000)
     max_model_len: int | None = Field(None, ge=256)
@@ -403,6 +436,21 @@ class EngineSettings(_Section):
     @classmethod
     def _expand_home(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    @model_validator(mode="after")
+    def _no_plaintext_off_host(self) -> EngineSettings:
+        if self.bind == "unix" and self.tls is not None:
+            raise ValueError(
+                "engine.tls is set but engine.bind is 'unix': unix sockets never leave this machine and take no "
+                "TLS. Set engine.bind: tcp to serve TLS, or remove engine.tls"
+            )
+        if self.bind == "tcp" and self.tls is None and not is_loopback_host(self.host):
+            raise ValueError(
+                "refusing to let engines listen beyond loopback (engine.bind: tcp, engine.host) without engine.tls: "
+                "anyone on the network could use them and read prompts on the wire. Set engine.tls.cert_file, "
+                "engine.tls.key_file and engine.tls.client_ca_file, or keep engine.host on loopback"
+            )
+        return self
 
 
 class Settings(BaseSettings):
@@ -429,6 +477,8 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings())
     console: ConsoleSettings = Field(default_factory=lambda: ConsoleSettings())
     upstreams: list[UpstreamSettings] = Field(default_factory=list)
+    # The gateway's side of https:// engines (upstreams, or its own engines with engine.tls under `airlock up`).
+    upstream_tls: UpstreamTlsSettings | None = None
 
     @model_validator(mode="after")
     def _refuse_open_door(self) -> Settings:
@@ -453,6 +503,24 @@ class Settings(BaseSettings):
             "listen on 127.0.0.1, or, if a proxy in front of Airlock terminates TLS, set "
             "gateway.tls_terminated_by_proxy: true and list that proxy in gateway.trusted_proxies."
         )
+
+    @model_validator(mode="after")
+    def _https_needs_a_client_certificate(self) -> Settings:
+        if self.upstream_tls is None and any(u.url.startswith("https://") for u in self.upstreams):
+            raise ValueError(
+                "https:// upstreams need upstream_tls: ca_file (the CA that signed the engines' certificates), "
+                "cert_file and key_file (the gateway's client certificate, which the engines require)"
+            )
+        return self
+
+    def check_own_engines(self) -> None:
+        """``airlock up``: with engine.tls its own engines speak https and want the gateway's client certificate."""
+        if self.engine.tls is not None and self.upstream_tls is None:
+            raise ConfigError(
+                "engine.tls is set, so `airlock up` reaches its own engines over https with a client certificate: "
+                "set upstream_tls.ca_file (the CA that signed engine.tls.cert_file), upstream_tls.cert_file and "
+                "upstream_tls.key_file (a client certificate signed by engine.tls.client_ca_file)"
+            )
 
     @classmethod
     def settings_customise_sources(

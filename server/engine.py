@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .config import ConfigError, EngineSettings
+from .config import ConfigError, EngineSettings, EngineTlsSettings
 from .privacy import HARDENED_START
 from .profiles import ModelChoice
+from .tls import TLS12_CIPHERS
 
 Device = Literal["cpu", "gpu"]
 
@@ -55,7 +57,9 @@ PRIVACY_ARGS = (
 # elsewhere, load something other than the chosen local model, or read a config file that could do any of it.
 PROTECTED_FLAGS = frozenset({
     "--model", "--served-model-name", "--tokenizer", "--download-dir", "--hf-token", "--revision",
-    "--host", "--port", "--uds", "--api-key", "--ssl-keyfile", "--root-path",
+    "--host", "--port", "--uds", "--api-key", "--root-path",
+    # TLS and client certificates come from engine.tls only (a weaker --ssl-cert-reqs would let anyone in).
+    "--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs", "--ssl-cert-reqs", "--ssl-ciphers", "--enable-ssl-refresh",
     "--disable-uvicorn-access-log", "--enable-log-requests", "--enable-log-outputs", "--enable-log-deltas",
     "--disable-log-requests", "--allowed-local-media-path", "--allowed-media-domains",
     "--mm-processor-cache-gb", "--mm-processor-cache-type", "--limit-mm-per-prompt",
@@ -112,11 +116,27 @@ def engine_environment(parent: Mapping[str, str]) -> dict[str, str]:
 
 
 def replica_url(settings: EngineSettings, runtime_dir: Path, index: int) -> str:
+    """Where this machine reaches replica ``index``: its socket, or https:// (engine.tls) or http:// on loopback.
+    With TLS the host in the URL is what the engine's certificate must name (a SAN)."""
     if settings.bind == "unix":
         return f"unix:{runtime_dir / f'replica-{index}.sock'}"
-    # Where this machine reaches it: loopback when it listens on every address, else the address itself.
+    # Loopback when it listens on every address, else the address itself.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
-    return f"http://{f'[{host}]' if ':' in host else host}:{settings.base_port + index}"
+    scheme = "https" if settings.tls is not None else "http"
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{settings.base_port + index}"
+
+
+def tls_args(tls: EngineTlsSettings) -> list[str]:
+    """vLLM's own TLS: a client certificate from ``client_ca_file`` is required (``CERT_REQUIRED`` = 2) before any
+    HTTP is read, and renewed files are loaded without a restart."""
+    return [
+        "--ssl-certfile", str(tls.cert_file),
+        "--ssl-keyfile", str(tls.key_file),
+        "--ssl-ca-certs", str(tls.client_ca_file),
+        "--ssl-cert-reqs", str(int(ssl.CERT_REQUIRED)),
+        "--ssl-ciphers", TLS12_CIPHERS,
+        "--enable-ssl-refresh",
+    ]
 
 
 def build_replicas(
@@ -156,6 +176,8 @@ def build_replicas(
             argv += ["--uds", url.removeprefix("unix:")]
         else:
             argv += ["--host", settings.host, "--port", str(settings.base_port + index)]
+            if settings.tls is not None:
+                argv += tls_args(settings.tls)
         if profile.reasoning_parser:
             argv += ["--reasoning-parser", profile.reasoning_parser]
         env = dict(base_env)

@@ -13,12 +13,14 @@ import logging
 import os
 import resource
 import signal
+import ssl
 import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -144,11 +146,10 @@ class Supervisor:
         deadline = time.monotonic() + self._settings.startup_timeout_s
         async with client:
             while time.monotonic() < deadline:
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get("/health", timeout=2.0)).status_code == 200:
-                        log.info("replica %d is healthy", replica.launch.index)
-                        replica.healthy.set()
-                        return
+                if await (_serves_tls(url) if url.startswith("https://") else _healthy(client)):
+                    log.info("replica %d is healthy", replica.launch.index)
+                    replica.healthy.set()
+                    return
                 await asyncio.sleep(1.0)
         log.error("replica %d did not become healthy within %.0f s; restarting it",
                   replica.launch.index, self._settings.startup_timeout_s)
@@ -179,6 +180,37 @@ class Supervisor:
         _signal_group(pgid, signal.SIGKILL)
         if process.returncode is None:
             await process.wait()
+
+
+async def _healthy(client: httpx.AsyncClient) -> bool:
+    try:
+        return (await client.get("/health", timeout=2.0)).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def _serves_tls(url: str) -> bool:
+    """Whether a TLS engine has started serving. The launcher holds no client certificate (only the gateway does),
+    so it cannot ask ``/health``; but vLLM answers a TLS handshake only once the model is loaded and its server
+    runs (the port is bound earlier, and connections wait unanswered until then). The engine's answer (a completed
+    handshake, or a refusal for want of a client certificate) is the sign; nothing is sent over the connection,
+    so its certificate needs no checking here: the gateway checks it."""
+    parts = urlsplit(url)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port, ssl=context), 2.0)
+    except ssl.SSLEOFError:
+        return False  # closed without a word: not an answer
+    except ssl.SSLError:
+        return True  # refused us by a TLS alert: serving
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
+    return True
 
 
 def _remove_stale_socket(url: str) -> None:

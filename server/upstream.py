@@ -2,6 +2,10 @@
 
 Replicas are named by index only ("replica 0"); addresses never reach a log line or an error message.
 
+Engines reached over ``https://`` are verified against ``upstream_tls.ca_file`` (host name included), and are shown
+the gateway's client certificate, from one TLS context shared by both clients; a renewed certificate file goes into
+that context while the pool runs, for the connections opened afterwards.
+
 Each replica has two clients: httpx for the control plane (health checks, model lists, metrics: a few requests a
 second), and aiohttp for the requests themselves, whose C parser and light streams cost the gateway a fraction
 of httpx's per request and per streamed chunk (profiled with py-spy under `make bench`: httpx's stack was about
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import httpx
 
-from .config import GatewaySettings
+from .config import ConfigError, GatewaySettings, UpstreamTlsSettings
+from .tls import CertificateFiles, CertificateReloader, TlsFileError, client_context
 
 if TYPE_CHECKING:
     from .routing import RoutingStrategy
@@ -35,6 +41,8 @@ HEALTH_TIMEOUT_S = 5.0
 SLOW_CHECKS_TOLERATED = 2
 PROGRESS_KEEPS_HEALTHY_S = 10.0
 KEEPALIVE_EXPIRY_S = 3.0
+# OpenSSL's verify codes for a certificate that does not name the host asked for (its message would quote the host).
+_NAME_MISMATCH = frozenset({62, 63, 64})
 
 
 @dataclass
@@ -52,6 +60,8 @@ class Replica:
     slow_checks: int = 0
     # When bytes of an answer last came from it (time.monotonic()).
     last_progress: float = 0.0
+    # The last TLS failure logged for it, so a misconfiguration is said once, not at every check.
+    tls_failure: str = ""
     recheck: asyncio.Task[None] | None = None
 
     def serves(self, model: str) -> bool:
@@ -70,8 +80,25 @@ class Replica:
         return base + path
 
 
-def make_client(url: str, settings: GatewaySettings) -> httpx.AsyncClient:
-    """An HTTP client for one engine; ``unix:/path`` means a unix socket."""
+@dataclass
+class EngineTls:
+    """The gateway's side of ``https://`` engines: one client context, its certificate kept in step with its files."""
+
+    context: ssl.SSLContext
+    reloader: CertificateReloader
+
+    @classmethod
+    def from_settings(cls, settings: UpstreamTlsSettings) -> EngineTls:
+        certificate = CertificateFiles(settings.cert_file, settings.key_file)
+        try:
+            context = client_context(settings.ca_file, certificate)
+        except TlsFileError as exc:
+            raise ConfigError(f"upstream_tls: {exc}") from exc
+        return cls(context, CertificateReloader(certificate, [context]))
+
+
+def make_client(url: str, settings: GatewaySettings, tls: ssl.SSLContext | None = None) -> httpx.AsyncClient:
+    """An HTTP client for one engine; ``unix:/path`` means a unix socket, ``https://`` is verified with ``tls``."""
     timeout = httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s)
     limits = httpx.Limits(
         max_connections=settings.max_upstream_connections,
@@ -83,17 +110,19 @@ def make_client(url: str, settings: GatewaySettings) -> httpx.AsyncClient:
         transport = httpx.AsyncHTTPTransport(uds=url.removeprefix("unix:"), limits=limits, retries=0)
         base_url = "http://engine"
     else:
-        transport = httpx.AsyncHTTPTransport(limits=limits, retries=0)
+        verify: ssl.SSLContext | bool = tls if tls is not None and url.startswith("https://") else True
+        transport = httpx.AsyncHTTPTransport(limits=limits, retries=0, verify=verify)
         base_url = url.rstrip("/")
     # trust_env=False: proxy variables in the environment must never send prompts elsewhere.
     return httpx.AsyncClient(transport=transport, base_url=base_url, timeout=timeout, trust_env=False)
 
 
-def make_session(url: str, settings: GatewaySettings) -> aiohttp.ClientSession:
-    """The data plane's session for one engine (inside a running loop)."""
+def make_session(url: str, settings: GatewaySettings, tls: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
+    """The data plane's session for one engine (inside a running loop); ``https://`` is verified with ``tls``."""
     options: dict[str, Any] = {"limit": settings.max_upstream_connections, "keepalive_timeout": KEEPALIVE_EXPIRY_S}
     connector = (aiohttp.UnixConnector(path=url.removeprefix("unix:"), **options) if url.startswith("unix:")
-                 else aiohttp.TCPConnector(**options))
+                 else aiohttp.TCPConnector(ssl=tls if tls is not None and url.startswith("https://") else True,
+                                           **options))
     # connect: a free connection and the connection itself; sock_read: the longest silence between two reads.
     timeout = aiohttp.ClientTimeout(total=None, connect=settings.read_timeout_s,
                                     sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s)
@@ -102,6 +131,27 @@ def make_session(url: str, settings: GatewaySettings) -> aiohttp.ClientSession:
     # No cookie jar: nothing an engine sets is kept or sent back.
     return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False, auto_decompress=False,
                                  skip_auto_headers=("User-Agent",), cookie_jar=aiohttp.DummyCookieJar())
+
+
+def tls_failure(exc: BaseException) -> str | None:
+    """What went wrong with an https:// engine's TLS, in words that name settings, never an address (None: nothing
+    TLS did, such as a refused connection)."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        if cause.verify_code in _NAME_MISMATCH:
+            return "the engine's certificate does not name the host in its URL (upstreams[].url)"
+        return (f"the engine's certificate was not accepted ({cause.verify_message}): is it signed by "
+                "upstream_tls.ca_file, and still valid?")
+    if cause is not None and not isinstance(cause, ssl.SSLEOFError):
+        return f"TLS handshake failed ({cause.reason or type(cause).__name__})"
+    # Engines end the handshake without a word for a client certificate they do not accept: with TLS 1.2 the
+    # handshake meets the end of the connection, with TLS 1.3 the request that follows it does.
+    if cause is not None or isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
+        return ("the engine closed the connection during or right after the TLS handshake: does it accept "
+                "upstream_tls.cert_file (signed by its engine.tls.client_ca_file)?")
+    return None
 
 
 class ReplicaPool:
@@ -113,27 +163,36 @@ class ReplicaPool:
         settings: GatewaySettings,
         strategy: RoutingStrategy,
         max_in_flight_per_replica: int,
+        tls: UpstreamTlsSettings | None = None,
     ) -> None:
-        self.replicas = [Replica(index, make_client(url, settings), url) for index, url in enumerate(urls)]
+        self.tls = EngineTls.from_settings(tls) if tls is not None else None
+        context = self.tls.context if self.tls is not None else None
+        self.replicas = [Replica(index, make_client(url, settings, context), url) for index, url in enumerate(urls)]
         self._settings = settings
         self._interval = settings.health_interval_s
         self._strategy = strategy
         self._max_in_flight = max_in_flight_per_replica
         self._task: asyncio.Task[None] | None = None
+        self._reloading: asyncio.Task[None] | None = None
         # Called when a replica joins or leaves the pool (the fair queues' capacity changes).
         self.on_change: list[Callable[[], None]] = []
 
     async def start(self) -> None:
+        context = self.tls.context if self.tls is not None else None
         for replica in self.replicas:
-            replica.session = make_session(replica.url, self._settings)
+            replica.session = make_session(replica.url, self._settings, context)
+        if self.tls is not None:
+            # The client certificate is renewed in place for as long as the pool serves.
+            self._reloading = asyncio.create_task(self.tls.reloader.run(), name="airlock-upstream-tls")
         await self.check_all()
         self._task = asyncio.create_task(self._poll(), name="airlock-health")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._reloading):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for replica in self.replicas:
             if replica.recheck is not None:
                 replica.recheck.cancel()
@@ -166,6 +225,9 @@ class ReplicaPool:
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             healthy = False
             reason = f"health check failed ({type(exc).__name__})"
+            failure = tls_failure(exc) if replica.url.startswith("https://") else None
+            if failure is not None:
+                self._report_tls_failure(replica, failure)
         else:
             replica.slow_checks = 0
         self._set_health(replica, healthy, reason)
@@ -178,6 +240,14 @@ class ReplicaPool:
             return await replica.client.get(path, timeout=HEALTH_TIMEOUT_S)
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
             return await replica.client.get(path, timeout=HEALTH_TIMEOUT_S)
+
+    @staticmethod
+    def _report_tls_failure(replica: Replica, failure: str) -> None:
+        """A TLS failure is a misconfiguration more often than an outage: say what it is, once (even for a replica
+        that was never healthy, whose state does not change)."""
+        if failure != replica.tls_failure:
+            replica.tls_failure = failure
+            log.warning("replica %d cannot be reached over TLS: %s", replica.index, failure)
 
     def _set_health(self, replica: Replica, healthy: bool, reason: str) -> None:
         """``reason``: why it left the pool, for the log (status codes and exception type names only)."""

@@ -255,3 +255,94 @@ def test_trusted_proxies_are_addresses_or_networks(entry: str) -> None:
 def test_trusted_proxies_cannot_be_everyone(everyone: str) -> None:
     with pytest.raises(ConfigError, match=r"gateway\.trusted_proxies: entry 1 trusts every address"):
         load_settings(gateway={"tls_terminated_by_proxy": True, "trusted_proxies": [everyone]})
+
+
+ENGINE_TLS = {"cert_file": "~/engine.pem", "key_file": "~/engine.key", "client_ca_file": "~/gateway-ca.pem"}
+UPSTREAM_TLS = {"ca_file": "~/engine-ca.pem", "cert_file": "~/gateway.pem", "key_file": "~/gateway.key"}
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "engine-0.internal"])
+def test_engines_beyond_loopback_without_tls_are_refused(host: str) -> None:
+    with pytest.raises(ConfigError, match=r"without engine\.tls") as refused:
+        load_settings(engine={"bind": "tcp", "host": host})
+    message = str(refused.value)
+    assert host not in message
+    assert all(f"engine.tls.{name}" in message for name in ENGINE_TLS)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "engine-0.internal"])
+def test_engines_beyond_loopback_with_tls_are_fine(host: str) -> None:
+    settings = load_settings(engine={"bind": "tcp", "host": host, "tls": ENGINE_TLS})
+    assert settings.engine.tls is not None
+    # Paths are expanded like every other path setting.
+    assert settings.engine.tls.cert_file == Path("~/engine.pem").expanduser()
+    assert "~" not in str(settings.engine.tls.client_ca_file)
+
+
+def test_engines_on_loopback_tcp_need_no_tls() -> None:
+    assert load_settings(engine={"bind": "tcp", "host": "127.0.0.1"}).engine.tls is None
+
+
+@pytest.mark.parametrize("missing", sorted(ENGINE_TLS))
+def test_engine_tls_needs_all_three_files(missing: str) -> None:
+    partial = {name: path for name, path in ENGINE_TLS.items() if name != missing}
+    with pytest.raises(ConfigError, match=rf"engine\.tls\.{missing}: Field required"):
+        load_settings(engine={"bind": "tcp", "tls": partial})
+
+
+def test_engine_tls_on_unix_sockets_is_refused_as_meaningless() -> None:
+    with pytest.raises(ConfigError, match=r"engine\.tls is set but engine\.bind is 'unix'"):
+        load_settings(engine={"tls": ENGINE_TLS})
+
+
+@pytest.mark.parametrize("url", ["http://10.1.2.3:8100", "http://engine-0.internal:8100", "http://0.0.0.0:8100",
+                                 "http://[fd00::1]:8100"])
+def test_plain_http_upstreams_beyond_loopback_are_refused(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"upstreams\.0\.url: http:// to another host") as refused:
+        load_settings(upstreams=[{"url": url}])
+    assert url.split("//")[1].split(":")[0] not in str(refused.value)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8100", "http://localhost:8100", "http://[::1]:8100"])
+def test_plain_http_upstreams_on_loopback_are_fine(url: str) -> None:
+    assert load_settings(upstreams=[{"url": url}]).upstreams[0].url == url
+
+
+def test_https_upstreams_need_the_gateways_client_certificate() -> None:
+    with pytest.raises(ConfigError, match="https:// upstreams need upstream_tls") as refused:
+        load_settings(upstreams=[{"url": "https://engine-0.internal:8100"}])
+    assert all(name in str(refused.value) for name in UPSTREAM_TLS)
+    settings = load_settings(upstreams=[{"url": "https://engine-0.internal:8100"}], upstream_tls=UPSTREAM_TLS)
+    assert settings.upstream_tls is not None
+    assert settings.upstream_tls.key_file == Path("~/gateway.key").expanduser()
+
+
+@pytest.mark.parametrize("missing", sorted(UPSTREAM_TLS))
+def test_upstream_tls_needs_ca_certificate_and_key_together(missing: str) -> None:
+    partial = {name: path for name, path in UPSTREAM_TLS.items() if name != missing}
+    with pytest.raises(ConfigError, match=rf"upstream_tls\.{missing}: Field required"):
+        load_settings(upstream_tls=partial)
+
+
+def test_tls_settings_come_from_the_environment_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, path in UPSTREAM_TLS.items():
+        monkeypatch.setenv(f"AIRLOCK_UPSTREAM_TLS__{name.upper()}", path)
+    for name, path in ENGINE_TLS.items():
+        monkeypatch.setenv(f"AIRLOCK_ENGINE__TLS__{name.upper()}", path)
+    monkeypatch.setenv("AIRLOCK_ENGINE__BIND", "tcp")
+    settings = load_settings()
+    assert settings.upstream_tls is not None and settings.engine.tls is not None
+    assert settings.engine.tls.client_ca_file == Path("~/gateway-ca.pem").expanduser()
+
+
+def test_up_with_engine_tls_needs_upstream_tls(tmp_path: Path) -> None:
+    config = write(tmp_path, yaml.safe_dump({"engine": {"bind": "tcp", "tls": ENGINE_TLS}}))
+    result = subprocess.run([*AIRLOCK, "up", "--config", str(config)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert "engine.tls is set, so `airlock up`" in result.stderr
+    assert all(f"upstream_tls.{name}" in result.stderr for name in UPSTREAM_TLS)
+    # The settings themselves are valid: the engines alone (`airlock engine`) need no client certificate.
+    with pytest.raises(ConfigError, match=r"upstream_tls"):
+        load_settings(config).check_own_engines()
+    load_settings(config, upstream_tls=UPSTREAM_TLS).check_own_engines()

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from server.config import ConfigError, load_settings
 from server.engine import (
@@ -107,6 +108,9 @@ def test_environment_is_scrubbed_of_anything_that_could_leak(tmp_path: Path) -> 
         "--enable-log-requests", "--enable_log_requests", "--enable-log-req", "--no-disable-uvicorn-access-log",
         "--allowed-local-media-path=/", "--mm-processor-cache-gb=8", "--host=0.0.0.0", "--port", "--uds",
         "--config", "--model", "--enable-log-outputs", "--trust-remote-code", "--api-key=x",
+        # TLS comes from engine.tls only: a weaker --ssl-cert-reqs or another CA would let other clients in.
+        "--ssl-keyfile=k", "--ssl-certfile", "--ssl-ca-certs=/etc/ssl/certs/ca-certificates.crt", "--ssl-cert-reqs=0",
+        "--ssl_cert_reqs", "--ssl-ciphers=ALL", "--no-enable-ssl-refresh", "--ssl",
     ],
 )
 def test_extra_args_cannot_touch_privacy_binding_or_model(tmp_path: Path, arg: str) -> None:
@@ -168,3 +172,44 @@ def test_dry_run_prints_the_plan(tmp_path: Path) -> None:
     assert plan["demo"] is True
     assert "--disable-uvicorn-access-log" in plan["replicas"][0]["argv"]
     assert plan["replicas"][0]["env"]["VLLM_NO_USAGE_STATS"] == "1"
+
+
+ENGINE_TLS = {"cert_file": "/etc/airlock/tls/engine.pem", "key_file": "/etc/airlock/tls/engine.key",
+              "client_ca_file": "/etc/airlock/tls/gateway-ca.pem"}
+
+
+@pytest.mark.parametrize(("host", "reached_at"), [("0.0.0.0", "127.0.0.1"), ("engine-b.internal", "engine-b.internal"),
+                                                  ("::", "[::1]")])
+def test_tls_engines_require_a_client_certificate_and_are_reached_over_https(
+    tmp_path: Path, host: str, reached_at: str,
+) -> None:
+    first, second = launches(tmp_path, model="demo", bind="tcp", host=host, replicas=2, base_port=9100,
+                             tls=ENGINE_TLS)
+    for launch in (first, second):
+        assert flag_value(launch.argv, "--ssl-certfile") == ENGINE_TLS["cert_file"]
+        assert flag_value(launch.argv, "--ssl-keyfile") == ENGINE_TLS["key_file"]
+        assert flag_value(launch.argv, "--ssl-ca-certs") == ENGINE_TLS["client_ca_file"]
+        assert flag_value(launch.argv, "--ssl-cert-reqs") == "2"  # ssl.CERT_REQUIRED
+        assert "--enable-ssl-refresh" in launch.argv
+        assert "RSA-AES128-GCM" in flag_value(launch.argv, "--ssl-ciphers")
+        assert flag_value(launch.argv, "--host") == host
+    assert (first.url, second.url) == (f"https://{reached_at}:9100", f"https://{reached_at}:9101")
+
+
+def test_engines_without_tls_get_no_tls_flags(tmp_path: Path) -> None:
+    for launch in (*launches(tmp_path, model="demo", bind="tcp"), *launches(tmp_path, model="demo")):
+        assert not any("ssl" in arg for arg in launch.argv)
+        assert not launch.url.startswith("https")
+
+
+def test_dry_run_shows_the_tls_flags(tmp_path: Path) -> None:
+    config = tmp_path / "engine.yaml"
+    config.write_text(yaml.safe_dump({"engine": {"bind": "tcp", "host": "0.0.0.0", "tls": ENGINE_TLS}}))
+    result = subprocess.run([*AIRLOCK, "engine", "--dry-run", "--model", "demo", "--config", str(config)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    (replica,) = json.loads(result.stdout)["replicas"]
+    assert replica["url"] == "https://127.0.0.1:8100"
+    assert (f"--ssl-certfile {ENGINE_TLS['cert_file']} --ssl-keyfile {ENGINE_TLS['key_file']} "
+            f"--ssl-ca-certs {ENGINE_TLS['client_ca_file']} --ssl-cert-reqs 2") in replica["argv"]
+    assert "--enable-ssl-refresh" in replica["argv"]
