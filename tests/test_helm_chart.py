@@ -569,7 +569,7 @@ def generated_files(documents: list[dict[str, Any]], directory: Path) -> dict[st
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+    def do_GET(self) -> None:
         self.send_response(200 if self.path == "/health" else 404)
         self.end_headers()
 
