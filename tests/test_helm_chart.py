@@ -296,6 +296,12 @@ def test_ingress_terminates_tls_and_a_service_monitor_scrapes_metrics() -> None:
     ({"networkPolicy": {"enabled": "yes"}}, "enabled"),
     ({"gateway": {"hostNetwork": True}}, "hostNetwork"),
     ({"engine": {"image": {"digest": "md5:abc"}}}, "digest"),
+    ({"tls": {"source": "selfSigned"}}, "source"),
+    # The engine hop has no off switch: Airlock refuses engines on the pod network without TLS.
+    ({"tls": {"engine": {"enabled": False}}}, "engine"),
+    ({"tls": {"gateway": {"enabled": "no"}}}, "enabled"),
+    ({"tls": {"generated": {"validityDays": 0}}}, "validityDays"),
+    ({"tls": {"certManager": {"issuerRef": {"name": "corp-ca", "kind": "Vault"}}}}, "kind"),
 ])
 def test_the_values_schema_refuses_bad_values(overrides: dict[str, Any], where: str) -> None:
     chart = helm.Chart.load(CHART)
