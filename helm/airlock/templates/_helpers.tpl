@@ -81,3 +81,147 @@ seccompProfile:
 {{- define "airlock.authConfigured" -}}
 {{- if or .Values.auth.htpasswd.existingSecret .Values.auth.htpasswd.content .Values.auth.apiKeys.existingSecret .Values.auth.apiKeys.content .Values.auth.oidc.issuer .Values.auth.oidc.existingSecret }}true{{ end }}
 {{- end }}
+
+{{/*
+TLS inside the cluster. Two private CAs, each for one hop, so that no certificate is accepted where it does not belong:
+the engine CA issues the engines' server certificates and the gateway's client certificate (engines accept a client
+only with a certificate from it); the gateway CA issues the gateway's server certificate (the Ingress verifies it).
+Every certificate Secret holds tls.crt, tls.key and ca.crt (the layout of kubernetes.io/tls and of cert-manager).
+*/}}
+
+{{/* Where the certificates come from: certManager, existingSecret or generated ("auto" resolved). */}}
+{{- define "airlock.tlsSource" -}}
+{{- $source := .Values.tls.source }}
+{{- if eq $source "auto" }}
+{{- $source = ternary "certManager" "generated" (.Capabilities.APIVersions.Has "cert-manager.io/v1") }}
+{{- end }}
+{{- $source }}
+{{- end }}
+
+{{/* The names a Service answers to inside the cluster (the SANs of its certificate). */}}
+{{- define "airlock.serviceDNSNames" -}}
+{{- $root := index . 0 }}
+{{- $service := index . 1 }}
+{{- $namespace := $root.Release.Namespace }}
+{{- list $service (printf "%s.%s" $service $namespace) (printf "%s.%s.svc" $service $namespace) (printf "%s.%s.svc.%s" $service $namespace $root.Values.tls.clusterDomain) | toJson }}
+{{- end }}
+
+{{- define "airlock.engineTlsSecret" -}}
+{{- $root := index . 0 }}
+{{- if eq (include "airlock.tlsSource" $root) "existingSecret" }}
+{{- required "tls.existingSecret.engine: name the Secret with the engines' certificate (tls.crt, tls.key, ca.crt)" $root.Values.tls.existingSecret.engine }}
+{{- else }}
+{{- include "airlock.component" (list $root (printf "engine-%d-tls" (int (index . 1)))) }}
+{{- end }}
+{{- end }}
+
+{{- define "airlock.gatewayClientTlsSecret" -}}
+{{- if eq (include "airlock.tlsSource" .) "existingSecret" }}
+{{- required "tls.existingSecret.gatewayClient: name the Secret with the gateway's client certificate (tls.crt, tls.key, ca.crt)" .Values.tls.existingSecret.gatewayClient }}
+{{- else }}
+{{- include "airlock.component" (list . "gateway-client-tls") }}
+{{- end }}
+{{- end }}
+
+{{- define "airlock.gatewayServerTlsSecret" -}}
+{{- if eq (include "airlock.tlsSource" .) "existingSecret" }}
+{{- required "tls.existingSecret.gatewayServer: name the Secret with the gateway's server certificate (tls.crt, tls.key, ca.crt), or set tls.gateway.enabled: false (see values.yaml)" .Values.tls.existingSecret.gatewayServer }}
+{{- else }}
+{{- include "airlock.component" (list . "gateway-tls") }}
+{{- end }}
+{{- end }}
+
+{{/*
+Every certificate the chart issues: a list of {secret, ca, commonName, dnsNames, usages}. The engine CA's leaves
+(engines, gateway client) and the gateway CA's leaf (gateway server, only with tls.gateway.enabled).
+*/}}
+{{- define "airlock.tlsLeaves" -}}
+{{- $leaves := list }}
+{{- range $index := until (int .Values.engine.replicas) }}
+{{- $service := include "airlock.engineName" (list $ $index) }}
+{{- /* client auth too: the engine's own probe presents it (engines refuse clients without a certificate). */}}
+{{- $leaves = append $leaves (dict "secret" (include "airlock.engineTlsSecret" (list $ $index)) "ca" "engine" "commonName" $service "dnsNames" (include "airlock.serviceDNSNames" (list $ $service) | fromJsonArray) "usages" (list "server auth" "client auth")) }}
+{{- end }}
+{{- $gateway := include "airlock.component" (list . "gateway") }}
+{{- $leaves = append $leaves (dict "secret" (include "airlock.gatewayClientTlsSecret" .) "ca" "engine" "commonName" (printf "%s-client" $gateway) "dnsNames" list "usages" (list "client auth")) }}
+{{- if .Values.tls.gateway.enabled }}
+{{- $leaves = append $leaves (dict "secret" (include "airlock.gatewayServerTlsSecret" .) "ca" "gateway" "commonName" $gateway "dnsNames" (include "airlock.serviceDNSNames" (list . $gateway) | fromJsonArray) "usages" (list "server auth")) }}
+{{- end }}
+{{- toJson $leaves }}
+{{- end }}
+
+{{/*
+Generated certificates (tls.source generated): made once with Sprig and kept across upgrades by looking up the
+Secrets already in the cluster (as the salt is). A certificate is made again only when its CA was, or when the names
+it must carry changed (the identity annotation). Memoized on the root context: every template of one render sees the
+same certificates (the Secrets and the pods' checksums). Returns {secretName: {tls.crt, tls.key, ca.crt, identity}}
+with base64 values, CA Secrets included.
+*/}}
+{{- define "airlock.generatedTls" -}}
+{{- if not (hasKey . "airlockGeneratedTls") }}
+{{- $days := int .Values.tls.generated.validityDays }}
+{{- $secrets := dict }}
+{{- $cas := dict }}
+{{- range $role := list "engine" "gateway" }}
+{{- $name := include "airlock.component" (list $ (printf "%s-ca" $role)) }}
+{{- $existing := lookup "v1" "Secret" $.Release.Namespace $name }}
+{{- $data := dig "data" dict $existing }}
+{{- $ca := dict }}
+{{- $kept := false }}
+{{- if and (index $data "tls.crt") (index $data "tls.key") }}
+{{- $ca = buildCustomCert (index $data "tls.crt") (index $data "tls.key") }}
+{{- $kept = true }}
+{{- else }}
+{{- $ca = genCA (printf "%s %s CA" (include "airlock.fullname" $) $role) (int $.Values.tls.generated.caValidityDays) }}
+{{- end }}
+{{- $_ := set $cas $role (dict "cert" $ca "kept" $kept) }}
+{{- $_ := set $secrets $name (dict "tls.crt" ($ca.Cert | b64enc) "tls.key" ($ca.Key | b64enc) "ca.crt" ($ca.Cert | b64enc) "identity" "") }}
+{{- end }}
+{{- range $leaf := include "airlock.tlsLeaves" . | fromJsonArray }}
+{{- $ca := get $cas $leaf.ca }}
+{{- $caPem := $ca.cert.Cert }}
+{{- $identity := printf "%s|%s|%s" $leaf.commonName (join "," $leaf.dnsNames) $caPem | sha256sum }}
+{{- $existing := lookup "v1" "Secret" $.Release.Namespace $leaf.secret }}
+{{- $data := dig "data" dict $existing }}
+{{- if and $ca.kept (index $data "tls.crt") (index $data "tls.key") (eq (dig "metadata" "annotations" "airlock.dev/tls-identity" "" $existing) $identity) }}
+{{- $_ := set $secrets $leaf.secret (dict "tls.crt" (index $data "tls.crt") "tls.key" (index $data "tls.key") "ca.crt" ($caPem | b64enc) "identity" $identity) }}
+{{- else }}
+{{- $cert := genSignedCert $leaf.commonName nil $leaf.dnsNames $days $ca.cert }}
+{{- $_ := set $secrets $leaf.secret (dict "tls.crt" ($cert.Cert | b64enc) "tls.key" ($cert.Key | b64enc) "ca.crt" ($caPem | b64enc) "identity" $identity) }}
+{{- end }}
+{{- end }}
+{{- $_ := set . "airlockGeneratedTls" $secrets }}
+{{- end }}
+{{- get . "airlockGeneratedTls" | toJson }}
+{{- end }}
+
+{{/*
+A pod's checksum/tls: restarts it when the certificate it mounts is replaced by the chart (generated: only when made
+anew, not when looked up again) or when what it asks cert-manager for changes. Renewals by cert-manager need no
+restart: the files are updated in place and the engines (--enable-ssl-refresh) and the gateway reload them.
+*/}}
+{{- define "airlock.tlsChecksum" -}}
+{{- $root := index . 0 }}
+{{- $secrets := index . 1 }}
+{{- $source := include "airlock.tlsSource" $root }}
+{{- $parts := list $source }}
+{{- if eq $source "generated" }}
+{{- $generated := include "airlock.generatedTls" $root | fromJson }}
+{{- range $secrets }}{{ $parts = append $parts (get $generated . | toJson) }}{{ end }}
+{{- else if eq $source "certManager" }}
+{{- $leaves := include "airlock.tlsLeaves" $root | fromJsonArray }}
+{{- range $leaves }}{{ if has .secret $secrets }}{{ $parts = append $parts (toJson .) }}{{ end }}{{ end }}
+{{- $parts = append $parts (toJson $root.Values.tls.certManager) }}
+{{- else }}
+{{- $parts = concat $parts $secrets }}
+{{- end }}
+{{- join "\n" $parts | sha256sum }}
+{{- end }}
+
+{{/* The gateway's limits, as the Ingress must mirror them: {bodyBytes, timeoutSeconds}, Airlock's defaults when unset. */}}
+{{- define "airlock.gatewayLimits" -}}
+{{- $gateway := dig "gateway" dict (.Values.gateway.settings | default dict) }}
+{{- $body := int64 (float64 (dig "max_body_bytes" 33554432 $gateway)) }}
+{{- $timeout := int64 (ceil (float64 (dig "read_timeout_s" 600 $gateway))) }}
+{{- dict "bodyBytes" $body "timeoutSeconds" $timeout | toJson }}
+{{- end }}
