@@ -150,3 +150,60 @@ def test_audit_runs_the_whole_stack_in_a_loopback_only_namespace_and_catches_pla
     # Kinds and ports only: neither the secret nor the canary itself is printed.
     assert credentials.passwords["alice"] not in summary + json.dumps(report)
     assert "wire: " in summary and " in clear (0 TLS," in summary
+
+
+def test_audit_with_tls_on_both_hops_finds_nothing_in_clear(
+    demo_model_dir: Path, credentials: Credentials, tmp_path: Path,
+) -> None:
+    """The deployed shape on one machine: clients reach the gateway over TLS, the gateway reaches its engine over TCP
+    with TLS and a client certificate. The same canaries and credential travel, and the wire shows none of them."""
+    assert os.geteuid() == 0, "unshare --net needs root here; this test must not be skipped silently"
+    import trustme
+
+    engine_ca, gateway_ca = trustme.CA(), trustme.CA()
+    files: dict[str, str] = {}
+
+    def write(name: str, blob: trustme.Blob) -> str:
+        files[name] = str(tmp_path / name)
+        blob.write_to_path(files[name])
+        return files[name]
+
+    gateway_cert = gateway_ca.issue_cert("127.0.0.1", "localhost")
+    engine_cert = engine_ca.issue_cert("127.0.0.1")
+    client_cert = engine_ca.issue_cert("airlock-gateway")
+    write("clients-ca.pem", gateway_ca.cert_pem)
+    write("engines-ca.pem", engine_ca.cert_pem)
+    write("gateway.crt", gateway_cert.cert_chain_pems[0])
+    write("gateway.key", gateway_cert.private_key_pem)
+    write("engine.crt", engine_cert.cert_chain_pems[0])
+    write("engine.key", engine_cert.private_key_pem)
+    write("client.crt", client_cert.cert_chain_pems[0])
+    write("client.key", client_cert.private_key_pem)
+    engine_port = free_port()
+    config = write_config(tmp_path / "airlock.yaml", {
+        "gateway": {"tls": {"cert_file": files["gateway.crt"], "key_file": files["gateway.key"]}},
+        "auth": {"htpasswd_file": str(credentials.htpasswd)},
+        "engine": {
+            "model": "demo", "demo_model_dir": str(demo_model_dir), "cpu_kvcache_gb": 1, "max_model_len": 2048,
+            "bind": "tcp", "host": "127.0.0.1", "base_port": engine_port,
+            "tls": {"cert_file": files["engine.crt"], "key_file": files["engine.key"],
+                    "client_ca_file": files["engines-ca.pem"]},
+        },
+        "upstream_tls": {"ca_file": files["engines-ca.pem"], "cert_file": files["client.crt"],
+                         "key_file": files["client.key"]},
+    })
+    basic = f"alice:{credentials.passwords['alice']}"
+    status, report, summary = run_audit("--netns", "--config", str(config), "--ca-file", files["clients-ca.pem"],
+                                        credential=basic)
+    assert status == 0, summary
+    assert report["verdict"] == "PASSED" and report["violations"] == []
+    assert report["requests"]["answered"] == ROUNDS * (REQUESTS_PER_ROUND - 1)
+    wire = report["wire"]
+    assert wire["verified"], wire["problems"]
+    assert set(wire["ports"].values()) == {"gateway", "engine"}
+    assert wire["flows_per_hop"]["gateway"] >= 1 and wire["flows_per_hop"]["engine"] >= 1
+    assert wire["in_clear"] == 0 and wire["findings"] == [] and wire["plaintext_without_findings"] == 0
+    # Every connection that carried bytes was TLS: the canaries did travel (answered above), encrypted.
+    assert wire["encrypted"] >= 2 and wire["encrypted"] + wire["empty"] == wire["flows"]
+    assert " 0 in clear (" in summary
+    print(next(line for line in summary.splitlines() if line.lstrip().startswith("wire:")))

@@ -226,7 +226,9 @@ def test_the_plan_watches_the_hops_the_settings_put_on_tcp(tmp_path: Path) -> No
     assert tcp.ports == {9443: "gateway", 8200: "engine", 8201: "engine"} and tcp.notes == ()
     assert tcp.capture_filter() == "tcp and (port 8200 or port 8201 or port 9443)"
     remote = tmp_path / "remote.yaml"
-    remote.write_text("upstreams: [{url: 'https://10.1.2.3:8443'}, {url: 'unix:/run/airlock/replica-0.sock'}]\n")
+    remote.write_text("upstreams: [{url: 'https://10.1.2.3:8443'}, {url: 'unix:/run/airlock/replica-0.sock'}]\n"
+                      "upstream_tls: {ca_file: /etc/airlock/ca.pem, cert_file: /etc/airlock/gw.crt, "
+                      "key_file: /etc/airlock/gw.key}\n")
     attached = plan_wire("https://airlock.example:443", load_settings(remote), interface=None, max_mb=1,
                          started=False)
     assert attached.ports == {443: "gateway", 8443: "engine"} and attached.interface == "any"
