@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 import yaml
 from helm_python import _native
 
-from server.config import Settings, load_settings
+from server.config import AdmissionSettings, GatewaySettings, Settings, load_settings
 
 from .conftest import ROOT
 
@@ -375,6 +376,28 @@ def with_ingress(name: str) -> dict[str, Any]:
     return overrides
 
 
+def ingress_timeout(settings: dict[str, Any]) -> int:
+    """The longest the gateway may stay silent, in whole seconds, plus the chart's 10 s margin: queued, then
+    connecting, then waiting for the first byte. Unset settings take Airlock's own defaults (server/config.py)."""
+    gateway = GatewaySettings(**settings.get("gateway", {}))
+    admission = AdmissionSettings(**settings.get("admission", {}))
+    return math.ceil(admission.queue_timeout_s + gateway.connect_timeout_s + gateway.read_timeout_s) + 10
+
+
+def test_the_ingress_outlasts_the_gateways_longest_silence() -> None:
+    nginx = "nginx.ingress.kubernetes.io/"
+    for settings, expected in [
+        ({}, 120 + 5 + 600 + 10),
+        ({"admission": {"queue_timeout_s": 300}, "gateway": {"connect_timeout_s": 2.5, "read_timeout_s": 60}},
+         300 + 3 + 60 + 10),
+        ({"gateway": {"read_timeout_s": 900.5}}, 120 + 5 + 901 + 10),
+    ]:
+        assert ingress_timeout(settings) == expected
+        documents = render({"ingress": {"enabled": True}, "gateway": {"settings": settings}})
+        annotations = named(documents, "Ingress", f"{RELEASE}-gateway")["metadata"]["annotations"]
+        assert annotations[nginx + "proxy-read-timeout"] == annotations[nginx + "proxy-send-timeout"] == str(expected)
+
+
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_the_ingress_never_spools_and_mirrors_the_gateways_limits(name: str) -> None:
     documents = render(with_ingress(name))
@@ -386,8 +409,8 @@ def test_the_ingress_never_spools_and_mirrors_the_gateways_limits(name: str) -> 
     limits = VALUE_SETS[name].get("gateway", {}).get("settings", {}).get("gateway", {})
     body = limits.get("max_body_bytes", 32 * 1024 * 1024)
     assert annotations[nginx + "proxy-body-size"] == (f"{body // 2**20}m" if body % 2**20 == 0 else str(body))
-    timeout = str(-(-limits.get("read_timeout_s", 600) // 1)).removesuffix(".0")
-    assert annotations[nginx + "proxy-read-timeout"] == annotations[nginx + "proxy-send-timeout"] == timeout
+    assert annotations[nginx + "proxy-read-timeout"] == annotations[nginx + "proxy-send-timeout"] == str(
+        ingress_timeout(VALUE_SETS[name].get("gateway", {}).get("settings", {})))
     service = named(documents, "Service", f"{RELEASE}-gateway")
     (backend_port,) = [p for p in service["spec"]["ports"] if p["port"] == 8000]
     rule = named(documents, "Ingress", f"{RELEASE}-gateway")["spec"]["rules"][0]["http"]["paths"][0]
@@ -407,7 +430,7 @@ def test_the_ingress_never_spools_and_mirrors_the_gateways_limits(name: str) -> 
     ("proxy-request-buffering", "on", "controller's disk"),
     ("proxy-buffering", "on", "never"),
     ("proxy-body-size", "1g", "gateway.settings.gateway.max_body_bytes"),
-    ("proxy-read-timeout", "60", "gateway.settings.gateway.read_timeout_s"),
+    ("proxy-read-timeout", "60", "admission.queue_timeout_s + gateway.connect_timeout_s + gateway.read_timeout_s"),
     ("backend-protocol", "HTTP", "tls.gateway.enabled"),
 ])
 def test_the_ingress_refuses_annotations_that_would_spool_or_contradict_the_gateway(

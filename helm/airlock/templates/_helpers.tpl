@@ -218,10 +218,19 @@ restart: the files are updated in place and the engines (--enable-ssl-refresh) a
 {{- join "\n" $parts | sha256sum }}
 {{- end }}
 
-{{/* The gateway's limits, as the Ingress must mirror them: {bodyBytes, timeoutSeconds}, Airlock's defaults when unset. */}}
+{{/*
+The gateway's limits, as the Ingress must mirror them: {bodyBytes, timeoutSeconds}, Airlock's defaults (server/config.py)
+when unset. The gateway may hold a request without sending a byte for as long as it waits in the fair queue
+(admission.queue_timeout_s), then connects to an engine (gateway.connect_timeout_s) and waits for its first byte
+(gateway.read_timeout_s): the Ingress must wait longer than all three, plus a margin, or it cuts off an answer the
+gateway would still have given.
+*/}}
 {{- define "airlock.gatewayLimits" -}}
-{{- $gateway := dig "gateway" dict (.Values.gateway.settings | default dict) }}
+{{- $settings := .Values.gateway.settings | default dict }}
+{{- $gateway := dig "gateway" dict $settings }}
+{{- $admission := dig "admission" dict $settings }}
 {{- $body := int64 (float64 (dig "max_body_bytes" 33554432 $gateway)) }}
-{{- $timeout := int64 (ceil (float64 (dig "read_timeout_s" 600 $gateway))) }}
+{{- $silence := addf (dig "queue_timeout_s" 120 $admission) (dig "connect_timeout_s" 5 $gateway) (dig "read_timeout_s" 600 $gateway) }}
+{{- $timeout := add (int64 (ceil $silence)) 10 }}
 {{- dict "bodyBytes" $body "timeoutSeconds" $timeout | toJson }}
 {{- end }}
