@@ -280,6 +280,17 @@ def test_ingress_terminates_tls_and_a_service_monitor_scrapes_metrics() -> None:
     assert not of_kind(render({}), "Ingress") and not of_kind(render({}), "ServiceMonitor")
 
 
+def test_the_gateway_budget_never_blocks_a_drain_while_the_engines_are_down() -> None:
+    documents = render({})
+    budget = named(documents, "PodDisruptionBudget", f"{RELEASE}-gateway")["spec"]
+    assert budget["minAvailable"] == 1
+    # Gateway pods are NotReady whenever no engine is (readiness is /readyz): they may still be evicted.
+    assert budget["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    (container,) = named(documents, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
 @pytest.mark.parametrize(("overrides", "where"), [
     ({"gateway": {"image": {"tag": "latest"}}}, "tag"),
     ({"engine": {"image": {"pullPolicy": "Always"}}}, "pullPolicy"),
