@@ -89,13 +89,33 @@ only with a certificate from it); the gateway CA issues the gateway's server cer
 Every certificate Secret holds tls.crt, tls.key and ca.crt (the layout of kubernetes.io/tls and of cert-manager).
 */}}
 
-{{/* Where the certificates come from: certManager, existingSecret or generated ("auto" resolved). */}}
+{{/*
+A Secret as the cluster holds it now, as JSON ({} when there is none): the chart's only lookup. Renderers without a
+cluster (helm template, helm install --dry-run, Argo CD) always get {}. (list root name)
+*/}}
+{{- define "airlock.clusterSecret" -}}
+{{- lookup "v1" "Secret" (index . 0).Release.Namespace (index . 1) | toJson }}
+{{- end }}
+
+{{/*
+Where the certificates come from: certManager, existingSecret or generated ("auto" resolved). auto keeps generated
+certificates once the chart has made them (the engine CA Secret exists and cert-manager did not issue it): cert-manager
+installed later does not switch a release over by itself. Memoized on the root context (one lookup per render).
+*/}}
 {{- define "airlock.tlsSource" -}}
+{{- if not (hasKey . "airlockTlsSource") }}
 {{- $source := .Values.tls.source }}
 {{- if eq $source "auto" }}
+{{- $ca := include "airlock.clusterSecret" (list . (include "airlock.component" (list . "engine-ca"))) | fromJson }}
+{{- if and $ca (not (dig "metadata" "annotations" "cert-manager.io/certificate-name" "" $ca)) }}
+{{- $source = "generated" }}
+{{- else }}
 {{- $source = ternary "certManager" "generated" (.Capabilities.APIVersions.Has "cert-manager.io/v1") }}
 {{- end }}
-{{- $source }}
+{{- end }}
+{{- $_ := set . "airlockTlsSource" $source }}
+{{- end }}
+{{- get . "airlockTlsSource" }}
 {{- end }}
 
 {{/* The names a Service answers to inside the cluster (the SANs of its certificate). */}}
@@ -151,43 +171,64 @@ Every certificate the chart issues: a list of {secret, ca, commonName, dnsNames,
 {{- end }}
 
 {{/*
-Generated certificates (tls.source generated): made once with Sprig and kept across upgrades by looking up the
-Secrets already in the cluster (as the salt is). A certificate is made again only when its CA was, or when the names
-it must carry changed (the identity annotation). Memoized on the root context: every template of one render sees the
-same certificates (the Secrets and the pods' checksums). Returns {secretName: {tls.crt, tls.key, ca.crt, identity}}
-with base64 values, CA Secrets included.
+Generated certificates (tls.source generated): made with Sprig and kept across upgrades by looking up the Secrets
+already in the cluster (as the salt is). Each Secret carries its identity (what it was made for: names, CA, validity)
+and its expiry (airlock.dev/tls-not-after, unix seconds; Sprig cannot read a certificate's dates, so the chart writes
+down the date it asked for, taken just before the certificate is made, so never later than the real one). On an
+upgrade a certificate is made again when its identity changed, when it expires within tls.generated.renewBeforeDays,
+or when its CA was made again; a CA when its identity changed or when it expires before a certificate issued now
+would (validityDays + renewBeforeDays). Sprig certificates always allow both server and client authentication (it
+cannot restrict usages): the two CAs keep them apart. Memoized on the root context: every template of one render
+sees the same certificates (the Secrets and the pods' checksums). Returns {secretName: {tls.crt, tls.key, ca.crt,
+identity, notAfter}} with base64 values, CA Secrets included.
 */}}
 {{- define "airlock.generatedTls" -}}
 {{- if not (hasKey . "airlockGeneratedTls") }}
-{{- $days := int .Values.tls.generated.validityDays }}
+{{- $generated := .Values.tls.generated }}
+{{- $days := int $generated.validityDays }}
+{{- $caDays := int $generated.caValidityDays }}
+{{- $renewDays := int $generated.renewBeforeDays }}
+{{- if ge $renewDays $days }}
+{{- fail "tls.generated.renewBeforeDays must be less than tls.generated.validityDays (else every upgrade makes new certificates)" }}
+{{- end }}
+{{- if le $caDays (add $days $renewDays) }}
+{{- fail "tls.generated.caValidityDays must be more than tls.generated.validityDays + tls.generated.renewBeforeDays (a certificate must not outlive its CA)" }}
+{{- end }}
+{{- $now := now | unixEpoch | int64 }}
 {{- $secrets := dict }}
 {{- $cas := dict }}
 {{- range $role := list "engine" "gateway" }}
 {{- $name := include "airlock.component" (list $ (printf "%s-ca" $role)) }}
-{{- $existing := lookup "v1" "Secret" $.Release.Namespace $name }}
+{{- $commonName := printf "%s %s CA" (include "airlock.fullname" $) $role }}
+{{- $identity := printf "%s|%d" $commonName $caDays | sha256sum }}
+{{- $existing := include "airlock.clusterSecret" (list $ $name) | fromJson }}
 {{- $data := dig "data" dict $existing }}
+{{- $notAfter := int64 (dig "metadata" "annotations" "airlock.dev/tls-not-after" "0" $existing) }}
 {{- $ca := dict }}
 {{- $kept := false }}
-{{- if and (index $data "tls.crt") (index $data "tls.key") }}
+{{- if and (index $data "tls.crt") (index $data "tls.key") (eq (dig "metadata" "annotations" "airlock.dev/tls-identity" "" $existing) $identity) (gt (sub $notAfter $now) (mul (add $days $renewDays) 86400)) }}
 {{- $ca = buildCustomCert (index $data "tls.crt") (index $data "tls.key") }}
 {{- $kept = true }}
 {{- else }}
-{{- $ca = genCA (printf "%s %s CA" (include "airlock.fullname" $) $role) (int $.Values.tls.generated.caValidityDays) }}
+{{- $notAfter = add $now (mul $caDays 86400) }}
+{{- $ca = genCA $commonName $caDays }}
 {{- end }}
 {{- $_ := set $cas $role (dict "cert" $ca "kept" $kept) }}
-{{- $_ := set $secrets $name (dict "tls.crt" ($ca.Cert | b64enc) "tls.key" ($ca.Key | b64enc) "ca.crt" ($ca.Cert | b64enc) "identity" "") }}
+{{- $_ := set $secrets $name (dict "tls.crt" ($ca.Cert | b64enc) "tls.key" ($ca.Key | b64enc) "ca.crt" ($ca.Cert | b64enc) "identity" $identity "notAfter" (toString $notAfter)) }}
 {{- end }}
 {{- range $leaf := include "airlock.tlsLeaves" . | fromJsonArray }}
 {{- $ca := get $cas $leaf.ca }}
 {{- $caPem := $ca.cert.Cert }}
-{{- $identity := printf "%s|%s|%s" $leaf.commonName (join "," $leaf.dnsNames) $caPem | sha256sum }}
-{{- $existing := lookup "v1" "Secret" $.Release.Namespace $leaf.secret }}
+{{- $identity := printf "%s|%s|%d|%s" $leaf.commonName (join "," $leaf.dnsNames) $days $caPem | sha256sum }}
+{{- $existing := include "airlock.clusterSecret" (list $ $leaf.secret) | fromJson }}
 {{- $data := dig "data" dict $existing }}
-{{- if and $ca.kept (index $data "tls.crt") (index $data "tls.key") (eq (dig "metadata" "annotations" "airlock.dev/tls-identity" "" $existing) $identity) }}
-{{- $_ := set $secrets $leaf.secret (dict "tls.crt" (index $data "tls.crt") "tls.key" (index $data "tls.key") "ca.crt" ($caPem | b64enc) "identity" $identity) }}
+{{- $notAfter := int64 (dig "metadata" "annotations" "airlock.dev/tls-not-after" "0" $existing) }}
+{{- if and $ca.kept (index $data "tls.crt") (index $data "tls.key") (eq (dig "metadata" "annotations" "airlock.dev/tls-identity" "" $existing) $identity) (gt (sub $notAfter $now) (mul $renewDays 86400)) }}
+{{- $_ := set $secrets $leaf.secret (dict "tls.crt" (index $data "tls.crt") "tls.key" (index $data "tls.key") "ca.crt" ($caPem | b64enc) "identity" $identity "notAfter" (toString $notAfter)) }}
 {{- else }}
+{{- $notAfter = add $now (mul $days 86400) }}
 {{- $cert := genSignedCert $leaf.commonName nil $leaf.dnsNames $days $ca.cert }}
-{{- $_ := set $secrets $leaf.secret (dict "tls.crt" ($cert.Cert | b64enc) "tls.key" ($cert.Key | b64enc) "ca.crt" ($caPem | b64enc) "identity" $identity) }}
+{{- $_ := set $secrets $leaf.secret (dict "tls.crt" ($cert.Cert | b64enc) "tls.key" ($cert.Key | b64enc) "ca.crt" ($caPem | b64enc) "identity" $identity "notAfter" (toString $notAfter)) }}
 {{- end }}
 {{- end }}
 {{- $_ := set . "airlockGeneratedTls" $secrets }}
