@@ -74,18 +74,26 @@ def merged(overrides: dict[str, Any]) -> dict[str, Any]:
     return merge(copy.deepcopy(helm.Chart.load(CHART).values), overrides)
 
 
-def render(overrides: dict[str, Any], api_versions: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """The chart's manifests as Helm renders them offline (``lookup`` finds nothing: a first install).
+def render_files(overrides: dict[str, Any], api_versions: tuple[str, ...] = (), chart: Path = CHART,
+                 upgrade: bool = False) -> dict[str, str]:
+    """Each template's output (NOTES.txt too) as Helm renders it offline.
 
     ``api_versions`` are the APIs the cluster serves (``.Capabilities.APIVersions``). Chart.render does not pass them
     on, but the SDK's native render call takes them (helm-python-sdk 0.2.2: its RenderOptions has ``api_versions``),
     so that call is used directly; it is the same Helm engine."""
-    options = {"name": RELEASE, "namespace": "airlock", "is_install": True, "api_versions": list(api_versions)}
-    chart = helm.Chart.load(CHART)
+    options = {"name": RELEASE, "namespace": "airlock", "is_install": not upgrade, "is_upgrade": upgrade,
+               "api_versions": list(api_versions)}
+    loaded = helm.Chart.load(chart)  # held: the native handle is freed with the object
     rendered: dict[str, str] = json.loads(_native.call_string(
-        "helm_render", chart._raw(), json.dumps(overrides), json.dumps(options)))
-    return [document for name, text in rendered.items() if name.endswith(".yaml")
-            for document in yaml.safe_load_all(text) if document]
+        "helm_render", loaded._raw(), json.dumps(overrides), json.dumps(options)))
+    return rendered
+
+
+def render(overrides: dict[str, Any], api_versions: tuple[str, ...] = (), chart: Path = CHART,
+           upgrade: bool = False) -> list[dict[str, Any]]:
+    """The chart's manifests as Helm renders them offline (``lookup`` finds nothing: a first install)."""
+    return [document for name, text in render_files(overrides, api_versions, chart, upgrade).items()
+            if name.endswith(".yaml") for document in yaml.safe_load_all(text) if document]
 
 
 @pytest.fixture(scope="module", params=sorted(VALUE_SETS))

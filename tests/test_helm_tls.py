@@ -8,16 +8,20 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.server
+import json
 import re
+import shutil
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import helm_python as helm
 import pytest
+import yaml
 
 from .test_helm_chart import (
     CHART,
@@ -31,6 +35,7 @@ from .test_helm_chart import (
     named,
     of_kind,
     render,
+    render_files,
     secret_volume,
 )
 
@@ -294,3 +299,191 @@ def test_generated_certificates_let_only_the_gateway_into_an_engine(tmp_path: Pa
         assert status_of(client_context(gateway["ca.crt"]), port, f"{RELEASE}-gateway.airlock.svc") == 200
         with pytest.raises(ssl.SSLCertVerificationError):
             status_of(client_context(engine["ca.crt"]), port, f"{RELEASE}-gateway.airlock.svc")
+
+
+# --- generated certificates across upgrades: kept, renewed near their expiry, remade when asked --------------------
+
+# The chart's one lookup (airlock.clusterSecret), and what a test copy of the chart has in its place: the Secrets of
+# fake-cluster.json, a file the test writes next to Chart.yaml. A fake because the SDK renders offline (lookup finds
+# nothing) and no Kubernetes API server is at hand; the rest of the copy is the chart as shipped, byte for byte.
+LOOKUP = '{{- lookup "v1" "Secret" (index . 0).Release.Namespace (index . 1) | toJson }}'
+FAKE_LOOKUP = '{{- get ((index . 0).Files.Get "fake-cluster.json" | fromJson) (index . 1) | default dict | toJson }}'
+DAY = 86400
+NOT_AFTER = "airlock.dev/tls-not-after"
+
+
+class Cluster:
+    """The Secrets of one namespace, kept across renders of a chart copy whose lookup reads them: each render sees
+    what the previous ones left, as helm upgrade would."""
+
+    def __init__(self, directory: Path) -> None:
+        self.chart = directory / "airlock"
+        shutil.copytree(CHART, self.chart)
+        helpers = self.chart / "templates" / "_helpers.tpl"
+        text = helpers.read_text()
+        assert text.count(LOOKUP) == 1
+        helpers.write_text(text.replace(LOOKUP, FAKE_LOOKUP))
+        self.secrets: dict[str, dict[str, Any]] = {}
+        self.notes = ""
+
+    def helm(self, overrides: dict[str, Any], api_versions: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """Install (nothing in the cluster yet) or upgrade; the Secrets rendered replace those of the same name."""
+        (self.chart / "fake-cluster.json").write_text(json.dumps(self.secrets))
+        files = render_files(overrides, api_versions, chart=self.chart, upgrade=bool(self.secrets))
+        self.notes = files["airlock/templates/NOTES.txt"]
+        documents = [d for name, text in files.items() if name.endswith(".yaml")
+                     for d in yaml.safe_load_all(text) if d]
+        self.secrets.update({s["metadata"]["name"]: s for s in of_kind(documents, "Secret")})
+        return documents
+
+    def expire(self, name: str, in_days: float) -> None:
+        """Write down that Secret ``name`` expires in ``in_days`` days from now."""
+        self.secrets[name]["metadata"]["annotations"][NOT_AFTER] = str(int(time.time() + in_days * DAY))
+
+
+def certificates(documents: list[dict[str, Any]]) -> dict[str, str]:
+    """Each certificate Secret's tls.crt (base64), by name."""
+    return {s["metadata"]["name"]: s["data"]["tls.crt"] for s in of_kind(documents, "Secret")
+            if s["type"] == "kubernetes.io/tls"}
+
+
+def pod_checksums(documents: list[dict[str, Any]]) -> dict[str, str]:
+    return {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["annotations"]["checksum/tls"]
+            for d in of_kind(documents, "Deployment")}
+
+
+def remade(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> set[str]:
+    old, new = certificates(before), certificates(after)
+    assert old.keys() == new.keys()
+    return {name for name in new if new[name] != old[name]}
+
+
+ENGINE_SIDE = {f"{RELEASE}-{n}" for n in ("engine-ca", "engine-0-tls", "engine-1-tls", "gateway-client-tls")}
+GATEWAY_SIDE = {f"{RELEASE}-{n}" for n in ("gateway-ca", "gateway-tls")}
+TWO_ENGINES: dict[str, Any] = {"engine": {"replicas": 2}}
+
+
+def test_the_chart_looks_at_the_cluster_in_one_place() -> None:
+    """The fake above stands in for every lookup the chart makes."""
+    calls = [(path.name, line.strip()) for path in (CHART / "templates").iterdir()
+             for line in path.read_text().splitlines() if re.search(r"\blookup\b", line) and "{{" in line]
+    assert calls == [("_helpers.tpl", LOOKUP)]
+
+
+def test_an_upgrade_keeps_the_generated_certificates_and_the_salt(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    first = cluster.helm(TWO_ENGINES)
+    salt = named(first, "Secret", f"{RELEASE}-salt")["data"]
+    second = cluster.helm(TWO_ENGINES)
+    assert remade(first, second) == set() and len(certificates(second)) == 6
+    assert pod_checksums(first) == pod_checksums(second)
+    assert named(second, "Secret", f"{RELEASE}-salt")["data"] == salt
+
+
+def test_each_generated_secret_records_when_its_certificate_expires(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    before = time.time()
+    documents = Cluster(tmp_path).helm(TWO_ENGINES)
+    for secret in of_kind(documents, "Secret"):
+        if secret["type"] != "kubernetes.io/tls":
+            continue
+        certificate = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+        recorded = int(secret["metadata"]["annotations"][NOT_AFTER])
+        real = certificate.not_valid_after_utc.timestamp()
+        # Never later than the real date (renewal comes early, not late), and close to it.
+        assert recorded <= real <= recorded + 60
+        days = 3650 if secret["metadata"]["name"].endswith("-ca") else 825
+        assert abs(recorded - (before + days * DAY)) < 60
+
+
+def test_an_upgrade_remakes_a_certificate_near_its_expiry_and_restarts_its_pod(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    first = cluster.helm(TWO_ENGINES)
+    cluster.expire(f"{RELEASE}-engine-0-tls", 31)  # outside the 30-day window: kept
+    assert remade(first, cluster.helm(TWO_ENGINES)) == set()
+    cluster.expire(f"{RELEASE}-engine-0-tls", 29)
+    second = cluster.helm(TWO_ENGINES)
+    assert remade(first, second) == {f"{RELEASE}-engine-0-tls"}
+    renewed = cluster.secrets[f"{RELEASE}-engine-0-tls"]["metadata"]["annotations"][NOT_AFTER]
+    assert int(renewed) > time.time() + 800 * DAY
+    changed = {name for name, value in pod_checksums(second).items() if pod_checksums(first)[name] != value}
+    assert changed == {f"{RELEASE}-engine-0"}
+    # An expired one as well, and the window follows tls.generated.renewBeforeDays.
+    cluster.expire(f"{RELEASE}-gateway-tls", -1)
+    cluster.expire(f"{RELEASE}-engine-1-tls", 59)
+    third = cluster.helm({**TWO_ENGINES, "tls": {"generated": {"renewBeforeDays": 60}}})
+    assert remade(second, third) == {f"{RELEASE}-gateway-tls", f"{RELEASE}-engine-1-tls"}
+
+
+def test_a_ca_near_its_expiry_is_remade_with_every_certificate_it_issued(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    cluster = Cluster(tmp_path)
+    first = cluster.helm(TWO_ENGINES)
+    # A certificate issued now (825 days) plus the renewal window (30) must end before its CA does.
+    cluster.expire(f"{RELEASE}-engine-ca", 856)
+    assert remade(first, cluster.helm(TWO_ENGINES)) == set()
+    cluster.expire(f"{RELEASE}-engine-ca", 854)
+    second = cluster.helm(TWO_ENGINES)
+    assert remade(first, second) == ENGINE_SIDE
+    engine_ca = x509.load_pem_x509_certificate(base64.b64decode(certificates(second)[f"{RELEASE}-engine-ca"]))
+    for name in ENGINE_SIDE - {f"{RELEASE}-engine-ca"}:
+        secret = named(second, "Secret", name)["data"]
+        x509.load_pem_x509_certificate(base64.b64decode(secret["tls.crt"])).verify_directly_issued_by(engine_ca)
+        assert secret["ca.crt"] == certificates(second)[f"{RELEASE}-engine-ca"]
+
+
+def test_changing_the_validity_or_losing_the_recorded_expiry_remakes_certificates(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    first = cluster.helm(TWO_ENGINES)
+    shorter = cluster.helm({**TWO_ENGINES, "tls": {"generated": {"validityDays": 400}}})
+    assert remade(first, shorter) == (ENGINE_SIDE | GATEWAY_SIDE) - {f"{RELEASE}-engine-ca", f"{RELEASE}-gateway-ca"}
+    longer_ca = cluster.helm({**TWO_ENGINES, "tls": {"generated": {"validityDays": 400, "caValidityDays": 5000}}})
+    assert remade(shorter, longer_ca) == ENGINE_SIDE | GATEWAY_SIDE
+    # A Secret without the date (made by hand, or by an older chart) is taken as expiring.
+    del cluster.secrets[f"{RELEASE}-gateway-ca"]["metadata"]["annotations"][NOT_AFTER]
+    again = cluster.helm({**TWO_ENGINES, "tls": {"generated": {"validityDays": 400, "caValidityDays": 5000}}})
+    assert remade(longer_ca, again) == GATEWAY_SIDE
+
+
+def test_auto_keeps_generated_certificates_when_cert_manager_comes_later(tmp_path: Path) -> None:
+    cert_manager = ("cert-manager.io/v1",)
+    cluster = Cluster(tmp_path)
+    first = cluster.helm(TWO_ENGINES)
+    assert "tls.source is auto, which chose generated" in cluster.notes
+    later = cluster.helm(TWO_ENGINES, api_versions=cert_manager)
+    assert not of_kind(later, "Certificate") and remade(first, later) == set()
+    assert pod_checksums(first) == pod_checksums(later)
+    # A new release on that cluster takes cert-manager; so does one whose CA cert-manager issued.
+    fresh = Cluster(tmp_path / "fresh")
+    assert of_kind(fresh.helm(TWO_ENGINES, api_versions=cert_manager), "Certificate")
+    assert "tls.source is auto, which chose certManager" in fresh.notes
+    fresh.secrets = {f"{RELEASE}-engine-ca": {"metadata": {"name": f"{RELEASE}-engine-ca", "annotations": {
+        "cert-manager.io/certificate-name": f"{RELEASE}-engine-ca"}}, "type": "kubernetes.io/tls", "data": {}}}
+    assert of_kind(fresh.helm(TWO_ENGINES, api_versions=cert_manager), "Certificate")
+
+
+def test_the_notes_print_each_expiry_and_ask_to_pin_the_source(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    cluster.helm({**TWO_ENGINES, "tls": {"source": "generated"}})
+    for name, secret in cluster.secrets.items():
+        if secret["type"] == "kubernetes.io/tls":
+            day = time.strftime("%Y-%m-%d", time.gmtime(int(secret["metadata"]["annotations"][NOT_AFTER])))
+            assert re.search(rf"^  {name}: {day} \d\d:\d\d$", cluster.notes, flags=re.MULTILINE), name
+    assert "within\n30 days" in cluster.notes and "tls.source is auto" not in cluster.notes
+    cert_manager = Cluster(tmp_path / "cert-manager")
+    cert_manager.helm({"tls": {"source": "certManager"}})
+    assert "Certificates made by the chart" not in cert_manager.notes and "renewBeforeDays" not in cert_manager.notes
+
+
+@pytest.mark.parametrize(("generated", "message"), [
+    ({"renewBeforeDays": 825}, "tls.generated.renewBeforeDays must be less than tls.generated.validityDays"),
+    ({"caValidityDays": 800}, "tls.generated.caValidityDays must be more than"),
+    ({"caValidityDays": 855}, "tls.generated.caValidityDays must be more than"),
+])
+def test_generated_validities_that_contradict_each_other_are_refused(generated: dict[str, int], message: str) -> None:
+    with pytest.raises(helm.HelmError) as refused:
+        helm.Chart.load(CHART).render({"tls": {"source": "generated", "generated": generated}},
+                                      name=RELEASE, namespace="airlock")
+    assert message in str(refused.value)
