@@ -277,6 +277,17 @@ def test_secrets_come_from_existing_ones_when_named(manifests: tuple[str, list[d
         assert not made & issued, "a Secret both made by the chart and issued by cert-manager"
 
 
+def test_every_secret_a_pod_mounts_is_readable_by_its_group_only(manifests: tuple[str, list[dict[str, Any]]]) -> None:
+    _, documents = manifests
+    for spec in pod_specs(documents):
+        secrets = [volume["secret"] for volume in spec["volumes"] if "secret" in volume]
+        assert len(secrets) >= 1
+        for secret in secrets:
+            assert secret.get("defaultMode") == 0o440, secret["secretName"]
+    gateway = named(documents, "Deployment", f"{RELEASE}-gateway")["spec"]["template"]["spec"]
+    assert {"salt", "tls-upstream"} <= {volume["name"] for volume in gateway["volumes"] if "secret" in volume}
+
+
 def test_ingress_terminates_tls_and_a_service_monitor_scrapes_metrics() -> None:
     documents = render(VALUE_SETS["ingress-tls"])
     (ingress,) = of_kind(documents, "Ingress")
@@ -451,6 +462,7 @@ def test_the_ingress_never_spools_and_mirrors_the_gateways_limits(name: str) -> 
     ("proxy-body-size", "1g", "gateway.settings.gateway.max_body_bytes"),
     ("proxy-read-timeout", "60", "admission.queue_timeout_s + gateway.connect_timeout_s + gateway.read_timeout_s"),
     ("backend-protocol", "HTTP", "tls.gateway.enabled"),
+    ("proxy-ssl-verify", "off", "must stay on"),
 ])
 def test_the_ingress_refuses_annotations_that_would_spool_or_contradict_the_gateway(
     annotation: str, value: str, message: str,

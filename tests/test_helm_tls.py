@@ -144,6 +144,11 @@ def test_cert_manager_issues_each_certificate_from_the_ca_of_its_hop() -> None:
         f"{RELEASE}-gateway-tls": (gateway_ca, ("server auth",)),
     }
     certificates = {c["spec"]["secretName"]: c["spec"] for c in of_kind(documents, "Certificate")}
+    # A renewed CA keeps its key (a new one would strand every certificate it issued until each renews); the
+    # certificates it issues get a new key with each renewal.
+    for spec in certificates.values():
+        assert spec["privateKey"]["rotationPolicy"] == ("Never" if spec.get("isCA") else "Always")
+    assert sum(1 for spec in certificates.values() if spec.get("isCA")) == 2
     gateway = gateway_settings_of(documents)
     for upstream in gateway["upstreams"]:
         host = upstream["url"].removeprefix("https://").rsplit(":", 1)[0]
@@ -261,6 +266,11 @@ def test_generated_certificates_carry_the_upstream_names_and_chain_to_their_ca(t
     assert f"{RELEASE}-gateway.airlock.svc" in names(load(server["tls.crt"]))
     with pytest.raises(ValueError):
         load(server["tls.crt"]).verify_directly_issued_by(engine_ca)
+    # Sprig cannot restrict usages: every generated certificate allows server and client authentication alike,
+    # which is why the gateway's server certificate comes from a CA the engines do not accept (README says so).
+    both = {x509.ExtendedKeyUsageOID.SERVER_AUTH, x509.ExtendedKeyUsageOID.CLIENT_AUTH}
+    for name in (f"{RELEASE}-gateway-tls", f"{RELEASE}-gateway-client-tls", f"{RELEASE}-engine-0-tls"):
+        assert set(load(files[name]["tls.crt"]).extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == both
 
 
 def test_generated_certificates_let_only_the_gateway_into_an_engine(tmp_path: Path) -> None:
