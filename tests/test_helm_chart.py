@@ -1,9 +1,8 @@
 """The Helm chart, rendered by the real Helm engine (PyPI helm-python-sdk bundles it) for several sets of values:
 every manifest validates against the Kubernetes schemas (kubernetes-validate), lint passes, values.schema.json
 refuses bad values, and policy holds over what is rendered (restricted security, limits, pinned images, engines
-reachable only from the gateway, egress only to configured targets, TLS with client certificates on the engine hop,
-an Ingress that never spools a body). The certificates the chart generates are parsed (cryptography) and used for
-real TLS handshakes with the gateway's own TLS contexts (server/tls.py)."""
+reachable only from the gateway, egress only to configured targets, an Ingress that never spools a body and outlasts
+the gateway's longest silence). TLS inside the cluster is tested in test_helm_tls.py, with the helpers here."""
 
 from __future__ import annotations
 
