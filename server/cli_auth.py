@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import hashlib
+import hmac
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -99,8 +101,12 @@ def _new_password(args: argparse.Namespace) -> str:
     else:
         if not sys.stdin.isatty():
             raise CommandError("no terminal to ask for the password: pipe it in with --password-stdin")
-        password = getpass.getpass("New password: ")
-        if getpass.getpass("Again: ") != password:
+        try:
+            password = getpass.getpass("New password: ")
+            again = getpass.getpass("Again: ")
+        except EOFError:  # Ctrl-D at the prompt
+            raise CommandError("no password given; nothing changed") from None
+        if again != password:
             raise CommandError("the passwords differ")
     return password
 
@@ -199,6 +205,11 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> None:
     entry = keys.get(match.group(1))
     if entry is None:
         raise CommandError(f"no key with id {match.group(1)} in {path} (see 'airlock keys list')")
+    secret = args.key_id.startswith(PREFIX) and args.key_id.split("_", 2)[2:]
+    if secret and not hmac.compare_digest(hashlib.sha256(secret[0].encode()).hexdigest(), entry.sha256):
+        # A whole key is a claim about which key is meant; one that is not key <id> may be a paste of another.
+        raise CommandError(f"the key given is not key {entry.id}'s (its secret part differs, and is not shown); "
+                           f"to revoke key {entry.id} anyway, give its id alone")
     if entry.revoked:
         print(f"key {entry.id} was already revoked on {entry.revoked}")
         return

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dpkt
 import httpx
@@ -264,6 +265,19 @@ def test_every_audit_example_in_the_readme_is_accepted_as_written() -> None:
     attached = [args for args in parsed if args.attach]
     assert [len(args.attach) for args in attached] == [1, 2]  # `airlock up`; the gateway and engines units
     assert all(args.url for args in attached)
+
+
+def test_the_readmes_systemd_audit_reaches_the_gateway_bare_metal_sets_up() -> None:
+    """The audit of the systemd units talks to the port 3a's gateway.yaml listens on, over https, trusting the CA
+    file the TLS section makes."""
+    from .test_systemd import readme_bare_metal
+
+    gateway = readme_bare_metal().yaml_files["/etc/airlock/gateway.yaml"]["gateway"]
+    systemd = next(args for args in (build_parser().parse_args(["audit", *arguments])
+                                     for arguments in readme_audit_commands()) if args.attach and len(args.attach) == 2)
+    url = urlsplit(systemd.url)
+    assert url.scheme == "https" and url.port == gateway["port"], systemd.url
+    assert str(systemd.ca_file) == "internal-ca.pem" and "-CAkey internal-ca.key" in README.read_text()
 
 
 def test_the_readme_synopsis_names_exactly_the_audit_options() -> None:

@@ -188,6 +188,9 @@ def test_users_commands_never_echo_a_password(
     (("users", "add", "bob"), [("New password:", SECRET), ("Again:", SECRET)], 0, "added bob"),
     (("users", "passwd", "alice"), [("New password:", NEW_SECRET), ("Again:", NEW_SECRET)], 0, "password changed"),
     (("users", "add", "carol"), [("New password:", SECRET), ("Again:", NEW_SECRET)], 1, "the passwords differ"),
+    # Ctrl-D at either prompt: a plain message, no traceback, nothing written.
+    (("users", "add", "carol"), [("New password:", "\x04")], 1, "no password given; nothing changed"),
+    (("users", "passwd", "alice"), [("New password:", NEW_SECRET), ("Again:", "\x04")], 1, "no password given"),
 ])
 def test_interactive_passwords_are_not_echoed_on_a_real_terminal(
     tmp_path: Path, args: tuple[str, ...], answers: list[tuple[str, str]], returncode: int, message: str,
@@ -195,6 +198,7 @@ def test_interactive_passwords_are_not_echoed_on_a_real_terminal(
     htpasswd = users_file(tmp_path)
     shown = run_in_terminal([*AIRLOCK, *args, "--file", str(htpasswd), "--cost", "10"], answers, cwd=ROOT)
     assert shown.returncode == returncode and message in shown.screen, shown.screen
+    assert "Traceback" not in shown.screen
     assert_not_echoed(shown, SECRET, NEW_SECRET)
     if returncode == 0:
         user, password = args[2], answers[0][1]
@@ -227,6 +231,19 @@ def test_keys_create_shows_the_key_once_and_nothing_else_repeats_it(tmp_path: Pa
     revoked = [line for line in airlock_cli("keys", "list", "--file", str(keys_file)).splitlines() if key_id in line]
     assert len(revoked) == 1 and revoked[0].endswith("revoked")
     assert secret not in keys_file.read_text()
+
+
+def test_a_whole_key_whose_secret_is_not_that_keys_revokes_nothing(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.json"
+    first = airlock_cli("keys", "create", "--user", "alice", "--file", str(keys_file)).strip()
+    second = airlock_cli("keys", "create", "--user", "bob", "--file", str(keys_file)).strip()
+    first_id, second_secret = first.split("_")[1], second.split("_", 2)[2]
+    result = run("keys", "revoke", f"alk_{first_id}_{second_secret}", "--file", str(keys_file))
+    assert result.returncode == 1 and f"the key given is not key {first_id}'s" in result.stderr, result.stderr
+    assert_not_echoed(result, second_secret)
+    assert "Traceback" not in result.stderr
+    listed = airlock_cli("keys", "list", "--file", str(keys_file)).splitlines()
+    assert [line.split()[-1] for line in listed if first_id in line or second.split("_")[1] in line] == ["active"] * 2
 
 
 def test_revoking_by_a_whole_key_names_only_its_id(tmp_path: Path) -> None:

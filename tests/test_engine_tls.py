@@ -441,7 +441,7 @@ def test_the_readmes_certificates_work_for_the_engine_and_the_gateway(tmp_path: 
                             timeout=120)
     assert result.returncode == 0, result.stderr
     pki = tmp_path / "airlock-pki"
-    assert "engine.pem: OK" in result.stdout and "gateway.pem: OK" in result.stdout
+    assert "engine.pem: OK" in result.stdout and "gateway-client.pem: OK" in result.stdout
     assert (pki / "engine.key").stat().st_mode & 0o077 == 0  # umask 077: keys private from the start
 
     def handshake(server_certificate: str, client_certificate: str, name: str) -> str:
@@ -473,9 +473,9 @@ def test_the_readmes_certificates_work_for_the_engine_and_the_gateway(tmp_path: 
         return seen[0]
 
     for name in ("engine-b.example.internal", "10.0.0.12"):  # the names the engine's certificate was given
-        assert handshake("engine", "gateway", name) == "airlock-gateway"
+        assert handshake("engine", "gateway-client", name) == "airlock-gateway"
     with pytest.raises(ssl.SSLCertVerificationError):
-        handshake("engine", "gateway", "engine-c.example.internal")  # a name it was not given
+        handshake("engine", "gateway-client", "engine-c.example.internal")  # a name it was not given
     with pytest.raises(ssl.SSLError):
         handshake("engine", "engine", "engine-b.example.internal")  # an engine's key cannot pass for the gateway
 
@@ -494,7 +494,7 @@ def test_the_readmes_settings_for_both_hosts_are_valid() -> None:
                                                         "AIRLOCK_ENGINE__TLS": json.dumps(engines["engine"]["tls"])})
     assert result.returncode == 0, result.stderr
     argv = json.loads(result.stdout)["replicas"][0]["argv"]
-    assert "--ssl-ca-certs /etc/airlock/tls/gateway-ca.pem --ssl-cert-reqs 2" in argv
+    assert "--ssl-ca-certs /etc/airlock/engine-tls/gateway-ca.pem --ssl-cert-reqs 2" in argv
 
 
 # How the launcher sees that a TLS engine serves (it holds no client certificate, so it cannot ask /health).
