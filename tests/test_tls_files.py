@@ -314,6 +314,15 @@ def test_airlock_up_refuses_an_engine_certificate_that_does_not_name_its_address
     assert f"add {refused_for} to the certificate's subject alternative names" in str(refused.value)
 
 
+def test_an_expired_engine_certificate_is_warned_about_at_start(tmp_path: Path, ca: trustme.CA,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    files = write_pair(tmp_path, "engine", ca, not_before=NOW - timedelta(days=400), not_after=NOW - timedelta(days=2))
+    ca.cert_pem.write_to_path(str(tmp_path / "gateway-ca.pem"))
+    with caplog.at_level(logging.WARNING, logger="airlock.tls"):
+        check_engine_tls(load_settings(engine=engine_settings(files, tmp_path / "gateway-ca.pem")), own_engines=False)
+    assert f"{files.cert_file}: the certificate expired on" in caplog.text
+
+
 def test_names_host_reads_subject_alternative_names_only(tmp_path: Path, ca: trustme.CA) -> None:
     files = write_pair(tmp_path, "engine", ca, "::1", "Engine.Example", common_name="other.example")
     assert names_host(files.cert_file, "::1") and names_host(files.cert_file, "engine.example")
