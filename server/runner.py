@@ -92,14 +92,13 @@ def check_engine_tls(settings: Settings, own_engines: bool) -> None:
     tls = settings.engine.tls
     if tls is None:
         return
+    host = urlsplit(replica_url(settings.engine, Path(), 0)).hostname or ""
     try:
         server_context(CertificateFiles(tls.cert_file, tls.key_file), tls.client_ca_file)
+        named = names_host(tls.cert_file, host)
     except TlsFileError as exc:
         raise ConfigError(f"engine.tls: {exc}") from exc
-    if not own_engines:
-        return
-    host = urlsplit(replica_url(settings.engine, Path(), 0)).hostname or ""
-    if not names_host(tls.cert_file, host):
+    if own_engines and not named:
         kind = "IP" if _is_address(host) else "DNS"
         raise ConfigError(
             f"engine.tls.cert_file ({tls.cert_file}) does not name {host}, the address `airlock up` reaches its "
