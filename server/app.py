@@ -44,6 +44,7 @@ from .routing import build_strategy
 from .screening import Route, Screening
 from .sessions import CSRF_HEADER, SESSION_COOKIE, SessionStore, csrf_matches
 from .tenancy import TenantSalts
+from .tls import CertificateReloader
 from .upstream import ReplicaPool
 from .usage import ask_for_usage
 
@@ -131,15 +132,17 @@ def create_app(config: Settings, upstream_urls: Sequence[str]) -> ASGIApp:
     return create_gateway(config, upstream_urls).api
 
 
-def create_gateway(config: Settings, upstream_urls: Sequence[str]) -> Gateway:
-    """Build the gateway for the engines at ``upstream_urls``."""
+def create_gateway(config: Settings, upstream_urls: Sequence[str],
+                   listener_certificate: CertificateReloader | None = None) -> Gateway:
+    """Build the gateway for the engines at ``upstream_urls``; ``listener_certificate``: its TLS listener's, whose
+    expiry the metrics show."""
     settings = config.gateway
     pool = ReplicaPool(upstream_urls, settings, build_strategy(config.routing),
                        config.admission.max_in_flight_per_replica, config.upstream_tls)
     admission = Admission(config.admission, pool.capacity)
     pool.on_change.append(admission.capacity_changed)
     metrics = GatewayMetrics(config.metrics.active_users_window_s)
-    metrics.watch(pool, admission)
+    metrics.watch(pool, admission, listener_certificate)
     authentication = build_authentication(config.auth)
     access = ModelAccess(config.authorization)
     # Rules that name no served model are logged (and shown in the posture) when the served models are learnt.

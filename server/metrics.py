@@ -32,6 +32,7 @@ from .errors import AirlockError
 
 if TYPE_CHECKING:
     from .admission import Admission
+    from .tls import CertificateReloader
     from .upstream import ReplicaPool
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ class GatewayMetrics:
         self._window_s = active_users_window_s
         self._pool: ReplicaPool | None = None
         self._admission: Admission | None = None
+        self._listener_certificate: CertificateReloader | None = None
         self._refused_since_log: collections.Counter[str] = collections.Counter()
         r = self.registry
         self.requests = Counter("airlock_requests", "API requests answered, by model, route and status code.",
@@ -188,9 +190,18 @@ class GatewayMetrics:
         ProcessCollector(namespace="airlock", registry=r)
         r.register(_StateCollector(self._state))
 
-    def watch(self, pool: ReplicaPool, admission: Admission) -> None:
-        """Export the replicas' health and load and the queues' lengths, read at each scrape."""
-        self._pool, self._admission = pool, admission
+    def watch(self, pool: ReplicaPool, admission: Admission,
+              listener_certificate: CertificateReloader | None = None) -> None:
+        """Export the replicas' health and load, the queues' lengths and the certificates' expiry (the listener's,
+        the client certificate in ``pool``), read at each scrape."""
+        self._pool, self._admission, self._listener_certificate = pool, admission, listener_certificate
+
+    def _certificates(self) -> Iterator[tuple[str, CertificateReloader]]:
+        """The certificates the gateway presents, by role (a fixed list: never a file or host name)."""
+        if self._listener_certificate is not None:
+            yield "gateway", self._listener_certificate
+        if self._pool is not None and self._pool.tls is not None:
+            yield "upstream_client", self._pool.tls.reloader
 
     def _state(self) -> Iterator[Metric]:
         users = GaugeMetricFamily("airlock_active_users",
@@ -210,6 +221,16 @@ class GatewayMetrics:
             ready = GaugeMetricFamily("airlock_ready", "1 while every model has a healthy replica (as /readyz).")
             ready.add_metric([], 1.0 if self._pool.ready else 0.0)
             yield ready
+        expiry = GaugeMetricFamily(
+            "airlock_tls_certificate_expiry_timestamp_seconds",
+            "When a certificate the gateway presents expires (its notAfter, unix seconds): gateway (its listener), "
+            "upstream_client (to the engines). The one in use: a renewal shows once it is loaded.",
+            labels=["certificate"])
+        for role, reloader in self._certificates():
+            if reloader.not_after is not None:
+                expiry.add_metric([role], reloader.not_after.timestamp())
+        if expiry.samples:
+            yield expiry
         if self._admission is not None:
             queued = GaugeMetricFamily("airlock_queued_requests", "Requests waiting in a model's fair queue.",
                                        labels=["model"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import shutil
 import signal
@@ -16,18 +17,27 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import uvicorn
 
 from .app import Gateway, create_gateway
 from .auth.watched import CredentialsFileError
 from .config import ConfigError, Settings, is_loopback_host
-from .engine import Device, ReplicaLaunch, build_replicas
+from .engine import Device, ReplicaLaunch, build_replicas, replica_url
 from .privacy import harden_process
 from .profiles import ModelChoice, choose_model, detect_gpu_free_gb, load_profiles
 from .runtime import settle_heap
 from .supervisor import Supervisor
-from .tls import CertificateFiles, CertificateReloader, TlsFileError, reloading, server_context
+from .tls import (
+    CertificateFiles,
+    CertificateReloader,
+    TlsFileError,
+    from_systemd_credentials,
+    names_host,
+    reloading,
+    server_context,
+)
 
 log = logging.getLogger("airlock")
 
@@ -73,6 +83,36 @@ def load_gateway_tls(settings: Settings) -> GatewayTls | None:
     except TlsFileError as exc:
         raise ConfigError(f"gateway.tls: {exc}") from exc
     return GatewayTls(context, CertificateReloader(certificate, [context]))
+
+
+def check_engine_tls(settings: Settings, own_engines: bool) -> None:
+    """Load ``engine.tls`` as vLLM will, before any engine starts: an unusable file is refused now, naming the
+    setting, not after minutes of loading the model in engines that then restart forever. With ``own_engines``
+    (``airlock up``), the certificate must also name the host the gateway reaches them at."""
+    tls = settings.engine.tls
+    if tls is None:
+        return
+    host = urlsplit(replica_url(settings.engine, Path(), 0)).hostname or ""
+    try:
+        server_context(CertificateFiles(tls.cert_file, tls.key_file), tls.client_ca_file)
+        named = names_host(tls.cert_file, host)
+    except TlsFileError as exc:
+        raise ConfigError(f"engine.tls: {exc}") from exc
+    if own_engines and not named:
+        kind = "IP" if _is_address(host) else "DNS"
+        raise ConfigError(
+            f"engine.tls.cert_file ({tls.cert_file}) does not name {host}, the address `airlock up` reaches its "
+            f"engines at (from engine.host): add {kind}:{host} to the certificate's subject alternative names, or "
+            "the gateway refuses its own engines"
+        )
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _uvicorn_config(app: object, settings: Settings, tls: GatewayTls | None = None,
@@ -248,10 +288,10 @@ def listen(host: str, port: int, section: str = "gateway") -> socket.socket:
     return sock
 
 
-def build_gateway(settings: Settings, upstream_urls: list[str]) -> Gateway:
+def build_gateway(settings: Settings, upstream_urls: list[str], tls: GatewayTls | None = None) -> Gateway:
     """The gateway apps, with the credentials files read (and refused, naming the line, if unusable)."""
     try:
-        gateway = create_gateway(settings, upstream_urls)
+        gateway = create_gateway(settings, upstream_urls, tls.reloader if tls is not None else None)
     except CredentialsFileError as exc:
         raise ConfigError(str(exc)) from exc
     methods = [name for name, on in (
@@ -269,11 +309,12 @@ async def run_up(settings: Settings) -> None:
     gateway_settings = settings.gateway
     with runtime_directory(settings) as runtime_dir, listen(gateway_settings.host, gateway_settings.port) as sock:
         tls = load_gateway_tls(settings)
+        check_engine_tls(settings, own_engines=True)
         choice, device, launches = plan_engines(settings, runtime_dir)
         _announce(choice, device, launches, settings)
         check_model(choice, settings)
         ensure_demo_model(choice, settings.engine.python)
-        gateway = build_gateway(settings, [launch.url for launch in launches])
+        gateway = build_gateway(settings, [launch.url for launch in launches], tls)
         settle_heap()
         supervisor = Supervisor(launches, settings.engine)
         with Signals() as signals:
@@ -289,6 +330,7 @@ async def run_engines(settings: Settings) -> None:
     """Only the engines, for a gateway that runs elsewhere (its upstreams are printed)."""
     harden_process()
     _log_start("engine", settings)
+    check_engine_tls(settings, own_engines=False)
     with runtime_directory(settings) as runtime_dir:
         choice, device, launches = plan_engines(settings, runtime_dir)
         _announce(choice, device, launches, settings)
@@ -312,7 +354,7 @@ async def run_gateway(settings: Settings) -> None:
     if not settings.upstreams:
         raise ConfigError("upstreams: list at least one engine (url: unix:/path.sock or http://host:port)")
     tls = load_gateway_tls(settings)
-    gateway = build_gateway(settings, [upstream.url for upstream in settings.upstreams])
+    gateway = build_gateway(settings, [upstream.url for upstream in settings.upstreams], tls)
     settle_heap()
     with listen(settings.gateway.host, settings.gateway.port) as sock, Signals() as signals:
         await serve_gateway(gateway, settings, sock, signals, tls)
@@ -325,7 +367,11 @@ async def serve_gateway(gateway: Gateway, settings: Settings, sock: socket.socke
     scheme = "https" if tls is not None else "http"
     log.info("gateway on %s://%s:%d/v1 (ready once an engine is healthy: GET /readyz)",
              scheme, gateway_settings.host, gateway_settings.port)
-    if tls is not None:
+    if tls is not None and from_systemd_credentials(tls.reloader.certificate.paths):
+        # LoadCredential= copies the files once, at the service's start: a renewed original never reaches them.
+        log.info("TLS: certificate from %s; certificate files come from systemd credentials: a renewal takes "
+                 "`systemctl restart`", gateway_settings.tls.cert_file)
+    elif tls is not None:
         log.info("TLS: certificate from %s; a renewed certificate and key are used for new connections within %.0f s",
                  gateway_settings.tls.cert_file, tls.reloader.interval_s)
     if gateway_settings.tls_terminated_by_proxy:

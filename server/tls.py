@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Sequence
+import stat
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 log = logging.getLogger("airlock.tls")
 
@@ -32,6 +39,11 @@ TLS12_CIPHERS = ":".join((
 ))
 # How often certificate files are looked at for a change.
 RELOAD_INTERVAL_S = 2.0
+# A served certificate this close to its end is warned about at start and at every reload.
+EXPIRY_WARNING_DAYS = 14
+# Where systemd puts the copies LoadCredential= makes (also named by $CREDENTIALS_DIRECTORY).
+SYSTEMD_CREDENTIALS = Path("/run/credentials")
+PERMISSION_DENIED = "permission denied (is it readable by the service's user?)"
 
 
 class TlsFileError(Exception):
@@ -57,42 +69,156 @@ class CertificateFiles:
     def paths(self) -> tuple[Path, ...]:
         return tuple(p for p in (self.cert_file, self.key_file, self.chain_file) if p is not None)
 
-    def load_into(self, context: ssl.SSLContext) -> None:
-        """Install this certificate in ``context`` (replacing the one it had). Raises TlsFileError."""
-        certfile = self.cert_file
+    def load_into(self, context: ssl.SSLContext) -> datetime | None:
+        """Install this certificate in ``context`` (replacing the one it had), and warn about a key others can read
+        or a certificate out of (or close to the end of) its validity. Returns the leaf's notAfter (None if it
+        could not be read). Raises TlsFileError naming the file at fault."""
+        pem = self._read(self.cert_file)
+        if self.chain_file is not None:
+            chain = self._read(self.chain_file)
+            if not _certificates(chain):
+                raise TlsFileError(f"{self.chain_file}: holds no PEM certificate (a chain_file lists intermediates)")
+            pem = pem.rstrip(b"\n") + b"\n" + chain
+        self._warn_if_key_readable_by_others()
         try:
-            if self.chain_file is None:
-                context.load_cert_chain(certfile=certfile, keyfile=self.key_file)
-                return
-            # ssl takes leaf + chain from one file: join them in an anonymous in-memory file (memfd), not on disk.
-            pem = certfile.read_bytes().rstrip(b"\n") + b"\n" + self.chain_file.read_bytes()
+            # ssl takes leaf + chain from one file: hand it the bytes read above (those the expiry is read from) in
+            # an anonymous in-memory file (memfd), never on disk.
             joined = os.memfd_create("airlock-cert-chain", os.MFD_CLOEXEC)
             try:
                 os.write(joined, pem)
-                context.load_cert_chain(certfile=f"/proc/self/fd/{joined}", keyfile=self.key_file)
+                context.load_cert_chain(certfile=f"/proc/self/fd/{joined}", keyfile=self.key_file,
+                                        password=_refuse_passphrase)
             finally:
                 os.close(joined)
+        except _EncryptedKey as exc:
+            raise TlsFileError(f"{self.key_file}: the private key is encrypted; give an unencrypted key (readable "
+                               "only by the service's user)") from exc
         except FileNotFoundError as exc:
-            raise TlsFileError(f"{self._culprit(exc)}: no such file") from exc
+            raise TlsFileError(f"{self.key_file}: no such file") from exc
         except PermissionError as exc:
-            raise TlsFileError(
-                f"{self._culprit(exc)}: permission denied (is it readable by the service's user?)"
-            ) from exc
+            raise TlsFileError(f"{self.key_file}: {PERMISSION_DENIED}") from exc
         except ssl.SSLError as exc:
-            raise TlsFileError(
-                f"{self.cert_file} / {self.key_file}: not a PEM certificate and its matching private key "
-                f"({exc.reason or 'unreadable'})"
-            ) from exc
+            raise TlsFileError(self._diagnose(pem, exc)) from exc
         except OSError as exc:
-            raise TlsFileError(f"{self.cert_file}: cannot be read ({exc.strerror})") from exc
+            raise TlsFileError(f"{self.key_file}: cannot be read ({exc.strerror})") from exc
+        leaf = next(iter(_certificates(pem)), None)
+        if leaf is None:
+            return None
+        warn_about_validity(self.cert_file, leaf)
+        return leaf.not_valid_after_utc
+
+    def not_after(self) -> datetime | None:
+        """The leaf certificate's notAfter as the file says now (None if it cannot be read)."""
+        try:
+            leaf = next(iter(_certificates(self.cert_file.read_bytes())), None)
+        except OSError:
+            return None
+        return leaf.not_valid_after_utc if leaf is not None else None
+
+    @staticmethod
+    def _read(path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as exc:
+            raise TlsFileError(f"{path}: no such file") from exc
+        except PermissionError as exc:
+            raise TlsFileError(f"{path}: {PERMISSION_DENIED}") from exc
+        except OSError as exc:
+            raise TlsFileError(f"{path}: cannot be read ({exc.strerror})") from exc
+
+    def _diagnose(self, pem: bytes, exc: ssl.SSLError) -> str:
+        """Which file ``load_cert_chain`` choked on: it says only "PEM lib" or "key values mismatch", for all of
+        them. Nothing read here reaches the message but the file's name."""
+        certificates = _certificates(pem)
+        if not certificates:
+            return f"{self.cert_file}: not a PEM certificate"
+        try:
+            key = serialization.load_pem_private_key(self._read(self.key_file), password=None)
+        except TypeError:
+            return (f"{self.key_file}: the private key is encrypted; give an unencrypted key (readable only by the "
+                    "service's user)")
+        except (ValueError, UnsupportedAlgorithm):
+            return f"{self.key_file}: not a PEM private key"
+        if key.public_key() != certificates[0].public_key():
+            return f"{self.key_file}: the key does not match the certificate in {self.cert_file}"
+        return f"{self.cert_file} / {self.key_file}: cannot be used ({exc.reason or 'unreadable'})"
+
+    def _warn_if_key_readable_by_others(self) -> None:
+        """A private key every local account can read is a leak waiting to happen; warned about, not refused (a
+        mounted Secret may come that way)."""
+        try:
+            mode = stat.S_IMODE(self.key_file.stat().st_mode)
+        except OSError:
+            return  # load_cert_chain says what is wrong with it
+        if mode & 0o004:
+            log.warning("%s: the private key is readable by every user on this machine (mode %04o): make it "
+                        "readable only by the service's user (chmod 600, or 640 with its group)",
+                        self.key_file, mode)
 
 
-    def _culprit(self, exc: OSError) -> object:
-        """The file an error is about: ``load_cert_chain`` raises without naming it (exc.filename is None)."""
-        if exc.filename is not None:
-            return exc.filename
-        unreadable = (path for path in self.paths if not os.access(path, os.R_OK))
-        return next(unreadable, self.cert_file)
+class _EncryptedKey(Exception):
+    """Raised in place of a passphrase: OpenSSL would otherwise ask for one on the terminal, and wait."""
+
+
+def _refuse_passphrase() -> bytes:
+    raise _EncryptedKey
+
+
+def _certificates(pem: bytes) -> list[x509.Certificate]:
+    """The PEM certificates in ``pem``, leaf first ([] if there are none, or they do not parse)."""
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        return []
+
+
+def warn_about_validity(cert_file: Path, leaf: x509.Certificate, now: datetime | None = None) -> None:
+    """Warn when a served certificate is expired, not valid yet, or expires within EXPIRY_WARNING_DAYS: clients
+    refuse it then, and the cause is far from the symptom. The message names the file and the date only."""
+    now = now or datetime.now(UTC)
+    not_before, not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+    if now >= not_after:
+        log.warning("%s: the certificate expired on %s: clients refuse it; renew it", cert_file, _day(not_after))
+    elif now < not_before:
+        log.warning("%s: the certificate is not valid before %s: clients refuse it until then (is the clock "
+                    "right?)", cert_file, _day(not_before))
+    elif not_after - now < timedelta(days=EXPIRY_WARNING_DAYS):
+        log.warning("%s: the certificate expires on %s (in %d days): renew it", cert_file, _day(not_after),
+                    (not_after - now).days)
+
+
+def _day(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def names_host(cert_file: Path, host: str) -> bool:
+    """Whether the certificate in ``cert_file`` is valid for ``host`` (an IP address or a DNS name, as a client
+    checks it: subject alternative names only, a wildcard standing for one leftmost label)."""
+    leaf = next(iter(_certificates(CertificateFiles._read(cert_file))), None)
+    if leaf is None:
+        return False
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        host = host.lower().rstrip(".")
+        parent = host.partition(".")[2]
+        return any(name.lower() == host or (name.startswith("*.") and parent and name[2:].lower() == parent)
+                   for name in names.get_values_for_type(x509.DNSName))
+    return address in names.get_values_for_type(x509.IPAddress)
+
+
+def from_systemd_credentials(paths: Sequence[Path], environ: Mapping[str, str] | None = None) -> bool:
+    """Whether any of ``paths`` is one of systemd's credential copies (LoadCredential=), made once at the service's
+    start: a renewed original reaches the service only with a restart."""
+    environ = os.environ if environ is None else environ
+    roots = [SYSTEMD_CREDENTIALS]
+    if environ.get("CREDENTIALS_DIRECTORY"):
+        roots.append(Path(environ["CREDENTIALS_DIRECTORY"]))
+    return any(path.absolute().is_relative_to(root) for path in paths for root in roots)
 
 
 def server_context(certificate: CertificateFiles, client_ca_file: Path | None = None) -> ssl.SSLContext:
@@ -150,23 +276,28 @@ class CertificateReloader:
     contexts: Sequence[ssl.SSLContext]
     interval_s: float = RELOAD_INTERVAL_S
     reloads: int = 0
+    # The notAfter of the certificate in use (for airlock_tls_certificate_expiry_timestamp_seconds).
+    not_after: datetime | None = field(default=None, init=False)
     _stamp: tuple[tuple[int, int, int, int], ...] = field(default=(), init=False)
 
     def __post_init__(self) -> None:
         self._stamp = _stamp(self.certificate.paths)
+        self.not_after = self.certificate.not_after()
 
     def check(self) -> bool:
         """Reload if the files changed since the last successful load; True when a new certificate went in."""
         stamp = _stamp(self.certificate.paths)
         if stamp == self._stamp:
             return False
+        not_after = self.not_after
         try:
             for context in self.contexts:
-                self.certificate.load_into(context)
+                not_after = self.certificate.load_into(context)
         except TlsFileError as exc:
             log.warning("a changed certificate could not be loaded; the previous one stays in use: %s", exc)
             return False
         self._stamp = stamp
+        self.not_after = not_after
         self.reloads += 1
         log.info("certificate reloaded from %s", self.certificate.cert_file)
         return True

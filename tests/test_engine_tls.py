@@ -406,7 +406,7 @@ def test_unusable_client_certificate_files_stop_the_start_naming_the_setting(tmp
     (tmp_path / "gateway.key").write_text("not a key")
     settings = UpstreamTlsSettings(ca_file=pki.path("engine-ca.pem"), cert_file=pki.path("gateway.pem"),
                                    key_file=pki.path("gateway.key"))
-    with pytest.raises(ConfigError, match=r"^upstream_tls: .*gateway\.pem") as refused:
+    with pytest.raises(ConfigError, match=r"^upstream_tls: .*gateway\.key: not a PEM private key$") as refused:
         EngineTls.from_settings(settings)
     assert "not a key" not in str(refused.value)
     missing = settings.model_copy(update={"ca_file": tmp_path / "absent.pem"})
