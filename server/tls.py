@@ -72,35 +72,32 @@ class CertificateFiles:
     def load_into(self, context: ssl.SSLContext) -> datetime | None:
         """Install this certificate in ``context`` (replacing the one it had), and warn about a key others can read
         or a certificate out of (or close to the end of) its validity. Returns the leaf's notAfter (None if it
-        could not be read). Raises TlsFileError naming the file at fault."""
+        could not be read). Raises TlsFileError naming the file at fault.
+
+        The files are read once, and the pair is first loaded into a throwaway context: OpenSSL installs a new
+        certificate before it finds that the key does not match, and then drops the old key, so a failed load
+        into a context in use would leave it with no usable certificate. Only a pair that loads goes in."""
         pem = self._read(self.cert_file)
         if self.chain_file is not None:
             chain = self._read(self.chain_file)
             if not _certificates(chain):
                 raise TlsFileError(f"{self.chain_file}: holds no PEM certificate (a chain_file lists intermediates)")
             pem = pem.rstrip(b"\n") + b"\n" + chain
+        key = self._read(self.key_file)
         self._warn_if_key_readable_by_others()
         try:
-            # ssl takes leaf + chain from one file: hand it the bytes read above (those the expiry is read from) in
-            # an anonymous in-memory file (memfd), never on disk.
-            joined = os.memfd_create("airlock-cert-chain", os.MFD_CLOEXEC)
-            try:
-                os.write(joined, pem)
-                context.load_cert_chain(certfile=f"/proc/self/fd/{joined}", keyfile=self.key_file,
-                                        password=_refuse_passphrase)
-            finally:
-                os.close(joined)
+            _load_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), pem, key)
         except _EncryptedKey as exc:
             raise TlsFileError(f"{self.key_file}: the private key is encrypted; give an unencrypted key (readable "
                                "only by the service's user)") from exc
-        except FileNotFoundError as exc:
-            raise TlsFileError(f"{self.key_file}: no such file") from exc
-        except PermissionError as exc:
-            raise TlsFileError(f"{self.key_file}: {PERMISSION_DENIED}") from exc
         except ssl.SSLError as exc:
-            raise TlsFileError(self._diagnose(pem, exc)) from exc
+            raise TlsFileError(self._diagnose(pem, key, exc)) from exc
         except OSError as exc:
-            raise TlsFileError(f"{self.key_file}: cannot be read ({exc.strerror})") from exc
+            raise TlsFileError(f"{self.cert_file} / {self.key_file}: cannot be loaded ({exc.strerror})") from exc
+        try:
+            _load_pair(context, pem, key)
+        except (_EncryptedKey, ssl.SSLError, OSError) as exc:  # the same bytes loaded a moment ago
+            raise TlsFileError(f"{self.cert_file} / {self.key_file}: cannot be loaded") from exc
         leaf = next(iter(_certificates(pem)), None)
         if leaf is None:
             return None
@@ -126,14 +123,14 @@ class CertificateFiles:
         except OSError as exc:
             raise TlsFileError(f"{path}: cannot be read ({exc.strerror})") from exc
 
-    def _diagnose(self, pem: bytes, exc: ssl.SSLError) -> str:
+    def _diagnose(self, pem: bytes, key_pem: bytes, exc: ssl.SSLError) -> str:
         """Which file ``load_cert_chain`` choked on: it says only "PEM lib" or "key values mismatch", for all of
         them. Nothing read here reaches the message but the file's name."""
         certificates = _certificates(pem)
         if not certificates:
             return f"{self.cert_file}: not a PEM certificate"
         try:
-            key = serialization.load_pem_private_key(self._read(self.key_file), password=None)
+            key = serialization.load_pem_private_key(key_pem, password=None)
         except TypeError:
             return (f"{self.key_file}: the private key is encrypted; give an unencrypted key (readable only by the "
                     "service's user)")
@@ -154,6 +151,19 @@ class CertificateFiles:
             log.warning("%s: the private key is readable by every user on this machine (mode %04o): make it "
                         "readable only by the service's user (chmod 600, or 640 with its group)",
                         self.key_file, mode)
+
+
+def _load_pair(context: ssl.SSLContext, pem: bytes, key: bytes) -> None:
+    """``load_cert_chain`` from bytes: ssl reads only paths, so each is handed over in an anonymous in-memory file
+    (memfd), never on disk."""
+    with contextlib.ExitStack() as closing:
+        paths = []
+        for name, data in (("airlock-cert-chain", pem), ("airlock-key", key)):
+            descriptor = os.memfd_create(name, os.MFD_CLOEXEC)
+            closing.callback(os.close, descriptor)
+            os.write(descriptor, data)
+            paths.append(f"/proc/self/fd/{descriptor}")
+        context.load_cert_chain(certfile=paths[0], keyfile=paths[1], password=_refuse_passphrase)
 
 
 class _EncryptedKey(Exception):
@@ -232,10 +242,13 @@ def server_context(certificate: CertificateFiles, client_ca_file: Path | None = 
 
 
 def client_context(ca_file: Path | None, certificate: CertificateFiles | None = None) -> ssl.SSLContext:
-    """A client's context: the peer is verified (host name included) against ``ca_file`` (default: the system's
-    CAs), and ``certificate`` is presented when the server asks for one."""
-    context = _harden(ssl.create_default_context(ssl.Purpose.SERVER_AUTH))
-    if ca_file is not None:
+    """A client's context: the peer is verified (host name included) against ``ca_file`` alone (the system's CAs
+    only when there is none), and ``certificate`` is presented when the server asks for one. A private CA replaces
+    the system's store rather than joining it: any public or corporate CA could otherwise vouch for an "engine"."""
+    if ca_file is None:
+        context = _harden(ssl.create_default_context(ssl.Purpose.SERVER_AUTH))
+    else:
+        context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))  # CERT_REQUIRED and check_hostname by default
         _load_ca(context, ca_file)
     if certificate is not None:
         certificate.load_into(context)
@@ -248,9 +261,11 @@ def _load_ca(context: ssl.SSLContext, ca_file: Path) -> None:
     except FileNotFoundError as exc:
         raise TlsFileError(f"{ca_file}: no such file") from exc
     except PermissionError as exc:
-        raise TlsFileError(f"{ca_file}: permission denied") from exc
+        raise TlsFileError(f"{ca_file}: {PERMISSION_DENIED}") from exc
     except ssl.SSLError as exc:
         raise TlsFileError(f"{ca_file}: not a PEM CA certificate bundle") from exc
+    except OSError as exc:
+        raise TlsFileError(f"{ca_file}: cannot be read ({exc.strerror})") from exc
 
 
 def _stamp(paths: Sequence[Path]) -> tuple[tuple[int, int, int, int], ...]:
@@ -305,7 +320,11 @@ class CertificateReloader:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            self.check()
+            try:
+                self.check()
+            except Exception as exc:  # a reloader that died would never pick up a renewal again
+                log.warning("checking %s for a renewal failed (%s); trying again in %.0f s",
+                            self.certificate.cert_file, type(exc).__name__, self.interval_s)
 
 
 @contextlib.asynccontextmanager

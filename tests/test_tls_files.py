@@ -395,3 +395,35 @@ def test_the_start_log_says_a_renewal_from_systemd_credentials_needs_a_restart(
     assert (restart in text) is credentials
     assert ("a renewed certificate and key are used for new connections" in text) is not credentials
 
+
+
+def test_a_renewal_caught_half_way_leaves_the_served_certificate_working(tmp_path: Path, ca: trustme.CA) -> None:
+    """A new certificate beside the old key (certbot swaps its links one at a time): the reload is refused, and the
+    context in use still completes handshakes with the old pair (OpenSSL would have dropped its key)."""
+    files = write_pair(tmp_path, "gateway", ca)
+    server = server_context(files)
+    reloader = CertificateReloader(files, [server])
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    client = client_context(tmp_path / "ca.pem")
+    handshake(server, client, "127.0.0.1")
+    ca.issue_cert("127.0.0.1").cert_chain_pems[0].write_to_path(str(files.cert_file))  # its key not yet in place
+    assert reloader.check() is False
+    handshake(server, client, "127.0.0.1")
+    renewed = write_pair(tmp_path, "renewed", ca)
+    files.key_file.write_bytes(renewed.key_file.read_bytes())
+    files.cert_file.write_bytes(renewed.cert_file.read_bytes())
+    assert reloader.check() is True and reloader.reloads == 1
+    handshake(server, client, "127.0.0.1")
+
+
+def test_a_private_ca_is_the_only_one_an_engine_may_be_vouched_for_by(tmp_path: Path, ca: trustme.CA) -> None:
+    """With upstream_tls.ca_file the system's CAs are not trusted as well: a certificate from any of them that
+    named the engine's host would otherwise let its holder pose as an engine."""
+    ca.cert_pem.write_to_path(str(tmp_path / "engines-ca.pem"))
+    context = client_context(tmp_path / "engines-ca.pem")
+    assert context.cert_store_stats()["x509_ca"] == 1
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    other = trustme.CA()
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(server_context(write_pair(tmp_path, "stranger", other)), context, "127.0.0.1")
+    handshake(server_context(write_pair(tmp_path, "engine", ca)), context, "127.0.0.1")
