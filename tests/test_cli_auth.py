@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -313,3 +314,14 @@ def test_audit_never_shows_its_credential(tmp_path: Path) -> None:
     logged = log_path.read_text()
     assert "authentication: " in logged and "Finished server process" in logged  # the log was captured
     assert NEW_SECRET not in logged and NEW_SECRET.replace("-", "_") not in logged
+
+
+def test_a_file_others_could_read_is_kept_from_them_when_replaced(tmp_path: Path) -> None:
+    """An htpasswd file made by Apache's `htpasswd -c` is 0644; the first `airlock users` change closes it to others
+    (and keeps what its owner and group had)."""
+    htpasswd = users_file(tmp_path)
+    htpasswd.chmod(0o644)
+    result = run("users", "add", "bob", "--file", str(htpasswd), "--password-stdin", "--cost", "10",
+                 stdin=f"{NEW_SECRET}\n")
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(htpasswd.stat().st_mode) == 0o640

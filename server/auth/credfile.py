@@ -3,8 +3,8 @@
 The gateway runs as its own user (``User=airlock`` under systemd) while ``airlock users`` / ``airlock keys`` are
 often run as root. The rule, as the README states it:
 
-- replacing a file keeps its owner, group and mode (root keeps the owner; anyone else who may replace the file
-  becomes its owner, and must be able to keep its group, or nothing is written);
+- replacing a file keeps its owner, group and mode, less any access for others (root keeps the owner; anyone
+  else who may replace the file becomes its owner, and must be able to keep its group, or nothing is written);
 - a new file takes the group of its directory and mode 0640, as files in a setgid directory do: the directory's
   group may read it, nobody else. A user who may not give it that group (not root, not a member) keeps their own
   group and gets 0600;
@@ -74,8 +74,9 @@ def write_credentials_file(path: Path, text: str, access: FileAccess = FileAcces
         gid, must_have_group = current.st_gid, True
     else:
         gid, must_have_group = path.parent.stat().st_gid, False
+    # A kept mode loses what others could do (an `htpasswd -c` file is 0644: its hashes were readable by all).
     mode = access.mode if access.mode is not None else (
-        current.st_mode & 0o777 if current is not None else NEW_FILE_MODE)
+        (current.st_mode & ALLOWED_MODE_BITS) | OWNER_ONLY_MODE if current is not None else NEW_FILE_MODE)
     if access.group is not None and access.mode is None:
         mode |= GROUP_READ
     root = os.geteuid() == 0
@@ -96,8 +97,8 @@ def write_credentials_file(path: Path, text: str, access: FileAccess = FileAcces
                         raise FileAccessError(
                             f"cannot give {path} group {_group_name(gid)}: run as root, or as a member of that "
                             "group; nothing was changed") from None
-                    if access.mode is None:
-                        mode = OWNER_ONLY_MODE  # the group is then our own, which this rule knows nothing about
+                    # The group is then our own, which neither the rule nor --mode meant to let in.
+                    mode = OWNER_ONLY_MODE
             os.fchmod(handle.fileno(), mode)
         os.replace(temporary, path)
     except BaseException:
