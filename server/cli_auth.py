@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import NoReturn
@@ -43,19 +43,20 @@ class SecretSafeParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
-        for value in sorted(set(_values(self._given)), key=len, reverse=True):
+        for value in sorted(set(_values(self._given, self._option_string_actions)), key=len, reverse=True):
             message = message.replace(repr(value), HIDDEN)
             message = re.sub(rf"(?<!\S){re.escape(value)}(?!\S)", HIDDEN, message)
         super().error(message)
 
 
-def _values(arguments: Sequence[str]) -> Iterator[str]:
-    """Everything given on the command line but the option names themselves."""
+def _values(arguments: Sequence[str], options: Container[str]) -> Iterator[str]:
+    """Everything given on the command line but the names of this parser's own options (an unknown "option" such
+    as ``-Xhunter2`` may be a password typed in the wrong place: it is hidden whole)."""
     for argument in arguments:
-        if argument.startswith("-"):
-            if "=" in argument:
-                yield argument.partition("=")[2]
-        elif argument:
+        name, equals, value = argument.partition("=")
+        if equals and argument.startswith("-"):
+            yield value  # argparse may quote the value alone (an abbreviated option's "explicit argument")
+        if argument and not (argument.startswith("-") and name in options):
             yield argument
 
 

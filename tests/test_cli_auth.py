@@ -173,6 +173,7 @@ def users_file(tmp_path: Path) -> Path:
     (("users", "passwd", "alice", "--password", NEW_SECRET), "", 2),
     (("users", NEW_SECRET), "", 2),                                                     # invalid choice
     (("users", "add", "erin", "--cost", NEW_SECRET), "", 2),                           # invalid int
+    (("users", "add", "erin", f"-X{NEW_SECRET}"), "", 2),                               # an unknown short option
 ])
 def test_users_commands_never_echo_a_password(
     tmp_path: Path, args: tuple[str, ...], stdin: str, returncode: int,
