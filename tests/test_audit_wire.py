@@ -233,7 +233,19 @@ def test_the_plan_watches_the_hops_the_settings_put_on_tcp(tmp_path: Path) -> No
     attached = plan_wire("https://airlock.example:443", load_settings(remote), interface=None, max_mb=1,
                          started=False)
     assert attached.ports == {443: "gateway", 8443: "engine"} and attached.interface == "any"
-    assert plan_wire("http://127.0.0.1:8000", None, interface="eth0", max_mb=1, started=False).interface == "eth0"
+    unknown = plan_wire("http://127.0.0.1:8000", None, interface="eth0", max_mb=1, started=False)
+    assert unknown.interface == "eth0" and unknown.unwatched and "--config" in unknown.unwatched[0]
+    proxied = tmp_path / "proxied.yaml"
+    proxied.write_text("gateway: {host: 0.0.0.0, port: 8000, tls_terminated_by_proxy: true, trusted_proxies: "
+                       "[10.0.0.5]}\nauth: {api_keys_file: /etc/airlock/api-keys.json}\n")
+    behind = plan_wire("https://airlock.example:443", load_settings(proxied), interface=None, max_mb=1, started=False)
+    assert behind.ports[443] == "gateway" and behind.ports[8000] == "gateway behind the proxy"
+
+
+def test_a_hop_the_audit_could_not_find_leaves_the_wire_not_verified() -> None:
+    plan = plan_wire("http://127.0.0.1:8000", None, interface=None, max_mb=1, started=False)
+    report = WireReport.of(plan, CaptureResult(b"", 0, 0, False), Canaries.fresh())
+    assert not report.verified and any("engine hop is not known" in problem for problem in report.problems)
 
 
 def test_an_interface_tcpdump_cannot_open_stops_the_audit() -> None:

@@ -40,6 +40,8 @@ class WirePlan:
     interface: str
     ports: dict[int, str]
     notes: tuple[str, ...] = ()
+    # Hops the audit knows exist but cannot watch (no settings to find them): the wire is then not verified.
+    unwatched: tuple[str, ...] = ()
     max_bytes: int = DEFAULT_MAX_MB * 1024 * 1024
 
     def capture_filter(self) -> str:
@@ -62,9 +64,14 @@ def plan_wire(gateway_url: str, settings: Settings | None, *, interface: str | N
     gateway_port = gateway.port or (443 if gateway.scheme == "https" else 80)
     ports, hosts, notes = {gateway_port: "gateway"}, [gateway.hostname or ""], []
     engine_urls: list[str] = []
+    unwatched: list[str] = []
     if settings is None:
-        notes.append("engine hop: not known (give --config so the audit knows where the engines listen)")
+        unwatched.append("the engine hop is not known (give --config so the audit knows where the engines listen)")
     else:
+        if settings.gateway.tls_terminated_by_proxy and settings.gateway.port != gateway_port:
+            # The URL is the proxy's; the hop behind it, from the proxy to the gateway, is watched too.
+            ports[settings.gateway.port] = "gateway behind the proxy"
+            hosts.append(settings.gateway.host)
         engine = settings.engine
         if engine.bind == "tcp" and (started or not settings.upstreams):
             host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(engine.host, engine.host)
@@ -80,7 +87,7 @@ def plan_wire(gateway_url: str, settings: Settings | None, *, interface: str | N
         ports.setdefault(parts.port or (443 if parts.scheme == "https" else 80), "engine")
         hosts.append(parts.hostname or "")
     chosen = interface or ("lo" if all(is_loopback_host(host) for host in hosts) else "any")
-    return WirePlan(chosen, ports, tuple(notes), max_mb * 1024 * 1024)
+    return WirePlan(chosen, ports, tuple(notes), tuple(unwatched), max_mb * 1024 * 1024)
 
 
 @dataclass

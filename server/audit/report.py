@@ -42,6 +42,7 @@ class WireReport:
     def of(cls, plan: WirePlan, capture: CaptureResult, canaries: Canaries) -> WireReport:
         """Judge the capture; anything that makes "nothing in clear" unprovable is a problem, never a pass."""
         report = cls(plan, capture=capture)
+        report.problems += list(plan.unwatched)
         try:
             report.findings = judge(connections(capture.pcap, plan.ports), canaries)
         except CaptureFormatError as exc:
