@@ -38,6 +38,11 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def _expand(value: Path | None) -> Path | None:
+    """``~`` in a path setting means the home directory, as in a shell."""
+    return value.expanduser() if value is not None else None
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -53,10 +58,7 @@ class GatewayTlsSettings(_Section):
     # Strict-Transport-Security on answers served over TLS: browsers then refuse plain HTTP to this host. 0: no header.
     hsts_max_age_s: int = Field(31_536_000, ge=0)
 
-    @field_validator("cert_file", "key_file", "chain_file")
-    @classmethod
-    def _expand_home(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
+    _expand_home = field_validator("cert_file", "key_file", "chain_file")(_expand)
 
     @model_validator(mode="after")
     def _pair(self) -> GatewayTlsSettings:
@@ -165,10 +167,7 @@ class OidcSettings(_Section):
             raise ValueError(f"not allowed: {', '.join(unsafe)} (only {', '.join(sorted(SAFE_JWT_ALGORITHMS))})")
         return value
 
-    @field_validator("jwks_file", "ca_file")
-    @classmethod
-    def _expand_home(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
+    _expand_home = field_validator("jwks_file", "ca_file")(_expand)
 
     @model_validator(mode="after")
     def _complete(self) -> OidcSettings:
@@ -210,10 +209,7 @@ class AuthSettings(_Section):
     oidc: OidcSettings = Field(default_factory=lambda: OidcSettings())
     failed_logins: FailedLoginSettings = Field(default_factory=lambda: FailedLoginSettings())
 
-    @field_validator("htpasswd_file", "api_keys_file")
-    @classmethod
-    def _expand_home(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
+    _expand_home = field_validator("htpasswd_file", "api_keys_file")(_expand)
 
     @property
     def configured(self) -> bool:
@@ -265,10 +261,7 @@ class PrivacySettings(_Section):
     # the same one so a tenant keeps its cache across them; default: a random secret per start.
     salt_secret_file: Path | None = None
 
-    @field_validator("salt_secret_file")
-    @classmethod
-    def _expand_home(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
+    _expand_home = field_validator("salt_secret_file")(_expand)
 
 
 class RoutingSettings(_Section):
@@ -340,10 +333,7 @@ class ConsoleSettings(_Section):
     # The browser scales images down to at most this many pixels before sending them.
     image_max_pixels: int = Field(4_000_000, ge=65_536)
 
-    @field_validator("oidc_client_secret_file")
-    @classmethod
-    def _expand_home(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
+    _expand_home = field_validator("oidc_client_secret_file")(_expand)
 
 
 class UpstreamSettings(_Section):
@@ -362,10 +352,6 @@ class UpstreamSettings(_Section):
                 "(engines started with engine.tls) and give the gateway its client certificate in upstream_tls"
             )
         return value
-
-
-def _expand(value: Path | None) -> Path | None:
-    return value.expanduser() if value is not None else None
 
 
 class EngineTlsSettings(_Section):
@@ -432,10 +418,7 @@ class EngineSettings(_Section):
     restart_backoff_max_s: float = Field(60.0, gt=0)
     stop_timeout_s: float = Field(20.0, gt=0)
 
-    @field_validator("models_dir", "profiles_dir", "demo_model_dir", "socket_dir")
-    @classmethod
-    def _expand_home(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
+    _expand_home = field_validator("models_dir", "profiles_dir", "demo_model_dir", "socket_dir")(_expand)
 
     @model_validator(mode="after")
     def _no_plaintext_off_host(self) -> EngineSettings:

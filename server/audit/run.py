@@ -114,16 +114,15 @@ def _stopped(capture: CaptureHandle | None) -> CaptureResult:
 def _started_gateway(settings: Settings, port: int, ca_file: Path | None) -> Gateway:
     """The stack the audit starts listens on 127.0.0.1; with gateway TLS on, its certificate names the service,
     so that name (or localhost / 127.0.0.1 when the certificate has them) is what the audit verifies."""
-    tls = getattr(settings.gateway, "tls", None)  # gateway.tls.* (see the README's TLS section)
-    cert_file = getattr(tls, "cert_file", None) if tls is not None else None
-    if not cert_file:
+    cert_file = settings.gateway.tls.cert_file
+    if cert_file is None:
         return Gateway(f"http://127.0.0.1:{port}")
-    return Gateway(f"https://127.0.0.1:{port}", ca_file, _certificate_name(Path(cert_file)))
+    return Gateway(f"https://127.0.0.1:{port}", ca_file, _certificate_name(cert_file))
 
 
 def _certificate_name(cert_file: Path) -> str | None:
     """None when the certificate is valid for 127.0.0.1 itself; else localhost, or its first DNS name."""
-    from cryptography import x509  # joserfc's dependency; read only here
+    from cryptography import x509  # read only here: the audit's start stays light
 
     try:
         certificate = x509.load_pem_x509_certificate(cert_file.read_bytes())
