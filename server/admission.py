@@ -6,8 +6,8 @@ characters, the images' pixel counts (from their headers), and the most it may g
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from .auth import Principal
@@ -39,20 +39,16 @@ class Admission:
         for queue in self._queues.values():
             queue.capacity_changed()
 
-    @asynccontextmanager
-    async def enter(self, principal: Principal, model: str, cost: float) -> AsyncIterator[None]:
-        """Hold the user's place and a slot of the model for the whole request.
+    def user_limits(self, principal: Principal) -> AbstractContextManager[None]:
+        """Count the user's request while it runs (429 when over a limit); checked before the body is read, so a
+        user over their limit costs the gateway almost nothing.
 
         Everyone is one anonymous user when no sign-in is configured (loopback only): per-user limits would then
-        limit the whole machine, so they apply to signed-in users only; the queue still applies.
+        limit the whole machine, so they apply to signed-in users only; the fair queue still applies.
         """
         if principal.source == "anonymous":
-            async with self.queue(model).slot(principal.key, cost):
-                yield
-            return
-        with self._limits.admit(principal.key):
-            async with self.queue(model).slot(principal.key, cost):
-                yield
+            return nullcontext()
+        return self._limits.admit(principal.key)
 
     def estimate_cost(self, payload: dict[str, Any], image_pixels: int) -> float:
         """Tokens the request will take: prompt text, images, and the most it may generate (for each choice)."""

@@ -1,13 +1,12 @@
-"""The gateway application. ``create_app`` lists the request path in the order every request takes it."""
+"""The gateway application: ``create_gateway`` builds its parts and stacks them in the order every request meets
+them; the engine routes' own steps are listed in ``request_path``."""
 
 import asyncio
-import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import anyio.to_thread
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -19,68 +18,46 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .admission import Admission
 from .auth import ModelAccess, Principal, RuleCoverage, build_authentication
+from .boundary import UNEXPECTED, ErrorBoundary, refusal
+from .callers import Callers
 from .config import Settings
-from .console import CONSOLE_HEADER, console_router
+from .console import console_router
 from .errors import (
     NO_STORE,
     AirlockError,
-    BodyTooLarge,
-    EngineUnavailable,
     InvalidRequest,
     MethodNotAllowed,
     ModelNotFound,
     PermissionDenied,
     RouteNotFound,
-    Unauthenticated,
-    error_response,
 )
 from .hsts import with_hsts
-from .metrics import UNKNOWN_MODEL, GatewayMetrics
+from .metrics import GatewayMetrics
 from .metrics_endpoint import MetricsEndpoint, metrics_app
-from .metrics_middleware import MetricsMiddleware, request_record
+from .metrics_middleware import MetricsMiddleware
 from .posture import privacy_posture
-from .proxy import EngineExchange, EngineRequest
+from .proxy import Forwarder
+from .request_path import EngineRoutes
 from .routing import build_strategy
-from .screening import Route, Screening
-from .sessions import CSRF_HEADER, SESSION_COOKIE, SessionStore, csrf_matches
+from .screening import Screening
+from .sessions import SessionStore
 from .tenancy import TenantSalts
 from .tls import CertificateReloader
 from .upstream import ReplicaPool
-from .usage import ask_for_usage
-
-SCREEN_INLINE_BYTES = 256 * 1024
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-ENGINE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
-# A bug in Airlock: a 500 that reveals nothing (uvicorn still logs the traceback, which holds no content).
-UNEXPECTED = AirlockError("internal error in the gateway")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused as soon as it is known to exceed ``limit`` (before reading it all)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
-    return b"".join(chunks)  # one copy (a growing bytearray and bytes() of it made several)
+class HeadAsGet:
+    """HEAD is answered wherever GET is (RFC 9110 9.3.2: GET's status and header fields, no content), for monitors
+    and probes. FastAPI's routes accept only the methods they declare, so the request is routed as GET in a copy of
+    the scope; the server (uvicorn, from its own scope) sends no body for HEAD."""
 
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
 
-def parse_request(body: bytes) -> dict[str, Any]:
-    """The JSON object of an OpenAI request, with a ``model`` string."""
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest("request body is not valid JSON", code="invalid_json") from exc
-    if not isinstance(payload, dict):
-        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' is required and must be a string", param="model", code="missing_model")
-    return payload
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
 
 
 @dataclass(frozen=True)
@@ -91,43 +68,6 @@ class Gateway:
     metrics: Starlette | None
 
 
-class EngineRoutes:
-    """POST /v1/chat/completions and /v1/completions as a plain ASGI app in front of FastAPI, which gets every
-    other request. The requests that carry the load skip FastAPI's routing, dependency injection and exception
-    layers: under `make bench` (py-spy) these cost about as much CPU as the rest of the gateway's own work, per
-    request and again per streamed chunk (each layer wraps ``send``)."""
-
-    def __init__(self, api: ASGIApp, prepare: Callable[[Request], Awaitable[EngineExchange]],
-                 refuse: Callable[[Request, AirlockError], Response]) -> None:
-        self.api = api
-        self.prepare = prepare
-        self.refuse = refuse
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in ENGINE_ROUTES:
-            await self.api(scope, receive, send)
-            return
-        request = Request(scope, receive)
-        if scope["method"] != "POST":
-            refusal = MethodNotAllowed("method not allowed on this endpoint", headers={"allow": "POST"})
-            await self.refuse(request, refusal)(scope, receive, send)
-            return
-        try:
-            exchange = await self.prepare(request)
-        except AirlockError as error:
-            await self.refuse(request, error)(scope, receive, send)
-            return
-        except Exception:
-            await UNEXPECTED.to_response()(scope, receive, send)
-            raise  # for uvicorn's log, as FastAPI's own handler does
-        try:
-            await exchange(scope, receive, send)
-        except Exception:
-            if not exchange.status_code:  # nothing sent yet
-                await UNEXPECTED.to_response()(scope, receive, send)
-            raise
-
-
 def create_app(config: Settings, upstream_urls: Sequence[str]) -> ASGIApp:
     return create_gateway(config, upstream_urls).api
 
@@ -135,7 +75,12 @@ def create_app(config: Settings, upstream_urls: Sequence[str]) -> ASGIApp:
 def create_gateway(config: Settings, upstream_urls: Sequence[str],
                    listener_certificate: CertificateReloader | None = None) -> Gateway:
     """Build the gateway for the engines at ``upstream_urls``; ``listener_certificate``: its TLS listener's, whose
-    expiry the metrics show."""
+    expiry the metrics show.
+
+    Every API request goes, outermost first: HSTS (over TLS) -> ``MetricsMiddleware`` (a ``RequestRecord``,
+    observed at the end) -> ``ErrorBoundary`` (renders every error) -> ``EngineRoutes`` (the engine routes, step
+    by step: see ``request_path``) -> ``HeadAsGet`` -> FastAPI (models, privacy, probes, metrics, console).
+    """
     settings = config.gateway
     pool = ReplicaPool(upstream_urls, settings, build_strategy(config.routing),
                        config.admission.max_in_flight_per_replica, config.upstream_tls)
@@ -150,6 +95,7 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     pool.on_change.append(lambda: coverage.served_models(pool.served_models))
     screening = Screening(config.screening, TenantSalts(config.privacy))
     sessions = SessionStore(config.console.session_idle_s, config.console.session_max_s, config.console.max_sessions)
+    callers = Callers(authentication, sessions, metrics.active_users)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -167,79 +113,24 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
                     task.cancel()
             await pool.close()
 
-    app = FastAPI(
-        title="Airlock",
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
+    app = FastAPI(title="Airlock", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    CurrentPrincipal = Annotated[Principal, Depends(callers.identify)]
 
-    async def authenticate(request: Request) -> Principal:
-        authorization = request.headers.get("authorization")
-        session = None if authorization else sessions.get(request.cookies.get(SESSION_COOKIE))
-        if session is not None:
-            # The console's session cookie; anything but a read must also carry the page's CSRF token.
-            if request.method not in SAFE_METHODS and not csrf_matches(session, request.headers.get(CSRF_HEADER)):
-                raise Unauthenticated("the console's request lacks its token; reload the page")
-            principal = session.principal
-        else:
-            source = request.client.host if request.client else "unknown"
-            principal = await authentication.authenticate(authorization, source)
-        metrics.active_users.saw(principal.key)
-        return principal
-
-    CurrentPrincipal = Annotated[Principal, Depends(authenticate)]
-
-    async def engine_request(request: Request, principal: CurrentPrincipal) -> EngineRequest:
-        # 1. who (before a byte of the body is read) -> 2. bounded body -> 3. parse -> 4. may they use the model
-        # -> 5. a replica serving it -> 6. screen (fields, images, salt) -> then, in EngineExchange: 7. the user's
-        # limits and the model's fair queue -> 8. a replica (routing) -> 9. forward, with one retry elsewhere.
-        body = await read_body(request, settings.max_body_bytes)
-        payload = parse_request(body)
-        model = payload["model"]
-        record = request_record(request)
-        if record is not None:
-            # Only a name an engine serves becomes a label; anything else a client typed is "unknown".
-            record.model = model if pool.knows(model) else UNKNOWN_MODEL
-            record.stream = payload.get("stream") is True
-        shown = model if len(model) <= 100 else model[:100] + "..."
-        if not access.allows(principal, model):
-            if access.hide_denied:
-                raise ModelNotFound(f"the model '{shown}' does not exist", param="model")
-            raise PermissionDenied(f"you are not allowed to use the model '{shown}'", param="model",
-                                   code="model_not_allowed")
-        if not pool.can_serve(model):
-            if not pool.any_healthy:
-                raise EngineUnavailable(
-                    "the model engines are not ready yet; try again shortly",
-                    headers={"retry-after": str(settings.retry_after_s)},
-                )
-            if not pool.knows(model):
-                raise ModelNotFound(f"the model '{shown}' does not exist", param="model")
-        route: Route = "chat" if request.url.path.endswith("/chat/completions") else "completions"
-        # Token counts for the metrics: a stream is asked to end with them (removed again if the client did not ask).
-        remove_usage = ask_for_usage(payload)
-        if len(body) < SCREEN_INLINE_BYTES:
-            screened = screening.screen(route, payload, principal)
-        else:  # decoding and checking megabytes of images would stall every other request
-            screened = await anyio.to_thread.run_sync(screening.screen, route, payload, principal)
-        cost = admission.estimate_cost(payload, screened.image_pixels)
-        return EngineRequest(screened.body, model, principal, screened.cache_salt, cost, remove_usage)
-
-    def exchange(request: Request, forwarded: EngineRequest) -> EngineExchange:
-        record = request_record(request)
-        assert record is not None, "API routes are under /v1/, where every request has a record"
-        return EngineExchange(pool, admission, request.url.path, forwarded, settings.retry_after_s, metrics, record)
-
-    async def prepare(request: Request) -> EngineExchange:
-        """Steps 1 to 6 for the engine routes (served by ``EngineRoutes``, not FastAPI)."""
-        return exchange(request, await engine_request(request, await authenticate(request)))
+    def visible_cards(principal: Principal) -> list[dict[str, Any]]:
+        return [card for card in pool.model_cards() if access.allows(principal, str(card["id"]))]
 
     @app.get("/v1/models")
     async def models(principal: CurrentPrincipal) -> Response:
-        cards = [card for card in pool.model_cards() if access.allows(principal, str(card["id"]))]
-        return JSONResponse({"object": "list", "data": cards}, headers=NO_STORE)
+        return JSONResponse({"object": "list", "data": visible_cards(principal)}, headers=NO_STORE)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, principal: CurrentPrincipal) -> Response:
+        """One card of the list; a model hidden from or denied to the caller is as absent as an unknown one."""
+        for card in visible_cards(principal):
+            if card["id"] == model_id:
+                return JSONResponse(card, headers=NO_STORE)
+        shown = model_id if len(model_id) <= 100 else model_id[:100] + "..."
+        raise ModelNotFound(f"the model '{shown}' does not exist", param="model")
 
     @app.get("/v1/airlock/privacy")
     async def privacy(_: CurrentPrincipal) -> Response:
@@ -268,9 +159,10 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     if config.console.enabled:
         app.include_router(console_router(config, authentication, sessions))
 
-    refuse = install_error_handlers(app, metrics)
-    # Every API request, FastAPI's or not, is observed by the metrics.
-    api: ASGIApp = MetricsMiddleware(EngineRoutes(app, prepare, refuse), metrics=metrics)
+    install_error_handlers(app, metrics)
+    forwarder = Forwarder(pool, metrics, settings.retry_after_s)
+    engine_routes = EngineRoutes(HeadAsGet(app), config, callers, admission, access, pool, screening, forwarder)
+    api: ASGIApp = MetricsMiddleware(ErrorBoundary(engine_routes, metrics), metrics=metrics)
     if settings.tls.enabled or settings.tls_terminated_by_proxy:
         # Every answer that travelled over TLS (here or at the trusted proxy) tells browsers to keep to https.
         api = with_hsts(api, settings.tls.hsts_max_age_s)
@@ -282,40 +174,26 @@ def metrics_endpoint(config: Settings, metrics: GatewayMetrics, pool: ReplicaPoo
     return MetricsEndpoint(metrics, pool if config.metrics.include_engines else None, config.metrics.engine_timeout_s)
 
 
-def install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> Callable[[Request, AirlockError], Response]:
-    """Every error leaves in OpenAI shape; refusals are counted by reason. Returns the answer to an Airlock error,
-    for the routes served outside FastAPI."""
-
-    def refuse(error: AirlockError) -> Response:
-        metrics.rejected(error)
-        return error.to_response()
-
-    def refuse_request(request: Request, exc: AirlockError) -> Response:
-        if request.headers.get(CONSOLE_HEADER) and "www-authenticate" in exc.headers:
-            # The console signs in with its own form: a challenge would make the browser pop up its password box.
-            exc.headers = {name: value for name, value in exc.headers.items() if name != "www-authenticate"}
-        return refuse(exc)
+def install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
+    """FastAPI catches its routes' errors before ``ErrorBoundary`` sees them: hand each to the boundary's renderer,
+    so they leave in OpenAI's shape and refusals are counted as everywhere else."""
 
     async def airlock_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, AirlockError)
-        return refuse_request(request, exc)
+        return refusal(exc, request.scope, metrics)
 
-    async def http_error(_: Request, exc: Exception) -> Response:
+    async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        if exc.status_code == 404:
-            return refuse(RouteNotFound("no such endpoint"))
-        if exc.status_code == 405:
-            return refuse(MethodNotAllowed("method not allowed on this endpoint"))
-        return error_response(exc.status_code, "request refused", "invalid_request_error", None)
+        error = {404: RouteNotFound("no such endpoint"), 405: MethodNotAllowed("method not allowed on this endpoint")}
+        return refusal(error.get(exc.status_code, InvalidRequest("request refused")), request.scope, metrics)
 
-    async def validation_error(_: Request, exc: Exception) -> Response:
-        return refuse(InvalidRequest("the request is not valid"))
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        return refusal(InvalidRequest("the request is not valid"), request.scope, metrics)
 
-    async def unexpected_error(_: Request, exc: Exception) -> Response:
-        return UNEXPECTED.to_response()
+    async def unexpected_error(request: Request, exc: Exception) -> Response:
+        return refusal(UNEXPECTED, request.scope, metrics)
 
     app.add_exception_handler(Exception, unexpected_error)
     app.add_exception_handler(AirlockError, airlock_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    return refuse_request

@@ -250,6 +250,8 @@ class ScreeningSettings(_Section):
     max_choices: int = Field(4, ge=1)
     # chat_template_kwargs keys a request may set (anything else could change how the prompt is built).
     chat_template_kwargs: list[str] = Field(default_factory=lambda: ["enable_thinking"])
+    # Deepest nesting of arrays and objects in a request body (tool and response_format schemas nest a little).
+    max_json_depth: int = Field(64, ge=4)
 
 
 class PrivacySettings(_Section):

@@ -1,22 +1,28 @@
 """One error hierarchy, rendered the OpenAI way: ``{"error": {"message", "type", "param", "code"}}``.
 
-    AirlockError                      500 server_error
-    ├── InvalidRequest                400 invalid_request_error
-    │   └── BodyTooLarge              413 invalid_request_error
-    ├── Unauthenticated               401 authentication_error (with WWW-Authenticate)
-    ├── PermissionDenied              403 permission_error
-    ├── TooManyFailures               429 rate_limit_error (with Retry-After)
-    ├── RateLimited                   429 rate_limit_error (with Retry-After)
-    ├── ModelNotFound                 404 not_found_error
-    ├── RouteNotFound                 404 not_found_error
-    ├── MethodNotAllowed              405 invalid_request_error
-    ├── EngineUnavailable             503 server_error (with Retry-After)
-    ├── Overloaded                    503 server_error (with Retry-After)
-    ├── EngineFailed                  502 server_error
-    └── EngineTimeout                 504 server_error
+    class                             status  OpenAI type            metric reason (airlock_rejected_requests)
+    AirlockError                      500 server_error           -  (a bug in the gateway)
+    ├── InvalidRequest                400 invalid_request_error  screening
+    │   ├── BodyTooLarge              413 invalid_request_error  screening
+    │   └── UnsupportedMediaType      415 invalid_request_error  screening
+    ├── Unauthenticated               401 authentication_error   auth (with WWW-Authenticate)
+    ├── PermissionDenied              403 permission_error       forbidden
+    ├── TooManyFailures               429 rate_limit_error       auth (with Retry-After)
+    ├── RateLimited                   429 rate_limit_error       limits (with Retry-After)
+    ├── ModelNotFound                 404 not_found_error        not_found
+    ├── RouteNotFound                 404 not_found_error        not_found
+    ├── MethodNotAllowed              405 invalid_request_error  not_found (with Allow)
+    ├── EngineUnavailable             503 server_error           no_engine (with Retry-After)
+    ├── Overloaded                    503 server_error           queue (with Retry-After)
+    ├── EngineRejected                4xx as the engine answered -  (the engine's own refusal of this request)
+    ├── EngineFailed                  502 server_error           -  (counted in airlock_upstream_errors)
+    └── EngineTimeout                 504 server_error           -  (counted in airlock_upstream_errors)
 
-Messages are written for the user and never carry request content, credentials or addresses. Builtin
-exceptions are never turned into 4xx: a bug in Airlock stays a 500 and is not blamed on the client.
+Each class carries its status, type, default code and metric reason, so a refusal is counted by what it is, not by
+what its class is called. Rendering happens in one place (``server.boundary``): an OpenAI error body before the
+response has started, an SSE error event after. Messages are written for the user and never carry request content,
+credentials or addresses. Builtin exceptions are never turned into 4xx: a bug in Airlock stays a 500 and is not
+blamed on the client.
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ NO_STORE = {"cache-control": "no-store"}
 
 
 class AirlockError(Exception):
-    status: ClassVar[int] = 500
-    type: ClassVar[str] = "server_error"
+    status: int = 500
+    type: str = "server_error"
     default_code: ClassVar[str] = "internal_error"
+    # The reason label of airlock_rejected_requests_total; None for failures (the gateway's or an engine's).
+    reason: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -41,26 +49,40 @@ class AirlockError(Exception):
         code: str | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
         self.param = param
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
+        if retry_after_s is not None:
+            self.headers["retry-after"] = str(retry_after_s)
 
     def to_response(self) -> Response:
+        """The OpenAI error answer, for a response that has not started."""
         return error_response(self.status, self.message, self.type, self.code, self.param, self.headers)
+
+    def to_event(self) -> bytes:
+        """The same error as a server-sent event, for a stream that has already started (OpenAI's SDKs raise it)."""
+        return b"data: " + error_body(self.message, self.type, self.code, self.param) + b"\n\n"
 
 
 class InvalidRequest(AirlockError):
     status = 400
     type = "invalid_request_error"
     default_code = "invalid_request"
+    reason = "screening"
 
 
 class BodyTooLarge(InvalidRequest):
     status = 413
     default_code = "request_too_large"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    default_code = "unsupported_media_type"
 
 
 class Unauthenticated(AirlockError):
@@ -69,18 +91,21 @@ class Unauthenticated(AirlockError):
     status = 401
     type = "authentication_error"
     default_code = "invalid_credentials"
+    reason = "auth"
 
 
 class PermissionDenied(AirlockError):
     status = 403
     type = "permission_error"
     default_code = "permission_denied"
+    reason = "forbidden"
 
 
 class TooManyFailures(AirlockError):
     status = 429
     type = "rate_limit_error"
     default_code = "too_many_failed_logins"
+    reason = "auth"
 
 
 class RateLimited(AirlockError):
@@ -89,29 +114,34 @@ class RateLimited(AirlockError):
     status = 429
     type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
+    reason = "limits"
 
 
 class ModelNotFound(AirlockError):
     status = 404
     type = "not_found_error"
     default_code = "model_not_found"
+    reason = "not_found"
 
 
 class RouteNotFound(AirlockError):
     status = 404
     type = "not_found_error"
     default_code = "not_found"
+    reason = "not_found"
 
 
 class MethodNotAllowed(AirlockError):
     status = 405
     type = "invalid_request_error"
     default_code = "method_not_allowed"
+    reason = "not_found"
 
 
 class EngineUnavailable(AirlockError):
     status = 503
     default_code = "engine_unavailable"
+    reason = "no_engine"
 
 
 class Overloaded(AirlockError):
@@ -119,9 +149,12 @@ class Overloaded(AirlockError):
 
     status = 503
     default_code = "overloaded"
+    reason = "queue"
 
 
 class EngineFailed(AirlockError):
+    """An engine failed (an error status, a broken answer); its own message is never shown."""
+
     status = 502
     default_code = "engine_error"
 
@@ -164,19 +197,26 @@ def error_response(
     )
 
 
-def translate_engine_error(status: int, raw: bytes) -> Response:
-    """Turn an engine's error answer into what the client sees.
+class EngineRejected(AirlockError):
+    """An engine's 4xx about the client's own request: its status and message are kept (they help the user fix the
+    request), put in OpenAI shape. Not one of the gateway's refusals, so it has no metric reason."""
 
-    A 4xx concerns the client's own request, so the engine's message is kept (it helps the user fix it) and put
-    in OpenAI shape; a 5xx is the engine's problem and becomes a generic 502 whose message reveals nothing of
-    the engine's internals.
+    def __init__(self, status: int, message: str, param: str | None) -> None:
+        super().__init__(message, code="model_not_found" if status == 404 else "invalid_request", param=param)
+        self.status = status
+        self.type = _TYPE_BY_STATUS.get(status, "invalid_request_error")
+
+
+def translate_engine_error(status: int, raw: bytes) -> AirlockError:
+    """What the client is told of an engine's error answer ``raw`` with HTTP ``status``.
+
+    A 4xx concerns the client's own request and keeps the engine's message; a 5xx is the engine's problem and
+    becomes a generic 502 whose message reveals nothing of the engine's internals.
     """
     if status >= 500 or status < 400:
-        return EngineFailed("the model engine failed to answer this request; try again").to_response()
+        return EngineFailed("the model engine failed to answer this request; try again")
     message, param = _engine_message(raw)
-    type_ = _TYPE_BY_STATUS.get(status, "invalid_request_error")
-    code = "model_not_found" if status == 404 else "invalid_request"
-    return error_response(status, message, type_, code, param)
+    return EngineRejected(status, message, param)
 
 
 def _engine_message(raw: bytes) -> tuple[str, str | None]:

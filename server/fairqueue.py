@@ -88,12 +88,12 @@ class FairQueue:
             self._abandon(waiter)
             raise RateLimited(
                 f"you already have {self._queued[user]} requests waiting for this model; wait for some to finish",
-                code="too_many_queued", headers={"retry-after": str(settings.retry_after_s)},
+                code="too_many_queued", retry_after_s=settings.retry_after_s,
             )
         if self.queued > settings.max_queued:
             self._abandon(waiter)
             raise Overloaded("the server is at capacity; try again shortly", code="queue_full",
-                             headers={"retry-after": str(settings.retry_after_s)})
+                             retry_after_s=settings.retry_after_s)
         try:
             async with asyncio.timeout(settings.queue_timeout_s):
                 await waiter.granted
@@ -101,7 +101,7 @@ class FairQueue:
             self._abandon(waiter)
             raise Overloaded(
                 f"waited {settings.queue_timeout_s:g} s for a free engine slot; the server is busy, try again shortly",
-                code="queue_timeout", headers={"retry-after": str(settings.retry_after_s)},
+                code="queue_timeout", retry_after_s=settings.retry_after_s,
             ) from None
         except BaseException:  # the client went away while waiting
             self._abandon(waiter)

@@ -36,7 +36,7 @@ class UserLimits:
         if self._max_concurrent and self._active[user] >= self._max_concurrent:
             raise RateLimited(
                 f"you have {self._active[user]} requests in progress, the limit is {self._max_concurrent}; "
-                "wait for one to finish", code="too_many_concurrent_requests", headers={"retry-after": "1"},
+                "wait for one to finish", code="too_many_concurrent_requests", retry_after_s=1,
             )
         if self._per_minute:
             self._take_token(user)
@@ -61,7 +61,7 @@ class UserLimits:
         if bucket.tokens < 1.0:
             wait = math.ceil((1.0 - bucket.tokens) / rate)
             raise RateLimited(f"more than {self._per_minute} requests per minute; try again in {wait} s",
-                              code="rate_limit_exceeded", headers={"retry-after": str(wait)})
+                              code="rate_limit_exceeded", retry_after_s=wait)
         bucket.tokens -= 1.0
 
     def _forget_idle(self, now: float, rate: float) -> None:

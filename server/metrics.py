@@ -48,28 +48,20 @@ MAX_TRACKED_USERS = 100_000
 NO_MODEL = "none"
 UNKNOWN_MODEL = "unknown"
 
-# Why a request was refused, by error class: a fixed list (the error's own code is a label too; codes are constants).
-REJECTION_REASONS: dict[str, str] = {
-    "Unauthenticated": "auth",
-    "TooManyFailures": "auth",
-    "PermissionDenied": "forbidden",
-    "RateLimited": "limits",
-    "Overloaded": "queue",
-    "InvalidRequest": "screening",
-    "BodyTooLarge": "screening",
-    "ModelNotFound": "not_found",
-    "RouteNotFound": "not_found",
-    "MethodNotAllowed": "not_found",
-    "EngineUnavailable": "no_engine",
-}
 # How an engine failed a request (proxy.py names them).
-UPSTREAM_ERRORS = ("connect_failed", "dropped", "timeout", "transport", "error_status", "broken_answer",
-                   "broken_stream")
+UPSTREAM_ERRORS = ("connect_failed", "dropped", "timeout", "transport", "error_status", "error_event",
+                   "broken_answer", "broken_stream")
 
 
 @dataclass
 class RequestRecord:
-    """What one API request did. Holds no identity and no content: only times, a model name, counts."""
+    """What one API request did. Holds no identity and no content: only times, a model name, counts.
+
+    The request path tells it what happened through its events, in this order: ``identified`` (the model, once
+    parsed), ``admitted`` (out of the fair queue), ``forwarded`` (sent to an engine; again on a retry),
+    ``first_byte`` (the engine's answer began), ``relayed`` (one streamed chunk passed on), ``counted`` (the tokens
+    the engine reported). ``GatewayMetrics.finish`` reads it once, at the end.
+    """
 
     route: str
     arrived: float
@@ -77,27 +69,37 @@ class RequestRecord:
     stream: bool = False
     queue_wait: float | None = None
     # When the request left for an engine, and when the engine's first byte of answer came back.
-    forwarded: float | None = None
-    first_byte: float | None = None
+    forwarded_at: float | None = None
+    first_byte_at: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     # Time the gateway spent passing chunks on (from a chunk's arrival to its hand-over to the server), and how many.
     relay_s: float = 0.0
     chunks: int = 0
 
-    def first_byte_now(self) -> None:
-        if self.first_byte is None:
-            self.first_byte = time.perf_counter()
+    def identified(self, model: str, stream: bool) -> None:
+        """``model``: a served model's name or ``UNKNOWN_MODEL`` (never what a client typed)."""
+        self.model, self.stream = model, stream
 
+    def admitted(self, queued_at: float) -> None:
+        self.queue_wait = time.perf_counter() - queued_at
 
-def rejection_reason(error: AirlockError) -> str | None:
-    """The metric reason for an error the gateway answered with itself, or None for a failure of its own or of an
-    engine (counted elsewhere)."""
-    for cls in type(error).__mro__:
-        reason = REJECTION_REASONS.get(cls.__name__)
-        if reason is not None:
-            return reason
-    return None
+    def forwarded(self) -> None:
+        self.forwarded_at = time.perf_counter()
+
+    def first_byte(self) -> None:
+        if self.first_byte_at is None:
+            self.first_byte_at = time.perf_counter()
+
+    def relayed(self, arrived_at: float) -> None:
+        """A chunk that came from the engine at ``arrived_at`` has been handed to the server."""
+        self.relay_s += time.perf_counter() - arrived_at
+        self.chunks += 1
+
+    def counted(self, counts: tuple[int, int] | None) -> None:
+        """The engine's (prompt, completion) token counts, when it reported them."""
+        if counts is not None:
+            self.prompt_tokens, self.completion_tokens = counts
 
 
 class ActiveUsers:
@@ -239,7 +241,7 @@ class GatewayMetrics:
             yield queued
 
     def rejected(self, error: AirlockError) -> None:
-        reason = rejection_reason(error)
+        reason = error.reason
         if reason is not None:
             self.rejections.labels(reason, error.code).inc()
             self._refused_since_log[reason] += 1
@@ -260,21 +262,21 @@ class GatewayMetrics:
         end = time.perf_counter()
         model = record.model
         self.requests.labels(model, record.route, str(status)).inc()
-        if record.forwarded is None:
+        if record.forwarded_at is None:
             return
         stream = "true" if record.stream else "false"
         self.duration.labels(model, record.route, stream).observe(end - record.arrived)
         waited = record.queue_wait or 0.0
-        self.overhead.labels("before_forward").observe(max(0.0, record.forwarded - record.arrived - waited))
+        self.overhead.labels("before_forward").observe(max(0.0, record.forwarded_at - record.arrived - waited))
         if record.queue_wait is not None:
             self.queue_wait.labels(model).observe(record.queue_wait)
-        if record.first_byte is not None:
-            self.ttft.labels(model, record.route, stream).observe(record.first_byte - record.arrived)
+        if record.first_byte_at is not None:
+            self.ttft.labels(model, record.route, stream).observe(record.first_byte_at - record.arrived)
         if record.chunks:
             self.overhead.labels("per_chunk").observe(record.relay_s / record.chunks)
         if record.prompt_tokens:
             self.prompt_tokens.labels(model).inc(record.prompt_tokens)
         if record.completion_tokens:
             self.output_tokens.labels(model).inc(record.completion_tokens)
-            if end > record.forwarded:
-                self.tokens_per_s.labels(model).observe(record.completion_tokens / (end - record.forwarded))
+            if end > record.forwarded_at:
+                self.tokens_per_s.labels(model).observe(record.completion_tokens / (end - record.forwarded_at))

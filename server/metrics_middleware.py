@@ -9,7 +9,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .metrics import GatewayMetrics, RequestRecord
 
-# The OpenAI routes, by the name their metrics carry; any other /v1/ path is "other" (answered 404).
+# The OpenAI routes, by the name their metrics carry (/v1/models/{id} is "models" too); any other /v1/ path is
+# "other" (answered 404).
 API_ROUTES = {
     "/v1/chat/completions": "chat_completions",
     "/v1/completions": "completions",
@@ -35,7 +36,8 @@ class MetricsMiddleware:
         if not path.startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        record = RequestRecord(route=API_ROUTES.get(path, "other"), arrived=time.perf_counter())
+        route = API_ROUTES.get(path) or ("models" if path.startswith("/v1/models/") else "other")
+        record = RequestRecord(route=route, arrived=time.perf_counter())
         scope.setdefault("state", {})[RECORD] = record
         # A request that ends with no answer at all (the client left first) counts as 499, as nginx logs it.
         status = 499

@@ -1,36 +1,25 @@
-"""Forward one request to an engine and relay its answer, byte for byte.
+"""Forward one screened request to an engine and relay its answer, byte for byte.
 
-The whole exchange, including the wait for the engine's first byte, runs under a watch for the client going
-away: when it does, the upstream request is closed at once, vLLM aborts it, and its batch slot is freed.
-
-Streaming commits late: the engine's status is read before the client's response starts, so an engine error
-becomes a proper OpenAI error with the right status. A connection that fails before any byte came back is
-retried once on another replica. Once a stream has started, a failure is reported as a final SSE error event,
-never as a silent truncation.
+Streaming commits late: the engine's status and first chunk are read before the client's response starts, so an
+engine that fails before its first token (a refused connection, a dropped one, a 5xx such as vLLM's
+``EngineDeadError``, or a stream whose first event is an error) is replaced by another replica and the client never
+notices; the failing replica leaves the rotation at once, until its health check passes again. Once the client's
+response has started, a failure is raised and the error boundary ends the stream with an SSE error event, never a
+silent truncation. An engine's own error text never reaches the client.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 
 import aiohttp
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Send
 
-from .admission import Admission
 from .auth import Principal
-from .errors import (
-    NO_STORE,
-    AirlockError,
-    EngineFailed,
-    EngineTimeout,
-    EngineUnavailable,
-    error_body,
-    translate_engine_error,
-)
+from .errors import NO_STORE, AirlockError, EngineFailed, EngineTimeout, EngineUnavailable, translate_engine_error
 from .metrics import GatewayMetrics, RequestRecord
 from .upstream import Replica, ReplicaPool
 from .usage import StreamUsage, whole_answer_usage
@@ -39,19 +28,22 @@ log = logging.getLogger(__name__)
 
 # Error answers from an engine are small; anything longer is cut (and then not parsed as JSON).
 MAX_ENGINE_ERROR_BYTES = 64 * 1024
-# Engine answers that say "not now" rather than "not this request": tried once more on another replica.
-RETRIED_STATUSES = frozenset({502, 503, 504})
 ATTEMPTS = 2
 # Headers worth passing from the engine to the client; everything else (server, date, ...) is dropped.
 RELAYED_HEADERS = frozenset({"content-type"})
 # What the gateway sends the engine: nothing of the client's headers. identity: bytes are relayed as they are.
 UPSTREAM_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
+# How vLLM reports a failure inside a stream (vllm/entrypoints/openai/engine/serving.py, create_streaming_error_
+# response): an event whose data is an OpenAI error object. Inside an answer's text the quotes would be escaped.
+ERROR_EVENT = b'data: {"error"'
+STOPPED = "the model engine stopped while answering"
 
 
 @dataclass(frozen=True)
 class EngineRequest:
     """A request that passed the gateway's checks, ready to forward as is."""
 
+    path: str
     body: bytes
     model: str
     principal: Principal
@@ -64,126 +56,77 @@ class EngineRequest:
 
 
 class _TryElsewhere(Exception):
-    """The engine failed before any byte went to the client: another replica may take the request."""
+    """The engine failed before any byte went to the client: another replica may take the request. ``failure`` is
+    what the client is told if none can."""
+
+    def __init__(self, failure: AirlockError) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
 
 
-class EngineExchange(Response):
-    """An ASGI response that performs the upstream call itself, so a disconnect can cancel all of it (waiting in
-    the queue included)."""
+class Forwarder:
+    """Routes a request to a replica, sends it, and relays the answer; one retry on another replica."""
 
-    def __init__(self, pool: ReplicaPool, admission: Admission, path: str, request: EngineRequest,
-                 retry_after_s: int, metrics: GatewayMetrics, record: RequestRecord) -> None:
-        self.pool = pool
-        self.admission = admission
-        self.path = path
-        self.request = request
-        self.retry_after_s = retry_after_s
-        self.metrics = metrics
-        self.record = record
-        self.status_code = 0
-        self.background = None
+    def __init__(self, pool: ReplicaPool, metrics: GatewayMetrics, retry_after_s: int) -> None:
+        self._pool = pool
+        self._metrics = metrics
+        self._retry_after_s = retry_after_s
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # A plain task and Task.cancel rather than an anyio task group: the same watch at a fraction of the cost
-        # per request (py-spy under `make bench`).
-        exchange = asyncio.current_task()
-        assert exchange is not None
-        client_left = False
-
-        async def cancel_on_disconnect() -> None:
-            nonlocal client_left
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            client_left = True
-            exchange.cancel()
-
-        watch = asyncio.create_task(cancel_on_disconnect(), name="airlock-disconnect-watch")
-        try:
-            request = self.request
-            queued = time.perf_counter()
-            async with self.admission.enter(request.principal, request.model, request.cost):
-                self.record.queue_wait = time.perf_counter() - queued
-                await self._exchange(send)
-        except AirlockError as error:
-            self.metrics.rejected(error)
-            await self._send_error(error.to_response(), send)
-        except asyncio.CancelledError:
-            # Every await of the exchange is inside this block, so the watch's cancellation always lands here.
-            # Anything else that cancels this task (a shutdown) is passed on.
-            if not client_left or exchange.uncancel() > 0:
-                raise
-        finally:
-            watch.cancel()
-
-    async def _exchange(self, send: Send) -> None:
+    async def forward(self, request: EngineRequest, record: RequestRecord, send: Send) -> None:
+        """Answer ``request`` through ``send``. Raises an ``AirlockError`` (before or after the response started:
+        the boundary tells which) when no replica could answer."""
         tried: Replica | None = None
-        model, tenant = self.request.model, self.request.cache_salt
+        failure: AirlockError = EngineUnavailable("no engine for this model is available right now; try again shortly",
+                                                  retry_after_s=self._retry_after_s)
+        pool, model, tenant = self._pool, request.model, request.cache_salt
         for attempt in range(ATTEMPTS):
             # Prefer a replica not tried yet; the same one again only if it is still in the pool.
-            replica = self.pool.pick(model, tenant, exclude=tried) or self.pool.pick(model, tenant)
+            replica = pool.pick(model, tenant, exclude=tried) or pool.pick(model, tenant)
             if replica is None:
                 break
             if tried is not None:
-                self.metrics.retries.inc()
+                self._metrics.retries.inc()
             tried = replica
-            replica.outstanding += 1
-            try:
-                upstream = await self._open(replica)
-                if upstream is None:
-                    continue
-                await self._relay(replica, upstream, send, last=attempt == ATTEMPTS - 1)
-                return
-            except _TryElsewhere:
-                continue
-            finally:
-                replica.outstanding -= 1
-        raise EngineUnavailable(
-            "no engine for this model is available right now; try again shortly",
-            headers={"retry-after": str(self.retry_after_s)},
-        )
+            with pool.lease(replica):
+                try:
+                    exchange = _Exchange(self, replica, request, record, send, last=attempt == ATTEMPTS - 1)
+                    await exchange.run()
+                    return
+                except _TryElsewhere as attempt_failed:
+                    failure = attempt_failed.failure
+        raise failure
 
-    async def _open(self, replica: Replica) -> aiohttp.ClientResponse | None:
-        """Send the request; None when it failed before the engine answered (so it may be retried)."""
-        assert replica.session is not None, "the pool opens every replica's session when it starts"
-        self.record.forwarded = time.perf_counter()
-        errors = self.metrics.upstream_errors
-        try:
-            return await replica.session.post(replica.endpoint(self.path), data=self.request.body,
-                                              headers=UPSTREAM_HEADERS)
-        except aiohttp.ClientConnectorError:
-            # Refused or no socket: the engine is down. Out of the pool until a health check says otherwise.
-            errors.labels("connect_failed").inc()
-            self.pool.mark_failed(replica)
-        except (aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError, aiohttp.ClientOSError):
-            # Dropped before any answer (a kept-alive connection the engine had just closed, an engine too busy to
-            # accept, or one that died): nothing reached the client yet, so another try is safe.
-            errors.labels("dropped").inc()
-            log.info("replica %d dropped a request before answering; retrying it", replica.index)
-            self.pool.check_soon(replica)
-        except TimeoutError as exc:
-            # No answer within read_timeout_s (a long non-streaming answer), or no free connection: not retried,
-            # the work may still be under way.
-            errors.labels("timeout").inc()
-            raise EngineTimeout("the model engine did not answer in time; try a smaller request or streaming") from exc
-        except aiohttp.ClientError as exc:
-            errors.labels("transport").inc()
-            raise EngineFailed("the model engine failed to answer this request; try again") from exc
-        return None
+    def _failed(self, replica: Replica, reason: str, why: str) -> None:
+        """An engine failure: counted, and the replica out of the rotation until a health check passes."""
+        self._metrics.upstream_errors.labels(reason).inc()
+        self._pool.mark_failed(replica, why)
 
-    async def _relay(self, replica: Replica, upstream: aiohttp.ClientResponse, send: Send, *, last: bool) -> None:
+
+class _Exchange:
+    """One attempt on one replica."""
+
+    def __init__(self, forwarder: Forwarder, replica: Replica, request: EngineRequest, record: RequestRecord,
+                 send: Send, *, last: bool) -> None:
+        self.forwarder = forwarder
+        self.replica = replica
+        self.request = request
+        self.record = record
+        self.send = send
+        self.last = last
+
+    async def run(self) -> None:
+        upstream = await self._open()
         try:
             if upstream.status >= 500:
-                self.metrics.upstream_errors.labels("error_status").inc()
-                self.pool.check_soon(replica)  # passive detection: a sick engine leaves the pool at once
-                if upstream.status in RETRIED_STATUSES and not last:
-                    raise _TryElsewhere
+                # vLLM's EngineDeadError (an engine core killed by the OOM killer, a CUDA error) is a 500 while
+                # its API server still answers: the replica is unusable, another may answer.
+                self._give_up("error_status", f"answered a request with status {upstream.status}")
             if upstream.status >= 400:
-                raw = await _read_bounded(upstream, MAX_ENGINE_ERROR_BYTES)
-                await self._send_error(translate_engine_error(upstream.status, raw), send)
-            elif upstream.headers.get("content-type", "").startswith("text/event-stream"):
-                await self._relay_stream(replica, upstream, send, last=last)
+                raise translate_engine_error(upstream.status, await _read_bounded(upstream, MAX_ENGINE_ERROR_BYTES))
+            if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                await self._relay_stream(upstream)
             else:
-                await self._relay_whole(replica, upstream, send, last=last)
+                await self._relay_whole(upstream)
         finally:
             # A whole answer leaves its connection for the next request; anything else (an answer cut short, a
             # client that left) closes it, and vLLM aborts the request.
@@ -192,93 +135,117 @@ class EngineExchange(Response):
             else:
                 upstream.close()
 
-    def _relayed_headers(
-        self, upstream: aiohttp.ClientResponse, extra: dict[str, str] | None = None
-    ) -> list[tuple[bytes, bytes]]:
+    def _give_up(self, reason: str, why: str) -> NoReturn:
+        """The engine failed before anything went to the client: another replica may take it, unless this was the
+        last try."""
+        self.forwarder._failed(self.replica, reason, why)
+        failure = EngineFailed("the model engine failed to answer this request; try again")
+        if not self.last:
+            raise _TryElsewhere(failure)
+        raise failure
+
+    async def _open(self) -> aiohttp.ClientResponse:
+        """Send the request; a failure before the engine answered may be retried elsewhere."""
+        replica = self.replica
+        assert replica.session is not None, "the pool opens every replica's session when it starts"
+        self.record.forwarded()
+        errors = self.forwarder._metrics.upstream_errors
+        try:
+            return await replica.session.post(replica.endpoint(self.request.path), data=self.request.body,
+                                              headers=UPSTREAM_HEADERS)
+        except aiohttp.ClientConnectorError:
+            # Refused or no socket: the engine is down.
+            errors.labels("connect_failed").inc()
+            self.forwarder._pool.mark_failed(replica)
+            raise _TryElsewhere(EngineUnavailable("no engine for this model is available right now; try again "
+                                                  "shortly", retry_after_s=self.forwarder._retry_after_s))
+        except (aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError, aiohttp.ClientOSError):
+            # Dropped before any answer (a kept-alive connection the engine had just closed, an engine too busy to
+            # accept, or one that died): nothing reached the client yet, so another try is safe.
+            errors.labels("dropped").inc()
+            log.info("replica %d dropped a request before answering; retrying it", replica.index)
+            self.forwarder._pool.check_soon(replica)
+            raise _TryElsewhere(EngineFailed("the model engine failed to answer this request; try again"))
+        except TimeoutError as exc:
+            # No answer within read_timeout_s (a long non-streaming answer), or no free connection: not retried,
+            # the work may still be under way.
+            errors.labels("timeout").inc()
+            raise EngineTimeout("the model engine did not answer in time; try a smaller request or streaming") from exc
+        except aiohttp.ClientError as exc:
+            errors.labels("transport").inc()
+            raise EngineFailed("the model engine failed to answer this request; try again") from exc
+
+    def _headers(self, upstream: aiohttp.ClientResponse, extra: dict[str, str]) -> list[tuple[bytes, bytes]]:
         headers = {name: value for name, value in upstream.headers.items() if name.lower() in RELAYED_HEADERS}
         headers.update(NO_STORE)
-        headers.update(extra or {})
+        headers.update(extra)
         return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
 
-    async def _failed_before_first_byte(self, replica: Replica, send: Send, *, last: bool) -> None:
-        """The engine broke before anything went to the client: another replica may take it, unless this was
-        the last try."""
-        self.metrics.upstream_errors.labels("broken_answer").inc()
-        self.pool.check_soon(replica)
-        if not last:
-            raise _TryElsewhere
-        await self._send_error(EngineFailed("the model engine stopped while answering").to_response(), send)
-
-    async def _relay_whole(self, replica: Replica, upstream: aiohttp.ClientResponse, send: Send, *,
-                           last: bool) -> None:
-        # A non-streaming answer arrives at once; reading it whole lets an engine failure still become a retry or
-        # a 502.
+    async def _relay_whole(self, upstream: aiohttp.ClientResponse) -> None:
+        # A non-streaming answer arrives at once; reading it whole lets an engine failure still become a retry.
         try:
             content = await upstream.read()
         except (aiohttp.ClientError, TimeoutError):
-            await self._failed_before_first_byte(replica, send, last=last)
-            return
-        self.record.first_byte_now()
-        replica.made_progress()
-        counts = whole_answer_usage(content)
-        if counts is not None:
-            self.record.prompt_tokens, self.record.completion_tokens = counts
-        self.status_code = upstream.status
-        headers = self._relayed_headers(upstream, {"content-length": str(len(content))})
-        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
-        await send({"type": "http.response.body", "body": content, "more_body": False})
+            self._give_up("broken_answer", "broke an answer")
+        self.record.first_byte()
+        self.replica.made_progress()
+        self.record.counted(whole_answer_usage(content))
+        headers = self._headers(upstream, {"content-length": str(len(content))})
+        await self.send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": content, "more_body": False})
 
-    async def _relay_stream(self, replica: Replica, upstream: aiohttp.ClientResponse, send: Send, *,
-                            last: bool) -> None:
-        # Commit late: the client's response starts only with the engine's first chunk, so an engine that fails
-        # before it is replaced by another replica and the client never notices.
+    async def _relay_stream(self, upstream: aiohttp.ClientResponse) -> None:
+        # Commit late: the client's response starts only once the engine's first events are in and are not an
+        # error, so an engine that fails before its first token is replaced by another replica.
         read = upstream.content.readany  # b"" at the end (plain calls: an async iterator costs more per chunk)
-        try:
-            first = await read()
-        except (aiohttp.ClientError, TimeoutError):
-            await self._failed_before_first_byte(replica, send, last=last)
-            return
-        record = self.record
-        record.first_byte_now()
-        replica.made_progress()
-        self.status_code = upstream.status
-        headers = self._relayed_headers(upstream, {"x-accel-buffering": "no"})
-        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         usage = StreamUsage(self.request.remove_usage_event)
-
-        async def pass_on(chunk: bytes) -> None:
-            arrived = time.perf_counter()
-            await self._pass_on(usage.feed(chunk), send)
-            record.relay_s += time.perf_counter() - arrived
-            record.chunks += 1
-
+        first = b""
         try:
-            await pass_on(first)
-            while chunk := await read():
-                replica.made_progress()
-                await pass_on(chunk)
-            await self._pass_on(usage.rest(), send)
+            while not first:
+                chunk = await read()
+                if not chunk:
+                    break
+                first = usage.feed(chunk)  # whole events only, so an error event is seen whole
         except (aiohttp.ClientError, TimeoutError):
-            self.metrics.upstream_errors.labels("broken_stream").inc()
-            log.warning("replica %d: a stream broke before its end", replica.index)
-            self.pool.check_soon(replica)
-            event = error_body("the model engine stopped while answering", "server_error", "engine_error")
-            # Only whole events went on, so the error event starts cleanly (a half-received event is dropped).
-            await send({"type": "http.response.body", "body": b"data: " + event + b"\n\n", "more_body": True})
+            self._give_up("broken_answer", "broke a stream before its first event")
+        if not first or ERROR_EVENT in first:  # nothing went to the client yet: another replica may answer
+            self._give_up("error_event" if first else "broken_answer", "failed a stream before its first token")
+        record, replica, send = self.record, self.replica, self.send
+        record.first_byte()
+        replica.made_progress()
+        headers = self._headers(upstream, {"x-accel-buffering": "no"})
+        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        try:
+            arrived = time.perf_counter()
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            record.relayed(arrived)
+            while chunk := await read():
+                arrived = time.perf_counter()
+                replica.made_progress()
+                events = usage.feed(chunk)
+                if events:
+                    if ERROR_EVENT in events:
+                        await self._stop_at_error_event(events)
+                    await send({"type": "http.response.body", "body": events, "more_body": True})
+                record.relayed(arrived)
+            rest = usage.rest()
+            if rest:
+                await send({"type": "http.response.body", "body": rest, "more_body": True})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.forwarder._failed(replica, "broken_stream", "broke a stream before its end")
+            raise EngineFailed(STOPPED) from exc
         finally:
-            if usage.counts is not None:
-                record.prompt_tokens, record.completion_tokens = usage.counts
+            record.counted(usage.counts)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    @staticmethod
-    async def _pass_on(body: bytes, send: Send) -> None:
-        if body:
-            await send({"type": "http.response.body", "body": body, "more_body": True})
-
-    async def _send_error(self, response: Response, send: Send) -> None:
-        self.status_code = response.status_code
-        await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
-        await send({"type": "http.response.body", "body": bytes(response.body), "more_body": False})
+    async def _stop_at_error_event(self, events: bytes) -> None:
+        """The engine failed mid-stream and says so in an event: what came before it goes on, its own text does not
+        (it names the engine's internals); the boundary ends the stream with the gateway's error event."""
+        before = events[:events.index(ERROR_EVENT)]
+        if before:
+            await self.send({"type": "http.response.body", "body": before, "more_body": True})
+        self.forwarder._failed(self.replica, "error_event", "failed a stream with an error event")
+        raise EngineFailed(STOPPED)
 
 
 async def _read_bounded(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -294,3 +261,5 @@ async def _read_bounded(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
         pass
     return b"".join(chunks)[:limit]
 
+
+__all__ = ["AirlockError", "EngineRequest", "Forwarder"]

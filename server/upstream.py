@@ -19,7 +19,8 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -260,9 +261,11 @@ class ReplicaPool:
             for listener in self.on_change:
                 listener()
 
-    def mark_failed(self, replica: Replica) -> None:
-        """Passive detection: a connection failure takes the replica out until a health check succeeds."""
-        self._set_health(replica, False, "a request could not connect")
+    def mark_failed(self, replica: Replica, reason: str = "a request could not connect") -> None:
+        """Passive detection: a replica that failed a request leaves the rotation at once, until a health check
+        succeeds (one is started now)."""
+        self._set_health(replica, False, reason)
+        self.check_soon(replica)
 
     def check_soon(self, replica: Replica) -> None:
         """Passive detection of a replica that answered with a server error: check its health now, not at the next
@@ -279,6 +282,16 @@ class ReplicaPool:
         candidates = self._candidates(model, exclude)
         roomy = [replica for replica in candidates if replica.outstanding < self._max_in_flight]
         return self._strategy.choose(roomy or candidates, tenant) if candidates else None
+
+    @contextmanager
+    def lease(self, replica: Replica) -> Iterator[Replica]:
+        """Count a request in flight on ``replica`` while the block runs (routing reads the count); the pool is the
+        only place that changes it."""
+        replica.outstanding += 1
+        try:
+            yield replica
+        finally:
+            replica.outstanding -= 1
 
     def capacity(self, model: str) -> int:
         """Requests ``model``'s healthy replicas may have in flight at once."""

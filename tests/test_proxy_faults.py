@@ -21,10 +21,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from server import app as app_module
+from server import request_path
 from server.app import create_app
 from server.config import load_settings
-from server.proxy import EngineExchange
+from server.proxy import Forwarder
 
 from .servers import ThreadedServer, free_port, wait_until_ready
 
@@ -197,7 +197,7 @@ def test_other_methods_on_the_engine_routes_get_an_openai_405(gateway: str) -> N
         assert response.headers["allow"] == "POST"
 
 
-@pytest.mark.parametrize("broken", [(app_module, "ask_for_usage"), (EngineExchange, "_exchange")],
+@pytest.mark.parametrize("broken", [(request_path, "ask_for_usage"), (Forwarder, "forward")],
                          ids=["before forwarding", "while forwarding"])
 def test_a_bug_in_the_gateway_is_a_500_that_reveals_nothing_and_the_gateway_carries_on(
         gateway: str, monkeypatch: pytest.MonkeyPatch, broken: tuple[object, str]) -> None:

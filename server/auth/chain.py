@@ -71,7 +71,7 @@ class Authentication:
         blocked = self._throttle.blocked_for(source)
         if blocked > 0:
             raise TooManyFailures("too many failed sign-in attempts; try again later",
-                                  headers={"retry-after": str(int(blocked) + 1)})
+                                  retry_after_s=int(blocked) + 1)
         if not authorization:
             raise Unauthenticated(FAILED, headers={"www-authenticate": self._challenges[False]})
         self._throttle.attempt(source)

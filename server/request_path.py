@@ -1,0 +1,177 @@
+"""The engine routes (POST /v1/chat/completions and /v1/completions): the request path, one step after another.
+
+    step                                        who does it                          refuses with
+    1. the method                               ``EngineRoutes.__call__``            405 (with Allow: POST)
+    2. who is asking                            ``Callers.identify``                 401, 429 (failed sign-ins)
+    3. the user's own limits                    ``Admission.user_limits``            429, before the body is read
+    4. the body, bounded                        ``read_body``                        413, 415 (Content-Encoding)
+    5. parse                                    ``payload.parse_request``            400
+    6. may they use the model, is it served     ``EngineRoutes._authorize``          403, 404, 503
+    7. screen (fields, images, tenant's salt)   ``Screening.screen``                 400
+    8. the model's fair queue                   ``Admission.queue(...).slot``        429, 503
+    9. route, forward, relay (one retry)        ``Forwarder.forward``                502, 503, 504
+    measured all along                          ``RequestRecord`` events, observed by ``MetricsMiddleware``
+
+Nothing here renders an error: each step raises, and ``boundary.ErrorBoundary`` answers (an OpenAI error before the
+response has started, an SSE error event after it). From step 8 on, the client going away cancels the rest at once:
+the upstream request is closed, vLLM aborts it, and its batch slot is freed.
+
+These requests skip FastAPI's routing, dependency injection and exception layers: under ``make bench`` (py-spy)
+those cost about as much CPU as the rest of the gateway's own work, per request and again per streamed chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio.to_thread
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .admission import Admission
+from .auth import ModelAccess, Principal
+from .callers import Callers
+from .config import Settings
+from .errors import (
+    BodyTooLarge,
+    EngineUnavailable,
+    MethodNotAllowed,
+    ModelNotFound,
+    PermissionDenied,
+    UnsupportedMediaType,
+)
+from .metrics import UNKNOWN_MODEL, RequestRecord
+from .metrics_middleware import request_record
+from .payload import parse_request
+from .proxy import EngineRequest, Forwarder
+from .screening import Route, Screening
+from .upstream import ReplicaPool
+from .usage import ask_for_usage
+
+ROUTES: dict[str, Route] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+# Bodies below this are screened inline; larger ones (megabytes of images) in a thread, so others are not stalled.
+SCREEN_INLINE_BYTES = 256 * 1024
+
+
+class EngineRoutes:
+    """A plain ASGI app for the engine routes in front of ``api`` (FastAPI), which gets every other request."""
+
+    def __init__(self, api: ASGIApp, config: Settings, callers: Callers, admission: Admission, access: ModelAccess,
+                 pool: ReplicaPool, screening: Screening, forwarder: Forwarder) -> None:
+        self.api = api
+        self.callers = callers
+        self.admission = admission
+        self.access = access
+        self.pool = pool
+        self.screening = screening
+        self.forwarder = forwarder
+        self.max_body_bytes = config.gateway.max_body_bytes
+        self.max_json_depth = config.screening.max_json_depth
+        self.retry_after_s = config.gateway.retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = ROUTES.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None:
+            await self.api(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            raise MethodNotAllowed("method not allowed on this endpoint", headers={"allow": "POST"})
+        request = Request(scope, receive)
+        record = request_record(request)
+        assert record is not None, "MetricsMiddleware gives every /v1/ request a record"
+        principal = await self.callers.identify(request)
+        with self.admission.user_limits(principal):
+            body = await read_body(request, self.max_body_bytes)
+            payload = parse_request(body, self.max_json_depth)
+            model = self._authorize(principal, payload, record)
+            forwarded = await self._screen(scope["path"], route, payload, principal, len(body))
+            async with cancelled_when_client_leaves(receive):
+                queued_at = time.perf_counter()
+                async with self.admission.queue(model).slot(principal.key, forwarded.cost):
+                    record.admitted(queued_at)
+                    await self.forwarder.forward(forwarded, record, send)
+
+    def _authorize(self, principal: Principal, payload: dict[str, Any], record: RequestRecord) -> str:
+        """The model asked for, if ``principal`` may use it and a replica serves it."""
+        model: str = payload["model"]
+        # Only a name an engine serves becomes a metric label; anything else a client typed is "unknown".
+        record.identified(model if self.pool.knows(model) else UNKNOWN_MODEL, payload.get("stream") is True)
+        shown = model if len(model) <= 100 else model[:100] + "..."
+        if not self.access.allows(principal, model):
+            if self.access.hide_denied:
+                raise ModelNotFound(f"the model '{shown}' does not exist", param="model")
+            raise PermissionDenied(f"you are not allowed to use the model '{shown}'", param="model",
+                                   code="model_not_allowed")
+        if not self.pool.can_serve(model):
+            if not self.pool.any_healthy:
+                raise EngineUnavailable("the model engines are not ready yet; try again shortly",
+                                        retry_after_s=self.retry_after_s)
+            if not self.pool.knows(model):
+                raise ModelNotFound(f"the model '{shown}' does not exist", param="model")
+        return model
+
+    async def _screen(self, path: str, route: Route, payload: dict[str, Any], principal: Principal,
+                      size: int) -> EngineRequest:
+        # Token counts for the metrics: a stream is asked to end with them (removed again if the client did not ask).
+        remove_usage = ask_for_usage(payload)
+        if size < SCREEN_INLINE_BYTES:
+            screened = self.screening.screen(route, payload, principal)
+        else:  # decoding and checking megabytes of images would stall every other request
+            screened = await anyio.to_thread.run_sync(self.screening.screen, route, payload, principal)
+        cost = self.admission.estimate_cost(payload, screened.image_pixels)
+        return EngineRequest(path, screened.body, payload["model"], principal, screened.cache_salt, cost,
+                             remove_usage)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it is known to exceed ``limit`` bytes (before reading it all).
+
+    Raises ``UnsupportedMediaType`` for a compressed body: decoding it would need a second limit on the decoded
+    size, and the SDKs never compress requests.
+    """
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType("request bodies must not be compressed (Content-Encoding: identity only)",
+                                   code="unsupported_content_encoding")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
+    return b"".join(chunks)  # one copy (a growing bytearray and bytes() of it made several)
+
+
+@asynccontextmanager
+async def cancelled_when_client_leaves(receive: Receive) -> AsyncIterator[None]:
+    """Run the block under a watch for the client going away (``http.disconnect``), which cancels it at once.
+
+    A plain task and ``Task.cancel`` rather than an anyio task group: the same watch at a fraction of the cost per
+    request (py-spy under ``make bench``). Any other cancellation (a shutdown) is passed on.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    client_left = False
+
+    async def watch() -> None:
+        nonlocal client_left
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        client_left = True
+        task.cancel()
+
+    watcher = asyncio.create_task(watch(), name="airlock-disconnect-watch")
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not client_left or task.uncancel() > 0:
+            raise
+    finally:
+        watcher.cancel()
