@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 # Error answers from an engine are small; anything longer is cut (and then not parsed as JSON).
 MAX_ENGINE_ERROR_BYTES = 64 * 1024
+# The first replica and one other: a second failure is the client's answer (the SDKs retry it with a backoff).
 ATTEMPTS = 2
 # Headers worth passing from the engine to the client; everything else (server, date, ...) is dropped.
 RELAYED_HEADERS = frozenset({"content-type"})
@@ -37,6 +38,7 @@ UPSTREAM_HEADERS = {"content-type": "application/json", "accept-encoding": "iden
 # response): an event whose data is an OpenAI error object. Inside an answer's text the quotes would be escaped.
 ERROR_EVENT = b'data: {"error"'
 STOPPED = "the model engine stopped while answering"
+FAILED = "the model engine failed to answer this request; try again"
 
 
 @dataclass(frozen=True)
@@ -68,51 +70,52 @@ class Forwarder:
     """Routes a request to a replica, sends it, and relays the answer; one retry on another replica."""
 
     def __init__(self, pool: ReplicaPool, metrics: GatewayMetrics, retry_after_s: int) -> None:
-        self._pool = pool
-        self._metrics = metrics
-        self._retry_after_s = retry_after_s
+        self.pool = pool
+        self.metrics = metrics
+        self.retry_after_s = retry_after_s
 
     async def forward(self, request: EngineRequest, record: RequestRecord, send: Send) -> None:
         """Answer ``request`` through ``send``. Raises an ``AirlockError`` (before or after the response started:
         the boundary tells which) when no replica could answer."""
         tried: Replica | None = None
-        failure: AirlockError = EngineUnavailable("no engine for this model is available right now; try again shortly",
-                                                  retry_after_s=self._retry_after_s)
-        pool, model, tenant = self._pool, request.model, request.cache_salt
-        for attempt in range(ATTEMPTS):
+        failure: AirlockError = self.unavailable()
+        pool, model, tenant = self.pool, request.model, request.cache_salt
+        for _ in range(ATTEMPTS):
             # Prefer a replica not tried yet; the same one again only if it is still in the pool.
             replica = pool.pick(model, tenant, exclude=tried) or pool.pick(model, tenant)
             if replica is None:
                 break
             if tried is not None:
-                self._metrics.retries.inc()
+                self.metrics.retries.inc()
             tried = replica
             with pool.lease(replica):
                 try:
-                    exchange = _Exchange(self, replica, request, record, send, last=attempt == ATTEMPTS - 1)
-                    await exchange.run()
+                    await _Exchange(self, replica, request, record, send).run()
                     return
                 except _TryElsewhere as attempt_failed:
                     failure = attempt_failed.failure
         raise failure
 
-    def _failed(self, replica: Replica, reason: str, why: str) -> None:
+    def unavailable(self) -> EngineUnavailable:
+        return EngineUnavailable("no engine for this model is available right now; try again shortly",
+                                 retry_after_s=self.retry_after_s)
+
+    def failed(self, replica: Replica, reason: str, why: str) -> None:
         """An engine failure: counted, and the replica out of the rotation until a health check passes."""
-        self._metrics.upstream_errors.labels(reason).inc()
-        self._pool.mark_failed(replica, why)
+        self.metrics.upstream_errors.labels(reason).inc()
+        self.pool.mark_failed(replica, why)
 
 
 class _Exchange:
     """One attempt on one replica."""
 
     def __init__(self, forwarder: Forwarder, replica: Replica, request: EngineRequest, record: RequestRecord,
-                 send: Send, *, last: bool) -> None:
+                 send: Send) -> None:
         self.forwarder = forwarder
         self.replica = replica
         self.request = request
         self.record = record
         self.send = send
-        self.last = last
 
     async def run(self) -> None:
         upstream = await self._open()
@@ -136,36 +139,31 @@ class _Exchange:
                 upstream.close()
 
     def _give_up(self, reason: str, why: str) -> NoReturn:
-        """The engine failed before anything went to the client: another replica may take it, unless this was the
-        last try."""
-        self.forwarder._failed(self.replica, reason, why)
-        failure = EngineFailed("the model engine failed to answer this request; try again")
-        if not self.last:
-            raise _TryElsewhere(failure)
-        raise failure
+        """The engine failed before anything went to the client: another replica may take the request."""
+        self.forwarder.failed(self.replica, reason, why)
+        raise _TryElsewhere(EngineFailed(FAILED))
 
     async def _open(self) -> aiohttp.ClientResponse:
         """Send the request; a failure before the engine answered may be retried elsewhere."""
         replica = self.replica
         assert replica.session is not None, "the pool opens every replica's session when it starts"
         self.record.forwarded()
-        errors = self.forwarder._metrics.upstream_errors
+        errors = self.forwarder.metrics.upstream_errors
         try:
             return await replica.session.post(replica.endpoint(self.request.path), data=self.request.body,
                                               headers=UPSTREAM_HEADERS)
         except aiohttp.ClientConnectorError:
             # Refused or no socket: the engine is down.
             errors.labels("connect_failed").inc()
-            self.forwarder._pool.mark_failed(replica)
-            raise _TryElsewhere(EngineUnavailable("no engine for this model is available right now; try again "
-                                                  "shortly", retry_after_s=self.forwarder._retry_after_s))
+            self.forwarder.pool.mark_failed(replica)
+            raise _TryElsewhere(self.forwarder.unavailable()) from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError, aiohttp.ClientOSError):
             # Dropped before any answer (a kept-alive connection the engine had just closed, an engine too busy to
             # accept, or one that died): nothing reached the client yet, so another try is safe.
             errors.labels("dropped").inc()
             log.info("replica %d dropped a request before answering; retrying it", replica.index)
-            self.forwarder._pool.check_soon(replica)
-            raise _TryElsewhere(EngineFailed("the model engine failed to answer this request; try again"))
+            self.forwarder.pool.check_soon(replica)
+            raise _TryElsewhere(EngineFailed(FAILED)) from None
         except TimeoutError as exc:
             # No answer within read_timeout_s (a long non-streaming answer), or no free connection: not retried,
             # the work may still be under way.
@@ -173,7 +171,7 @@ class _Exchange:
             raise EngineTimeout("the model engine did not answer in time; try a smaller request or streaming") from exc
         except aiohttp.ClientError as exc:
             errors.labels("transport").inc()
-            raise EngineFailed("the model engine failed to answer this request; try again") from exc
+            raise EngineFailed(FAILED) from exc
 
     def _headers(self, upstream: aiohttp.ClientResponse, extra: dict[str, str]) -> list[tuple[bytes, bytes]]:
         headers = {name: value for name, value in upstream.headers.items() if name.lower() in RELAYED_HEADERS}
@@ -232,7 +230,7 @@ class _Exchange:
             if rest:
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
         except (aiohttp.ClientError, TimeoutError) as exc:
-            self.forwarder._failed(replica, "broken_stream", "broke a stream before its end")
+            self.forwarder.failed(replica, "broken_stream", "broke a stream before its end")
             raise EngineFailed(STOPPED) from exc
         finally:
             record.counted(usage.counts)
@@ -244,7 +242,7 @@ class _Exchange:
         before = events[:events.index(ERROR_EVENT)]
         if before:
             await self.send({"type": "http.response.body", "body": before, "more_body": True})
-        self.forwarder._failed(self.replica, "error_event", "failed a stream with an error event")
+        self.forwarder.failed(self.replica, "error_event", "failed a stream with an error event")
         raise EngineFailed(STOPPED)
 
 

@@ -289,6 +289,11 @@ def test_a_non_member_is_refused_whatever_the_case_and_a_member_is_served(
             bob = openai.OpenAI(base_url=f"{gateway}/v1", api_key=bob_key, max_retries=0, timeout=60)
             assert [model.id for model in alice.models.list()] == [stack.model]
             assert [model.id for model in bob.models.list()] == []
+            # One card: the same as the list's for a member; a model denied to bob is as absent as an unknown one.
+            assert alice.models.retrieve(stack.model).model_dump() == alice.models.list().data[0].model_dump()
+            with pytest.raises(openai.NotFoundError) as absent:
+                bob.models.retrieve(stack.model)
+            assert absent.value.code == "model_not_found"
             messages = [{"role": "user", "content": "hi"}]
             answer = alice.chat.completions.create(model=stack.model, messages=messages, max_tokens=2)  # type: ignore[arg-type]
             assert answer.model == stack.model and answer.choices[0].message.content is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -80,6 +81,17 @@ def paced(tokens: int, stream: bool = False) -> dict[str, object]:
             "messages": [{"role": "user", "content": "Read the form."}]}
 
 
+def answer_to_a_body_never_sent(base_url: str, headers: dict[str, str]) -> bytes:
+    """The status line the gateway answers to a POST whose announced body never comes (a raw socket: HTTP clients
+    send the whole body before they read)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    lines = ["POST /v1/chat/completions HTTP/1.1", f"host: {host}", "content-type: application/json",
+             f"content-length: {30 * 1024 * 1024}", *(f"{name}: {value}" for name, value in headers.items())]
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return connection.recv(65536).split(b"\r\n", 1)[0] + b"\r\n"
+
+
 def test_concurrent_limit_429_and_queue_timeout_503(paced_engine: Path, credentials: Credentials,
                                                      bob_key: str) -> None:
     admission = {"max_concurrent_per_user": 1, "requests_per_minute_per_user": 0, "max_in_flight_per_replica": 1,
@@ -93,6 +105,10 @@ def test_concurrent_limit_429_and_queue_timeout_503(paced_engine: Path, credenti
             assert held.status_code == 200
             lines = first_chunk(held)  # kept: a dropped line iterator would close the stream
             next(lines)
+
+            # Her limit is checked before a byte of her body is read: an upload announced as 30 MiB, of which
+            # nothing has been sent, is refused at once.
+            assert answer_to_a_body_never_sent(base_url, alice).startswith(b"HTTP/1.1 429 ")
 
             second = client.post("/v1/chat/completions", json=paced(4), headers=alice)
             assert second.status_code == 429, second.text
