@@ -73,7 +73,7 @@ async def request(client: openai.AsyncOpenAI, outcome: Outcome, started: asyncio
     try:
         if outcome.stream:
             async with await client.chat.completions.create(
-                model=MODEL, max_tokens=outcome.tokens, stream=True, messages=messages,  # type: ignore[arg-type]
+                model=MODEL, max_tokens=outcome.tokens, stream=True, messages=messages,
                 stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
             ) as stream:
                 async for chunk in stream:
@@ -87,7 +87,7 @@ async def request(client: openai.AsyncOpenAI, outcome: Outcome, started: asyncio
                         outcome.completion_tokens = chunk.usage.completion_tokens
         else:
             answer = await client.chat.completions.create(
-                model=MODEL, max_tokens=outcome.tokens, messages=messages,  # type: ignore[arg-type]
+                model=MODEL, max_tokens=outcome.tokens, messages=messages,
                 extra_body={"ignore_eos": True},
             )
             outcome.seen.append(answer.model_dump_json())
@@ -163,7 +163,10 @@ def test_a_replica_whose_engine_core_dies_under_load_is_failed_over(two_replicas
     asyncio.run(asyncio.wait_for(run(), 800))
     everything = in_flight + after + then
     print(f"\nkilled replica {killed['victim']}'s engine core with {killed['busy']:.0f} requests in flight; it left "
-          f"the pool after {killed['left_pool_after']:.2f} s; in flight: {summary(in_flight)}")
+          f"the pool after {killed['left_pool_after']:.2f} s (-1: not within {LEAVES_POOL_S} s)")
+    for name, group in (("in flight", in_flight), ("right after", after), ("then", then)):
+        print(f"  {name}: {sum(o.complete for o in group)}/{len(group)} complete; others: "
+              f"{summary([o for o in group if not o.complete])}")
 
     # No client saw vLLM's internals: no EngineDeadError text, no "EngineCore encountered an issue".
     assert internals_shown(everything) == [], summary(everything)
