@@ -1,11 +1,10 @@
 """The gateway application. ``create_app`` lists the request path in the order every request takes it."""
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio.to_thread
 from fastapi import Depends, FastAPI, Request
@@ -38,6 +37,7 @@ from .hsts import with_hsts
 from .metrics import UNKNOWN_MODEL, GatewayMetrics
 from .metrics_endpoint import MetricsEndpoint, metrics_app
 from .metrics_middleware import MetricsMiddleware, request_record
+from .payload import parse_request
 from .posture import privacy_posture
 from .proxy import EngineExchange, EngineRequest
 from .routing import build_strategy
@@ -67,20 +67,6 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
     return b"".join(chunks)  # one copy (a growing bytearray and bytes() of it made several)
-
-
-def parse_request(body: bytes) -> dict[str, Any]:
-    """The JSON object of an OpenAI request, with a ``model`` string."""
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest("request body is not valid JSON", code="invalid_json") from exc
-    if not isinstance(payload, dict):
-        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' is required and must be a string", param="model", code="missing_model")
-    return payload
 
 
 @dataclass(frozen=True)
@@ -139,7 +125,7 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     settings = config.gateway
     pool = ReplicaPool(upstream_urls, settings, build_strategy(config.routing),
                        config.admission.max_in_flight_per_replica, config.upstream_tls)
-    admission = Admission(config.admission, pool.capacity)
+    admission = Admission(config.admission, pool.capacity, config.screening.max_tokens_limit)
     pool.on_change.append(admission.capacity_changed)
     metrics = GatewayMetrics(config.metrics.active_users_window_s)
     metrics.watch(pool, admission, listener_certificate)
@@ -196,7 +182,7 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
         # -> 5. a replica serving it -> 6. screen (fields, images, salt) -> then, in EngineExchange: 7. the user's
         # limits and the model's fair queue -> 8. a replica (routing) -> 9. forward, with one retry elsewhere.
         body = await read_body(request, settings.max_body_bytes)
-        payload = parse_request(body)
+        payload = parse_request(body, config.screening.max_json_depth)
         model = payload["model"]
         record = request_record(request)
         if record is not None:
