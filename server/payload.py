@@ -33,7 +33,9 @@ _DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
 # An escaped UTF-16 surrogate, paired or not: only then can a decoded string hold a lone one.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# A key shown in an error's field path: a name in OpenAI's style (every field of its API is lower-case snake_case).
+# Other keys (a schema's property names, say) may be something a user typed, and are shown as <key>.
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 # Longer integers are nothing an OpenAI request needs (a seed is at most 20 digits).
 MAX_INTEGER_DIGITS = 40
 
@@ -159,7 +161,7 @@ def _check_unicode(value: Any, path: str) -> None:
 
 
 def _shown(key: str) -> str:
-    """A key as it may appear in a message: a plain name, or a placeholder for anything a user may have typed."""
+    """A key as it may appear in a message: a field name, or a placeholder for anything a user may have typed."""
     return key if _NAME.fullmatch(key) else "<key>"
 
 
