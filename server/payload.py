@@ -63,7 +63,7 @@ def parse_request(body: bytes, max_depth: int) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"request body is not valid UTF-8 (at byte {exc.start})", code="invalid_json") from exc
     try:
-        payload = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite, parse_int=_integer)
+        payload = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON (line {exc.lineno}, column {exc.colno})",
                              code="invalid_json") from exc
@@ -181,3 +181,7 @@ def _integer(text: str) -> int:
         raise InvalidRequest(f"a number in the request has more than {MAX_INTEGER_DIGITS} digits",
                              code="invalid_json")
     return int(text)
+
+
+# Built once: json.loads with any option builds a decoder (and its scanner) on every call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite, parse_int=_integer)
