@@ -37,9 +37,10 @@ class ImageLimits:
     max_aspect_ratio: float
 
 
-def check_image_url(url: object, limits: ImageLimits, param: str) -> int:
-    """The image's pixel count; ``InvalidRequest`` unless ``url`` is a ``data:`` URL holding an allowed, small
-    enough image."""
+def check_image_url(url: object, limits: ImageLimits, param: str) -> tuple[int, str]:
+    """The image's pixel count and the URL to forward (``url`` itself, or without the line breaks in its base64,
+    which vLLM refuses); ``InvalidRequest`` unless ``url`` is a ``data:`` URL holding an allowed, small enough
+    image."""
     if not isinstance(url, str):
         raise InvalidRequest("image_url.url must be a string", param=param, code="invalid_image")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
@@ -53,22 +54,24 @@ def check_image_url(url: object, limits: ImageLimits, param: str) -> int:
     if not comma or not header.lower().endswith(";base64"):
         raise InvalidRequest("an image data: URL must be base64 (data:image/png;base64,...)", param=param,
                              code="invalid_image")
+    if "\n" in encoded or "\r" in encoded:
+        # Base64 wrapped in lines (MIME style: 76 characters and CR LF, the default of several encoders): the line
+        # breaks go, nothing else does (anything else outside the alphabet is refused below).
+        encoded = encoded.replace("\r", "").replace("\n", "")
+        url = f"{header},{encoded}"
     raw = _decode_base64(encoded, limits.max_bytes, param)
     if len(raw) > limits.max_bytes:
         raise InvalidRequest(_too_big(len(raw), limits.max_bytes), param=param, code="image_too_large")
-    return _check_header(raw, limits, param)
+    return _check_header(raw, limits, param), url
 
 
 def _decode_base64(encoded: str, max_bytes: int, param: str) -> bytes:
-    """The bytes of ``encoded``, which may be wrapped in lines (MIME style, 76 characters and CR LF, as several
-    encoders write it by default): line breaks are dropped, anything else outside the alphabet is refused."""
+    """The bytes of ``encoded``, or ``InvalidRequest`` saying why it is not base64."""
     try:
         data = encoded.encode("ascii")  # the one copy a2b_base64 would make of a str anyway
     except UnicodeEncodeError as exc:
         raise InvalidRequest(_not_base64("it holds characters other than A-Z, a-z, 0-9, + and /"), param=param,
                              code="invalid_image") from exc
-    if b"\n" in data or b"\r" in data:
-        data = data.translate(None, b"\r\n")
     if len(data) * 3 // 4 > max_bytes + 3:  # known before decoding
         raise InvalidRequest(_too_big(len(data) * 3 // 4, max_bytes), param=param, code="image_too_large")
     try:

@@ -142,11 +142,12 @@ class Screening:
             return None
         image_url = part.get("image_url")
         if isinstance(image_url, str):  # a shorthand some clients send
-            image_url = {"url": image_url}
+            image_url = part["image_url"] = {"url": image_url}
         if not isinstance(image_url, dict) or set(image_url) - IMAGE_URL_FIELDS:
             raise InvalidRequest(f"{where}.image_url must be {{\"url\": \"data:...\"}}", param=where,
                                  code="invalid_image")
-        return check_image_url(image_url.get("url"), self._images, where)
+        pixels, image_url["url"] = check_image_url(image_url.get("url"), self._images, where)
+        return pixels
 
     def _check_template_kwargs(self, kwargs: Any) -> None:
         if kwargs is None:
