@@ -19,8 +19,11 @@ CHARS_PER_TOKEN = 4
 
 
 class Admission:
-    def __init__(self, settings: AdmissionSettings, capacity: Callable[[str], int]) -> None:
+    def __init__(self, settings: AdmissionSettings, capacity: Callable[[str], int], max_tokens_limit: int) -> None:
+        """``max_tokens_limit``: what a request that names no ``max_tokens`` may generate at most (the engine's
+        default, ``screening.max_tokens_limit``)."""
         self._settings = settings
+        self._max_tokens_limit = max_tokens_limit
         self._capacity = capacity
         self._limits = UserLimits(settings)
         self._queues: dict[str, FairQueue] = {}
@@ -51,9 +54,11 @@ class Admission:
         return self._limits.admit(principal.key)
 
     def estimate_cost(self, payload: dict[str, Any], image_pixels: int) -> float:
-        """Tokens the request will take: prompt text, images, and the most it may generate (for each choice)."""
+        """Tokens the request will take: prompt text, images, and the most it may generate (for each choice); a
+        request that names no limit may generate the server's (less if the context is shorter, which only the engine
+        knows)."""
         prompt_chars = _text_length(payload.get("messages")) + _text_length(payload.get("prompt"))
-        generated = int(payload.get("max_tokens") or payload.get("max_completion_tokens") or 0)
+        generated = int(payload.get("max_tokens") or payload.get("max_completion_tokens") or self._max_tokens_limit)
         choices = int(payload.get("n") or 1)
         return (prompt_chars / CHARS_PER_TOKEN + image_pixels / self._settings.image_pixels_per_token
                 + generated * choices)

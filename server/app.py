@@ -84,7 +84,7 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     settings = config.gateway
     pool = ReplicaPool(upstream_urls, settings, build_strategy(config.routing),
                        config.admission.max_in_flight_per_replica, config.upstream_tls)
-    admission = Admission(config.admission, pool.capacity)
+    admission = Admission(config.admission, pool.capacity, config.screening.max_tokens_limit)
     pool.on_change.append(admission.capacity_changed)
     metrics = GatewayMetrics(config.metrics.active_users_window_s)
     metrics.watch(pool, admission, listener_certificate)

@@ -244,14 +244,19 @@ class ScreeningSettings(_Section):
     # Pixels of one image, read from its header before anything decodes it (25 MP: a 5000x5000 scan).
     max_image_pixels: int = Field(25_000_000, ge=1024)
     image_formats: list[ImageFormat] = Field(default_factory=lambda: _DEFAULT_FORMATS.copy(), min_length=1)
-    # Highest max_tokens (or max_completion_tokens) a request may ask for; also the default when it asks none.
+    # Longest side over shortest side of one image, read from its header: Qwen-VL's image processor refuses more
+    # than 200 (transformers' qwen2_vl smart_resize, which Qwen3-VL uses too).
+    max_image_aspect_ratio: float = Field(200.0, ge=1.0)
+    # Highest max_tokens (or max_completion_tokens) a request may ask for. A request that asks none is forwarded
+    # without: the engine then generates at most this many tokens and at most what is left of its context.
     max_tokens_limit: int = Field(8192, ge=1)
     # Highest n (and best_of): each choice is a full generation on the engine.
     max_choices: int = Field(4, ge=1)
     # chat_template_kwargs keys a request may set (anything else could change how the prompt is built).
     chat_template_kwargs: list[str] = Field(default_factory=lambda: ["enable_thinking"])
-    # Deepest nesting of arrays and objects in a request body (tool and response_format schemas nest a little).
-    max_json_depth: int = Field(64, ge=4)
+    # Levels of nested arrays and objects in a request body (tool and response_format schemas nest; a few thousand
+    # levels would exhaust the JSON decoder's recursion). Well under Python's recursion limit of 1000.
+    max_json_depth: int = Field(64, ge=16, le=500)
 
 
 class PrivacySettings(_Section):

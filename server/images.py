@@ -1,15 +1,22 @@
 """Images in requests: ``data:`` URLs only, checked from their header before anything decodes them.
 
 vLLM would fetch an ``http(s)://`` URL itself (there is no switch to stop it) and would decode whatever bytes
-arrive; here the format, the byte size and the pixel count are known before a single pixel is decoded, so a
-decompression bomb costs nothing but the reading of its header.
+arrive; here the format, the byte size, the pixel count and the aspect ratio are known before a single pixel is
+decoded, so a decompression bomb costs nothing but the reading of its header.
+
+The aspect ratio is Qwen-VL's own rule: transformers' ``smart_resize`` (``models/qwen2_vl/
+image_processing_qwen2_vl.py``, used by Qwen2-VL, Qwen2.5-VL and, through vLLM's ``qwen3_vl.py``, Qwen3-VL)
+raises ``ValueError("absolute aspect ratio must be smaller than 200")`` when ``max(h, w) / min(h, w) > 200``, which
+vLLM reports as "Failed to apply Qwen3VLProcessor". There is no lower bound on size to check: the same function
+scales a small image up to ``min_pixels`` (transformers 5.x; 4.x refused a side shorter than 28 pixels), and the
+demo engine answers a 1x1 image.
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -17,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import InvalidRequest
 
+_NOT_ALPHABET = re.compile(rb"[^A-Za-z0-9+/=]")
 # Pillow format name -> the name users know.
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP", "tiff": "TIFF"}
 
@@ -26,11 +34,13 @@ class ImageLimits:
     formats: frozenset[str]  # lower-case names from FORMATS
     max_bytes: int
     max_pixels: int
+    max_aspect_ratio: float
 
 
-def check_image_url(url: object, limits: ImageLimits, param: str) -> int:
-    """The image's pixel count; ``InvalidRequest`` unless ``url`` is a ``data:`` URL holding an allowed, small
-    enough image."""
+def check_image_url(url: object, limits: ImageLimits, param: str) -> tuple[int, str]:
+    """The image's pixel count and the URL to forward (``url`` itself, or without the line breaks in its base64,
+    which vLLM refuses); ``InvalidRequest`` unless ``url`` is a ``data:`` URL holding an allowed, small enough
+    image."""
     if not isinstance(url, str):
         raise InvalidRequest("image_url.url must be a string", param=param, code="invalid_image")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
@@ -44,15 +54,37 @@ def check_image_url(url: object, limits: ImageLimits, param: str) -> int:
     if not comma or not header.lower().endswith(";base64"):
         raise InvalidRequest("an image data: URL must be base64 (data:image/png;base64,...)", param=param,
                              code="invalid_image")
-    if len(encoded) * 3 // 4 > limits.max_bytes + 3:  # known before decoding
-        raise InvalidRequest(_too_big(len(encoded) * 3 // 4, limits.max_bytes), param=param, code="image_too_large")
-    try:
-        raw = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidRequest("the image is not valid base64", param=param, code="invalid_image") from exc
+    if "\n" in encoded or "\r" in encoded:
+        # Base64 wrapped in lines (MIME style: 76 characters and CR LF, the default of several encoders): the line
+        # breaks go, nothing else does (anything else outside the alphabet is refused below).
+        encoded = encoded.replace("\r", "").replace("\n", "")
+        url = f"{header},{encoded}"
+    raw = _decode_base64(encoded, limits.max_bytes, param)
     if len(raw) > limits.max_bytes:
         raise InvalidRequest(_too_big(len(raw), limits.max_bytes), param=param, code="image_too_large")
-    return _check_header(raw, limits, param)
+    return _check_header(raw, limits, param), url
+
+
+def _decode_base64(encoded: str, max_bytes: int, param: str) -> bytes:
+    """The bytes of ``encoded``, or ``InvalidRequest`` saying why it is not base64."""
+    try:
+        data = encoded.encode("ascii")  # the one copy a2b_base64 would make of a str anyway
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(_not_base64("it holds characters other than A-Z, a-z, 0-9, + and /"), param=param,
+                             code="invalid_image") from exc
+    if len(data) * 3 // 4 > max_bytes + 3:  # known before decoding
+        raise InvalidRequest(_too_big(len(data) * 3 // 4, max_bytes), param=param, code="image_too_large")
+    try:
+        return binascii.a2b_base64(data, strict_mode=True)
+    except binascii.Error as exc:
+        if _NOT_ALPHABET.search(data):
+            if b"-" in data or b"_" in data:
+                why = "it looks URL-safe ('-' and '_'); use the standard alphabet (+ and /)"
+            else:
+                why = "it holds characters other than A-Z, a-z, 0-9, + and / (line breaks are allowed)"
+        else:
+            why = "its length or '=' padding is wrong (was it cut short?)"
+        raise InvalidRequest(_not_base64(why), param=param, code="invalid_image") from exc
 
 
 def _check_header(raw: bytes, limits: ImageLimits, param: str) -> int:
@@ -68,6 +100,11 @@ def _check_header(raw: bytes, limits: ImageLimits, param: str) -> int:
                         f"image too large: {width}x{height} is {width * height / 1e6:.1f} MP, limit "
                         f"{limits.max_pixels / 1e6:.1f} MP", param=param, code="image_too_large",
                     )
+                if max(width, height) > limits.max_aspect_ratio * max(min(width, height), 1):
+                    raise InvalidRequest(
+                        f"image aspect ratio too extreme: {width}x{height} is more than {limits.max_aspect_ratio:g}:1,"
+                        " the model's limit; pad or crop it", param=param, code="image_aspect_ratio",
+                    )
                 image.verify()  # structure and checksums, without decoding pixels
                 return width * height
         except InvalidRequest:
@@ -79,6 +116,10 @@ def _check_header(raw: bytes, limits: ImageLimits, param: str) -> int:
             names = ", ".join(sorted(limits.formats)).upper()
             raise InvalidRequest(f"the image is damaged or not in an accepted format ({names})", param=param,
                                  code="invalid_image") from exc
+
+
+def _not_base64(why: str) -> str:
+    return f"the image is not valid base64: {why}"
 
 
 def _too_big(size: int, limit: int) -> str:

