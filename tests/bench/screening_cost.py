@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from PIL import Image
 
 from server.auth.principal import local_principal
 from server.config import PrivacySettings, ScreeningSettings
+from server.payload import parse_request
 from server.screening import Screening
 from server.tenancy import TenantSalts
 
@@ -60,7 +60,7 @@ def measure(repeats_for_small: int = 200) -> list[ScreeningCost]:
             times = []
             for _ in range(repeats):
                 started = time.perf_counter()
-                screening.screen("chat", json.loads(body), principal)
+                screening.screen("chat", parse_request(body, settings.max_json_depth), principal)
                 times.append(time.perf_counter() - started)
             results.append(ScreeningCost(name, image_format, len(image) / 1e6, statistics.median(times) * 1e3,
                                          max(times) * 1e3))
