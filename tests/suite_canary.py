@@ -57,7 +57,7 @@ def with_canary(request: httpx.Request) -> httpx.Request:
         return request
     try:
         body = json.loads(request.content)
-    except (httpx.RequestNotRead, ValueError):
+    except (httpx.RequestNotRead, ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
         return request
     if not _add_to_body(body):
         return request
