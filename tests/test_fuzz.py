@@ -26,7 +26,7 @@ import secrets
 import socket
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -231,32 +231,40 @@ def deep(levels: int) -> bytes:
     return b"[" * levels + b"]" * levels
 
 
-@st.composite
-def raw_bodies(draw: st.DrawFn) -> bytes:
-    """Bytes that are not a JSON object, not JSON, or not UTF-8."""
-    valid = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": f"hi {CANARY}"}],
-                        "max_tokens": 2}).encode()
-    where = draw(st.integers(0, len(valid)))
-    return draw(st.sampled_from([
-        b"",
-        b"null", b"[]", b"42", b'"' + CANARY.encode() + b'"', b"true",
-        valid[:where],  # cut anywhere
-        valid[:where] + b"\xff\xfe" + valid[where:],  # invalid UTF-8
-        valid[:where] + b"\xc3" + valid[where:],  # a cut multi-byte sequence
-        b"\xef\xbb\xbf" + valid,  # a UTF-8 byte order mark
-        valid.decode().encode("utf-16"),
-        valid.replace(b'"hi ', b'"hi \\ud83d '),  # a lone surrogate escape
-        valid.replace(b'"hi ', b'"hi \\udc00\\ud800 '),
-        valid.replace(b'"max_tokens": 2', b'"max_tokens": 2, "max_tokens": 3'),  # a duplicate key
-        valid.replace(b'"max_tokens": 2', b'"max_tokens": ' + b"9" * 5000),  # beyond Python's int digits
-        valid.replace(b'"max_tokens": 2', b'"max_tokens": 1e999'),
-        valid.replace(b'"max_tokens": 2', b'"max_tokens": 2, "temperature": NaN'),
-        b'{"model": "' + MODEL.encode() + b'", "messages": ' + deep(draw(st.sampled_from([50, 1000, 20_000]))) + b"}",
-        deep(draw(st.sampled_from([2, 1000, 20_000]))),
-        b'{"a":' * 20_000 + b"1" + b"}" * 20_000,
-        b"model=" + MODEL.encode() + b"&messages=" + CANARY.encode(),
-        CANARY.encode() * 50,
-    ]))
+VALID = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": f"hi {CANARY}"}],
+                    "max_tokens": 2}).encode()
+
+
+def with_messages(raw: bytes) -> bytes:
+    return b'{"model": "' + MODEL.encode() + b'", "max_tokens": 2, "messages": ' + raw + b"}"
+
+
+# Bytes that are not a JSON object, not JSON, or not UTF-8, by name (a failing example shows the name, not 100 kB);
+# each takes a position in the valid body to cut or spoil it at.
+RAW_BODIES: dict[str, Callable[[int], bytes]] = {
+    "empty": lambda _: b"",
+    "null": lambda _: b"null",
+    "array": lambda _: b"[]",
+    "number": lambda _: b"42",
+    "string": lambda _: json.dumps(CANARY).encode(),
+    "cut": lambda at: VALID[:at],
+    "invalid utf-8": lambda at: VALID[:at] + b"\xff\xfe" + VALID[at:],
+    "cut utf-8 sequence": lambda at: VALID[:at] + b"\xc3" + VALID[at:],
+    "byte order mark": lambda _: b"\xef\xbb\xbf" + VALID,
+    "utf-16": lambda _: VALID.decode().encode("utf-16"),
+    "lone surrogate": lambda _: VALID.replace(b'"hi ', b'"hi \\ud83d '),
+    "reversed surrogates": lambda _: VALID.replace(b'"hi ', b'"hi \\udc00\\ud800 '),
+    "duplicate key": lambda _: VALID.replace(b'"max_tokens": 2', b'"max_tokens": 2, "max_tokens": 3'),
+    "5000 digits": lambda _: VALID.replace(b'"max_tokens": 2', b'"max_tokens": ' + b"9" * 5000),
+    "1e999": lambda _: VALID.replace(b'"max_tokens": 2', b'"max_tokens": 1e999'),
+    "NaN": lambda _: VALID.replace(b'"max_tokens": 2', b'"max_tokens": 2, "temperature": NaN'),
+    "messages 50 deep": lambda _: with_messages(deep(50)),
+    "messages 20,000 deep": lambda _: with_messages(deep(20_000)),
+    "20,000 deep": lambda _: deep(20_000),
+    "objects 20,000 deep": lambda _: b'{"a":' * 20_000 + b"1" + b"}" * 20_000,
+    "form": lambda _: b"model=" + MODEL.encode() + b"&messages=" + CANARY.encode(),
+    "not json": lambda _: CANARY.encode() * 50,
+}
 
 
 def encodings(body: bytes) -> st.SearchStrategy[tuple[bytes, dict[str, str]]]:
@@ -322,9 +330,9 @@ def test_completion_bodies(api: httpx.Client, body: dict[str, Any]) -> None:
 
 
 @fuzz_settings(60)
-@given(raw=raw_bodies(), path=st.sampled_from(ENGINE_ROUTES))
-def test_raw_bodies(api: httpx.Client, raw: bytes, path: str) -> None:
-    check_answer(api.post(path, content=raw, headers={"content-type": "application/json"}))
+@given(name=st.sampled_from(sorted(RAW_BODIES)), at=st.integers(0, len(VALID)), path=st.sampled_from(ENGINE_ROUTES))
+def test_raw_bodies(api: httpx.Client, name: str, at: int, path: str) -> None:
+    check_answer(api.post(path, content=RAW_BODIES[name](at), headers={"content-type": "application/json"}))
 
 
 @fuzz_settings(50)
