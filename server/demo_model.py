@@ -38,7 +38,9 @@ BUILD_VERSION = 2
 # Qwen3-VL's chat template, reduced to what the demo needs: system/user/assistant turns, text and image parts, the
 # Thinking switch, and tool calling as Qwen3-VL writes it (the tools in the system turn, calls as
 # <tool_call>{"name": ..., "arguments": ...}</tool_call>, which vLLM's hermes parser reads; results as
-# <tool_response> in a user turn). Image parts expand to the vision placeholder tokens vLLM looks for.
+# <tool_response> in a user turn). Image parts expand to the vision placeholder tokens vLLM looks for. Turns are
+# joined without Qwen's newlines, as the first demo builds wrote them: what the random weights answer depends on the
+# exact prompt, and the tests' expectations (answers long enough to stream in pieces) were measured with it.
 CHAT_TEMPLATE = """\
 {%- macro render(content) -%}
     {%- if content is string -%}
@@ -57,7 +59,7 @@ CHAT_TEMPLATE = """\
 {%- endmacro -%}
 {%- set ns = namespace(first=0) -%}
 {%- if tools -%}
-    {{- '<|im_start|>system\n' -}}
+    {{- '<|im_start|>system' -}}
     {%- if messages and messages[0]['role'] == 'system' -%}
         {{- render(messages[0]['content']) + '\n\n' -}}
         {%- set ns.first = 1 -%}
@@ -69,7 +71,7 @@ CHAT_TEMPLATE = """\
     {%- endfor -%}
     {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments within ' -}}
     {{- '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": ' -}}
-    {{- '<args-json-object>}\n</tool_call><|im_end|>\n' -}}
+    {{- '<args-json-object>}\n</tool_call><|im_end|>' -}}
 {%- endif -%}
 {%- for message in messages[ns.first:] -%}
     {%- if message['role'] == 'tool' -%}
@@ -78,16 +80,13 @@ CHAT_TEMPLATE = """\
         {%- endif -%}
         {{- '\n<tool_response>\n' + render(message['content']) + '\n</tool_response>' -}}
         {%- if loop.last or loop.nextitem['role'] != 'tool' -%}
-            {{- '<|im_end|>\n' -}}
+            {{- '<|im_end|>' -}}
         {%- endif -%}
     {%- else -%}
-        {{- '<|im_start|>' + message['role'] + '\n' + render(message['content']) -}}
+        {{- '<|im_start|>' + message['role'] + render(message['content']) -}}
         {%- for call in message['tool_calls'] or [] -%}
             {%- set call = call['function'] if call['function'] is defined else call -%}
-            {%- if message['content'] or not loop.first -%}
-                {{- '\n' -}}
-            {%- endif -%}
-            {{- '<tool_call>\n{"name": "' + call['name'] + '", "arguments": ' -}}
+            {{- '\n<tool_call>\n{"name": "' + call['name'] + '", "arguments": ' -}}
             {%- if call['arguments'] is string -%}
                 {{- call['arguments'] -}}
             {%- else -%}
@@ -95,13 +94,13 @@ CHAT_TEMPLATE = """\
             {%- endif -%}
             {{- '}\n</tool_call>' -}}
         {%- endfor -%}
-        {{- '<|im_end|>\n' -}}
+        {{- '<|im_end|>' -}}
     {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
-    {{- '<|im_start|>assistant\n' -}}
+    {{- '<|im_start|>assistant' -}}
     {%- if enable_thinking is defined and enable_thinking is false -%}
-        {{- '<think>\n\n</think>\n\n' -}}
+        {{- '<think>\n\n</think>' -}}
     {%- endif -%}
 {%- endif -%}
 """

@@ -6,8 +6,11 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 import yaml
 
@@ -25,7 +28,8 @@ from server.privacy import HARDENED_START
 from server.profiles import choose_model, load_profiles
 from server.upstream import KEEPALIVE_EXPIRY_S
 
-from .conftest import AIRLOCK, ROOT
+from .conftest import AIRLOCK, ROOT, airlock_env, stop, wait_ready, write_config
+from .servers import free_port
 
 PROFILES = load_profiles()
 
@@ -328,3 +332,61 @@ def test_vllm_keeps_the_models_sampling_with_our_default(tmp_path: Path, demo_mo
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["defaults"] == {**qwen_sampling, "max_tokens": 3000}
     assert seen["auto_tool_choice"] is True and seen["tool_call_parser"] == "hermes"
+
+
+DEMO_CONTEXT = PROFILES["airlock-demo"].max_model_len
+
+
+@pytest.fixture(scope="module")
+def make_run_stack(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[tuple[str, Path]]:
+    """`make run` as a new user starts it: the demo profile's context (4,096 tokens) under the default
+    screening.max_tokens_limit (8,192), no sign-in on loopback. Its gateway's URL and its engine's socket."""
+    workdir = tmp_path_factory.mktemp("make-run")
+    port = free_port()
+    config = write_config(workdir / "airlock.yaml", {
+        "gateway": {"port": port},
+        "engine": {"model": "demo", "demo_model_dir": str(demo_model_dir), "socket_dir": str(workdir / "sockets"),
+                   "cpu_kvcache_gb": 1},
+    })
+    assert load_settings(config).screening.max_tokens_limit > DEMO_CONTEXT
+    log_path = workdir / "airlock.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([*AIRLOCK, "up", "--config", str(config)], cwd=ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT, env=airlock_env())
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{base_url}/readyz", process, log_path, 600)
+        yield base_url, workdir / "sockets" / "replica-0.sock"
+    finally:
+        stop(process)
+
+
+QUESTION = [{"role": "user", "content": "Describe this server."}]
+
+
+@pytest.mark.engine
+def test_an_engine_bounds_its_default_answer_length_by_the_context(make_run_stack: tuple[str, Path]) -> None:
+    # Straight to the engine: the default (screening.max_tokens_limit, above this context) becomes what is left of
+    # the context, not a 400. ignore_eos makes the random-weight model use all of it.
+    _, socket = make_run_stack
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)), base_url="http://engine", timeout=300) as engine:
+        answer = engine.post("/v1/chat/completions", json={
+            "model": "airlock-demo-qwen3-vl", "messages": QUESTION, "ignore_eos": True})
+    assert answer.status_code == 200, answer.text
+    usage = answer.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == DEMO_CONTEXT
+    assert answer.json()["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.engine
+def test_the_most_common_sdk_call_works_when_the_limit_is_above_the_context(make_run_stack: tuple[str, Path]) -> None:
+    """The issue's first report: no max_tokens (or null) against `make run` got 400 "max_tokens=8192 cannot be
+    greater than max_model_len=4096", blaming a value the user never sent."""
+    base_url, _ = make_run_stack
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=300)
+    answer = client.chat.completions.create(model="airlock-demo-qwen3-vl", messages=QUESTION)  # type: ignore[arg-type]
+    assert answer.usage is not None and answer.usage.total_tokens <= DEMO_CONTEXT
+    null = httpx.post(f"{base_url}/v1/chat/completions", timeout=300,
+                      json={"model": "airlock-demo-qwen3-vl", "messages": QUESTION, "max_tokens": None})
+    assert null.status_code == 200, null.text
+    assert null.json()["usage"]["total_tokens"] <= DEMO_CONTEXT
