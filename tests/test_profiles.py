@@ -123,3 +123,15 @@ def test_the_demo_chat_template_writes_tools_as_qwen3_vl_does(demo_model_dir: Pa
     # Without tools nothing about them is said.
     plain = tokenizer.apply_chat_template(messages[1:2], tokenize=False, add_generation_prompt=True)
     assert plain == "<|im_start|>userPress OK<|vision_start|><|image_pad|><|vision_end|><|im_end|><|im_start|>assistant"
+
+
+def test_a_demo_model_built_before_tool_calling_is_rebuilt(tmp_path: Path, demo_model_dir: Path) -> None:
+    # Its chat template would ignore `tools`: `airlock up` (runner.ensure_demo_model) builds it again.
+    from server.demo_model import COMPLETE_MARKER, is_built
+
+    assert is_built(demo_model_dir)
+    (tmp_path / COMPLETE_MARKER).write_text(json.dumps({"name": "airlock-demo-qwen3-vl", "random_weights": True,
+                                                        "seed": 0}))
+    assert not is_built(tmp_path)
+    (tmp_path / COMPLETE_MARKER).write_text("not json")
+    assert not is_built(tmp_path)
