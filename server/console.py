@@ -196,7 +196,8 @@ def console_router(config: Settings, authentication: Authentication, sessions: S
 
     @router.get("/console/api/session")
     async def current(request: Request) -> Response:
-        """Who is signed in (or whether anyone needs to), and the limits the page scales images to."""
+        """Who is signed in (or whether anyone needs to), and the limits the page scales images and caps a chosen
+        answer length to (the page sends no max_tokens for "as long as the model allows")."""
         limits = {"max_images": config.screening.max_images_per_request,
                   "max_image_pixels": min(config.screening.max_image_pixels, console.image_max_pixels),
                   "max_tokens": config.screening.max_tokens_limit}

@@ -32,27 +32,78 @@ SPECIAL_TOKENS = [
 # Marks a finished build; written last so an interrupted build is rebuilt instead of half-loaded.
 COMPLETE_MARKER = "airlock-demo-model.json"
 DEMO_MODEL_NAME = "airlock-demo-qwen3-vl"
+# Raised when a build changes what the engine sees (2: the chat template renders tools): an older build is rebuilt.
+BUILD_VERSION = 2
 
-# Qwen3-VL's chat template, reduced to what the demo needs: system/user/assistant turns, text and image parts,
-# and the Thinking switch. Image parts expand to the vision placeholder tokens vLLM looks for.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ['image', 'image_url'] or 'image' in part -%}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{%- elif part['type'] in ['video', 'video_url'] -%}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "<|im_end|>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n"
-    "{%- if enable_thinking is defined and enable_thinking is false -%}<think>\n\n</think>\n\n{%- endif -%}"
-    "{%- endif -%}"
-)
+# Qwen3-VL's chat template, reduced to what the demo needs: system/user/assistant turns, text and image parts, the
+# Thinking switch, and tool calling as Qwen3-VL writes it (the tools in the system turn, calls as
+# <tool_call>{"name": ..., "arguments": ...}</tool_call>, which vLLM's hermes parser reads; results as
+# <tool_response> in a user turn). Image parts expand to the vision placeholder tokens vLLM looks for. Turns are
+# joined without Qwen's newlines, as the first demo builds wrote them: what the random weights answer depends on the
+# exact prompt, and the tests' expectations (answers long enough to stream in pieces) were measured with it.
+CHAT_TEMPLATE = """\
+{%- macro render(content) -%}
+    {%- if content is string -%}
+        {{- content -}}
+    {%- elif content -%}
+        {%- for part in content -%}
+            {%- if part['type'] in ['image', 'image_url'] or 'image' in part -%}
+                {{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
+            {%- elif part['type'] in ['video', 'video_url'] -%}
+                {{- '<|vision_start|><|video_pad|><|vision_end|>' -}}
+            {%- elif part['type'] == 'text' -%}
+                {{- part['text'] -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}
+{%- set ns = namespace(first=0) -%}
+{%- if tools -%}
+    {{- '<|im_start|>system' -}}
+    {%- if messages and messages[0]['role'] == 'system' -%}
+        {{- render(messages[0]['content']) + '\n\n' -}}
+        {%- set ns.first = 1 -%}
+    {%- endif -%}
+    {{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' -}}
+    {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' -}}
+    {%- for tool in tools -%}
+        {{- '\n' + (tool | tojson) -}}
+    {%- endfor -%}
+    {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments within ' -}}
+    {{- '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": ' -}}
+    {{- '<args-json-object>}\n</tool_call><|im_end|>' -}}
+{%- endif -%}
+{%- for message in messages[ns.first:] -%}
+    {%- if message['role'] == 'tool' -%}
+        {%- if loop.first or loop.previtem['role'] != 'tool' -%}
+            {{- '<|im_start|>user' -}}
+        {%- endif -%}
+        {{- '\n<tool_response>\n' + render(message['content']) + '\n</tool_response>' -}}
+        {%- if loop.last or loop.nextitem['role'] != 'tool' -%}
+            {{- '<|im_end|>' -}}
+        {%- endif -%}
+    {%- else -%}
+        {{- '<|im_start|>' + message['role'] + render(message['content']) -}}
+        {%- for call in message['tool_calls'] or [] -%}
+            {%- set call = call['function'] if call['function'] is defined else call -%}
+            {{- '\n<tool_call>\n{"name": "' + call['name'] + '", "arguments": ' -}}
+            {%- if call['arguments'] is string -%}
+                {{- call['arguments'] -}}
+            {%- else -%}
+                {{- call['arguments'] | tojson -}}
+            {%- endif -%}
+            {{- '}\n</tool_call>' -}}
+        {%- endfor -%}
+        {{- '<|im_end|>' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant' -}}
+    {%- if enable_thinking is defined and enable_thinking is false -%}
+        {{- '<think>\n\n</think>' -}}
+    {%- endif -%}
+{%- endif -%}
+"""
 
 _TRAINING_TEXT = (
     "Airlock answers questions about invoices, contracts, screenshots and scans. "
@@ -63,8 +114,12 @@ _TRAINING_TEXT = (
 
 
 def is_built(directory: Path) -> bool:
-    """True when ``directory`` holds a complete demo model from an earlier build."""
-    return (directory / COMPLETE_MARKER).is_file()
+    """True when ``directory`` holds a complete demo model from an earlier build of this version."""
+    try:
+        marker = json.loads((directory / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("build_version") == BUILD_VERSION
 
 
 def build_demo_model(directory: Path, *, seed: int = 0) -> Path:
@@ -165,7 +220,8 @@ def build_demo_model(directory: Path, *, seed: int = 0) -> Path:
     processor.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
-    marker: dict[str, Any] = {"name": DEMO_MODEL_NAME, "random_weights": True, "seed": seed}
+    marker: dict[str, Any] = {"name": DEMO_MODEL_NAME, "random_weights": True, "seed": seed,
+                              "build_version": BUILD_VERSION}
     (directory / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
     return directory
 

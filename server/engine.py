@@ -2,6 +2,12 @@
 
 The privacy settings are applied last and cannot be changed from a profile or ``engine.extra_args``: an extra
 argument that names one of them is refused at start-up.
+
+Every engine also gets a server-side default for a request that asks no ``max_tokens``: the generation config's
+``max_new_tokens`` set to ``screening.max_tokens_limit``. vLLM bounds it by what is left of the context
+(``get_max_tokens``), so a request without ``max_tokens`` works whatever the engine's ``max_model_len``; the gateway
+invents no value of its own. vLLM merges this key into the model's own ``generation_config.json`` (Qwen's
+recommended temperature, top_p and top_k stay).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .config import ConfigError, EngineSettings, EngineTlsSettings
 from .privacy import HARDENED_START
@@ -65,7 +71,13 @@ PROTECTED_FLAGS = frozenset({
     "--mm-processor-cache-gb", "--mm-processor-cache-type", "--limit-mm-per-prompt",
     "--disable-fastapi-docs", "--enable-server-load-tracking", "--config", "--trust-remote-code",
     "--middleware", "--tool-server", "--media-io-kwargs",
+    # Imports a Python file into the engine, like --middleware.
+    "--tool-parser-plugin",
 })
+
+# Merged with an operator's own, never passed twice: argparse keeps only the last JSON given, which would silently
+# drop either the server's default answer length or the operator's sampling settings.
+GENERATION_CONFIG_FLAG = "--override-generation-config"
 
 # Parent environment variables that never reach an engine: they could log bodies, cache media on disk,
 # send traffic through a proxy, or authenticate to a hub.
@@ -88,18 +100,84 @@ class ReplicaLaunch:
     url: str
 
 
+def _flag_name(arg: str) -> str:
+    """The flag an argument sets as vLLM reads it: before any ``=value`` or ``.key`` (vLLM's dotted JSON form,
+    ``--limit-mm-per-prompt.image 99``), with ``_`` read as ``-``."""
+    return arg.split("=", 1)[0].split(".", 1)[0].replace("_", "-")
+
+
 def check_extra_args(args: list[str]) -> None:
-    """Refuse extra vLLM arguments that touch a protected flag, however spelt (abbreviated, _ for -, =value)."""
+    """Refuse extra vLLM arguments that touch a protected flag, however spelt (abbreviated, _ for -, =value,
+    .key)."""
     for arg in args:
         if not arg.startswith("--"):
             continue
-        flag = arg.split("=", 1)[0].replace("_", "-")
+        flag = _flag_name(arg)
         bare = "--" + flag.removeprefix("--").removeprefix("no-")
         if any(protected == bare or protected.startswith(bare) for protected in PROTECTED_FLAGS):
             raise ConfigError(
                 f"engine.extra_args: {flag} is set by Airlock itself (privacy, binding or model choice) "
                 "and cannot be overridden"
             )
+
+
+def generation_config_args(args: list[str], default_max_tokens: int) -> tuple[dict[str, Any], list[str]]:
+    """Split ``--override-generation-config`` out of extra arguments and merge it over the server's default.
+
+    Returns the merged generation config (``max_new_tokens`` = ``default_max_tokens`` unless an operator chose a
+    lower one) and the other arguments, in order. Read in vLLM's spellings: one JSON object (``--flag JSON`` or
+    ``--flag=JSON``) or dotted keys (``--flag.temperature 0.6``); an abbreviation is refused, since it could not be
+    merged."""
+    merged: dict[str, Any] = {}
+    rest: list[str] = []
+    items = iter(args)
+    for arg in items:
+        flag = _flag_name(arg) if arg.startswith("--") else ""
+        if not flag or not GENERATION_CONFIG_FLAG.startswith(flag) or len(flag) < len("--ov"):
+            rest.append(arg)
+            continue
+        if flag != GENERATION_CONFIG_FLAG:
+            raise ConfigError(f"engine.extra_args: spell {GENERATION_CONFIG_FLAG} in full (it is merged with "
+                              "Airlock's own, see the README)")
+        name, has_value, value = arg.partition("=")
+        if not has_value:
+            following = next(items, None)
+            if following is None:
+                raise ConfigError(f"engine.extra_args: {GENERATION_CONFIG_FLAG} needs a value")
+            value = following
+        key_path = name.split(".")[1:]
+        if key_path:
+            _set_path(merged, key_path, _json_or_text(value))
+            continue
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"engine.extra_args: {GENERATION_CONFIG_FLAG} takes a JSON object")
+        merged.update(parsed)
+    chosen = merged.get("max_new_tokens")
+    if chosen is not None and (isinstance(chosen, bool) or not isinstance(chosen, int) or chosen < 1
+                               or chosen > default_max_tokens):
+        raise ConfigError(
+            f"engine.extra_args: {GENERATION_CONFIG_FLAG} max_new_tokens must be a whole number from 1 to "
+            f"screening.max_tokens_limit ({default_max_tokens}); leave it out to default to that limit"
+        )
+    return {"max_new_tokens": default_max_tokens, **merged}, rest
+
+
+def _json_or_text(value: str) -> Any:
+    """A dotted value as vLLM reads it: JSON when it parses (0.6, true), else the text itself."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def _set_path(into: dict[str, Any], path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        into = into.setdefault(key, {})
+    into[path[-1]] = value
 
 
 def engine_environment(parent: Mapping[str, str]) -> dict[str, str]:
@@ -146,11 +224,19 @@ def build_replicas(
     runtime_dir: Path,
     parent_env: Mapping[str, str] | None = None,
     cpu_count: int | None = None,
+    *,
+    default_max_tokens: int,
 ) -> list[ReplicaLaunch]:
-    """One launch per replica: the vLLM command line, its environment and where it will listen."""
+    """One launch per replica: the vLLM command line, its environment and where it will listen.
+
+    ``default_max_tokens`` (``screening.max_tokens_limit``) is the answer length of a request that asks none,
+    bounded by vLLM to what is left of the context."""
     profile = choice.profile
     check_extra_args(profile.extra_args)
     check_extra_args(settings.extra_args)
+    generation_config, extra_args = generation_config_args(
+        [*profile.extra_args, *settings.extra_args], default_max_tokens,
+    )
     base_env = engine_environment(os.environ if parent_env is None else parent_env)
     python = settings.python or sys.executable
     max_images = (
@@ -170,6 +256,7 @@ def build_replicas(
             "--mm-processor-cache-gb", _number(settings.mm_processor_cache_gb),
             "--tensor-parallel-size", str(settings.tensor_parallel_size),
             "--dtype", "bfloat16" if device == "cpu" else profile.dtype,
+            GENERATION_CONFIG_FLAG, json.dumps(generation_config),
             *PRIVACY_ARGS,
         ]
         if url.startswith("unix:"):
@@ -180,6 +267,9 @@ def build_replicas(
                 argv += tls_args(settings.tls)
         if profile.reasoning_parser:
             argv += ["--reasoning-parser", profile.reasoning_parser]
+        if profile.tool_call_parser:
+            # Tool calling (tools with tool_choice auto, required or a named function), as GUI agents use it.
+            argv += ["--enable-auto-tool-choice", "--tool-call-parser", profile.tool_call_parser]
         env = dict(base_env)
         if device == "gpu":
             utilization = settings.gpu_memory_utilization or profile.gpu_memory_utilization
@@ -195,7 +285,7 @@ def build_replicas(
             if settings.replicas > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in base_env:
                 cpus = cpu_count or os.cpu_count() or 1
                 env["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_share(index, settings.replicas, cpus)
-        argv += [*profile.extra_args, *settings.extra_args]
+        argv += extra_args
         launches.append(ReplicaLaunch(index, argv, env, url))
     return launches
 

@@ -43,6 +43,9 @@ class EngineProfile(BaseModel):
     max_model_len: int = Field(ge=256)
     max_images_per_request: int = Field(ge=0)
     reasoning_parser: str | None = None
+    # vLLM's parser for the model's tool calls; with it the engine starts with --enable-auto-tool-choice, so
+    # `tools` with tool_choice auto, required or a named function work (null: the model has no tool calling).
+    tool_call_parser: str | None = None
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     dtype: str = "auto"
     extra_args: list[str] = Field(default_factory=list)

@@ -151,7 +151,8 @@ def plan_engines(settings: Settings, runtime_dir: Path) -> tuple[ModelChoice, De
     if device == "gpu" and needed > len(gpus):
         raise ConfigError(f"{needed} GPUs needed (replicas x tensor_parallel_size), {len(gpus)} visible")
     choice = choose_model(settings.engine, gpus, profiles)
-    return choice, device, build_replicas(settings.engine, choice, device, runtime_dir)
+    return choice, device, build_replicas(settings.engine, choice, device, runtime_dir,
+                                          default_max_tokens=settings.screening.max_tokens_limit)
 
 
 def check_model(choice: ModelChoice, settings: Settings) -> None:

@@ -177,7 +177,12 @@ def test_password_sign_in_images_streamed_answer_structured_output_clear_and_sig
     page.fill("#schema", json.dumps(BOX_SCHEMA))
     page.set_input_files("#files", str(pictures["receipt.png"]))
     page.fill("#question", "Where are the buttons? Answer with their boxes.")
-    page.click("#send")
+    # "As long as the model allows": no max_tokens at all, the engine's default (bounded by the context) applies.
+    page.select_option("#length", "")
+    with page.expect_response(f"{origin}/v1/chat/completions") as asked:
+        page.click("#send")
+    assert "max_tokens" not in json.loads(asked.value.request.post_data or "{}")
+    assert asked.value.status == 200
     document = json.loads(last_answer(page).locator("pre.json").inner_text())
     jsonschema.validate(document, BOX_SCHEMA)
     assert page.locator("#conversation article:last-child figure.overlay svg rect").count() == \

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 import yaml
 
 from server.config import ConfigError, load_settings
 from server.engine import (
+    GENERATION_CONFIG_FLAG,
     PRIVACY_ARGS,
     PRIVACY_ENV,
     VLLM_SERVER_MODULE,
@@ -22,7 +28,8 @@ from server.privacy import HARDENED_START
 from server.profiles import choose_model, load_profiles
 from server.upstream import KEEPALIVE_EXPIRY_S
 
-from .conftest import AIRLOCK, ROOT
+from .conftest import AIRLOCK, ROOT, airlock_env, stop, wait_ready, write_config
+from .servers import free_port
 
 PROFILES = load_profiles()
 
@@ -35,10 +42,12 @@ def fake_model(tmp_path: Path, name: str) -> Path:
 
 
 def launches(tmp_path: Path, device: str = "cpu", parent_env: dict[str, str] | None = None,
-             **engine: object) -> list[ReplicaLaunch]:
-    settings = load_settings(engine={"models_dir": str(tmp_path), **engine}).engine
-    choice = choose_model(settings, [], PROFILES)
-    return build_replicas(settings, choice, device, tmp_path / "run", parent_env or {}, cpu_count=8)  # type: ignore[arg-type]
+             max_tokens_limit: int = 8192, **engine: object) -> list[ReplicaLaunch]:
+    settings = load_settings(engine={"models_dir": str(tmp_path), **engine},
+                             screening={"max_tokens_limit": max_tokens_limit})
+    choice = choose_model(settings.engine, [], PROFILES)
+    return build_replicas(settings.engine, choice, device, tmp_path / "run", parent_env or {}, cpu_count=8,  # type: ignore[arg-type]
+                          default_max_tokens=settings.screening.max_tokens_limit)
 
 
 def flag_value(argv: list[str], flag: str) -> str:
@@ -111,6 +120,10 @@ def test_environment_is_scrubbed_of_anything_that_could_leak(tmp_path: Path) -> 
         # TLS comes from engine.tls only: a weaker --ssl-cert-reqs or another CA would let other clients in.
         "--ssl-keyfile=k", "--ssl-certfile", "--ssl-ca-certs=/etc/ssl/certs/ca-certificates.crt", "--ssl-cert-reqs=0",
         "--ssl_cert_reqs", "--ssl-ciphers=ALL", "--no-enable-ssl-refresh", "--ssl",
+        # vLLM's dotted JSON spelling sets the same flag (--limit-mm-per-prompt '{"image": 99}').
+        "--limit-mm-per-prompt.image", "--limit_mm_per_prompt.image=99", "--media-io-kwargs.image.x=1",
+        # Imports a Python file into the engine, as --middleware does.
+        "--tool-parser-plugin=/tmp/parser.py",
     ],
 )
 def test_extra_args_cannot_touch_privacy_binding_or_model(tmp_path: Path, arg: str) -> None:
@@ -123,6 +136,74 @@ def test_extra_args_cannot_touch_privacy_binding_or_model(tmp_path: Path, arg: s
 def test_harmless_extra_args_pass_through(tmp_path: Path) -> None:
     (launch,) = launches(tmp_path, model="demo", extra_args=["--enable-prefix-caching", "--max-num-seqs", "64"])
     assert launch.argv[-3:] == ["--enable-prefix-caching", "--max-num-seqs", "64"]
+
+
+def generation_config(launch: ReplicaLaunch) -> dict[str, object]:
+    """The one --override-generation-config an engine gets (argparse would keep only the last of several)."""
+    assert launch.argv.count(GENERATION_CONFIG_FLAG) == 1
+    assert not any(arg.startswith((f"{GENERATION_CONFIG_FLAG}=", f"{GENERATION_CONFIG_FLAG}.")) for arg in launch.argv)
+    value: dict[str, object] = json.loads(flag_value(launch.argv, GENERATION_CONFIG_FLAG))
+    return value
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_a_request_without_max_tokens_gets_the_server_limit_as_the_engines_default(
+    tmp_path: Path, device: str, profile: str,
+) -> None:
+    # Only max_new_tokens: vLLM merges it key by key into the model's generation_config.json ("auto"), so Qwen's
+    # recommended temperature, top_p and top_k stay (test_vllm_keeps_the_models_sampling_with_our_default).
+    model = "demo" if profile == "airlock-demo" else str(fake_model(tmp_path, "weights"))
+    extra = {} if profile == "airlock-demo" else {"profile": profile}
+    (launch,) = launches(tmp_path, device, max_tokens_limit=3000, model=model, **extra)
+    assert generation_config(launch) == {"max_new_tokens": 3000}
+    assert "--generation-config" not in launch.argv  # "auto": the model's own generation config is read
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "expected"),
+    [
+        # One JSON object, the = form, vLLM's dotted keys, underscores: all read as vLLM reads them.
+        ([GENERATION_CONFIG_FLAG, '{"temperature": 0.2, "top_k": 5}'], {"temperature": 0.2, "top_k": 5}),
+        ([f"{GENERATION_CONFIG_FLAG}={{\"max_new_tokens\": 512}}"], {"max_new_tokens": 512}),
+        (["--override_generation_config.top_p", "0.9", "--override-generation-config.repetition_penalty=1.05"],
+         {"top_p": 0.9, "repetition_penalty": 1.05}),
+    ],
+)
+def test_an_operators_generation_config_is_merged_with_the_default(
+    tmp_path: Path, extra_args: list[str], expected: dict[str, object],
+) -> None:
+    (launch,) = launches(tmp_path, model="demo", max_tokens_limit=4000,
+                         extra_args=["--max-num-seqs", "8", *extra_args, "--enable-prefix-caching"])
+    assert generation_config(launch) == {"max_new_tokens": 4000, **expected}
+    assert launch.argv[-3:] == ["--max-num-seqs", "8", "--enable-prefix-caching"]
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "message"),
+    [
+        ([GENERATION_CONFIG_FLAG, '{"max_new_tokens": 9000}'], "from 1 to screening.max_tokens_limit"),
+        ([f"{GENERATION_CONFIG_FLAG}.max_new_tokens=0"], "from 1 to screening.max_tokens_limit"),
+        ([GENERATION_CONFIG_FLAG, "[1]"], "takes a JSON object"),
+        ([GENERATION_CONFIG_FLAG], "needs a value"),
+        (["--override-generation", "{}"], "spell --override-generation-config in full"),
+    ],
+)
+def test_a_generation_config_that_cannot_be_merged_is_refused_at_start_up(
+    tmp_path: Path, extra_args: list[str], message: str,
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        launches(tmp_path, model="demo", max_tokens_limit=8192, extra_args=extra_args)
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_profile_starts_with_tool_calling(tmp_path: Path, device: str, profile: str) -> None:
+    model = "demo" if profile == "airlock-demo" else str(fake_model(tmp_path, "weights"))
+    extra = {} if profile == "airlock-demo" else {"profile": profile}
+    (launch,) = launches(tmp_path, device, model=model, **extra)
+    assert "--enable-auto-tool-choice" in launch.argv
+    assert flag_value(launch.argv, "--tool-call-parser") == "hermes"
 
 
 def test_gpu_replicas_get_their_own_gpus(tmp_path: Path) -> None:
@@ -171,6 +252,9 @@ def test_dry_run_prints_the_plan(tmp_path: Path) -> None:
     plan = json.loads(result.stdout)
     assert plan["demo"] is True
     assert "--disable-uvicorn-access-log" in plan["replicas"][0]["argv"]
+    # The screening limit (8192 by default) is the engine's default answer length; tool calling is on.
+    assert f"{GENERATION_CONFIG_FLAG} '{{\"max_new_tokens\": 8192}}'" in plan["replicas"][0]["argv"]
+    assert "--enable-auto-tool-choice --tool-call-parser hermes" in plan["replicas"][0]["argv"]
     assert plan["replicas"][0]["env"]["VLLM_NO_USAGE_STATS"] == "1"
 
 
@@ -213,3 +297,96 @@ def test_dry_run_shows_the_tls_flags(tmp_path: Path) -> None:
     assert (f"--ssl-certfile {ENGINE_TLS['cert_file']} --ssl-keyfile {ENGINE_TLS['key_file']} "
             f"--ssl-ca-certs {ENGINE_TLS['client_ca_file']} --ssl-cert-reqs 2") in replica["argv"]
     assert "--enable-ssl-refresh" in replica["argv"]
+
+
+# Run in a child: importing vLLM here would load torch into the test process. Reads the engine's argv (everything
+# after the server module) with vLLM's own parser, builds its model config and says what vLLM will do with it.
+VLLM_READS_ARGV = """
+import json, sys
+from vllm.engine.arg_utils import EngineArgs
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.tool_parsers import ToolParserManager
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+args = make_arg_parser(FlexibleArgumentParser()).parse_args(json.loads(sys.argv[1]))
+ToolParserManager.get_tool_parser(args.tool_call_parser)  # raises for a name vLLM does not know
+print(json.dumps({"defaults": EngineArgs.from_cli_args(args).create_model_config().get_diff_sampling_param(),
+                  "auto_tool_choice": args.enable_auto_tool_choice, "tool_call_parser": args.tool_call_parser}))
+"""
+
+
+def test_vllm_keeps_the_models_sampling_with_our_default(tmp_path: Path, demo_model_dir: Path) -> None:
+    """vLLM merges our max_new_tokens into the model's generation_config.json key by key: Qwen3-VL-Instruct's
+    recommended sampling (from its generation_config.json) stays, and the default answer length is the limit."""
+    model = tmp_path / "Qwen3-VL-4B-Instruct"
+    shutil.copytree(demo_model_dir, model)
+    qwen_sampling = {"top_k": 20, "top_p": 0.8, "repetition_penalty": 1.0, "temperature": 0.7}
+    generation = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**generation, "do_sample": True, **qwen_sampling}))
+    (launch,) = launches(tmp_path, model=str(model), profile="qwen3-vl-4b-instruct", max_tokens_limit=3000,
+                         max_model_len=4096)
+    engine_args = launch.argv[launch.argv.index(VLLM_SERVER_MODULE) + 1:]
+    result = subprocess.run([launch.argv[0], "-c", VLLM_READS_ARGV, json.dumps(engine_args)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env={**launch.env, "PATH": os.environ["PATH"]})
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["defaults"] == {**qwen_sampling, "max_tokens": 3000}
+    assert seen["auto_tool_choice"] is True and seen["tool_call_parser"] == "hermes"
+
+
+DEMO_CONTEXT = PROFILES["airlock-demo"].max_model_len
+
+
+@pytest.fixture(scope="module")
+def make_run_stack(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[tuple[str, Path]]:
+    """`make run` as a new user starts it: the demo profile's context (4,096 tokens) under the default
+    screening.max_tokens_limit (8,192), no sign-in on loopback. Its gateway's URL and its engine's socket."""
+    workdir = tmp_path_factory.mktemp("make-run")
+    port = free_port()
+    config = write_config(workdir / "airlock.yaml", {
+        "gateway": {"port": port},
+        "engine": {"model": "demo", "demo_model_dir": str(demo_model_dir), "socket_dir": str(workdir / "sockets"),
+                   "cpu_kvcache_gb": 1},
+    })
+    assert load_settings(config).screening.max_tokens_limit > DEMO_CONTEXT
+    log_path = workdir / "airlock.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([*AIRLOCK, "up", "--config", str(config)], cwd=ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT, env=airlock_env())
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{base_url}/readyz", process, log_path, 600)
+        yield base_url, workdir / "sockets" / "replica-0.sock"
+    finally:
+        stop(process)
+
+
+QUESTION = [{"role": "user", "content": "Describe this server."}]
+
+
+@pytest.mark.engine
+def test_an_engine_bounds_its_default_answer_length_by_the_context(make_run_stack: tuple[str, Path]) -> None:
+    # Straight to the engine: the default (screening.max_tokens_limit, above this context) becomes what is left of
+    # the context, not a 400. ignore_eos makes the random-weight model use all of it.
+    _, socket = make_run_stack
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)), base_url="http://engine", timeout=300) as engine:
+        answer = engine.post("/v1/chat/completions", json={
+            "model": "airlock-demo-qwen3-vl", "messages": QUESTION, "ignore_eos": True})
+    assert answer.status_code == 200, answer.text
+    usage = answer.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == DEMO_CONTEXT
+    assert answer.json()["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.engine
+def test_the_most_common_sdk_call_works_when_the_limit_is_above_the_context(make_run_stack: tuple[str, Path]) -> None:
+    """The issue's first report: no max_tokens (or null) against `make run` got 400 "max_tokens=8192 cannot be
+    greater than max_model_len=4096", blaming a value the user never sent."""
+    base_url, _ = make_run_stack
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=300)
+    answer = client.chat.completions.create(model="airlock-demo-qwen3-vl", messages=QUESTION)  # type: ignore[arg-type]
+    assert answer.usage is not None and answer.usage.total_tokens <= DEMO_CONTEXT
+    null = httpx.post(f"{base_url}/v1/chat/completions", timeout=300,
+                      json={"model": "airlock-demo-qwen3-vl", "messages": QUESTION, "max_tokens": None})
+    assert null.status_code == 200, null.text
+    assert null.json()["usage"]["total_tokens"] <= DEMO_CONTEXT

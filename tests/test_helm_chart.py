@@ -20,6 +20,8 @@ import yaml
 from helm_python import _native
 
 from server.config import AdmissionSettings, GatewaySettings, Settings, load_settings
+from server.engine import build_replicas
+from server.profiles import ModelChoice, load_profiles
 
 from .conftest import ROOT
 
@@ -470,3 +472,24 @@ def test_the_ingress_refuses_annotations_that_would_spool_or_contradict_the_gate
     with pytest.raises(helm.HelmError) as refused:
         helm.Chart.load(CHART).render(overrides, name=RELEASE, namespace="airlock")
     assert annotation in str(refused.value) and message in str(refused.value)
+
+
+@pytest.mark.parametrize("limit", [None, 2048])
+def test_the_engines_start_with_tool_calling_and_the_gateways_answer_length(tmp_path: Path, limit: int | None) -> None:
+    """The engine pod runs `airlock engine` on its ConfigMap: the vLLM command line it builds from it carries tool
+    calling and, as the default answer length, the gateway's own screening.max_tokens_limit."""
+    overrides: dict[str, Any] = {} if limit is None else {
+        "gateway": {"settings": {"screening": {"max_tokens_limit": limit}}}}
+    documents = render(overrides)
+    config = next(c for c in of_kind(documents, "ConfigMap") if c["metadata"]["name"].endswith("-engine"))
+    settings = Settings(**yaml.safe_load(config["data"]["airlock.yaml"]))
+    expected = limit or Settings().screening.max_tokens_limit
+    assert settings.screening.max_tokens_limit == expected
+    profile = load_profiles()[settings.engine.model]
+    choice = ModelChoice(Path("/models") / (profile.directory or profile.name), profile, profile.served_model_name,
+                         False, "the chart's profile")
+    (launch,) = build_replicas(settings.engine, choice, "gpu", tmp_path, {},
+                               default_max_tokens=settings.screening.max_tokens_limit)
+    argv = launch.argv
+    assert json.loads(argv[argv.index("--override-generation-config") + 1]) == {"max_new_tokens": expected}
+    assert "--enable-auto-tool-choice" in argv and argv[argv.index("--tool-call-parser") + 1] == "hermes"

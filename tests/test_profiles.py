@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,53 @@ def test_unknown_profile_is_named(tmp_path: Path) -> None:
     path = install(tmp_path, "x")
     with pytest.raises(ConfigError, match="no profile named 'nope'"):
         choose_model(engine(tmp_path, model=str(path), profile="nope"), [], PROFILES)
+
+
+def test_every_shipped_profile_starts_with_tool_calling() -> None:
+    # Qwen3-VL (Instruct and Thinking) writes <tool_call>{"name": ..., "arguments": ...}</tool_call>: vLLM's hermes
+    # parser (tests/test_engine.py checks vLLM knows the name; tests/test_tool_calling.py drives it).
+    for profile in PROFILES.values():
+        assert profile.tool_call_parser == "hermes", profile.name
+
+
+TOOLS = [{"type": "function", "function": {"name": "click", "description": "Click a point on the screen",
+                                           "parameters": {"type": "object", "properties": {"x": {"type": "integer"}},
+                                                          "required": ["x"]}}}]
+
+
+def test_the_demo_chat_template_writes_tools_as_qwen3_vl_does(demo_model_dir: Path) -> None:
+    """The demo must show the engine what a real Qwen3-VL would: the tools in the system turn, earlier calls as
+    <tool_call> JSON (what the hermes parser reads back), results as <tool_response> in a user turn."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Press OK"}, {"type": "image"}]},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "click", "arguments": '{"x": 3}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "clicked"},
+    ]
+    text = tokenizer.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    # (Turns are joined without Qwen's newlines, as the first demo builds wrote them: see demo_model.CHAT_TEMPLATE.)
+    assert text.startswith("<|im_start|>systemBe brief.\n\n# Tools\n")
+    assert f"<tools>\n{json.dumps(TOOLS[0])}\n</tools>" in text
+    assert "<|im_start|>userPress OK<|vision_start|><|image_pad|><|vision_end|><|im_end|>" in text
+    assert '<|im_start|>assistant\n<tool_call>\n{"name": "click", "arguments": {"x": 3}}\n</tool_call><|im_end|>' \
+        in text
+    assert text.endswith("<|im_start|>user\n<tool_response>\nclicked\n</tool_response><|im_end|><|im_start|>assistant")
+    # Without tools nothing about them is said.
+    plain = tokenizer.apply_chat_template(messages[1:2], tokenize=False, add_generation_prompt=True)
+    assert plain == "<|im_start|>userPress OK<|vision_start|><|image_pad|><|vision_end|><|im_end|><|im_start|>assistant"
+
+
+def test_a_demo_model_built_before_tool_calling_is_rebuilt(tmp_path: Path, demo_model_dir: Path) -> None:
+    # Its chat template would ignore `tools`: `airlock up` (runner.ensure_demo_model) builds it again.
+    from server.demo_model import COMPLETE_MARKER, is_built
+
+    assert is_built(demo_model_dir)
+    (tmp_path / COMPLETE_MARKER).write_text(json.dumps({"name": "airlock-demo-qwen3-vl", "random_weights": True,
+                                                        "seed": 0}))
+    assert not is_built(tmp_path)
+    (tmp_path / COMPLETE_MARKER).write_text("not json")
+    assert not is_built(tmp_path)

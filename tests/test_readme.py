@@ -18,7 +18,7 @@ pytestmark = pytest.mark.engine
 
 def readme_python_example() -> str:
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
-    (example,) = [block for block in blocks if "chat.completions.create" in block]
+    (example,) = [block for block in blocks if "chat.completions.create" in block and "image_url" in block]
     return example
 
 

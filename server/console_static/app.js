@@ -209,6 +209,8 @@
       return;
     }
     const body = { model: $("model").value, stream: true, messages: [] };
+    // "As long as the model allows" sends no max_tokens: the engine then stops at what is left of the context, and at
+    // the server's limit (its default answer length). A chosen length is capped to that limit.
     if ($("length").value) body.max_tokens = Math.min(Number($("length").value), state.limits.max_tokens || Infinity);
     if (mode() === "json") {
       try {
