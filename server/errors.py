@@ -27,7 +27,9 @@ blamed on the client.
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 from typing import Any, ClassVar
 
 from starlette.responses import Response
@@ -232,4 +234,28 @@ def _engine_message(raw: bytes) -> tuple[str, str | None]:
     param = error.get("param")
     if not isinstance(message, str) or not message:
         message = fallback
-    return message[:2000], param if isinstance(param, str) else None
+    elif VALIDATION_ERRORS.match(message):
+        message = _without_inputs(message) or fallback
+    # vLLM names a field of the body as "body.<field>"; OpenAI's param is the field alone.
+    return message[:2000], param.removeprefix("body.") if isinstance(param, str) else None
+
+
+# vLLM's answer to a request its pydantic models refuse: a count, then one Python dict per error, each repeating the
+# offending value under 'input' (vllm/entrypoints/serve/exception_handling/handlers/validation.py).
+VALIDATION_ERRORS = re.compile(r"\d+ validation errors?:\n")
+
+
+def _without_inputs(message: str) -> str:
+    """vLLM's validation errors as ``field: what is wrong`` lines, without the values the client sent (a message may
+    name a field, never echo what was in it). Lines that cannot be read are left out."""
+    lines = []
+    for line in message.splitlines()[1:]:
+        try:
+            entry = ast.literal_eval(line.strip())  # literals only: nothing is evaluated
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("msg"), str):
+            where = entry.get("loc")
+            where = where.removeprefix("body.") if isinstance(where, str) else "the request"
+            lines.append(f"{where}: {entry['msg']}")
+    return "; ".join(lines)

@@ -38,9 +38,9 @@ class ImageLimits:
 
 
 def check_image_url(url: object, limits: ImageLimits, param: str) -> tuple[int, str]:
-    """The image's pixel count and the URL to forward (``url`` itself, or without the line breaks in its base64,
-    which vLLM refuses); ``InvalidRequest`` unless ``url`` is a ``data:`` URL holding an allowed, small enough
-    image."""
+    """The image's pixel count and the URL to forward (``url`` itself, or with its ``;base64`` marker in lower case
+    and without line breaks in its base64, which vLLM refuses); ``InvalidRequest`` unless ``url`` is a ``data:`` URL
+    holding an allowed, small enough image."""
     if not isinstance(url, str):
         raise InvalidRequest("image_url.url must be a string", param=param, code="invalid_image")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
@@ -54,6 +54,10 @@ def check_image_url(url: object, limits: ImageLimits, param: str) -> tuple[int, 
     if not comma or not header.lower().endswith(";base64"):
         raise InvalidRequest("an image data: URL must be base64 (data:image/png;base64,...)", param=param,
                              code="invalid_image")
+    if not header.endswith(";base64"):
+        # RFC 2397's markers ignore case, but vLLM reads only ";base64" (NotImplementedError, a 500, otherwise).
+        header = header[:-len(";base64")] + ";base64"
+        url = f"{header},{encoded}"
     if "\n" in encoded or "\r" in encoded:
         # Base64 wrapped in lines (MIME style: 76 characters and CR LF, the default of several encoders): the line
         # breaks go, nothing else does (anything else outside the alphabet is refused below).

@@ -105,7 +105,8 @@ class Screening:
             if unknown:
                 raise InvalidRequest(f"{where} has a field this server does not accept: '{_shown(min(unknown))}'",
                                      param=where, code="field_not_allowed")
-            if message.get("role") not in ROLES:
+            role = message.get("role")
+            if not isinstance(role, str) or role not in ROLES:
                 raise InvalidRequest(f"{where}.role must be one of {', '.join(sorted(ROLES))}", param=where,
                                      code="invalid_messages")
             content = message.get("content")
@@ -126,7 +127,7 @@ class Screening:
 
     def _check_part(self, part: Any, where: str) -> int | None:
         """An image part's pixel count; None for text."""
-        if not isinstance(part, dict) or part.get("type") not in PART_FIELDS:
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str) or part["type"] not in PART_FIELDS:
             raise InvalidRequest(f"{where} must be a part of type text or image_url", param=where,
                                  code="unsupported_content")
         if "uuid" in part:
