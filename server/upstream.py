@@ -19,8 +19,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -155,6 +154,23 @@ def tls_failure(exc: BaseException) -> str | None:
     return None
 
 
+class Lease:
+    """A request in flight on a replica, for as long as the ``with`` block runs (a class, not a generator: this is
+    on every request's path)."""
+
+    __slots__ = ("replica",)
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+
+    def __enter__(self) -> Replica:
+        self.replica.outstanding += 1
+        return self.replica
+
+    def __exit__(self, *_: object) -> None:
+        self.replica.outstanding -= 1
+
+
 class ReplicaPool:
     """Keeps an up-to-date view of the engines by polling them, and picks one per request."""
 
@@ -283,15 +299,11 @@ class ReplicaPool:
         roomy = [replica for replica in candidates if replica.outstanding < self._max_in_flight]
         return self._strategy.choose(roomy or candidates, tenant) if candidates else None
 
-    @contextmanager
-    def lease(self, replica: Replica) -> Iterator[Replica]:
-        """Count a request in flight on ``replica`` while the block runs (routing reads the count); the pool is the
-        only place that changes it."""
-        replica.outstanding += 1
-        try:
-            yield replica
-        finally:
-            replica.outstanding -= 1
+    @staticmethod
+    def lease(replica: Replica) -> Lease:
+        """Count a request in flight on ``replica`` while a ``with`` block runs (routing reads the count); the pool
+        is the only place that changes it."""
+        return Lease(replica)
 
     def capacity(self, model: str) -> int:
         """Requests ``model``'s healthy replicas may have in flight at once."""

@@ -58,8 +58,12 @@ async def chat(request: Request) -> Response:
     if behaviour == "headers":
         return JSONResponse({"choices": [], "headers": dict(request.headers)})
     if behaviour == "dead-midway":
-        return StreamingResponse(iter([b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n', DEAD_EVENT,
-                                       b"data: [DONE]\n\n"]), media_type="text/event-stream")
+        async def dies_after_a_token() -> AsyncIterator[bytes]:
+            yield b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n'
+            await asyncio.sleep(0.2)  # the token is on its way to the client (read together, both would be retried)
+            yield DEAD_EVENT + b"data: [DONE]\n\n"
+
+        return StreamingResponse(dies_after_a_token(), media_type="text/event-stream")
     if behaviour.startswith("hold:"):
         return StreamingResponse(held_stream(HELD_STREAMS[behaviour]), media_type="text/event-stream")
 
