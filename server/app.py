@@ -184,7 +184,12 @@ def install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        error = {404: RouteNotFound("no such endpoint"), 405: MethodNotAllowed("method not allowed on this endpoint")}
+        methods = {name.lower(): value for name, value in (exc.headers or {}).items()}.get("allow", "")
+        if "GET" in methods.split(", "):
+            methods += ", HEAD"  # answered wherever GET is (HeadAsGet)
+        allow = {"allow": methods} if methods else None
+        error = {404: RouteNotFound("no such endpoint"),
+                 405: MethodNotAllowed("method not allowed on this endpoint", headers=allow)}
         return refusal(error.get(exc.status_code, InvalidRequest("request refused")), request.scope, metrics)
 
     async def validation_error(request: Request, exc: Exception) -> Response:

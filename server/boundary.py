@@ -44,32 +44,40 @@ class ErrorBoundary:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = ended = False
+        # None: nothing sent yet; then the response's start; True once its last byte went.
+        started: Message | None = None
+        ended = False
 
         async def send_noting_progress(message: Message) -> None:
             nonlocal started, ended
             if message["type"] == "http.response.start":
-                started = True
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                started = message
+            elif not message.get("more_body", False):
                 ended = True
             await send(message)
 
         try:
             await self.app(scope, receive, send_noting_progress)
         except AirlockError as error:
-            await self._render(error, scope, receive, send, started=started, ended=ended)
+            await self._render(error, scope, receive, send, started, ended=ended)
         except ClientDisconnect:
             pass  # the client left while its body was read: nobody to answer
         except Exception:
-            await self._render(UNEXPECTED, scope, receive, send, started=started, ended=ended)
+            await self._render(UNEXPECTED, scope, receive, send, started, ended=ended)
             raise
 
-    async def _render(self, error: AirlockError, scope: Scope, receive: Receive, send: Send, *, started: bool,
-                      ended: bool) -> None:
-        if not started:
+    async def _render(self, error: AirlockError, scope: Scope, receive: Receive, send: Send,
+                      started: Message | None, *, ended: bool) -> None:
+        if started is None:
             await refusal(error, scope, self.metrics)(scope, receive, send)
-        elif not ended:
+        elif not ended and _is_event_stream(started):
             # Only whole events went on before (the relay passes complete events), so this one starts cleanly.
             self.metrics.rejected(error)
             await send({"type": "http.response.body", "body": error.to_event(), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        # Any other answer cut short cannot say why: the server closes the connection, and the client sees it cut.
+
+
+def _is_event_stream(start: Message) -> bool:
+    return any(name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+               for name, value in start["headers"])

@@ -236,6 +236,8 @@ def _engine_message(raw: bytes) -> tuple[str, str | None]:
         message = fallback
     elif VALIDATION_ERRORS.match(message):
         message = _without_inputs(message) or fallback
+    else:
+        message = _without_values(message) or fallback
     # vLLM names a field of the body as "body.<field>"; OpenAI's param is the field alone.
     return message[:2000], param.removeprefix("body.") if isinstance(param, str) else None
 
@@ -243,6 +245,21 @@ def _engine_message(raw: bytes) -> tuple[str, str | None]:
 # vLLM's answer to a request its pydantic models refuse: a count, then one Python dict per error, each repeating the
 # offending value under 'input' (vllm/entrypoints/serve/exception_handling/handlers/validation.py).
 VALIDATION_ERRORS = re.compile(r"\d+ validation errors?:\n")
+
+
+# What in an engine's message may repeat what the client sent: vLLM's "(parameter=..., value=...)" suffix
+# (vllm/exceptions.py, VLLMValidationError), and quoted or bracketed text ("Unsupported type \"...\"", "token IDs:
+# ['...']"). Numbers stay: "maximum context length is 4096 tokens" is what a user needs to fix the request.
+PARAMETER_SUFFIX = re.compile(r"\s*\(parameter=[^()]*?(?:, value=.*)?\)\s*$", re.DOTALL)
+QUOTED = re.compile(r"(?<!\w)'[^'\n]*'|\"[^\"\n]*\"|\[[^\]\n]*\]")
+# Pydantic's own messages name types and allowed values, never the input; a validator's text may hold anything.
+VALIDATOR_TEXT = ("Value error", "Assertion failed")
+
+
+def _without_values(message: str) -> str:
+    """``message`` with anything that may be a value the client sent left out (shown as ``...``)."""
+    message = PARAMETER_SUFFIX.sub("", message)
+    return QUOTED.sub(lambda quoted: quoted.group(0)[0] + "..." + quoted.group(0)[-1], message)
 
 
 def _without_inputs(message: str) -> str:
@@ -257,5 +274,6 @@ def _without_inputs(message: str) -> str:
         if isinstance(entry, dict) and isinstance(entry.get("msg"), str):
             where = entry.get("loc")
             where = where.removeprefix("body.") if isinstance(where, str) else "the request"
-            lines.append(f"{where}: {entry['msg']}")
+            what = entry["msg"]
+            lines.append(f"{where}: {_without_values(what) if what.startswith(VALIDATOR_TEXT) else what}")
     return "; ".join(lines)

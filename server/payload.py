@@ -36,8 +36,10 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # A key shown in an error's field path: a name in OpenAI's style (every field of its API is lower-case snake_case).
 # Other keys (a schema's property names, say) may be something a user typed, and are shown as <key>.
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
-# Longer integers are nothing an OpenAI request needs (a seed is at most 20 digits).
-MAX_INTEGER_DIGITS = 40
+# Integers are 64-bit in OpenAI's API (a seed) and in vLLM's sampling: a larger one (a top_k of 2**64) fails inside
+# the engine with a 500. Longer text is not even converted.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_INTEGER_DIGITS = 19
 
 # The fields the gateway reads, and what OpenAI's API reference says each one is.
 _BOOLEAN, _INTEGER, _NUMBER, _OBJECT = "a boolean", "an integer", "a number", "an object"
@@ -70,9 +72,9 @@ def parse_request(body: bytes, max_depth: int) -> dict[str, Any]:
         # Python's decoder recurses once per level and stops cleanly at its recursion limit (about a thousand
         # levels, far above the setting's highest value): deeper than any limit.
         raise _too_deep(max_depth) from exc
-    _check_depth(payload, max_depth)
     if not isinstance(payload, dict):
         raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    _check_depth(payload, max_depth)
     if "\\" in text and _SURROGATE_ESCAPE.search(text):
         _check_unicode(payload, "")
     model = payload.get("model")
@@ -127,8 +129,9 @@ def _kind(value: object) -> str:
 
 
 def _check_depth(payload: Any, max_depth: int) -> None:
-    """``InvalidRequest`` when arrays and objects nest deeper than ``max_depth`` (the top-level object is one
-    level), walked without recursion. Only containers are visited: a body of megabytes of images is a few nodes."""
+    """``InvalidRequest`` when arrays and objects nest deeper than ``max_depth`` (the top-level object, ``payload``,
+    is one level), walked without recursion. Only containers are visited: a body of megabytes of images, or one
+    long string, is a few nodes."""
     pending: list[tuple[Any, int]] = [(payload, 1)]
     while pending:
         value, depth = pending.pop()
@@ -179,10 +182,11 @@ def _finite(text: str) -> float:
 
 
 def _integer(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
-        raise InvalidRequest(f"a number in the request has more than {MAX_INTEGER_DIGITS} digits",
+    value = int(text) if len(text.lstrip("-")) <= MAX_INTEGER_DIGITS else None
+    if value is None or not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidRequest("an integer in the request is out of range (64-bit integers only)",
                              code="invalid_json")
-    return int(text)
+    return value
 
 
 # Built once: json.loads with any option builds a decoder (and its scanner) on every call.

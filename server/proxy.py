@@ -3,9 +3,9 @@
 Streaming commits late: the engine's status and first chunk are read before the client's response starts, so an
 engine that fails before its first token (a refused connection, a dropped one, a 5xx such as vLLM's
 ``EngineDeadError``, or a stream whose first event is an error) is replaced by another replica and the client never
-notices; the failing replica leaves the rotation at once, until its health check passes again. Once the client's
-response has started, a failure is raised and the error boundary ends the stream with an SSE error event, never a
-silent truncation. An engine's own error text never reaches the client.
+notices; the failing replica's health is checked at once, and it leaves the rotation until a check passes. Once the
+client's response has started, a failure is raised and the error boundary ends the stream with an SSE error event,
+never a silent truncation. An engine's own error text never reaches the client.
 """
 
 from __future__ import annotations
@@ -61,9 +61,11 @@ class _TryElsewhere(Exception):
     """The engine failed before any byte went to the client: another replica may take the request. ``failure`` is
     what the client is told if none can."""
 
-    def __init__(self, failure: AirlockError) -> None:
+    def __init__(self, failure: AirlockError, *, same_replica_may_retry: bool = False) -> None:
         super().__init__(failure.message)
         self.failure = failure
+        # A kept-alive connection the engine had just closed says nothing about the engine: it may take the retry.
+        self.same_replica_may_retry = same_replica_may_retry
 
 
 class Forwarder:
@@ -80,9 +82,10 @@ class Forwarder:
         tried: Replica | None = None
         failure: AirlockError = self.unavailable()
         pool, model, tenant = self.pool, request.model, request.cache_salt
+        same_may_retry = False
         for _ in range(ATTEMPTS):
-            # Prefer a replica not tried yet; the same one again only if it is still in the pool.
-            replica = pool.pick(model, tenant, exclude=tried) or pool.pick(model, tenant)
+            # Prefer a replica not tried yet; the same one again only after a dropped connection, if still in the pool.
+            replica = pool.pick(model, tenant, exclude=tried) or (pool.pick(model, tenant) if same_may_retry else None)
             if replica is None:
                 break
             if tried is not None:
@@ -93,17 +96,19 @@ class Forwarder:
                     await _Exchange(self, replica, request, record, send).run()
                     return
                 except _TryElsewhere as attempt_failed:
-                    failure = attempt_failed.failure
+                    failure, same_may_retry = attempt_failed.failure, attempt_failed.same_replica_may_retry
         raise failure
 
     def unavailable(self) -> EngineUnavailable:
         return EngineUnavailable("no engine for this model is available right now; try again shortly",
                                  retry_after_s=self.retry_after_s)
 
-    def failed(self, replica: Replica, reason: str, why: str) -> None:
-        """An engine failure: counted, and the replica out of the rotation until a health check passes."""
+    def failed(self, replica: Replica, reason: str) -> None:
+        """An engine failure: counted, and the replica's health checked at once. It leaves the rotation if the check
+        fails (vLLM's /health is 503 within milliseconds of its engine core's death), but not on the failure alone:
+        one client's request that makes an engine answer 500 must not take a healthy replica away from everyone."""
         self.metrics.upstream_errors.labels(reason).inc()
-        self.pool.mark_failed(replica, why)
+        self.pool.check_soon(replica)
 
 
 class _Exchange:
@@ -123,7 +128,7 @@ class _Exchange:
             if upstream.status >= 500:
                 # vLLM's EngineDeadError (an engine core killed by the OOM killer, a CUDA error) is a 500 while
                 # its API server still answers: the replica is unusable, another may answer.
-                self._give_up("error_status", f"answered a request with status {upstream.status}")
+                self._give_up("error_status")
             if upstream.status >= 400:
                 raise translate_engine_error(upstream.status, await _read_bounded(upstream, MAX_ENGINE_ERROR_BYTES))
             if upstream.headers.get("content-type", "").startswith("text/event-stream"):
@@ -138,9 +143,9 @@ class _Exchange:
             else:
                 upstream.close()
 
-    def _give_up(self, reason: str, why: str) -> NoReturn:
+    def _give_up(self, reason: str) -> NoReturn:
         """The engine failed before anything went to the client: another replica may take the request."""
-        self.forwarder.failed(self.replica, reason, why)
+        self.forwarder.failed(self.replica, reason)
         raise _TryElsewhere(EngineFailed(FAILED))
 
     async def _open(self) -> aiohttp.ClientResponse:
@@ -163,7 +168,7 @@ class _Exchange:
             errors.labels("dropped").inc()
             log.info("replica %d dropped a request before answering; retrying it", replica.index)
             self.forwarder.pool.check_soon(replica)
-            raise _TryElsewhere(EngineFailed(FAILED)) from None
+            raise _TryElsewhere(EngineFailed(FAILED), same_replica_may_retry=True) from None
         except TimeoutError as exc:
             # No answer within read_timeout_s (a long non-streaming answer), or no free connection: not retried,
             # the work may still be under way.
@@ -174,7 +179,8 @@ class _Exchange:
             raise EngineFailed(FAILED) from exc
 
     def _headers(self, upstream: aiohttp.ClientResponse, extra: dict[str, str]) -> list[tuple[bytes, bytes]]:
-        headers = {name: value for name, value in upstream.headers.items() if name.lower() in RELAYED_HEADERS}
+        # ASGI wants header names in lower case; aiohttp gives them as the engine spelt them.
+        headers = {name.lower(): value for name, value in upstream.headers.items() if name.lower() in RELAYED_HEADERS}
         headers.update(NO_STORE)
         headers.update(extra)
         return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
@@ -184,7 +190,7 @@ class _Exchange:
         try:
             content = await upstream.read()
         except (aiohttp.ClientError, TimeoutError):
-            self._give_up("broken_answer", "broke an answer")
+            self._give_up("broken_answer")
         self.record.first_byte()
         self.replica.made_progress()
         self.record.counted(whole_answer_usage(content))
@@ -205,9 +211,9 @@ class _Exchange:
                     break
                 first = usage.feed(chunk)  # whole events only, so an error event is seen whole
         except (aiohttp.ClientError, TimeoutError):
-            self._give_up("broken_answer", "broke a stream before its first event")
+            self._give_up("broken_answer")
         if not first or ERROR_EVENT in first:  # nothing went to the client yet: another replica may answer
-            self._give_up("error_event" if first else "broken_answer", "failed a stream before its first token")
+            self._give_up("error_event" if first else "broken_answer")
         record, replica, send = self.record, self.replica, self.send
         record.first_byte()
         replica.made_progress()
@@ -230,7 +236,7 @@ class _Exchange:
             if rest:
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
         except (aiohttp.ClientError, TimeoutError) as exc:
-            self.forwarder.failed(replica, "broken_stream", "broke a stream before its end")
+            self.forwarder.failed(replica, "broken_stream")
             raise EngineFailed(STOPPED) from exc
         finally:
             record.counted(usage.counts)
@@ -242,7 +248,7 @@ class _Exchange:
         before = events[:events.index(ERROR_EVENT)]
         if before:
             await self.send({"type": "http.response.body", "body": before, "more_body": True})
-        self.forwarder.failed(self.replica, "error_event", "failed a stream with an error event")
+        self.forwarder.failed(self.replica, "error_event")
         raise EngineFailed(STOPPED)
 
 

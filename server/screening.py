@@ -109,6 +109,8 @@ class Screening:
             if not isinstance(role, str) or role not in ROLES:
                 raise InvalidRequest(f"{where}.role must be one of {', '.join(sorted(ROLES))}", param=where,
                                      code="invalid_messages")
+            if message.get("tool_calls") is not None:
+                _settle_tool_call_arguments(message["tool_calls"])
             content = message.get("content")
             if content is None or isinstance(content, str):
                 continue
@@ -162,6 +164,26 @@ class Screening:
                 f"chat_template_kwargs may only set {', '.join(self._settings.chat_template_kwargs) or 'nothing'}",
                 param="chat_template_kwargs", code="field_not_allowed",
             )
+
+
+def _settle_tool_call_arguments(tool_calls: Any) -> None:
+    """Earlier tool calls whose ``arguments`` are not a JSON object (a model's broken output, sent back with the
+    conversation) become ``"{}"``, as vLLM makes them itself (vllm/renderers/chat_utils.py) so the conversation can
+    go on; done here, vLLM does not write a warning naming the tool (what the user's conversation holds) to its log,
+    and a string nested too deep to decode cannot fail the engine. Anything else about the calls is vLLM's to judge."""
+    if not isinstance(tool_calls, list):
+        return
+    for call in tool_calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if not isinstance(arguments, str) or not arguments:
+            continue
+        try:
+            parsed = json.loads(arguments)
+        except (ValueError, RecursionError):
+            parsed = None
+        if not isinstance(parsed, dict):
+            function["arguments"] = "{}"  # type: ignore[index]
 
 
 def _check_prompt(prompt: Any) -> None:

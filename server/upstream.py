@@ -277,10 +277,10 @@ class ReplicaPool:
             for listener in self.on_change:
                 listener()
 
-    def mark_failed(self, replica: Replica, reason: str = "a request could not connect") -> None:
-        """Passive detection: a replica that failed a request leaves the rotation at once, until a health check
+    def mark_failed(self, replica: Replica) -> None:
+        """Passive detection: a replica that refused a connection leaves the rotation at once, until a health check
         succeeds (one is started now)."""
-        self._set_health(replica, False, reason)
+        self._set_health(replica, False, "a request could not connect")
         self.check_soon(replica)
 
     def check_soon(self, replica: Replica) -> None:

@@ -330,3 +330,11 @@ def test_an_engine_failure_reported_mid_stream_ends_it_with_the_gateways_own_eve
     assert json.loads(events[-1])["error"] == {"message": "the model engine stopped while answering",
                                                "type": "server_error", "param": None, "code": "engine_error"}
     assert "EngineCore" not in response.text and "[DONE]" not in response.text
+
+
+def test_one_request_an_engine_fails_does_not_take_a_healthy_replica_away(gateway: str) -> None:
+    """A 500 for one client's request (its health check still passes) leaves the replica serving everyone else:
+    taking it out on the failure alone let one user's bad requests answer every other user 503."""
+    for _ in range(5):
+        assert ask(gateway, "crash").status_code == 502
+        assert ask(gateway, "reject").status_code == 400  # the engine's own answer, not 503 "no engine"

@@ -69,3 +69,14 @@ def test_an_identity_encoding_is_accepted(stack: Stack) -> None:
     response = httpx.post(f"{stack.base_url}/v1/chat/completions", json=body,
                           headers={**stack.auth, "content-encoding": "identity"}, timeout=60)
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("POST", "/v1/models", {"GET", "HEAD"}), ("PUT", "/healthz", {"GET", "HEAD"}),
+    ("DELETE", "/v1/models/some-model", {"GET", "HEAD"}), ("GET", "/v1/completions", {"POST"}),
+])
+def test_405_says_which_methods_are_allowed(stack: Stack, method: str, path: str, allowed: set[str]) -> None:
+    response = httpx.request(method, stack.base_url + path, headers=stack.auth, timeout=10)
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert set(response.headers["allow"].split(", ")) == allowed

@@ -148,6 +148,23 @@ def test_tool_results_go_back_to_the_model(client: openai.OpenAI, stack: Stack) 
     assert answer.usage is not None and answer.usage.completion_tokens >= 1
 
 
+@pytest.mark.parametrize("arguments", ["{broken", "[1, 2]", "[" * 5000])
+def test_an_earlier_call_with_broken_arguments_goes_on_without_naming_the_tool_in_any_log(
+        client: openai.OpenAI, stack: Stack, arguments: str) -> None:
+    """A model's broken tool call, sent back with the conversation: answered as vLLM would (its arguments read as
+    {}), but settled by the gateway, so vLLM writes no warning that names the tool (content of the conversation)."""
+    name = "tool_5be1d0_" + str(len(arguments))
+    answer = client.chat.completions.create(
+        model=stack.model, tools=TOOLS, max_tokens=4,
+        messages=[*QUESTION,  # type: ignore[list-item]
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "done"}],
+    )
+    assert answer.usage is not None and answer.usage.completion_tokens >= 1
+    assert name not in stack.log_path.read_text(errors="replace")
+
+
 # A closed answer ("ok") so that a request without max_tokens ends at once, whatever length the engine allows.
 CLOSED_ANSWER = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "string", "enum": ["ok"]}}}
 
