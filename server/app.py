@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .admission import Admission
 from .auth import ModelAccess, Principal, RuleCoverage, build_authentication
@@ -25,6 +25,7 @@ from .console import console_router
 from .errors import (
     NO_STORE,
     AirlockError,
+    BodyTooLarge,
     InvalidRequest,
     MethodNotAllowed,
     ModelNotFound,
@@ -58,6 +59,35 @@ class HeadAsGet:
         if scope["type"] == "http" and scope["method"] == "HEAD":
             scope = {**scope, "method": "GET"}
         await self.app(scope, receive, send)
+
+
+class BoundedBody:
+    """``gateway.max_body_bytes`` for FastAPI's routes too (the console's sign-in form, say): a larger body is refused
+    from its Content-Length, or as soon as it passes the limit, before anything reads it all."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit
+        declared = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
+        if declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
+        received = 0
+
+        async def bounded_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, bounded_receive, send)
 
 
 @dataclass(frozen=True)
@@ -113,7 +143,9 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
                     task.cancel()
             await pool.close()
 
-    app = FastAPI(title="Airlock", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # No redirects for a trailing slash: FastAPI builds their Location from the client's Host header.
+    app = FastAPI(title="Airlock", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     CurrentPrincipal = Annotated[Principal, Depends(callers.identify)]
 
     def visible_cards(principal: Principal) -> list[dict[str, Any]]:
@@ -126,6 +158,8 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, principal: CurrentPrincipal) -> Response:
         """One card of the list; a model hidden from or denied to the caller is as absent as an unknown one."""
+        if not model_id:
+            raise RouteNotFound("no such endpoint")
         for card in visible_cards(principal):
             if card["id"] == model_id:
                 return JSONResponse(card, headers=NO_STORE)
@@ -161,7 +195,8 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
 
     install_error_handlers(app, metrics)
     forwarder = Forwarder(pool, metrics, settings.retry_after_s)
-    engine_routes = EngineRoutes(HeadAsGet(app), config, callers, admission, access, pool, screening, forwarder)
+    other_routes = HeadAsGet(BoundedBody(app, settings.max_body_bytes))
+    engine_routes = EngineRoutes(other_routes, config, callers, admission, access, pool, screening, forwarder)
     api: ASGIApp = MetricsMiddleware(ErrorBoundary(engine_routes, metrics), metrics=metrics)
     if settings.tls.enabled or settings.tls_terminated_by_proxy:
         # Every answer that travelled over TLS (here or at the trusted proxy) tells browsers to keep to https.

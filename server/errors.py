@@ -256,9 +256,15 @@ QUOTED = re.compile(r"(?<!\w)'[^'\n]*'|\"[^\"\n]*\"|\[[^\]\n]*\]")
 VALIDATOR_TEXT = ("Value error", "Assertion failed")
 
 
+# vLLM puts field names in backticks (`tool_choice`), and sometimes a value too: only a field name stays.
+BACKTICKED = re.compile(r"`([^`\n]*)`")
+FIELD_NAME = re.compile(r"[a-z][a-z0-9_.]{0,63}")
+
+
 def _without_values(message: str) -> str:
     """``message`` with anything that may be a value the client sent left out (shown as ``...``)."""
     message = PARAMETER_SUFFIX.sub("", message)
+    message = BACKTICKED.sub(lambda name: name.group(0) if FIELD_NAME.fullmatch(name.group(1)) else "`...`", message)
     return QUOTED.sub(lambda quoted: quoted.group(0)[0] + "..." + quoted.group(0)[-1], message)
 
 

@@ -43,6 +43,7 @@ MAX_INTEGER_DIGITS = 19
 
 # The fields the gateway reads, and what OpenAI's API reference says each one is.
 _BOOLEAN, _INTEGER, _NUMBER, _OBJECT = "a boolean", "an integer", "a number", "an object"
+_ARRAY, _STRING_OR_OBJECT = "an array", "a string or an object"
 TYPED_FIELDS = {
     "stream": _BOOLEAN,
     "stream_options": _OBJECT,
@@ -52,6 +53,13 @@ TYPED_FIELDS = {
     "max_completion_tokens": _INTEGER,
     "temperature": _NUMBER,
     "top_p": _NUMBER,
+    # vLLM reads these as objects before its own validation does (a string made it answer 500).
+    "response_format": _OBJECT,
+    "structured_outputs": _OBJECT,
+    "logit_bias": _OBJECT,
+    "tools": _ARRAY,
+    "tool_choice": _STRING_OR_OBJECT,
+    "parallel_tool_calls": _BOOLEAN,
 }
 STREAM_OPTIONS = {"include_usage": _BOOLEAN, "continuous_usage_stats": _BOOLEAN}
 
@@ -101,6 +109,10 @@ def _check_type(value: object, expected: str, param: str) -> None:
         fits = isinstance(value, bool)
     elif expected == _OBJECT:
         fits = isinstance(value, dict)
+    elif expected == _ARRAY:
+        fits = isinstance(value, list)
+    elif expected == _STRING_OR_OBJECT:
+        fits = isinstance(value, (str, dict))
     elif isinstance(value, bool):  # a bool is an int in Python, never in JSON
         fits = False
     elif expected == _INTEGER:
@@ -162,10 +174,10 @@ def _check_unicode(value: Any, path: str) -> None:
                 where = f"a key in {path}" if path else "a top-level key"
                 raise InvalidRequest(f"{where} is not valid Unicode (a lone UTF-16 surrogate, such as half an "
                                      "emoji)", param=path or None, code="invalid_unicode")
-            _check_unicode(item, f"{path}.{_shown(key)}" if path else _shown(key))
+            _check_unicode(item, f"{path}.{shown_name(key)}" if path else shown_name(key))
 
 
-def _shown(key: str) -> str:
+def shown_name(key: str) -> str:
     """A key as it may appear in a message: a field name, or a placeholder for anything a user may have typed."""
     return key if _NAME.fullmatch(key) else "<key>"
 

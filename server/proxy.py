@@ -170,13 +170,17 @@ class _Exchange:
             self.forwarder.pool.check_soon(replica)
             raise _TryElsewhere(EngineFailed(FAILED), same_replica_may_retry=True) from None
         except TimeoutError as exc:
-            # No answer within read_timeout_s (a long non-streaming answer), or no free connection: not retried,
-            # the work may still be under way.
-            errors.labels("timeout").inc()
-            raise EngineTimeout("the model engine did not answer in time; try a smaller request or streaming") from exc
+            # No free connection within the pool's timeout: not retried, the engines are that busy.
+            raise self._timed_out() from exc
         except aiohttp.ClientError as exc:
             errors.labels("transport").inc()
             raise EngineFailed(FAILED) from exc
+
+    def _timed_out(self) -> EngineTimeout:
+        """No answer within read_timeout_s (a long non-streaming answer): not retried, the work may still be under
+        way."""
+        self.forwarder.metrics.upstream_errors.labels("timeout").inc()
+        return EngineTimeout("the model engine did not answer in time; try a smaller request or streaming")
 
     def _headers(self, upstream: aiohttp.ClientResponse, extra: dict[str, str]) -> list[tuple[bytes, bytes]]:
         # ASGI wants header names in lower case; aiohttp gives them as the engine spelt them.
@@ -189,7 +193,9 @@ class _Exchange:
         # A non-streaming answer arrives at once; reading it whole lets an engine failure still become a retry.
         try:
             content = await upstream.read()
-        except (aiohttp.ClientError, TimeoutError):
+        except TimeoutError as exc:
+            raise self._timed_out() from exc
+        except aiohttp.ClientError:
             self._give_up("broken_answer")
         self.record.first_byte()
         self.replica.made_progress()
@@ -210,7 +216,9 @@ class _Exchange:
                 if not chunk:
                     break
                 first = usage.feed(chunk)  # whole events only, so an error event is seen whole
-        except (aiohttp.ClientError, TimeoutError):
+        except TimeoutError as exc:
+            raise self._timed_out() from exc
+        except aiohttp.ClientError:
             self._give_up("broken_answer")
         if not first or ERROR_EVENT in first:  # nothing went to the client yet: another replica may answer
             self._give_up("error_event" if first else "broken_answer")

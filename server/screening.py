@@ -19,6 +19,7 @@ from .auth import Principal
 from .config import ScreeningSettings
 from .errors import InvalidRequest
 from .images import ImageLimits, check_image_url
+from .payload import shown_name
 from .tenancy import TenantSalts
 
 Route = Literal["chat", "completions"]
@@ -71,6 +72,7 @@ class Screening:
         self._cap_tokens(payload)
         pixels = 0
         if route == "chat":
+            _check_tools(payload.get("tools"), payload.get("tool_choice"))
             pixels = self._check_messages(payload.get("messages"))
             self._check_template_kwargs(payload.get("chat_template_kwargs"))
         else:
@@ -166,6 +168,30 @@ class Screening:
             )
 
 
+TOOL_CHOICES = frozenset({"none", "auto", "required"})
+
+
+def _check_tools(tools: Any, tool_choice: Any) -> None:
+    """The shapes OpenAI documents for ``tools`` and ``tool_choice`` (their types are checked when parsed): vLLM
+    reads them before validating (a tool without ``function`` made it answer 500) and repeats what it cannot use."""
+    for t, tool in enumerate(tools or ()):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict)
+                or not isinstance(function.get("name"), str) or not function["name"]):
+            raise InvalidRequest(f'tools[{t}] must be {{"type": "function", "function": {{"name": ..., '
+                                 '"parameters": {...}}}', param=f"tools[{t}]", code="invalid_tools")
+    if tool_choice is None or (isinstance(tool_choice, str) and tool_choice in TOOL_CHOICES):
+        return
+    named = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    if (not isinstance(tool_choice, dict) or tool_choice.get("type") != "function" or not isinstance(named, dict)
+            or not isinstance(named.get("name"), str)):
+        raise InvalidRequest('tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
+                             '{"name": ...}}', param="tool_choice", code="invalid_tools")
+    if not any(isinstance(tool, dict) and tool["function"]["name"] == named["name"] for tool in tools or ()):
+        raise InvalidRequest("tool_choice names a function that is not among the tools", param="tool_choice",
+                             code="invalid_tools")
+
+
 def _settle_tool_call_arguments(tool_calls: Any) -> None:
     """Earlier tool calls whose ``arguments`` are not a JSON object (a model's broken output, sent back with the
     conversation) become ``"{}"``, as vLLM makes them itself (vllm/renderers/chat_utils.py) so the conversation can
@@ -196,4 +222,5 @@ def _check_prompt(prompt: Any) -> None:
 
 
 def _shown(name: str) -> str:
-    return name if len(name) <= 64 else name[:64] + "..."
+    """A field name as an error may show it: an OpenAI-style name, never other text a client typed there."""
+    return shown_name(name)

@@ -53,6 +53,12 @@ async def chat(request: Request) -> Response:
     if behaviour == "slow":
         await asyncio.sleep(3)
         return JSONResponse({"choices": []})
+    if behaviour == "slow-first-event":
+        async def late() -> AsyncIterator[bytes]:
+            await asyncio.sleep(3)
+            yield b'data: {"choices": []}\n\n'
+
+        return StreamingResponse(late(), media_type="text/event-stream")
     if behaviour == "garbage-error":
         return Response(b"<html>bad gateway</html>", status_code=400, media_type="text/html")
     if behaviour == "headers":
@@ -154,6 +160,12 @@ def test_an_engine_that_does_not_answer_in_time_is_a_504(gateway: str) -> None:
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "engine_timeout"
     assert ask(gateway, "reject").status_code == 400  # and the gateway carries on
+
+
+def test_a_stream_whose_first_event_does_not_come_in_time_is_a_504_not_retried(gateway: str) -> None:
+    response = ask(gateway, "slow-first-event", stream=True)
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "engine_timeout"
 
 
 def test_a_stream_cut_midway_ends_with_an_error_event(gateway: str) -> None:

@@ -364,3 +364,30 @@ def test_the_engines_refusals_do_not_echo_what_was_sent(stack: Stack, path: str,
     assert response.status_code == 400, response.text
     assert CANARY not in response.text
     assert response.json()["error"]["message"]
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize(("fields", "code"), [
+    # vLLM read these before validating them and answered 500 (one client's request, retried on a second replica).
+    ({"structured_outputs": CANARY}, "invalid_type"),
+    ({"response_format": [CANARY]}, "invalid_type"),
+    ({"tools": [{"type": "function"}], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+     "invalid_tools"),
+    ({"tools": CANARY}, "invalid_type"),
+    ({"tools": [5]}, "invalid_tools"),
+    # vLLM repeated these values in its refusal.
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": CANARY}, "invalid_tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": CANARY}}, "invalid_tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": CANARY}}}, "invalid_tools"),
+    # A field name a client typed is shown only when it is a name in OpenAI's style.
+    ({"x_" + CANARY: 1}, "field_not_allowed"),
+])
+def test_shapes_the_engine_would_fail_on_or_repeat_are_refused_here(stack: Stack, fields: dict[str, Any],
+                                                                     code: str) -> None:
+    body = {"model": stack.model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}], **fields}
+    response = send(stack, body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == code
+    assert CANARY not in response.text

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import Stack
+from .conftest import TEST_MAX_BODY_BYTES, Stack
 
 pytestmark = pytest.mark.engine
 
@@ -80,3 +80,22 @@ def test_405_says_which_methods_are_allowed(stack: Stack, method: str, path: str
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
     assert set(response.headers["allow"].split(", ")) == allowed
+
+
+@pytest.mark.parametrize("path", ["/healthz/", "/v1/models/", "/console/app.js/"])
+def test_a_trailing_slash_is_not_found_never_redirected(stack: Stack, path: str) -> None:
+    # FastAPI's redirect would take its Location from the Host header a client chose.
+    response = httpx.get(stack.base_url + path, headers={**stack.auth, "host": "elsewhere.example"}, timeout=10)
+    assert response.status_code == 404
+    assert "location" not in response.headers
+    assert response.json()["error"]["code"] == "not_found"
+
+
+def test_every_route_bounds_its_body(stack: Stack) -> None:
+    """The console's sign-in read and parsed any size before refusing it; gateway.max_body_bytes holds there too."""
+    big = b'{"username": "' + b"a" * (TEST_MAX_BODY_BYTES + 1) + b'", "password": "x"}'
+    for path in ("/console/api/sign-in", "/v1/models"):
+        response = httpx.post(stack.base_url + path, content=big, headers={"content-type": "application/json"},
+                              timeout=30)
+        assert response.status_code == 413, (path, response.text[:200])
+        assert response.json()["error"]["code"] == "request_too_large"
