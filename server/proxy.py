@@ -127,7 +127,7 @@ class _Exchange:
         try:
             if upstream.status >= 500:
                 # vLLM's EngineDeadError (an engine core killed by the OOM killer, a CUDA error) is a 500 while
-                # its API server still answers: the replica is unusable, another may answer.
+                # its API server still answers: another replica may answer, and this one's health is checked.
                 self._give_up("error_status")
             if upstream.status >= 400:
                 raise translate_engine_error(upstream.status, await _read_bounded(upstream, MAX_ENGINE_ERROR_BYTES))
@@ -170,7 +170,7 @@ class _Exchange:
             self.forwarder.pool.check_soon(replica)
             raise _TryElsewhere(EngineFailed(FAILED), same_replica_may_retry=True) from None
         except TimeoutError as exc:
-            # No free connection within the pool's timeout: not retried, the engines are that busy.
+            # No answer within read_timeout_s, or no free connection: not retried, the work may be under way.
             raise self._timed_out() from exc
         except aiohttp.ClientError as exc:
             errors.labels("transport").inc()
