@@ -36,6 +36,8 @@ def _from_console(scope: Scope) -> bool:
 
 
 class ErrorBoundary:
+    """Pure ASGI middleware around the whole API (see the module docstring)."""
+
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app = app
         self.metrics = metrics
@@ -44,7 +46,7 @@ class ErrorBoundary:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        # None: nothing sent yet; then the response's start; True once its last byte went.
+        # The response's start message once sent (None before), and whether its last byte went.
         started: Message | None = None
         ended = False
 
