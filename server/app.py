@@ -76,7 +76,7 @@ class BoundedBody:
         limit = self.limit
         declared = next((value for name, value in scope["headers"] if name == b"content-length"), b"")
         if declared.isdigit() and int(declared) > limit:
-            raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
+            raise BodyTooLarge(limit)
         received = 0
 
         async def bounded_receive() -> Message:
@@ -84,7 +84,7 @@ class BoundedBody:
             message = await receive()
             received += len(message.get("body", b""))
             if received > limit:
-                raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
+                raise BodyTooLarge(limit)
             return message
 
         await self.app(scope, bounded_receive, send)

@@ -81,6 +81,9 @@ class BodyTooLarge(InvalidRequest):
     status = 413
     default_code = "request_too_large"
 
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body is larger than the limit of {limit} bytes")
+
 
 class UnsupportedMediaType(InvalidRequest):
     status = 415

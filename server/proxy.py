@@ -272,6 +272,3 @@ async def _read_bounded(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
     except (aiohttp.ClientError, TimeoutError):
         pass
     return b"".join(chunks)[:limit]
-
-
-__all__ = ["AirlockError", "EngineRequest", "Forwarder"]

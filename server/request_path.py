@@ -137,13 +137,13 @@ async def read_body(request: Request, limit: int) -> bytes:
                                    code="unsupported_content_encoding")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
+        raise BodyTooLarge(limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         chunks.append(chunk)
         size += len(chunk)
         if size > limit:
-            raise BodyTooLarge(f"request body is larger than the limit of {limit} bytes")
+            raise BodyTooLarge(limit)
     return b"".join(chunks)  # one copy (a growing bytearray and bytes() of it made several)
 
 
