@@ -20,6 +20,7 @@ from .cli_auth import CommandError, SecretSafeParser
 from .cli_auth import add_commands as add_auth_commands
 from .config import ConfigError, Settings, load_settings
 from .logs import configure_logging
+from .supervisor import EngineStartFailed
 
 EXIT_CONFIG = 2
 
@@ -240,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, AuditError) as exc:
         print(f"airlock: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except CommandError as exc:
+    except (CommandError, EngineStartFailed) as exc:
         print(f"airlock: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import ConfigError, EngineSettings, EngineTlsSettings
+from .gpus import Gpu
 from .privacy import HARDENED_START
 from .profiles import ModelChoice
+from .sizing import EnginePlan
 from .tls import TLS12_CIPHERS
 
 Device = Literal["cpu", "gpu"]
@@ -75,6 +77,19 @@ PROTECTED_FLAGS = frozenset({
     "--tool-parser-plugin",
 })
 
+# Flags sized to the GPU by Airlock (server/sizing.py), each with the setting that changes it: passed in
+# extra_args as well, argparse would keep the last one and the plan (and the gateway's idea of the engine) would
+# no longer be what runs.
+SIZED_FLAGS: Mapping[str, str] = {
+    "--max-model-len": "engine.max_model_len",
+    "--max-num-seqs": "engine.max_num_seqs",
+    "--gpu-memory-utilization": "engine.gpu_memory_utilization",
+    "--dtype": "engine.dtype",
+    "--quantization": "engine.quantization (and the profile's checkpoint)",
+    "--mm-processor-kwargs": "engine.max_pixels and engine.min_pixels",
+    "--tensor-parallel-size": "engine.tensor_parallel_size",
+}
+
 # Merged with an operator's own, never passed twice: argparse keeps only the last JSON given, which would silently
 # drop either the server's default answer length or the operator's sampling settings.
 GENERATION_CONFIG_FLAG = "--override-generation-config"
@@ -84,9 +99,11 @@ GENERATION_CONFIG_FLAG = "--override-generation-config"
 _BLOCKED_ENV_PREFIXES = ("VLLM_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_")
 _BLOCKED_ENV = frozenset({"http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy"})
 # VLLM_* variables an operator may still set for tuning.
+# (VLLM_ATTENTION_BACKEND is not among them: vLLM 0.32 no longer reads it; --attention-backend in extra_args is
+# the way.)
 _ALLOWED_VLLM_ENV = frozenset({
-    "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_ATTENTION_BACKEND",
-    "VLLM_WORKER_MULTIPROC_METHOD", "VLLM_CPU_SGL_KERNEL",
+    "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_WORKER_MULTIPROC_METHOD",
+    "VLLM_CPU_SGL_KERNEL",
 })
 
 
@@ -119,6 +136,9 @@ def check_extra_args(args: list[str]) -> None:
                 f"engine.extra_args: {flag} is set by Airlock itself (privacy, binding or model choice) "
                 "and cannot be overridden"
             )
+        sized = [setting for sized_flag, setting in SIZED_FLAGS.items() if sized_flag.startswith(bare)]
+        if sized:
+            raise ConfigError(f"engine.extra_args: {flag} is sized to the GPU by Airlock: set {sized[0]} instead")
 
 
 def generation_config_args(args: list[str], default_max_tokens: int) -> tuple[dict[str, Any], list[str]]:
@@ -220,8 +240,9 @@ def tls_args(tls: EngineTlsSettings) -> list[str]:
 def build_replicas(
     settings: EngineSettings,
     choice: ModelChoice,
-    device: Device,
+    plan: EnginePlan,
     runtime_dir: Path,
+    gpu_groups: list[list[Gpu]] | None = None,
     parent_env: Mapping[str, str] | None = None,
     cpu_count: int | None = None,
     *,
@@ -229,8 +250,10 @@ def build_replicas(
 ) -> list[ReplicaLaunch]:
     """One launch per replica: the vLLM command line, its environment and where it will listen.
 
-    ``default_max_tokens`` (``screening.max_tokens_limit``) is the answer length of a request that asks none,
-    bounded by vLLM to what is left of the context."""
+    ``plan`` (server/sizing.py) gives what is sized: context, sequences, memory share, dtype and the image budget.
+    ``gpu_groups`` (server/gpus.py ``place_replicas``), one per replica, names each replica's GPUs as
+    CUDA_VISIBLE_DEVICES will (None: on CPU). ``default_max_tokens`` (``screening.max_tokens_limit``) is the answer
+    length of a request that asks none, bounded by vLLM to what is left of the context."""
     profile = choice.profile
     check_extra_args(profile.extra_args)
     check_extra_args(settings.extra_args)
@@ -239,11 +262,6 @@ def build_replicas(
     )
     base_env = engine_environment(os.environ if parent_env is None else parent_env)
     python = settings.python or sys.executable
-    max_images = (
-        settings.max_images_per_request
-        if settings.max_images_per_request is not None
-        else profile.max_images_per_request
-    )
     launches = []
     for index in range(settings.replicas):
         url = replica_url(settings, runtime_dir, index)
@@ -251,11 +269,9 @@ def build_replicas(
             python, "-c", HARDENED_START, VLLM_SERVER_MODULE,
             "--model", str(choice.path),
             "--served-model-name", choice.served_name,
-            "--max-model-len", str(settings.max_model_len or profile.max_model_len),
-            "--limit-mm-per-prompt", json.dumps({"image": max_images, "video": 0}),
+            *sized_args(plan),
             "--mm-processor-cache-gb", _number(settings.mm_processor_cache_gb),
             "--tensor-parallel-size", str(settings.tensor_parallel_size),
-            "--dtype", "bfloat16" if device == "cpu" else profile.dtype,
             GENERATION_CONFIG_FLAG, json.dumps(generation_config),
             *PRIVACY_ARGS,
         ]
@@ -271,13 +287,14 @@ def build_replicas(
             # Tool calling (tools with tool_choice auto, required or a named function), as GUI agents use it.
             argv += ["--enable-auto-tool-choice", "--tool-call-parser", profile.tool_call_parser]
         env = dict(base_env)
-        if device == "gpu":
-            utilization = settings.gpu_memory_utilization or profile.gpu_memory_utilization
-            argv += ["--gpu-memory-utilization", _number(utilization)]
-            first = index * settings.tensor_parallel_size
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(
-                str(gpu) for gpu in range(first, first + settings.tensor_parallel_size)
-            )
+        if gpu_groups is not None:
+            argv += ["--gpu-memory-utilization", _number(plan.gpu_memory_utilization)]
+            if settings.tensor_parallel_size > 1:
+                # The vision tower is small: each rank runs all of it on its share of the images instead of
+                # splitting every layer across GPUs (the Qwen3-VL recipe in vLLM's docs; vllm/config/model.py).
+                argv += ["--mm-encoder-tp-mode", "data"]
+            # The GPUs this replica may see, named as the host's CUDA_VISIBLE_DEVICES named them (if it did).
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu.device for gpu in gpu_groups[index])
         else:
             # CUDA graphs do not exist on CPU; eager mode also starts faster.
             argv += ["--enforce-eager"]
@@ -288,6 +305,19 @@ def build_replicas(
         argv += extra_args
         launches.append(ReplicaLaunch(index, argv, env, url))
     return launches
+
+
+def sized_args(plan: EnginePlan) -> list[str]:
+    """The flags sized to the device: context, sequences at once, dtype, and the image budget (Qwen's processor
+    scales every image to between min_pixels and max_pixels; vLLM also profiles the vision tower with the largest
+    such image at start-up, so the budget bounds that memory too)."""
+    return [
+        "--max-model-len", str(plan.max_model_len),
+        "--max-num-seqs", str(plan.max_num_seqs),
+        "--dtype", plan.dtype,
+        "--limit-mm-per-prompt", json.dumps({"image": plan.max_images_per_request, "video": 0}),
+        "--mm-processor-kwargs", json.dumps({"max_pixels": plan.max_pixels, "min_pixels": plan.min_pixels}),
+    ]
 
 
 def _cpu_share(index: int, replicas: int, cpus: int) -> str:

@@ -321,7 +321,8 @@ async def run_up(settings: Settings) -> None:
         with Signals() as signals:
             supervisor.start()
             try:
-                await serve_gateway(gateway, settings, sock, signals, tls)
+                async with supervisor.stopping_on_failure(signals.stop):
+                    await serve_gateway(gateway, settings, sock, signals, tls)
             finally:
                 log.info("stopping the engines")
                 await supervisor.stop()
@@ -343,7 +344,8 @@ async def run_engines(settings: Settings) -> None:
             for launch in launches:
                 print(f"replica {launch.index}: {launch.url}", flush=True)
             try:
-                await signals.stop.wait()
+                async with supervisor.stopping_on_failure(signals.stop):
+                    await signals.stop.wait()
             finally:
                 await supervisor.stop()
 

@@ -1,5 +1,9 @@
 """Run engine replicas as child processes: wait for health, restart crashes with back-off, stop without orphans.
 
+A replica that ends ``engine.max_start_attempts`` times in a row before it ever answered its health check is not
+started again: something no restart mends (not enough GPU memory, a broken model directory) stops it, and the
+launcher ends with that said, instead of reloading the model forever.
+
 Each replica runs in its own process group, so stopping it also stops the engine-core processes vLLM starts.
 Children die with the launcher even if it is killed outright (parent-death signal), and never dump core.
 """
@@ -16,7 +20,7 @@ import signal
 import ssl
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,11 +56,17 @@ def _prepare_child() -> None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+class EngineStartFailed(Exception):
+    """A replica was given up (see the module docstring): the launcher exits with status 1."""
+
+
 @dataclass
 class ReplicaState:
     launch: ReplicaLaunch
     process: asyncio.subprocess.Process | None = None
     healthy: asyncio.Event = field(default_factory=asyncio.Event)
+    # Whether the current (or last) run answered its health check.
+    was_healthy: bool = False
 
 
 class Supervisor:
@@ -67,12 +77,33 @@ class Supervisor:
         self._settings = settings
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        # Set when a replica is given up (see the module docstring), with why, for the launcher.
+        self.gave_up = asyncio.Event()
+        self.failure: str | None = None
 
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._keep_running(replica), name=f"airlock-replica-{replica.launch.index}")
             for replica in self.replicas
         ]
+
+    @contextlib.asynccontextmanager
+    async def stopping_on_failure(self, stop: asyncio.Event) -> AsyncIterator[None]:
+        """Within it, a replica given up sets ``stop`` (the launcher's own shutdown); on leaving, that failure is
+        raised as EngineStartFailed."""
+        async def relay() -> None:
+            await self.gave_up.wait()
+            stop.set()
+
+        relaying = asyncio.create_task(relay())
+        try:
+            yield
+        finally:
+            relaying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relaying
+        if self.failure is not None:
+            raise EngineStartFailed(self.failure)
 
     async def wait_healthy(self, timeout: float | None = None) -> bool:
         """True once every replica has answered its health check (False on timeout)."""
@@ -87,6 +118,7 @@ class Supervisor:
     async def _keep_running(self, replica: ReplicaState) -> None:
         backoff = self._settings.restart_backoff_initial_s
         index = replica.launch.index
+        failed_starts = 0
         try:
             while not self._stopping:
                 replica.healthy.clear()
@@ -95,6 +127,10 @@ class Supervisor:
                 code = await self._run_once(replica)
                 if self._stopping:
                     break
+                failed_starts = 0 if replica.was_healthy else failed_starts + 1
+                if failed_starts >= self._settings.max_start_attempts:
+                    self._give_up(index, code, failed_starts)
+                    return
                 if time.monotonic() - started > STABLE_AFTER_S:
                     backoff = self._settings.restart_backoff_initial_s
                 log.warning("replica %d exited with status %s; restarting in %.0f s", index, code, backoff)
@@ -106,8 +142,18 @@ class Supervisor:
             if replica.process is not None and replica.process.returncode is None:
                 await asyncio.shield(self._kill_group(replica.process))
 
+    def _give_up(self, index: int, code: int | str, attempts: int) -> None:
+        self.failure = (
+            f"replica {index} ended {attempts} times in a row before it became healthy (last status {code}); "
+            "not starting it again. Its log above says why (for example: not enough GPU memory for the model and "
+            "context, or a broken model directory); `airlock engine --dry-run` shows what was planned"
+        )
+        log.error("%s", self.failure)
+        self.gave_up.set()
+
     async def _run_once(self, replica: ReplicaState) -> int | str:
         """Start the replica and wait for it to end; its exit status, or why it could not start."""
+        replica.was_healthy = False
         try:
             replica.process = await asyncio.create_subprocess_exec(
                 *replica.launch.argv,
@@ -148,6 +194,7 @@ class Supervisor:
             while time.monotonic() < deadline:
                 if await (_serves_tls(url) if url.startswith("https://") else _healthy(client)):
                     log.info("replica %d is healthy", replica.launch.index)
+                    replica.was_healthy = True
                     replica.healthy.set()
                     return
                 await asyncio.sleep(1.0)
