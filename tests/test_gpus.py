@@ -345,3 +345,9 @@ def test_a_group_may_mix_models() -> None:
 def test_placement_needs_at_least_one(replicas: int, tensor_parallel_size: int) -> None:
     with pytest.raises(ConfigError, match="at least 1"):
         place_replicas([Gpu("0", "NVIDIA L4", 23034, 22563, (8, 9))], replicas, tensor_parallel_size)
+
+
+def test_the_readme_states_the_mig_size_airlock_uses() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### Which GPUs Airlock uses", 1)[1].split("\n### ", 1)[0]
+    assert f"`3g.40gb` on an A100 80GB: {MIG_PROFILE_MIB['3g.40gb'] / 1024:.2f} GiB" in section
