@@ -177,8 +177,9 @@ def discover_gpus(environ: Mapping[str, str], run: Run | None = None) -> GpuList
 def place_replicas(gpus: list[Gpu], replicas: int, tensor_parallel_size: int) -> list[list[Gpu]]:
     """Give each replica its own ``tensor_parallel_size`` devices: replica i takes the i-th run of them.
 
-    No device serves two replicas. A group may mix GPU models or sizes; sizing then plans for its smallest member
-    (vLLM gives every tensor-parallel rank the same share). Tensor parallelism over MIG slices is refused: a CUDA
+    No device serves two replicas. A group may mix GPU models or sizes; sizing then plans for its smallest member,
+    as vLLM does (every rank holds an equal shard, and ``v1/core/kv_cache_utils.py`` ``get_kv_cache_configs`` gives
+    every worker the number of KV cache blocks of the one with the least memory). Tensor parallelism over MIG slices is refused: a CUDA
     process enumerates at most one MIG device, and MIG mode has no GPU-to-GPU peer traffic over PCIe or NVLink
     (NVIDIA MIG user guide, "CUDA Device Enumeration" and "Deployment Considerations"), so NCCL, which vLLM's tensor
     parallelism runs on, cannot span slices; one replica per slice works.
@@ -188,7 +189,7 @@ def place_replicas(gpus: list[Gpu], replicas: int, tensor_parallel_size: int) ->
     needed = replicas * tensor_parallel_size
     if len(gpus) < needed:
         hidden = gpus.hidden_by_cuda_visible_devices if isinstance(gpus, GpuList) else 0
-        limited = f"; CUDA_VISIBLE_DEVICES leaves out {hidden} more of this host's" if hidden else ""
+        limited = f" (CUDA_VISIBLE_DEVICES hides {hidden} more on this host)" if hidden else ""
         raise ConfigError(
             f"engine.replicas {replicas} x engine.tensor_parallel_size {tensor_parallel_size} need {needed} GPUs, "
             f"{len(gpus)} visible{limited}"
