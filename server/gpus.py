@@ -179,8 +179,9 @@ def place_replicas(gpus: list[Gpu], replicas: int, tensor_parallel_size: int) ->
 
     No device serves two replicas. A group may mix GPU models or sizes; sizing then plans for its smallest member,
     as vLLM does (every rank holds an equal shard, and ``v1/core/kv_cache_utils.py`` ``get_kv_cache_configs`` gives
-    every worker the number of KV cache blocks of the one with the least memory). Tensor parallelism over MIG slices is refused: a CUDA
-    process enumerates at most one MIG device, and MIG mode has no GPU-to-GPU peer traffic over PCIe or NVLink
+    every worker the number of KV cache blocks of the one with the least memory).
+
+    Tensor parallelism over MIG slices is refused: a CUDA process enumerates at most one MIG device, and MIG mode has no GPU-to-GPU peer traffic over PCIe or NVLink
     (NVIDIA MIG user guide, "CUDA Device Enumeration" and "Deployment Considerations"), so NCCL, which vLLM's tensor
     parallelism runs on, cannot span slices; one replica per slice works.
     """

@@ -319,7 +319,7 @@ def test_too_few_gpus() -> None:
 
 def test_too_few_gpus_says_when_cuda_visible_devices_limited_them() -> None:
     gpus = discover_gpus({"CUDA_VISIBLE_DEVICES": "0,1"}, recorded("h100x8"))
-    with pytest.raises(ConfigError, match=r"need 4 GPUs, 2 visible \(CUDA_VISIBLE_DEVICES hides 6 more on this host\)$"):
+    with pytest.raises(ConfigError, match=r"need 4 GPUs, 2 visible \(CUDA_VISIBLE_DEVICES hides 6 more on this host\)"):
         place_replicas(gpus, replicas=2, tensor_parallel_size=2)
 
 
