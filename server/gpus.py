@@ -181,9 +181,10 @@ def place_replicas(gpus: list[Gpu], replicas: int, tensor_parallel_size: int) ->
     as vLLM does (every rank holds an equal shard, and ``v1/core/kv_cache_utils.py`` ``get_kv_cache_configs`` gives
     every worker the number of KV cache blocks of the one with the least memory).
 
-    Tensor parallelism over MIG slices is refused: a CUDA process enumerates at most one MIG device, and MIG mode has no GPU-to-GPU peer traffic over PCIe or NVLink
-    (NVIDIA MIG user guide, "CUDA Device Enumeration" and "Deployment Considerations"), so NCCL, which vLLM's tensor
-    parallelism runs on, cannot span slices; one replica per slice works.
+    Tensor parallelism over MIG slices is refused: a CUDA process enumerates at most one MIG device, and MIG mode has
+    no GPU-to-GPU peer traffic over PCIe or NVLink (NVIDIA MIG user guide, "CUDA Device Enumeration" and "Deployment
+    Considerations"), so NCCL, which vLLM's tensor parallelism runs on, cannot span slices; one replica per slice
+    works.
     """
     if replicas < 1 or tensor_parallel_size < 1:
         raise ConfigError("engine.replicas and engine.tensor_parallel_size must be at least 1")
