@@ -295,6 +295,9 @@ def build_replicas(
                 argv += ["--mm-encoder-tp-mode", "data"]
             # The GPUs this replica may see, named as the host's CUDA_VISIBLE_DEVICES named them (if it did).
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu.device for gpu in gpu_groups[index])
+            # Indices as nvidia-smi (and so server/gpus.py) numbers them: CUDA's default order is fastest first,
+            # which on a host with mixed cards would put a replica on another GPU than the one planned for.
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         else:
             # CUDA graphs do not exist on CPU; eager mode also starts faster.
             argv += ["--enforce-eager"]
