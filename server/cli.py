@@ -10,7 +10,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -21,6 +21,9 @@ from .cli_auth import add_commands as add_auth_commands
 from .config import ConfigError, Settings, load_settings
 from .logs import configure_logging
 from .supervisor import EngineStartFailed
+
+if TYPE_CHECKING:
+    from .runner import EnginesPlan
 
 EXIT_CONFIG = 2
 
@@ -58,26 +61,42 @@ def _cmd_engine(args: argparse.Namespace) -> None:
     _configure_logging(settings)
     if args.dry_run:
         with runtime_directory(settings) as runtime_dir:
-            choice, device, launches = plan_engines(settings, runtime_dir)
-        from .engine import PRIVACY_ENV
-
-        plan = {
-            "model": str(choice.path), "served_model_name": choice.served_name, "demo": choice.is_demo,
-            "device": device,
-            "replicas": [
-                {
-                    "url": launch.url,
-                    "argv": shlex.join(launch.argv),
-                    # Only what Airlock sets; the rest is the caller's own environment.
-                    "env": {k: v for k, v in launch.env.items()
-                            if k in PRIVACY_ENV or k.startswith(("VLLM_CPU_", "CUDA_VISIBLE"))},
-                }
-                for launch in launches
-            ],
-        }
-        print(json.dumps(plan, indent=2))
+            planned = plan_engines(settings, runtime_dir)
+        print(json.dumps(_dry_run(planned), indent=2))
         return
     asyncio.run(run_engines(settings))
+
+
+def _dry_run(planned: EnginesPlan) -> dict[str, Any]:
+    """What `airlock engine --dry-run` prints: the choice, its sizing and every replica's command line."""
+    from .engine import PRIVACY_ENV
+
+    choice, plan = planned.choice, planned.plan
+    return {
+        "model": str(choice.path), "served_model_name": choice.served_name, "demo": choice.is_demo,
+        "profile": choice.profile.name, "reason": choice.reason,
+        "device": planned.device,
+        "gpus": None if planned.gpu_groups is None else [
+            [{"device": gpu.device, "name": gpu.name, "total_mib": gpu.total_mib} for gpu in group]
+            for group in planned.gpu_groups
+        ],
+        "sizing": {
+            "dtype": plan.dtype, "max_model_len": plan.max_model_len, "max_num_seqs": plan.max_num_seqs,
+            "gpu_memory_utilization": plan.gpu_memory_utilization, "kv_cache_tokens_estimate": plan.kv_cache_tokens,
+            "max_pixels": plan.max_pixels, "min_pixels": plan.min_pixels,
+            "max_images_per_request": plan.max_images_per_request, "reason": plan.reason,
+        },
+        "replicas": [
+            {
+                "url": launch.url,
+                "argv": shlex.join(launch.argv),
+                # Only what Airlock sets; the rest is the caller's own environment.
+                "env": {k: v for k, v in launch.env.items()
+                        if k in PRIVACY_ENV or k.startswith(("VLLM_CPU_", "CUDA_"))},
+            }
+            for launch in planned.launches
+        ],
+    }
 
 
 def _cmd_gateway(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -13,7 +14,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -26,8 +27,10 @@ from .auth.watched import CredentialsFileError
 from .config import ConfigError, Settings, is_loopback_host
 from .engine import Device, ReplicaLaunch, build_replicas, replica_url
 from .privacy import harden_process
-from .profiles import ModelChoice, choose_model, detect_gpu_free_gb, load_profiles
+from .gpus import Gpu, discover_gpus, place_replicas
+from .profiles import ModelChoice, choose_model, load_profiles
 from .runtime import settle_heap
+from .sizing import EnginePlan, check_free_memory, plan_cpu, plan_engine
 from .supervisor import Supervisor
 from .tls import (
     CertificateFiles,
@@ -139,20 +142,44 @@ def _uvicorn_config(app: object, settings: Settings, tls: GatewayTls | None = No
     )
 
 
-def plan_engines(settings: Settings, runtime_dir: Path) -> tuple[ModelChoice, Device, list[ReplicaLaunch]]:
-    """Decide the model, the device and the replica command lines; nothing is started."""
-    profiles = load_profiles(settings.engine.profiles_dir)
-    gpus = detect_gpu_free_gb() if settings.engine.device != "cpu" else []
-    requested = settings.engine.device
-    device: Device = ("gpu" if gpus else "cpu") if requested == "auto" else requested
+@dataclass(frozen=True)
+class EnginesPlan:
+    """What the launcher will start: the model, where, sized how, and each replica's command line."""
+
+    choice: ModelChoice
+    device: Device
+    plan: EnginePlan
+    # One group of GPUs per replica (None on CPU).
+    gpu_groups: list[list[Gpu]] | None
+    launches: list[ReplicaLaunch]
+
+
+def plan_engines(settings: Settings, runtime_dir: Path, environ: Mapping[str, str] | None = None) -> EnginesPlan:
+    """Decide the model, the device, its sizing and the replica command lines; nothing is started. Raises
+    ConfigError (sizing.DoesNotFit among them) when no replica could start: said now, not by engines that fail
+    and restart."""
+    environ = os.environ if environ is None else environ
+    engine = settings.engine
+    profiles = load_profiles(engine.profiles_dir)
+    gpus = discover_gpus(environ) if engine.device != "cpu" else []
+    device: Device = ("gpu" if gpus else "cpu") if engine.device == "auto" else engine.device
     if device == "gpu" and not gpus:
-        raise ConfigError("engine.device is 'gpu' but nvidia-smi sees no GPU")
-    needed = settings.engine.replicas * settings.engine.tensor_parallel_size
-    if device == "gpu" and needed > len(gpus):
-        raise ConfigError(f"{needed} GPUs needed (replicas x tensor_parallel_size), {len(gpus)} visible")
-    choice = choose_model(settings.engine, gpus, profiles)
-    return choice, device, build_replicas(settings.engine, choice, device, runtime_dir,
-                                          default_max_tokens=settings.screening.max_tokens_limit)
+        raise ConfigError("engine.device is 'gpu' but no GPU is usable here (nvidia-smi lists none, or "
+                          "CUDA_VISIBLE_DEVICES hides them all)")
+    expected = settings.admission.expected_tokens_per_request
+    groups = place_replicas(gpus, engine.replicas, engine.tensor_parallel_size) if device == "gpu" else None
+    # Every replica serves the same model with the same settings: sized for the smallest group.
+    weakest = min(groups, key=lambda group: min(gpu.total_mib for gpu in group)) if groups else []
+    choice = choose_model(engine, weakest, profiles, expected)
+    if groups is None:
+        plan = plan_cpu(choice.profile, engine, expected)
+    else:
+        plan = choice.plan or plan_engine(choice.profile, weakest, engine, expected)
+        for group in groups:
+            check_free_memory(group, plan.gpu_memory_utilization)
+    launches = build_replicas(engine, choice, plan, runtime_dir, groups, environ,
+                              default_max_tokens=settings.screening.max_tokens_limit)
+    return EnginesPlan(choice, device, plan, groups, launches)
 
 
 def check_model(choice: ModelChoice, settings: Settings) -> None:
@@ -207,11 +234,18 @@ def runtime_directory(settings: Settings) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _announce(choice: ModelChoice, device: Device, launches: list[ReplicaLaunch], settings: Settings) -> None:
-    log.info(
-        "model %s on %s, %d replica(s)%s", choice.served_name, device, len(launches),
-        f", tensor parallel {settings.engine.tensor_parallel_size}" if device == "gpu" else "",
-    )
+def _announce(planned: EnginesPlan, settings: Settings) -> None:
+    """One line on what runs where and why, from the plan (no address, no identity)."""
+    choice, plan = planned.choice, planned.plan
+    where = "cpu"
+    if planned.gpu_groups is not None:
+        names = sorted({gpu.name for group in planned.gpu_groups for gpu in group})
+        where = f"gpu ({', '.join(names)})"
+        if settings.engine.tensor_parallel_size > 1:
+            where += f", tensor parallel {settings.engine.tensor_parallel_size}"
+    log.info("model %s on %s, %d replica(s): %s; context %d tokens, %d sequences at once, images up to %d px "
+             "(%d a request)", choice.served_name, where, len(planned.launches), plan.reason, plan.max_model_len,
+             plan.max_num_seqs, plan.max_pixels, plan.max_images_per_request)
     if choice.is_demo:
         print(DEMO_WARNING.format(reason=choice.reason, models_dir=settings.engine.models_dir),
               file=sys.stderr, flush=True)
@@ -311,11 +345,12 @@ async def run_up(settings: Settings) -> None:
     with runtime_directory(settings) as runtime_dir, listen(gateway_settings.host, gateway_settings.port) as sock:
         tls = load_gateway_tls(settings)
         check_engine_tls(settings, own_engines=True)
-        choice, device, launches = plan_engines(settings, runtime_dir)
-        _announce(choice, device, launches, settings)
-        check_model(choice, settings)
-        ensure_demo_model(choice, settings.engine.python)
-        gateway = build_gateway(settings, [launch.url for launch in launches], tls)
+        planned = plan_engines(settings, runtime_dir)
+        _announce(planned, settings)
+        check_model(planned.choice, settings)
+        ensure_demo_model(planned.choice, settings.engine.python)
+        launches = planned.launches
+        gateway = build_gateway(settings, [launch.url for launch in launches], tls, engine_limits(planned.plan))
         settle_heap()
         supervisor = Supervisor(launches, settings.engine)
         with Signals() as signals:
@@ -334,10 +369,11 @@ async def run_engines(settings: Settings) -> None:
     _log_start("engine", settings)
     check_engine_tls(settings, own_engines=False)
     with runtime_directory(settings) as runtime_dir:
-        choice, device, launches = plan_engines(settings, runtime_dir)
-        _announce(choice, device, launches, settings)
-        check_model(choice, settings)
-        ensure_demo_model(choice, settings.engine.python)
+        planned = plan_engines(settings, runtime_dir)
+        _announce(planned, settings)
+        check_model(planned.choice, settings)
+        ensure_demo_model(planned.choice, settings.engine.python)
+        launches = planned.launches
         supervisor = Supervisor(launches, settings.engine)
         with Signals() as signals:
             supervisor.start()
