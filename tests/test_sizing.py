@@ -389,3 +389,10 @@ def test_profiles_are_validated_on_load(tmp_path: Path, changes: dict[str, objec
 def test_a_text_only_profile_needs_no_room_for_images(tmp_path: Path) -> None:
     write_profiles(tmp_path, answer_reserve_tokens=6000, max_images_per_request=0)
     assert load_profiles(tmp_path)["mine"].max_images_per_request == 0
+
+
+def test_the_demo_settings_the_other_tests_use_still_plan() -> None:
+    # tests/test_audit.py and test_engine_tls.py start the demo with max_model_len 2048 and 1 GiB of KV cache:
+    # one 1,024-token image + the demo's 1,024-token reserve = 2,048 fits; (2,048 - 1,024) // 1,024 = 1 image.
+    result = plan_cpu(PROFILES["airlock-demo"], engine(max_model_len=2048, cpu_kvcache_gb=1), EXPECTED)
+    assert (result.max_model_len, result.max_images_per_request) == (2048, 1)
