@@ -172,6 +172,15 @@ def _cmd_config(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(json.loads(settings.model_dump_json()), sort_keys=False), end="")
 
 
+def _cmd_gpu_table(args: argparse.Namespace) -> None:
+    from .profiles import load_profiles
+    from .sizing import card_table
+
+    settings = _settings(args)
+    print(card_table(load_profiles(settings.engine.profiles_dir), settings.engine,
+                     settings.admission.expected_tokens_per_request), end="")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = SecretSafeParser(
         prog="airlock",
@@ -249,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = with_config(commands.add_parser("config", help="validate the settings and print them"))
     config.set_defaults(func=_cmd_config)
+    gpu_table = with_config(commands.add_parser(
+        "gpu-table", help="print what model: auto starts on common GPUs (the README's table, for these settings)"))
+    gpu_table.set_defaults(func=_cmd_gpu_table)
     add_auth_commands(commands, with_config)
     return parser
 

@@ -7,16 +7,17 @@ error, never a hub download.
 from __future__ import annotations
 
 import logging
-import shutil
-import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import ConfigError, EngineSettings, describe_validation_error
+from .gpus import Gpu
+from .sizing import PIXELS_PER_TOKEN, EnginePlan, auto_candidates, choose_profile
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ class EngineProfile(BaseModel):
     # loaded; KV cache bytes per token (layers x KV heads x head dim x 2 (K and V) x 2 bytes); GiB vLLM uses beyond
     # weights and KV cache per GPU (activations at its profiling run, CUDA graphs, NCCL and other non-torch memory).
     weights_gib: float = Field(0, ge=0)
+    # Of weights_gib, the vision tower's share: whole on every GPU of a tensor-parallel group, which runs it with
+    # --mm-encoder-tp-mode data (vllm/config/multimodal.py: "hosting the full weights on each TP rank").
+    vision_weights_gib: float = Field(0, ge=0)
     kv_cache_bytes_per_token: int = Field(0, ge=0)
     overhead_gib: float = Field(0, ge=0)
     # Context in tokens: the most worth having (the engine gets this where the GPU holds it) and the least that is
@@ -64,6 +68,23 @@ class EngineProfile(BaseModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     dtype: str = "auto"
     extra_args: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EngineProfile:
+        """The context range and image budget must agree: even the shortest context holds one image of max_pixels
+        and the answer reserve, so no single image can take a request's whole context."""
+        if self.min_model_len > self.max_model_len:
+            raise ValueError(f"min_model_len ({self.min_model_len}) is above max_model_len ({self.max_model_len})")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) is above max_pixels ({self.max_pixels})")
+        if self.vision_weights_gib > self.weights_gib:
+            raise ValueError("vision_weights_gib is part of weights_gib and cannot be larger")
+        one_image = self.max_pixels // PIXELS_PER_TOKEN + self.answer_reserve_tokens
+        if self.max_images_per_request and self.min_model_len < one_image:
+            raise ValueError(f"min_model_len ({self.min_model_len}) does not hold one image of max_pixels "
+                             f"({self.max_pixels // PIXELS_PER_TOKEN} tokens) plus answer_reserve_tokens "
+                             f"({self.answer_reserve_tokens})")
+        return self
 
 
 def default_profiles_dir() -> Path:
@@ -88,20 +109,6 @@ def load_profiles(directory: Path | None = None) -> dict[str, EngineProfile]:
     return profiles
 
 
-def detect_gpu_free_gb() -> list[float]:
-    """Free memory of each visible NVIDIA GPU in GiB; empty when there is none (or no driver)."""
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=15, check=True,
-        ).stdout
-        return [int(line) / 1024 for line in out.split() if line.strip()]
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return []
-
-
 @dataclass(frozen=True)
 class ModelChoice:
     """The model a launcher will serve, and why."""
@@ -111,45 +118,47 @@ class ModelChoice:
     served_name: str
     is_demo: bool
     reason: str
+    # With model: auto on GPUs, the sizing that chose it (the launcher may size a named model itself).
+    plan: EnginePlan | None = None
 
 
-def choose_size(free_gb_per_gpu: list[float], tensor_parallel: int, profiles: dict[str, EngineProfile],
-                variant: str) -> EngineProfile:
-    """With ``model: auto``: the largest Qwen3-VL whose memory need fits a replica's GPUs (4B on CPU)."""
-    candidates = sorted(
-        (p for p in profiles.values() if p.variant == variant and p.size is not None),
-        key=lambda p: p.min_gpu_memory_gb,
-        reverse=True,
-    )
-    if not candidates:
-        raise ConfigError(f"no engine profile for variant {variant!r}")
-    if not free_gb_per_gpu:
-        return next(p for p in reversed(candidates))
-    group = free_gb_per_gpu[:tensor_parallel]
-    capacity = min(group) * len(group)
-    for profile in candidates:
-        if profile.min_gpu_memory_gb <= capacity:
-            return profile
-    return candidates[-1]
+def choose_model(settings: EngineSettings, group: Sequence[Gpu], profiles: dict[str, EngineProfile],
+                 expected_tokens_per_request: int = 4096) -> ModelChoice:
+    """Turn ``engine.model`` into a local directory and a profile.
 
-
-def choose_model(settings: EngineSettings, free_gb_per_gpu: list[float],
-                 profiles: dict[str, EngineProfile]) -> ModelChoice:
-    """Turn ``engine.model`` into a local directory and a profile."""
+    ``group`` is one replica's GPUs (empty on CPU). With ``auto`` the choice is server/sizing.py's (the same card
+    always gets the same model); without the chosen weights installed, the demo, saying what would fit and where
+    its weights go. On CPU, auto means the smallest Qwen3-VL."""
     demo = profiles[DEMO_PROFILE]
     demo_name = settings.served_model_name or demo.served_model_name
     model = settings.model
     if model == "demo":
         return ModelChoice(settings.demo_model_dir, demo, demo_name, True, "engine.model is 'demo'")
     if model == "auto":
-        profile = choose_size(free_gb_per_gpu, settings.tensor_parallel_size, profiles, settings.variant)
-        path = settings.models_dir / (profile.directory or profile.name)
+        def path_of(profile: EngineProfile) -> Path:
+            return settings.models_dir / (profile.directory or profile.name)
+
+        candidates = auto_candidates(profiles, settings.variant, settings.quantization)
+        if not candidates:
+            raise ConfigError(f"no engine profile for variant {settings.variant!r}")
+        plan: EnginePlan | None = None
+        if group:
+            plan = choose_profile(candidates, group, settings, expected_tokens_per_request,
+                                  installed=lambda profile: _looks_like_model(path_of(profile)))
+            profile = plan.profile
+        else:
+            unquantised = [p for p in candidates if p.quantization is None]
+            profile = (unquantised or candidates)[-1]
+        path = path_of(profile)
         name = settings.served_model_name or profile.served_model_name
         if _looks_like_model(path):
-            return ModelChoice(path, profile, name, False, "engine.model is 'auto'")
+            reason = f"engine.model is 'auto': {plan.reason}" if plan else "engine.model is 'auto' (no GPU)"
+            return ModelChoice(path, profile, name, False, reason, plan)
+        fits = f"; it would fit: {plan.reason}" if plan else ""
+        source = f" (from {profile.source})" if profile.source else ""
         return ModelChoice(
             settings.demo_model_dir, demo, demo_name, True,
-            f"engine.model is 'auto' and no {profile.served_model_name} weights are in {path}",
+            f"engine.model is 'auto' and no {profile.served_model_name} weights{source} are in {path}{fits}",
         )
     if model in profiles:
         profile = profiles[model]

@@ -8,9 +8,14 @@ from pathlib import Path
 import pytest
 
 from server.config import ConfigError, load_settings
-from server.profiles import choose_model, choose_size, load_profiles
+from server.gpus import Gpu
+from server.profiles import choose_model, load_profiles
+from server.sizing import DoesNotFit
 
 PROFILES = load_profiles()
+# GPUs as nvidia-smi describes them (no GPU here); server/sizing.py's tests work the figures by hand.
+A100_40 = [Gpu("0", "NVIDIA A100-SXM4-40GB", 40960, None, (8, 0))]
+L4 = [Gpu("0", "NVIDIA L4", 23034, None, (8, 9))]
 
 
 def engine(tmp_path: Path, **values: object):  # type: ignore[no-untyped-def]
@@ -26,41 +31,62 @@ def install(tmp_path: Path, name: str) -> Path:
 
 
 def test_every_target_model_has_a_profile() -> None:
-    for name in ("qwen3-vl-8b-instruct", "qwen3-vl-4b-instruct", "qwen3-vl-8b-thinking", "qwen3-vl-4b-thinking"):
-        profile = PROFILES[name]
-        assert profile.max_model_len >= 8192
-        assert profile.max_images_per_request >= 1
-        assert profile.min_gpu_memory_gb > 0
-        assert (profile.reasoning_parser == "qwen3") == (profile.variant == "thinking")
+    for size in ("8b", "4b"):
+        for variant in ("instruct", "thinking"):
+            for suffix, quantization in (("", None), ("-fp8", "fp8")):
+                profile = PROFILES[f"qwen3-vl-{size}-{variant}{suffix}"]
+                assert profile.max_model_len >= 32768 and profile.max_images_per_request >= 1
+                assert profile.weights_gib > 0 and profile.kv_cache_bytes_per_token > 0 and profile.overhead_gib > 0
+                assert (profile.reasoning_parser == "qwen3") == (variant == "thinking")
+                assert profile.quantization == quantization and profile.dtype == "auto"
 
 
-@pytest.mark.parametrize(
-    ("free_gb", "tensor_parallel", "size"),
-    [
-        ([80.0], 1, "8b"),
-        ([23.5], 1, "8b"),
-        ([16.0], 1, "4b"),
-        ([12.0, 12.0], 2, "8b"),   # a tensor-parallel pair pools its memory
-        ([12.0, 4.0], 2, "4b"),    # ... limited by its emptiest GPU
-        ([8.0], 1, "4b"),          # nothing fits: the smallest, and vLLM will say why
-        ([], 1, "4b"),             # CPU
-    ],
-)
-def test_auto_picks_the_largest_model_that_fits(free_gb: list[float], tensor_parallel: int, size: str) -> None:
-    assert choose_size(free_gb, tensor_parallel, PROFILES, "instruct").size == size
+def test_fp8_profiles_serve_under_the_bf16_models_name() -> None:
+    # Clients and authorization rules name the model, not its precision: model: auto may pick either per card.
+    fp8 = PROFILES["qwen3-vl-8b-instruct-fp8"]
+    assert (fp8.served_model_name, fp8.directory, fp8.source) == (
+        "Qwen3-VL-8B-Instruct", "Qwen3-VL-8B-Instruct-FP8", "Qwen/Qwen3-VL-8B-Instruct-FP8")
 
 
 def test_auto_uses_installed_weights(tmp_path: Path) -> None:
     path = install(tmp_path, "Qwen3-VL-8B-Thinking")
-    choice = choose_model(engine(tmp_path, variant="thinking"), [40.0], PROFILES)
+    choice = choose_model(engine(tmp_path, variant="thinking"), A100_40, PROFILES)
     assert (choice.path, choice.served_name, choice.is_demo) == (path, "Qwen3-VL-8B-Thinking", False)
+    assert choice.plan is not None and choice.plan.max_model_len == 65536
+    assert choice.reason.startswith("engine.model is 'auto': Qwen3-VL-8B-Thinking (bfloat16) on NVIDIA A100")
+
+
+def test_auto_prefers_a_fitting_model_that_is_installed(tmp_path: Path) -> None:
+    # On an L4 the 8B in FP8 is the first choice; with only the 4B installed, the 4B (it fits) is served.
+    path = install(tmp_path, "Qwen3-VL-4B-Instruct")
+    choice = choose_model(engine(tmp_path), L4, PROFILES)
+    assert (choice.path, choice.profile.name, choice.is_demo) == (path, "qwen3-vl-4b-instruct", False)
 
 
 def test_auto_without_weights_falls_back_to_the_demo_and_says_why(tmp_path: Path) -> None:
-    choice = choose_model(engine(tmp_path), [40.0], PROFILES)
+    choice = choose_model(engine(tmp_path), A100_40, PROFILES)
     assert choice.is_demo
     assert choice.path == tmp_path / "demo"
     assert "Qwen3-VL-8B-Instruct" in choice.reason and str(tmp_path) in choice.reason
+    # On an L4 it names the FP8 checkpoint, where it comes from and where it goes.
+    choice = choose_model(engine(tmp_path), L4, PROFILES)
+    assert choice.is_demo
+    assert "(from Qwen/Qwen3-VL-8B-Instruct-FP8)" in choice.reason
+    assert str(tmp_path / "Qwen3-VL-8B-Instruct-FP8") in choice.reason
+
+
+def test_auto_on_cpu_looks_for_the_smallest_model(tmp_path: Path) -> None:
+    choice = choose_model(engine(tmp_path), [], PROFILES)
+    assert choice.is_demo and "Qwen3-VL-4B-Instruct weights" in choice.reason
+    path = install(tmp_path, "Qwen3-VL-4B-Instruct")
+    assert choose_model(engine(tmp_path), [], PROFILES).path == path
+
+
+def test_auto_where_nothing_fits_is_an_error_not_the_smallest_model(tmp_path: Path) -> None:
+    install(tmp_path, "Qwen3-VL-4B-Instruct")
+    small = [Gpu("0", "NVIDIA GeForce RTX 3060 Ti", 8192, None, (8, 6))]
+    with pytest.raises(DoesNotFit, match="no Qwen3-VL fits NVIDIA GeForce RTX 3060 Ti"):
+        choose_model(engine(tmp_path), small, PROFILES)
 
 
 def test_a_local_directory_is_served_under_its_profile(tmp_path: Path) -> None:
