@@ -251,6 +251,18 @@ def test_auto_on_an_l4_takes_the_8b_in_fp8_over_a_cramped_bf16() -> None:
     assert (result.kv_cache_tokens, result.max_model_len, result.max_num_seqs) == (54192, 32768, 13)
 
 
+def test_a_24_gb_card_takes_the_8b_in_fp8_over_a_comfortable_but_short_bf16() -> None:
+    # RTX 4090 (24,564 MiB): ceil(0.9 x 24,564 MiB) = 23,181,498,778 B. 8B bf16: - 16.3 GiB (17,501,781,197)
+    # - 2,791,728,742 = 2,887,988,839 B / 147,456 = 19,585 -> 1,224 - 1 blocks = 19,568 tokens: four requests of
+    # 4,096 (comfortable) but a 19,456 context, not the 32,768 the profile wants. 8B FP8: 23,181,498,778
+    # - 10,952,166,604 - 2,791,728,742 = 9,437,603,432 B / 147,456 = 64,002 -> 4,000 - 1 blocks = 63,984: whole.
+    rtx4090 = Gpu("0", "NVIDIA GeForce RTX 4090", 24564, None, (8, 9))
+    assert auto(rtx4090, quantization="none").kv_cache_tokens == 19568
+    result = auto(rtx4090)
+    assert (result.profile.name, result.max_model_len, result.kv_cache_tokens, result.max_num_seqs) == (
+        "qwen3-vl-8b-instruct-fp8", 32768, 63984, 15)
+
+
 def test_quantization_none_and_fp8() -> None:
     # none on an L4: 8B bf16 is cramped, 4B bf16 holds 21,737,609,626 - 11,059,540,787 = 10,678,068,839 B
     # / 147,456 = 72,415 -> 4,525 blocks - 1 = 72,384 tokens: comfortable.
@@ -267,9 +279,12 @@ def test_a_fitting_but_cramped_plan_is_taken_when_nothing_is_comfortable(caplog:
     # An RTX A4000 (16,376 MiB): ceil(0.9 x 16,376 MiB) = 15,454,332,519 B. 8B FP8: - 10,952,166,604 - 2,791,728,742
     # = 1,710,437,173 B / 147,456 = 11,599 tokens -> 724 blocks - 1 = 11,568 (fits 8,192, not comfortable); 4B bf16:
     # 15,454,332,519 - 11,059,540,787 = 4,394,791,732 B / 147,456 = 29,804 -> 1,862 - 1 blocks = 29,776: comfortable.
+    # Comfortable, but 29,776 tokens is short of the 4B's whole context (32,768): its FP8 checkpoint has it
+    # (15,454,332,519 - 5.2 GiB (5,583,457,485) - 2,147,483,648 = 7,723,391,386 B / 147,456 = 52,377 -> 3,273 - 1
+    # blocks = 52,352 tokens; 12 at once).
     a4000 = Gpu("0", "NVIDIA RTX A4000", 16376, None, (8, 6))
-    assert auto(a4000).profile.name == "qwen3-vl-4b-instruct"
-    assert auto(a4000).kv_cache_tokens == 29776
+    assert (auto(a4000).profile.name, auto(a4000).max_model_len) == ("qwen3-vl-4b-instruct-fp8", 32768)
+    assert auto(a4000, quantization="none").kv_cache_tokens == 29776
     # Without FP8 and with 8,192 tokens expected, nothing is comfortable: the 8B's weights alone (16.3 GiB) exceed
     # the budget (14.4 GiB), and 4 x 8,192 = 32,768 > 29,776. The first that fits, the 4B, is taken, and said to be
     # cramped.
@@ -318,8 +333,12 @@ def test_installed_weights_are_preferred() -> None:
 # steps (model, precision, context, images per request, at once).
 EXPECTED_TABLE = {
     ("RTX 3060 12 GB", "instruct"): ("Qwen3-VL-4B-Instruct", "FP8 (weight-only)", "25,600", "5", "6"),
-    ("RTX A4000 16 GB", "instruct"): ("Qwen3-VL-4B-Instruct", "bf16", "29,696", "6", "7"),
-    ("T4 16 GB", "instruct"): ("Qwen3-VL-4B-Instruct", "fp16", "22,528", "5", "5"),
+    # bf16 would hold 29,696 (A4000) and fp16 22,528 (T4) of the 4B's 32,768: its FP8 checkpoint holds it whole
+    # (T4: ceil(0.9 x 15,360 MiB) = 14,495,514,625 - 5,583,457,485 - 2,147,483,648 = 6,764,573,492 B / 147,456
+    # = 45,875 -> 2,867 - 1 blocks = 45,856 tokens: 11 at once).
+    ("RTX A4000 16 GB", "instruct"): ("Qwen3-VL-4B-Instruct", "FP8 (weight-only)", "32,768", "7", "12"),
+    ("T4 16 GB", "instruct"): ("Qwen3-VL-4B-Instruct", "FP8 (weight-only)", "32,768", "7", "11"),
+    ("RTX 4090 24 GB", "instruct"): ("Qwen3-VL-8B-Instruct", "FP8 (weight-only)", "32,768", "7", "15"),
     ("V100 32 GB", "thinking"): ("Qwen3-VL-8B-Thinking", "fp16", "65,536", "8", "17"),
     ("L4 24 GB", "instruct"): ("Qwen3-VL-8B-Instruct", "FP8 (weight-only)", "32,768", "7", "13"),
     ("A10 / A10G 24 GB", "instruct"): ("Qwen3-VL-8B-Instruct", "FP8 (weight-only)", "32,768", "7", "13"),
