@@ -1,28 +1,32 @@
 """Who may start a request now: the user's own limits first (429), then the model's fair queue (503 on timeout).
 
 A request's cost for the queue is an estimate in tokens, made from what screening already knows: the prompt's
-characters, the images' pixel counts (from their headers), and the most it may generate.
+characters, the images' sizes (from their headers) as the engine's processor will resize them (the engines' image
+budget: ``EngineLimits``), and the most it may generate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from .auth import Principal
 from .config import AdmissionSettings
-from .fairqueue import FairQueue
+from .engine_limits import EngineLimits
+from .fairqueue import Capacity, FairQueue
 from .limits import UserLimits
 
 CHARS_PER_TOKEN = 4
 
 
 class Admission:
-    def __init__(self, settings: AdmissionSettings, capacity: Callable[[str], int], max_tokens_limit: int) -> None:
+    def __init__(self, settings: AdmissionSettings, capacity: Callable[[str], Capacity], max_tokens_limit: int,
+                 engine_limits: EngineLimits) -> None:
         """``max_tokens_limit``: what a request that names no ``max_tokens`` may generate at most (the engine's
-        default, ``screening.max_tokens_limit``)."""
+        default, ``screening.max_tokens_limit``); ``engine_limits``: the engines' image budget."""
         self._settings = settings
+        self._engine_limits = engine_limits
         self._max_tokens_limit = max_tokens_limit
         self._capacity = capacity
         self._limits = UserLimits(settings)
@@ -53,15 +57,21 @@ class Admission:
             return nullcontext()
         return self._limits.admit(principal.key)
 
-    def estimate_cost(self, payload: dict[str, Any], image_pixels: int) -> float:
-        """Tokens the request will take: prompt text, images, and the most it may generate (for each choice); a
-        request that names no limit may generate the server's (less if the context is shorter, which only the engine
-        knows)."""
+    def estimate_cost(self, payload: dict[str, Any], image_sizes: Sequence[tuple[int, int]]) -> float:
+        """Tokens the request will take: prompt text, images (``image_sizes``: width and height of each), and the
+        most it may generate (for each choice); a request that names no limit may generate the server's (less if the
+        context is shorter, which only the engine knows)."""
         prompt_chars = _text_length(payload.get("messages")) + _text_length(payload.get("prompt"))
         generated = int(payload.get("max_tokens") or payload.get("max_completion_tokens") or self._max_tokens_limit)
         choices = int(payload.get("n") or 1)
-        return (prompt_chars / CHARS_PER_TOKEN + image_pixels / self._settings.image_pixels_per_token
-                + generated * choices)
+        return prompt_chars / CHARS_PER_TOKEN + self.image_tokens(image_sizes) + generated * choices
+
+    def image_tokens(self, image_sizes: Sequence[tuple[int, int]]) -> int:
+        """Tokens the images become in the engine: each resized as Qwen's processor will (a photo larger than the
+        budget counts as the budget, not as its own pixels), one token per ``image_pixels_per_token`` pixels."""
+        per_token = self._settings.image_pixels_per_token
+        return sum(self._engine_limits.resized_pixels(width, height, per_token) // per_token
+                   for width, height in image_sizes)
 
 
 def _text_length(value: Any) -> int:

@@ -22,6 +22,7 @@ from .boundary import UNEXPECTED, ErrorBoundary, refusal
 from .callers import Callers
 from .config import Settings
 from .console import console_router
+from .engine_limits import EngineLimits
 from .errors import (
     NO_STORE,
     AirlockError,
@@ -103,18 +104,23 @@ def create_app(config: Settings, upstream_urls: Sequence[str]) -> ASGIApp:
 
 
 def create_gateway(config: Settings, upstream_urls: Sequence[str],
-                   listener_certificate: CertificateReloader | None = None) -> Gateway:
+                   listener_certificate: CertificateReloader | None = None, *,
+                   engine_limits: EngineLimits | None = None) -> Gateway:
     """Build the gateway for the engines at ``upstream_urls``; ``listener_certificate``: its TLS listener's, whose
-    expiry the metrics show.
+    expiry the metrics show; ``engine_limits``: the engines' image budget and max_num_seqs as the engine plan chose
+    them (default: from ``config.engine``, for a gateway in front of engines it did not start).
 
     Every API request goes, outermost first: HSTS (over TLS) -> ``MetricsMiddleware`` (a ``RequestRecord``,
     observed at the end) -> ``ErrorBoundary`` (renders every error) -> ``EngineRoutes`` (the engine routes, step
     by step: see ``request_path``) -> ``HeadAsGet`` -> FastAPI (models, privacy, probes, metrics, console).
     """
     settings = config.gateway
+    engine_limits = engine_limits or EngineLimits.from_settings(config.engine)
     pool = ReplicaPool(upstream_urls, settings, build_strategy(config.routing),
-                       config.admission.max_in_flight_per_replica, config.upstream_tls)
-    admission = Admission(config.admission, pool.capacity, config.screening.max_tokens_limit)
+                       config.admission.max_in_flight_per_replica, config.upstream_tls,
+                       expected_tokens_per_request=config.admission.expected_tokens_per_request,
+                       max_num_seqs=engine_limits.max_num_seqs)
+    admission = Admission(config.admission, pool.capacity, config.screening.max_tokens_limit, engine_limits)
     pool.on_change.append(admission.capacity_changed)
     metrics = GatewayMetrics(config.metrics.active_users_window_s)
     metrics.watch(pool, admission, listener_certificate)
@@ -168,7 +174,7 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
 
     @app.get("/v1/airlock/privacy")
     async def privacy(_: CurrentPrincipal) -> Response:
-        return JSONResponse(privacy_posture(config, upstream_urls, coverage), headers=NO_STORE)
+        return JSONResponse(privacy_posture(config, upstream_urls, coverage, engine_limits), headers=NO_STORE)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -191,7 +197,7 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
             return Response(await endpoint.render(), media_type=CONTENT_TYPE_LATEST, headers=NO_STORE)
 
     if config.console.enabled:
-        app.include_router(console_router(config, authentication, sessions))
+        app.include_router(console_router(config, authentication, sessions, engine_limits))
 
     install_error_handlers(app, metrics)
     forwarder = Forwarder(pool, metrics, settings.retry_after_s)

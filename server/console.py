@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 
 from .auth import Authentication, Principal, Standing
 from .config import ConsoleSettings, Settings
+from .engine_limits import EngineLimits
 from .errors import NO_STORE, InvalidRequest, Unauthenticated
 from .sessions import CSRF_HEADER, SESSION_COOKIE, SessionStore, csrf_matches
 
@@ -164,7 +165,8 @@ def _secure(request: Request, console: ConsoleSettings) -> bool:
     return _base_url(request, console).startswith("https://")
 
 
-def console_router(config: Settings, authentication: Authentication, sessions: SessionStore) -> APIRouter:
+def console_router(config: Settings, authentication: Authentication, sessions: SessionStore,
+                   engine_limits: EngineLimits) -> APIRouter:
     console = config.console
     router = APIRouter(include_in_schema=False)
     oidc = OidcSignIn(config) if config.auth.oidc.enabled else None
@@ -197,9 +199,12 @@ def console_router(config: Settings, authentication: Authentication, sessions: S
     @router.get("/console/api/session")
     async def current(request: Request) -> Response:
         """Who is signed in (or whether anyone needs to), and the limits the page scales images and caps a chosen
-        answer length to (the page sends no max_tokens for "as long as the model allows")."""
+        answer length to (the page sends no max_tokens for "as long as the model allows"). Images are scaled to
+        the engines' budget at most: the engine would scale them down to it anyway, so larger ones are bytes sent
+        for nothing."""
         limits = {"max_images": config.screening.max_images_per_request,
-                  "max_image_pixels": min(config.screening.max_image_pixels, console.image_max_pixels),
+                  "max_image_pixels": min(config.screening.max_image_pixels, console.image_max_pixels,
+                                          engine_limits.max_pixels),
                   "max_tokens": config.screening.max_tokens_limit}
         body: dict[str, Any] = {"methods": methods, "limits": limits, "signed_in": False}
         session = sessions.get(request.cookies.get(SESSION_COOKIE))

@@ -1,5 +1,6 @@
-"""Admission to a model's engines: at most ``max_in_flight_per_replica`` requests per healthy replica; beyond that,
-requests wait in a queue that serves users in turn, weighted by what their requests are estimated to cost.
+"""Admission to a model's engines: at most as many requests as its healthy replicas are given at once (each its
+``max_in_flight``: see ``upstream``); beyond that, requests wait in a queue that serves users in turn, weighted by
+what their requests are estimated to cost.
 
 Start-time fair queuing: each request gets a start tag, the later of the queue's virtual clock and the finish tag
 of its user's previous request; its finish tag is the start plus its cost. The request with the smallest start
@@ -26,6 +27,15 @@ from .errors import Overloaded, RateLimited
 FINISH_TAGS_KEPT = 1024
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """Requests a model's healthy replicas may have in flight at once (the sum of their limits), and how many
+    replicas they are (each keeps ``reserved_slots_per_replica`` for newcomers)."""
+
+    slots: int
+    replicas: int
+
+
 @dataclass(order=True)
 class _Waiter:
     start: float
@@ -39,7 +49,7 @@ class FairQueue:
     """One model's queue. ``capacity`` says how many requests may be in flight right now (it changes with
     replica health: call ``capacity_changed`` then)."""
 
-    def __init__(self, settings: AdmissionSettings, capacity: Callable[[], int]) -> None:
+    def __init__(self, settings: AdmissionSettings, capacity: Callable[[], Capacity]) -> None:
         self._settings = settings
         self._capacity = capacity
         self._in_flight = 0
@@ -67,12 +77,10 @@ class FairQueue:
         finally:
             self._release(user)
 
-    def user_cap(self) -> int:
+    def user_cap(self, capacity: Capacity) -> int:
         """Slots one user may hold: all but ``reserved_slots_per_replica`` per replica (at least one), so that
         a newcomer finds a slot free instead of waiting for someone's long answer to end."""
-        capacity, per_replica = self._capacity(), self._settings.max_in_flight_per_replica
-        replicas = -(-capacity // per_replica)
-        return max(1, capacity - self._settings.reserved_slots_per_replica * replicas)
+        return max(1, capacity.slots - self._settings.reserved_slots_per_replica * capacity.replicas)
 
     async def _acquire(self, user: str, cost: float) -> None:
         settings = self._settings
@@ -130,7 +138,8 @@ class FairQueue:
     def capacity_changed(self) -> None:
         """Let waiting requests in while there is room, smallest start tag first, passing over users who hold
         all the slots one user may."""
-        capacity, user_cap = self._capacity(), self.user_cap()
+        now = self._capacity()
+        capacity, user_cap = now.slots, self.user_cap(now)
         passed_over = []
         while self._waiting and self._in_flight < capacity:
             waiter = heapq.heappop(self._waiting)

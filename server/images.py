@@ -37,8 +37,8 @@ class ImageLimits:
     max_aspect_ratio: float
 
 
-def check_image_url(url: object, limits: ImageLimits, param: str) -> tuple[int, str]:
-    """The image's pixel count and the URL to forward (``url`` itself, or with its ``;base64`` marker in lower case
+def check_image_url(url: object, limits: ImageLimits, param: str) -> tuple[tuple[int, int], str]:
+    """The image's width and height and the URL to forward (``url`` itself, or with its ``;base64`` marker in lower case
     and without line breaks in its base64, which vLLM refuses); ``InvalidRequest`` unless ``url`` is a ``data:`` URL
     holding an allowed, small enough image."""
     if not isinstance(url, str):
@@ -91,7 +91,7 @@ def _decode_base64(encoded: str, max_bytes: int, param: str) -> bytes:
         raise InvalidRequest(_not_base64(why), param=param, code="invalid_image") from exc
 
 
-def _check_header(raw: bytes, limits: ImageLimits, param: str) -> int:
+def _check_header(raw: bytes, limits: ImageLimits, param: str) -> tuple[int, int]:
     allowed = [FORMATS[name] for name in sorted(limits.formats)]
     with warnings.catch_warnings():
         # Pillow's own bomb guard warns (or raises far above our limit): our pixel limit below decides instead.
@@ -110,7 +110,7 @@ def _check_header(raw: bytes, limits: ImageLimits, param: str) -> int:
                         " the model's limit; pad or crop it", param=param, code="image_aspect_ratio",
                     )
                 image.verify()  # structure and checksums, without decoding pixels
-                return width * height
+                return width, height
         except InvalidRequest:
             raise
         except Image.DecompressionBombError as exc:

@@ -215,11 +215,16 @@ class GatewayMetrics:
                                         labels=["replica"])
             outstanding = GaugeMetricFamily("airlock_replica_outstanding", "Requests in flight on a replica.",
                                             labels=["replica"])
+            limit = GaugeMetricFamily("airlock_replica_max_in_flight",
+                                      "Requests a replica is given at once (fixed, or learnt from its KV cache when it "
+                                      "joined; 0 until then).", labels=["replica"])
             for replica in self._pool.replicas:
                 healthy.add_metric([str(replica.index)], 1.0 if replica.healthy else 0.0)
                 outstanding.add_metric([str(replica.index)], replica.outstanding)
+                limit.add_metric([str(replica.index)], replica.max_in_flight)
             yield healthy
             yield outstanding
+            yield limit
             ready = GaugeMetricFamily("airlock_ready", "1 while every model has a healthy replica (as /readyz).")
             ready.add_metric([], 1.0 if self._pool.ready else 0.0)
             yield ready

@@ -10,9 +10,11 @@ from typing import Any
 from .auth import RuleCoverage
 from .config import Settings
 from .engine import PRIVACY_ARGS, PRIVACY_ENV
+from .engine_limits import EngineLimits
 
 
-def privacy_posture(config: Settings, upstream_urls: Sequence[str], rules: RuleCoverage) -> dict[str, Any]:
+def privacy_posture(config: Settings, upstream_urls: Sequence[str], rules: RuleCoverage,
+                    engine_limits: EngineLimits) -> dict[str, Any]:
     auth, screening, privacy = config.auth, config.screening, config.privacy
     methods = [name for name, on in (("basic", auth.htpasswd_file), ("api_key", auth.api_keys_file),
                                      ("oidc", auth.oidc.enabled)) if on]
@@ -47,6 +49,8 @@ def privacy_posture(config: Settings, upstream_urls: Sequence[str], rules: RuleC
             "max_images_per_request": screening.max_images_per_request,
             "max_image_bytes": screening.max_image_bytes,
             "max_image_pixels": screening.max_image_pixels,
+            # What the engines scale every image to (at most, at least) before it becomes tokens.
+            "engine_image_budget": {"max_pixels": engine_limits.max_pixels, "min_pixels": engine_limits.min_pixels},
             "image_formats": list(screening.image_formats),
             "max_tokens_limit": screening.max_tokens_limit,
             "admission": config.admission.model_dump(),

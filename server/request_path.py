@@ -120,7 +120,7 @@ class EngineRoutes:
             screened = self.screening.screen(route, payload, principal)
         else:  # decoding and checking megabytes of images would stall every other request
             screened = await anyio.to_thread.run_sync(self.screening.screen, route, payload, principal)
-        cost = self.admission.estimate_cost(payload, screened.image_pixels)
+        cost = self.admission.estimate_cost(payload, screened.image_sizes)
         return EngineRequest(path, screened.body, payload["model"], principal, screened.cache_salt, cost,
                              remove_usage)
 

@@ -45,11 +45,12 @@ IMAGE_URL_FIELDS = frozenset({"url", "detail"})
 
 @dataclass(frozen=True)
 class Screened:
-    """A request fit to forward: its body, the tenant's cache salt, and its images' pixels (for its cost)."""
+    """A request fit to forward: its body, the tenant's cache salt, and each image's width and height (for its
+    cost: the engine's processor resizes each image on its own, by its sides, so a sum of pixels would not do)."""
 
     body: bytes
     cache_salt: str
-    image_pixels: int
+    image_sizes: tuple[tuple[int, int], ...]
 
 
 class Screening:
@@ -70,15 +71,15 @@ class Screening:
                                      param=_shown(field), code="field_not_allowed")
         payload.pop("user", None)  # OpenAI's end-user id: an identity the engine has no use for
         self._cap_tokens(payload)
-        pixels = 0
+        sizes: tuple[tuple[int, int], ...] = ()
         if route == "chat":
             _check_tools(payload.get("tools"), payload.get("tool_choice"))
-            pixels = self._check_messages(payload.get("messages"))
+            sizes = self._check_messages(payload.get("messages"))
             self._check_template_kwargs(payload.get("chat_template_kwargs"))
         else:
             _check_prompt(payload.get("prompt"))
         payload["cache_salt"] = salt = self._salts.salt_for(principal)
-        return Screened(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(), salt, pixels)
+        return Screened(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(), salt, sizes)
 
     def _cap_tokens(self, payload: dict[str, Any]) -> None:
         """Refuse more tokens or choices than this server allows; a field left out (or null) stays out."""
@@ -94,11 +95,11 @@ class Screening:
             if value > limit:
                 raise InvalidRequest(f"{field} is above this server's limit of {limit}", param=field, code=code)
 
-    def _check_messages(self, messages: Any) -> int:
-        """The pixels of all images in the messages."""
+    def _check_messages(self, messages: Any) -> tuple[tuple[int, int], ...]:
+        """The width and height of every image in the messages."""
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("messages must be a non-empty list", param="messages", code="invalid_messages")
-        images = pixels = 0
+        sizes: list[tuple[int, int]] = []
         for m, message in enumerate(messages):
             where = f"messages[{m}]"
             if not isinstance(message, dict):
@@ -120,17 +121,16 @@ class Screening:
                 raise InvalidRequest(f"{where}.content must be a string or a list of parts", param=where,
                                      code="invalid_messages")
             for p, part in enumerate(content):
-                part_pixels = self._check_part(part, f"{where}.content[{p}]")
-                if part_pixels is not None:
-                    images += 1
-                    pixels += part_pixels
-        if images > self._settings.max_images_per_request:
-            raise InvalidRequest(f"{images} images in one request, limit {self._settings.max_images_per_request}",
+                size = self._check_part(part, f"{where}.content[{p}]")
+                if size is not None:
+                    sizes.append(size)
+        if len(sizes) > self._settings.max_images_per_request:
+            raise InvalidRequest(f"{len(sizes)} images in one request, limit {self._settings.max_images_per_request}",
                                  param="messages", code="too_many_images")
-        return pixels
+        return tuple(sizes)
 
-    def _check_part(self, part: Any, where: str) -> int | None:
-        """An image part's pixel count; None for text."""
+    def _check_part(self, part: Any, where: str) -> tuple[int, int] | None:
+        """An image part's width and height; None for text."""
         if not isinstance(part, dict) or not isinstance(part.get("type"), str) or part["type"] not in PART_FIELDS:
             raise InvalidRequest(f"{where} must be a part of type text or image_url", param=where,
                                  code="unsupported_content")
@@ -151,8 +151,8 @@ class Screening:
         if not isinstance(image_url, dict) or set(image_url) - IMAGE_URL_FIELDS:
             raise InvalidRequest(f"{where}.image_url must be {{\"url\": \"data:...\"}}", param=where,
                                  code="invalid_image")
-        pixels, image_url["url"] = check_image_url(image_url.get("url"), self._images, where)
-        return pixels
+        size, image_url["url"] = check_image_url(image_url.get("url"), self._images, where)
+        return size
 
     def _check_template_kwargs(self, kwargs: Any) -> None:
         if kwargs is None:

@@ -21,12 +21,14 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 import httpx
 
 from .config import ConfigError, GatewaySettings, UpstreamTlsSettings
+from .engine_limits import FALLBACK_IN_FLIGHT, in_flight_limit, kv_cache_tokens
+from .fairqueue import Capacity
 from .tls import CertificateFiles, CertificateReloader, TlsFileError, client_context
 
 if TYPE_CHECKING:
@@ -41,6 +43,8 @@ HEALTH_TIMEOUT_S = 5.0
 SLOW_CHECKS_TOLERATED = 2
 PROGRESS_KEEPS_HEALTHY_S = 10.0
 KEEPALIVE_EXPIRY_S = 3.0
+# An engine's metrics are some hundreds of KB at most; anything longer is not read for its KV cache size.
+MAX_ENGINE_METRICS_BYTES = 8 * 1024 * 1024
 # OpenSSL's verify codes for a certificate that does not name the host asked for (its message would quote the host).
 _NAME_MISMATCH = frozenset({62, 63, 64})
 
@@ -57,6 +61,9 @@ class Replica:
     healthy: bool = False
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     outstanding: int = 0
+    # Requests it is given at once (beyond that they wait in the fair queue): admission.max_in_flight_per_replica,
+    # or with auto what its KV cache holds, learnt when it joins the pool (0 until then).
+    max_in_flight: int = 0
     slow_checks: int = 0
     # When bytes of an answer last came from it (time.monotonic()).
     last_progress: float = 0.0
@@ -172,23 +179,34 @@ class Lease:
 
 
 class ReplicaPool:
-    """Keeps an up-to-date view of the engines by polling them, and picks one per request."""
+    """Keeps an up-to-date view of the engines by polling them, and picks one per request.
+
+    ``max_in_flight_per_replica``: requests each replica is given at once, or ``"auto"``: what its KV cache holds
+    at ``expected_tokens_per_request`` each, at most ``max_num_seqs`` (see ``engine_limits``).
+    """
 
     def __init__(
         self,
         urls: Sequence[str],
         settings: GatewaySettings,
         strategy: RoutingStrategy,
-        max_in_flight_per_replica: int,
+        max_in_flight_per_replica: int | Literal["auto"],
         tls: UpstreamTlsSettings | None = None,
+        *,
+        expected_tokens_per_request: int = 4096,
+        max_num_seqs: int | None = None,
     ) -> None:
         self.tls = EngineTls.from_settings(tls) if tls is not None else None
         context = self.tls.context if self.tls is not None else None
-        self.replicas = [Replica(index, make_client(url, settings, context), url) for index, url in enumerate(urls)]
+        fixed = 0 if max_in_flight_per_replica == "auto" else max_in_flight_per_replica
+        self.replicas = [Replica(index, make_client(url, settings, context), url, max_in_flight=fixed)
+                         for index, url in enumerate(urls)]
         self._settings = settings
         self._interval = settings.health_interval_s
         self._strategy = strategy
-        self._max_in_flight = max_in_flight_per_replica
+        self._learn_in_flight = max_in_flight_per_replica == "auto"
+        self._expected_tokens = expected_tokens_per_request
+        self._max_num_seqs = max_num_seqs
         self._task: asyncio.Task[None] | None = None
         self._reloading: asyncio.Task[None] | None = None
         # Called when a replica joins or leaves the pool (the fair queues' capacity changes).
@@ -235,6 +253,8 @@ class ReplicaPool:
                 listing = await self._probe(replica, "/v1/models")
                 listing.raise_for_status()
                 replica.models = {card["id"]: card for card in listing.json()["data"]}
+                if self._learn_in_flight:
+                    await self._learn_capacity(replica)
         except httpx.TimeoutException:
             replica.slow_checks += 1
             healthy = replica.healthy and (replica.slow_checks < SLOW_CHECKS_TOLERATED or replica.answering)
@@ -248,6 +268,27 @@ class ReplicaPool:
         else:
             replica.slow_checks = 0
         self._set_health(replica, healthy, reason)
+
+    async def _learn_capacity(self, replica: Replica) -> None:
+        """Size the replica's in-flight limit from its KV cache, read once as it joins the pool (an engine restarted
+        in its place may have another); an engine that does not say gets the fallback, with one warning."""
+        tokens = None
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            answer = await self._probe(replica, "/metrics")
+            if answer.status_code == 200 and len(answer.content) <= MAX_ENGINE_METRICS_BYTES:
+                tokens = kv_cache_tokens(answer.text)
+        if tokens is None:
+            limit = min(FALLBACK_IN_FLIGHT, self._max_num_seqs or FALLBACK_IN_FLIGHT)
+            if limit != replica.max_in_flight:
+                log.warning("replica %d does not report its KV cache size (vllm:cache_config_info); it is given %d "
+                            "requests at once (set admission.max_in_flight_per_replica to choose)", replica.index,
+                            limit)
+        else:
+            limit = in_flight_limit(tokens, self._expected_tokens, self._max_num_seqs)
+            if limit != replica.max_in_flight:
+                log.info("replica %d holds %d requests of %d tokens (KV cache %d tokens)", replica.index, limit,
+                         self._expected_tokens, tokens)
+        replica.max_in_flight = limit
 
     @staticmethod
     async def _probe(replica: Replica, path: str) -> httpx.Response:
@@ -296,7 +337,7 @@ class ReplicaPool:
         """A replica for the request: among healthy ones serving ``model``, those below the per-replica cap (a
         request being retried may go over it)."""
         candidates = self._candidates(model, exclude)
-        roomy = [replica for replica in candidates if replica.outstanding < self._max_in_flight]
+        roomy = [replica for replica in candidates if replica.outstanding < replica.max_in_flight]
         return self._strategy.choose(roomy or candidates, tenant) if candidates else None
 
     @staticmethod
@@ -305,9 +346,10 @@ class ReplicaPool:
         is the only place that changes it."""
         return Lease(replica)
 
-    def capacity(self, model: str) -> int:
-        """Requests ``model``'s healthy replicas may have in flight at once."""
-        return self._max_in_flight * len(self._candidates(model))
+    def capacity(self, model: str) -> Capacity:
+        """Requests ``model``'s healthy replicas may have in flight at once, and how many replicas they are."""
+        candidates = self._candidates(model)
+        return Capacity(sum(replica.max_in_flight for replica in candidates), len(candidates))
 
     def can_serve(self, model: str) -> bool:
         """Whether a healthy replica serves ``model`` (without taking a routing turn)."""

