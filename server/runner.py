@@ -26,8 +26,9 @@ from .app import Gateway, create_gateway
 from .auth.watched import CredentialsFileError
 from .config import ConfigError, Settings, is_loopback_host
 from .engine import Device, ReplicaLaunch, build_replicas, replica_url
+from .engine_limits import EngineLimits
+from .gpus import Gpu, Run, discover_gpus, place_replicas
 from .privacy import harden_process
-from .gpus import Gpu, discover_gpus, place_replicas
 from .profiles import ModelChoice, choose_model, load_profiles
 from .runtime import settle_heap
 from .sizing import EnginePlan, check_free_memory, plan_cpu, plan_engine
@@ -154,14 +155,16 @@ class EnginesPlan:
     launches: list[ReplicaLaunch]
 
 
-def plan_engines(settings: Settings, runtime_dir: Path, environ: Mapping[str, str] | None = None) -> EnginesPlan:
+def plan_engines(settings: Settings, runtime_dir: Path, environ: Mapping[str, str] | None = None,
+                 nvidia_smi: Run | None = None, cpu_count: int | None = None) -> EnginesPlan:
     """Decide the model, the device, its sizing and the replica command lines; nothing is started. Raises
     ConfigError (sizing.DoesNotFit among them) when no replica could start: said now, not by engines that fail
-    and restart."""
+    and restart. ``environ`` is the engines' parent environment (default: this process's); ``nvidia_smi`` runs
+    nvidia-smi (default: the real one)."""
     environ = os.environ if environ is None else environ
     engine = settings.engine
     profiles = load_profiles(engine.profiles_dir)
-    gpus = discover_gpus(environ) if engine.device != "cpu" else []
+    gpus = discover_gpus(environ, nvidia_smi) if engine.device != "cpu" else []
     device: Device = ("gpu" if gpus else "cpu") if engine.device == "auto" else engine.device
     if device == "gpu" and not gpus:
         raise ConfigError("engine.device is 'gpu' but no GPU is usable here (nvidia-smi lists none, or "
@@ -177,7 +180,7 @@ def plan_engines(settings: Settings, runtime_dir: Path, environ: Mapping[str, st
         plan = choice.plan or plan_engine(choice.profile, weakest, engine, expected)
         for group in groups:
             check_free_memory(group, plan.gpu_memory_utilization)
-    launches = build_replicas(engine, choice, plan, runtime_dir, groups, environ,
+    launches = build_replicas(engine, choice, plan, runtime_dir, groups, environ, cpu_count,
                               default_max_tokens=settings.screening.max_tokens_limit)
     return EnginesPlan(choice, device, plan, groups, launches)
 
@@ -323,10 +326,18 @@ def listen(host: str, port: int, section: str = "gateway") -> socket.socket:
     return sock
 
 
-def build_gateway(settings: Settings, upstream_urls: list[str], tls: GatewayTls | None = None) -> Gateway:
-    """The gateway apps, with the credentials files read (and refused, naming the line, if unusable)."""
+def engine_limits(plan: EnginePlan) -> EngineLimits:
+    """What the gateway must know of engines it started itself: their image budget and concurrency ceiling."""
+    return EngineLimits(plan.max_pixels, plan.min_pixels, plan.max_num_seqs)
+
+
+def build_gateway(settings: Settings, upstream_urls: list[str], tls: GatewayTls | None = None,
+                  limits: EngineLimits | None = None) -> Gateway:
+    """The gateway apps, with the credentials files read (and refused, naming the line, if unusable). ``limits``:
+    from the engines' plan under ``airlock up``; else (None) from the settings."""
     try:
-        gateway = create_gateway(settings, upstream_urls, tls.reloader if tls is not None else None)
+        gateway = create_gateway(settings, upstream_urls, tls.reloader if tls is not None else None,
+                                 engine_limits=limits)
     except CredentialsFileError as exc:
         raise ConfigError(str(exc)) from exc
     methods = [name for name, on in (

@@ -21,14 +21,15 @@ from server.engine import (
     PRIVACY_ENV,
     VLLM_SERVER_MODULE,
     ReplicaLaunch,
-    build_replicas,
     check_extra_args,
 )
 from server.privacy import HARDENED_START
-from server.profiles import choose_model, load_profiles
+from server.profiles import load_profiles
+from server.runner import plan_engines
 from server.upstream import KEEPALIVE_EXPIRY_S
 
 from .conftest import AIRLOCK, ROOT, airlock_env, stop, wait_ready, write_config
+from .nvidia_smi import recorded
 from .servers import free_port
 
 PROFILES = load_profiles()
@@ -42,12 +43,15 @@ def fake_model(tmp_path: Path, name: str) -> Path:
 
 
 def launches(tmp_path: Path, device: str = "cpu", parent_env: dict[str, str] | None = None,
-             max_tokens_limit: int = 8192, **engine: object) -> list[ReplicaLaunch]:
-    settings = load_settings(engine={"models_dir": str(tmp_path), **engine},
+             max_tokens_limit: int = 8192, recording: str = "h100x8", **engine: object) -> list[ReplicaLaunch]:
+    """The launcher's plan (runner.plan_engines) on CPU, or on GPU from a host's recorded nvidia-smi (no GPU here).
+    On CPU a real profile needs the KV cache of its shortest context (Thinking: 32,768 tokens, 4.5 GiB): 8 GiB."""
+    engine.setdefault("cpu_kvcache_gb", 8)
+    settings = load_settings(engine={"models_dir": str(tmp_path), "device": device, **engine},
                              screening={"max_tokens_limit": max_tokens_limit})
-    choice = choose_model(settings.engine, [], PROFILES)
-    return build_replicas(settings.engine, choice, device, tmp_path / "run", parent_env or {}, cpu_count=8,  # type: ignore[arg-type]
-                          default_max_tokens=settings.screening.max_tokens_limit)
+    planned = plan_engines(settings, tmp_path / "run", parent_env or {},
+                           recorded(recording) if device == "gpu" else None, cpu_count=8)
+    return planned.launches
 
 
 def flag_value(argv: list[str], flag: str) -> str:
@@ -134,8 +138,22 @@ def test_extra_args_cannot_touch_privacy_binding_or_model(tmp_path: Path, arg: s
 
 
 def test_harmless_extra_args_pass_through(tmp_path: Path) -> None:
-    (launch,) = launches(tmp_path, model="demo", extra_args=["--enable-prefix-caching", "--max-num-seqs", "64"])
-    assert launch.argv[-3:] == ["--enable-prefix-caching", "--max-num-seqs", "64"]
+    (launch,) = launches(tmp_path, model="demo", extra_args=["--enable-prefix-caching", "--max-num-batched-tokens",
+                                                             "4096"])
+    assert launch.argv[-3:] == ["--enable-prefix-caching", "--max-num-batched-tokens", "4096"]
+
+
+@pytest.mark.parametrize(("arg", "setting"), [
+    ("--max-model-len=65536", "engine.max_model_len"), ("--max_num_seqs", "engine.max_num_seqs"),
+    ("--gpu-memory-utilization=0.95", "engine.gpu_memory_utilization"), ("--dtype=half", "engine.dtype"),
+    ("--quantization=fp8", "engine.quantization"), ("--mm-processor-kwargs.max_pixels=99999999", "engine.max_pixels"),
+    ("--tensor-parallel-size=2", "engine.tensor_parallel_size"), ("--max-model", "engine.max_model_len"),
+])
+def test_extra_args_cannot_resize_what_airlock_sized(tmp_path: Path, arg: str, setting: str) -> None:
+    # Passed twice, argparse keeps the last: the engine would run other than planned (and than the gateway
+    # believes: its image budget, its concurrency).
+    with pytest.raises(ConfigError, match=f"sized to the GPU by Airlock: set {setting}"):
+        launches(tmp_path, model="demo", extra_args=[arg])
 
 
 def generation_config(launch: ReplicaLaunch) -> dict[str, object]:
@@ -154,7 +172,7 @@ def test_a_request_without_max_tokens_gets_the_server_limit_as_the_engines_defau
     # Only max_new_tokens: vLLM merges it key by key into the model's generation_config.json ("auto"), so Qwen's
     # recommended temperature, top_p and top_k stay (test_vllm_keeps_the_models_sampling_with_our_default).
     model = "demo" if profile == "airlock-demo" else str(fake_model(tmp_path, "weights"))
-    extra = {} if profile == "airlock-demo" else {"profile": profile}
+    extra: dict[str, object] = {} if profile == "airlock-demo" else {"profile": profile}
     (launch,) = launches(tmp_path, device, max_tokens_limit=3000, model=model, **extra)
     assert generation_config(launch) == {"max_new_tokens": 3000}
     assert "--generation-config" not in launch.argv  # "auto": the model's own generation config is read
@@ -174,9 +192,9 @@ def test_an_operators_generation_config_is_merged_with_the_default(
     tmp_path: Path, extra_args: list[str], expected: dict[str, object],
 ) -> None:
     (launch,) = launches(tmp_path, model="demo", max_tokens_limit=4000,
-                         extra_args=["--max-num-seqs", "8", *extra_args, "--enable-prefix-caching"])
+                         extra_args=["--max-num-batched-tokens", "4096", *extra_args, "--enable-prefix-caching"])
     assert generation_config(launch) == {"max_new_tokens": 4000, **expected}
-    assert launch.argv[-3:] == ["--max-num-seqs", "8", "--enable-prefix-caching"]
+    assert launch.argv[-3:] == ["--max-num-batched-tokens", "4096", "--enable-prefix-caching"]
 
 
 @pytest.mark.parametrize(
@@ -324,7 +342,7 @@ def test_vllm_keeps_the_models_sampling_with_our_default(tmp_path: Path, demo_mo
     generation = json.loads((model / "generation_config.json").read_text())
     (model / "generation_config.json").write_text(json.dumps({**generation, "do_sample": True, **qwen_sampling}))
     (launch,) = launches(tmp_path, model=str(model), profile="qwen3-vl-4b-instruct", max_tokens_limit=3000,
-                         max_model_len=4096)
+                         max_model_len=4096, max_pixels=1024 * 1024)  # the demo's context holds a 1024-token image
     engine_args = launch.argv[launch.argv.index(VLLM_SERVER_MODULE) + 1:]
     result = subprocess.run([launch.argv[0], "-c", VLLM_READS_ARGV, json.dumps(engine_args)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300, env={**launch.env, "PATH": os.environ["PATH"]})
