@@ -14,6 +14,8 @@ a100-80gb-mig-host (bare metal: GPU 0 in MIG mode, GPU 1 whole), old-driver (T4 
 
 from __future__ import annotations
 
+import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,3 +45,19 @@ def recorded(host: str, calls: list[list[str]] | None = None) -> Callable[[list[
         return (DATA / f"{host}{suffix}").read_text()
 
     return run
+
+
+def fake_nvidia_smi(directory: Path, host: str, exit_status: int = 0, sleep_s: float = 0) -> None:
+    """An executable named nvidia-smi in ``directory`` printing the host's recordings, for the real subprocess path
+    (put ``directory`` first on PATH)."""
+    script = directory / "nvidia-smi"
+    sleep, cat = shutil.which("sleep"), shutil.which("cat")  # PATH will hold only the fake
+    hang = f"exec {sleep} {sleep_s}\n" if sleep_s else ""  # exec: the timeout's kill ends it, no orphan
+    script.write_text(
+        "#!/bin/sh\n"
+        f"{hang}"
+        f'case "$1" in -L) f="{DATA}/{host}.L.txt";; *compute_cap*) f="{DATA}/{host}.txt";; '
+        f'*) f="{DATA}/{host}.no-compute-cap.txt";; esac\n'
+        f'{cat} "$f"; exit {exit_status}\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
-import stat
 from pathlib import Path
 
 import pytest
@@ -29,7 +27,7 @@ from server.gpus import (
     place_replicas,
 )
 
-from .nvidia_smi import CARDS, DATA, recorded
+from .nvidia_smi import CARDS, DATA, fake_nvidia_smi, recorded
 
 # The card table sizing uses (name as nvidia-smi prints it, total MiB, compute capability).
 EXPECTED = {
@@ -233,20 +231,6 @@ def test_logs_carry_counts_names_and_memory_only(caplog: pytest.LogCaptureFixtur
 
 
 # --- the real subprocess path, with nvidia-smi replaced by a script printing the recordings ------------------------
-
-def fake_nvidia_smi(directory: Path, host: str, exit_status: int = 0, sleep_s: float = 0) -> None:
-    script = directory / "nvidia-smi"
-    sleep, cat = shutil.which("sleep"), shutil.which("cat")  # PATH will hold only the fake
-    hang = f"exec {sleep} {sleep_s}\n" if sleep_s else ""  # exec: the timeout's kill ends it, no orphan
-    script.write_text(
-        "#!/bin/sh\n"
-        f"{hang}"
-        f'case "$1" in -L) f="{DATA}/{host}.L.txt";; *compute_cap*) f="{DATA}/{host}.txt";; '
-        f'*) f="{DATA}/{host}.no-compute-cap.txt";; esac\n'
-        f'{cat} "$f"; exit {exit_status}\n'
-    )
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-
 
 def test_the_real_runner_reads_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_nvidia_smi(tmp_path, "two-l4")
