@@ -138,7 +138,7 @@ def test_an_explicit_context_is_used_as_given_or_refused(tmp_path: Path) -> None
     planned = plan_on("l4", tmp_path, model="qwen3-vl-8b-instruct-fp8", max_model_len=16384, max_num_seqs=6)
     assert flag(planned.launches[0].argv, "--max-model-len") == "16384"
     assert flag(planned.launches[0].argv, "--max-num-seqs") == "6"
-    with pytest.raises(DoesNotFit, match="engine.max_model_len 16,384 does not fit"):
+    with pytest.raises(DoesNotFit, match=r"engine\.max_model_len 16,384 does not fit"):
         plan_on("l4", tmp_path, model="qwen3-vl-8b-instruct", max_model_len=16384)
 
 
