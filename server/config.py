@@ -249,7 +249,9 @@ class ScreeningSettings(_Section):
     max_image_aspect_ratio: float = Field(200.0, ge=1.0)
     # Highest max_tokens (or max_completion_tokens) a request may ask for. A request that asks none is forwarded
     # without: the engine then generates at most this many tokens and at most what is left of its context.
-    max_tokens_limit: int = Field(8192, ge=1)
+    # 40,960: Qwen's recommended output length for the Thinking models (their model cards), whose reasoning a lower
+    # default would cut short.
+    max_tokens_limit: int = Field(40960, ge=1)
     # Highest n (and best_of): each choice is a full generation on the engine.
     max_choices: int = Field(4, ge=1)
     # chat_template_kwargs keys a request may set (anything else could change how the prompt is built).

@@ -270,8 +270,9 @@ def test_dry_run_prints_the_plan(tmp_path: Path) -> None:
     plan = json.loads(result.stdout)
     assert plan["demo"] is True
     assert "--disable-uvicorn-access-log" in plan["replicas"][0]["argv"]
-    # The screening limit (8192 by default) is the engine's default answer length; tool calling is on.
-    assert f"{GENERATION_CONFIG_FLAG} '{{\"max_new_tokens\": 8192}}'" in plan["replicas"][0]["argv"]
+    # The screening limit (40,960 by default: Qwen's output length for Thinking models) is the engine's default
+    # answer length; tool calling is on.
+    assert f"{GENERATION_CONFIG_FLAG} '{{\"max_new_tokens\": 40960}}'" in plan["replicas"][0]["argv"]
     assert "--enable-auto-tool-choice --tool-call-parser hermes" in plan["replicas"][0]["argv"]
     assert plan["replicas"][0]["env"]["VLLM_NO_USAGE_STATS"] == "1"
 
@@ -358,7 +359,7 @@ DEMO_CONTEXT = PROFILES["airlock-demo"].max_model_len
 @pytest.fixture(scope="module")
 def make_run_stack(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[tuple[str, Path]]:
     """`make run` as a new user starts it: the demo profile's context (4,096 tokens) under the default
-    screening.max_tokens_limit (8,192), no sign-in on loopback. Its gateway's URL and its engine's socket."""
+    screening.max_tokens_limit (40,960), no sign-in on loopback. Its gateway's URL and its engine's socket."""
     workdir = tmp_path_factory.mktemp("make-run")
     port = free_port()
     config = write_config(workdir / "airlock.yaml", {
