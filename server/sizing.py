@@ -50,6 +50,9 @@ PIXELS_PER_TOKEN = 32 * 32
 # A100s (256), and on CPU (128 x world size). Airlock's concurrency never goes above them.
 MAX_NUM_SEQS_GPU = 256
 MAX_NUM_SEQS_CPU = 128
+# Vision-tower activations per image token at vLLM's start-up profiling, beyond the profile's own image budget
+# (see _vision_profiling_bytes): an estimate.
+VISION_PROFILE_BYTES_PER_IMAGE_TOKEN = 160 * 1024
 # A plan is comfortable when its KV cache holds this many requests of admission.expected_tokens_per_request.
 COMFORTABLE_REQUESTS = 4
 # vllm/platforms/cuda.py, check_if_supports_dtype: "Bfloat16 is only supported on GPUs with compute capability of
@@ -284,7 +287,7 @@ def _plan(profile: EngineProfile, group: Sequence[Gpu], settings: EngineSettings
         )
     utilization = settings.gpu_memory_utilization or profile.gpu_memory_utilization
     budget = math.ceil(smallest.total_mib * MIB * utilization)
-    fixed = _fixed_bytes(profile, tp)
+    fixed = _fixed_bytes(profile, tp) + _vision_profiling_bytes(profile, settings)
     per_gpu_kv = budget - fixed
     kv_tokens = 0
     if per_gpu_kv > 0 and profile.kv_cache_bytes_per_token:
@@ -296,7 +299,7 @@ def _plan(profile: EngineProfile, group: Sequence[Gpu], settings: EngineSettings
     def need(tokens: int) -> str:
         total = fixed + _kv_bytes(profile, tokens, tp)
         return (f"{_gib(total)} GiB per GPU (weights {_gib(_weights_bytes(profile, tp))} + overhead "
-                f"{profile.overhead_gib:g} + KV cache {_gib(_kv_bytes(profile, tokens, tp))} GiB), the budget is "
+                f"{_gib(fixed - _weights_bytes(profile, tp))} + KV cache {_gib(_kv_bytes(profile, tokens, tp))} GiB), the budget is "
                 f"{_gib(budget)} GiB (gpu_memory_utilization {utilization} x {_gib(smallest.total_mib * MIB)} GiB "
                 f"of {smallest.name})")
 
@@ -391,6 +394,16 @@ def _weights_bytes(profile: EngineProfile, tp: int) -> int:
 
 def _fixed_bytes(profile: EngineProfile, tp: int) -> int:
     return _weights_bytes(profile, tp) + int(profile.overhead_gib * GIB)
+
+
+def _vision_profiling_bytes(profile: EngineProfile, settings: EngineSettings) -> int:
+    """Overhead beyond the profile's own, for an image budget above the profile's: vLLM profiles the vision tower
+    with images of max_pixels at start-up (vllm/multimodal/encoder_budget.py, processing/dummy_inputs.py), and that peak comes out of the budget.
+    The profile's overhead_gib covers its own max_pixels; each image token beyond it is counted at
+    VISION_PROFILE_BYTES_PER_IMAGE_TOKEN (an estimate: four 16x16 patches a token through the vision tower's
+    widest layer, its MLP, in bf16, with the inputs and outputs alive; `make gpu-check` measures the real one)."""
+    extra_tokens = (_pixels(profile, settings)[0] - profile.max_pixels) // PIXELS_PER_TOKEN
+    return max(0, extra_tokens) * VISION_PROFILE_BYTES_PER_IMAGE_TOKEN
 
 
 def _kv_bytes(profile: EngineProfile, tokens: int, tp: int) -> int:

@@ -415,3 +415,15 @@ def test_the_demo_settings_the_other_tests_use_still_plan() -> None:
     # one 1,024-token image + the demo's 1,024-token reserve = 2,048 fits; (2,048 - 1,024) // 1,024 = 1 image.
     result = plan_cpu(PROFILES["airlock-demo"], engine(max_model_len=2048, cpu_kvcache_gb=1), EXPECTED)
     assert (result.max_model_len, result.max_images_per_request) == (2048, 1)
+
+
+def test_a_larger_image_budget_costs_vision_profiling_memory_and_images_per_request() -> None:
+    # Qwen's own maximum (16,384 tokens an image) on an L4 with the 8B FP8: vLLM profiles the vision tower with such
+    # an image, 12,288 tokens more than the profile's budget: 12,288 x 160 KiB = 2,013,265,920 B more overhead, so
+    # the KV cache loses 2,013,265,920 / 147,456 = 13,653.3 tokens: 54,192 -> 7,993,714,280 - 2,013,265,920
+    # = 5,980,448,360 B / 147,456 = 40,557 -> 2,534 - 1 blocks = 40,528. One such image fits beside the answer
+    # reserve in 32,768 tokens ((32,768 - 2,048) // 16,384 = 1).
+    default = plan("qwen3-vl-8b-instruct-fp8", L4)
+    large = plan("qwen3-vl-8b-instruct-fp8", L4, max_pixels=16384 * 32 * 32)
+    assert (default.kv_cache_tokens, default.max_images_per_request) == (54192, 7)
+    assert (large.kv_cache_tokens, large.max_images_per_request, large.max_pixels) == (40528, 1, 16_777_216)
