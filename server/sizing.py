@@ -299,7 +299,8 @@ def _plan(profile: EngineProfile, group: Sequence[Gpu], settings: EngineSettings
     def need(tokens: int) -> str:
         total = fixed + _kv_bytes(profile, tokens, tp)
         return (f"{_gib(total)} GiB per GPU (weights {_gib(_weights_bytes(profile, tp))} + overhead "
-                f"{_gib(fixed - _weights_bytes(profile, tp))} + KV cache {_gib(_kv_bytes(profile, tokens, tp))} GiB), the budget is "
+                f"{_gib(fixed - _weights_bytes(profile, tp))} + KV cache {_gib(_kv_bytes(profile, tokens, tp))} GiB), "
+                f"the budget is "
                 f"{_gib(budget)} GiB (gpu_memory_utilization {utilization} x {_gib(smallest.total_mib * MIB)} GiB "
                 f"of {smallest.name})")
 
@@ -398,7 +399,8 @@ def _fixed_bytes(profile: EngineProfile, tp: int) -> int:
 
 def _vision_profiling_bytes(profile: EngineProfile, settings: EngineSettings) -> int:
     """Overhead beyond the profile's own, for an image budget above the profile's: vLLM profiles the vision tower
-    with images of max_pixels at start-up (vllm/multimodal/encoder_budget.py, processing/dummy_inputs.py), and that peak comes out of the budget.
+    with images of max_pixels at start-up (vllm/multimodal/encoder_budget.py, processing/dummy_inputs.py), and that
+    peak comes out of the budget.
     The profile's overhead_gib covers its own max_pixels; each image token beyond it is counted at
     VISION_PROFILE_BYTES_PER_IMAGE_TOKEN (an estimate: four 16x16 patches a token through the vision tower's
     widest layer, its MLP, in bf16, with the inputs and outputs alive; `make gpu-check` measures the real one)."""
