@@ -129,7 +129,8 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     # Rules that name no served model are logged (and shown in the posture) when the served models are learnt.
     coverage = RuleCoverage(access)
     pool.on_change.append(lambda: coverage.served_models(pool.served_models))
-    screening = Screening(config.screening, TenantSalts(config.privacy))
+    screening = Screening(config.screening, TenantSalts(config.privacy),
+                          engine_limits.images_per_request(config.screening.max_images_per_request))
     sessions = SessionStore(config.console.session_idle_s, config.console.session_max_s, config.console.max_sessions)
     callers = Callers(authentication, sessions, metrics.active_users)
 

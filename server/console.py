@@ -202,7 +202,7 @@ def console_router(config: Settings, authentication: Authentication, sessions: S
         answer length to (the page sends no max_tokens for "as long as the model allows"). Images are scaled to
         the engines' budget at most: the engine would scale them down to it anyway, so larger ones are bytes sent
         for nothing."""
-        limits = {"max_images": config.screening.max_images_per_request,
+        limits = {"max_images": engine_limits.images_per_request(config.screening.max_images_per_request),
                   "max_image_pixels": min(config.screening.max_image_pixels, console.image_max_pixels,
                                           engine_limits.max_pixels),
                   "max_tokens": config.screening.max_tokens_limit}

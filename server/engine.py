@@ -89,6 +89,8 @@ SIZED_FLAGS: Mapping[str, str] = {
     "--mm-processor-kwargs": "engine.max_pixels and engine.min_pixels",
     "--tensor-parallel-size": "engine.tensor_parallel_size",
 }
+# vLLM's short spellings of the same (vllm/engine/arg_utils.py: -q, -tp).
+SIZED_SHORT_FLAGS: Mapping[str, str] = {"-q": "engine.quantization", "-tp": "engine.tensor_parallel_size"}
 
 # Merged with an operator's own, never passed twice: argparse keeps only the last JSON given, which would silently
 # drop either the server's default answer length or the operator's sampling settings.
@@ -127,6 +129,10 @@ def check_extra_args(args: list[str]) -> None:
     """Refuse extra vLLM arguments that touch a protected flag, however spelt (abbreviated, _ for -, =value,
     .key)."""
     for arg in args:
+        short = arg.split("=", 1)[0]
+        if short in SIZED_SHORT_FLAGS:
+            raise ConfigError(f"engine.extra_args: {short} is sized to the GPU by Airlock: set "
+                              f"{SIZED_SHORT_FLAGS[short]} instead")
         if not arg.startswith("--"):
             continue
         flag = _flag_name(arg)

@@ -37,6 +37,8 @@ class EngineLimits:
     max_pixels: int
     min_pixels: int
     max_num_seqs: int | None
+    # Images one request may carry (vLLM's --limit-mm-per-prompt), when known: beyond it the engine refuses.
+    max_images_per_request: int | None = None
 
     @classmethod
     def from_settings(cls, engine: EngineSettings) -> EngineLimits:
@@ -47,7 +49,14 @@ class EngineLimits:
             max_pixels=engine.max_pixels or int(fields["max_pixels"].default),
             min_pixels=engine.min_pixels or int(fields["min_pixels"].default),
             max_num_seqs=engine.max_num_seqs,
+            max_images_per_request=engine.max_images_per_request,
         )
+
+    def images_per_request(self, screening_limit: int) -> int:
+        """The most images a request may carry: the gateway's own limit, and the engines' when known."""
+        if self.max_images_per_request is None:
+            return screening_limit
+        return min(screening_limit, self.max_images_per_request)
 
     def resized_pixels(self, width: int, height: int, pixels_per_token: int) -> int:
         """The pixels of a ``width`` x ``height`` image once Qwen's processor has resized it: transformers'

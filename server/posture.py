@@ -46,7 +46,7 @@ def privacy_posture(config: Settings, upstream_urls: Sequence[str], rules: RuleC
         },
         "limits": {
             "max_body_bytes": config.gateway.max_body_bytes,
-            "max_images_per_request": screening.max_images_per_request,
+            "max_images_per_request": engine_limits.images_per_request(screening.max_images_per_request),
             "max_image_bytes": screening.max_image_bytes,
             "max_image_pixels": screening.max_image_pixels,
             # What the engines scale every image to (at most, at least) before it becomes tokens.

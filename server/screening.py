@@ -54,9 +54,12 @@ class Screened:
 
 
 class Screening:
-    def __init__(self, settings: ScreeningSettings, salts: TenantSalts) -> None:
+    def __init__(self, settings: ScreeningSettings, salts: TenantSalts, max_images: int | None = None) -> None:
+        """``max_images``: images a request may carry (default: screening.max_images_per_request; lower where the
+        engines take fewer)."""
         self._settings = settings
         self._salts = salts
+        self._max_images = settings.max_images_per_request if max_images is None else max_images
         self._images = ImageLimits(frozenset(settings.image_formats), settings.max_image_bytes,
                                    settings.max_image_pixels, settings.max_image_aspect_ratio)
 
@@ -124,8 +127,8 @@ class Screening:
                 size = self._check_part(part, f"{where}.content[{p}]")
                 if size is not None:
                     sizes.append(size)
-        if len(sizes) > self._settings.max_images_per_request:
-            raise InvalidRequest(f"{len(sizes)} images in one request, limit {self._settings.max_images_per_request}",
+        if len(sizes) > self._max_images:
+            raise InvalidRequest(f"{len(sizes)} images in one request, limit {self._max_images}",
                                  param="messages", code="too_many_images")
         return tuple(sizes)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 from starlette.testclient import TestClient
 
 from server.admission import Admission
@@ -134,3 +135,26 @@ def test_the_session_stack_posture_names_a_budget(stack: Stack) -> None:
     posture = httpx.get(f"{stack.base_url}/v1/airlock/privacy", headers=stack.auth, timeout=10).json()
     budget = posture["limits"]["engine_image_budget"]
     assert budget["min_pixels"] <= budget["max_pixels"]
+
+
+def test_the_gateway_refuses_more_images_than_the_engines_take(stack: Stack) -> None:
+    """Engines take at most their plan's images per request (--limit-mm-per-prompt: the demo under `make run`, 3 =
+    (4,096 - 1,024 answer reserve) // 1,024 tokens an image), which may be below screening.max_images_per_request
+    (8): the gateway says so itself, before the engine would refuse. (The session engine's own limit is higher: its
+    longer context holds 8.)"""
+    content: list[Any] = [{"type": "text", "text": "Compare."}, *[image_part(SMALL)] * 4]
+    with gateway_in_front_of(stack.engine_socket, engine={"max_images_per_request": 3}) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=stack.model, max_tokens=2,
+                                           messages=[{"role": "user", "content": content}])
+        assert refused.value.code == "too_many_images" and "limit 3" in refused.value.message
+        three = client.chat.completions.create(model=stack.model, max_tokens=2,
+                                               messages=[{"role": "user", "content": content[:4]}])
+        assert three.usage is not None
+        assert three.usage.prompt_tokens > 3 * (SMALL[0] * SMALL[1] // PIXELS_PER_TOKEN)
+    limits = EngineLimits(1024 * 1024, 1024, None, 3)
+    gateway = create_gateway(load_settings(), ["unix:/nonexistent/engine.sock"], engine_limits=limits)
+    with TestClient(gateway.api) as local:
+        assert local.get("/console/api/session").json()["limits"]["max_images"] == 3
+        assert local.get("/v1/airlock/privacy").json()["limits"]["max_images_per_request"] == 3

@@ -161,3 +161,9 @@ def test_a_demo_model_built_before_tool_calling_is_rebuilt(tmp_path: Path, demo_
     assert not is_built(tmp_path)
     (tmp_path / COMPLETE_MARKER).write_text("not json")
     assert not is_built(tmp_path)
+
+
+def test_auto_without_weights_is_an_error_when_verified_weights_are_required(tmp_path: Path) -> None:
+    # The Helm chart's engines run with verify_model: require: an empty model volume must not serve random weights.
+    with pytest.raises(ConfigError, match=r"engine\.verify_model is 'require', but no Qwen3-VL-8B-Instruct weights"):
+        choose_model(engine(tmp_path, verify_model="require"), A100_40, PROFILES)
