@@ -362,6 +362,8 @@ def test_templates_refuse_what_the_schema_cannot_see() -> None:
         ({"engine": {"model": {"directory": "my-finetune"}}}, "engine.model.directory needs a named"),
         ({"gateway": {"settings": {"engine": {"max_pixels": 1048576}}}},
          "gateway.settings.engine.max_pixels is set by the chart from engine.imageBudget"),
+        ({"engine": {"maxImagesPerRequest": 3}, "gateway": {"settings": {"screening": {"max_images_per_request": 5}}}},
+         "more than engine.maxImagesPerRequest (3)"),
         ({"engine": {"model": {"existingClaim": ""}}}, "exactly one of existingClaim"),
         ({"engine": {"model": {"existingClaim": "", "nfs": {"server": "nfs.internal", "path": ""}}}},
          "nfs.path is required"),
@@ -598,6 +600,24 @@ def test_each_engine_value_reaches_the_engine_settings_and_only_that(values: dic
     assert gateway == budget
     gateway_engine = EngineSettings(**gateway)
     assert {name: getattr(gateway_engine, name) for name in budget} == budget
+
+
+def test_the_gateway_lets_through_no_more_images_than_the_engines_take() -> None:
+    """engine.maxImagesPerRequest is the gateway's limit too (its own OpenAI-style refusal, before the engine's);
+    a lower gateway limit stays, and unset, both sides keep their defaults."""
+    def limit(values: dict[str, Any]) -> int:
+        return gateway_policy(values).screening.max_images_per_request
+
+    assert limit({"engine": {"maxImagesPerRequest": 3}}) == 3
+    assert limit({"engine": {"maxImagesPerRequest": 0}}) == 0
+    assert limit({"engine": {"maxImagesPerRequest": 3},
+                  "gateway": {"settings": {"screening": {"max_images_per_request": 2, "max_tokens_limit": 2048}}}}) == 2
+    assert limit({}) == Settings().screening.max_images_per_request
+
+
+def gateway_policy(values: dict[str, Any]) -> Settings:
+    """The gateway's airlock.yaml as Airlock's settings (credentials files not read: only the policy matters)."""
+    return Settings(**gateway_settings_of(render(values)))
 
 
 def test_the_engines_size_for_the_gateways_typical_request() -> None:
