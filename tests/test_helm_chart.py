@@ -19,11 +19,14 @@ import pytest
 import yaml
 from helm_python import _native
 
-from server.config import AdmissionSettings, GatewaySettings, Settings, load_settings
+from server.config import AdmissionSettings, EngineSettings, GatewaySettings, Settings, load_settings
 from server.engine import build_replicas
-from server.profiles import ModelChoice, load_profiles
+from server.gpus import discover_gpus
+from server.profiles import DEMO_PROFILE, ModelChoice, load_profiles
+from server.sizing import plan_engine
 
 from .conftest import ROOT
+from .nvidia_smi import recorded
 
 CHART = ROOT / "helm" / "airlock"
 KUBERNETES = "1.30.0"
@@ -54,6 +57,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                          "tls": {"source": "existingSecret", "existingSecret": EXISTING_TLS},
                          "imageRegistry": "", "gateway": {"image": {"repository": "registry.corp/airlock/gateway",
                                                                     "digest": "sha256:" + "a" * 64}}},
+    "sized-engine": {"engine": {"model": {"variant": "thinking"}, "maxModelLen": 32768, "gpuMemoryUtilization": 0.92,
+                                "maxNumSeqs": 32, "quantization": "none", "dtype": "bfloat16",
+                                "imageBudget": {"maxPixels": 2097152, "minPixels": 65536}, "maxImagesPerRequest": 4}},
     "tls-cert-manager": {"tls": {"source": "certManager"}, "engine": {"replicas": 2},
                          "ingress": {"enabled": True, "className": "nginx"}},
     "tls-generated": {"tls": {"source": "generated"}, "engine": {"replicas": 2},
@@ -327,6 +333,22 @@ def test_the_gateway_budget_never_blocks_a_drain_while_the_engines_are_down() ->
     ({"tls": {"gateway": {"enabled": "no"}}}, "enabled"),
     ({"tls": {"generated": {"validityDays": 0}}}, "validityDays"),
     ({"tls": {"certManager": {"issuerRef": {"name": "corp-ca", "kind": "Vault"}}}}, "kind"),
+    # The engine's sizing values: the ranges Airlock's own settings take (server/config.py, EngineSettings).
+    ({"engine": {"gpuMemoryUtilization": 1.5}}, "gpuMemoryUtilization"),
+    ({"engine": {"gpuMemoryUtilization": 0}}, "gpuMemoryUtilization"),
+    ({"engine": {"gpuMemoryUtilization": "90%"}}, "gpuMemoryUtilization"),
+    ({"engine": {"quantization": "int4"}}, "quantization"),
+    ({"engine": {"dtype": "float32"}}, "dtype"),
+    ({"engine": {"maxModelLen": -16384}}, "maxModelLen"),
+    ({"engine": {"maxModelLen": 100}}, "maxModelLen"),
+    ({"engine": {"maxModelLen": "16k"}}, "maxModelLen"),
+    ({"engine": {"maxNumSeqs": 0}}, "maxNumSeqs"),
+    ({"engine": {"maxNumSeqs": 2.5}}, "maxNumSeqs"),
+    ({"engine": {"imageBudget": {"maxPixels": -1}}}, "maxPixels"),
+    ({"engine": {"imageBudget": {"minPixels": 0}}}, "minPixels"),
+    ({"engine": {"imageBudget": {"maxTokens": 4096}}}, "maxTokens"),
+    ({"engine": {"maxImagesPerRequest": -1}}, "maxImagesPerRequest"),
+    ({"engine": {"model": {"variant": "base"}}}, "variant"),
 ])
 def test_the_values_schema_refuses_bad_values(overrides: dict[str, Any], where: str) -> None:
     chart = helm.Chart.load(CHART)
@@ -338,6 +360,13 @@ def test_the_values_schema_refuses_bad_values(overrides: dict[str, Any], where: 
 def test_templates_refuse_what_the_schema_cannot_see() -> None:
     for overrides, message in [
         ({"auth": {"apiKeys": {"content": ""}}}, "configure at least one sign-in method"),
+        ({"engine": {"imageBudget": {"maxPixels": 65536, "minPixels": 131072}}},
+         "minPixels must not be more than maxPixels"),
+        ({"engine": {"model": {"directory": "my-finetune"}}}, "engine.model.directory needs a named"),
+        ({"gateway": {"settings": {"engine": {"max_pixels": 1048576}}}},
+         "gateway.settings.engine.max_pixels is set by the chart from engine.imageBudget"),
+        ({"engine": {"maxImagesPerRequest": 3}, "gateway": {"settings": {"screening": {"max_images_per_request": 5}}}},
+         "more than engine.maxImagesPerRequest (3)"),
         ({"engine": {"model": {"existingClaim": ""}}}, "exactly one of existingClaim"),
         ({"engine": {"model": {"existingClaim": "", "nfs": {"server": "nfs.internal", "path": ""}}}},
          "nfs.path is required"),
@@ -476,20 +505,173 @@ def test_the_ingress_refuses_annotations_that_would_spool_or_contradict_the_gate
 
 @pytest.mark.parametrize("limit", [None, 2048])
 def test_the_engines_start_with_tool_calling_and_the_gateways_answer_length(tmp_path: Path, limit: int | None) -> None:
-    """The engine pod runs `airlock engine` on its ConfigMap: the vLLM command line it builds from it carries tool
-    calling and, as the default answer length, the gateway's own screening.max_tokens_limit."""
-    overrides: dict[str, Any] = {} if limit is None else {
-        "gateway": {"settings": {"screening": {"max_tokens_limit": limit}}}}
-    documents = render(overrides)
-    config = next(c for c in of_kind(documents, "ConfigMap") if c["metadata"]["name"].endswith("-engine"))
-    settings = Settings(**yaml.safe_load(config["data"]["airlock.yaml"]))
+    """The engine pod runs `airlock engine` on its ConfigMap: the vLLM command line it builds from it (here for a
+    recorded NVIDIA L4: no GPU on this machine) carries tool calling and, as the default answer length, the gateway's
+    own screening.max_tokens_limit."""
+    overrides: dict[str, Any] = {"engine": {"model": {"profile": "qwen3-vl-8b-instruct-fp8"}}}
+    if limit is not None:
+        overrides["gateway"] = {"settings": {"screening": {"max_tokens_limit": limit}}}
+    settings = engine_settings_of(render(overrides))
     expected = limit or Settings().screening.max_tokens_limit
     assert settings.screening.max_tokens_limit == expected
-    profile = load_profiles()[settings.engine.model]
-    choice = ModelChoice(Path("/models") / (profile.directory or profile.name), profile, profile.served_model_name,
-                         False, "the chart's profile")
-    (launch,) = build_replicas(settings.engine, choice, "gpu", tmp_path, {},
-                               default_max_tokens=settings.screening.max_tokens_limit)
-    argv = launch.argv
+    argv = engine_argv(settings, tmp_path)
     assert json.loads(argv[argv.index("--override-generation-config") + 1]) == {"max_new_tokens": expected}
     assert "--enable-auto-tool-choice" in argv and argv[argv.index("--tool-call-parser") + 1] == "hermes"
+
+
+def engine_argv(settings: Settings, runtime_dir: Path, card: str = "l4") -> list[str]:
+    """The vLLM command line the engine pod would run with these settings on a recorded card (tests/data/nvidia-smi):
+    the plan by Airlock's sizing, then the launcher's command line."""
+    profile = load_profiles()[settings.engine.model]
+    gpus = discover_gpus({}, run=recorded(card))
+    plan = plan_engine(profile, gpus, settings.engine, settings.admission.expected_tokens_per_request)
+    choice = ModelChoice(Path("/models") / (profile.directory or profile.name), profile, profile.served_model_name,
+                         False, "the chart's profile")
+    (launch,) = build_replicas(settings.engine, choice, plan, runtime_dir, [gpus], {},
+                               default_max_tokens=settings.screening.max_tokens_limit)
+    return launch.argv
+
+
+def test_the_engine_values_reach_the_vllm_command_line(tmp_path: Path) -> None:
+    """From the chart's values through the ConfigMap and Airlock's sizing to vLLM's flags (a recorded L40S)."""
+    values = {"model": {"profile": "qwen3-vl-8b-instruct"}, "maxModelLen": 24576, "gpuMemoryUtilization": 0.85,
+              "maxNumSeqs": 12, "dtype": "bfloat16", "maxImagesPerRequest": 3,
+              "imageBudget": {"maxPixels": 2048 * 32 * 32, "minPixels": 128 * 32 * 32}}
+    argv = engine_argv(engine_settings_of(render({"engine": values})), tmp_path, "l40s")
+    flags = {flag: argv[argv.index(flag) + 1] for flag in ("--max-model-len", "--gpu-memory-utilization",
+                                                          "--max-num-seqs", "--dtype", "--limit-mm-per-prompt",
+                                                          "--mm-processor-kwargs")}
+    assert flags["--max-model-len"] == "24576" and float(flags["--gpu-memory-utilization"]) == 0.85
+    assert flags["--max-num-seqs"] == "12" and flags["--dtype"] == "bfloat16"
+    assert json.loads(flags["--limit-mm-per-prompt"])["image"] == 3
+    assert json.loads(flags["--mm-processor-kwargs"]) == {"max_pixels": 2048 * 32 * 32, "min_pixels": 128 * 32 * 32}
+
+
+# --- How vLLM runs the model: values for the engine's sizing, not only extraArgs --------------------------------
+
+# The engine settings the sizing values set (server/config.py, EngineSettings), and their defaults when unset.
+SIZING_SETTINGS = ("model", "variant", "quantization", "dtype", "max_model_len", "gpu_memory_utilization",
+                   "max_num_seqs", "max_pixels", "min_pixels", "max_images_per_request")
+
+
+def sizing_of(engine: EngineSettings) -> dict[str, Any]:
+    return {name: getattr(engine, name) for name in SIZING_SETTINGS}
+
+
+def test_the_default_engine_is_airlocks_own_choice_sized_to_the_gpu() -> None:
+    """No named profile (the 8B bf16 one crash-loops on 24 GB cards): `model: auto`, and every sizing setting left
+    to Airlock's fitting for the pod's GPU, on the engine side and the gateway side alike."""
+    documents = render({})
+    assert sizing_of(engine_settings_of(documents).engine) == {
+        "model": "auto", "variant": "instruct", "quantization": "auto", "dtype": "auto", "max_model_len": None,
+        "gpu_memory_utilization": None, "max_num_seqs": None, "max_pixels": None, "min_pixels": None,
+        "max_images_per_request": None}
+    assert "engine" not in gateway_settings_of(documents)
+
+
+@pytest.mark.parametrize(("values", "changed"), [
+    ({"maxModelLen": 8192}, {"max_model_len": 8192}),
+    ({"maxModelLen": 262144}, {"max_model_len": 262144}),
+    ({"gpuMemoryUtilization": 0.85}, {"gpu_memory_utilization": 0.85}),
+    ({"gpuMemoryUtilization": 1}, {"gpu_memory_utilization": 1.0}),
+    ({"maxNumSeqs": 24}, {"max_num_seqs": 24}),
+    ({"quantization": "fp8"}, {"quantization": "fp8"}),
+    ({"quantization": "none"}, {"quantization": "none"}),
+    ({"dtype": "float16"}, {"dtype": "float16"}),
+    ({"dtype": "bfloat16"}, {"dtype": "bfloat16"}),
+    # 16 MP, Qwen3-VL's own largest image: written as a whole number, not 1.6777216e+07.
+    ({"imageBudget": {"maxPixels": 16384 * 32 * 32}}, {"max_pixels": 16384 * 32 * 32}),
+    ({"imageBudget": {"maxPixels": 2048 * 32 * 32, "minPixels": 256 * 32 * 32}},
+     {"max_pixels": 2048 * 32 * 32, "min_pixels": 256 * 32 * 32}),
+    ({"imageBudget": {"minPixels": 1024}}, {"min_pixels": 1024}),
+    # No images at all is a valid choice (a text-only service), not "unset".
+    ({"maxImagesPerRequest": 0}, {"max_images_per_request": 0}),
+    ({"maxImagesPerRequest": 4}, {"max_images_per_request": 4}),
+    ({"model": {"variant": "thinking"}}, {"variant": "thinking"}),
+    # A named profile stays possible; variant belongs to auto only.
+    ({"model": {"profile": "qwen3-vl-4b-instruct", "variant": "thinking"}}, {"model": "qwen3-vl-4b-instruct"}),
+])
+def test_each_engine_value_reaches_the_engine_settings_and_only_that(values: dict[str, Any],
+                                                                      changed: dict[str, Any]) -> None:
+    """Read as the engine pod reads its ConfigMap (Airlock's own settings model): the value arrives, the others stay
+    left to the sizing. The image budget reaches the gateway's settings too, the same on both sides."""
+    documents = render({"engine": values})
+    expected = {**sizing_of(engine_settings_of(render({})).engine), **changed}
+    assert sizing_of(engine_settings_of(documents).engine) == expected
+    budget = {name: changed[name] for name in ("max_pixels", "min_pixels") if name in changed}
+    gateway = gateway_settings_of(documents).get("engine", {})
+    assert gateway == budget
+    gateway_engine = EngineSettings(**gateway)
+    assert {name: getattr(gateway_engine, name) for name in budget} == budget
+
+
+def test_the_gateway_lets_through_no_more_images_than_the_engines_take() -> None:
+    """engine.maxImagesPerRequest is the gateway's limit too (its own OpenAI-style refusal, before the engine's);
+    a lower gateway limit stays, and unset, both sides keep their defaults."""
+    def limit(values: dict[str, Any]) -> int:
+        return gateway_policy(values).screening.max_images_per_request
+
+    assert limit({"engine": {"maxImagesPerRequest": 3}}) == 3
+    assert limit({"engine": {"maxImagesPerRequest": 0}}) == 0
+    assert limit({"engine": {"maxImagesPerRequest": 3},
+                  "gateway": {"settings": {"screening": {"max_images_per_request": 2, "max_tokens_limit": 2048}}}}) == 2
+    assert limit({}) == Settings().screening.max_images_per_request
+
+
+def gateway_policy(values: dict[str, Any]) -> Settings:
+    """The gateway's airlock.yaml as Airlock's settings (credentials files not read: only the policy matters)."""
+    return Settings(**gateway_settings_of(render(values)))
+
+
+def test_the_engines_size_for_the_gateways_typical_request() -> None:
+    """--max-num-seqs follows admission.expected_tokens_per_request: the engine pod gets the gateway's value."""
+    assert engine_settings_of(render({})).admission.expected_tokens_per_request == \
+        AdmissionSettings().expected_tokens_per_request
+    documents = render({"gateway": {"settings": {"admission": {"expected_tokens_per_request": 8192}}}})
+    assert engine_settings_of(documents).admission.expected_tokens_per_request == 8192
+
+
+@pytest.mark.parametrize(("args", "value"), [
+    (["--max-model-len", "32768"], "engine.maxModelLen"),
+    (["--max_model_len=32768"], "engine.maxModelLen"),
+    # argparse takes an unambiguous abbreviation (vLLM's parser keeps allow_abbrev).
+    (["--max-model", "32768"], "engine.maxModelLen"),
+    (["--enforce-eager", "--gpu-memory-utilization", "0.95"], "engine.gpuMemoryUtilization"),
+    (["--max-num-seqs=8"], "engine.maxNumSeqs"),
+    (["--dtype", "half"], "engine.dtype"),
+    (["--quantization=fp8"], "engine.quantization"),
+    (["-q", "fp8"], "engine.quantization"),
+    (["-qfp8"], "engine.quantization"),
+    (["--mm-processor-kwargs", '{"max_pixels": 99999999}'], "engine.imageBudget.maxPixels"),
+    (["--mm-processor-kwargs.max_pixels", "99999999"], "engine.imageBudget.maxPixels"),
+    (["--mm_processor_kwargs={}"], "engine.imageBudget.maxPixels"),
+    (["--limit-mm-per-prompt.image", "99"], "engine.maxImagesPerRequest"),
+    (["-tp", "2"], "engine.tensorParallelSize"),
+])
+def test_extra_args_that_set_a_sized_flag_are_refused_naming_the_value(args: list[str], value: str) -> None:
+    """vLLM keeps the last of a flag given twice: an extraArgs copy would silently replace the sizing."""
+    with pytest.raises(helm.HelmError) as refused:
+        helm.Chart.load(CHART).render({"engine": {"extraArgs": args}}, name=RELEASE, namespace="airlock")
+    assert "engine.extraArgs" in str(refused.value) and value in str(refused.value)
+
+
+def test_other_extra_args_pass_through() -> None:
+    # --max-num-batched-tokens shares "--max-num" with --max-num-seqs; --quantization-config is another flag.
+    args = ["--enforce-eager", "--max-num-batched-tokens", "8192", "--quantization-config", "{}", "--seed", "7"]
+    assert engine_settings_of(render({"engine": {"extraArgs": args}})).engine.extra_args == args
+
+
+def test_the_profile_values_are_the_shipped_profiles() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    profiles = schema["properties"]["engine"]["properties"]["model"]["properties"]["profile"]["enum"]
+    assert set(profiles) == {"auto", *load_profiles()} - {DEMO_PROFILE}
+
+
+def test_the_readme_names_the_directories_profile_auto_looks_for() -> None:
+    """With profile auto the engine looks for the weights under their profile's directory name on the volume."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### 3b. Kubernetes (Helm)"):readme.index("## Configuration")]
+    sized = [profile for profile in load_profiles().values() if profile.size is not None]
+    assert len(sized) >= 4
+    for profile in sized:
+        assert f"`{profile.directory}`" in section, profile.name

@@ -275,3 +275,63 @@ gateway would still have given.
 {{- $timeout := add (int64 (ceil $silence)) 10 }}
 {{- dict "bodyBytes" $body "timeoutSeconds" $timeout | toJson }}
 {{- end }}
+
+{{/* Qwen3-VL's image budget from engine.imageBudget, as Airlock settings (engine.max_pixels, engine.min_pixels), in
+JSON: the engines' --mm-processor-kwargs and the gateway's cost estimate and console down-scaling read the same
+values. Unset (null): none of them, so both sides take the profile's. */}}
+{{- define "airlock.imageBudget" -}}
+{{- $budget := .Values.engine.imageBudget | default dict }}
+{{- $settings := dict }}
+{{- if not (kindIs "invalid" $budget.maxPixels) }}
+{{- $_ := set $settings "max_pixels" (int64 $budget.maxPixels) }}
+{{- end }}
+{{- if not (kindIs "invalid" $budget.minPixels) }}
+{{- $_ := set $settings "min_pixels" (int64 $budget.minPixels) }}
+{{- end }}
+{{- if and (hasKey $settings "max_pixels") (hasKey $settings "min_pixels") }}
+{{- if gt $settings.min_pixels $settings.max_pixels }}
+{{- fail "engine.imageBudget: minPixels must not be more than maxPixels" }}
+{{- end }}
+{{- end }}
+{{- $settings | toJson }}
+{{- end }}
+
+{{/* vLLM flags the engine values set (the engine passes them from its plan, server/engine.py), each with the value
+to use instead. An engine.extraArgs entry that sets one of them again is refused: vLLM's argparse keeps the last
+one given, so it would silently override the sizing. Names are read as vLLM reads them (vllm/utils/argparse_utils.py,
+FlexibleArgumentParser.parse_args: "_" for "-" before the first ".", --flag=value, and the dotted --flag.key value);
+argparse takes any unambiguous abbreviation (allow_abbrev), so a prefix of a flag counts, as in server/engine.py
+check_extra_args; -q and -tp are vLLM's short forms of --quantization and --tensor-parallel-size
+(vllm/engine/arg_utils.py). */}}
+{{- define "airlock.checkEngineArgs" -}}
+{{- $managed := dict
+  "--max-model-len" "engine.maxModelLen"
+  "--gpu-memory-utilization" "engine.gpuMemoryUtilization"
+  "--max-num-seqs" "engine.maxNumSeqs"
+  "--dtype" "engine.dtype"
+  "--quantization" "engine.quantization (the checkpoint's format decides it)"
+  "--mm-processor-kwargs" "engine.imageBudget.maxPixels and engine.imageBudget.minPixels"
+  "--limit-mm-per-prompt" "engine.maxImagesPerRequest"
+  "--tensor-parallel-size" "engine.tensorParallelSize"
+}}
+{{- $short := dict "-q" "--quantization" "-tp" "--tensor-parallel-size" }}
+{{- range $arg := .Values.engine.extraArgs }}
+{{- $flag := "" }}
+{{- if hasPrefix "--" $arg }}
+{{- $name := regexReplaceAll "[=.].*$" $arg "" }}
+{{- if gt (len $name) 2 }}
+{{- $name = replace "_" "-" $name }}
+{{- range $managedFlag := keys $managed | sortAlpha }}
+{{- if hasPrefix $name $managedFlag }}{{ $flag = $managedFlag }}{{ end }}
+{{- end }}
+{{- end }}
+{{- else }}
+{{- range $option, $long := $short }}
+{{- if hasPrefix $option $arg }}{{ $flag = $long }}{{ end }}
+{{- end }}
+{{- end }}
+{{- if $flag }}
+{{- fail (printf "engine.extraArgs: %s is set by the chart from %s; set that value instead of the flag" $flag (get $managed $flag)) }}
+{{- end }}
+{{- end }}
+{{- end }}
