@@ -445,8 +445,9 @@ class EngineSettings(_Section):
     startup_timeout_s: float = Field(900.0, gt=0)
     restart_backoff_initial_s: float = Field(1.0, gt=0)
     restart_backoff_max_s: float = Field(60.0, gt=0)
-    # Runs in a row that end before the replica is healthy, after which it is not started again and the launcher
-    # exits (status 1) saying so: a model that does not fit or will not load is not reloaded forever.
+    # Runs in a row that end before the replica is healthy, after which it is not started again (the others keep
+    # serving; with none left the launcher exits, status 1, saying why): a model that does not fit or will not load
+    # is not reloaded forever.
     max_start_attempts: int = Field(3, ge=1)
     stop_timeout_s: float = Field(20.0, gt=0)
 

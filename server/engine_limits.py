@@ -80,17 +80,23 @@ class EngineLimits:
 
 
 def kv_cache_tokens(metrics_text: str) -> int | None:
-    """Tokens an engine's KV cache holds (num_gpu_blocks x block_size, summed over its engine cores), read from its
-    ``/metrics`` text; None when the gauge is missing or does not say (``"None"`` before the cache exists)."""
+    """Tokens an engine's KV cache holds, summed over its engine cores, read from its ``/metrics`` text: vLLM's
+    ``kv_cache_size_tokens`` label (group-aware: vllm/config/cache.py says num_gpu_blocks x block_size can be wrong
+    for hybrid models), else num_gpu_blocks x block_size; None when the gauge is missing or does not say (``"None"``
+    before the cache exists)."""
     total = 0
     for family in text_string_to_metric_families(metrics_text):
         if family.name != CACHE_CONFIG_INFO:
             continue
         for sample in family.samples:
+            size = sample.labels.get("kv_cache_size_tokens", "")
             blocks, block_size = sample.labels.get("num_gpu_blocks", ""), sample.labels.get("block_size", "")
-            if not blocks.isdigit() or not block_size.isdigit():
+            if size.isdigit():
+                total += int(size)
+            elif blocks.isdigit() and block_size.isdigit():
+                total += int(blocks) * int(block_size)
+            else:
                 return None
-            total += int(blocks) * int(block_size)
     return total or None
 
 

@@ -6,6 +6,7 @@ error, never a hub download.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ class EngineProfile(BaseModel):
     # --mm-encoder-tp-mode data (vllm/config/multimodal.py: "hosting the full weights on each TP rank").
     vision_weights_gib: float = Field(0, ge=0)
     kv_cache_bytes_per_token: int = Field(0, ge=0)
+    # From config.json's text_config (0: not known): how tensor parallel can split the model.
+    num_attention_heads: int = Field(0, ge=0)
+    num_key_value_heads: int = Field(0, ge=0)
     overhead_gib: float = Field(0, ge=0)
     # Context in tokens: the most worth having (the engine gets this where the GPU holds it) and the least that is
     # useful (below it the profile is not started on that GPU).
@@ -174,7 +178,36 @@ def choose_model(settings: EngineSettings, group: Sequence[Gpu], profiles: dict[
             "models: copy the weights there (see the README, 'Serving real Qwen3-VL weights')."
         )
     default_name = path.name if profile.name == GENERIC_PROFILE else profile.served_model_name
+    if profile.name == GENERIC_PROFILE:
+        profile = sized_from_directory(profile, path)
     return ModelChoice(path, profile, settings.served_model_name or default_name, False, "engine.model names it")
+
+
+def sized_from_directory(profile: EngineProfile, path: Path) -> EngineProfile:
+    """The generic profile with the directory's own figures (a fine-tune, a smaller or quantised build): weights
+    from the size of its ``*.safetensors`` files, KV cache per token and heads from its ``config.json``
+    (``text_config`` for Qwen3-VL: layers x KV heads x head dim x 2 (K, V) x 2 bytes). What the directory does not
+    say keeps the profile's (8B) figure."""
+    update: dict[str, float | int] = {}
+    weights = sum(file.stat().st_size for file in path.glob("*.safetensors") if file.is_file())
+    if weights:
+        update["weights_gib"] = round(weights / 1024**3, 2)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    text = config.get("text_config", config) if isinstance(config, dict) else {}
+    figures = {key: text.get(key) for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                               "head_dim", "hidden_size")} if isinstance(text, dict) else {}
+    known = {key: value for key, value in figures.items() if isinstance(value, int) and value > 0}
+    if "head_dim" not in known and {"hidden_size", "num_attention_heads"} <= known.keys():
+        known["head_dim"] = known["hidden_size"] // known["num_attention_heads"]
+    if {"num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"} <= known.keys():
+        update.update(
+            kv_cache_bytes_per_token=known["num_hidden_layers"] * known["num_key_value_heads"] * known["head_dim"] * 4,
+            num_attention_heads=known["num_attention_heads"], num_key_value_heads=known["num_key_value_heads"],
+        )
+    return profile.model_copy(update=update) if update else profile
 
 
 def _profile_for_path(path: Path, explicit: str | None, profiles: dict[str, EngineProfile]) -> EngineProfile:

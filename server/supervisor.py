@@ -1,8 +1,9 @@
 """Run engine replicas as child processes: wait for health, restart crashes with back-off, stop without orphans.
 
 A replica that ends ``engine.max_start_attempts`` times in a row before it ever answered its health check is not
-started again: something no restart mends (not enough GPU memory, a broken model directory) stops it, and the
-launcher ends with that said, instead of reloading the model forever.
+started again: something no restart mends (not enough GPU memory, a broken model directory, a failed GPU) stops it.
+The others keep serving; once none is left, the launcher ends with that said, instead of reloading the model
+forever.
 
 Each replica runs in its own process group, so stopping it also stops the engine-core processes vLLM starts.
 Children die with the launcher even if it is killed outright (parent-death signal), and never dump core.
@@ -67,6 +68,8 @@ class ReplicaState:
     healthy: asyncio.Event = field(default_factory=asyncio.Event)
     # Whether the current (or last) run answered its health check.
     was_healthy: bool = False
+    # Not started again (see the module docstring).
+    given_up: bool = False
 
 
 class Supervisor:
@@ -77,7 +80,7 @@ class Supervisor:
         self._settings = settings
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
-        # Set when a replica is given up (see the module docstring), with why, for the launcher.
+        # Set when every replica is given up (see the module docstring), with why, for the launcher.
         self.gave_up = asyncio.Event()
         self.failure: str | None = None
 
@@ -129,7 +132,7 @@ class Supervisor:
                     break
                 failed_starts = 0 if replica.was_healthy else failed_starts + 1
                 if failed_starts >= self._settings.max_start_attempts:
-                    self._give_up(index, code, failed_starts)
+                    self._give_up(replica, code, failed_starts)
                     return
                 if time.monotonic() - started > STABLE_AFTER_S:
                     backoff = self._settings.restart_backoff_initial_s
@@ -142,14 +145,17 @@ class Supervisor:
             if replica.process is not None and replica.process.returncode is None:
                 await asyncio.shield(self._kill_group(replica.process))
 
-    def _give_up(self, index: int, code: int | str, attempts: int) -> None:
-        self.failure = (
-            f"replica {index} ended {attempts} times in a row before it became healthy (last status {code}); "
-            "not starting it again. Its log above says why (for example: not enough GPU memory for the model and "
-            "context, or a broken model directory); `airlock engine --dry-run` shows what was planned"
+    def _give_up(self, replica: ReplicaState, code: int | str, attempts: int) -> None:
+        replica.given_up = True
+        failure = (
+            f"replica {replica.launch.index} ended {attempts} times in a row before it became healthy (last status "
+            f"{code}); not starting it again. Its log above says why (for example: not enough GPU memory for the "
+            "model and context, or a broken model directory); `airlock engine --dry-run` shows what was planned"
         )
-        log.error("%s", self.failure)
-        self.gave_up.set()
+        log.error("%s", failure)
+        if all(other.given_up for other in self.replicas):
+            self.failure = failure if len(self.replicas) == 1 else f"every replica was given up; the last: {failure}"
+            self.gave_up.set()
 
     async def _run_once(self, replica: ReplicaState) -> int | str:
         """Start the replica and wait for it to end; its exit status, or why it could not start."""

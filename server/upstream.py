@@ -64,6 +64,8 @@ class Replica:
     # Requests it is given at once (beyond that they wait in the fair queue): admission.max_in_flight_per_replica,
     # or with auto what its KV cache holds, learnt when it joins the pool (0 until then).
     max_in_flight: int = 0
+    # Whether max_in_flight comes from the engine's own KV cache size (not the fallback).
+    capacity_known: bool = False
     slow_checks: int = 0
     # When bytes of an answer last came from it (time.monotonic()).
     last_progress: float = 0.0
@@ -255,6 +257,9 @@ class ReplicaPool:
                 replica.models = {card["id"]: card for card in listing.json()["data"]}
                 if self._learn_in_flight:
                     await self._learn_capacity(replica)
+            elif healthy and self._learn_in_flight and not replica.capacity_known:
+                # Its KV cache size could not be read as it joined (a slow answer): asked again until it can.
+                await self._learn_capacity(replica)
         except httpx.TimeoutException:
             replica.slow_checks += 1
             healthy = replica.healthy and (replica.slow_checks < SLOW_CHECKS_TOLERATED or replica.answering)
@@ -289,6 +294,7 @@ class ReplicaPool:
                 log.info("replica %d holds %d requests of %d tokens (KV cache %d tokens)", replica.index, limit,
                          self._expected_tokens, tokens)
         replica.max_in_flight = limit
+        replica.capacity_known = tokens is not None
 
     @staticmethod
     async def _probe(replica: Replica, path: str) -> httpx.Response:

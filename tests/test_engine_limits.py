@@ -40,14 +40,20 @@ CAPTURED = (Path(__file__).parent / "data" / "vllm-metrics" / "cache_config_info
 CAPTURED_TOKENS = 16384 * 128
 
 
-def test_the_kv_cache_is_num_gpu_blocks_times_block_size() -> None:
+def test_the_kv_cache_is_vllms_kv_cache_size_tokens_else_num_gpu_blocks_times_block_size() -> None:
     assert kv_cache_tokens(CAPTURED) == CAPTURED_TOKENS
     # vLLM's own log line for the same engine said "CPU KV cache size: 2,097,152 tokens"; so does its gauge's label.
     assert f'kv_cache_size_tokens="{CAPTURED_TOKENS}"' in CAPTURED
+    # The group-aware label is preferred (vllm/config/cache.py: blocks x block size can be wrong for hybrid models).
+    assert kv_cache_tokens(CAPTURED.replace(f'kv_cache_size_tokens="{CAPTURED_TOKENS}"',
+                                            'kv_cache_size_tokens="1000000"')) == 1_000_000
+    # Without it (an older vLLM): num_gpu_blocks x block_size, 16,384 x 128.
+    without = CAPTURED.replace(f'kv_cache_size_tokens="{CAPTURED_TOKENS}"', 'kv_cache_size_tokens="None"')
+    assert kv_cache_tokens(without) == 16384 * 128
     assert kv_cache_tokens("# HELP vllm:num_requests_running x\n# TYPE vllm:num_requests_running gauge\n"
                            'vllm:num_requests_running{engine="0"} 0.0\n') is None
-    # Before the cache exists the label reads "None" (CacheConfig.num_gpu_blocks is set after profiling).
-    assert kv_cache_tokens(CAPTURED.replace('num_gpu_blocks="16384"', 'num_gpu_blocks="None"')) is None
+    # Before the cache exists the labels read "None" (CacheConfig's sizes are set after profiling).
+    assert kv_cache_tokens(without.replace('num_gpu_blocks="16384"', 'num_gpu_blocks="None"')) is None
 
 
 def test_the_limit_is_what_the_cache_holds_between_one_and_the_ceiling() -> None:
@@ -65,6 +71,8 @@ class StandInEngine:
     server without metrics)."""
 
     def __init__(self, path: Path, metrics: str | None) -> None:
+        self.metrics = metrics  # what /metrics answers from now on
+
         async def health(_: Request) -> Response:
             return Response(status_code=200)
 
@@ -72,9 +80,9 @@ class StandInEngine:
             return JSONResponse({"object": "list", "data": [{"id": "m", "object": "model"}]})
 
         async def exposition(_: Request) -> Response:
-            if metrics is None:
+            if self.metrics is None:
                 return Response(status_code=404)
-            return PlainTextResponse(metrics)
+            return PlainTextResponse(self.metrics)
 
         app = Starlette(routes=[Route("/health", health), Route("/v1/models", models),
                                 Route("/metrics", exposition)])
@@ -122,6 +130,27 @@ def test_an_engine_that_does_not_say_gets_the_fallback_and_one_warning(
     message = warnings[0].getMessage()
     assert message.startswith("replica 0 does not report its KV cache size") and str(tmp_path) not in message
     assert "unix" not in message and "sock" not in message
+
+
+def test_a_fallback_is_replaced_once_the_engine_says(tmp_path: Path) -> None:
+    """A replica whose metrics could not be read as it joined (a slow or failed answer) is asked again at each health
+    check until they can: it does not keep the fallback while it stays in the pool."""
+    engine = StandInEngine(tmp_path / "engine.sock", None)
+
+    async def check() -> list[int]:
+        pool = ReplicaPool([engine.url], load_settings().gateway, LeastOutstanding(), "auto",
+                           expected_tokens_per_request=32768)
+        try:
+            await pool.check_all()
+            joined = pool.replicas[0].max_in_flight
+            engine.metrics = CAPTURED
+            await pool.check_all()
+            return [joined, pool.replicas[0].max_in_flight]
+        finally:
+            await pool.close()
+
+    with engine.server:
+        assert asyncio.run(check()) == [FALLBACK_IN_FLIGHT, 2097152 // 32768]
 
 
 def test_a_fixed_limit_is_used_as_is_and_the_metrics_are_not_read(tmp_path: Path) -> None:
