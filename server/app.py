@@ -118,7 +118,8 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     engine_limits = engine_limits or EngineLimits.from_settings(config.engine)
     pool = ReplicaPool(upstream_urls, settings, build_strategy(config.routing),
                        config.admission.max_in_flight_per_replica, config.upstream_tls,
-                       expected_tokens_per_request=config.admission.expected_tokens_per_request,
+                       expected_tokens_per_request=(engine_limits.expected_tokens_per_request
+                                                    or config.admission.expected_tokens_per_request),
                        max_num_seqs=engine_limits.max_num_seqs)
     admission = Admission(config.admission, pool.capacity, config.screening.max_tokens_limit, engine_limits)
     pool.on_change.append(admission.capacity_changed)

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -290,7 +290,7 @@ class AdmissionSettings(_Section):
     # Requests an engine replica is given at once; beyond that they wait in the fair queue. auto: what the
     # replica's KV cache holds (vLLM's num_gpu_blocks x block_size, read from the engine once it is up) at
     # expected_tokens_per_request each.
-    max_in_flight_per_replica: int | Literal["auto"] = "auto"
+    max_in_flight_per_replica: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     # Size of a typical request, prompt + images + answer, in tokens (one A4 page at the default image budget
     # is about 4,000): what the engines' concurrency is sized for.
     expected_tokens_per_request: int = Field(4096, ge=256)

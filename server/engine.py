@@ -88,9 +88,15 @@ SIZED_FLAGS: Mapping[str, str] = {
     "--quantization": "engine.quantization (and the profile's checkpoint)",
     "--mm-processor-kwargs": "engine.max_pixels and engine.min_pixels",
     "--tensor-parallel-size": "engine.tensor_parallel_size",
+    "--pipeline-parallel-size": "engine.tensor_parallel_size (Airlock places GPUs for tensor parallel only)",
+    "--data-parallel-size": "engine.replicas",
 }
-# vLLM's short spellings of the same (vllm/engine/arg_utils.py: -q, -tp).
-SIZED_SHORT_FLAGS: Mapping[str, str] = {"-q": "engine.quantization", "-tp": "engine.tensor_parallel_size"}
+# vLLM's short spellings of the same (vllm/engine/arg_utils.py), also with the value attached (-qfp8, -tp2).
+SIZED_SHORT_FLAGS: Mapping[str, str] = {
+    "-q": "engine.quantization", "-tp": "engine.tensor_parallel_size",
+    "-pp": "engine.tensor_parallel_size (Airlock places GPUs for tensor parallel only)",
+    "-dp": "engine.replicas",
+}
 
 # Merged with an operator's own, never passed twice: argparse keeps only the last JSON given, which would silently
 # drop either the server's default answer length or the operator's sampling settings.
@@ -129,8 +135,8 @@ def check_extra_args(args: list[str]) -> None:
     """Refuse extra vLLM arguments that touch a protected flag, however spelt (abbreviated, _ for -, =value,
     .key)."""
     for arg in args:
-        short = arg.split("=", 1)[0]
-        if short in SIZED_SHORT_FLAGS:
+        short = next((flag for flag in SIZED_SHORT_FLAGS if not arg.startswith("--") and arg.startswith(flag)), None)
+        if short is not None:
             raise ConfigError(f"engine.extra_args: {short} is sized to the GPU by Airlock: set "
                               f"{SIZED_SHORT_FLAGS[short]} instead")
         if not arg.startswith("--"):
@@ -325,7 +331,10 @@ def sized_args(plan: EnginePlan) -> list[str]:
         "--max-num-seqs", str(plan.max_num_seqs),
         "--dtype", plan.dtype,
         "--limit-mm-per-prompt", json.dumps({"image": plan.max_images_per_request, "video": 0}),
-        "--mm-processor-kwargs", json.dumps({"max_pixels": plan.max_pixels, "min_pixels": plan.min_pixels}),
+        # Qwen's processor's own keys (transformers deprecates the max_pixels / min_pixels aliases; vLLM's
+        # qwen3_vl.py reads both).
+        "--mm-processor-kwargs", json.dumps({"size": {"longest_edge": plan.max_pixels,
+                                                      "shortest_edge": plan.min_pixels}}),
     ]
 
 

@@ -39,6 +39,9 @@ class EngineLimits:
     max_num_seqs: int | None
     # Images one request may carry (vLLM's --limit-mm-per-prompt), when known: beyond it the engine refuses.
     max_images_per_request: int | None = None
+    # The typical request the engines were sized for, when the plan says (a Thinking profile's is larger than
+    # admission.expected_tokens_per_request): each replica's in-flight limit counts requests of this size.
+    expected_tokens_per_request: int | None = None
 
     @classmethod
     def from_settings(cls, engine: EngineSettings) -> EngineLimits:

@@ -154,7 +154,8 @@ def discover_gpus(environ: Mapping[str, str], run: Run | None = None) -> GpuList
     """
     visible = environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip().lower() in ("", "-1", "none", "void"):
-        log.info("CUDA_VISIBLE_DEVICES gives this process no GPU")
+        # Said out loud: on a GPU host this usually means a mistake (engine.device auto then runs on CPU).
+        log.warning("CUDA_VISIBLE_DEVICES gives this process no GPU")
         return GpuList()
     try:
         host = _host_devices(run or run_nvidia_smi)

@@ -59,8 +59,11 @@ class EngineProfile(BaseModel):
     # useful (below it the profile is not started on that GPU).
     max_model_len: int = Field(ge=256)
     min_model_len: int = Field(4096, ge=256)
-    # Tokens of the context kept for the answer when the images' share is worked out (Thinking: long reasoning).
+    # Tokens of the context kept for the answer beside one image of the budget (Thinking: long reasoning).
     answer_reserve_tokens: int = Field(2048, ge=0)
+    # A typical request's tokens, prompt and answer, when more than admission.expected_tokens_per_request (Thinking:
+    # its reasoning comes on top): what its concurrency is sized for (0: the admission setting's).
+    expected_tokens_per_request: int = Field(0, ge=0)
     # Image budget (Qwen's processor max_pixels / min_pixels; 32x32 pixels a token).
     max_pixels: int = Field(4096 * 32 * 32, ge=1024)
     min_pixels: int = Field(64 * 32 * 32, ge=1024)

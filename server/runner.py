@@ -169,11 +169,18 @@ def plan_engines(settings: Settings, runtime_dir: Path, environ: Mapping[str, st
     if device == "gpu" and not gpus:
         raise ConfigError("engine.device is 'gpu' but no GPU is usable here (nvidia-smi lists none, or "
                           "CUDA_VISIBLE_DEVICES hides them all)")
-    expected = settings.admission.expected_tokens_per_request
     groups = place_replicas(gpus, engine.replicas, engine.tensor_parallel_size) if device == "gpu" else None
+    if groups is not None and len({gpu.compute_capability for group in groups for gpu in group}) > 1:
+        # One plan (model, precision, dtype) for every replica: a card without bf16 or FP8 would refuse it.
+        raise ConfigError("the GPUs Airlock would use are of different generations (compute capabilities): set "
+                          "CUDA_VISIBLE_DEVICES to GPUs of one model")
     # Every replica serves the same model with the same settings: sized for the smallest group.
     weakest = min(groups, key=lambda group: min(gpu.total_mib for gpu in group)) if groups else []
-    choice = choose_model(engine, weakest, profiles, expected)
+    choice = choose_model(engine, weakest, profiles, settings.admission.expected_tokens_per_request)
+    if choice.is_demo:
+        # The demo's processor and context are its own: an image budget meant for the real model does not apply.
+        engine = engine.model_copy(update={"max_pixels": None, "min_pixels": None})
+    expected = settings.admission.expected_tokens_per_request
     if groups is None:
         plan = plan_cpu(choice.profile, engine, expected)
     else:
@@ -328,7 +335,8 @@ def listen(host: str, port: int, section: str = "gateway") -> socket.socket:
 
 def engine_limits(plan: EnginePlan) -> EngineLimits:
     """What the gateway must know of engines it started itself: their image budget and concurrency ceiling."""
-    return EngineLimits(plan.max_pixels, plan.min_pixels, plan.max_num_seqs, plan.max_images_per_request)
+    return EngineLimits(plan.max_pixels, plan.min_pixels, plan.max_num_seqs, plan.max_images_per_request,
+                        plan.expected_tokens_per_request)
 
 
 def build_gateway(settings: Settings, upstream_urls: list[str], tls: GatewayTls | None = None,

@@ -110,9 +110,12 @@ class EnginePlan:
     reason: str  # one line for the log: why this model/precision/context
     # The KV cache holds COMFORTABLE_REQUESTS requests of admission.expected_tokens_per_request.
     comfortable: bool = False
-    # Requests of admission.expected_tokens_per_request its KV cache holds at once (what the gateway will give
-    # it, once the engine reports its real KV cache: server/engine_limits.py).
+    # Requests of expected_tokens_per_request its KV cache holds at once (what the gateway will give it, once the
+    # engine reports its real KV cache: server/engine_limits.py).
     concurrency: int = 1
+    # The size of a typical request its concurrency counts: admission.expected_tokens_per_request, or the
+    # profile's own where larger (Thinking).
+    expected_tokens_per_request: int = 4096
 
 
 def plan_engine(profile: EngineProfile, group: Sequence[Gpu], settings: EngineSettings,
@@ -138,11 +141,12 @@ def plan_cpu(profile: EngineProfile, settings: EngineSettings, expected_tokens_p
                                        f"engine.cpu_kvcache_gb is {settings.cpu_kvcache_gb}"),
                        "raise engine.cpu_kvcache_gb")
     images = _images(profile, settings)
-    concurrency, seqs = _concurrency(settings, kv_tokens, expected_tokens_per_request, MAX_NUM_SEQS_CPU)
+    request = max(expected_tokens_per_request, profile.expected_tokens_per_request)
+    concurrency, seqs = _concurrency(settings, kv_tokens, request, MAX_NUM_SEQS_CPU)
     reason = (f"{profile.served_model_name} on CPU: {context:,} tokens of context, KV cache about {kv_tokens:,} "
               f"tokens ({settings.cpu_kvcache_gb} GiB), {concurrency} requests at once")
     return EnginePlan(profile, dtype, context, seqs, utilization, max_pixels, min_pixels, images, kv_tokens, reason,
-                      kv_tokens >= COMFORTABLE_REQUESTS * expected_tokens_per_request, concurrency)
+                      kv_tokens >= COMFORTABLE_REQUESTS * expected_tokens_per_request, concurrency, request)
 
 
 def choose_profile(candidates: Sequence[EngineProfile], group: Sequence[Gpu], settings: EngineSettings,
@@ -326,17 +330,18 @@ def _plan(profile: EngineProfile, group: Sequence[Gpu], settings: EngineSettings
                 f"of {smallest.name})")
 
     context = _context(profile, settings, kv_tokens, need,
-                       "use a smaller model or FP8 (engine.quantization), more GPUs per replica "
-                       "(engine.tensor_parallel_size), or a higher engine.gpu_memory_utilization", label=label)
+                       "use a smaller model or an FP8 checkpoint (an -fp8 profile, or model: auto), more GPUs per "
+                       "replica (engine.tensor_parallel_size), or a higher engine.gpu_memory_utilization", label=label)
     max_pixels, min_pixels = _pixels(profile, settings)
     images = _images(profile, settings)
-    concurrency, seqs = _concurrency(settings, kv_tokens, expected_tokens_per_request, MAX_NUM_SEQS_GPU)
+    # Comfort is judged on the same footing for every candidate; concurrency counts the profile's own requests.
+    request = max(expected_tokens_per_request, profile.expected_tokens_per_request)
+    concurrency, seqs = _concurrency(settings, kv_tokens, request, MAX_NUM_SEQS_GPU)
     comfortable = kv_tokens >= COMFORTABLE_REQUESTS * expected_tokens_per_request
     reason = (f"{label} on {where}: {context:,} tokens of context, KV cache about {kv_tokens:,} tokens "
-              f"({concurrency} requests of {expected_tokens_per_request:,} at once), images up to {max_pixels:,} "
-              "pixels")
+              f"({concurrency} requests of {request:,} at once), images up to {max_pixels:,} pixels")
     return EnginePlan(profile, dtype, context, seqs, utilization, max_pixels, min_pixels, images, kv_tokens, reason,
-                      comfortable, concurrency)
+                      comfortable, concurrency, request)
 
 
 def _concurrency(settings: EngineSettings, kv_tokens: int, expected_tokens_per_request: int,
@@ -363,9 +368,10 @@ def _context(profile: EngineProfile, settings: EngineSettings, kv_tokens: int, n
                 short=f"{settings.max_model_len:,} tokens do not fit",
             )
         if settings.max_model_len < reserve_check:
-            raise ConfigError(
+            raise DoesNotFit(
                 f"engine.max_model_len {settings.max_model_len:,} leaves no room for one image of the image budget "
-                f"plus the answer reserve of {label} ({reserve_check:,} tokens): raise it, or lower engine.max_pixels")
+                f"plus the answer reserve of {label} ({reserve_check:,} tokens): raise it, or lower engine.max_pixels",
+                short=f"{settings.max_model_len:,} tokens hold no image and answer")
         return settings.max_model_len
     fitting = kv_tokens - _margin(kv_tokens)
     context = max(0, min(profile.max_model_len, fitting)) // CONTEXT_STEP * CONTEXT_STEP
@@ -377,8 +383,9 @@ def _context(profile: EngineProfile, settings: EngineSettings, kv_tokens: int, n
             short=f"{label} holds {max(0, fitting):,} of the {profile.min_model_len:,} tokens it needs",
         )
     if context < reserve_check:
-        raise ConfigError(f"engine.max_pixels: one image of that size plus the answer reserve ({reserve_check:,} "
-                          f"tokens) does not fit {label}'s {context:,}-token context: lower engine.max_pixels")
+        raise DoesNotFit(f"engine.max_pixels: one image of that size plus the answer reserve ({reserve_check:,} "
+                         f"tokens) does not fit {label}'s {context:,}-token context: lower engine.max_pixels",
+                         short=f"{label}: one image of engine.max_pixels does not fit its context")
     return context
 
 

@@ -148,7 +148,9 @@ def test_harmless_extra_args_pass_through(tmp_path: Path) -> None:
     ("--gpu-memory-utilization=0.95", "engine.gpu_memory_utilization"), ("--dtype=half", "engine.dtype"),
     ("--quantization=fp8", "engine.quantization"), ("--mm-processor-kwargs.max_pixels=99999999", "engine.max_pixels"),
     ("--tensor-parallel-size=2", "engine.tensor_parallel_size"), ("--max-model", "engine.max_model_len"),
-    ("-q", "engine.quantization"), ("-tp=2", "engine.tensor_parallel_size"),
+    ("-q", "engine.quantization"), ("-tp=2", "engine.tensor_parallel_size"), ("-qfp8", "engine.quantization"),
+    ("-tp2", "engine.tensor_parallel_size"), ("-pp", "engine.tensor_parallel_size"), ("-dp=2", "engine.replicas"),
+    ("--pipeline-parallel-size=2", "engine.tensor_parallel_size"), ("--data-parallel-size", "engine.replicas"),
 ])
 def test_extra_args_cannot_resize_what_airlock_sized(tmp_path: Path, arg: str, setting: str) -> None:
     # Passed twice, argparse keeps the last: the engine would run other than planned (and than the gateway

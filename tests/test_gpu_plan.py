@@ -87,7 +87,8 @@ def test_each_card_in_the_readme_table_gets_that_command_line(tmp_path: Path, ca
     # vLLM may run twice what the gateway will give it (the gateway's fair queue is what limits).
     assert flag(argv, "--max-num-seqs") == str(min(256, 2 * int(at_once)))
     assert json.loads(flag(argv, "--limit-mm-per-prompt")) == {"image": 8, "video": 0}
-    assert json.loads(flag(argv, "--mm-processor-kwargs")) == {"max_pixels": 4096 * 32 * 32, "min_pixels": 64 * 32 * 32}
+    assert json.loads(flag(argv, "--mm-processor-kwargs")) == {"size": {"longest_edge": 4096 * 32 * 32,
+                                                                        "shortest_edge": 64 * 32 * 32}}
     assert flag(argv, "--gpu-memory-utilization") == "0.9"
     assert flag(argv, "--tensor-parallel-size") == "1"
     assert "--mm-encoder-tp-mode" not in argv
@@ -194,3 +195,38 @@ def test_nothing_fits_is_a_clear_refusal_with_status_2_and_no_engine_started(tmp
     assert "no Qwen3-VL fits NVIDIA GeForce RTX 3060 with a useful context" in result.stderr
     assert "Qwen3-VL-4B-Thinking (FP8) does not fit" in result.stderr
     assert "replica 0 started" not in result.stderr + result.stdout
+
+
+def l4_and_v100(argv: list[str]) -> str:
+    """A host with two generations of cards (made from the L4 and V100 recordings)."""
+    if argv[1] == "-L":
+        return ("GPU 0: NVIDIA L4 (UUID: GPU-1e40b220-7c8e-5576-a308-9a61b422ff43)\n"
+                "GPU 1: Tesla V100-SXM2-32GB (UUID: GPU-beb88d54-e6a6-58bc-814c-7d4c7c197c2d)\n")
+    return ("0, GPU-1e40b220-7c8e-5576-a308-9a61b422ff43, NVIDIA L4, 23034, 22563, 8.9\n"
+            "1, GPU-beb88d54-e6a6-58bc-814c-7d4c7c197c2d, Tesla V100-SXM2-32GB, 32768, 32446, 7.0\n")
+
+
+def test_replicas_on_cards_of_different_generations_are_refused(tmp_path: Path) -> None:
+    # One plan serves every replica: FP8 and bf16 for the L4 would be refused by the V100.
+    with pytest.raises(ConfigError, match="different generations"):
+        plan_engines(settings_for(tmp_path, replicas=2), tmp_path / "run", {}, l4_and_v100)
+    planned = plan_engines(settings_for(tmp_path), tmp_path / "run", {"CUDA_VISIBLE_DEVICES": "1"}, l4_and_v100)
+    assert flag(planned.launches[0].argv, "--dtype") == "float16"
+
+
+def test_the_demo_keeps_its_own_image_budget_when_real_weights_are_missing(tmp_path: Path) -> None:
+    # engine.max_pixels is set for the real model; with its weights not yet carried in, the demo serves meanwhile.
+    settings = load_settings(engine={"models_dir": str(tmp_path / "empty"), "device": "cpu",
+                                     "max_pixels": 4096 * 32 * 32})
+    planned = plan_engines(settings, tmp_path / "run", {})
+    assert planned.choice.is_demo
+    assert json.loads(flag(planned.launches[0].argv, "--mm-processor-kwargs")) == {
+        "size": {"longest_edge": 1024 * 1024, "shortest_edge": 1024}}
+
+
+def test_a_cuda_visible_devices_hiding_every_gpu_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    planned = plan_on("h100x8", tmp_path, {"CUDA_VISIBLE_DEVICES": ""}, device="auto")
+    assert planned.device == "cpu"
+    assert "CUDA_VISIBLE_DEVICES gives this process no GPU" in caplog.text
+    with pytest.raises(ConfigError, match="no GPU is usable"):
+        plan_on("h100x8", tmp_path, {"CUDA_VISIBLE_DEVICES": "-1"})

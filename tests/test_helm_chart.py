@@ -544,7 +544,8 @@ def test_the_engine_values_reach_the_vllm_command_line(tmp_path: Path) -> None:
     assert flags["--max-model-len"] == "24576" and float(flags["--gpu-memory-utilization"]) == 0.85
     assert flags["--max-num-seqs"] == "12" and flags["--dtype"] == "bfloat16"
     assert json.loads(flags["--limit-mm-per-prompt"])["image"] == 3
-    assert json.loads(flags["--mm-processor-kwargs"]) == {"max_pixels": 2048 * 32 * 32, "min_pixels": 128 * 32 * 32}
+    assert json.loads(flags["--mm-processor-kwargs"]) == {"size": {"longest_edge": 2048 * 32 * 32,
+                                                                   "shortest_edge": 128 * 32 * 32}}
 
 
 # --- How vLLM runs the model: values for the engine's sizing, not only extraArgs --------------------------------
@@ -594,11 +595,11 @@ def test_the_default_engine_is_airlocks_own_choice_sized_to_the_gpu() -> None:
 def test_each_engine_value_reaches_the_engine_settings_and_only_that(values: dict[str, Any],
                                                                       changed: dict[str, Any]) -> None:
     """Read as the engine pod reads its ConfigMap (Airlock's own settings model): the value arrives, the others stay
-    left to the sizing. The image budget reaches the gateway's settings too, the same on both sides."""
+    left to the sizing. The image budget and max_num_seqs reach the gateway's settings too, the same on both sides."""
     documents = render({"engine": values})
     expected = {**sizing_of(engine_settings_of(render({})).engine), **changed}
     assert sizing_of(engine_settings_of(documents).engine) == expected
-    budget = {name: changed[name] for name in ("max_pixels", "min_pixels") if name in changed}
+    budget = {name: changed[name] for name in ("max_pixels", "min_pixels", "max_num_seqs") if name in changed}
     gateway = gateway_settings_of(documents).get("engine", {})
     assert gateway == budget
     gateway_engine = EngineSettings(**gateway)
@@ -675,3 +676,19 @@ def test_the_readme_names_the_directories_profile_auto_looks_for() -> None:
     assert len(sized) >= 4
     for profile in sized:
         assert f"`{profile.directory}`" in section, profile.name
+
+
+def test_the_gateway_counts_requests_as_the_engines_were_sized() -> None:
+    """The gateway's per-replica limit (KV cache / expected_tokens_per_request, at most the engines' --max-num-seqs)
+    in the same terms as the engines' own plan: their max_num_seqs when set, Thinking's larger requests."""
+    plain = gateway_settings_of(render({}))
+    assert "expected_tokens_per_request" not in plain.get("admission", {})
+    assert "max_num_seqs" not in plain.get("engine", {})
+    thinking = render({"engine": {"model": {"variant": "thinking"}, "maxNumSeqs": 12}})
+    gateway = Settings(**gateway_settings_of(thinking))
+    assert gateway.admission.expected_tokens_per_request == 12288
+    assert gateway.engine.max_num_seqs == engine_settings_of(thinking).engine.max_num_seqs == 12
+    # An operator's own figure is kept.
+    chosen = render({"engine": {"model": {"variant": "thinking"}},
+                     "gateway": {"settings": {"admission": {"expected_tokens_per_request": 20000}}}})
+    assert Settings(**gateway_settings_of(chosen)).admission.expected_tokens_per_request == 20000

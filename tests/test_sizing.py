@@ -443,7 +443,7 @@ def test_installed_weights_are_preferred() -> None:
 
 # What auto picks per card (model, precision, context, at once), worked out above for the L4, T4, RTX A4000, 4090,
 # 3060 and H100; the others follow the same steps. Context: min(the profile's, KV cache - max(10 %, 4,096)),
-# floored to 1,024s; at once: KV cache // 4,096.
+# floored to 1,024s; at once: KV cache // 4,096 (Thinking: // 12,288, its profile's expected_tokens_per_request).
 EXPECTED_TABLE = {
     # 4B FP8: 26,192 tokens - 4,096 = 22,096 -> 21,504; 26,192 // 4,096 = 6.
     ("RTX 3060 12 GB", "instruct"): ("Qwen3-VL-4B-Instruct", "FP8 (weight-only)", "21,504", "6"),
@@ -453,17 +453,17 @@ EXPECTED_TABLE = {
     # 45,856 // 4,096 = 11 at once).
     ("RTX A4000 16 GB", "instruct"): ("Qwen3-VL-4B-Instruct", "FP8 (weight-only)", "32,768", "12"),
     ("T4 16 GB", "instruct"): ("Qwen3-VL-4B-Instruct", "FP8 (weight-only)", "32,768", "11"),
-    # T4 Thinking, 4B FP8: 41,271 -> 40,960 of 65,536.
-    ("T4 16 GB", "thinking"): ("Qwen3-VL-4B-Thinking", "FP8 (weight-only)", "40,960", "11"),
+    # T4 Thinking, 4B FP8: 41,271 -> 40,960 of 65,536; 45,856 // 12,288 = 3.
+    ("T4 16 GB", "thinking"): ("Qwen3-VL-4B-Thinking", "FP8 (weight-only)", "40,960", "3"),
     # 8B FP8: 63,984 tokens, 57,586 after the margin: 32,768 whole; 63,984 // 4,096 = 15.
     ("RTX 4090 24 GB", "instruct"): ("Qwen3-VL-8B-Instruct", "FP8 (weight-only)", "32,768", "15"),
     # V100, 8B fp16: ceil(0.9 x 32,768 MiB) = 30,923,764,532 - 17,501,991,731 - 2,791,728,742 = 10,630,044,059 B
-    # / 147,456 = 72,089 -> 4,505 - 1 blocks = 72,064; margin 7,206: 64,858 -> 64,512; 72,064 // 4,096 = 17.
-    ("V100 32 GB", "thinking"): ("Qwen3-VL-8B-Thinking", "fp16", "64,512", "17"),
+    # / 147,456 = 72,089 -> 4,505 - 1 blocks = 72,064; margin 7,206: 64,858 -> 64,512; 72,064 // 12,288 = 5.
+    ("V100 32 GB", "thinking"): ("Qwen3-VL-8B-Thinking", "fp16", "64,512", "5"),
     # 8B FP8: 54,192 tokens, 48,773 after the margin: 32,768 whole for Instruct, 48,128 of Thinking's 65,536 (8B
-    # bf16 holds 5,680 after the margin: does not fit either); 54,192 // 4,096 = 13.
+    # bf16 holds 5,680 after the margin: does not fit either); 54,192 // 4,096 = 13, // 12,288 = 4 for Thinking.
     ("L4 24 GB", "instruct"): ("Qwen3-VL-8B-Instruct", "FP8 (weight-only)", "32,768", "13"),
-    ("L4 24 GB", "thinking"): ("Qwen3-VL-8B-Thinking", "FP8 (weight-only)", "48,128", "13"),
+    ("L4 24 GB", "thinking"): ("Qwen3-VL-8B-Thinking", "FP8 (weight-only)", "48,128", "4"),
     ("A10 / A10G 24 GB", "instruct"): ("Qwen3-VL-8B-Instruct", "FP8 (weight-only)", "32,768", "13"),
     # H100, 8B bf16: 76,968,728,986 - 17,501,991,731 - 2,791,728,742 = 56,675,008,513 B / 147,456 = 384,352
     # -> 24,022 - 1 blocks = 384,336; // 4,096 = 93.
