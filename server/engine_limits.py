@@ -15,11 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .config import EngineSettings
 from .profiles import EngineProfile
+from .sizing import MAX_NUM_SEQS_GPU
 
-# vLLM's default --max-num-seqs for its API server, the most a replica runs at once when nobody said otherwise
-# (vllm/engine/arg_utils.py, EngineArgs.get_batch_defaults: 256 on GPUs below 70 GiB and on A100; 1024 on H100/H200
-# and larger; 128 per CPU worker). Without the plan's max_num_seqs, the in-flight limit stays at or below it.
-DEFAULT_CEILING = 256
+# vLLM's default --max-num-seqs on GPUs (server/sizing.py): without the plan's max_num_seqs, the in-flight limit
+# stays at or below it.
+DEFAULT_CEILING = MAX_NUM_SEQS_GPU
 # The in-flight limit when an engine does not say what its KV cache holds (the fixed default before issue 17).
 FALLBACK_IN_FLIGHT = 64
 # vLLM exports its CacheConfig as an info gauge once the KV cache is allocated (vllm/v1/metrics/loggers.py,
