@@ -22,9 +22,11 @@ CHARS_PER_TOKEN = 4
 
 class Admission:
     def __init__(self, settings: AdmissionSettings, capacity: Callable[[str], Capacity], max_tokens_limit: int,
-                 engine_limits: EngineLimits) -> None:
+                 engine_limits: EngineLimits, context_of: Callable[[str], int | None] = lambda _model: None) -> None:
         """``max_tokens_limit``: what a request that names no ``max_tokens`` may generate at most (the engine's
-        default, ``screening.max_tokens_limit``); ``engine_limits``: the engines' image budget."""
+        default, ``screening.max_tokens_limit``); ``engine_limits``: the engines' image budget; ``context_of``: a
+        model's context (max_model_len) where the engines say, which also bounds what a request generates."""
+        self._context_of = context_of
         self._settings = settings
         self._engine_limits = engine_limits
         self._max_tokens_limit = max_tokens_limit
@@ -59,10 +61,13 @@ class Admission:
 
     def estimate_cost(self, payload: dict[str, Any], image_sizes: Sequence[tuple[int, int]]) -> float:
         """Tokens the request will take: prompt text, images (``image_sizes``: width and height of each), and the
-        most it may generate (for each choice); a request that names no limit may generate the server's (less if the
-        context is shorter, which only the engine knows)."""
+        most it may generate (for each choice); a request that names no limit may generate the server's, at most the
+        model's context."""
         prompt_chars = _text_length(payload.get("messages")) + _text_length(payload.get("prompt"))
         generated = int(payload.get("max_tokens") or payload.get("max_completion_tokens") or self._max_tokens_limit)
+        context = self._context_of(payload["model"]) if isinstance(payload.get("model"), str) else None
+        if context is not None:
+            generated = min(generated, context)
         choices = int(payload.get("n") or 1)
         return prompt_chars / CHARS_PER_TOKEN + self.image_tokens(image_sizes) + generated * choices
 

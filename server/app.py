@@ -121,7 +121,8 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
                        expected_tokens_per_request=(engine_limits.expected_tokens_per_request
                                                     or config.admission.expected_tokens_per_request),
                        max_num_seqs=engine_limits.max_num_seqs)
-    admission = Admission(config.admission, pool.capacity, config.screening.max_tokens_limit, engine_limits)
+    admission = Admission(config.admission, pool.capacity, config.screening.max_tokens_limit, engine_limits,
+                          pool.context_of)
     pool.on_change.append(admission.capacity_changed)
     metrics = GatewayMetrics(config.metrics.active_users_window_s)
     metrics.watch(pool, admission, listener_certificate)

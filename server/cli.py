@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from .runner import EnginesPlan
 
 EXIT_CONFIG = 2
+# Every engine replica was given up (engine.max_start_attempts): a service manager must not start it all again.
+EXIT_ENGINES_GAVE_UP = 3
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -272,7 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, AuditError) as exc:
         print(f"airlock: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (CommandError, EngineStartFailed) as exc:
+    except EngineStartFailed as exc:
+        print(f"airlock: {exc}", file=sys.stderr)
+        return EXIT_ENGINES_GAVE_UP
+    except CommandError as exc:
         print(f"airlock: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

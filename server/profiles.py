@@ -59,6 +59,9 @@ class EngineProfile(BaseModel):
     # useful (below it the profile is not started on that GPU).
     max_model_len: int = Field(ge=256)
     min_model_len: int = Field(4096, ge=256)
+    # The model's own longest context (config.json's max_position_embeddings; 0: not known): vLLM refuses a
+    # max_model_len above it.
+    max_position_embeddings: int = Field(0, ge=0)
     # Tokens of the context kept for the answer beside one image of the budget (Thinking: long reasoning).
     answer_reserve_tokens: int = Field(2048, ge=0)
     # A typical request's tokens, prompt and answer, when more than admission.expected_tokens_per_request (Thinking:
@@ -200,9 +203,12 @@ def sized_from_directory(profile: EngineProfile, path: Path) -> EngineProfile:
     except (OSError, ValueError):
         config = {}
     text = config.get("text_config", config) if isinstance(config, dict) else {}
-    figures = {key: text.get(key) for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                                               "head_dim", "hidden_size")} if isinstance(text, dict) else {}
+    keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
+            "max_position_embeddings")
+    figures = {key: text.get(key) for key in keys} if isinstance(text, dict) else {}
     known = {key: value for key, value in figures.items() if isinstance(value, int) and value > 0}
+    if "max_position_embeddings" in known:
+        update["max_position_embeddings"] = known["max_position_embeddings"]
     if "head_dim" not in known and {"hidden_size", "num_attention_heads"} <= known.keys():
         known["head_dim"] = known["hidden_size"] // known["num_attention_heads"]
     if {"num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"} <= known.keys():

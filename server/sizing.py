@@ -72,6 +72,9 @@ COMFORTABLE_REQUESTS = 4
 # vllm/platforms/cuda.py, check_if_supports_dtype: "Bfloat16 is only supported on GPUs with compute capability of
 # at least 8.0".
 BF16_MIN_CAPABILITY = (8, 0)
+# The oldest GPUs vLLM 0.32's CUDA wheels run on: its PyTorch is built with CUDA 13 for sm_75 to sm_120 (CUDA 13
+# dropped Volta and older; NVIDIA's CUDA 13.0 release notes), which also needs driver R580 or later.
+CUDA_MIN_CAPABILITY = (7, 5)
 # vllm/model_executor/layers/quantization/fp8.py, Fp8Config.get_min_capability() == 75, enforced at start-up
 # (vllm/config/vllm.py). Qwen's FP8 checkpoints are block-quantised (128x128): vLLM's block-FP8 kernels for CUDA
 # (vllm/model_executor/kernels/linear/__init__.py, _POSSIBLE_FP8_BLOCK_KERNELS) are DeepGEMM and CUTLASS on 9.0+
@@ -165,7 +168,8 @@ def choose_profile(candidates: Sequence[EngineProfile], group: Sequence[Gpu], se
         except DoesNotFit as exc:
             refusals.append(exc)
     if not plans:
-        why = "; ".join(str(exc) for exc in refusals) or "no candidate profile"
+        # A reason that holds for the card (its generation, say) is said once, not once for each candidate.
+        why = "; ".join(dict.fromkeys(str(exc) for exc in refusals)) or "no candidate profile"
         raise DoesNotFit(
             f"no Qwen3-VL fits {_describe(group)} with a useful context. {why}. Use more GPUs per replica "
             "(engine.tensor_parallel_size), a larger GPU, or engine.model: demo to try Airlock",
@@ -186,7 +190,7 @@ def _preferred(pool: Sequence[EnginePlan], settings: EngineSettings) -> EnginePl
 
     Size by size, best first: a comfortable plan with the profile's whole max_model_len (bf16 where it has it);
     else, of that size's comfortable plans, the one with the longest context (FP8 where bf16 would be cramped:
-    on a 24 GB card the 8B holds about 19,000 tokens in bf16, 32,768 in FP8 with three times the requests at
+    on an RTX 4090 the 8B holds about 19,500 tokens in bf16, 32,768 in FP8 with three times the requests at
     once); else the next size. Nothing comfortable: the first that fits."""
     sizes = list(dict.fromkeys(plan.profile.size for plan in pool))
     for size in sizes:
@@ -302,6 +306,13 @@ def _plan(profile: EngineProfile, group: Sequence[Gpu], settings: EngineSettings
     check_tensor_parallel(profile, tp)
     smallest = min(group, key=lambda gpu: gpu.total_mib)
     capability = min(gpu.compute_capability or UNKNOWN_CAPABILITY for gpu in group)
+    if capability < CUDA_MIN_CAPABILITY:
+        raise DoesNotFit(
+            f"{smallest.name} (compute capability {_cc(capability)}) is older than vLLM 0.32's CUDA build runs: its "
+            f"PyTorch (CUDA 13) is built for compute capability {_cc(CUDA_MIN_CAPABILITY)} and later (T4, RTX 20xx "
+            "and newer), with NVIDIA driver R580 or later",
+            short=f"compute capability {_cc(capability)}: vLLM's CUDA build needs {_cc(CUDA_MIN_CAPABILITY)}",
+        )
     dtype = _dtype(profile, settings, capability, smallest)
     if profile.quantization == "fp8" and capability < FP8_MIN_CAPABILITY:
         raise DoesNotFit(
@@ -360,6 +371,10 @@ def _context(profile: EngineProfile, settings: EngineSettings, kv_tokens: int, n
     label = label or profile.served_model_name
     reserve_check = _image_and_reserve(profile, settings)
     if settings.max_model_len is not None:
+        if profile.max_position_embeddings and settings.max_model_len > profile.max_position_embeddings:
+            raise ConfigError(f"engine.max_model_len {settings.max_model_len:,} is above {label}'s own longest "
+                              f"context ({profile.max_position_embeddings:,} tokens, its config.json's "
+                              "max_position_embeddings), which vLLM refuses")
         if settings.max_model_len > kv_tokens:
             raise DoesNotFit(
                 f"engine.max_model_len {settings.max_model_len:,} does not fit {label}: vLLM would refuse to start "
@@ -370,7 +385,9 @@ def _context(profile: EngineProfile, settings: EngineSettings, kv_tokens: int, n
         if settings.max_model_len < reserve_check:
             raise DoesNotFit(
                 f"engine.max_model_len {settings.max_model_len:,} leaves no room for one image of the image budget "
-                f"plus the answer reserve of {label} ({reserve_check:,} tokens): raise it, or lower engine.max_pixels",
+                f"({_pixels(profile, settings)[0] // PIXELS_PER_TOKEN:,} tokens, engine.max_pixels) plus the "
+                f"{profile.answer_reserve_tokens:,} tokens {label} keeps for its answer (and reasoning): raise it to "
+                f"{reserve_check:,} at least, or lower engine.max_pixels",
                 short=f"{settings.max_model_len:,} tokens hold no image and answer")
         return settings.max_model_len
     fitting = kv_tokens - _margin(kv_tokens)
@@ -397,8 +414,8 @@ def _margin(kv_tokens: int) -> int:
 def _dtype(profile: EngineProfile, settings: EngineSettings, capability: tuple[int, int], gpu: Gpu) -> str:
     """auto: bfloat16 where the GPU has it (8.0+), float16 before (T4, V100); an explicit bfloat16 there is refused."""
     if settings.dtype == "bfloat16" and capability < BF16_MIN_CAPABILITY:
-        raise ConfigError(f"engine.dtype bfloat16: {gpu.name} (compute capability {_cc(capability)}) has no bfloat16 "
-                          "and vLLM refuses it there; use float16 or auto")
+        raise DoesNotFit(f"engine.dtype bfloat16: {gpu.name} (compute capability {_cc(capability)}) has no bfloat16 "
+                         "and vLLM refuses it there; use float16 or auto", short="no bfloat16 on this GPU")
     if settings.dtype != "auto":
         return settings.dtype
     if profile.dtype in ("bfloat16", "float16") and not (
@@ -411,7 +428,9 @@ def _pixels(profile: EngineProfile, settings: EngineSettings) -> tuple[int, int]
     max_pixels = settings.max_pixels or profile.max_pixels
     min_pixels = settings.min_pixels or profile.min_pixels
     if min_pixels > max_pixels:
-        raise ConfigError(f"engine.min_pixels ({min_pixels:,}) is above max_pixels ({max_pixels:,})")
+        raise ConfigError(
+            f"engine.min_pixels ({min_pixels:,}{'' if settings.min_pixels else ', the profile default'}) is above "
+            f"engine.max_pixels ({max_pixels:,}{'' if settings.max_pixels else ', the profile default'})")
     return max_pixels, min_pixels
 
 

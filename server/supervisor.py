@@ -58,7 +58,7 @@ def _prepare_child() -> None:
 
 
 class EngineStartFailed(Exception):
-    """A replica was given up (see the module docstring): the launcher exits with status 1."""
+    """Every replica was given up (see the module docstring): the launcher exits with status 3."""
 
 
 @dataclass

@@ -357,6 +357,12 @@ class ReplicaPool:
         candidates = self._candidates(model)
         return Capacity(sum(replica.max_in_flight for replica in candidates), len(candidates))
 
+    def context_of(self, model: str) -> int | None:
+        """The longest context a replica serving ``model`` has (its /v1/models card's max_model_len), if one says."""
+        lengths = [replica.models[model].get("max_model_len") for replica in self.replicas if replica.serves(model)]
+        known = [length for length in lengths if isinstance(length, int) and length > 0]
+        return max(known) if known else None
+
     def can_serve(self, model: str) -> bool:
         """Whether a healthy replica serves ``model`` (without taking a routing turn)."""
         return bool(self._candidates(model))

@@ -32,6 +32,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,7 +53,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server.config import AdmissionSettings, ConfigError, EngineSettings
 from server.gpus import Gpu, discover_gpus, place_replicas
 from server.profiles import EngineProfile, load_profiles
-from server.sizing import DoesNotFit, EnginePlan, plan_engine
+from server.sizing import EnginePlan, plan_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_GPU = 2
@@ -143,7 +144,8 @@ def format_row(row: Row) -> str:
         f"{plan.max_num_seqs} / {_number(report.max_concurrency, '.2f')}x",
         f"{plan.kv_cache_tokens:,} / {_number(report.kv_cache_tokens)} / {_number(row.metrics_kv_tokens)}",
         "-" if report.kv_cache_gib is None else f"{report.kv_cache_gib:.2f} GiB",
-        *(row.checks.get(name, Check(False, "not run")).cell() for name in CHECKS),
+        *(row.checks.get(name, Check(None if name == "thinking" and row.plan.profile.variant != "thinking" else False,
+                                     "not run")).cell() for name in CHECKS),
     ]
     return "| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |"
 
@@ -336,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         try:
             plan = plan_engine(profile, group, settings, AdmissionSettings().expected_tokens_per_request)
-        except DoesNotFit as exc:
+        except ConfigError as exc:  # DoesNotFit, or a tensor-parallel size the model cannot split into
             print(f"gpu-check: {profile.name} does not fit {card}: {exc}", file=sys.stderr)
             continue
         print(f"gpu-check: {profile.name} on {card}: {plan.reason}", file=sys.stderr, flush=True)
@@ -345,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not rows:
         print(f"gpu-check: no Qwen3-VL profile has weights in {args.models_dir} and fits {card}; nothing was checked",
               file=sys.stderr)
+        if not args.log_dir:
+            shutil.rmtree(workdir, ignore_errors=True)
         return NO_GPU
     print(f"gpu-check: logs and configs in {workdir}", file=sys.stderr)
     print(table_header())

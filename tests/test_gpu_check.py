@@ -84,9 +84,10 @@ def test_a_row_shows_the_plan_beside_what_vllm_reported() -> None:
     assert cells[7:] == ["pass", "pass", "pass", "FAIL: number not in the answer", "pass: finish_reason tool_calls",
                          "n/a"]
     assert row.failed
-    # A check that never ran is a failure, never a blank.
+    # A check that never ran is a failure, never a blank (thinking does not apply to an Instruct profile).
     unfinished = Row("NVIDIA L4 (22.5 GiB)", profile.name, plan, checks={"ready": Check(False, "exited")})
-    assert format_row(unfinished).count("FAIL: not run") == len(CHECKS) - 1
+    assert format_row(unfinished).count("FAIL: not run") == len(CHECKS) - 2
+    assert format_row(unfinished).endswith("| n/a: not run |")
     assert unfinished.failed
 
 

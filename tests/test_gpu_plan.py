@@ -210,8 +210,11 @@ def test_replicas_on_cards_of_different_generations_are_refused(tmp_path: Path) 
     # One plan serves every replica: FP8 and bf16 for the L4 would be refused by the V100.
     with pytest.raises(ConfigError, match="different generations"):
         plan_engines(settings_for(tmp_path, replicas=2), tmp_path / "run", {}, l4_and_v100)
-    planned = plan_engines(settings_for(tmp_path), tmp_path / "run", {"CUDA_VISIBLE_DEVICES": "1"}, l4_and_v100)
-    assert flag(planned.launches[0].argv, "--dtype") == "float16"
+    planned = plan_engines(settings_for(tmp_path), tmp_path / "run", {"CUDA_VISIBLE_DEVICES": "0"}, l4_and_v100)
+    assert flag(planned.launches[0].argv, "--served-model-name") == "Qwen3-VL-8B-Instruct"
+    # The V100 alone: older than vLLM's CUDA build runs.
+    with pytest.raises(DoesNotFit, match=r"older than vLLM 0\.32's CUDA build"):
+        plan_engines(settings_for(tmp_path), tmp_path / "run", {"CUDA_VISIBLE_DEVICES": "1"}, l4_and_v100)
 
 
 def test_the_demo_keeps_its_own_image_budget_when_real_weights_are_missing(tmp_path: Path) -> None:

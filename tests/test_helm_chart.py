@@ -648,6 +648,10 @@ def test_the_engines_size_for_the_gateways_typical_request() -> None:
     (["--mm_processor_kwargs={}"], "engine.imageBudget.maxPixels"),
     (["--limit-mm-per-prompt.image", "99"], "engine.maxImagesPerRequest"),
     (["-tp", "2"], "engine.tensorParallelSize"),
+    (["-pp", "2"], "engine.tensorParallelSize"),
+    (["--pipeline-parallel-size=2"], "engine.tensorParallelSize"),
+    (["-dp2"], "engine.replicas"),
+    (["--data-parallel-size", "2"], "engine.replicas"),
 ])
 def test_extra_args_that_set_a_sized_flag_are_refused_naming_the_value(args: list[str], value: str) -> None:
     """vLLM keeps the last of a flag given twice: an extraArgs copy would silently replace the sizing."""
@@ -692,3 +696,17 @@ def test_the_gateway_counts_requests_as_the_engines_were_sized() -> None:
     chosen = render({"engine": {"model": {"variant": "thinking"}},
                      "gateway": {"settings": {"admission": {"expected_tokens_per_request": 20000}}}})
     assert Settings(**gateway_settings_of(chosen)).admission.expected_tokens_per_request == 20000
+
+
+def test_one_side_of_the_image_budget_is_checked_against_the_profiles_other() -> None:
+    for budget in ({"minPixels": 5_000_000}, {"maxPixels": 32768}):
+        with pytest.raises(helm.HelmError, match="minPixels must not be more than maxPixels"):
+            helm.Chart.load(CHART).render({"engine": {"imageBudget": budget}}, name=RELEASE, namespace="airlock")
+
+
+def test_a_named_instruct_profile_is_not_counted_as_thinking() -> None:
+    # variant belongs to model: auto; a named profile says what it is.
+    named = render({"engine": {"model": {"profile": "qwen3-vl-8b-instruct", "variant": "thinking"}}})
+    assert "expected_tokens_per_request" not in gateway_settings_of(named).get("admission", {})
+    thinking = render({"engine": {"model": {"profile": "qwen3-vl-4b-thinking-fp8"}}})
+    assert gateway_settings_of(thinking)["admission"]["expected_tokens_per_request"] == 12288

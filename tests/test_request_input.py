@@ -108,6 +108,18 @@ def test_without_max_tokens_the_queue_counts_the_servers_limit() -> None:
     assert admission.estimate_cost({**messages, "max_tokens": 7}, ()) == 107
 
 
+def test_what_a_request_may_generate_is_counted_at_most_as_the_models_context() -> None:
+    # The engines' /v1/models cards give each model's max_model_len: a request without max_tokens cannot generate
+    # more than that, whatever screening.max_tokens_limit says (40,960 by default, above an Instruct's 32,768).
+    admission = Admission(AdmissionSettings(), lambda _: Capacity(1, 1), max_tokens_limit=40960,
+                          engine_limits=EngineLimits.from_settings(EngineSettings()),
+                          context_of=lambda model: 32768 if model == "known" else None)
+    messages = {"messages": [{"role": "user", "content": "x" * 400}]}
+    assert admission.estimate_cost({"model": "known", **messages}, ()) == 100 + 32768
+    assert admission.estimate_cost({"model": "other", **messages}, ()) == 100 + 40960
+    assert admission.estimate_cost({"model": "known", **messages, "max_tokens": 7}, ()) == 107
+
+
 # ---- through the real gateway and engine -------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from server.cli import main as airlock
 from server.config import ConfigError, EngineSettings, load_settings
@@ -213,8 +214,7 @@ def test_model_facts_from_config_json() -> None:
     assert PROFILES["qwen3-vl-4b-thinking-fp8"].weights_gib == 5.2
 
 
-@pytest.mark.parametrize(("gpu", "dtype"), [(T4, "float16"), (V100, "float16"), (L4, "bfloat16"),
-                                             (A100_80, "bfloat16")])
+@pytest.mark.parametrize(("gpu", "dtype"), [(T4, "float16"), (L4, "bfloat16"), (A100_80, "bfloat16")])
 def test_dtype_auto_follows_compute_capability(gpu: Gpu, dtype: str) -> None:
     assert plan("qwen3-vl-4b-instruct", gpu).dtype == dtype
 
@@ -225,10 +225,16 @@ def test_bfloat16_asked_for_on_a_t4_is_refused() -> None:
     assert plan("qwen3-vl-4b-instruct", L4, dtype="float16").dtype == "float16"
 
 
-def test_fp8_needs_compute_capability_7_5() -> None:
-    # vLLM's Fp8Config.get_min_capability() is 75: a V100 (7.0) cannot load the FP8 checkpoints.
-    with pytest.raises(DoesNotFit, match=r"FP8 needs compute capability 7\.5"):
-        plan("qwen3-vl-4b-instruct-fp8", V100)
+def test_gpus_older_than_vllms_cuda_build_and_fp8_need_compute_capability_7_5() -> None:
+    # vLLM 0.32's PyTorch is built with CUDA 13, for compute capability 7.5 and later: a V100 (7.0) runs nothing,
+    # bf16, fp16 or FP8 (whose own minimum, Fp8Config.get_min_capability(), is 75 too).
+    for name in ("qwen3-vl-4b-instruct-fp8", "qwen3-vl-4b-instruct"):
+        with pytest.raises(DoesNotFit, match=r"compute capability 7\.0\) is older than vLLM 0\.32's CUDA build"):
+            plan(name, V100)
+    with pytest.raises(DoesNotFit) as refused:
+        auto(V100)
+    # Said once, not once for each candidate.
+    assert str(refused.value).count("older than vLLM 0.32's CUDA build") == 1
     # A T4 (7.5) runs them through vLLM's weight-only Marlin kernel, in float16.
     assert plan("qwen3-vl-4b-instruct-fp8", T4).dtype == "float16"
 
@@ -275,8 +281,12 @@ def test_an_image_budget_the_context_cannot_hold_is_refused() -> None:
     # 8,192 tokens explicit, images of 8,192 tokens (8,388,608 pixels) + the 2,048 reserve do not fit.
     with pytest.raises(ConfigError, match="no room for one image"):
         plan("qwen3-vl-8b-instruct", A100_80, max_model_len=8192, max_pixels=8192 * 1024)
-    with pytest.raises(ConfigError, match="min_pixels"):
+    with pytest.raises(ValidationError, match="min_pixels"):
         plan("qwen3-vl-8b-instruct", A100_80, min_pixels=8192 * 1024, max_pixels=4096 * 1024)
+    # One of them set: checked against the profile's other one, saying so.
+    with pytest.raises(ConfigError, match=r"engine.min_pixels \(5,000,000\) is above engine.max_pixels \(4,194,304, "
+                                          "the profile default"):
+        plan("qwen3-vl-8b-instruct", A100_80, min_pixels=5_000_000)
 
 
 def test_the_demo_on_cpu_keeps_its_profile_values() -> None:
@@ -379,7 +389,10 @@ def test_quantization_none_and_fp8() -> None:
     assert auto(A100_80, quantization="fp8").profile.name == "qwen3-vl-8b-instruct-fp8"
     assert auto(A100_80).profile.name == "qwen3-vl-8b-instruct"
     # A V100 cannot load FP8: fp8 falls back to fp16 weights.
-    assert (auto(V100, quantization="fp8").profile.name, auto(V100).dtype) == ("qwen3-vl-8b-instruct", "float16")
+    # A T4 takes fp16 weights without FP8 and FP8 (weight-only, in float16) with it.
+    assert (auto(T4, quantization="none").profile.name, auto(T4, quantization="none").dtype) == (
+        "qwen3-vl-4b-instruct", "float16")
+    assert auto(T4, quantization="fp8").profile.name == "qwen3-vl-4b-instruct-fp8"
 
 
 def test_a_fitting_but_cramped_plan_is_taken_when_nothing_is_comfortable(caplog: pytest.LogCaptureFixture) -> None:
@@ -457,9 +470,8 @@ EXPECTED_TABLE = {
     ("T4 16 GB", "thinking"): ("Qwen3-VL-4B-Thinking", "FP8 (weight-only)", "40,960", "3"),
     # 8B FP8: 63,984 tokens, 57,586 after the margin: 32,768 whole; 63,984 // 4,096 = 15.
     ("RTX 4090 24 GB", "instruct"): ("Qwen3-VL-8B-Instruct", "FP8 (weight-only)", "32,768", "15"),
-    # V100, 8B fp16: ceil(0.9 x 32,768 MiB) = 30,923,764,532 - 17,501,991,731 - 2,791,728,742 = 10,630,044,059 B
-    # / 147,456 = 72,089 -> 4,505 - 1 blocks = 72,064; margin 7,206: 64,858 -> 64,512; 72,064 // 12,288 = 5.
-    ("V100 32 GB", "thinking"): ("Qwen3-VL-8B-Thinking", "fp16", "64,512", "5"),
+    # V100 (compute capability 7.0): vLLM 0.32's CUDA 13 build runs from 7.5.
+    ("V100 32 GB", "thinking"): ("does not fit: compute capability 7.0: vLLM's CUDA build needs 7.5", "-", "-", "-"),
     # 8B FP8: 54,192 tokens, 48,773 after the margin: 32,768 whole for Instruct, 48,128 of Thinking's 65,536 (8B
     # bf16 holds 5,680 after the margin: does not fit either); 54,192 // 4,096 = 13, // 12,288 = 4 for Thinking.
     ("L4 24 GB", "instruct"): ("Qwen3-VL-8B-Instruct", "FP8 (weight-only)", "32,768", "13"),

@@ -288,10 +288,9 @@ values. Unset (null): none of them, so both sides take the profile's. */}}
 {{- if not (kindIs "invalid" $budget.minPixels) }}
 {{- $_ := set $settings "min_pixels" (int64 $budget.minPixels) }}
 {{- end }}
-{{- if and (hasKey $settings "max_pixels") (hasKey $settings "min_pixels") }}
-{{- if gt $settings.min_pixels $settings.max_pixels }}
-{{- fail "engine.imageBudget: minPixels must not be more than maxPixels" }}
-{{- end }}
+{{- /* Unset, each side is the profiles' (max 4,194,304, min 65,536 pixels: configs/models). */}}
+{{- if gt ($settings.min_pixels | default 65536 | int64) ($settings.max_pixels | default 4194304 | int64) }}
+{{- fail "engine.imageBudget: minPixels must not be more than maxPixels (unset, they are the profiles' 65536 and 4194304)" }}
 {{- end }}
 {{- $settings | toJson }}
 {{- end }}
@@ -313,8 +312,10 @@ check_extra_args; -q and -tp are vLLM's short forms of --quantization and --tens
   "--mm-processor-kwargs" "engine.imageBudget.maxPixels and engine.imageBudget.minPixels"
   "--limit-mm-per-prompt" "engine.maxImagesPerRequest"
   "--tensor-parallel-size" "engine.tensorParallelSize"
+  "--pipeline-parallel-size" "engine.tensorParallelSize (the chart gives each replica tensor-parallel GPUs only)"
+  "--data-parallel-size" "engine.replicas"
 }}
-{{- $short := dict "-q" "--quantization" "-tp" "--tensor-parallel-size" }}
+{{- $short := dict "-q" "--quantization" "-tp" "--tensor-parallel-size" "-pp" "--pipeline-parallel-size" "-dp" "--data-parallel-size" }}
 {{- range $arg := .Values.engine.extraArgs }}
 {{- $flag := "" }}
 {{- if hasPrefix "--" $arg }}
