@@ -176,11 +176,11 @@ def plan_engines(settings: Settings, runtime_dir: Path, environ: Mapping[str, st
                           "CUDA_VISIBLE_DEVICES to GPUs of one model")
     # Every replica serves the same model with the same settings: sized for the smallest group.
     weakest = min(groups, key=lambda group: min(gpu.total_mib for gpu in group)) if groups else []
-    choice = choose_model(engine, weakest, profiles, settings.admission.expected_tokens_per_request)
+    expected = settings.admission.expected_tokens_per_request
+    choice = choose_model(engine, weakest, profiles, expected)
     if choice.is_demo:
         # The demo's processor and context are its own: an image budget meant for the real model does not apply.
         engine = engine.model_copy(update={"max_pixels": None, "min_pixels": None})
-    expected = settings.admission.expected_tokens_per_request
     if groups is None:
         plan = plan_cpu(choice.profile, engine, expected)
     else:

@@ -435,8 +435,8 @@ def _pixels(profile: EngineProfile, settings: EngineSettings) -> tuple[int, int]
 
 
 def _image_and_reserve(profile: EngineProfile, settings: EngineSettings) -> int:
-    if (settings.max_images_per_request if settings.max_images_per_request is not None
-            else profile.max_images_per_request) == 0:
+    """Tokens a context must hold at least: one image of the budget and the answer reserve (none without images)."""
+    if _images(profile, settings) == 0:
         return 0
     return _pixels(profile, settings)[0] // PIXELS_PER_TOKEN + profile.answer_reserve_tokens
 
