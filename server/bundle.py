@@ -4,22 +4,49 @@ The bundle holds a wheelhouse for the target platform (every locked dependency, 
 wheel), the locked requirements (``requirements.txt``: everything; ``requirements-gateway.txt``: the gateway's),
 optionally a model directory with its manifest, and ``SHA256SUMS`` over all of it. It is made from a source
 checkout (it reads ``uv.lock``), with ``uv`` and ``pip`` (both in ``make install``).
+
+With a signing key (``airlock keygen``), ``SHA256SUMS.sig`` and each model's ``airlock-manifest.sha256.sig`` say who
+made it (``signing.py``); ``airlock verify-bundle`` checks them on the far side. A link out of the model directory, a
+dangling link or a special file stops the bundle by name (``manifest.py``): nothing outside is ever copied across. The
+bundle is built in a hidden sibling of ``--out`` and renamed into place at the end (rename(2) is atomic, and replaces
+an empty directory), so a failed run leaves nothing half-written and the retry starts clean.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import ConfigError
-from .manifest import sha256_of, write_manifest
+from .manifest import (
+    MANIFEST_FILES,
+    MANIFEST_NAME,
+    ManifestError,
+    Verification,
+    check_listed,
+    read_listing,
+    refuse_unsafe,
+    scan,
+    write_listing,
+    write_manifest,
+)
+from .signing import SIGNATURE_SUFFIX, SignatureError, load_private_key, sign
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 BUNDLE_SUMS = "SHA256SUMS"
+# Never listed in SHA256SUMS: the file itself and its signature, at the top of the bundle.
+BUNDLE_SUMS_FILES = frozenset({BUNDLE_SUMS, BUNDLE_SUMS + SIGNATURE_SUFFIX})
 DEFAULT_PLATFORM = "manylinux_2_28_x86_64"
 DEFAULT_PYTHON = "3.11"
 
@@ -69,41 +96,121 @@ def gather_wheels(options: BundleOptions) -> None:
           "--implementation", "cp", "--dest", str(wheels), "-r", str(requirements)], project)
 
 
-def copy_model(model: Path, out: Path, progress: Callable[[int], None] | None = None) -> Path:
-    """The model's files, with a manifest written from the copy (what will travel is what is hashed)."""
+def copy_model(model: Path, out: Path, progress: Callable[[int], None] | None = None,
+               sign_key: Ed25519PrivateKey | None = None) -> Path:
+    """The model's files, with a manifest written from the copy (what will travel is what is hashed). Links that
+    stay inside are recreated as relative links; anything else that is not a regular file stops the copy, by name,
+    before a byte is copied."""
     model = model.resolve()
     if not (model / "config.json").is_file():
         raise ConfigError(f"{model} is not a model directory (no config.json)")
     target = out / "models" / model.name
     if target.exists():
         raise ConfigError(f"{target} already exists: bundle into an empty directory")
-    shutil.copytree(model, target)
-    write_manifest(target, progress)
+    try:
+        found = scan(model, MANIFEST_FILES)
+        refuse_unsafe(found, model)
+    except ManifestError as exc:
+        raise ConfigError(str(exc)) from exc
+    target.mkdir(parents=True)
+    for name in found.directories:
+        (target / name).mkdir()
+    for name, relative in found.links.items():
+        os.symlink(relative, target / name)
+    for name, source in found.files.items():
+        if name not in found.links:
+            _copy_regular(source, target / name)
+    try:
+        manifest = write_manifest(target, progress)
+    except ManifestError as exc:
+        raise ConfigError(str(exc)) from exc
+    if sign_key is not None:
+        sign(sign_key, target / MANIFEST_NAME, manifest)
     return target
 
 
-def write_sums(out: Path) -> Path:
-    """SHA256SUMS over every file of the bundle, for `sha256sum -c` on the far side."""
-    names = sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file() and path.name != BUNDLE_SUMS)
-    sums = out / BUNDLE_SUMS
-    sums.write_text("".join(f"{sha256_of(out / name)}  {name}\n" for name in names))
-    return sums
+def _copy_regular(source: Path, destination: Path) -> None:
+    """Copy one file, opened once without following a link, refused unless regular (see manifest.sha256_of)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    with os.fdopen(os.open(source, flags), "rb") as reader:
+        if not stat.S_ISREG(os.fstat(reader.fileno()).st_mode):
+            raise ConfigError(f"{source} is not a regular file")
+        with destination.open("xb") as writer:
+            shutil.copyfileobj(reader, writer, 8 * 1024 * 1024)
+    shutil.copystat(source, destination, follow_symlinks=False)
 
 
-def make_bundle(options: BundleOptions, progress: Callable[[int], None] | None = None) -> dict[str, object]:
-    out = options.out
-    out.mkdir(parents=True, exist_ok=True)
+def write_sums(out: Path, sign_key: Ed25519PrivateKey | None = None) -> Path:
+    """SHA256SUMS over every file of the bundle, for `sha256sum -c` on the far side (and its signature)."""
+    try:
+        found = scan(out, BUNDLE_SUMS_FILES)
+        refuse_unsafe(found, out)
+        data = write_listing(out / BUNDLE_SUMS, found)
+    except ManifestError as exc:
+        raise ConfigError(str(exc)) from exc
+    if sign_key is not None:
+        sign(sign_key, out / BUNDLE_SUMS, data)
+    return out / BUNDLE_SUMS
+
+
+def check_out(out: Path) -> None:
+    """``--out`` must not exist yet, or be an empty directory (it is replaced whole at the end)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty: bundle into a new or empty directory")
+
+
+def make_bundle(options: BundleOptions, progress: Callable[[int], None] | None = None,
+                sign_key: Path | None = None) -> dict[str, object]:
+    """Build the bundle in a hidden sibling of ``options.out`` and rename it into place when all of it is written."""
+    final = options.out
+    check_out(final)
+    try:
+        key = load_private_key(sign_key) if sign_key is not None else None  # a bad key fails before any work
+    except SignatureError as exc:
+        raise ConfigError(str(exc)) from exc
+    final.parent.mkdir(parents=True, exist_ok=True)
+    building = final.parent / f".{final.name}.partial-{secrets.token_hex(4)}"
+    building.mkdir()
+    try:
+        description = _fill(options, building, progress, key)
+        os.rename(building, final)  # replaces an empty directory; fails if something appeared meanwhile
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return description
+
+
+def _fill(options: BundleOptions, out: Path, progress: Callable[[int], None] | None,
+          key: Ed25519PrivateKey | None) -> dict[str, object]:
+    options = replace(options, out=out)
     if options.wheels:
         gather_wheels(options)
-    model = copy_model(options.model, out, progress) if options.model is not None else None
+    model = copy_model(options.model, out, progress, key) if options.model is not None else None
     # What installing needs on the far side: the systemd units, Containerfiles, dashboards and the Helm chart.
+    # Links are copied as links (symlinks=True): write_sums refuses any that leads out of the bundle.
     for carried in ("deploy", "helm"):
         if (options.project / carried).is_dir():
-            shutil.copytree(options.project / carried, out / carried, dirs_exist_ok=True)
+            shutil.copytree(options.project / carried, out / carried, symlinks=True, dirs_exist_ok=True)
     description: dict[str, object] = {
         "platform": options.platform, "python": options.python_version, "engine": options.engine,
         "wheels": options.wheels, "model": str(model.relative_to(out)) if model else None,
+        "signed": key is not None,
     }
     (out / "bundle.json").write_text(json.dumps(description, indent=2) + "\n")
-    write_sums(out)
+    write_sums(out, key)
     return description
+
+
+def verify_bundle(bundle: Path, public_key: Ed25519PublicKey) -> Verification:
+    """``SHA256SUMS.sig`` first, then every checksum, nothing unlisted, and each carried model's manifest signature.
+    A signature that fails raises ``SignatureError`` naming the file."""
+    listed = read_listing(bundle / BUNDLE_SUMS, public_key)
+    result = check_listed(bundle, listed, BUNDLE_SUMS_FILES)
+    models = bundle / "models"
+    if result.ok and models.is_dir() and not models.is_symlink():
+        for model in sorted(models.iterdir()):
+            if (model / MANIFEST_NAME).is_file():
+                read_listing(model / MANIFEST_NAME, public_key)
+    return result

@@ -147,25 +147,58 @@ def _progress_bar(total: int, description: str) -> Any:
 
 def _cmd_verify_model(args: argparse.Namespace) -> int:
     from .manifest import ManifestError, listed_bytes, verify_model
+    from .signing import SignatureError, load_public_key
 
     try:
+        public_key = load_public_key(args.public_key) if args.public_key is not None else None
         with _progress_bar(listed_bytes(args.directory), "verifying") as bar:
-            result = verify_model(args.directory, bar.update)
-    except ManifestError as exc:
+            result = verify_model(args.directory, bar.update, public_key)
+    except (ManifestError, SignatureError) as exc:
         raise CommandError(str(exc)) from exc
-    print(("ok: " if result.ok else "MISMATCH: ") + result.summary())
+    signed = f"; the manifest's signature verifies with {args.public_key}" if args.public_key else ""
+    print(("ok: " if result.ok else "MISMATCH: ") + result.summary() + (signed if result.ok else ""))
     return 0 if result.ok else 1
+
+
+def _cmd_keygen(args: argparse.Namespace) -> None:
+    from .signing import SignatureError, generate_keypair
+
+    try:
+        generate_keypair(args.out_key, args.out_public)
+    except (SignatureError, OSError) as exc:
+        raise CommandError(str(exc)) from exc
+    print(f"signing key written to {args.out_key} (0600: keep it on this machine, never on the transfer medium); "
+          f"public key written to {args.out_public} (carry it to the far side separately)")
+
+
+def _cmd_verify_bundle(args: argparse.Namespace) -> int:
+    from .bundle import verify_bundle
+    from .manifest import ManifestError
+    from .signing import SignatureError, load_public_key
+
+    try:
+        result = verify_bundle(args.directory, load_public_key(args.public_key))
+    except (ManifestError, SignatureError) as exc:
+        raise CommandError(str(exc)) from exc
+    if result.ok:
+        print(f"ok: SHA256SUMS signed by {args.public_key}; {result.checked} files match it")
+        return 0
+    print("MISMATCH: " + result.summary().replace("not in the manifest", "not in SHA256SUMS"))
+    return 1
 
 
 def _cmd_bundle(args: argparse.Namespace) -> None:
     from .bundle import BundleOptions, make_bundle
-    from .manifest import model_files, total_bytes
+    from .manifest import ManifestError, model_files, total_bytes
 
     options = BundleOptions(out=args.out, model=args.model, wheels=not args.no_wheels, engine=args.engine,
                             platform=args.platform, python_version=args.python_version, project=args.project)
-    size = total_bytes(args.model, model_files(args.model)) if args.model else 0
+    try:
+        size = total_bytes(args.model, model_files(args.model)) if args.model else 0
+    except ManifestError:
+        size = 0  # make_bundle says what is wrong with the directory
     with _progress_bar(size, "hashing the model") as bar:
-        description = make_bundle(options, bar.update)
+        description = make_bundle(options, bar.update, sign_key=args.sign_key)
     print(f"bundle written to {args.out}: {json.dumps(description)}")
 
 
@@ -244,18 +277,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify-model", help="check a model directory against its airlock-manifest.sha256")
     verify.add_argument("directory", type=Path)
+    verify.add_argument("--public-key", type=Path, metavar="PUB",
+                        help="also require airlock-manifest.sha256.sig to verify with this key (from airlock keygen)")
     verify.set_defaults(func=_cmd_verify_model)
+
+    keygen = commands.add_parser("keygen", help="make an Ed25519 key pair for signing bundles")
+    keygen.add_argument("--out-key", type=Path, required=True, metavar="KEY",
+                        help="the private key (PEM, written 0600; refuses to overwrite)")
+    keygen.add_argument("--out-public", type=Path, required=True, metavar="PUB", help="the public key (PEM)")
+    keygen.set_defaults(func=_cmd_keygen)
+
+    verify_bundle = commands.add_parser("verify-bundle", help="check a bundle's signature, then every checksum")
+    verify_bundle.add_argument("directory", type=Path)
+    verify_bundle.add_argument("--public-key", type=Path, required=True, metavar="PUB",
+                               help="the public key SHA256SUMS.sig must verify with")
+    verify_bundle.set_defaults(func=_cmd_verify_bundle)
 
     from .bundle import DEFAULT_PLATFORM, DEFAULT_PYTHON
 
     bundle = commands.add_parser("bundle", help="gather wheels, a model and checksums for an air-gapped install")
-    bundle.add_argument("--out", type=Path, required=True, help="directory to write the bundle to")
+    bundle.add_argument("--out", type=Path, required=True,
+                        help="directory to write the bundle to (must not exist yet, or be empty)")
     bundle.add_argument("--model", type=Path, help="a model directory to carry along (a manifest is written)")
     bundle.add_argument("--engine", choices=["gpu", "cpu"], default="gpu", help="engine build (default gpu)")
     bundle.add_argument("--platform", default=DEFAULT_PLATFORM, help=f"target wheel platform ({DEFAULT_PLATFORM})")
     bundle.add_argument("--python-version", default=DEFAULT_PYTHON, help=f"target Python ({DEFAULT_PYTHON})")
     bundle.add_argument("--no-wheels", action="store_true", help="only the model and checksums")
     bundle.add_argument("--project", type=Path, default=Path.cwd(), help="the Airlock checkout (default: here)")
+    bundle.add_argument("--sign-key", type=Path, metavar="KEY",
+                        help="sign SHA256SUMS and the model's manifest with this key (from airlock keygen)")
     bundle.set_defaults(func=_cmd_bundle)
 
     config = with_config(commands.add_parser("config", help="validate the settings and print them"))

@@ -404,6 +404,10 @@ class EngineSettings(_Section):
     # The model directory's airlock-manifest.sha256 (see `airlock verify-model`): if_present checks it when the
     # directory has one, require refuses a model without one, off skips the check. A mismatch stops the start.
     verify_model: Literal["if_present", "require", "off"] = "if_present"
+    # The Ed25519 public key (PEM, from `airlock keygen`) that must have signed the manifest: when set, a model
+    # without a manifest, without airlock-manifest.sha256.sig, or whose signature does not verify is refused before
+    # vLLM loads anything (if_present then behaves as require). Needs verify_model if_present or require.
+    manifest_public_key: Path | None = None
     profiles_dir: Path | None = None
     served_model_name: str | None = None
     device: Literal["auto", "cpu", "gpu"] = "auto"
@@ -452,7 +456,15 @@ class EngineSettings(_Section):
     max_start_attempts: int = Field(3, ge=1)
     stop_timeout_s: float = Field(20.0, gt=0)
 
-    _expand_home = field_validator("models_dir", "profiles_dir", "demo_model_dir", "socket_dir")(_expand)
+    _expand_home = field_validator("models_dir", "profiles_dir", "demo_model_dir", "socket_dir",
+                                   "manifest_public_key")(_expand)
+
+    @model_validator(mode="after")
+    def _signed_manifest_checked(self) -> EngineSettings:
+        if self.manifest_public_key is not None and self.verify_model == "off":
+            raise ValueError("engine.manifest_public_key is set but engine.verify_model is 'off': a signature is "
+                             "only checked with the manifest. Set verify_model to require, or remove the key")
+        return self
 
     @model_validator(mode="after")
     def _image_budget_in_order(self) -> EngineSettings:

@@ -167,9 +167,11 @@ def choose_model(settings: EngineSettings, group: Sequence[Gpu], profiles: dict[
         fits = f"; it would fit: {plan.reason}" if plan else ""
         source = f" (from {profile.source})" if profile.source else ""
         missing = f"no {profile.served_model_name} weights{source} are in {path}{fits}"
-        if settings.verify_model == "require":
-            # Verified weights were asked for (the Helm chart does): a random-weight demo is not a fallback.
-            raise ConfigError(f"engine.model is 'auto' and engine.verify_model is 'require', but {missing}. Copy the "
+        if settings.verify_model == "require" or settings.manifest_public_key is not None:
+            # Verified (or signed) weights were asked for (the Helm chart does): a random-weight demo is no fallback.
+            asked = ("engine.verify_model is 'require'" if settings.verify_model == "require"
+                     else "engine.manifest_public_key is set")
+            raise ConfigError(f"engine.model is 'auto' and {asked}, but {missing}. Copy the "
                               "weights there (see the README, 'Serving real Qwen3-VL weights')")
         return ModelChoice(settings.demo_model_dir, demo, demo_name, True, f"engine.model is 'auto' and {missing}")
     if model in profiles:

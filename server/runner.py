@@ -193,26 +193,37 @@ def plan_engines(settings: Settings, runtime_dir: Path, environ: Mapping[str, st
 
 
 def check_model(choice: ModelChoice, settings: Settings) -> None:
-    """Refuse weights that do not match their manifest (``engine.verify_model``) before anything loads them."""
+    """Refuse weights that do not match their manifest (``engine.verify_model``), or whose manifest is not signed by
+    ``engine.manifest_public_key`` when one is set, before anything loads them."""
     from .manifest import MANIFEST_NAME, ManifestError, verify_model
+    from .signing import SignatureError, load_public_key
 
-    mode = settings.engine.verify_model
+    mode, key_path = settings.engine.verify_model, settings.engine.manifest_public_key
     if choice.is_demo or mode == "off":
         return
     if not (choice.path / MANIFEST_NAME).exists():
-        if mode == "require":
-            raise ConfigError(f"engine.verify_model is 'require' and {choice.path} has no {MANIFEST_NAME} "
+        if mode == "require" or key_path is not None:
+            setting = "verify_model is 'require'" if mode == "require" else "manifest_public_key is set"
+            raise ConfigError(f"engine.{setting} and {choice.path} has no {MANIFEST_NAME} "
                               "(write one with `airlock bundle` where the model was fetched)")
         return
-    log.info("checking the model's files against %s", MANIFEST_NAME)
+    log.info("checking the model's files against %s%s", MANIFEST_NAME, " and its signature" if key_path else "")
     try:
-        result = verify_model(choice.path)
+        public_key = load_public_key(key_path) if key_path is not None else None
+    except SignatureError as exc:
+        raise ConfigError(f"engine.manifest_public_key: {exc}") from exc
+    try:
+        result = verify_model(choice.path, public_key=public_key)
     except ManifestError as exc:
         raise ConfigError(f"engine.verify_model: {exc}") from exc
+    except SignatureError as exc:
+        raise ConfigError(f"the model at {choice.path} is not signed by engine.manifest_public_key ({exc}); "
+                          "refusing to start it") from exc
     if not result.ok:
         raise ConfigError(f"the model at {choice.path} does not match its manifest ({result.summary()}); "
                           "refusing to start it")
-    log.info("model files match the manifest (%d files)", result.checked)
+    log.info("model files match the manifest (%d files)%s", result.checked, "; its signature verifies" if key_path
+             else "")
 
 
 def ensure_demo_model(choice: ModelChoice, python: str | None) -> None:
