@@ -162,7 +162,8 @@ def _cmd_bundle(args: argparse.Namespace) -> None:
     from .manifest import model_files, total_bytes
 
     options = BundleOptions(out=args.out, model=args.model, wheels=not args.no_wheels, engine=args.engine,
-                            platform=args.platform, python_version=args.python_version, project=args.project)
+                            platform=args.platform, python_version=args.python_version, project=args.project,
+                            index_url=args.index_url)
     size = total_bytes(args.model, model_files(args.model)) if args.model else 0
     with _progress_bar(size, "hashing the model") as bar:
         description = make_bundle(options, bar.update)
@@ -246,12 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("directory", type=Path)
     verify.set_defaults(func=_cmd_verify_model)
 
-    from .bundle import DEFAULT_PLATFORM, DEFAULT_PYTHON
+    from .bundle import DEFAULT_PLATFORM, DEFAULT_PYTHON, PYPI
 
     bundle = commands.add_parser("bundle", help="gather wheels, a model and checksums for an air-gapped install")
     bundle.add_argument("--out", type=Path, required=True, help="directory to write the bundle to")
     bundle.add_argument("--model", type=Path, help="a model directory to carry along (a manifest is written)")
-    bundle.add_argument("--engine", choices=["gpu", "cpu"], default="gpu", help="engine build (default gpu)")
+    bundle.add_argument("--engine", choices=["gpu", "cpu", "none"], default="gpu",
+                        help="engine build (default gpu; none: only the gateway's wheels, for the gateway image)")
+    bundle.add_argument("--index-url", default=PYPI, help=f"package index to download from ({PYPI})")
     bundle.add_argument("--platform", default=DEFAULT_PLATFORM, help=f"target wheel platform ({DEFAULT_PLATFORM})")
     bundle.add_argument("--python-version", default=DEFAULT_PYTHON, help=f"target Python ({DEFAULT_PYTHON})")
     bundle.add_argument("--no-wheels", action="store_true", help="only the model and checksums")
