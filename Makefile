@@ -8,7 +8,7 @@ ENGINE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install system-packages run test lint bench bench-fairness gpu-check clean
+.PHONY: install system-packages base-image image-check run test lint bench bench-fairness gpu-check clean
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -23,16 +23,28 @@ run: install
 test: install system-packages
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# Debian packages the tests drive, installed in one step (package lists first: a fresh machine has none).
+# Debian packages the project needs, installed in one step (package lists first: a fresh machine has none).
 # chromium: the console tests (Playwright's own browser downloads are never used); tcpdump: `airlock audit`'s wire
-# capture; systemd: systemd-analyze checks the units.
-DEBIAN_PACKAGES := chromium tcpdump systemd
-DEBIAN_COMMANDS := chromium tcpdump systemd-analyze
+# capture; systemd: systemd-analyze checks the units; curl, nodejs: the TLS tests' other clients; buildah, podman,
+# runc, uidmap: the images are built and run (tests/test_images.py); mmdebstrap: the Debian base image
+# (deploy/containers/make-base.sh); iproute2: `ip netns`, the loopback-only network the images run in; prometheus:
+# promtool checks the alert rules. DEBIAN_COMMANDS: one command of each (tests/test_images.py checks both lists).
+DEBIAN_PACKAGES := chromium tcpdump systemd curl nodejs buildah podman runc uidmap mmdebstrap iproute2 prometheus
+DEBIAN_COMMANDS := chromium tcpdump systemd-analyze curl node buildah podman runc newuidmap mmdebstrap ip promtool
 system-packages:
 	@missing=""; for cmd in $(DEBIAN_COMMANDS); do command -v $$cmd >/dev/null 2>&1 || missing=1; done; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && export DEBIAN_FRONTEND=noninteractive && \
 		apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null; } || \
 		{ echo "the tests need Debian's $(DEBIAN_PACKAGES): sudo apt-get update && sudo apt-get install $(DEBIAN_PACKAGES)" >&2; exit 1; }
+
+# Airlock's Debian base image from Debian's packages (README, "Container images"); MIRROR=URL for the site's mirror.
+base-image: system-packages
+	deploy/containers/make-base.sh
+
+# The CPU engine image from an `airlock bundle --engine cpu` (about 3 GB of wheels) and the demo model started in it
+# with no network; too long for `make test` (README, "Container images").
+image-check: install system-packages
+	AIRLOCK_ENGINE_IMAGE=1 $(VENV)/bin/python -m pytest tests/test_images.py -k engine_image $(PYTEST_ARGS)
 
 # What the gateway costs, side by side with the same load straight upstream (see README, Performance).
 bench: install

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -47,7 +48,9 @@ if TYPE_CHECKING:
 BUNDLE_SUMS = "SHA256SUMS"
 # Never listed in SHA256SUMS: the file itself and its signature, at the top of the bundle.
 BUNDLE_SUMS_FILES = frozenset({BUNDLE_SUMS, BUNDLE_SUMS + SIGNATURE_SUFFIX})
-DEFAULT_PLATFORM = "manylinux_2_28_x86_64"
+# glibc 2.35 (Ubuntu 22.04) and newer, which includes Debian 12 (2.36), the images' base: some locked wheels exist
+# for no older glibc (llguidance 1.7.6: manylinux_2_31 at the oldest).
+DEFAULT_PLATFORM = "manylinux_2_35_x86_64"
 DEFAULT_PYTHON = "3.11"
 
 
@@ -56,10 +59,11 @@ class BundleOptions:
     out: Path
     model: Path | None
     wheels: bool
-    engine: str  # "cpu" | "gpu": which engine extra the wheelhouse holds
+    engine: str  # "cpu" | "gpu" | "none": which engine extra the wheelhouse holds (none: the gateway's wheels only)
     platform: str
     python_version: str
     project: Path
+    index_url: str = "https://pypi.org/simple"  # the package index (or the site's mirror of it) pip downloads from
 
 
 def _uv(project: Path) -> str:
@@ -70,30 +74,79 @@ def _uv(project: Path) -> str:
     return found
 
 
-def _run(argv: list[str], cwd: Path) -> None:
-    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+def _run(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-5:])
         raise ConfigError(f"{Path(argv[0]).name} {argv[1]} failed:\n{tail}")
 
 
+# pip's platform tags (PEP 600): a wheel built for an older glibc (manylinux_2_17, alias manylinux2014) installs on a
+# newer one, and `pip download --platform` matches only the tags it is given ("pip download" docs: "the option can be
+# used multiple times"), so the target's tag is given with every older manylinux tag down to 2_17.
+_MANYLINUX = re.compile(r"^manylinux_2_(\d+)_(\w+)$")
+_OLDEST_MANYLINUX = 17
+PYPI = "https://pypi.org/simple"
+
+
+def platform_tags(platform: str) -> list[str]:
+    """The target tag and every older manylinux tag it accepts (newest first), e.g. manylinux_2_28 .. 2_17, 2014."""
+    match = _MANYLINUX.match(platform)
+    if match is None or int(match.group(1)) < _OLDEST_MANYLINUX:
+        return [platform]
+    glibc_minor, arch = int(match.group(1)), match.group(2)
+    tags = [f"manylinux_2_{minor}_{arch}" for minor in range(glibc_minor, _OLDEST_MANYLINUX - 1, -1)]
+    return [*tags, f"manylinux2014_{arch}"]
+
+
+def isolated_pip_env() -> dict[str, str]:
+    """The environment for pip without this machine's pip settings: no PIP_* variable (find-links, extra indexes,
+    constraints of a build host must not decide what an air-gapped site receives) and no configuration file
+    (pip's docs, "Configuration": PIP_CONFIG_FILE=os.devnull loads none)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    return env
+
+
+def write_sbom(requirements: Path, project: Path, target: Path) -> None:
+    """A CycloneDX SBOM (JSON) of locked requirements, by CycloneDX's own tool (cyclonedx-bom's `cyclonedx-py`),
+    with Airlock as the root component; reproducible (SOURCE_DATE_EPOCH is honoured as its timestamp)."""
+    tool = Path(sys.executable).with_name("cyclonedx-py")
+    found = str(tool) if tool.exists() else shutil.which("cyclonedx-py")
+    if found is None:
+        raise ConfigError("cyclonedx-py (PyPI cyclonedx-bom) is needed for the SBOM (run `make install`)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _run([found, "requirements", str(requirements), "--pyproject", str(project / "pyproject.toml"),
+          "--output-reproducible", "--of", "JSON", "--output-file", str(target)], project)
+
+
 def gather_wheels(options: BundleOptions) -> None:
-    """Locked requirements (with hashes) for the target, their wheels, and Airlock's own wheel."""
+    """Locked requirements (with hashes) for the target, their wheels, Airlock's own wheel, and their SBOMs.
+
+    ``engine="none"`` gathers the gateway's share alone (what the gateway image needs: no vLLM, no torch)."""
     project, out = options.project, options.out
     if not (project / "uv.lock").exists():
         raise ConfigError(f"{project} is not an Airlock checkout (no uv.lock): bundle from the source tree")
     uv = _uv(project)
     # Everything (the engine too), and the gateway's share alone (its image needs no vLLM and no torch).
-    requirements = out / "requirements.txt"
+    requirements, gateway = out / "requirements.txt", out / "requirements-gateway.txt"
     export = [uv, "export", "--frozen", "--no-dev", "--no-emit-project", "--format", "requirements-txt"]
-    _run([*export, "--extra", options.engine, "--output-file", str(requirements)], project)
-    _run([*export, "--output-file", str(out / "requirements-gateway.txt")], project)
+    engine = [] if options.engine == "none" else ["--extra", options.engine]
+    _run([*export, *engine, "--output-file", str(requirements)], project)
+    _run([*export, "--output-file", str(gateway)], project)
     wheels = out / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     _run([uv, "build", "--wheel", "--out-dir", str(wheels)], project)
-    _run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--require-hashes",
-          "--only-binary=:all:", "--platform", options.platform, "--python-version", options.python_version,
-          "--implementation", "cp", "--dest", str(wheels), "-r", str(requirements)], project)
+    platforms = [arg for tag in platform_tags(options.platform) for arg in ("--platform", tag)]
+    # --no-deps: uv resolved the lock completely; a second resolution by pip would add packages outside it
+    # (intel-openmp names intel-cmplr-lib-ur, which the lock does not hold for this target).
+    _run([sys.executable, "-m", "pip", "--isolated", "download", "--require-hashes", "--no-deps", "--only-binary=:all:",
+          "--index-url", options.index_url, *platforms, "--python-version", options.python_version,
+          "--implementation", "cp", "--dest", str(wheels), "-r", str(requirements)], project, isolated_pip_env())
+    write_sbom(gateway, project, out / "sbom" / "gateway.cdx.json")
+    if options.engine != "none":
+        write_sbom(requirements, project, out / "sbom" / f"engine-{options.engine}.cdx.json")
 
 
 def copy_model(model: Path, out: Path, progress: Callable[[int], None] | None = None,

@@ -192,7 +192,8 @@ def _cmd_bundle(args: argparse.Namespace) -> None:
     from .manifest import ManifestError, model_files, total_bytes
 
     options = BundleOptions(out=args.out, model=args.model, wheels=not args.no_wheels, engine=args.engine,
-                            platform=args.platform, python_version=args.python_version, project=args.project)
+                            platform=args.platform, python_version=args.python_version, project=args.project,
+                            index_url=args.index_url)
     try:
         size = total_bytes(args.model, model_files(args.model)) if args.model else 0
     except ManifestError:
@@ -293,13 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
                                help="the public key SHA256SUMS.sig must verify with")
     verify_bundle.set_defaults(func=_cmd_verify_bundle)
 
-    from .bundle import DEFAULT_PLATFORM, DEFAULT_PYTHON
+    from .bundle import DEFAULT_PLATFORM, DEFAULT_PYTHON, PYPI
 
     bundle = commands.add_parser("bundle", help="gather wheels, a model and checksums for an air-gapped install")
     bundle.add_argument("--out", type=Path, required=True,
                         help="directory to write the bundle to (must not exist yet, or be empty)")
     bundle.add_argument("--model", type=Path, help="a model directory to carry along (a manifest is written)")
-    bundle.add_argument("--engine", choices=["gpu", "cpu"], default="gpu", help="engine build (default gpu)")
+    bundle.add_argument("--engine", choices=["gpu", "cpu", "none"], default="gpu",
+                        help="engine build (default gpu; none: only the gateway's wheels, for the gateway image)")
+    bundle.add_argument("--index-url", default=PYPI, help=f"package index to download from ({PYPI})")
     bundle.add_argument("--platform", default=DEFAULT_PLATFORM, help=f"target wheel platform ({DEFAULT_PLATFORM})")
     bundle.add_argument("--python-version", default=DEFAULT_PYTHON, help=f"target Python ({DEFAULT_PYTHON})")
     bundle.add_argument("--no-wheels", action="store_true", help="only the model and checksums")
