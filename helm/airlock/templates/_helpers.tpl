@@ -34,11 +34,27 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
-{{/* An image from the internal registry, by digest when one is given, else by tag (never "latest"). */}}
+{{/*
+An image reference, by digest when one is given, else by tag (never "latest"). The registry follows the bitnami
+charts' convention (bitnami/common, common.images.image): global.imageRegistry wins over the image's own `registry`.
+With neither, the repository must name its registry itself: a container runtime resolves a name whose first component
+is not a host ("." or ":" in it, or "localhost": the rule of distribution/reference's ParseNormalizedNamed) on
+docker.io, which an air-gapped cluster cannot reach and should never try. (list root image)
+*/}}
 {{- define "airlock.image" -}}
 {{- $root := index . 0 }}
 {{- $image := index . 1 }}
-{{- $repository := ternary (printf "%s/%s" $root.Values.imageRegistry $image.repository) $image.repository (ne $root.Values.imageRegistry "") }}
+{{- $registry := dig "imageRegistry" "" ($root.Values.global | default dict) | default $image.registry | default "" | trimSuffix "/" }}
+{{- $repository := $image.repository }}
+{{- if $registry }}
+{{- $repository = printf "%s/%s" $registry $repository }}
+{{- else }}
+{{- $parts := splitList "/" $repository }}
+{{- $host := first $parts }}
+{{- if not (and (gt (len $parts) 1) (or (contains "." $host) (contains ":" $host) (eq $host "localhost"))) }}
+{{- fail (printf "image %s names no registry: set global.imageRegistry (or the image's registry), or a repository that starts with your registry's host (registry.corp/%s); a bare name would be pulled from docker.io" $repository $repository) }}
+{{- end }}
+{{- end }}
 {{- if $image.digest }}
 {{- printf "%s@%s" $repository $image.digest }}
 {{- else }}
@@ -47,6 +63,149 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- printf "%s:%s" $repository $image.tag }}
 {{- end }}
+{{- end }}
+
+{{/* Pull secrets of every pod: global.imagePullSecrets, then imagePullSecrets, each a name or {name: ...}, once
+each (bitnami/common, common.images.renderPullSecrets). */}}
+{{- define "airlock.imagePullSecrets" -}}
+{{- $names := list }}
+{{- range concat (dig "imagePullSecrets" list (.Values.global | default dict) | default list) (.Values.imagePullSecrets | default list) }}
+{{- $name := "" }}
+{{- if kindIs "string" . }}{{ $name = . }}{{ else }}{{ $name = .name }}{{ end }}
+{{- if not (has $name $names) }}{{ $names = append $names $name }}{{ end }}
+{{- end }}
+{{- with $names }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A value rendered with tpl when it holds a template (bitnami/common, common.tplvalues.render). (dict value context) */}}
+{{- define "airlock.tplvalues" -}}
+{{- if kindIs "string" .value }}
+{{- tpl .value .context }}
+{{- else }}
+{{- tpl (toYaml .value) .context }}
+{{- end }}
+{{- end }}
+
+{{/* The ServiceAccount of a component's pods (bitnami: common.names.serviceAccountName). (list root component) */}}
+{{- define "airlock.serviceAccountName" -}}
+{{- $root := index . 0 }}
+{{- $component := index . 1 }}
+{{- $account := (get $root.Values $component).serviceAccount }}
+{{- if $account.create }}
+{{- $account.name | default (include "airlock.component" (list $root $component)) }}
+{{- else }}
+{{- $account.name | default "default" }}
+{{- end }}
+{{- end }}
+
+{{/* A pod template's labels: the selector labels, the component, then podLabels (never overriding the chart's).
+(list root component extraLabels) */}}
+{{- define "airlock.podLabels" -}}
+{{- $root := index . 0 }}
+{{- $component := index . 1 }}
+{{- $own := include "airlock.selectorLabels" $root | fromYaml }}
+{{- $_ := set $own "app.kubernetes.io/component" $component }}
+{{- $own = merge $own (index . 2) }}
+{{- $extra := (get $root.Values $component).podLabels | default dict }}
+{{- range $key, $value := $extra }}
+{{- if hasKey $own $key }}
+{{- fail (printf "%s.podLabels: %s is the chart's own label" $component $key) }}
+{{- end }}
+{{- end }}
+{{- merge $own $extra | toYaml }}
+{{- end }}
+
+{{/* What a component's pods get from the extensibility values (bitnami and prometheus-community conventions): the
+ServiceAccount, runtime and priority class, scheduling. (list root component) */}}
+{{- define "airlock.podExtras" -}}
+{{- $root := index . 0 }}
+{{- $component := index . 1 }}
+{{- $values := get $root.Values $component -}}
+serviceAccountName: {{ include "airlock.serviceAccountName" (list $root $component) }}
+automountServiceAccountToken: {{ $values.serviceAccount.automountServiceAccountToken }}
+enableServiceLinks: false
+{{- include "airlock.imagePullSecrets" $root }}
+{{- with $values.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with $values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.affinity }}
+affinity:
+  {{- include "airlock.tplvalues" (dict "value" . "context" $root) | nindent 2 }}
+{{- end }}
+{{- with $values.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- include "airlock.tplvalues" (dict "value" . "context" $root) | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* extraEnv entries, refusing the names the chart sets itself (a later duplicate would silently win).
+(list root component chartNames) */}}
+{{- define "airlock.extraEnv" -}}
+{{- $root := index . 0 }}
+{{- $component := index . 1 }}
+{{- $extra := (get $root.Values $component).extraEnv | default list }}
+{{- range $extra }}
+{{- if has .name (index $ 2) }}
+{{- fail (printf "%s.extraEnv: %s is set by the chart" $component .name) }}
+{{- end }}
+{{- end }}
+{{- with $extra }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where the engines' weights come from: "claim" (engine.model.existingClaim), "created" (engine.model.persistence.create)
+or "image" (engine.model.image.repository): exactly one. A claim's access modes are checked against the number of
+engines: ReadWriteOnce lets only one node mount the volume and ReadWriteOncePod only one pod (Kubernetes docs,
+"Persistent Volumes", Access Modes), so a second engine would never start.
+*/}}
+{{- define "airlock.modelSource" -}}
+{{- $model := .Values.engine.model }}
+{{- $sources := list }}
+{{- if $model.existingClaim }}{{ $sources = append $sources "claim" }}{{ end }}
+{{- if $model.persistence.create }}{{ $sources = append $sources "created" }}{{ end }}
+{{- if $model.image.repository }}{{ $sources = append $sources "image" }}{{ end }}
+{{- if ne (len $sources) 1 }}
+{{- fail "engine.model: set exactly one of existingClaim, persistence.create or image.repository (where the weights come from; set existingClaim: '' to use another)" }}
+{{- end }}
+{{- $source := first $sources }}
+{{- if and (ne $source "image") (gt (int .Values.engine.replicas) 1) }}
+{{- $modes := $model.persistence.accessModes }}
+{{- if not (or (has "ReadOnlyMany" $modes) (has "ReadWriteMany" $modes)) }}
+{{- fail (printf "engine.model.persistence.accessModes %s: %d engine replicas cannot share a claim that only one node (ReadWriteOnce) or one pod (ReadWriteOncePod) may mount; use ReadOnlyMany or ReadWriteMany storage (NFS, CephFS, ...) or engine.model.image" (toJson $modes) (int .Values.engine.replicas)) }}
+{{- end }}
+{{- end }}
+{{- if and $model.persistence.nfs.server (ne $source "created") }}
+{{- fail "engine.model.persistence.nfs needs engine.model.persistence.create: true (and existingClaim: '')" }}
+{{- end }}
+{{- if and $model.publicKey.configMap $model.publicKey.secret }}
+{{- fail "engine.model.publicKey: set configMap or secret, not both" }}
+{{- end }}
+{{- if and (or $model.publicKey.configMap $model.publicKey.secret) (eq $model.verify "off") }}
+{{- fail "engine.model.publicKey needs engine.model.verify require or if_present (with off nothing is checked)" }}
+{{- end }}
+{{- $source }}
+{{- end }}
+
+{{- define "airlock.modelClaimName" -}}
+{{- .Values.engine.model.existingClaim | default (include "airlock.component" (list . "models")) }}
 {{- end }}
 
 {{/* The restricted Pod Security Standard, for every pod and container. */}}
