@@ -331,6 +331,8 @@ async def engine_metrics_listener(settings: Settings, launches: Sequence[Replica
         with listen(engine.metrics_host, engine.metrics_port, "engine.metrics") as sock:
             server = _Server(_uvicorn_config(metrics_app(served.endpoint), settings))
             serving = asyncio.create_task(server.serve(sockets=[sock]))
+            while not server.started and not serving.done():  # listening once this returns
+                await asyncio.sleep(0.05)
             log.info("engine metrics on http://%s:%d/metrics (plain HTTP, no sign-in%s)", engine.metrics_host,
                      engine.metrics_port, "" if is_loopback_host(engine.metrics_host) else
                      ": restrict who can reach it")
