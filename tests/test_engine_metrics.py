@@ -79,6 +79,7 @@ def test_the_engine_launchers_listener_serves_its_engines_vllm_series_with_the_r
     engine = {name: samples for name, samples in found.items() if name.startswith("vllm:")}
     assert "vllm:num_requests_running" in engine and "vllm:generation_tokens" in engine
     assert {labels["replica"] for samples in engine.values() for labels, _ in samples} == {"3"}
-    assert sorted(found["airlock_engine_scrape_ok"], key=lambda sample: sample[0]["replica"]) == [({"replica": "3"}, 1.0), ({"replica": "4"}, 0.0)]
+    scraped = {labels["replica"]: value for labels, value in found["airlock_engine_scrape_ok"]}
+    assert scraped == {"3": 1.0, "4": 0.0}
     # Only vllm:* and the scrape gauge: the engine's process series, and no gateway series.
     assert set(found) - set(engine) == {"airlock_engine_scrape_ok"}
