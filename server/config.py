@@ -472,6 +472,14 @@ class EngineSettings(_Section):
         return self
 
     @model_validator(mode="after")
+    def _metrics_port_apart(self) -> EngineSettings:
+        if self.metrics_port is not None and self.bind == "tcp" and \
+                self.base_port <= self.metrics_port < self.base_port + self.replicas:
+            raise ValueError(f"engine.metrics_port ({self.metrics_port}) is one of the replicas' ports "
+                             f"(engine.base_port {self.base_port} onwards, one a replica): choose another")
+        return self
+
+    @model_validator(mode="after")
     def _no_plaintext_off_host(self) -> EngineSettings:
         if self.bind == "unix" and self.tls is not None:
             raise ValueError(
