@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -358,6 +359,31 @@ def test_the_schema_refuses_bad_monitoring_values(overrides: dict[str, Any], whe
 def test_the_engine_metrics_port_must_not_be_the_engines_own() -> None:
     with pytest.raises(helm.HelmError, match=r"metrics\.enginePort must differ from engine\.port"):
         render({"metrics": {"enginePort": 8100}})
+
+
+def monitoring_yaml_blocks() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("\n## Monitoring\n"):readme.index("\n## Command line\n")]
+    return re.findall(r"```yaml\n(.*?)```", section, flags=re.DOTALL)
+
+
+def test_the_readme_monitoring_values_render_as_written(tmp_path: Path) -> None:
+    (values,) = [block for block in monitoring_yaml_blocks() if "grafanaDashboard" in block]
+    parsed = yaml.safe_load(values)
+    helm.Chart.load(CHART).validate_schema(merged(parsed))
+    documents = render(parsed)
+    assert len(of_kind(documents, "ServiceMonitor")) == 2 and of_kind(documents, "PrometheusRule")
+    assert [c for c in of_kind(documents, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+
+
+def test_the_readme_monitoring_settings_load_as_written(tmp_path: Path) -> None:
+    (engines,) = [block for block in monitoring_yaml_blocks() if "metrics_replica_offset" in block]
+    (gateway,) = [block for block in monitoring_yaml_blocks() if "engine_series: false" in block]
+    engine_file, gateway_file = tmp_path / "engines.yaml", tmp_path / "gateway.yaml"
+    engine_file.write_text(engines)
+    gateway_file.write_text(gateway)
+    assert load_settings(engine_file).engine.metrics_port == 9465
+    assert load_settings(gateway_file).metrics.engine_series is False
 
 
 def test_the_readme_points_at_the_one_copy_of_the_dashboard_and_alerts() -> None:
