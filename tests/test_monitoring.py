@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import helm_python as helm
+import kubernetes_validate
 import pytest
 import yaml
 
 from server.config import load_settings
 
 from .conftest import ROOT
-from .test_helm_chart import CHART, RELEASE, merged, of_kind, render
+from .test_helm_chart import CHART, CUSTOM_KINDS, KUBERNETES, RELEASE, merged, of_kind, render
 
 DASHBOARD = CHART / "files" / "airlock-dashboard.json"
 ALERTS = CHART / "files" / "airlock-alerts.yaml"
@@ -332,6 +333,9 @@ def test_the_dashboard_config_map_is_the_shipped_file_labelled_for_grafanas_side
     assert meta["namespace"] == "monitoring" and meta["annotations"] == {"grafana_folder": "Airlock"}
     assert meta["labels"]["grafana_dashboard"] == "1" and meta["labels"]["team"] == "ml"
     assert dashboard["data"]["airlock-dashboard.json"] == DASHBOARD.read_text()
+    for document in render(MONITORING):  # the new and changed objects too (custom resources are checked above)
+        if document["kind"] not in CUSTOM_KINDS:
+            kubernetes_validate.validate(document, KUBERNETES, strict=True)
     custom = render({"metrics": {"grafanaDashboard": {"enabled": True, "label": "dashboards",
                                                       "labelValue": "airlock"}}})
     (other,) = [c for c in of_kind(custom, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
