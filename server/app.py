@@ -215,7 +215,8 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
 
 
 def metrics_endpoint(config: Settings, metrics: GatewayMetrics, pool: ReplicaPool) -> MetricsEndpoint:
-    return MetricsEndpoint(metrics, pool if config.metrics.include_engines else None, config.metrics.engine_timeout_s)
+    engines = pool.replicas if config.metrics.engine_series else []
+    return MetricsEndpoint(metrics.registry, engines, config.metrics.engine_timeout_s)
 
 
 def install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:

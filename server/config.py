@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
@@ -317,8 +317,10 @@ class MetricsSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(9464, ge=1, le=65535)
     groups: list[str] = Field(default_factory=list)
-    # The engines' own vllm:* series in the same scrape, labelled by replica index.
-    include_engines: bool = True
+    # The engines' own vllm:* series in the same scrape, labelled by replica index. Off where the engines export
+    # them themselves (engine.metrics_port: the Helm chart), so each engine's series exist once, however many
+    # gateways run. include_engines: its name before 0.1.1, still read.
+    engine_series: bool = Field(True, validation_alias=AliasChoices("engine_series", "include_engines"))
     engine_timeout_s: float = Field(5.0, gt=0)
     # The window of airlock_active_users (a count of distinct users, nothing more).
     active_users_window_s: float = Field(900.0, gt=0)
@@ -455,6 +457,15 @@ class EngineSettings(_Section):
     # is not reloaded forever.
     max_start_attempts: int = Field(3, ge=1)
     stop_timeout_s: float = Field(20.0, gt=0)
+    # A plain-HTTP listener serving GET /metrics: each replica's vllm:* series (labelled replica="<index>", as the
+    # gateway labels them) and airlock_engine_scrape_ok, read from the replica itself (with engine.tls, presenting
+    # engine.tls.cert_file, which must then allow client authentication). Off (null) by default. For gateways that
+    # run with metrics.engine_series: false, so that nothing but metrics is reachable without the gateway's
+    # certificate, and each engine's series are exported once.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
+    # The replica label of this launcher's first replica (the chart's engine pod N runs one replica: N).
+    metrics_replica_offset: int = Field(0, ge=0)
 
     _expand_home = field_validator("models_dir", "profiles_dir", "demo_model_dir", "socket_dir",
                                    "manifest_public_key")(_expand)
@@ -470,6 +481,14 @@ class EngineSettings(_Section):
     def _image_budget_in_order(self) -> EngineSettings:
         if self.max_pixels is not None and self.min_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"engine.min_pixels ({self.min_pixels}) is above engine.max_pixels ({self.max_pixels})")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_port_apart(self) -> EngineSettings:
+        if self.metrics_port is not None and self.bind == "tcp" and \
+                self.base_port <= self.metrics_port < self.base_port + self.replicas:
+            raise ValueError(f"engine.metrics_port ({self.metrics_port}) is one of the replicas' ports "
+                             f"(engine.base_port {self.base_port} onwards, one a replica): choose another")
         return self
 
     @model_validator(mode="after")

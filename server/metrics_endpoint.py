@@ -4,12 +4,18 @@ Engines are read over the same connections the gateway forwards on (their unix s
 scrape target covers the whole stack and the engines stay unreachable from outside. Only ``vllm:*`` families are
 passed on: the engines' process and Python series would clash with the gateway's, and say nothing about serving.
 An engine that does not answer within the timeout is left out of that scrape (``airlock_engine_scrape_ok`` 0).
+
+Where several gateways run (the Helm chart), each would export every engine's series again and every sum over them
+would count each engine once per gateway: there the gateways leave them out (``metrics.engine_series: false``) and
+each engine launcher serves its own replicas' series with the same code (``engine_metrics_listener``, without the
+gateway's series), so every engine's series and its ``airlock_engine_scrape_ok`` come from exactly one place.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import anyio.to_thread
 import httpx
@@ -23,8 +29,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .errors import NO_STORE
-from .metrics import GatewayMetrics
-from .upstream import Replica, ReplicaPool
 
 ENGINE_PREFIX = "vllm:"
 # An engine's exposition is some hundreds of KB at most; anything longer is not read.
@@ -56,6 +60,16 @@ class _EngineFamilies(Collector):
         yield from merged.values()
 
 
+class EngineSource(Protocol):
+    """An engine to read ``/metrics`` from: its replica label and a client for it (the gateway's pool replicas)."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def client(self) -> httpx.AsyncClient: ...
+
+
 def _render(texts: Sequence[tuple[int, str | None]]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_EngineFamilies(texts))
@@ -63,14 +77,16 @@ def _render(texts: Sequence[tuple[int, str | None]]) -> bytes:
 
 
 class MetricsEndpoint:
-    """Builds the text of one scrape."""
+    """Builds the text of one scrape: ``own`` registry's series (the gateway's; None for an engine launcher), then
+    the ``engines``' (none: their series are left out, and so is ``airlock_engine_scrape_ok``)."""
 
-    def __init__(self, metrics: GatewayMetrics, pool: ReplicaPool | None, engine_timeout_s: float) -> None:
-        self._metrics = metrics
-        self._pool = pool
+    def __init__(self, own: CollectorRegistry | None, engines: Sequence[EngineSource],
+                 engine_timeout_s: float) -> None:
+        self._own = own
+        self._engines = engines
         self._timeout = engine_timeout_s
 
-    async def _engine_text(self, replica: Replica) -> tuple[int, str | None]:
+    async def _engine_text(self, replica: EngineSource) -> tuple[int, str | None]:
         try:
             answer = await replica.client.get("/metrics", timeout=self._timeout)
         except httpx.HTTPError:
@@ -80,10 +96,10 @@ class MetricsEndpoint:
         return replica.index, answer.text
 
     async def render(self) -> bytes:
-        own = generate_latest(self._metrics.registry)
-        if self._pool is None:
+        own = generate_latest(self._own) if self._own is not None else b""
+        if not self._engines:
             return own
-        texts = await asyncio.gather(*(self._engine_text(replica) for replica in self._pool.replicas))
+        texts = await asyncio.gather(*(self._engine_text(replica) for replica in self._engines))
         try:
             # Parsing some hundred KB of text takes milliseconds: off the event loop that relays streams.
             engines = await anyio.to_thread.run_sync(_render, texts)

@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -27,7 +27,9 @@ from .auth.watched import CredentialsFileError
 from .config import ConfigError, Settings, is_loopback_host
 from .engine import Device, ReplicaLaunch, build_replicas, replica_url
 from .engine_limits import EngineLimits
+from .engine_metrics import engine_metrics
 from .gpus import Gpu, Run, discover_gpus, place_replicas
+from .metrics_endpoint import metrics_app
 from .privacy import harden_process
 from .profiles import ModelChoice, choose_model, load_profiles
 from .runtime import settle_heap
@@ -328,6 +330,33 @@ async def metrics_listener(gateway: Gateway, settings: Settings) -> AsyncIterato
             await serving
 
 
+@contextlib.asynccontextmanager
+async def engine_metrics_listener(settings: Settings, launches: Sequence[ReplicaLaunch]) -> AsyncIterator[None]:
+    """The launcher's own metrics listener (``engine.metrics_port``, see server/engine_metrics.py), when set."""
+    engine = settings.engine
+    if engine.metrics_port is None:
+        yield
+        return
+    served = engine_metrics(settings, launches)
+    try:
+        with listen(engine.metrics_host, engine.metrics_port, "engine.metrics") as sock:
+            server = _Server(_uvicorn_config(metrics_app(served.endpoint), settings))
+            serving = asyncio.create_task(server.serve(sockets=[sock]))
+            while not server.started and not serving.done():  # listening once this returns
+                await asyncio.sleep(0.05)
+            log.info("engine metrics on http://%s:%d/metrics (plain HTTP, no sign-in%s)", engine.metrics_host,
+                     engine.metrics_port, "" if is_loopback_host(engine.metrics_host) else
+                     ": restrict who can reach it")
+            try:
+                async with reloading([served.reloader] if served.reloader is not None else []):
+                    yield
+            finally:
+                server.should_exit = True
+                await serving
+    finally:
+        await served.aclose()
+
+
 def listen(host: str, port: int, section: str = "gateway") -> socket.socket:
     """Bind an address up front, so a taken port fails at once, before any engine starts."""
     try:
@@ -386,7 +415,8 @@ async def run_up(settings: Settings) -> None:
         with Signals() as signals:
             supervisor.start()
             try:
-                async with supervisor.stopping_on_failure(signals.stop):
+                async with (supervisor.stopping_on_failure(signals.stop),
+                            engine_metrics_listener(settings, launches)):
                     await serve_gateway(gateway, settings, sock, signals, tls)
             finally:
                 log.info("stopping the engines")
@@ -410,7 +440,8 @@ async def run_engines(settings: Settings) -> None:
             for launch in launches:
                 print(f"replica {launch.index}: {launch.url}", flush=True)
             try:
-                async with supervisor.stopping_on_failure(signals.stop):
+                async with (supervisor.stopping_on_failure(signals.stop),
+                            engine_metrics_listener(settings, launches)):
                     await signals.stop.wait()
             finally:
                 await supervisor.stop()

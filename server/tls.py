@@ -255,6 +255,17 @@ def client_context(ca_file: Path | None, certificate: CertificateFiles | None = 
     return context
 
 
+def own_server_client_context(certificate: CertificateFiles) -> ssl.SSLContext:
+    """A client's context for a server in the same pod or host, reached on loopback: ``certificate`` is presented
+    (the engine's own, which its client CA issued), the server is not verified (it is this machine's own process,
+    as in the Helm chart's health probe; nothing secret is sent to it)."""
+    context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    certificate.load_into(context)
+    return context
+
+
 def _load_ca(context: ssl.SSLContext, ca_file: Path) -> None:
     try:
         context.load_verify_locations(cafile=ca_file)

@@ -94,7 +94,7 @@ def two_replica_stack(workdir: Path, demo_model_dir: Path, credentials: Credenti
         "auth": {"api_keys_file": str(credentials.api_keys)},
         "routing": routing or {"strategy": "tenant_affinity", "affinity_slack": 1},
         # The gateway's own series only: tests read them while the engines are too busy to answer quickly.
-        "metrics": {"include_engines": False},
+        "metrics": {"engine_series": False},
         "admission": admission,
         "engine": {"model": "demo", "demo_model_dir": str(demo_model_dir), "socket_dir": str(workdir / "sockets"),
                    "replicas": 2, "cpu_kvcache_gb": 1, "max_model_len": 4096, "restart_backoff_initial_s": 1},

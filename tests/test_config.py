@@ -346,3 +346,10 @@ def test_up_with_engine_tls_needs_upstream_tls(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"upstream_tls"):
         load_settings(config).check_own_engines()
     load_settings(config, upstream_tls=UPSTREAM_TLS).check_own_engines()
+
+
+def test_metrics_include_engines_is_still_read_as_engine_series(tmp_path: Path) -> None:
+    """Configs written before the rename keep working: metrics.include_engines is the old name of engine_series."""
+    path = tmp_path / "airlock.yaml"
+    path.write_text("metrics:\n  include_engines: false\n")
+    assert load_settings(path).metrics.engine_series is False

@@ -32,7 +32,7 @@ CHART = ROOT / "helm" / "airlock"
 KUBERNETES = "1.30.0"
 RELEASE = "airlock"
 # Kinds that are custom resources: no Kubernetes schema to validate them against (checked by hand below).
-CUSTOM_KINDS = {"ServiceMonitor", "Certificate", "Issuer"}
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "Certificate", "Issuer"}
 IDP_CIDR = "10.20.0.5/32"
 PROXY_CIDR = "10.42.0.0/16"
 EXISTING_TLS = {"engine": "corp-airlock-engine", "gatewayClient": "corp-airlock-gateway-client",
@@ -370,9 +370,9 @@ def test_ingress_terminates_tls_and_a_service_monitor_scrapes_metrics() -> None:
     (ingress,) = of_kind(documents, "Ingress")
     assert ingress["spec"]["tls"] == [{"hosts": ["airlock.corp.example"], "secretName": "airlock-tls"}]
     assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
-    (monitor,) = of_kind(documents, "ServiceMonitor")
-    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
-    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    monitors = of_kind(documents, "ServiceMonitor")  # the gateways' and the engines' (tests/test_monitoring.py)
+    assert [monitor["spec"]["endpoints"][0]["port"] for monitor in monitors] == ["metrics", "metrics"]
+    assert all(monitor["metadata"]["labels"]["release"] == "prometheus" for monitor in monitors)
     assert not of_kind(render({}), "Ingress") and not of_kind(render({}), "ServiceMonitor")
 
 

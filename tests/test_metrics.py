@@ -23,8 +23,8 @@ from .servers import OidcProvider
 
 pytestmark = pytest.mark.engine
 
-DASHBOARD = ROOT / "deploy" / "grafana" / "airlock-dashboard.json"
-ALERTS = ROOT / "deploy" / "prometheus" / "airlock-alerts.yaml"
+DASHBOARD = ROOT / "helm" / "airlock" / "files" / "airlock-dashboard.json"
+ALERTS = ROOT / "helm" / "airlock" / "files" / "airlock-alerts.yaml"
 TOKENS = 8
 
 Samples = list[tuple[str, dict[str, str], float]]

@@ -391,7 +391,7 @@ def test_a_file_only_root_can_read_is_reported_and_group_fixes_it(throwaway_root
 PROC_OPTIONS = {("ProtectProc", "invisible"): "hidepid=invisible", ("ProtectProc", "noaccess"): "hidepid=noaccess",
                 ("ProtectProc", "ptraceable"): "hidepid=ptraceable", ("ProcSubset", "pid"): "subset=pid"}
 DASHBOARD_PROCESS_SERIES = set(re.findall(r"airlock_process_\w+",
-                                          (ROOT / "deploy/grafana/airlock-dashboard.json").read_text()))
+                                          (ROOT / "helm/airlock/files/airlock-dashboard.json").read_text()))
 SCRAPE = """
 from prometheus_client import generate_latest
 from server.metrics import GatewayMetrics

@@ -242,7 +242,7 @@ def test_the_expiry_gauge_shows_the_gateways_certificates_by_role(tmp_path: Path
     client = write_pair(tmp_path, "gateway", ca, "airlock-gateway", not_after=NOW + timedelta(days=20))
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     settings = load_settings(
-        metrics={"listener": "separate", "include_engines": False},
+        metrics={"listener": "separate", "engine_series": False},
         upstreams=[{"url": "https://127.0.0.1:9"}],
         upstream_tls={"ca_file": str(tmp_path / "ca.pem"), "cert_file": str(client.cert_file),
                       "key_file": str(client.key_file)},
