@@ -9,7 +9,8 @@ With a signing key (``airlock keygen``), ``SHA256SUMS.sig`` and each model's ``a
 made it (``signing.py``); ``airlock verify-bundle`` checks them on the far side. A link out of the model directory, a
 dangling link or a special file stops the bundle by name (``manifest.py``): nothing outside is ever copied across. The
 bundle is built in a hidden sibling of ``--out`` and renamed into place at the end (rename(2) is atomic, and replaces
-an empty directory), so a failed run leaves nothing half-written and the retry starts clean.
+an empty directory), so a failed run leaves nothing half-written and the retry starts clean; Ctrl-C, SIGTERM (kill,
+timeout(1), systemd) and SIGHUP (a closed terminal) remove it too, only SIGKILL cannot.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import os
 import re
 import secrets
 import shutil
-import stat
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from .config import ConfigError
@@ -40,6 +42,7 @@ from .manifest import (
     write_listing,
     write_manifest,
 )
+from .regular_file import open_regular
 from .signing import SIGNATURE_SUFFIX, SignatureError, load_private_key, sign
 
 if TYPE_CHECKING:
@@ -172,7 +175,10 @@ def copy_model(model: Path, out: Path, progress: Callable[[int], None] | None = 
         os.symlink(relative, target / name)
     for name, source in found.files.items():
         if name not in found.links:
-            _copy_regular(source, target / name)
+            try:
+                _copy_regular(source, target / name)
+            except OSError as exc:  # swapped for something else since the scan
+                raise ConfigError(f"cannot copy {source}: {exc.strerror}") from exc
     try:
         manifest = write_manifest(target, progress)
     except ManifestError as exc:
@@ -183,13 +189,9 @@ def copy_model(model: Path, out: Path, progress: Callable[[int], None] | None = 
 
 
 def _copy_regular(source: Path, destination: Path) -> None:
-    """Copy one file, opened once without following a link, refused unless regular (see manifest.sha256_of)."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    with os.fdopen(os.open(source, flags), "rb") as reader:
-        if not stat.S_ISREG(os.fstat(reader.fileno()).st_mode):
-            raise ConfigError(f"{source} is not a regular file")
-        with destination.open("xb") as writer:
-            shutil.copyfileobj(reader, writer, 8 * 1024 * 1024)
+    """Copy one file, opened once without following a link, refused unless regular."""
+    with open_regular(source) as reader, destination.open("xb") as writer:
+        shutil.copyfileobj(reader, writer, 8 * 1024 * 1024)
     shutil.copystat(source, destination, follow_symlinks=False)
 
 
@@ -206,32 +208,51 @@ def write_sums(out: Path, sign_key: Ed25519PrivateKey | None = None) -> Path:
     return out / BUNDLE_SUMS
 
 
-def check_out(out: Path) -> None:
-    """``--out`` must not exist yet, or be an empty directory (it is replaced whole at the end)."""
+def check_out(out: Path, model: Path | None) -> None:
+    """``--out`` must not exist yet, or be an empty directory (it is replaced whole at the end); it must not hold the
+    current directory (renaming onto it fails, or strands the shell in a deleted directory) nor lie inside the model
+    (the model would carry the half-built bundle)."""
+    if Path.cwd().is_relative_to(os.path.abspath(out)):
+        raise ConfigError(f"--out {out} is the current directory or holds it: name a new directory")
+    if model is not None and out.resolve().is_relative_to(model.resolve()):
+        raise ConfigError(f"--out {out} is inside the model directory {model}: bundle next to it")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ConfigError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"--out {out} is not empty: bundle into a new or empty directory")
 
 
+def _stop(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM and SIGHUP end the bundle as Ctrl-C does: through the clean-up below (exit status 128 + signal, as a
+    shell reports a process killed by it)."""
+    raise SystemExit(128 + signum)
+
+
 def make_bundle(options: BundleOptions, progress: Callable[[int], None] | None = None,
                 sign_key: Path | None = None) -> dict[str, object]:
     """Build the bundle in a hidden sibling of ``options.out`` and rename it into place when all of it is written."""
-    final = options.out
-    check_out(final)
+    check_out(options.out, options.model)
+    final = Path(os.path.abspath(options.out))  # "--out dir/.." has no name to make a sibling of
     try:
         key = load_private_key(sign_key) if sign_key is not None else None  # a bad key fails before any work
     except SignatureError as exc:
         raise ConfigError(str(exc)) from exc
     final.parent.mkdir(parents=True, exist_ok=True)
     building = final.parent / f".{final.name}.partial-{secrets.token_hex(4)}"
+    handlers = {signum: signal.signal(signum, _stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
     building.mkdir()
     try:
         description = _fill(options, building, progress, key)
-        os.rename(building, final)  # replaces an empty directory; fails if something appeared meanwhile
+        try:
+            os.rename(building, final)  # replaces an empty directory
+        except OSError as exc:
+            raise ConfigError(f"--out {options.out}: {exc.strerror} (did another bundle write it meanwhile?)") from exc
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     return description
 
 

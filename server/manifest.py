@@ -9,9 +9,15 @@ file can change what vLLM loads (a chat template, a tokenizer, a config). ``airl
 What a directory may hold: regular files, directories, and symlinks whose resolved target stays inside it. A link out
 of it is refused even when its bytes match (its target can change after the check, and the check is then worthless),
 and so are dangling links, FIFOs, sockets and device files, each by name. Nothing is followed or opened before it is
-classified with ``lstat`` (opening a FIFO blocks); a file is then opened once, with ``O_NOFOLLOW | O_NONBLOCK``, and
-``fstat`` of that descriptor must say "regular file" before a byte is read (no check-then-open race). See
-open(2) and inode(7) for the flags and file types.
+classified with ``lstat`` (opening a FIFO blocks); a file is then opened once (``regular_file.open_regular``). A name
+that is not printable text (a line break, a control character such as a terminal's escape, bytes that are not UTF-8)
+is refused too: a ``sha256sum`` line cannot hold it unescaped, and printing it is not safe.
+
+A hard link is not refused: it is the file itself (the same inode, see link(2)), hashed like any file. Like any file,
+whoever can write that inode, under any name, can change it after the check: what is checked is what vLLM loads only
+while nobody but its owner can write the model directory and its files (the systemd install's root-owned
+``/var/lib/airlock/models``, the chart's read-only volume). The check runs before vLLM starts and vLLM opens the files
+by name later: that gap is closed by those permissions, not by the check.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .regular_file import kind, open_regular
 from .signing import SIGNATURE_SUFFIX, check
 
 if TYPE_CHECKING:
@@ -36,8 +43,7 @@ MANIFEST_FILES = frozenset({MANIFEST_NAME, MANIFEST_NAME + SIGNATURE_SUFFIX})
 READ_BYTES = 8 * 1024 * 1024
 MAX_LISTING_BYTES = 64 * 1024 * 1024
 _LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
-# O_NONBLOCK: opening a FIFO that slipped in after the lstat returns at once instead of waiting for a writer.
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+UNPRINTABLE = "a name that is not printable text: a line break, a control character, or bytes that are not UTF-8"
 
 Progress = Callable[[int], None]
 
@@ -82,16 +88,6 @@ class Scan:
         return [f"{name} ({why})" for name, why in sorted(self.refused.items())]
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device file"
-    return "not a regular file"
-
-
 def scan(directory: Path, skip: frozenset[str] = frozenset()) -> Scan:
     """Walk ``directory`` with lstat only. Links that stay inside are kept (a linked directory is not walked again:
     its files are checked under their own names); everything else that is not a regular file or directory is refused.
@@ -114,10 +110,13 @@ def scan(directory: Path, skip: frozenset[str] = frozenset()) -> Scan:
         if not target.is_relative_to(root):
             found.refused[name] = "a symlink to outside the directory"
             return
+        if stat.S_ISLNK(mode):  # realpath gives up on a loop and returns a link
+            found.refused[name] = "a symlink loop"
+            return
         if stat.S_ISREG(mode):
             found.files[name] = target
         elif not stat.S_ISDIR(mode):
-            found.refused[name] = f"a symlink to {_kind(mode)}"
+            found.refused[name] = f"a symlink to {kind(mode)}"
             return
         found.links[name] = os.path.relpath(target, path.parent)
 
@@ -128,6 +127,9 @@ def scan(directory: Path, skip: frozenset[str] = frozenset()) -> Scan:
             if not relative and entry.name in skip:
                 continue
             name = f"{relative}/{entry.name}" if relative else entry.name
+            if not entry.name.isprintable():  # Unicode's Cc, Cf, Zl, Zp..., and the surrogates of undecodable bytes
+                found.refused[ascii(name)[1:-1]] = UNPRINTABLE
+                continue
             mode = entry.stat(follow_symlinks=False).st_mode
             if stat.S_ISDIR(mode):
                 found.directories.append(name)
@@ -137,7 +139,7 @@ def scan(directory: Path, skip: frozenset[str] = frozenset()) -> Scan:
             elif stat.S_ISLNK(mode):
                 link(name, root / name)
             else:
-                found.refused[name] = _kind(mode)
+                found.refused[name] = kind(mode)
 
     walk("")
     return found
@@ -150,10 +152,7 @@ def model_files(directory: Path) -> list[str]:
 
 def read_regular(path: Path, limit: int) -> bytes:
     """At most ``limit`` bytes of ``path``, refused unless it is a regular file (checked on the opened descriptor)."""
-    fd = os.open(path, _OPEN_FLAGS)
-    with os.fdopen(fd, "rb") as stream:
-        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-            raise ManifestError(f"{path} is not a regular file")
+    with open_regular(path) as stream:
         data = stream.read(limit + 1)
     if len(data) > limit:
         raise ManifestError(f"{path} is larger than {limit} bytes")
@@ -162,18 +161,15 @@ def read_regular(path: Path, limit: int) -> bytes:
 
 def sha256_of(path: Path, progress: Progress | None = None) -> str:
     """The SHA-256 of a regular file, opened once and never through a link in its last component."""
+    digest = hashlib.sha256()
     try:
-        fd = os.open(path, _OPEN_FLAGS)
+        with open_regular(path) as stream:
+            while chunk := stream.read(READ_BYTES):
+                digest.update(chunk)
+                if progress is not None:
+                    progress(len(chunk))
     except OSError as exc:
         raise ManifestError(f"cannot open {path}: {exc.strerror}") from exc
-    digest = hashlib.sha256()
-    with os.fdopen(fd, "rb") as stream:
-        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-            raise ManifestError(f"{path} is not a regular file")
-        while chunk := stream.read(READ_BYTES):
-            digest.update(chunk)
-            if progress is not None:
-                progress(len(chunk))
     return digest.hexdigest()
 
 
@@ -214,13 +210,18 @@ def write_manifest(directory: Path, progress: Progress | None = None) -> bytes:
 
 
 def parse_listing(text: str, path: Path) -> dict[str, str]:
-    """File name to SHA-256 from ``sha256sum`` output; names must be relative and stay inside."""
+    """File name to SHA-256 from ``sha256sum`` output; names must be relative, stay inside, be printable (as ``scan``
+    requires: then no name needs sha256sum's backslash escaping) and be listed once. Lines end at "\n" only, as
+    sha256sum's do (``str.splitlines`` would also split at U+2028 and other Unicode line breaks)."""
     listed: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.removesuffix("\n").split("\n"), start=1):
         match = _LINE.match(line)
-        if match is None or ".." in Path(match.group(2)).parts or match.group(2).startswith("/"):
+        name = match.group(2) if match else ""
+        if match is None or ".." in Path(name).parts or name.startswith("/") or not name.isprintable():
             raise ManifestError(f"{path}: line {number} is not '<sha256>  <relative path>'")
-        listed[match.group(2)] = match.group(1)
+        if name in listed:
+            raise ManifestError(f"{path}: line {number}: {name} is listed twice")
+        listed[name] = match.group(1)
     if not listed:
         raise ManifestError(f"{path} lists no files")
     return listed

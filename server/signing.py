@@ -21,6 +21,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .regular_file import open_regular
+
 SIGNATURE_SUFFIX = ".sig"
 SIGNATURE_BYTES = 64  # RFC 8032, section 5.1.6
 MAX_KEY_BYTES = 64 * 1024
@@ -60,15 +62,13 @@ def generate_keypair(key_path: Path, public_path: Path) -> None:
 
 
 def _read_key_file(path: Path, what: str) -> tuple[bytes, os.stat_result]:
+    """The key's bytes, through links (the admin chose the path; Kubernetes mounts a ConfigMap's or Secret's keys as
+    links into ``..data``), but only from a regular file: a FIFO there would hang the read."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open_regular(path, follow=True) as stream:
+            return stream.read(MAX_KEY_BYTES + 1), os.fstat(stream.fileno())
     except OSError as exc:
         raise SignatureError(f"cannot read the {what} {path}: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as stream:
-        info = os.fstat(stream.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise SignatureError(f"the {what} {path} is not a regular file")
-        return stream.read(MAX_KEY_BYTES + 1), info
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
@@ -108,15 +108,12 @@ def check(key: Ed25519PublicKey, path: Path, data: bytes) -> None:
     """Check ``<path>.sig`` over ``data`` (the bytes of ``path`` the caller read once and goes on to use)."""
     target = signature_path(path)
     try:
-        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open_regular(target) as stream:  # on the transfer medium: a link there is refused
+            signature = stream.read(SIGNATURE_BYTES + 1)
     except FileNotFoundError as exc:
         raise SignatureError(f"{target} is missing: {path.name} is not signed") from exc
     except OSError as exc:
         raise SignatureError(f"cannot read {target}: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as stream:
-        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-            raise SignatureError(f"{target} is not a regular file")
-        signature = stream.read(SIGNATURE_BYTES + 1)
     if len(signature) != SIGNATURE_BYTES:
         raise SignatureError(f"{target} is not an Ed25519 signature ({SIGNATURE_BYTES} bytes)")
     try:

@@ -10,6 +10,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -306,3 +307,107 @@ def test_a_key_with_the_check_switched_off_is_a_configuration_error(keys: dict[s
     result = airlock("config", "--config", str(config))
     assert result.returncode == 2 and "engine.manifest_public_key is set but engine.verify_model is 'off'" \
         in result.stderr, output(result)
+
+
+# Names sha256sum would escape (a line break), a terminal would obey (an escape sequence), Python's splitlines breaks
+# (U+2028), or that are not UTF-8: the manifest cannot hold them as they are, and printing them is not safe.
+ODD_NAMES = [b"a\nb.json", b"a\x1b[31mred.json", "a\u2028b.json".encode(), b"a\xffb.json"]
+
+
+@pytest.mark.parametrize("name", ODD_NAMES, ids=["newline", "escape", "line-separator", "not-utf8"])
+def test_names_that_a_listing_cannot_hold_are_refused_escaped(model_copy: Path, source_model: Path,
+                                                               tmp_path: Path, name: bytes) -> None:
+    shown = ascii(os.fsdecode(name))[1:-1]
+    with open(os.fsencode(model_copy) + b"/" + name, "wb") as added:
+        added.write(b"{}")
+    result = airlock("verify-model", str(model_copy))
+    assert result.returncode == 1 and f"refused: {shown} (a name that is not printable text" in result.stdout, \
+        output(result)
+    assert "\x1b" not in output(result)
+    with open(os.fsencode(source_model) + b"/" + name, "wb") as added:
+        added.write(b"{}")
+    out = tmp_path / "media" / "bundle"
+    failed = airlock("bundle", "--out", str(out), "--model", str(source_model), "--no-wheels")
+    assert failed.returncode == 2 and f"{shown} (a name that is not printable text" in failed.stderr, output(failed)
+    assert "Traceback" not in failed.stderr and list(out.parent.iterdir()) == []
+
+
+def test_a_manifest_that_lists_a_file_twice_is_refused(model_copy: Path) -> None:
+    manifest = model_copy / MANIFEST_NAME
+    manifest.write_text(f"{'0' * 64}  config.json\n" + manifest.read_text())
+    result = airlock("verify-model", str(model_copy))
+    assert result.returncode == 1 and "config.json is listed twice" in result.stderr, output(result)
+
+
+def _configmap_mount(key: Path, directory: Path) -> Path:
+    """How the kubelet mounts a ConfigMap key: <dir>/<key> -> ..data/<key>, ..data -> ..<timestamp> (atomic updates;
+    see the Kubernetes docs, 'Mounted ConfigMaps are updated automatically', and pkg/volume/util/atomic_writer.go)."""
+    (directory / "..2024_01_01_00_00_00.1").mkdir(parents=True)
+    shutil.copy(key, directory / "..2024_01_01_00_00_00.1" / key.name)
+    (directory / "..data").symlink_to("..2024_01_01_00_00_00.1")
+    (directory / key.name).symlink_to(f"..data/{key.name}")
+    return directory / key.name
+
+
+def test_keys_mounted_as_kubernetes_does_are_read_through_their_links(
+    signed_bundle: Path, model_copy: Path, keys: dict[str, Path], tmp_path: Path,
+) -> None:
+    public = _configmap_mount(keys["site.pub"], tmp_path / "configmap")
+    result = airlock("verify-bundle", str(signed_bundle), "--public-key", str(public))
+    assert result.returncode == 0, output(result)
+    other = _configmap_mount(keys["other.pub"], tmp_path / "other")
+    result = _engine(model_copy, tmp_path, manifest_public_key=str(other))
+    assert result.returncode == 2 and f"{MANIFEST_NAME}.sig does not verify" in result.stderr, output(result)
+    (tmp_path / "secret").mkdir()
+    private = _configmap_mount(keys["site"], tmp_path / "secret")
+    made = airlock("bundle", "--out", str(tmp_path / "b"), "--model", str(model_copy), "--no-wheels",
+                   "--sign-key", str(private))
+    assert made.returncode == 0, output(made)
+
+
+def test_a_directory_where_a_key_or_signature_belongs_is_named(bundle_copy: Path, keys: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    result = airlock("verify-bundle", str(bundle_copy), "--public-key", str(tmp_path))
+    assert result.returncode == 1, output(result)
+    assert f"cannot read the public key {tmp_path}: not a regular file (a directory)" in result.stderr
+    (bundle_copy / "SHA256SUMS.sig").unlink()
+    (bundle_copy / "SHA256SUMS.sig").mkdir()
+    result = airlock("verify-bundle", str(bundle_copy), "--public-key", str(keys["site.pub"]))
+    assert result.returncode == 1, output(result)
+    assert "SHA256SUMS.sig: not a regular file (a directory)" in result.stderr
+
+
+def test_bundle_refuses_an_out_inside_the_model(source_model: Path) -> None:
+    result = airlock("bundle", "--out", str(source_model / "bundle"), "--model", str(source_model), "--no-wheels")
+    assert result.returncode == 2 and "is inside the model directory" in result.stderr, output(result)
+    assert not [path for path in source_model.iterdir() if "bundle" in path.name]
+
+
+def test_bundle_into_the_current_directory(source_model: Path, tmp_path: Path) -> None:
+    here = tmp_path / "here"
+    here.mkdir()
+    result = subprocess.run([*AIRLOCK, "bundle", "--out", ".", "--model", str(source_model), "--no-wheels"],
+                            cwd=here, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--out . is the current directory" in result.stderr, output(result)
+    assert list(here.iterdir()) == []
+
+
+def test_a_bundle_stopped_with_sigterm_leaves_nothing(source_model: Path, tmp_path: Path) -> None:
+    """SIGTERM is what kill, timeout(1) and systemd send: the hidden sibling is removed as on Ctrl-C."""
+    with (source_model / "large.bin").open("wb") as large:
+        large.truncate(2 * 1024**3)  # sparse: copying and hashing it takes seconds
+    parent = tmp_path / "media"
+    parent.mkdir()
+    process = subprocess.Popen([*AIRLOCK, "bundle", "--out", str(parent / "bundle"), "--model", str(source_model),
+                                "--no-wheels"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(600):
+        if any(parent.glob(".bundle.partial-*/models/*/large.bin")):
+            break
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    else:
+        pytest.fail("the bundle never started copying")
+    process.terminate()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert list(parent.iterdir()) == []
