@@ -87,13 +87,26 @@ class MetricsEndpoint:
         self._timeout = engine_timeout_s
 
     async def _engine_text(self, replica: EngineSource) -> tuple[int, str | None]:
+        """The replica's exposition, or None: no answer, not 200, longer than MAX_ENGINE_METRICS_BYTES (reading
+        stops there), or not all of it within the timeout. httpx's timeout bounds each read, not the answer: an
+        engine that sends a little at a time would hold the scrape, so the whole read has the one deadline."""
+        body = bytearray()
         try:
-            answer = await replica.client.get("/metrics", timeout=self._timeout)
-        except httpx.HTTPError:
+            async with asyncio.timeout(self._timeout), \
+                    replica.client.stream("GET", "/metrics", timeout=self._timeout) as answer:
+                if answer.status_code != 200:
+                    return replica.index, None
+                async for chunk in answer.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_ENGINE_METRICS_BYTES:
+                        return replica.index, None
+        except (httpx.HTTPError, TimeoutError):
             return replica.index, None
-        if answer.status_code != 200 or len(answer.content) > MAX_ENGINE_METRICS_BYTES:
+        # The exposition format is UTF-8 (Prometheus text format 0.0.4); anything else is not an exposition.
+        try:
+            return replica.index, body.decode("utf-8")
+        except UnicodeDecodeError:
             return replica.index, None
-        return replica.index, answer.text
 
     async def render(self) -> bytes:
         own = generate_latest(self._own) if self._own is not None else b""
