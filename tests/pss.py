@@ -4,11 +4,16 @@ Why here: no well-kept Python, npm or Debian tool checks manifests against the P
 reference implementation is the Go package k8s.io/pod-security-admission, which would need a Go build step; checkov
 and kube-linter check their own rule sets, not the standard's). Each rule below is one control of
 https://kubernetes.io/docs/concepts/security/pod-security-standards/ (restricted includes baseline), as it stands for
-Kubernetes v1.30, with the field paths the document lists. One later change is modelled, since the chart can render
-for newer clusters: `image` volumes are allowed by restricted from v1.33 (kubernetes/kubernetes PR #130394, "Allow
-ImageVolume for Restricted PSA profiles"). Windows-only and optional controls that the chart never sets are still
-checked (hostProcess, AppArmor, SELinux, procMount, sysctls), so an extraVolumes or podAnnotations value cannot sneak
-one in.
+Kubernetes v1.30, with the field paths the document lists. The changes of later versions are modelled by `version`
+(the cluster's; the reference implementation k8s.io/pod-security-admission/policy gates each check by version), since
+the chart can render for newer clusters: SELinux type container_engine_t allowed from v1.31 (check_seLinuxOptions.go),
+sysctls net.ipv4.tcp_rmem and tcp_wmem from v1.32 (check_sysctls.go, sysctlsAllowedV1Dot32), `image` volumes allowed
+by restricted from v1.33 (kubernetes/kubernetes PR #130394, "Allow ImageVolume for Restricted PSA profiles"), and the
+baseline control "Host Probes / Lifecycle Hooks" from v1.34 (check_hostProbesAndhostLifecycle.go: no `host` in a
+probe's or lifecycle handler's httpGet or tcpSocket). Windows-only and optional controls that the chart never sets are
+still checked (hostProcess, AppArmor, SELinux, procMount, sysctls), so an extraVolumes or podAnnotations value cannot
+sneak one in. Where a later version only relaxes a control for pods the chart never renders (v1.35's procMount for
+user-namespaced pods), the stricter rule stays.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ SAFE_SYSCTLS = frozenset({
     "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
     "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
     "net.ipv4.tcp_keepalive_probes"})
-# Baseline "SELinux": the types a container may ask for.
+SAFE_SYSCTLS_1_32 = SAFE_SYSCTLS | {"net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"}
+# Baseline "SELinux": the types a container may ask for (container_engine_t from v1.31).
 SELINUX_TYPES = frozenset({"", "container_t", "container_init_t", "container_kvm_t"})
+SELINUX_TYPES_1_31 = SELINUX_TYPES | {"container_engine_t"}
 # Restricted "Volume Types": the only volume sources allowed (plus `image` from v1.33, see the module docstring).
 RESTRICTED_VOLUMES = frozenset({
     "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"})
@@ -86,14 +93,24 @@ def restricted_violations(metadata: dict[str, Any], spec: dict[str, Any], versio
                 value == "runtime/default" or value.startswith("localhost/")):
             problems.append(f"AppArmor: annotation {key}")
     # Baseline, SELinux: seLinuxOptions.type within the allowed types; user and role unset.
+    selinux_types = SELINUX_TYPES_1_31 if _minor(version) >= 31 else SELINUX_TYPES
     for where, context in [("pod", pod_security), *contexts]:
         options = context.get("seLinuxOptions") or {}
-        if options.get("type", "") not in SELINUX_TYPES or options.get("user") or options.get("role"):
+        if options.get("type", "") not in selinux_types or options.get("user") or options.get("role"):
             problems.append(f"SELinux: {where}")
     # Baseline, Sysctls: spec.securityContext.sysctls[*].name within the safe set.
     for sysctl in pod_security.get("sysctls") or []:
-        if sysctl["name"] not in SAFE_SYSCTLS:
+        if sysctl["name"] not in (SAFE_SYSCTLS_1_32 if _minor(version) >= 32 else SAFE_SYSCTLS):
             problems.append(f"Sysctls: {sysctl['name']}")
+    # Baseline, Host Probes / Lifecycle Hooks (v1.34+): no host in a probe's or a lifecycle handler's httpGet or
+    # tcpSocket ("" or unset), which would let the kubelet reach another host for the pod.
+    if _minor(version) >= 34:
+        for container in containers:
+            handlers = [container.get(probe) or {} for probe in ("livenessProbe", "readinessProbe", "startupProbe")]
+            handlers += [(container.get("lifecycle") or {}).get(hook) or {} for hook in ("postStart", "preStop")]
+            if any((handler.get(action) or {}).get("host") for handler in handlers
+                   for action in ("httpGet", "tcpSocket")):
+                problems.append(f"Host Probes / Lifecycle Hooks: {container['name']}")
     # Baseline, HostPath Volumes and restricted, Volume Types: only the listed sources.
     allowed = RESTRICTED_VOLUMES | ({"image"} if _minor(version) >= 33 else set())
     for volume in spec.get("volumes", []):

@@ -21,6 +21,7 @@ from .conftest import ROOT
 from .pss import pod_templates, restricted_violations
 from .test_helm_chart import (
     CHART,
+    CUSTOM_KINDS,
     KUBE_VERSIONS,
     KUBERNETES,
     RELEASE,
@@ -59,6 +60,8 @@ def test_every_pod_meets_the_restricted_pod_security_standard(name: str) -> None
     assert len(templates) >= 2
     for workload, metadata, spec in templates:
         assert restricted_violations(metadata, spec, version) == [], workload
+        # And as the newest policy version checks it (latest, the namespace label's default).
+        assert restricted_violations(metadata, spec, "1.35") == [], workload
 
 
 @pytest.mark.parametrize(("change", "control"), [
@@ -88,10 +91,33 @@ def test_the_checker_catches_each_rule_it_implements(change: Any, control: str) 
     assert any(problem.startswith(control) for problem in restricted_violations({}, spec)), control
 
 
-def test_image_volumes_are_restricted_only_before_kubernetes_1_33() -> None:
+@pytest.mark.parametrize(("change", "control", "allowed_from"), [
+    (lambda s: s["volumes"].append({"name": "m", "image": {"reference": "r.corp/m:1"}}), "Volume Types", "1.33"),
+    (lambda s: s["containers"][0]["securityContext"].update(seLinuxOptions={"type": "container_engine_t"}),
+     "SELinux", "1.31"),
+    (lambda s: s["securityContext"].update(sysctls=[{"name": "net.ipv4.tcp_rmem", "value": "4096 87380 6291456"}]),
+     "Sysctls", "1.32"),
+])
+def test_what_later_kubernetes_versions_allow(change: Any, control: str, allowed_from: str) -> None:
+    """k8s.io/pod-security-admission gates each check by version: refused before, allowed from that version."""
     spec = copy.deepcopy(pod(render({}), f"{RELEASE}-gateway"))
-    spec["volumes"].append({"name": "m", "image": {"reference": "r.corp/m:1"}})
-    assert restricted_violations({}, spec, "1.32") and not restricted_violations({}, spec, "1.33")
+    change(spec)
+    before = f"1.{int(allowed_from.split('.')[1]) - 1}"
+    assert any(p.startswith(control) for p in restricted_violations({}, spec, before))
+    assert restricted_violations({}, spec, allowed_from) == []
+
+
+@pytest.mark.parametrize("handler", [
+    lambda c: c["readinessProbe"]["httpGet"].update(host="169.254.169.254"),
+    lambda c: c.update(startupProbe={"tcpSocket": {"port": 22, "host": "10.0.0.1"}}),
+    lambda c: c.update(lifecycle={"preStop": {"httpGet": {"port": 80, "host": "metadata.internal"}}}),
+])
+def test_a_probe_or_hook_to_another_host_is_refused_from_kubernetes_1_34(handler: Any) -> None:
+    """Baseline "Host Probes / Lifecycle Hooks" (v1.34+): the kubelet would reach another host for the pod."""
+    spec = copy.deepcopy(pod(render({}), f"{RELEASE}-gateway"))
+    handler(spec["containers"][0])
+    assert restricted_violations({}, spec, "1.33") == []
+    assert restricted_violations({}, spec, "1.34") == ["Host Probes / Lifecycle Hooks: gateway"]
 
 
 # --- Images: global.imageRegistry, pull secrets, no silent docker.io ---------------------------------------------
@@ -202,7 +228,7 @@ def test_the_model_image_is_copied_by_an_init_container_into_the_pods_own_volume
     (init,) = spec["initContainers"]
     assert init["image"] == "registry.internal.example/airlock/models/qwen3-vl-8b-instruct:2026.11"
     # Containerfile.model: the model at /model; -T copies into the directory profile auto looks for.
-    assert init["command"] == ["cp", "-R", "-T", "/model", "/models/Qwen3-VL-8B-Instruct"]
+    assert init["command"] == ["cp", "-R", "-f", "-T", "/model", "/models/Qwen3-VL-8B-Instruct"]
     assert init["volumeMounts"] == [{"name": "models", "mountPath": "/models"}]
     assert {v["name"]: v for v in spec["volumes"]}["models"]["emptyDir"] == {"sizeLimit": "40Gi"}
     (engine,) = spec["containers"]
@@ -477,3 +503,106 @@ def test_render_files_uses_the_kubernetes_version_asked() -> None:
                                             "data": {"v": "{{ .Capabilities.KubeVersion.Version }}"}}]},
                         kubernetes="1.33.0")["airlock/templates/extra-objects.yaml"]
     assert "v1.33.0" in text
+
+
+# --- Hostile values, long names -------------------------------------------------------------------------------------
+
+# Each string a template writes unquoted (a name, a key, an image reference): a value with a newline, a quote or a
+# brace must be refused by the schema, never change the manifest's structure. Found by setting every string value of
+# the ci sets to each of these (the review of issue 18): these were accepted and broke or rewrote the YAML.
+INJECTIONS = ["x\ninjected: 1", "x\n  injected: 1", "x', injected: '1", 'x", injected: "1', "x}, injected: {a: 1"]
+NAMED_STRINGS: list[tuple[str, Any]] = [
+    ("nameOverride", lambda v: {"nameOverride": v}),
+    ("fullnameOverride", lambda v: {"fullnameOverride": v}),
+    ("gateway.image.repository", lambda v: {"gateway": {"image": {"repository": v}}}),
+    ("gateway.image.tag", lambda v: {"gateway": {"image": {"tag": v}}}),
+    ("engine.image.repository", lambda v: {"engine": {"image": {"repository": v}}}),
+    ("engine.image.tag", lambda v: {"engine": {"image": {"tag": v}}}),
+    ("engine.model.image.tag", lambda v: {"engine": {"model": {"existingClaim": "", "image": {
+        "repository": "airlock/models/m", "tag": v, "directory": "M"}}}}),
+    ("engine.model.existingClaim", lambda v: {"engine": {"model": {"existingClaim": v}}}),
+    ("engine.model.persistence.storageClass", lambda v: {"engine": {"model": {"existingClaim": "", "persistence": {
+        "create": True, "storageClass": v}}}}),
+    ("privacy.saltSecret.existingSecret", lambda v: {"privacy": {"saltSecret": {"existingSecret": v}}}),
+    ("privacy.saltSecret.key", lambda v: {"privacy": {"saltSecret": {"key": v}}}),
+    ("global.imagePullSecrets", lambda v: {"global": {"imagePullSecrets": [v]}}),
+    ("imagePullSecrets[].name", lambda v: {"imagePullSecrets": [{"name": v}]}),
+    ("gateway.podLabels", lambda v: {"gateway": {"podLabels": {"corp.example/team": v}}}),
+]
+
+
+@pytest.mark.parametrize("value", INJECTIONS)
+@pytest.mark.parametrize(("where", "values"), NAMED_STRINGS, ids=[n for n, _ in NAMED_STRINGS])
+def test_a_string_that_would_rewrite_the_manifest_is_refused(where: str, values: Any, value: str) -> None:
+    with pytest.raises(helm.HelmError):
+        helm.Chart.load(CHART).validate_schema(merged(values(value)))
+
+
+@pytest.mark.parametrize(("where", "values"), NAMED_STRINGS, ids=[n for n, _ in NAMED_STRINGS])
+def test_the_named_strings_still_take_ordinary_names(where: str, values: Any) -> None:
+    ordinary = {"gateway.image.repository": "registry.corp:5000/airlock/gateway", "engine.image.tag": "0.1.0-rc.1_b2",
+                "engine.model.persistence.storageClass": "-", "nameOverride": "corp-airlock-x1",
+                "fullnameOverride": "corp-airlock-x1"}.get(where, "corp-airlock.x1")
+    for document in render(values(ordinary)):
+        if document["kind"] not in CUSTOM_KINDS:
+            kubernetes_validate.validate(document, KUBERNETES, strict=True)
+
+
+def test_long_names_stay_within_the_kubernetes_limits() -> None:
+    """A 63-character fullnameOverride, twelve engines, cert-manager: every Service name is a DNS label (63), every
+    label value at most 63, and every certificate's commonName at most 64 characters (RFC 5280 ub-common-name;
+    cert-manager's webhook refuses a longer one)."""
+    long_name = "a" * 60 + "-zz"
+    documents = render({"fullnameOverride": long_name, "engine": {"replicas": 12, "model": {
+        "persistence": {"accessModes": ["ReadOnlyMany"]}}}, "tls": {"source": "certManager"}})
+    for service in of_kind(documents, "Service"):
+        assert len(service["metadata"]["name"]) <= 63, service["metadata"]["name"]
+    for document in documents:
+        labels = dict(document["metadata"].get("labels") or {})
+        for _, metadata, _ in pod_templates([document]):
+            labels |= metadata.get("labels") or {}
+        assert all(len(str(value)) <= 63 for value in labels.values()), labels
+    common_names = [c["spec"]["commonName"] for c in of_kind(documents, "Certificate")]
+    assert len(common_names) == 12 + 2 + 2
+    assert all(len(name) <= 64 for name in common_names), [n for n in common_names if len(n) > 64]
+    assert len(set(common_names)) == len(common_names)
+
+
+@pytest.mark.parametrize("name", ["AIRLOCK_ENGINE__VERIFY_MODEL", "airlock_engine__manifest_public_key",
+                                  "Airlock_Gateway__Host"])
+@pytest.mark.parametrize("component", ["gateway", "engine"])
+def test_extra_env_cannot_override_the_settings_the_chart_writes(component: str, name: str) -> None:
+    """Airlock reads AIRLOCK_* variables (pydantic-settings, case-insensitive) over its airlock.yaml
+    (server/config.py, settings_customise_sources): one in extraEnv would silently undo what the chart set (the
+    model check, the listening address, the certificates)."""
+    message = refused({component: {"extraEnv": [{"name": name, "value": "off"}]}})
+    assert f"{component}.extraEnv: {name}" in message and "AIRLOCK_" in message
+
+
+@pytest.mark.parametrize("component", ["gateway", "engine"])
+def test_topology_spread_without_a_selector_spreads_the_components_pods(component: str) -> None:
+    """A constraint without labelSelector counts no pod at all (Kubernetes API, TopologySpreadConstraint: "used to
+    find matching pods"), so it would silently spread nothing: the chart fills in the component's selector labels."""
+    constraint = {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway"}
+    documents = render({component: {"topologySpreadConstraints": [constraint]}})
+    name = f"{RELEASE}-engine-0" if component == "engine" else f"{RELEASE}-gateway"
+    (rendered,) = pod(documents, name)["topologySpreadConstraints"]
+    assert rendered == constraint | {"labelSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "airlock", "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": component}}}
+    # One given is kept as it is.
+    own = constraint | {"labelSelector": {"matchLabels": {"team": "ml"}}}
+    assert pod(render({component: {"topologySpreadConstraints": [own]}}), name)["topologySpreadConstraints"] == [own]
+
+
+def test_the_model_copy_is_counted_by_the_scheduler_and_survives_a_rerun() -> None:
+    """An emptyDir's sizeLimit only evicts; the scheduler places pods by their ephemeral-storage requests (Kubernetes
+    docs, "Local ephemeral storage"). The init container asks for copySizeLimit, so the pod's effective request
+    (the larger of the init containers' and the sum of the app containers', "Init containers: resource sharing")
+    holds the copy for the pod's life. A restarted pod runs its init containers again over the copy already there
+    ("Init Containers", "Pod restart reasons"): -f replaces a read-only file instead of failing on it."""
+    spec = pod(render(VALUE_SETS["model-image"]), f"{RELEASE}-engine-0")
+    (init,) = spec["initContainers"]
+    assert init["resources"]["requests"]["ephemeral-storage"] == "40Gi"
+    assert "ephemeral-storage" not in init["resources"].get("limits", {})
+    assert init["command"][:2] == ["cp", "-R"] and "-f" in init["command"]

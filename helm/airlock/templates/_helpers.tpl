@@ -149,13 +149,26 @@ affinity:
   {{- include "airlock.tplvalues" (dict "value" . "context" $root) | nindent 2 }}
 {{- end }}
 {{- with $values.topologySpreadConstraints }}
+{{- /* A constraint without labelSelector counts no pod (Kubernetes API, TopologySpreadConstraint.labelSelector:
+"used to find matching pods"), so it would spread nothing: the component's own selector labels fill it in. */}}
+{{- $selector := include "airlock.selectorLabels" $root | fromYaml }}
+{{- $_ := set $selector "app.kubernetes.io/component" $component }}
+{{- $constraints := list }}
+{{- range include "airlock.tplvalues" (dict "value" . "context" $root) | fromYamlArray }}
+{{- if not (hasKey . "labelSelector") }}
+{{- $_ := set . "labelSelector" (dict "matchLabels" $selector) }}
+{{- end }}
+{{- $constraints = append $constraints . }}
+{{- end }}
 topologySpreadConstraints:
-  {{- include "airlock.tplvalues" (dict "value" . "context" $root) | nindent 2 }}
+  {{- toYaml $constraints | nindent 2 }}
 {{- end }}
 {{- end }}
 
-{{/* extraEnv entries, refusing the names the chart sets itself (a later duplicate would silently win).
-(list root component chartNames) */}}
+{{/* extraEnv entries (rendered with tpl, bitnami's extraEnvVars), refusing the names the chart sets itself (a
+later duplicate would silently win) and every AIRLOCK_* variable: Airlock reads them, in any case, over the airlock.yaml
+the chart writes (pydantic-settings, server/config.py settings_customise_sources), so one would silently undo a
+setting of the chart (the model check, the listening address, the certificates). (list root component chartNames) */}}
 {{- define "airlock.extraEnv" -}}
 {{- $root := index . 0 }}
 {{- $component := index . 1 }}
@@ -164,9 +177,12 @@ topologySpreadConstraints:
 {{- if has .name (index $ 2) }}
 {{- fail (printf "%s.extraEnv: %s is set by the chart" $component .name) }}
 {{- end }}
+{{- if hasPrefix "AIRLOCK_" (upper .name) }}
+{{- fail (printf "%s.extraEnv: %s is an Airlock setting, which would override the chart's airlock.yaml (AIRLOCK_* variables win over it): set it in %s instead" $component .name (ternary "gateway.settings" "the engine values (values.yaml, engine.*)" (eq $component "gateway"))) }}
+{{- end }}
 {{- end }}
 {{- with $extra }}
-{{- toYaml . }}
+{{- include "airlock.tplvalues" (dict "value" . "context" $root) }}
 {{- end }}
 {{- end }}
 
@@ -310,6 +326,14 @@ installed later does not switch a release over by itself. Memoized on the root c
 {{- end }}
 {{- end }}
 
+{{/* A CA's commonName, "<fullname> <role> CA", within the 64 characters of X.509 (RFC 5280, ub-common-name;
+cert-manager refuses a longer one). Leaf names are Service names (63) or "<gateway>-client", cut to fit likewise.
+(list root role) */}}
+{{- define "airlock.caCommonName" -}}
+{{- $suffix := printf " %s CA" (index . 1) }}
+{{- printf "%s%s" (include "airlock.fullname" (index . 0) | trunc (int (sub 64 (len $suffix))) | trimSuffix "-") $suffix }}
+{{- end }}
+
 {{/*
 Every certificate the chart issues: a list of {secret, ca, commonName, dnsNames, usages}. The engine CA's leaves
 (engines, gateway client) and the gateway CA's leaf (gateway server, only with tls.gateway.enabled).
@@ -322,7 +346,7 @@ Every certificate the chart issues: a list of {secret, ca, commonName, dnsNames,
 {{- $leaves = append $leaves (dict "secret" (include "airlock.engineTlsSecret" (list $ $index)) "ca" "engine" "commonName" $service "dnsNames" (include "airlock.serviceDNSNames" (list $ $service) | fromJsonArray) "usages" (list "server auth" "client auth")) }}
 {{- end }}
 {{- $gateway := include "airlock.component" (list . "gateway") }}
-{{- $leaves = append $leaves (dict "secret" (include "airlock.gatewayClientTlsSecret" .) "ca" "engine" "commonName" (printf "%s-client" $gateway) "dnsNames" list "usages" (list "client auth")) }}
+{{- $leaves = append $leaves (dict "secret" (include "airlock.gatewayClientTlsSecret" .) "ca" "engine" "commonName" (printf "%s-client" ($gateway | trunc 57 | trimSuffix "-")) "dnsNames" list "usages" (list "client auth")) }}
 {{- if .Values.tls.gateway.enabled }}
 {{- $leaves = append $leaves (dict "secret" (include "airlock.gatewayServerTlsSecret" .) "ca" "gateway" "commonName" $gateway "dnsNames" (include "airlock.serviceDNSNames" (list . $gateway) | fromJsonArray) "usages" (list "server auth")) }}
 {{- end }}
@@ -358,7 +382,7 @@ identity, notAfter}} with base64 values, CA Secrets included.
 {{- $cas := dict }}
 {{- range $role := list "engine" "gateway" }}
 {{- $name := include "airlock.component" (list $ (printf "%s-ca" $role)) }}
-{{- $commonName := printf "%s %s CA" (include "airlock.fullname" $) $role }}
+{{- $commonName := include "airlock.caCommonName" (list $ $role) }}
 {{- $identity := printf "%s|%d" $commonName $caDays | sha256sum }}
 {{- $existing := include "airlock.clusterSecret" (list $ $name) | fromJson }}
 {{- $data := dig "data" dict $existing }}
