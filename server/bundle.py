@@ -102,6 +102,50 @@ def platform_tags(platform: str) -> list[str]:
     return [*tags, f"manylinux2014_{arch}"]
 
 
+_LINUX_TAG = re.compile(r"^(?:manylinux|musllinux|linux)(?:_\d+_\d+|\d+)?_(\w+)$")
+
+
+def target_environment(platform: str, python_version: str) -> dict[str, str]:
+    """The PEP 508 marker values of the target machine (a Linux wheel platform tag, a CPython version).
+
+    Needed because pip evaluates a requirement's markers against the interpreter running it, not against
+    ``--python-version``/``--platform`` ("Ignoring six: markers 'python_full_version >= \"3.12\"' don't match your
+    environment" on a 3.11 build host): a 3.12 bundle would get the 3.11 set (uv.lock: networkx 3.6.1 below 3.12,
+    3.7 from it, six only from it) and fail to install on the target."""
+    match = _LINUX_TAG.match(platform)
+    if match is None:
+        raise ConfigError(f"--platform {platform}: a Linux wheel tag is needed, e.g. {DEFAULT_PLATFORM}")
+    if re.fullmatch(r"3\.\d+(\.\d+)?", python_version) is None:
+        raise ConfigError(f"--python-version {python_version}: a CPython version is needed, e.g. 3.12")
+    full = python_version if python_version.count(".") == 2 else f"{python_version}.0"
+    return {"python_version": ".".join(python_version.split(".")[:2]), "python_full_version": full,
+            "implementation_name": "cpython", "implementation_version": full,
+            "platform_python_implementation": "CPython", "sys_platform": "linux", "platform_system": "Linux",
+            "os_name": "posix", "platform_machine": match.group(1), "platform_release": "", "platform_version": "",
+            "extra": ""}
+
+
+def for_target(requirements: str, environment: dict[str, str]) -> str:
+    """uv's universal requirements (``name==version ; marker`` with ``--hash`` continuation lines) reduced to the
+    target's: a requirement whose marker is false there is dropped with its lines, a true marker is removed. The
+    wheelhouse, the SBOM and the install then all hold the same set (PEP 508 markers, evaluated by ``packaging``)."""
+    from packaging.markers import Marker  # the bundle runs from a checkout (make install); the images need none
+
+    kept: list[str] = []
+    keep = True
+    for line in requirements.splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            continued = line.endswith("\\")
+            spec, _, marker = line.removesuffix("\\").partition(";")
+            keep = not marker.strip() or Marker(marker.strip()).evaluate(environment)
+            line = spec.rstrip() + (" \\" if continued else "")
+        elif line.startswith("#"):
+            keep = True
+        if keep:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
 def isolated_pip_env() -> dict[str, str]:
     """The environment for pip without this machine's pip settings: no PIP_* variable (find-links, extra indexes,
     constraints of a build host must not decide what an air-gapped site receives) and no configuration file
@@ -138,6 +182,9 @@ def gather_wheels(options: BundleOptions) -> None:
     engine = [] if options.engine == "none" else ["--extra", options.engine]
     _run([*export, *engine, "--output-file", str(requirements)], project)
     _run([*export, "--output-file", str(gateway)], project)
+    environment = target_environment(options.platform, options.python_version)
+    for listed in (requirements, gateway):
+        listed.write_text(for_target(listed.read_text(), environment))
     wheels = out / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     _run([uv, "build", "--wheel", "--out-dir", str(wheels)], project)

@@ -83,6 +83,27 @@ def test_containerfiles_default_to_the_local_debian_base_or_require_one() -> Non
     assert "ARG BASE\n" in engine and "ARG BASE=" not in engine  # no digest found for vLLM's image: BASE required
 
 
+def test_a_bundle_for_another_python_gathers_that_pythons_locked_set() -> None:
+    """pip evaluates markers against the interpreter running it, not --python-version: a 3.12 bundle (vLLM's image)
+    made on this 3.11 host got networkx 3.6.1 and no six, and `pip install -r requirements.txt` on 3.12 failed."""
+    from server.bundle import for_target, target_environment
+
+    universal = subprocess.run([str(ROOT / ".tools" / "bin" / "uv"), "export", "--frozen", "--no-dev",
+                                "--no-emit-project", "--format", "requirements-txt", "--extra", "gpu"],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "networkx==3.6.1 ; python_full_version < '3.12'" in universal  # the lock still has the fork tested here
+
+    def pins(python: str) -> set[str]:
+        reduced = for_target(universal, target_environment("manylinux_2_35_x86_64", python))
+        assert ";" not in reduced and reduced.count("--hash=sha256:") > 200, reduced[:500]
+        return {line.split()[0] for line in reduced.splitlines() if line[:1].isalnum()}
+
+    py311, py312 = pins("3.11"), pins("3.12")
+    assert {"networkx==3.7", "six==1.17.0"} <= py312 and "networkx==3.6.1" not in py312
+    assert "networkx==3.6.1" in py311 and not {"networkx==3.7", "six==1.17.0"} & py311
+    assert not any(pin.startswith(("colorama==", "pywin32==", "torchaudio==")) for pin in py311 | py312)
+
+
 # The image tests ------------------------------------------------------------------------------------------------
 
 def containers_usable() -> str | None:
@@ -179,6 +200,26 @@ def test_the_gateway_image_runs_as_10001_read_only_and_carries_its_sboms(podman:
     assert "Read-only file system" in result.stderr
     inspected = json.loads(podman("image", "inspect", gateway_image).stdout)[0]
     assert inspected["Config"]["User"] == f"{UID}:{UID}"
+    # No setuid or setgid file (make-base.sh strips minbase's passwd, su, mount...), looked for as root with its
+    # capabilities (apt's lists/partial is _apt's, 0700).
+    special = podman("run", "--rm", *RUN_QUIRKS, "--network", "none", "--user", "0:0", "--entrypoint", "find",
+                     gateway_image, "/", "-xdev", "-type", "f", "-perm", "/6000").stdout
+    assert special == "", special
+
+
+def test_the_gateway_images_sbom_lists_exactly_its_python_packages(podman: Podman, gateway_image: str) -> None:
+    """What is installed (importlib.metadata, as pip list reads it) against the SBOM it carries: nothing unlisted
+    (the venv's own pip and setuptools were), nothing listed that is not there (colorama, win32 only, was)."""
+    script = ("import importlib.metadata as m, json, re;"
+              "print(json.dumps(sorted({re.sub(r'[-_.]+', '-', d.metadata['Name']).lower() + '==' + d.version"
+              " for d in m.distributions()})))")
+    installed = set(json.loads(podman.run(gateway_image, "-c", script, options=("--network", "none", "--entrypoint",
+                                                                                 "python3"))))
+    sbom = json.loads(podman.run(gateway_image, "/usr/share/airlock/sbom/gateway.cdx.json",
+                                 options=("--network", "none", "--entrypoint", "cat")))
+    root = sbom["metadata"]["component"]
+    listed = {f"{c['name'].lower()}=={c['version']}" for c in sbom["components"]} | {f"airlock=={root['version']}"}
+    assert installed == listed, (sorted(installed - listed), sorted(listed - installed))
 
 
 @pytest.fixture(scope="module")

@@ -39,13 +39,17 @@ set -- "deb $MIRROR bookworm main" "deb $MIRROR bookworm-updates main"
 [ -z "$MIRROR_SECURITY" ] || set -- "$@" "deb $MIRROR_SECURITY bookworm-security main"
 
 # No documentation, manual pages or translations (dpkg path-exclude, as Debian's own slim images); apt's lists and
-# caches removed; the package listing written for the image's SBOM.
+# caches removed; the package listing written for the image's SBOM. No setuid/setgid file (passwd, su, mount...
+# come with minbase): the images run as uid 10001 and never change user, and under no-new-privileges (the chart's
+# allowPrivilegeEscalation: false) the bits would be ignored anyway (CIS Docker Benchmark 4.8, "Remove setuid and
+# setgid permissions in the images").
 mmdebstrap --variant=minbase --include=python3,python3-venv --mode=auto \
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' --dpkgopt='path-exclude=/usr/share/locale/*' \
     --customize-hook='mkdir -p "$1/usr/share/airlock/sbom"' \
     --customize-hook='chroot "$1" dpkg-query -W -f "\${Package}\t\${Version}\t\${Architecture}\n" | LC_ALL=C sort > "$1/usr/share/airlock/sbom/debian-packages.txt"' \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/*' \
+    --customize-hook='find "$1" -xdev -type f -perm /6000 -exec chmod ug-s {} +' \
     bookworm "$out" "$@"
 
 podman import --quiet \
