@@ -341,7 +341,8 @@ def test_engine_image_cpu_starts_the_demo_model(podman: Podman, demo_model_dir: 
         "model": "/model", "device": "cpu", "bind": "tcp", "base_port": port, "cpu_kvcache_gb": 1,
         "max_model_len": 2048, "profile": "airlock-demo",
     }})
-    output = podman.run(ENGINE_CPU, "-c", script, options=(
-        "--network", "none", "--entrypoint", "python3", "--volume", f"{etc}:/etc/airlock:ro",
-        "--volume", f"{demo_model_dir}:/model:ro"), timeout=ENGINE_START_TIMEOUT_S + 120)
-    assert "served" in output
+    result = podman("run", "--rm", *RUN_QUIRKS, "--read-only", "--cap-drop", "all", "--security-opt",
+                    "no-new-privileges", "--network", "none", "--entrypoint", "python3", "--volume",
+                    f"{etc}:/etc/airlock:ro", "--volume", f"{demo_model_dir}:/model:ro", ENGINE_CPU, "-c", script,
+                    timeout=ENGINE_START_TIMEOUT_S + 120, check=False)
+    assert "served" in result.stdout, (result.stdout[-2000:], result.stderr[-6000:])
