@@ -178,7 +178,8 @@ def gather_wheels(options: BundleOptions) -> None:
     uv = _uv(project)
     # Everything (the engine too), and the gateway's share alone (its image needs no vLLM and no torch).
     requirements, gateway = out / "requirements.txt", out / "requirements-gateway.txt"
-    export = [uv, "export", "--frozen", "--no-dev", "--no-emit-project", "--format", "requirements-txt"]
+    # --no-header: uv's header names the output path, here the hidden directory the bundle is built in.
+    export = [uv, "export", "--frozen", "--no-dev", "--no-emit-project", "--no-header", "--format", "requirements-txt"]
     engine = [] if options.engine == "none" else ["--extra", options.engine]
     _run([*export, *engine, "--output-file", str(requirements)], project)
     _run([*export, "--output-file", str(gateway)], project)

@@ -62,6 +62,13 @@ def _cmd_engine(args: argparse.Namespace) -> None:
     settings = _settings(args)
     _configure_logging(settings)
     if args.dry_run:
+        if settings.engine.manifest_public_key is not None:  # the key, not the model's files: that is the start's
+            from .signing import SignatureError, load_public_key
+
+            try:
+                load_public_key(settings.engine.manifest_public_key)
+            except SignatureError as exc:
+                raise CommandError(f"engine.manifest_public_key: {exc}") from exc
         with runtime_directory(settings) as runtime_dir:
             planned = plan_engines(settings, runtime_dir)
         print(json.dumps(_dry_run(planned), indent=2))
@@ -165,8 +172,10 @@ def _cmd_keygen(args: argparse.Namespace) -> None:
 
     try:
         generate_keypair(args.out_key, args.out_public)
-    except (SignatureError, OSError) as exc:
+    except SignatureError as exc:
         raise CommandError(str(exc)) from exc
+    except OSError as exc:
+        raise CommandError(f"cannot write {exc.filename or args.out_key}: {exc.strerror}") from exc
     print(f"signing key written to {args.out_key} (0600: keep it on this machine, never on the transfer medium); "
           f"public key written to {args.out_public} (carry it to the far side separately)")
 

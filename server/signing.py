@@ -45,9 +45,13 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
 
 def generate_keypair(key_path: Path, public_path: Path) -> None:
     """A new Ed25519 key pair: the private key 0600, the public key 0644. Refuses to overwrite either file."""
+    if key_path.absolute() == public_path.absolute():
+        raise SignatureError(f"--out-key and --out-public are the same file ({key_path}): give two names")
     for path in (key_path, public_path):
         if path.exists() or path.is_symlink():
             raise SignatureError(f"{path} already exists: refusing to overwrite it")
+        if not path.absolute().parent.is_dir():
+            raise SignatureError(f"{path.absolute().parent} is not a directory: create it first")
     key = Ed25519PrivateKey.generate()
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
@@ -74,15 +78,18 @@ def _read_key_file(path: Path, what: str) -> tuple[bytes, os.stat_result]:
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """The signing key; refused if anyone but its owner may read it (as OpenSSH refuses such keys)."""
     data, info = _read_key_file(path, "signing key")
-    if info.st_mode & 0o077:
-        raise SignatureError(f"the signing key {path} is readable by others (mode {stat.S_IMODE(info.st_mode):04o}):"
-                             f" chmod 600 it")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
-        raise SignatureError(f"{path} is not an unencrypted PEM private key (make one with `airlock keygen`)") from exc
+        hint = " (that is the public half: give the private key)" if b"PUBLIC KEY" in data else ""
+        raise SignatureError(f"{path} is not an unencrypted PEM private key{hint} (make one with `airlock keygen`)"
+                             ) from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise SignatureError(f"{path} is not an Ed25519 key (make one with `airlock keygen`)")
+    # What it is first, then who may read it: a public key with mode 0644 is not told to chmod 600.
+    if info.st_mode & 0o077:
+        raise SignatureError(f"the signing key {path} is readable by others (mode {stat.S_IMODE(info.st_mode):04o}):"
+                             f" chmod 600 it")
     return key
 
 

@@ -411,3 +411,28 @@ def test_a_bundle_stopped_with_sigterm_leaves_nothing(source_model: Path, tmp_pa
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143, stderr
     assert list(parent.iterdir()) == []
+
+
+def test_keygen_and_sign_key_mistakes_get_plain_answers(keys: dict[str, Path], demo_model_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """What a newcomer mistypes: a directory that does not exist, one name for both files, the public key given as
+    the signing key (told what it is, not to chmod it)."""
+    missing = airlock("keygen", "--out-key", str(tmp_path / "no" / "k.key"), "--out-public", str(tmp_path / "k.pub"))
+    assert missing.returncode == 1 and f"{tmp_path / 'no'} is not a directory" in missing.stderr, output(missing)
+    assert "Errno" not in output(missing) and not (tmp_path / "k.pub").exists()
+    same = airlock("keygen", "--out-key", str(tmp_path / "same"), "--out-public", str(tmp_path / "same"))
+    assert same.returncode == 1 and "are the same file" in same.stderr and not (tmp_path / "same").exists()
+    wrong = airlock("bundle", "--out", str(tmp_path / "b"), "--model", str(demo_model_dir), "--no-wheels",
+                    "--sign-key", str(keys["site.pub"]))
+    assert wrong.returncode != 0 and "that is the public half" in wrong.stderr, output(wrong)
+    assert "chmod" not in wrong.stderr and not (tmp_path / "b").exists()
+
+
+def test_engine_dry_run_checks_the_manifest_public_key(source_model: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "engine.yaml", {"engine": {
+        "model": str(source_model), "profile": "airlock-demo", "device": "cpu",
+        "manifest_public_key": str(tmp_path / "absent.pub"),
+    }})
+    result = airlock("engine", "--config", str(config), "--dry-run")
+    assert result.returncode != 0 and "engine.manifest_public_key: cannot read the public key" in result.stderr, \
+        output(result)

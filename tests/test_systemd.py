@@ -35,7 +35,7 @@ from server.auth.htpasswd import parse_htpasswd
 from server.config import GatewaySettings, Settings, load_settings
 from server.engine import replica_url
 
-from .conftest import ROOT
+from .conftest import AIRLOCK, ROOT
 from .terminal import run_in_terminal
 
 SYSTEMD = ROOT / "deploy" / "systemd"
@@ -44,7 +44,7 @@ CONFIG_DIR = "/etc/airlock"
 CREDENTIALS = "/run/credentials/airlock-gateway.service/"  # systemd.exec(5): /run/credentials/UNITNAME
 # The README's commands that only install software or copy the model and units (not run here: they need the
 # bundle); anything else the section grows must be classified, so a new step cannot slip by untested.
-INSTALL_ONLY = {"python3.11", "/opt/airlock/bin/pip", "ln", "mkdir", "cp"}
+INSTALL_ONLY = {"python3.11", "/opt/airlock/bin/pip", "ln", "mkdir", "cp", "chmod"}
 RUN_HERE = {"useradd", "install", "sh", "airlock"}
 # Descriptors a gateway needs besides one per waiting client and one per engine connection.
 FD_MARGIN = 1024
@@ -244,9 +244,11 @@ def as_user(user: str, path: Path) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["runuser", "-u", user, "--", "cat", str(path)], capture_output=True, timeout=30)
 
 
-def localised(command: list[str], base: Path, user: str) -> list[str]:
-    """The README's command with /etc/airlock under ``base``, `airlock` (the account) as ``user``, no sudo."""
+def localised(command: list[str], base: Path, user: str, home: Path) -> list[str]:
+    """The README's command with /etc/airlock under ``base``, `airlock` (the account) as ``user``, ``~`` (the shell
+    would expand it) as ``home``, no sudo."""
     argv = [token.replace(CONFIG_DIR, f"{base}{CONFIG_DIR}") for token in program(command)]
+    argv = [f"{home}/{token[2:]}" if token.startswith("~/") else token for token in argv]
     if argv[0] == "airlock":
         return [str(ROOT / ".venv/bin/airlock"), *argv[1:]]
     return [user if token == "airlock" else token for token in argv]
@@ -261,6 +263,12 @@ def test_the_readme_steps_give_the_service_its_files_and_nobody_else(throwaway_r
     (work / "gateway.crt").write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
     issued.private_key_pem.write_to_path(str(work / "gateway.key"))
     (throwaway_root / "etc").mkdir(mode=0o755)
+    # The admin's home on this host, with the public half of the site's signing key (README: `airlock keygen`).
+    home = throwaway_root / "home"
+    home.mkdir()
+    made = subprocess.run([*AIRLOCK, "keygen", "--out-key", str(home / "airlock-signing.key"), "--out-public",
+                           str(home / "airlock-signing.pub")], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
 
     ran: set[str] = set()
     for command in steps.commands:
@@ -268,7 +276,7 @@ def test_the_readme_steps_give_the_service_its_files_and_nobody_else(throwaway_r
         if name in INSTALL_ONLY:
             continue
         assert name in RUN_HERE, f"a README step this test does not know: {shlex.join(command)}"
-        argv = localised(command, throwaway_root, service_user)
+        argv = localised(command, throwaway_root, service_user, home)
         if argv[1:3] == ["users", "add"] and "--password-stdin" not in argv:
             result = run_in_terminal(argv, [("New password:", PASSWORD), ("Again:", PASSWORD)], cwd=work)
             assert result.returncode == 0, result.screen

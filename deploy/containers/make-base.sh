@@ -3,28 +3,32 @@
 # Debian 12 "bookworm", the minbase variant (Essential: yes and Priority: required packages only, mmdebstrap(1)),
 # plus Python 3 and its venv module. Imported as localhost/airlock/debian-base:bookworm for the Containerfiles.
 #
-#   deploy/containers/make-base.sh [--mirror URL] [--tag NAME] [--tar FILE]
+#   deploy/containers/make-base.sh [--mirror URL] [--mirror-security URL] [--tag NAME] [--tar FILE]
 #
-# --mirror (or MIRROR): the site's Debian mirror (default http://deb.debian.org/debian); the security suite is taken
-# from MIRROR_SECURITY (default http://deb.debian.org/debian-security) unless set to "" (a mirror without it).
+# --mirror (or MIRROR): the site's Debian mirror (default http://deb.debian.org/debian). --mirror-security (or
+# MIRROR_SECURITY): its security suite, by default the mirror's URL with "-security" appended (Debian's own layout:
+# .../debian and .../debian-security); "" leaves the security suite out (a mirror without it). Nothing else is asked.
 # SOURCE_DATE_EPOCH (reproducible-builds.org): mmdebstrap then makes a bit-for-bit reproducible tarball from the
 # same mirror state (mmdebstrap(1), "SOURCE_DATE_EPOCH"). The Debian packages in the image are listed in
 # /usr/share/airlock/sbom/debian-packages.txt (dpkg-query; Debian ships no CycloneDX generator for dpkg).
 set -eu
 
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
-MIRROR_SECURITY="${MIRROR_SECURITY-http://deb.debian.org/debian-security}"
 TAG="${TAG:-localhost/airlock/debian-base:bookworm}"
 TAR=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --mirror) MIRROR="$2"; shift 2 ;;
+        --mirror-security) MIRROR_SECURITY="$2"; shift 2 ;;
         --tag) TAG="$2"; shift 2 ;;
         --tar) TAR="$2"; shift 2 ;;
         -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         *) echo "make-base.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
+
+MIRROR="${MIRROR%/}"
+MIRROR_SECURITY="${MIRROR_SECURITY-$MIRROR-security}"
 
 for tool in mmdebstrap podman; do
     command -v "$tool" >/dev/null || { echo "make-base.sh needs Debian's $tool (make system-packages)" >&2; exit 1; }
