@@ -38,6 +38,26 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def _binds_overlap(one: str, other: str) -> bool:
+    """True when listeners on these two host settings cannot share a port: the same address, or a wildcard covering
+    the other (Linux bind(2), EADDRINUSE: 0.0.0.0 takes the port on every IPv4 address, and "::" on every address of
+    both families, since Airlock's sockets leave IPV6_V6ONLY off, server/runner.py listen). Names are compared as
+    written, except the loopback names (localhost resolves to 127.0.0.1 first, ip6-localhost to ::1)."""
+    def parsed(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
+        host = {"localhost": "127.0.0.1", "ip6-localhost": "::1", "": "::"}.get(host, host)
+        try:
+            return ipaddress.ip_address(host)
+        except ValueError:
+            return host
+    first, second = parsed(one), parsed(other)
+    if first == second or ipaddress.ip_address("::") in (first, second):
+        return True
+    for wildcard, address in ((first, second), (second, first)):
+        if wildcard == ipaddress.ip_address("0.0.0.0") and isinstance(address, ipaddress.IPv4Address):
+            return True
+    return False
+
+
 def _expand(value: Path | None) -> Path | None:
     """``~`` in a path setting means the home directory, as in a shell."""
     return value.expanduser() if value is not None else None
@@ -557,6 +577,19 @@ class Settings(BaseSettings):
             "listen on 127.0.0.1, or, if a proxy in front of Airlock terminates TLS, set "
             "gateway.tls_terminated_by_proxy: true and list that proxy in gateway.trusted_proxies."
         )
+
+    @model_validator(mode="after")
+    def _metrics_on_a_port_of_its_own(self) -> Settings:
+        metrics, gateway = self.metrics, self.gateway
+        if metrics.listener == "separate" and metrics.port == gateway.port and _binds_overlap(gateway.host,
+                                                                                             metrics.host):
+            raise ValueError(
+                f"metrics.port {metrics.port} is gateway.port: with metrics.listener: separate on "
+                f"{metrics.host!r} and the gateway on {gateway.host!r}, the second listener could not bind at start "
+                "(address in use). Give metrics a port of its own (default 9464), or use metrics.listener: main "
+                "(GET /metrics on the gateway's port, with sign-in)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _https_needs_a_client_certificate(self) -> Settings:

@@ -353,3 +353,27 @@ def test_metrics_include_engines_is_still_read_as_engine_series(tmp_path: Path) 
     path = tmp_path / "airlock.yaml"
     path.write_text("metrics:\n  include_engines: false\n")
     assert load_settings(path).metrics.engine_series is False
+
+
+@pytest.mark.parametrize(("gateway_host", "metrics_host"), [
+    ("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("127.0.0.1", "0.0.0.0"), ("::", "127.0.0.1"),
+    ("localhost", "127.0.0.1"),
+])
+def test_a_separate_metrics_listener_on_the_gateways_own_port_is_refused(gateway_host: str, metrics_host: str) -> None:
+    """Two listeners on one port of overlapping addresses: the second would fail to bind at start (EADDRINUSE; a
+    wildcard address takes the port on every address, and "::" on Linux takes IPv4's too unless IPV6_V6ONLY)."""
+    with pytest.raises(ConfigError, match=r"metrics\.port 9000 is gateway\.port: .*metrics\.listener: separate"):
+        load_settings(gateway={"host": gateway_host, "port": 9000, "insecure_allow_unauthenticated_remote": True,
+                               "tls_terminated_by_proxy": True, "trusted_proxies": ["10.0.0.5"]},
+                      metrics={"listener": "separate", "host": metrics_host, "port": 9000})
+
+
+@pytest.mark.parametrize(("listener", "metrics_host", "port"), [
+    ("main", "127.0.0.1", 9000), ("off", "127.0.0.1", 9000), ("separate", "127.0.0.2", 9000),
+    ("separate", "127.0.0.1", 9464),
+])
+def test_metrics_on_the_gateways_port_is_fine_when_nothing_binds_it_twice(listener: str, metrics_host: str,
+                                                                         port: int) -> None:
+    settings = load_settings(gateway={"host": "127.0.0.1", "port": 9000},
+                             metrics={"listener": listener, "host": metrics_host, "port": port})
+    assert settings.metrics.port == port

@@ -606,3 +606,130 @@ def test_the_model_copy_is_counted_by_the_scheduler_and_survives_a_rerun() -> No
     assert init["resources"]["requests"]["ephemeral-storage"] == "40Gi"
     assert "ephemeral-storage" not in init["resources"].get("limits", {})
     assert init["command"][:2] == ["cp", "-R"] and "-f" in init["command"]
+
+
+# --- Peer lists that would open everything (newcomer review of issue 18) -------------------------------------------
+# A NetworkPolicy rule with an empty or missing peer list matches every peer, and one with no ports every port
+# (Kubernetes API, NetworkPolicyEgressRule.to / NetworkPolicyIngressRule.from / .ports: "If this field is empty or
+# missing, this rule matches all destinations/sources/ports"). Every peer list the values hold is refused empty.
+
+ANY_DESTINATION = [{"namespaceSelector": {}}, {"ipBlock": {"cidr": "0.0.0.0/0"}}]
+
+
+@pytest.mark.parametrize(("overrides", "where"), [
+    # {to: [], ports: [53]}: any server on port 53, a way out for data through DNS.
+    ({"networkPolicy": {"dns": {"to": []}}}, "networkPolicy.dns.to"),
+    ({"networkPolicy": {"dns": {"to": None}}}, "networkPolicy.dns.to"),
+    ({"networkPolicy": {"dns": {"ports": []}}}, "networkPolicy.dns.ports"),
+    # An empty peer is no peer (the API server refuses it; the schema says where).
+    ({"networkPolicy": {"dns": {"to": [{}]}}}, "to"),
+    ({"networkPolicy": {"gatewayFrom": [{}]}}, "gatewayFrom"),
+    ({"networkPolicy": {"metricsFrom": [{}]}}, "metricsFrom"),
+    # The identity provider's addresses on no port at all: every port.
+    ({"networkPolicy": {"identityProvider": {"cidrs": ["10.20.0.5/32"], "ports": []}}}, "ports"),
+    # Extra rules must name their peers; "anywhere" is written out (ANY_DESTINATION).
+    ({"networkPolicy": {"gateway": {"extraEgress": [{"ports": [{"port": 443, "protocol": "TCP"}]}]}}}, "to"),
+    ({"networkPolicy": {"engine": {"extraEgress": [{"to": [], "ports": [{"port": 443}]}]}}}, "to"),
+    ({"networkPolicy": {"gateway": {"extraIngress": [{"ports": [{"port": 8000}]}]}}}, "from"),
+    ({"networkPolicy": {"engine": {"extraIngress": [{"from": [{}]}]}}}, "from"),
+])
+def test_a_peer_list_that_would_match_everything_is_refused(overrides: dict[str, Any], where: str) -> None:
+    assert where in refused(overrides)
+
+
+def test_dns_may_name_no_peer_only_when_its_rule_is_off() -> None:
+    policy = gateway_policy({"networkPolicy": {"dns": {"enabled": False, "to": [], "ports": []}}})
+    assert all(rule["to"] for rule in policy["egress"]) and len(policy["egress"]) == 1
+
+
+def test_an_extra_rule_to_anywhere_is_written_out() -> None:
+    rule = {"to": ANY_DESTINATION, "ports": [{"port": 443, "protocol": "TCP"}]}
+    assert gateway_policy({"networkPolicy": {"gateway": {"extraEgress": [rule]}}})["egress"][-1] == rule
+
+
+# --- The README's Kubernetes steps make every object the example values name ---------------------------------------
+
+
+def readme_value(title: str) -> dict[str, Any]:
+    (values,) = [values for found, values in readme_values() if found.strip() == title]
+    return values
+
+
+def kubernetes_section() -> str:
+    readme = (ROOT / "README.md").read_text()
+    return readme[readme.index("### 3b. Kubernetes (Helm)"):readme.index("## Configuration")]
+
+
+def test_the_readme_creates_what_the_values_name_before_helm_install() -> None:
+    section = kubernetes_section()
+    install = section.index("helm install airlock")
+    before = section[:install]
+    values = readme_value("# airlock-values.yaml")
+    commands = [
+        "kubectl create namespace airlock",
+        "kubectl label namespace airlock pod-security.kubernetes.io/enforce=restricted",
+        # airlock keygen --out-public ~/airlock-signing.pub (section 1), under the key the values name.
+        "kubectl -n airlock create configmap airlock-signer "
+        f"--from-file={values['engine']['model']['publicKey']['key']}=$HOME/airlock-signing.pub",
+        f"kubectl -n airlock create configmap {values['auth']['oidc']['caConfigMap']} --from-file=ca.crt=",
+        f"kubectl -n airlock create secret tls {values['ingress']['tls']['secretName']} ",
+        "podman push registry.internal.example/airlock/gateway:0.1.0",
+        "podman push registry.internal.example/airlock/engine:0.1.0",
+    ]
+    for command in commands:
+        assert command in before, command
+    assert values["engine"]["model"]["publicKey"]["configMap"] == "airlock-signer"
+    assert "airlock keygen --out-key ~/airlock-signing.key --out-public ~/airlock-signing.pub" in (
+        ROOT / "README.md").read_text()
+    # The namespace is made (and labelled) first, so helm must not be asked to make it.
+    assert before.index("kubectl create namespace airlock") < before.index("kubectl -n airlock create")
+    assert "--create-namespace" not in section[install:section.index("```", install)]
+    # A claim of your own: the command that makes it, with the name the chart's default expects.
+    assert "name: airlock-models" in before and "kind: PersistentVolumeClaim" in before
+
+
+def test_the_readme_values_trust_the_ingress_controllers_forwarded_address() -> None:
+    """Behind the Ingress every connection comes from a controller pod: without trusted_proxies (and
+    tls_terminated_by_proxy, which makes the gateway read X-Forwarded-For: server/runner.py) failed sign-ins would
+    be counted per controller pod, not per client."""
+    values = readme_value("# airlock-values.yaml")
+    gateway = values["gateway"]["settings"]["gateway"]
+    assert gateway["tls_terminated_by_proxy"] is True and gateway["trusted_proxies"]
+    documents = render(values)
+    settings = yaml.safe_load(named(documents, "ConfigMap", f"{RELEASE}-gateway")["data"]["airlock.yaml"])
+    loaded = Settings.model_validate(settings)
+    assert loaded.gateway.trusted_proxies == gateway["trusted_proxies"] and loaded.gateway.tls.enabled
+    example = kubernetes_section()
+    assert "CHANGE" in example[example.index("trusted_proxies"):][:200]
+
+
+def test_the_readme_says_where_the_cpu_engine_image_belongs_and_openshift_scrapes_from_its_namespace() -> None:
+    section = kubernetes_section()
+    assert "Containerfile.engine-cpu" in section[section.index("2. The model"):]
+    values = readme_value("# openshift-values.yaml")
+    assert values["networkPolicy"]["metricsFrom"] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "openshift-user-workload-monitoring"}}}]
+
+
+@pytest.mark.parametrize(("settings", "path", "instead"), [
+    ({"gateway": {"port": 8443}}, "gateway.port", "8000 in the pod"),
+    ({"gateway": {"tls": {"cert_file": "/x.crt"}}}, "gateway.tls.cert_file", "tls.gateway"),
+    ({"upstreams": [{"url": "https://elsewhere:8100"}]}, "upstreams", "engine.replicas"),
+    ({"privacy": {"tenant": "shared"}}, "privacy.tenant", "privacy.tenant"),
+    ({"auth": {"local_groups": {"ops": ["alice"]}}}, "auth.local_groups.ops", "auth.localGroups"),
+    ({"engine": {"max_num_seqs": 8}}, "engine.max_num_seqs", "engine.maxNumSeqs"),
+])
+def test_every_gateway_setting_the_chart_writes_is_refused_in_gateway_settings(settings: dict[str, Any], path: str,
+                                                                               instead: str) -> None:
+    """The chart's airlock.yaml wins over gateway.settings (mustMergeOverwrite): a setting in both would be lost."""
+    message = refused({"gateway": {"settings": settings}, "engine": {"maxNumSeqs": 16},
+                       "auth": {"localGroups": {"ops": ["bob"]}}})
+    assert f"gateway.settings.{path} is set by the chart from" in message and instead in message
+
+
+def test_gateway_settings_the_chart_leaves_alone_are_merged() -> None:
+    values = {"gateway": {"settings": {"gateway": {"read_timeout_s": 900}, "auth": {"realm": "Corp"},
+                                       "screening": {"max_tokens_limit": 2048}}}}
+    settings = yaml.safe_load(named(render(values), "ConfigMap", f"{RELEASE}-gateway")["data"]["airlock.yaml"])
+    assert settings["gateway"]["read_timeout_s"] == 900 and settings["gateway"]["port"] == 8000
+    assert settings["auth"]["realm"] == "Corp" and settings["screening"]["max_tokens_limit"] == 2048

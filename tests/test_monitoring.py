@@ -409,3 +409,101 @@ def test_the_readme_points_at_the_one_copy_of_the_dashboard_and_alerts() -> None
     readme = (ROOT / "README.md").read_text()
     assert "helm/airlock/files/airlock-dashboard.json" in readme and "helm/airlock/files/airlock-alerts.yaml" in readme
     assert not (ROOT / "deploy" / "grafana").exists() and not (ROOT / "deploy" / "prometheus").exists()
+
+
+# --- Values Prometheus or the pod would refuse later (newcomer review of issue 18) ---------------------------------
+
+
+@pytest.mark.parametrize(("interval", "timeout"), [("30s", "1m"), ("1m", "1m30s"), ("1m30s", "91s"),
+                                                   ("500ms", "1s"), ("1h", "1h1ms")])
+def test_a_scrape_timeout_longer_than_the_interval_is_refused(interval: str, timeout: str) -> None:
+    """Prometheus refuses a scrape_timeout greater than the scrape_interval (prometheus/config/config.go:
+    "scrape timeout greater than scrape interval"); the operator would pass it on and the scrape config be dropped."""
+    with pytest.raises(helm.HelmError, match=r"scrapeTimeout .* longer than .*interval"):
+        render({"metrics": {"serviceMonitor": {"enabled": True, "interval": interval, "scrapeTimeout": timeout}}})
+
+
+@pytest.mark.parametrize(("interval", "timeout"), [("1m30s", "1m"), ("30s", "30s"), ("2m", "90s"), ("1h", "59m59s"),
+                                                   ("1d", "1h"), ("1s", "999ms")])
+def test_prometheus_durations_within_the_interval_render(interval: str, timeout: str) -> None:
+    documents = render({"metrics": {"serviceMonitor": {"enabled": True, "interval": interval,
+                                                       "scrapeTimeout": timeout}}})
+    for monitor in of_kind(documents, "ServiceMonitor"):
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert (endpoint["interval"], endpoint["scrapeTimeout"]) == (interval, timeout)
+
+
+@pytest.mark.parametrize("duration", ["0s", "1m1h", "1.5m", ""])
+def test_a_duration_prometheus_cannot_parse_is_refused(duration: str) -> None:
+    with pytest.raises(helm.HelmError, match="interval"):
+        render({"metrics": {"serviceMonitor": {"enabled": True, "interval": duration, "scrapeTimeout": "1s"}}})
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"metrics": {"port": 8000}}, r"metrics\.port 8000 is the gateway's API port"),
+    ({"metrics": {"port": 8443}, "gateway": {"service": {"port": 8443}}},
+     r"metrics\.port 8443 is the gateway's API port"),
+])
+def test_the_gateway_metrics_port_must_not_be_its_api_port(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmError, match=message):
+        render(overrides)
+
+
+def test_the_gateway_metrics_port_may_equal_an_engine_port_on_other_pods() -> None:
+    """The gateway's ports and the engines' are on different pods and Services: no duplicate."""
+    documents = render({"metrics": {"port": 8100}})
+    for kind in ("Deployment", "Service"):
+        for document in of_kind(documents, kind):
+            spec = document["spec"]
+            ports = [p.get("containerPort", p.get("port")) for container in (
+                spec["template"]["spec"]["containers"] if kind == "Deployment" else [spec])
+                for p in container.get("ports", [])]
+            assert len(ports) == len(set(ports)), document["metadata"]["name"]
+
+
+@pytest.mark.parametrize(("setting", "value", "instead"), [
+    ("port", 9999, "metrics.port"),
+    ("engine_series", True, "metrics.enginePort"),
+    ("listener", "main", "ServiceMonitor"),
+    ("host", "127.0.0.1", "ServiceMonitor"),
+])
+def test_metrics_settings_the_chart_owns_are_refused_not_overridden(setting: str, value: Any, instead: str) -> None:
+    with pytest.raises(helm.HelmError) as error:
+        render({"gateway": {"settings": {"metrics": {setting: value}}}})
+    assert f"gateway.settings.metrics.{setting} is set by the chart" in str(error.value)
+    assert instead in str(error.value)
+
+
+def test_other_metrics_settings_still_reach_the_gateway() -> None:
+    documents = render({"gateway": {"settings": {"metrics": {"engine_timeout_s": 3.0, "groups": ["ops"]}}}})
+    (config,) = [c for c in of_kind(documents, "ConfigMap") if c["metadata"]["name"] == "airlock-gateway"]
+    metrics = yaml.safe_load(config["data"]["airlock.yaml"])["metrics"]
+    assert metrics["engine_timeout_s"] == 3.0 and metrics["port"] == 9464 and metrics["engine_series"] is False
+
+
+def test_the_readme_systemd_scrape_config_reaches_the_3a_gateway(tmp_path: Path) -> None:
+    """The prometheus.yml of "Where /metrics lives" scrapes the gateway of section 3a as it is set up there: HTTPS
+    on its port, with the CA that issued its certificate, and an API key (/metrics on the main listener needs a
+    sign-in); promtool checks the file, with the files it names in place."""
+    readme = (ROOT / "README.md").read_text()
+    section_3a = readme[readme.index("### 3a. Bare metal (systemd)"):readme.index("### 3b. Kubernetes (Helm)")]
+    (gateway_block,) = [b for b in re.findall(r"```yaml\n(.*?)```", section_3a, flags=re.DOTALL)
+                        if b.startswith("gateway:")]
+    gateway = yaml.safe_load(gateway_block)
+    assert "metrics" not in gateway  # the main listener: sign-in and TLS as the API
+    (block,) = [b for b in monitoring_yaml_blocks() if b.startswith("# prometheus.yml")]
+    (job,) = yaml.safe_load(block)["scrape_configs"]
+    assert job["scheme"] == "https"
+    (target,) = job["static_configs"][0]["targets"]
+    assert target.endswith(f":{gateway['gateway']['port']}")
+    ca_file = Path(job["tls_config"]["ca_file"])
+    key_file = Path(job["authorization"]["credentials_file"])
+    assert "IPAddressAllow=" in readme[readme.index("\n## Monitoring\n"):readme.index("**Each engine counted once.**")]
+    # promtool resolves the files: check the config with them moved under tmp_path.
+    for path in (ca_file, key_file):
+        (tmp_path / path.name).write_text("placeholder\n")
+    job["tls_config"]["ca_file"] = str(tmp_path / ca_file.name)
+    job["authorization"]["credentials_file"] = str(tmp_path / key_file.name)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({"scrape_configs": [job]}))
+    run_promtool("check", "config", str(config))

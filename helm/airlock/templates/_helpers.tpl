@@ -519,3 +519,45 @@ check_extra_args; -q and -tp are vLLM's short forms of --quantization and --tens
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+A Prometheus duration in milliseconds (prometheus/common model.ParseDuration: units y=365d, w, d, h, m, s, ms, each at
+most once, largest first, e.g. 1m30s). Anything else, or zero, is refused, naming the value. (list name duration)
+*/}}
+{{- define "airlock.durationMs" -}}
+{{- $name := index . 0 }}
+{{- $duration := toString (index . 1) }}
+{{- if not (regexMatch "^(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?$" $duration) }}
+{{- fail (printf "%s %q is not a Prometheus duration (such as 30s, 1m or 1m30s)" $name $duration) }}
+{{- end }}
+{{- $units := dict "y" 31536000000 "w" 604800000 "d" 86400000 "h" 3600000 "m" 60000 "s" 1000 "ms" 1 }}
+{{- $total := int64 0 }}
+{{- range regexFindAll "[0-9]+(ms|y|w|d|h|m|s)" $duration -1 }}
+{{- $unit := regexFind "[a-z]+$" . }}
+{{- $total = add $total (mul (trimSuffix $unit . | int64) (get $units $unit)) }}
+{{- end }}
+{{- if le $total 0 }}
+{{- fail (printf "%s %q must be more than zero" $name $duration) }}
+{{- end }}
+{{- $total }}
+{{- end }}
+
+{{/*
+The settings (dotted paths, as JSON) that both the chart's own airlock.yaml and gateway.settings set: maps are followed
+into, anything else (a value, a list) is one setting. (dict chart user path)
+*/}}
+{{- define "airlock.overlaps" -}}
+{{- $paths := list }}
+{{- range $key, $value := .chart }}
+{{- if hasKey $.user $key }}
+{{- $path := ternary $key (printf "%s.%s" $.path $key) (eq $.path "") }}
+{{- $theirs := get $.user $key }}
+{{- if and (kindIs "map" $value) (kindIs "map" $theirs) }}
+{{- $paths = concat $paths (include "airlock.overlaps" (dict "chart" $value "user" $theirs "path" $path) | fromJsonArray) }}
+{{- else }}
+{{- $paths = append $paths $path }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $paths | toJson }}
+{{- end }}
