@@ -281,6 +281,35 @@ class ScreeningSettings(_Section):
     max_json_depth: int = Field(64, ge=16, le=500)
 
 
+class DocumentSettings(_Section):
+    """Documents (PDF, multi-page TIFF) sent as ``file`` content parts: rendered to page images in memory by single-use
+    worker processes with their own memory and CPU limits, then forwarded as image parts (and text parts)."""
+
+    enabled: bool = True
+    # Decoded bytes of one document (it travels base64-encoded, a third larger, inside gateway.max_body_bytes).
+    max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    # Pages one request may send (all documents together); pages also count as images toward the image limit.
+    max_pages: int = Field(16, ge=1, le=1000)
+    # A part that does not say (its own "text_layer") gets each page's text layer as a text part too, as OpenAI does.
+    text_layer: bool = True
+    max_text_chars_per_page: int = Field(20_000, ge=0)
+    # Pages are rendered to fill the engines' image budget (engine.max_pixels, shared with the context), never
+    # finer than this.
+    max_dpi: int = Field(300, ge=36, le=1200)
+    page_format: Literal["jpeg", "png"] = "jpeg"
+    jpeg_quality: int = Field(90, ge=50, le=100)
+    # Documents rendered at once; each in a fresh process that renders one document and exits.
+    workers: int = Field(2, ge=1, le=64)
+    # Address space of one worker (RLIMIT_AS), and the CPU seconds (RLIMIT_CPU) and wall seconds one document gets.
+    worker_memory_mib: int = Field(1024, ge=256)
+    worker_cpu_s: int = Field(30, ge=1)
+    render_timeout_s: float = Field(60.0, gt=0)
+    # How long a request waits for a free worker before a 503 with Retry-After.
+    queue_timeout_s: float = Field(30.0, gt=0)
+    # Pixels of one page's thumbnail in the console's preview.
+    thumbnail_pixels: int = Field(160 * 226, ge=1024, le=1_000_000)
+
+
 class PrivacySettings(_Section):
     """Isolation between users of the same engines."""
 
@@ -545,6 +574,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=lambda: AuthSettings())
     authorization: AuthorizationSettings = Field(default_factory=lambda: AuthorizationSettings())
     screening: ScreeningSettings = Field(default_factory=lambda: ScreeningSettings())
+    documents: DocumentSettings = Field(default_factory=lambda: DocumentSettings())
     privacy: PrivacySettings = Field(default_factory=lambda: PrivacySettings())
     routing: RoutingSettings = Field(default_factory=lambda: RoutingSettings())
     admission: AdmissionSettings = Field(default_factory=lambda: AdmissionSettings())

@@ -4,7 +4,8 @@
     AirlockError                      500 server_error           -  (a bug in the gateway)
     ├── InvalidRequest                400 invalid_request_error  screening
     │   ├── BodyTooLarge              413 invalid_request_error  screening
-    │   └── UnsupportedMediaType      415 invalid_request_error  screening
+    │   ├── UnsupportedMediaType      415 invalid_request_error  screening
+    │   └── UnprocessableDocument     422 invalid_request_error  screening (a document the renderer cannot take)
     ├── Unauthenticated               401 authentication_error   auth (with WWW-Authenticate)
     ├── PermissionDenied              403 permission_error       forbidden
     ├── TooManyFailures               429 rate_limit_error       auth (with Retry-After)
@@ -88,6 +89,14 @@ class BodyTooLarge(InvalidRequest):
 class UnsupportedMediaType(InvalidRequest):
     status = 415
     default_code = "unsupported_media_type"
+
+
+class UnprocessableDocument(InvalidRequest):
+    """A well-formed request whose document cannot be rendered within the limits (a worker that ran out of memory
+    or CPU time, or crashed on it): the request is understood, the document is not."""
+
+    status = 422
+    default_code = "document_unprocessable"
 
 
 class Unauthenticated(AirlockError):
