@@ -200,7 +200,8 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
             return Response(await endpoint.render(), media_type=CONTENT_TYPE_LATEST, headers=NO_STORE)
 
     if config.console.enabled:
-        app.include_router(console_router(config, authentication, sessions, engine_limits))
+        app.include_router(console_router(config, authentication, sessions, engine_limits,
+                                          serving=lambda: bool(pool.model_cards())))
 
     install_error_handlers(app, metrics)
     forwarder = Forwarder(pool, metrics, settings.retry_after_s)

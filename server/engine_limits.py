@@ -42,6 +42,9 @@ class EngineLimits:
     # The typical request the engines were sized for, when the plan says (a Thinking profile's is larger than
     # admission.expected_tokens_per_request): each replica's in-flight limit counts requests of this size.
     expected_tokens_per_request: int | None = None
+    # The engines serve the random-weight demo model (configs/models/airlock-demo.yaml, whatever its served name):
+    # the console says its answers are noise.
+    demo: bool = False
 
     @classmethod
     def from_settings(cls, engine: EngineSettings) -> EngineLimits:
@@ -53,6 +56,7 @@ class EngineLimits:
             min_pixels=engine.min_pixels or int(fields["min_pixels"].default),
             max_num_seqs=engine.max_num_seqs,
             max_images_per_request=engine.max_images_per_request,
+            demo=engine.model == "demo",
         )
 
     def images_per_request(self, screening_limit: int) -> int:
