@@ -20,6 +20,7 @@ import base64
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -33,15 +34,18 @@ MANIFEST = VENDOR / "manifest.json"
 
 def pack(name: str, version: str) -> bytes:
     """The package's tarball, as the npm client fetches and verifies it."""
+    npm = shutil.which("npm")
+    if npm is None:
+        sys.exit("npm is needed (Debian: apt-get install npm)")
     with tempfile.TemporaryDirectory() as directory:
         made = subprocess.run(
-            ["npm", "pack", f"{name}@{version}", "--ignore-scripts", "--json", "--pack-destination", directory],
+            [npm, "pack", f"{name}@{version}", "--ignore-scripts", "--json", "--pack-destination", directory],
             capture_output=True, text=True, check=False,
         )
         if made.returncode != 0:
             sys.exit(f"npm pack {name}@{version} failed:\n{made.stderr.strip()}")
         (packed,) = json.loads(made.stdout)
-        return (Path(directory) / packed["filename"]).read_bytes()
+        return (Path(directory) / str(packed["filename"])).read_bytes()
 
 
 def integrity(tarball: bytes) -> str:
