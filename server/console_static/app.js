@@ -286,21 +286,21 @@
       return;
     }
     const preview = await response.json();
-    const room = Math.max(1, imageRoom() );
-    const most = Math.min(limits.max_pages || preview.page_count, room);
-    const last = Math.min(preview.page_count, most);
+    // The first pages, as many as fit beside what is already attached (the user may choose others).
+    const room = Math.max(1, Math.min(imageRoom(), (limits.max_pages || Infinity) - chosenPages()));
+    const last = Math.min(preview.page_count, room);
     state.attachments.push({ kind: "document", name, data, pageCount: preview.page_count, previews: preview.pages,
                              range: last > 1 ? `1-${last}` : "1", pages: pagesOf(last) });
     if (preview.page_count > last) {
-      note(`${name} has ${preview.page_count} pages; at most ${most} go with one question here (each page counts as ` +
-           "an image): the first ones are chosen, choose others below.");
+      note(`${name} has ${preview.page_count} pages; ${last} more can go with this question (each page counts as an ` +
+           "image): the first ones are chosen, choose others beside its thumbnails.");
     }
   }
 
   const pagesOf = (count) => Array.from({ length: count }, (_, index) => index + 1);
 
   // "1-3, 7" -> [1, 2, 3, 7] (the server's pages syntax: ranges and single pages, 1-based, in the order given).
-  function parsePages(text, pageCount) {
+  function parsePages(text, total) {
     const pages = [];
     for (const piece of text.split(",").map((part) => part.trim()).filter(Boolean)) {
       const match = /^(\d+)\s*(?:-\s*(\d+))?$/.exec(piece);
@@ -308,7 +308,7 @@
       const first = Number(match[1]);
       const end = match[2] === undefined ? first : Number(match[2]);
       if (first < 1 || end < first) throw new Error(`"${piece}" is not a range of pages`);
-      if (end > pageCount) throw new Error(`the document has ${pageCount} page${pageCount === 1 ? "" : "s"}`);
+      if (end > total) throw new Error(`the document has ${total} page${total === 1 ? "" : "s"}`);
       for (let page = first; page <= end; page += 1) if (!pages.includes(page)) pages.push(page);
     }
     if (!pages.length) throw new Error("choose at least one page");
@@ -331,6 +331,7 @@
   const weight = (attachment) => (attachment.kind === "document" ? attachment.pages.length : 1);
   const maxImages = () => state.limits.max_images ?? 8;
   const imageRoom = () => maxImages() - state.attachments.reduce((sum, attachment) => sum + weight(attachment), 0);
+  const chosenPages = () => state.attachments.reduce((sum, a) => sum + (a.kind === "document" ? a.pages.length : 0), 0);
 
   async function addFiles(files) {
     note("");
@@ -580,6 +581,11 @@
       note(`At most ${maxImages()} images per question (a document's pages count as images): remove some, or choose fewer pages.`);
       return;
     }
+    const mostPages = (state.limits.documents || {}).max_pages;
+    if (mostPages && chosenPages() > mostPages) {
+      note(`At most ${mostPages} document pages per question: choose fewer pages.`);
+      return;
+    }
     const attachments = state.attachments.splice(0);
     const content = [{ type: "text", text: question }, ...attachments.map(contentPart)];
     body.messages = withinImageLimit([...state.history, { role: "user", content }]);
@@ -635,23 +641,26 @@
     }
   }
 
-  // Images a message carries: an image part one, a file part its pages.
-  function imagesIn(part) {
-    if (part.type === "image_url") return 1;
-    if (part.type !== "file") return 0;
-    const pages = part.file.pages;
-    return typeof pages === "string" ? parsePages(pages, Infinity).length : 0;
-  }
+  // Pages of a file part (its pages string, as contentPart wrote it).
+  const pagesIn = (part) => (part.type === "file" && typeof part.file.pages === "string"
+    ? parsePages(part.file.pages, Infinity).length : 0);
+  // Images a part counts as: an image part one, a file part its pages.
+  const imagesIn = (part) => (part.type === "image_url" ? 1 : pagesIn(part));
 
-  // Follow-up questions carry the earlier turns, images and documents included, but never more images than the
-  // server takes: the oldest turns lose theirs first.
+  // Follow-up questions carry the earlier turns, images and documents included, but never more images (nor document
+  // pages) than the server takes in one request: the oldest turns lose theirs first.
   function withinImageLimit(messages) {
-    const most = maxImages();
-    const count = (message) => (Array.isArray(message.content) ? message.content.reduce((sum, part) => sum + imagesIn(part), 0) : 0);
-    let total = messages.reduce((sum, message) => sum + count(message), 0);
+    const mostImages = maxImages();
+    const mostPages = (state.limits.documents || {}).max_pages || Infinity;
+    const sum = (message, count) => (Array.isArray(message.content)
+      ? message.content.reduce((total, part) => total + count(part), 0) : 0);
+    let images = messages.reduce((total, message) => total + sum(message, imagesIn), 0);
+    let pages = messages.reduce((total, message) => total + sum(message, pagesIn), 0);
     return messages.map((message) => {
-      if (total <= most || !Array.isArray(message.content) || message === messages[messages.length - 1]) return message;
-      total -= count(message);
+      if ((images <= mostImages && pages <= mostPages) || !Array.isArray(message.content)
+          || message === messages[messages.length - 1]) return message;
+      images -= sum(message, imagesIn);
+      pages -= sum(message, pagesIn);
       return { ...message, content: message.content.filter((part) => !imagesIn(part)) };
     });
   }
