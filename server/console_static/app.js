@@ -83,9 +83,9 @@
 
   // --- following the answer ----------------------------------------------------------------------------------
   // The view stays at the bottom while an answer streams, until the user scrolls up; scrolling back to the bottom
-  // resumes. Content growing below never moves the view up, so a scroll that leaves it above where this code put it
-  // is the user's.
-  const follow = { on: true, placed: 0 };
+  // resumes. Content growing below never moves the view up (and the conversation takes no part in the browser's
+  // scroll anchoring: app.css), so a scroll upwards is the user's.
+  const follow = { on: true, top: 0 };
   const scroller = () => document.scrollingElement || document.documentElement;
   const atBottom = () => {
     const page = scroller();
@@ -96,7 +96,6 @@
     if (!follow.on) return;
     const page = scroller();
     page.scrollTop = page.scrollHeight;
-    follow.placed = page.scrollTop;
   }
 
   // Late growth (an image decoded, the question box grown by an attachment put back) keeps a following view at the
@@ -104,8 +103,10 @@
   new ResizeObserver(() => followStream()).observe(document.body);
 
   window.addEventListener("scroll", () => {
+    const top = scroller().scrollTop;
     if (atBottom()) follow.on = true;
-    else if (scroller().scrollTop < follow.placed - 2) follow.on = false;
+    else if (top < follow.top) follow.on = false;
+    follow.top = top;
   }, { passive: true });
 
   // --- talking to the gateway --------------------------------------------------------------------------------
