@@ -293,8 +293,8 @@
     state.attachments.push({ kind: "document", name, data, pageCount: preview.page_count, previews: preview.pages,
                              range: last > 1 ? `1-${last}` : "1", pages: pagesOf(last) });
     if (preview.page_count > last) {
-      note(`${name} has ${preview.page_count} pages; ${last} more can go with this question (each page counts as an ` +
-           "image): the first ones are chosen, choose others beside its thumbnails.");
+      note(`${name} has ${preview.page_count} pages; ${last} can go with this question (each page counts as an ` +
+           `image): ${last === 1 ? "page 1 is" : `pages 1-${last} are`} chosen, choose others beside its thumbnails.`);
     }
   }
 
@@ -426,7 +426,10 @@
       caption.classList.toggle("note", Boolean(attachment.invalid));
       for (const picture of pictures) picture.classList.toggle("skipped", !attachment.pages.includes(Number(picture.dataset.page)));
     };
-    range.addEventListener("input", update);
+    range.addEventListener("input", () => {
+      note("");
+      update();
+    });
     range.addEventListener("keydown", (event) => { if (event.key === "Enter") event.preventDefault(); });
     update();
     strip.setAttribute("aria-label", `Document ${index + 1}: ${attachment.name}`);
