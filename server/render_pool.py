@@ -10,9 +10,9 @@ than ``queue_timeout_s`` for its turn gets ``Overloaded``.
 A worker is a plain child process, not ``multiprocessing``: that needs POSIX semaphores in /dev/shm, and the gateway
 may run on a read-only root. ``python -I`` (isolated: no environment variables, no user site, no current directory
 on the import path; python(1)) finds ``server`` through site-packages, in an editable install (its ``.pth``) as in an
-installed wheel. The worker gets an empty environment (the gateway's may hold secrets) and no file descriptor but its
-three standard streams; it limits itself before it reads the document (see ``render_worker.harden``), and the pool
-kills it after ``render_timeout_s`` of wall time.
+installed wheel. The worker gets an empty environment (the gateway's may hold secrets), "/" as its working directory,
+and no file descriptor but its three standard streams; it limits itself before it reads the document (see
+``render_worker.harden``), and the pool kills it after ``render_timeout_s`` of wall time.
 
     render(job) -> RenderedDocument
       raises InvalidRequest         invalid_document, document_encrypted, too_many_pages, invalid_pages
@@ -152,9 +152,14 @@ class RenderPool:
             await worker.process.wait()
 
     @property
-    def worker_pids(self) -> list[int]:
-        """Process ids of the ready workers (for tests and figures)."""
+    def ready_pids(self) -> list[int]:
+        """Process ids of the workers waiting for a document (for tests and figures)."""
         return [worker.process.pid for worker in list(self._ready._queue)]  # type: ignore[attr-defined]
+
+    @property
+    def busy_pids(self) -> list[int]:
+        """Process ids of the workers rendering a document now."""
+        return [worker.process.pid for worker in self._busy]
 
     async def render(self, job: RenderJob) -> RenderedDocument:
         if self._closed:
@@ -216,7 +221,7 @@ class RenderPool:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-I", "-B", "-m", "server.render_worker", str(self._settings.worker_memory_mib),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-            env={}, close_fds=True, start_new_session=True,
+            env={}, close_fds=True, start_new_session=True, cwd="/",
         )
         worker = _Worker(process, 0.0)
         try:
