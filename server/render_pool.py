@@ -50,6 +50,8 @@ RETRY_AFTER_S = 5
 SPAWN_TIMEOUT_S = 30.0
 # After a failed spawn, the next try waits this long (a broken install must not spin).
 RESPAWN_BACKOFF_S = 1.0
+# close() lets a worker being started finish this long before it cancels the start.
+CLOSE_GRACE_S = 5.0
 MEDIA_TYPES = frozenset({"image/jpeg", "image/png"})
 
 
@@ -114,6 +116,11 @@ class _Worker:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
 
+    async def reap(self) -> None:
+        """Wait for the (killed) process and close its pipes."""
+        await self.process.wait()
+        self.stdin.close()
+
 
 class RenderPool:
     """Single-use render workers, ``settings.workers`` kept ready; see the module docstring."""
@@ -133,23 +140,35 @@ class RenderPool:
         if self._started:
             return
         self._started = True
-        workers = await asyncio.gather(*(self._spawn() for _ in range(self._settings.workers)))
+        started = await asyncio.gather(*(self._spawn() for _ in range(self._settings.workers)),
+                                       return_exceptions=True)
+        workers = [worker for worker in started if isinstance(worker, _Worker)]
         for worker in workers:
             self._ready.put_nowait(worker)
+        failed = next((error for error in started if isinstance(error, BaseException)), None)
+        if failed is not None:
+            await self.close()
+            reason = failed.log_line if isinstance(failed, _WorkerFailed) else repr(failed)
+            raise RuntimeError(f"the document render workers could not start: {reason} "
+                               f"({sys.executable} -I -m server.render_worker)")
 
     async def close(self) -> None:
         """Kill every worker, ready or busy (a render in progress fails)."""
         self._closed = True
-        for task in list(self._spawning):
-            task.cancel()
-        await asyncio.gather(*self._spawning, return_exceptions=True)
+        # A worker being started is let finish (and then killed): cancelling the start itself could leave its pipes
+        # open. One stuck past the grace is cancelled all the same.
+        if self._spawning:
+            _, stuck = await asyncio.wait(list(self._spawning), timeout=CLOSE_GRACE_S)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
         workers = list(self._busy)
         while not self._ready.empty():
             workers.append(self._ready.get_nowait())
         for worker in workers:
             worker.kill()
         for worker in workers:
-            await worker.process.wait()
+            await worker.reap()
 
     @property
     def ready_pids(self) -> list[int]:
@@ -174,7 +193,7 @@ class RenderPool:
             worker.kill()
             self._busy.discard(worker)
             self._turns.release()
-            await worker.process.wait()
+            await worker.reap()
 
     async def _take(self) -> _Worker:
         """A turn and a ready worker, within queue_timeout_s; a replacement starts at once."""
@@ -205,13 +224,17 @@ class RenderPool:
         while not self._closed:
             try:
                 worker = await self._spawn()
-            except (OSError, _WorkerFailed) as error:
-                log.warning("a document worker failed to start (%s); trying again", type(error).__name__)
+            except _WorkerFailed as failure:
+                log.warning("%s; trying again", failure.log_line)
+                await asyncio.sleep(RESPAWN_BACKOFF_S)
+                continue
+            except OSError as error:
+                log.warning("a document worker could not be started (%s); trying again", error.strerror)
                 await asyncio.sleep(RESPAWN_BACKOFF_S)
                 continue
             if self._closed:
                 worker.kill()
-                await worker.process.wait()
+                await worker.reap()
                 return
             self._ready.put_nowait(worker)
             return
@@ -227,14 +250,15 @@ class RenderPool:
         try:
             async with asyncio.timeout(SPAWN_TIMEOUT_S):
                 ready = await _read_header(worker.stdout, 1024)
-        except (TimeoutError, _WorkerFailed, asyncio.IncompleteReadError, ValueError):
+            if ready != {"ready": True}:
+                raise _garbage()
+        except BaseException as error:  # cancelled (the pool closing) too: no worker is left behind
             worker.kill()
-            await process.wait()
-            raise _WorkerFailed("", "a document worker did not start") from None
-        if ready != {"ready": True}:
-            worker.kill()
-            await process.wait()
-            raise _WorkerFailed("", "a document worker did not start")
+            await asyncio.shield(worker.reap())
+            if isinstance(error, TimeoutError | _WorkerFailed | asyncio.IncompleteReadError):
+                raise _WorkerFailed("", f"a document worker did not start (exit status {process.returncode})") \
+                    from None
+            raise
         worker.spawn_s = time.perf_counter() - started
         self.spawn_times.append(worker.spawn_s)
         return worker

@@ -341,7 +341,8 @@ def test_refused(name: str, request_job: Callable[[], RenderJob], error: type[Ex
         assert CANARY not in raised.value.message  # type: ignore[attr-defined]
     with caplog.at_level(logging.INFO, logger="airlock"):
         run(scenario)
-    assert len(caplog.records) <= 1  # at most one line for a failure
+    # One line for a worker that failed (or a TIFF page refused for the worker's memory), none for a refusal.
+    assert len(caplog.records) == (1 if error is UnprocessableDocument else 0)
     assert all(CANARY not in record.getMessage() for record in caplog.records)
 
 
@@ -413,15 +414,15 @@ def test_overloaded_when_no_worker_is_free() -> None:
 
 def test_nothing_written_and_nothing_logged(caplog: pytest.LogCaptureFixture) -> None:
     """Places a worker could write to, before and after renders (good and broken) of documents carrying the canary:
-    nothing new in the working directory or /dev/shm, and no new file in the temporary directory holds the canary
-    (other processes on the machine may write there)."""
-    watched = [Path.cwd(), Path("/dev/shm")]
-    temporary = Path(tempfile.gettempdir())
+    nothing new in the working directory; in the temporary directory, /dev/shm and / (which other processes on the
+    machine share), no new entry named after the canary or holding it."""
+    cwd = Path.cwd()
+    shared = [Path(tempfile.gettempdir()), Path("/dev/shm"), Path("/")]
 
     def listing(path: Path) -> set[Path]:
         return set(path.iterdir()) if path.is_dir() else set()
 
-    before = {path: listing(path) for path in [*watched, temporary]}
+    before = {path: listing(path) for path in [cwd, *shared]}
 
     async def scenario(pool: RenderPool) -> None:
         await pool.render(job(text_pdf(2)))
@@ -432,11 +433,19 @@ def test_nothing_written_and_nothing_logged(caplog: pytest.LogCaptureFixture) ->
             await pool.render(job(memory_eater()))
     with caplog.at_level(logging.DEBUG):
         run(scenario)
-    for path in watched:
-        assert listing(path) == before[path]
-    for path in listing(temporary) - before[temporary]:
-        assert CANARY not in path.name
-        if path.is_file():
-            assert CANARY.encode() not in path.read_bytes()
+    assert listing(cwd) == before[cwd]
+    for directory in shared:
+        for path in listing(directory) - before[directory]:
+            assert CANARY not in path.name
+            if path.is_file():
+                assert CANARY.encode() not in path.read_bytes()
     assert caplog.records  # the memory failure's line
     assert all(CANARY not in record.getMessage() for record in caplog.records)
+
+
+def test_a_pool_whose_workers_cannot_start_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken install fails at the gateway's start, not at the first document."""
+    monkeypatch.setattr("sys.executable", "/bin/false")
+    pool = RenderPool(DocumentSettings())
+    with pytest.raises(RuntimeError, match="could not start: a document worker did not start"):
+        asyncio.run(pool.start())
