@@ -82,7 +82,7 @@ async def measure(rounds: int) -> None:
                      "digital contract (10 A4 pages of text)": digital_contract()}
         print(f"Render time per page (median of {rounds} renders of the whole document, a ready worker each; "
               f"{settings.page_format} at quality {settings.jpeg_quality}, text layer on):\n")
-        print("| document | PDF MB | budget | page pixels | ms per page | JPEG KB per page | worker peak RSS MB |")
+        print("| document | PDF KB | budget | page pixels | ms per page | JPEG KB per page | worker peak RSS MB |")
         print("| --- | ---: | --- | --- | ---: | ---: | ---: |")
         peaks: list[int] = []
         for name, data in documents.items():
@@ -98,7 +98,7 @@ async def measure(rounds: int) -> None:
                 peaks.append(document.peak_rss_kib)
                 first = document.pages[0]
                 size_kb = statistics.mean(len(page.image) for page in document.pages) / 1024
-                print(f"| {name} | {len(data) / 1e6:.1f} | {budget} | {first.width}x{first.height} | "
+                print(f"| {name} | {len(data) / 1024:,.0f} | {budget} | {first.width}x{first.height} | "
                       f"{statistics.median(times) / PAGES * 1000:.0f} | {size_kb:.0f} | "
                       f"{document.peak_rss_kib / 1024:.0f} |")
 
