@@ -151,11 +151,13 @@ class PageBudget:
         images = (f", and pages count as images: at most {self._image_limit} a request, "
                   f"{self._other_images} of them taken by images" if self._other_images or
                   self._image_limit < self._max_pages else "")
-        return (f"{what}, but this request may send {slots} more pages (documents.max_pages is {self._max_pages}"
+        more = f"{slots} more page{'' if slots == 1 else 's'}"
+        return (f"{what}, but this request may send {more} (documents.max_pages is {self._max_pages}"
                 f"{images}): choose fewer pages with \"pages\", or send the documents in separate requests")
 
     def _too_long(self, fits: int, chosen: int | None) -> str:
         what = f"the {chosen} chosen pages do" if chosen and chosen > 1 else "the document does"
+        fitting = {0: "no page of it fits", 1: "one page of it fits"}.get(fits, f"at most {fits} of its pages fit")
         return (f"{what} not fit the model's context beside the rest of the request and the room kept for the "
-                f"answer: at most {fits} pages of it fit, even at the smallest image size; choose fewer pages with "
-                "\"pages\", shorten the request, or ask for a smaller max_tokens")
+                f"answer: {fitting}, even at the smallest image size; choose fewer pages with \"pages\", shorten "
+                "the request, or ask for a smaller max_tokens")
