@@ -220,7 +220,7 @@ class Documents:
                                    part.where)
             document = await self._render(RenderJob(
                 part.data, part.kind, part.pages, limits.max_pages, limits.max_pixels_per_page,
-                limits.min_pixels_per_page, limits.total_pixels, part.text_layer), "request")
+                limits.min_pixels_per_page, limits.total_pixels, part.text_layer), "request", part.where)
             pages, labels, texts = self._pages(part, document)
             budget.spend(part.name, [(page.width, page.height) for page in document.pages], labels, texts,
                          part.where)
@@ -250,7 +250,7 @@ class Documents:
         thumbnail = self._settings.thumbnail_pixels
         document = await self._render(RenderJob(data, kind, None, limit, thumbnail, min(self._engine.min_pixels,
                                                                                          thumbnail),
-                                                None, False, thumbnail=True), "preview")
+                                                None, False, thumbnail=True), "preview", "file_data")
         pages = [{"number": page.number, "width": page.width, "height": page.height,
                   "thumbnail": f"data:{page.media_type};base64,{base64.b64encode(page.image).decode()}"}
                  for page in document.pages]
@@ -350,19 +350,18 @@ class Documents:
                 texts += len(page.text)
         return parts, labels, texts
 
-    async def _render(self, job: RenderJob, purpose: Literal["request", "preview"]) -> RenderedDocument:
-        """``pool.render``, measured: time (the wait for a worker included), outcome and pages."""
+    async def _render(self, job: RenderJob, purpose: Literal["request", "preview"], where: str) -> RenderedDocument:
+        """``pool.render``, measured: time (the wait for a worker included), outcome and pages. A refusal names the
+        part (``where``) the document came in."""
         started = time.perf_counter()
         outcome, pages = "cancelled", 0
         try:
             document = await self._pool.render(job)
             outcome, pages = "rendered", len(document.pages)
             return document
-        except UnprocessableDocument:
-            outcome = "unprocessable"
-            raise
-        except InvalidRequest:
-            outcome = "refused"
+        except InvalidRequest as refusal:
+            outcome = "unprocessable" if isinstance(refusal, UnprocessableDocument) else "refused"
+            refusal.param = refusal.param or where
             raise
         except Overloaded:
             outcome = "busy"

@@ -54,17 +54,17 @@ def tiff_bytes(pages: int, size: tuple[int, int] = (1024, 1024)) -> bytes:
     return buffer.getvalue()
 
 
-def inflating_pdf(mebibytes: int = 1100) -> bytes:
-    """A one-page PDF whose content stream is ``mebibytes`` MiB of spaces, deflated to about a thousandth of that:
-    PDFium inflates a content stream whole before parsing it, so the worker runs out of its address space."""
-    deflate = zlib.compressobj(1)
-    chunk = b" " * (1 << 20)
-    stream = b"".join([deflate.compress(chunk) for _ in range(mebibytes)] + [deflate.flush()])
+def inflating_pdf(mebibytes: int = 1200) -> bytes:
+    """A one-page PDF whose content is one deflated MiB of spaces, listed ``mebibytes`` times in the page's
+    /Contents array (PDF 32000-1, 7.7.3.3: the streams are concatenated): PDFium inflates them into one buffer
+    before parsing it, so the worker runs out of its address space. Made in milliseconds, about 2 KB."""
+    spaces = zlib.compress(b" " * (1 << 20), 9)
+    contents = b" ".join([b"4 0 R"] * mebibytes)
     return _pdf([
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Contents 4 0 R >>",
-        b"<< /Filter /FlateDecode /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Contents [" + contents + b"] >>",
+        b"<< /Filter /FlateDecode /Length %d >>\nstream\n" % len(spaces) + spaces + b"\nendstream",
     ])
 
 
