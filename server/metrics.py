@@ -201,8 +201,9 @@ class GatewayMetrics:
             "airlock_document_render_seconds",
             "Time to render one document, waiting for a free worker included, by purpose.",
             ["purpose"], buckets=RENDER_BUCKETS, registry=r)
-        for purpose in DOCUMENT_PURPOSES:
+        for purpose in DOCUMENT_PURPOSES:  # every series exists from the start, at zero
             self.document_pages.labels(purpose)
+            self.render_seconds.labels(purpose)
             for outcome in DOCUMENT_OUTCOMES:
                 self.documents.labels(purpose, outcome)
         # A plain count, read at each scrape: cheaper per request than a Gauge's locked inc() and dec().

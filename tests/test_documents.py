@@ -247,6 +247,50 @@ def test_text_layers_that_overflow_the_room_are_refused_once_known() -> None:
     assert '"text_layer": false' in refused.value.message
 
 
+def test_file_parts_are_replaced_in_place_by_their_pages() -> None:
+    """With real render workers, no engine: each file part becomes, where it stood, label, image and text layer of
+    each chosen page in the order chosen; the other parts stay as they were."""
+    settings = DocumentSettings()
+
+    async def expanded() -> tuple[dict[str, Any], int]:
+        pool = RenderPool(settings)
+        step = Documents(settings, ScreeningSettings(), DEMO, pool, lambda _: LONG_CONTEXT, GatewayMetrics(60), 1024)
+        first, photo, last = {"type": "text", "text": "Compare"}, image_part("PNG"), {"type": "text", "text": "?"}
+        parts = [first, file_part(pdf_bytes(3, text="Quarterly"), "q.pdf", pages=[3, 1]), photo,
+                 file_part(data_url(tiff_bytes(2, (640, 480)), "image/tiff"), None, text_layer=True), last]
+        payload = {"model": MODEL, "messages": [{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": parts}]}
+        try:
+            added = await step.expand(payload)
+        finally:
+            await pool.close()
+        content = payload["messages"][1]["content"]
+        assert content[0] is first and content[7] is photo and content[-1] is last
+        return payload, added
+
+    payload, added = asyncio.run(expanded())
+    content = payload["messages"][1]["content"]
+    kinds = [(part["type"], part.get("text", "")[:40]) for part in content]
+    assert kinds == [
+        ("text", "Compare"),
+        ("text", "[Document 'q.pdf', page 3 of 3]"), ("image_url", ""), ("text", "Quarterly (page 3)"),
+        ("text", "[Document 'q.pdf', page 1 of 3]"), ("image_url", ""), ("text", "Quarterly (page 1)"),
+        ("image_url", ""),
+        ("text", "[Document 'document 2', page 1 of 2]"), ("image_url", ""),  # a scan has no text layer
+        ("text", "[Document 'document 2', page 2 of 2]"), ("image_url", ""),
+        ("text", "?"),
+    ]
+    pages = [part["image_url"]["url"] for part in content[1:7] + content[8:12] if part["type"] == "image_url"]
+    for url in pages:
+        assert url.startswith("data:image/jpeg;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as page:
+            assert page.format == "JPEG" and page.width * page.height <= DEMO.max_pixels
+    # What the request grew by: request_path adds it to the body's size to choose screening in a thread.
+    new_parts = content[1:7] + content[8:12]
+    assert added == sum(len(part["image_url"]["url"]) if part["type"] == "image_url" else len(part["text"])
+                        for part in new_parts)
+
+
 def test_multi_page_tiff_image_parts_are_refused_and_single_page_ones_are_not() -> None:
     limits = ImageLimits(frozenset({"tiff", "png"}), 10_000_000, 25_000_000, 200.0)
     url = data_url(tiff_bytes(3, (64, 64)), "image/tiff")
