@@ -79,12 +79,13 @@ class Admission:
                    for width, height in image_sizes)
 
 
-def text_length(value: Any) -> int:
-    """Characters of text anywhere in a prompt or a list of messages (already screened: known shapes only)."""
+def text_length(value: Any, measure: Callable[[str], int] = len) -> int:
+    """Characters (or what ``measure`` counts) of text anywhere in a prompt or a list of messages (already screened:
+    known shapes only)."""
     if isinstance(value, str):
-        return len(value)
+        return measure(value)
     if isinstance(value, list):
-        return sum(text_length(item) for item in value)
+        return sum(text_length(item, measure) for item in value)
     if isinstance(value, dict):
-        return text_length(value.get("content")) + text_length(value.get("text"))
+        return text_length(value.get("content"), measure) + text_length(value.get("text"), measure)
     return 0

@@ -42,7 +42,7 @@ from .engine_limits import EngineLimits
 from .errors import DocumentTooLarge, InvalidRequest, Overloaded, UnprocessableDocument
 from .images import FORMATS, Inline, decode_base64
 from .metrics import GatewayMetrics
-from .page_budget import IMAGE_MARKER_TOKENS, TOKENS_PER_MESSAGE, PageBudget, label, text_tokens
+from .page_budget import IMAGE_MARKER_TOKENS, TOKENS_PER_MESSAGE, PageBudget, label, text_tokens, utf8_bytes
 from .payload import shown_name
 from .render_pool import RenderedDocument, RenderJob, RenderPool
 
@@ -331,23 +331,23 @@ class Documents:
         answer = payload.get("max_tokens") or payload.get("max_completion_tokens") or \
             self._engine.answer_reserve_tokens
         others = _image_parts(messages) * (self._engine.max_pixels // self._ppt + IMAGE_MARKER_TOKENS)
-        return int(context - answer - text_tokens(text_length(messages)) - others
+        return int(context - answer - text_tokens(text_length(messages, utf8_bytes)) - others
                    - TOKENS_PER_MESSAGE * len(messages))
 
     def _pages(self, part: FilePart, document: RenderedDocument) -> tuple[list[dict[str, Any]], int, int]:
-        """The parts that replace ``part`` (label, image and text layer of each page, in order), and the characters
+        """The parts that replace ``part`` (label, image and text layer of each page, in order), and the UTF-8 bytes
         of their labels and of their text layers."""
         parts: list[dict[str, Any]] = []
         labels = texts = 0
         for page in document.pages:
             name = label(part.name, page.number, document.page_count)
             parts.append({"type": "text", "text": name})
-            labels += len(name)
+            labels += utf8_bytes(name)
             url = f"data:{page.media_type};base64,{base64.b64encode(page.image).decode()}"
             parts.append({"type": "image_url", "image_url": {"url": url}})
             if part.text_layer and page.text and page.text.strip():
                 parts.append({"type": "text", "text": page.text})
-                texts += len(page.text)
+                texts += utf8_bytes(page.text)
         return parts, labels, texts
 
     async def _render(self, job: RenderJob, purpose: Literal["request", "preview"], where: str) -> RenderedDocument:

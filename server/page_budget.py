@@ -20,12 +20,15 @@ Three limits, each a setting or the engine's own:
   *answer*: the request's ``max_tokens`` (or ``max_completion_tokens``) when it names one, since vLLM refuses a
   prompt that leaves less than that (prompt + max_tokens <= max_model_len); else the profile's
   ``answer_reserve_tokens``, the room sizing (server/sizing.py) keeps for an answer beside one image of the budget.
-  *text*: its characters / 4, the estimate the fair queue uses (``admission``). *other images*: each at the engine's
-  full budget (their size is checked later, by screening; an upper bound keeps the pages from overflowing).
-  *per message*: the chat template's ``<|im_start|>role ... <|im_end|>`` around each message.
+  *text*: its UTF-8 bytes / 3. Qwen's tokenizer is a byte-level BPE: English prose takes about 4 characters a
+  token, Chinese or Japanese about one character (3 bytes) a token, so bytes / 3 errs on the safe side for both,
+  where the fair queue's characters / 4 (``admission``) would count CJK text at a quarter of its tokens. *other
+  images*: each at the engine's full budget (their size is checked later, by screening; an upper bound keeps the
+  pages from overflowing). *per message*: the chat template's ``<|im_start|>role ... <|im_end|>`` around each
+  message.
 
-  Each page costs, beside its pixels, its label (``[Document 'x', page 3 of 10]``, counted at 4 characters a token)
-  and a margin for the processor's grid: transformers' ``smart_resize`` rounds each side to the nearest multiple of
+  Each page costs, beside its pixels, its label (``[Document 'x', page 3 of 10]``, counted as text is) and a
+  margin for the processor's grid: transformers' ``smart_resize`` rounds each side to the nearest multiple of
   32 (models/qwen2_vl/image_processing_qwen2_vl.py), which adds at most 16 x (width + height) + 256 pixels; width +
   height is bounded for pages up to 1:2 (every paper format: A4 is 1:1.41, legal 1:1.65), 2.2 x sqrt(pixels).
   With N the most pages the job may render (the page count is only known once the document is open), the job gets
@@ -47,7 +50,7 @@ from dataclasses import dataclass
 from .engine_limits import EngineLimits
 from .errors import InvalidRequest
 
-CHARS_PER_TOKEN = 4  # admission's estimate
+BYTES_PER_TOKEN = 3  # UTF-8 bytes of text a token takes at least, about (see the module docstring)
 # <|vision_start|> and <|vision_end|> around each image's tokens (Qwen3-VL's chat template).
 IMAGE_MARKER_TOKENS = 2
 # "<|im_start|>role\n" and "<|im_end|>\n" around each message (Qwen3-VL's chat template).
@@ -62,8 +65,13 @@ def label(name: str, number: int, count: int) -> str:
     return f"[Document '{name}', page {number} of {count}]"
 
 
-def text_tokens(chars: int) -> int:
-    return -(-chars // CHARS_PER_TOKEN)
+def utf8_bytes(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def text_tokens(size: int) -> int:
+    """Tokens of text of ``size`` UTF-8 bytes, at most (about)."""
+    return -(-size // BYTES_PER_TOKEN)
 
 
 @dataclass(frozen=True)
@@ -99,7 +107,7 @@ class PageBudget:
     def page_cost(self, name: str) -> int:
         """Tokens a page of document ``name`` costs beside its pixels (its label, markers, grid margin)."""
         longest = label(name, LONGEST_LABEL_NUMBER, LONGEST_LABEL_NUMBER)
-        return text_tokens(len(longest)) + self._page_margin
+        return text_tokens(utf8_bytes(longest)) + self._page_margin
 
     def least_tokens(self, name: str, pages: int) -> int:
         """Tokens ``pages`` pages take at ``min_pixels`` each."""
@@ -124,18 +132,18 @@ class PageBudget:
         total = (room - pages * self.page_cost(name)) * self._ppt
         return PageLimits(pages, self.max_pixels, self.min_pixels, total)
 
-    def spend(self, name: str, sizes: list[tuple[int, int]], labels_chars: int, text_chars: int,
+    def spend(self, name: str, sizes: list[tuple[int, int]], labels_bytes: int, text_bytes: int,
               where: str) -> None:
         """Count a rendered document: its pages (``sizes``: width, height) as the engine's processor will resize
-        them, their labels and text layers. ``InvalidRequest`` when they overflow the room (only text layers, or
-        pages more elongated than the margin allows, can)."""
+        them, their labels and text layers (their UTF-8 bytes). ``InvalidRequest`` when they overflow the room
+        (only text layers, or pages more elongated than the margin allows, can)."""
         self.slots -= len(sizes)
         if self.room is None:
             return
         images = sum(self._engine.resized_pixels(width, height, self._ppt) // self._ppt + IMAGE_MARKER_TOKENS
                      for width, height in sizes)
-        text = text_tokens(text_chars)
-        self.room -= images + text_tokens(labels_chars) + text
+        text = text_tokens(text_bytes)
+        self.room -= images + text_tokens(labels_bytes) + text
         if self.room >= 0:
             return
         if text:

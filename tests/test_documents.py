@@ -243,7 +243,7 @@ def test_text_layers_that_overflow_the_room_are_refused_once_known() -> None:
     with pytest.raises(InvalidRequest) as refused:
         budget.spend("a.pdf", [(860, 1218)], 30, 20_000, "p")
     assert refused.value.code == "document_too_long"
-    assert 'text layers of the document\'s pages (about 5,000 tokens)' in refused.value.message
+    assert 'text layers of the document\'s pages (about 6,667 tokens)' in refused.value.message
     assert '"text_layer": false' in refused.value.message
 
 
@@ -373,6 +373,7 @@ def test_pages_shrink_to_fit_what_the_context_leaves(client: openai.OpenAI, stac
                          max_tokens=max_tokens)
     full = 3 * tokens_of_size(filled(A4_POINTS, DEMO.max_pixels))
     assert sent + max_tokens <= LONG_CONTEXT and sent < full
+    assert sent >= 0.8 * (LONG_CONTEXT - max_tokens)  # and they use most of the room, not a timid share of it
     rendered_before = documents_rendered(stack)
     with pytest.raises(openai.BadRequestError) as refused:
         prompt_tokens(client, file_part(pdf_bytes(3), "invoice.pdf", pages="1-3"), max_tokens=LONG_CONTEXT - 60)
