@@ -246,11 +246,11 @@ class Documents:
             raise InvalidRequest('the body must be {"file_data": "<the document as a data: URL or base64>"}',
                                  code="invalid_request")
         data, kind = await self._document(request["file_data"], "file_data")
-        limit = self._settings.max_pages
+        # With pages=None, a thumbnail job renders the first max_pages pages and counts them all (render_pool).
         thumbnail = self._settings.thumbnail_pixels
-        document = await self._render(RenderJob(data, kind, None, limit, thumbnail, min(self._engine.min_pixels,
-                                                                                         thumbnail),
-                                                None, False, thumbnail=True), "preview", "file_data")
+        job = RenderJob(data, kind, None, self._settings.max_pages, thumbnail, min(self._engine.min_pixels, thumbnail),
+                        None, False, thumbnail=True)
+        document = await self._render(job, "preview", "file_data")
         pages = [{"number": page.number, "width": page.width, "height": page.height,
                   "thumbnail": f"data:{page.media_type};base64,{base64.b64encode(page.image).decode()}"}
                  for page in document.pages]
