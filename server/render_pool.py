@@ -39,7 +39,7 @@ from typing import Any, Literal, TypeGuard
 
 from .config import DocumentSettings
 from .errors import InvalidRequest, Overloaded, UnprocessableDocument
-from .render_worker import EXIT_MEMORY, MAX_HEADER_BYTES
+from .render_worker import EXIT_LIMITS, EXIT_MEMORY, MAX_HEADER_BYTES
 
 log = logging.getLogger("airlock")
 
@@ -182,8 +182,7 @@ class RenderPool:
 
     async def render(self, job: RenderJob) -> RenderedDocument:
         if self._closed:
-            raise Overloaded("the document renderer is shutting down; try again shortly", code="documents_closed",
-                             retry_after_s=RETRY_AFTER_S)
+            raise _closing()
         if not self._started:
             await self.start()
         worker = await self._take()
@@ -202,7 +201,7 @@ class RenderPool:
             async with asyncio.timeout(timeout):
                 await self._turns.acquire()
                 try:
-                    worker = await self._ready.get()
+                    worker = await self._ready_worker()
                 except BaseException:
                     self._turns.release()
                     raise
@@ -214,6 +213,17 @@ class RenderPool:
         self._busy.add(worker)
         self._replace()
         return worker
+
+    async def _ready_worker(self) -> _Worker:
+        """The next ready worker that is still alive. One that died while it waited (the kernel's out-of-memory
+        killer, an operator's kill) is replaced and not given the document: a good document must not fail for it."""
+        while True:
+            worker = await self._ready.get()
+            if worker.process.returncode is None:
+                return worker
+            log.warning("a waiting document worker had exited (status %d) and is replaced", worker.process.returncode)
+            self._replace()
+            await asyncio.shield(worker.reap())
 
     def _replace(self) -> None:
         task = asyncio.create_task(self._respawn())
@@ -253,11 +263,14 @@ class RenderPool:
             if ready != {"ready": True}:
                 raise _garbage()
         except BaseException as error:  # cancelled (the pool closing) too: no worker is left behind
+            if isinstance(error, asyncio.IncompleteReadError):  # it exited: let it say why (its exit status)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await asyncio.shield(process.wait())
             worker.kill()
             await asyncio.shield(worker.reap())
             if isinstance(error, TimeoutError | _WorkerFailed | asyncio.IncompleteReadError):
-                raise _WorkerFailed("", f"a document worker did not start (exit status {process.returncode})") \
-                    from None
+                raise _WorkerFailed("", _not_started(process.returncode, self._settings)) from None
             raise
         worker.spawn_s = time.perf_counter() - started
         self.spawn_times.append(worker.spawn_s)
@@ -277,6 +290,8 @@ class RenderPool:
             ) from None
         except _WorkerFailed as failure:
             worker.kill()
+            if self._closed:  # close() killed it: the document is not to blame
+                raise _closing() from None
             log.warning("%s", failure.log_line)
             raise UnprocessableDocument(failure.message) from None
 
@@ -392,8 +407,22 @@ class RenderPool:
 _FAILED = "the document renderer failed on this document"
 
 
+def _closing() -> Overloaded:
+    return Overloaded("the document renderer is shutting down; try again shortly", code="documents_closed",
+                      retry_after_s=RETRY_AFTER_S)
+
+
 def _garbage() -> _WorkerFailed:
     return _WorkerFailed(_FAILED, "a document worker gave an answer that makes no sense and was killed")
+
+
+def _not_started(status: int | None, settings: DocumentSettings) -> str:
+    if status == EXIT_LIMITS:
+        return (f"a document worker could not limit its memory to documents.worker_memory_mib = "
+                f"{settings.worker_memory_mib}: the gateway's own hard address-space limit (RLIMIT_AS; systemd's "
+                f"LimitAS=, ulimit -v) is lower, and only a privileged process can raise it; lower "
+                f"documents.worker_memory_mib or raise that limit")
+    return f"a document worker did not start (exit status {status})"
 
 
 def _is_int(value: object) -> TypeGuard[int]:

@@ -449,3 +449,108 @@ def test_a_pool_whose_workers_cannot_start_says_so(monkeypatch: pytest.MonkeyPat
     pool = RenderPool(DocumentSettings())
     with pytest.raises(RuntimeError, match="could not start: a document worker did not start"):
         asyncio.run(pool.start())
+
+
+# -- found by review: hostile and unusual documents, operators' set-ups ------------------------------------------------
+
+def tiff_frames(frames: list[Image.Image]) -> bytes:
+    out = io.BytesIO()
+    frames[0].save(out, "TIFF", save_all=True, append_images=frames[1:])
+    return out.getvalue()
+
+
+def test_sixteen_bit_grey_and_transparent_tiff_frames_keep_their_tones() -> None:
+    """A 16-bit grey scan at 30000 of 65535 is mid-grey, not white (Pillow's convert("L") clips I;16 at 255); a
+    transparent frame is white like a PDF page, not black (RGBA/LA converted without compositing)."""
+    async def scenario(pool: RenderPool) -> None:
+        data = tiff_frames([Image.new("I;16", (400, 300), 30000), Image.new("RGBA", (400, 300), (0, 0, 0, 0)),
+                            Image.new("LA", (400, 300), (0, 0))])
+        document = await pool.render(job(data, "tiff"))
+        grey, rgba, la = (Image.open(io.BytesIO(page.image)) for page in document.pages)
+        assert grey.getpixel((200, 150)) == 30000 // 256
+        assert rgba.convert("RGB").getpixel((200, 150)) == (255, 255, 255)
+        assert la.convert("RGB").getpixel((200, 150)) == (255, 255, 255)
+    run(scenario, page_format="png")
+
+
+def banner_pdf(width_pt: float, height_pt: float) -> bytes:
+    out = io.BytesIO()
+    drawing = canvas.Canvas(out, pagesize=(width_pt, height_pt))
+    drawing.drawString(2, 2, "banner")
+    drawing.showPage()
+    drawing.save()
+    return out.getvalue()
+
+
+def test_a_page_longer_than_a_jpeg_can_be_is_capped() -> None:
+    """A 200-inch strip at max_dpi 1200 would be 77,760 pixels long: JPEG stops at 65,500 (libjpeg), where the
+    worker crashed in the encoder. It is rendered within that length (the aspect-ratio screen then judges it)."""
+    async def scenario(pool: RenderPool) -> None:
+        page = (await pool.render(job(banner_pdf(14400, 10)))).pages[0]
+        assert page.media_type == "image/jpeg" and Image.open(io.BytesIO(page.image)).size == (page.width,
+                                                                                                page.height)
+        assert 65_000 < page.width <= 65_500 and page.width * page.height <= BUDGET
+        strip = tiff_frames([Image.new("L", (70_000, 8), 128)])
+        page = (await pool.render(job(strip, "tiff"))).pages[0]
+        assert page.width <= 65_500 and page.height >= 1
+    run(scenario, max_dpi=1200)
+
+
+def test_close_during_a_render_is_a_shutdown_not_a_bad_document(caplog: pytest.LogCaptureFixture) -> None:
+    """close() kills the worker under a render: the caller hears the renderer is shutting down (503, retry), not
+    that the document needs more memory, and no worker failure is logged."""
+    async def main() -> None:
+        pool = RenderPool(DocumentSettings())
+        await pool.start()
+        rendering = asyncio.create_task(pool.render(job(cpu_burner())))
+        await busy_worker(pool)
+        await pool.close()
+        with pytest.raises(Overloaded) as raised:
+            await rendering
+        assert raised.value.code == "documents_closed"
+        with pytest.raises(Overloaded):
+            await pool.render(job(text_pdf(1)))
+    with caplog.at_level(logging.WARNING, logger="airlock"):
+        asyncio.run(main())
+    assert caplog.records == []
+
+
+def test_a_waiting_worker_that_died_is_not_given_a_document(caplog: pytest.LogCaptureFixture) -> None:
+    """A ready worker killed while idle (the kernel's out-of-memory killer picks big processes) is replaced; the
+    next good document renders instead of failing as if it had crashed the worker."""
+    async def scenario(pool: RenderPool) -> None:
+        (pid,) = pool.ready_pids
+        os.kill(pid, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while pool._ready._queue[0].process.returncode is None:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.02)
+        await still_renders(pool)
+    with caplog.at_level(logging.WARNING, logger="airlock"):
+        run(scenario, workers=1)
+    assert [record.getMessage() for record in caplog.records] == [
+        "a waiting document worker had exited (status -9) and is replaced"]
+
+
+def has_cap_sys_resource() -> bool:
+    """capabilities(7): CAP_SYS_RESOURCE (bit 24) lets a process raise a hard limit."""
+    status = Path("/proc/self/status").read_text()
+    effective = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
+    return bool(effective >> 24 & 1)
+
+
+@pytest.mark.skipif(has_cap_sys_resource(), reason="a process with CAP_SYS_RESOURCE may raise its hard RLIMIT_AS")
+def test_a_gateway_address_space_limit_below_the_workers_fails_clearly() -> None:
+    """A gateway under systemd's LimitAS= (or ulimit -v) lower than worker_memory_mib: a worker cannot raise its
+    hard limit (setrlimit(2)), and the pool says so at start instead of "exit status 1"."""
+    import subprocess
+    import sys
+
+    gateway = ("import asyncio, resource; from server.config import DocumentSettings; "
+               "from server.render_pool import RenderPool; "
+               "resource.setrlimit(resource.RLIMIT_AS, (900 << 20, 900 << 20)); "
+               "asyncio.run(RenderPool(DocumentSettings(worker_memory_mib=1024, workers=1)).start())")
+    result = subprocess.run([sys.executable, "-c", gateway], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 1
+    assert "could not limit its memory to documents.worker_memory_mib = 1024" in result.stderr
+    assert "LimitAS=" in result.stderr
