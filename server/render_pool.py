@@ -128,7 +128,8 @@ class RenderPool:
     def __init__(self, settings: DocumentSettings) -> None:
         self._settings = settings
         self._turns = asyncio.Semaphore(settings.workers)
-        self._ready: asyncio.Queue[_Worker] = asyncio.Queue()
+        # None, put there by close(), tells every request waiting for a worker that none will come.
+        self._ready: asyncio.Queue[_Worker | None] = asyncio.Queue()
         self._spawning: set[asyncio.Task[None]] = set()
         self._busy: set[_Worker] = set()
         self._started = False
@@ -164,7 +165,10 @@ class RenderPool:
             await asyncio.gather(*stuck, return_exceptions=True)
         workers = list(self._busy)
         while not self._ready.empty():
-            workers.append(self._ready.get_nowait())
+            waiting = self._ready.get_nowait()
+            if waiting is not None:
+                workers.append(waiting)
+        self._ready.put_nowait(None)
         for worker in workers:
             worker.kill()
         for worker in workers:
@@ -173,7 +177,7 @@ class RenderPool:
     @property
     def ready_pids(self) -> list[int]:
         """Process ids of the workers waiting for a document (for tests and figures)."""
-        return [worker.process.pid for worker in list(self._ready._queue)]  # type: ignore[attr-defined]
+        return [worker.process.pid for worker in list(self._ready._queue) if worker]  # type: ignore[attr-defined]
 
     @property
     def busy_pids(self) -> list[int]:
@@ -216,9 +220,13 @@ class RenderPool:
 
     async def _ready_worker(self) -> _Worker:
         """The next ready worker that is still alive. One that died while it waited (the kernel's out-of-memory
-        killer, an operator's kill) is replaced and not given the document: a good document must not fail for it."""
+        killer, an operator's kill) is replaced and not given the document: a good document must not fail for it.
+        After close(), the request waiting here hears so at once, not after queue_timeout_s."""
         while True:
             worker = await self._ready.get()
+            if worker is None:
+                self._ready.put_nowait(None)  # for the next one waiting
+                raise _closing()
             if worker.process.returncode is None:
                 return worker
             log.warning("a waiting document worker had exited (status %d) and is replaced", worker.process.returncode)
@@ -297,8 +305,11 @@ class RenderPool:
 
     async def _exchange(self, worker: _Worker, job: RenderJob) -> RenderedDocument:
         settings = self._settings
+        # A choice longer than max_pages is refused whatever follows: the worker gets one page past the limit and the
+        # length, so a long list (every page of a 100,000-page file) cannot outgrow the job's header (MAX_HEADER_BYTES).
+        chosen = list(job.pages[: job.max_pages + 1]) if job.pages is not None else None
         header = {"job": {
-            "kind": job.kind, "pages": list(job.pages) if job.pages is not None else None,
+            "kind": job.kind, "pages": chosen, "chosen": len(job.pages) if job.pages is not None else None,
             "max_pages": job.max_pages, "max_pixels_per_page": job.max_pixels_per_page,
             "min_pixels_per_page": job.min_pixels_per_page, "total_pixels": job.total_pixels,
             "text_layer": job.text_layer, "thumbnail": job.thumbnail,
@@ -325,7 +336,9 @@ class RenderPool:
         count = answer.get("page_count")
         if not (isinstance(pages_in, list) and _is_int(count) and len(pages_in) <= job.max_pages):
             raise _garbage()
-        largest = max(job.max_pixels_per_page, job.min_pixels_per_page, self._settings.thumbnail_pixels)
+        # The area this job's pages get at most (render_worker.target_area), not the largest any job could.
+        largest = self._settings.thumbnail_pixels if job.thumbnail \
+            else max(job.max_pixels_per_page, job.min_pixels_per_page)
         pages: list[RenderedPage] = []
         for entry in pages_in:
             if not isinstance(entry, dict):

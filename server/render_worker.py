@@ -152,8 +152,10 @@ def target_area(job: dict[str, Any], count: int) -> int:
 
 def page_scale(width_pt: float, height_pt: float, area: int, max_dpi: int) -> float:
     """Pixels per point so the page fills ``area`` with its aspect kept, at most ``max_dpi`` (72 points an inch),
-    and no side longer than ``MAX_SIDE``."""
-    return min(math.sqrt(area / (width_pt * height_pt)), max_dpi / 72, MAX_SIDE / max(width_pt, height_pt))
+    and no side longer than ``MAX_SIDE``. A strip thinner than one pixel at that scale still gets one pixel row, so
+    its long side is held to ``area`` pixels: a side of ``area`` x 1 is the most the area allows."""
+    longest = max(width_pt, height_pt)
+    return min(math.sqrt(area / (width_pt * height_pt)), max_dpi / 72, MAX_SIDE / longest, area / longest)
 
 
 def select(job: dict[str, Any], count: int) -> list[int]:
@@ -169,8 +171,9 @@ def select(job: dict[str, Any], count: int) -> list[int]:
     for number in pages:
         if not 1 <= number <= count:
             raise Refused("invalid_pages", page_count=count, page=number)
-    if len(pages) > limit:
-        raise Refused("too_many_pages", page_count=count, limit=limit, chosen=len(pages))
+    chosen_count = max(len(pages), int(job.get("chosen") or 0))  # the pool sends at most limit + 1 of them
+    if chosen_count > limit:
+        raise Refused("too_many_pages", page_count=count, limit=limit, chosen=chosen_count)
     return pages
 
 

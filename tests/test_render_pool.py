@@ -554,3 +554,76 @@ def test_a_gateway_address_space_limit_below_the_workers_fails_clearly() -> None
     assert result.returncode == 1
     assert "could not limit its memory to documents.worker_memory_mib = 1024" in result.stderr
     assert "LimitAS=" in result.stderr
+
+
+def raw_pdf(objects: list[bytes]) -> bytes:
+    """A PDF of the given objects (numbered from 1, the first the catalog) with a correct cross-reference table
+    (ISO 32000-1, 7.5): for shapes no PDF writer makes."""
+    out = bytearray(b"%PDF-1.7\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer<</Size %d/Root 1 0 R>>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+def page_pdf(media_box: bytes, extra: bytes = b"", content: bytes = b"0 0 m 9 9 l S", count: int = 1) -> bytes:
+    """``count`` pages with this MediaBox sharing one content stream (object 3)."""
+    kids = b" ".join(b"%d 0 R" % (number + 4) for number in range(count))
+    return raw_pdf([b"<</Type/Catalog/Pages 2 0 R>>", b"<</Type/Pages/Kids[%s]/Count %d>>" % (kids, count),
+                    b"<</Length %d>>stream\n%s\nendstream" % (len(content), content),
+                    *[b"<</Type/Page/Parent 2 0 R/MediaBox[%s]/Contents 3 0 R%s>>" % (media_box, extra)] * count])
+
+
+def test_a_strip_thinner_than_a_pixel_stays_within_its_area() -> None:
+    """A 14,400 x 1 pt page (a legal MediaBox) or a 40,000 x 1 pixel TIFF frame as a thumbnail: the short side cannot
+    go below one pixel, so the long side alone must respect the area. It was not held: the worker sent a
+    8,485 x 1 page for 5,000 pixels (the pool let it through: its check takes the largest area of any job) and a
+    38,031 x 1 TIFF thumbnail for 36,160 (the pool took that for nonsense: "the renderer failed")."""
+    async def scenario(pool: RenderPool) -> None:
+        strip = tiff_frames([Image.new("L", (40_000, 1), 0)])
+        for document, area in [(await pool.render(job(page_pdf(b"0 0 14400 1"), thumbnail=True)), 160 * 226),
+                               (await pool.render(job(page_pdf(b"0 0 14400 1"), max_pixels_per_page=5_000)), 5_000),
+                               (await pool.render(job(strip, "tiff", thumbnail=True)), 160 * 226)]:
+            page = document.pages[0]
+            assert page.height == 1 and page.width * page.height <= area
+            assert Image.open(io.BytesIO(page.image)).size == (page.width, page.height)
+    run(scenario)
+
+
+def test_a_long_choice_of_pages_is_too_many_pages() -> None:
+    """Pages chosen one by one in a list of 600,000 numbers (every page of a long document, or a client's loop):
+    too_many_pages with the count, as for 17; it was a failed worker (the job's header outgrew the worker's 1 MiB
+    frame)."""
+    async def scenario(pool: RenderPool) -> None:
+        with pytest.raises(InvalidRequest) as raised:
+            await pool.render(job(text_pdf(20, image=False), pages=tuple(range(1, 21)) * 30_000))
+        assert raised.value.code == "too_many_pages"
+        assert "600000 pages were chosen from a document of 20" in raised.value.message
+        with pytest.raises(InvalidRequest) as raised:
+            await pool.render(job(text_pdf(3, image=False), pages=tuple(range(1, 600_001))))
+        assert raised.value.code == "invalid_pages" and "page 4 was chosen" in raised.value.message
+    run(scenario)
+
+
+def test_close_tells_a_waiting_request_at_once() -> None:
+    """A request waiting for a worker when close() comes hears that the renderer is shutting down, not, after
+    queue_timeout_s, that it is busy (no worker was ever going to come)."""
+    async def main() -> None:
+        pool = RenderPool(DocumentSettings(workers=1, queue_timeout_s=3))
+        await pool.start()
+        rendering = asyncio.create_task(pool.render(job(cpu_burner())))
+        await busy_worker(pool)
+        waiting = asyncio.create_task(pool.render(job(text_pdf(1))))
+        await asyncio.sleep(0.1)
+        await pool.close()
+        for task in (rendering, waiting):
+            with pytest.raises(Overloaded) as raised:
+                await task
+            assert raised.value.code == "documents_closed"
+        assert pool.ready_pids == [] and pool.busy_pids == []
+    asyncio.run(main())
