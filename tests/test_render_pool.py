@@ -8,6 +8,7 @@ forms that burns CPU). After each failure the same pool still renders a good doc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import math
@@ -627,3 +628,123 @@ def test_close_tells_a_waiting_request_at_once() -> None:
             assert raised.value.code == "documents_closed"
         assert pool.ready_pids == [] and pool.busy_pids == []
     asyncio.run(main())
+
+
+def children() -> set[int]:
+    """This process's child processes, zombies too (proc(5): the fourth field of /proc/PID/stat is the parent)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    found.add(int(entry))
+    return found
+
+
+def test_floods_failed_starts_and_cancellations_leave_the_pool_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight documents at once while no worker can start (a broken install mid-flight): the two ready workers take
+    two, the rest wait queue_timeout_s and get 503, and one retrying start per missing worker runs (no storm). Once
+    starts work again the pool is back to two ready workers. Then renders of every outcome, a request cancelled
+    mid-render (the client left: its worker is killed, its turn freed) and one cancelled while waiting: the gateway
+    holds the same descriptors as before and no child but the ready workers."""
+    async def main() -> None:
+        pool = RenderPool(DocumentSettings(workers=2, queue_timeout_s=1.5))
+        await pool.start()
+        descriptors = len(os.listdir("/proc/self/fd"))  # two ready workers: their pipes (numbers vary)
+        monkeypatch.setattr("sys.executable", "/bin/false")
+        results = await asyncio.gather(*(pool.render(job(text_pdf(1))) for _ in range(8)), return_exceptions=True)
+        assert sum(isinstance(result, RenderedDocument) for result in results) == 2
+        assert all(isinstance(result, Overloaded) and result.code == "documents_busy"
+                   for result in results if not isinstance(result, RenderedDocument))
+        assert len(pool._spawning) == 2 and pool.ready_pids == []
+        monkeypatch.undo()
+        async with asyncio.timeout(30):
+            while pool._spawning:
+                await asyncio.sleep(0.05)
+        assert len(pool.ready_pids) == 2
+
+        for data in [text_pdf(1), b"junk", text_pdf(1)[:500], memory_eater()]:
+            with contextlib.suppress(InvalidRequest):
+                await pool.render(job(data))
+        rendering = asyncio.create_task(pool.render(job(cpu_burner())))
+        pid = await busy_worker(pool)
+        other = asyncio.create_task(pool.render(job(cpu_burner())))
+        await busy_worker(pool)
+        waiting = asyncio.create_task(pool.render(job(text_pdf(1))))
+        await asyncio.sleep(0.1)
+        for task in (rendering, waiting):
+            task.cancel()
+        await asyncio.gather(rendering, waiting, return_exceptions=True)
+        assert not Path(f"/proc/{pid}").exists()  # killed and reaped
+        await still_renders(pool)  # the cancelled request's turn came back
+        other.cancel()
+        await asyncio.gather(other, return_exceptions=True)
+        async with asyncio.timeout(30):
+            while pool._spawning:
+                await asyncio.sleep(0.05)
+        assert len(os.listdir("/proc/self/fd")) == descriptors
+        assert children() == set(pool.ready_pids) and len(pool.ready_pids) == 2 and pool.busy_pids == []
+        await pool.close()
+        assert children() == set()
+    asyncio.run(main())
+
+
+def test_hostile_shapes_get_their_answer() -> None:
+    """Documents shaped to abuse the renderer: each gets its answer, quickly, and the pool still serves."""
+    async def scenario(pool: RenderPool) -> None:
+        long_pdf = page_pdf(b"0 0 9 9", count=100_000)
+        with pytest.raises(InvalidRequest) as raised:
+            await pool.render(job(long_pdf))
+        assert raised.value.code == "too_many_pages" and "100000 pages" in raised.value.message
+        previews = await pool.render(job(long_pdf, thumbnail=True))
+        assert previews.page_count == 100_000 and len(previews.pages) == 16
+        assert [page.number for page in (await pool.render(job(long_pdf, pages=(100_000,)))).pages] == [100_000]
+        # A form drawing itself (a cycle), and 10,000-deep forms: PDFium stops the recursion.
+        cycle = raw_pdf([
+            b"<</Type/Catalog/Pages 2 0 R>>", b"<</Type/Pages/Kids[3 0 R]/Count 1>>",
+            b"<</Type/Page/Parent 2 0 R/MediaBox[0 0 612 792]/Resources<</XObject<</X 5 0 R>>>>/Contents 4 0 R>>",
+            b"<</Length 5>>stream\n/X Do\nendstream",
+            b"<</Type/XObject/Subtype/Form/BBox[0 0 612 792]/Resources<</XObject<</X 5 0 R>>>>/Length 5>>stream\n"
+            b"/X Do\nendstream"])
+        assert len((await pool.render(job(cycle))).pages) == 1
+        # /Rotate 90: the page is drawn turned clockwise (ISO 32000-1, 7.7.3.3), its box landscape to portrait.
+        turned = await pool.render(job(page_pdf(b"0 0 600 300", b"/Rotate 90", b"0 200 100 100 re f"),
+                                       max_pixels_per_page=400_000))
+        page = turned.pages[0]
+        picture = Image.open(io.BytesIO(page.image)).convert("L")
+        assert page.width < page.height and picture.getpixel((page.width - 5, 5)) < 50 < picture.getpixel((5, 5))
+        # A page a hundredth of a point wide is not a page.
+        with pytest.raises(InvalidRequest) as raised:
+            await pool.render(job(page_pdf(b"0 0 0.01 0.01")))
+        assert raised.value.code == "invalid_document"
+        # A page holding 100,000 characters of text: its text layer is cut at max_text_chars_per_page.
+        text = b"BT /F1 1 Tf 1 TL 0 700 Td " + (b"(" + b"A" * 1000 + b") Tj T* ") * 100 + b"ET"
+        wordy = raw_pdf([
+            b"<</Type/Catalog/Pages 2 0 R>>", b"<</Type/Pages/Kids[3 0 R]/Count 1>>",
+            b"<</Type/Page/Parent 2 0 R/MediaBox[0 0 612 792]/Resources<</Font<</F1 5 0 R>>>>/Contents 4 0 R>>",
+            b"<</Length %d>>stream\n%s\nendstream" % (len(text), text),
+            b"<</Type/Font/Subtype/Type1/BaseFont/Helvetica>>"])
+        page = (await pool.render(job(wordy))).pages[0]
+        assert page.text is not None and len(page.text) == 20_000
+        # A TIFF of 10,000 frames (one IFD chain sharing a strip), and pictures sent as TIFF.
+        frames = 10_000
+        strip_at = 8 + frames * (2 + 8 * 12 + 4)
+        many = bytearray(b"II*\x00" + struct.pack("<I", 8))
+        for index in range(frames):
+            many += struct.pack("<H", 8) + b"".join(struct.pack("<HHII", *entry) for entry in [
+                (256, 3, 1, 8), (257, 3, 1, 8), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+                (273, 4, 1, strip_at), (278, 3, 1, 8), (279, 4, 1, 64)])
+            many += struct.pack("<I", len(many) + 4 if index + 1 < frames else 0)
+        many += bytes(range(0, 256, 4))
+        with pytest.raises(InvalidRequest) as raised:
+            await pool.render(job(bytes(many), "tiff"))
+        assert raised.value.code == "too_many_pages" and "10000 pages" in raised.value.message
+        assert (await pool.render(job(bytes(many), "tiff", pages=(10_000,)))).page_count == 10_000
+        for picture_format in ("PNG", "JPEG"):
+            out = io.BytesIO()
+            Image.new("RGB", (64, 64)).save(out, picture_format)
+            with pytest.raises(InvalidRequest) as raised:
+                await pool.render(job(out.getvalue(), "tiff"))
+            assert raised.value.code == "invalid_document"
+    run(scenario)
