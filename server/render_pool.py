@@ -50,6 +50,8 @@ RETRY_AFTER_S = 5
 SPAWN_TIMEOUT_S = 30.0
 # After a failed spawn, the next try waits this long (a broken install must not spin).
 RESPAWN_BACKOFF_S = 1.0
+# ... doubling after each failure up to this, so a start that stays broken logs a line a minute, not every second.
+RESPAWN_BACKOFF_MAX_S = 60.0
 # close() lets a worker being started finish this long before it cancels the start.
 CLOSE_GRACE_S = 5.0
 MEDIA_TYPES = frozenset({"image/jpeg", "image/png"})
@@ -239,16 +241,16 @@ class RenderPool:
         task.add_done_callback(self._spawning.discard)
 
     async def _respawn(self) -> None:
+        backoff = RESPAWN_BACKOFF_S
         while not self._closed:
             try:
                 worker = await self._spawn()
-            except _WorkerFailed as failure:
-                log.warning("%s; trying again", failure.log_line)
-                await asyncio.sleep(RESPAWN_BACKOFF_S)
-                continue
-            except OSError as error:
-                log.warning("a document worker could not be started (%s); trying again", error.strerror)
-                await asyncio.sleep(RESPAWN_BACKOFF_S)
+            except (_WorkerFailed, OSError) as failure:
+                why = failure.log_line if isinstance(failure, _WorkerFailed) else (
+                    f"a document worker could not be started ({failure.strerror})")
+                log.warning("%s; trying again in %.0f s", why, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RESPAWN_BACKOFF_MAX_S)
                 continue
             if self._closed:
                 worker.kill()
