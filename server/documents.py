@@ -58,9 +58,9 @@ TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 MAX_NAME_CHARS = 100
 # Base64 longer than this is decoded in a thread (as request_path screens large bodies), not on the event loop.
 DECODE_INLINE_CHARS = 256 * 1024
-# A page number has at most 9 digits: a longer one is no page, and Python refuses to read one of over 4300 digits
-# (int's max_str_digits, a ValueError: a 500).
-PAGES_SYNTAX = re.compile(r"\s*(\d{1,9})\s*(?:-\s*(\d{1,9})\s*)?")
+# A page number has at most 18 digits (int64): a longer one is no page, and Python refuses to read one of over 4300
+# digits (int's max_str_digits, a ValueError: a 500).
+PAGES_SYNTAX = re.compile(r"\s*(\d{1,18})\s*(?:-\s*(\d{1,18})\s*)?")
 # The label quotes the name in '...' inside [...], and the chat template marks its turns with <|...|>: a name must
 # not end the quote or the label early (forging a label of its own), nor spell a special token.
 NAME_LOOKALIKES = str.maketrans({"'": "\u2019", "[": "(", "]": ")", "<": "\u2039", ">": "\u203a"})

@@ -16,13 +16,13 @@ from server.errors import InvalidRequest
 from server.page_budget import label
 
 from .conftest import Stack
-from .document_files import _pdf, file_part, pdf_bytes
+from .document_files import _pdf, data_url, file_part, pdf_bytes
 from .test_documents import MODEL, chat, sample
 
 OUTCOMES = ("rendered", "refused", "unprocessable", "busy", "failed", "cancelled")
 
 
-@pytest.mark.parametrize("value", ["9" * 5000, "1-" + "9" * 5000, "9" * 10])
+@pytest.mark.parametrize("value", ["9" * 5000, "1-" + "9" * 5000, "9" * 19])
 def test_page_numbers_too_long_to_be_pages_are_refused_not_a_500(value: str) -> None:
     with pytest.raises(InvalidRequest) as refused:
         parse_pages(value, "p", 16)
@@ -46,10 +46,10 @@ def test_everyday_file_names_keep_their_look() -> None:
     assert document_name("John's invoice [final].pdf", 1) == "John\u2019s invoice (final).pdf"
 
 
-def counted(stack: Stack) -> dict[str, float]:
-    """``airlock_documents_total`` for requests, by outcome."""
+def counted(stack: Stack, purpose: str = "request") -> dict[str, float]:
+    """``airlock_documents_total`` for ``purpose``, by outcome."""
     metrics = httpx.get(f"{stack.base_url}/metrics", headers=stack.auth, timeout=30).text
-    return {outcome: sample(metrics, "airlock_documents_total", purpose="request", outcome=outcome)
+    return {outcome: sample(metrics, "airlock_documents_total", purpose=purpose, outcome=outcome)
             for outcome in OUTCOMES}
 
 
@@ -98,3 +98,17 @@ def test_a_client_that_leaves_stops_its_render(stack: Stack) -> None:
     answer = httpx.post(f"{stack.base_url}/v1/chat/completions", json=chat(file_part(pdf_bytes())),
                         headers=stack.auth, timeout=120)
     assert answer.status_code == 200, answer.text
+
+
+
+@pytest.mark.engine
+def test_a_client_that_leaves_the_preview_stops_its_render(stack: Stack) -> None:
+    before = counted(stack, "preview")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{stack.base_url}/v1/airlock/documents/preview", json={"file_data": data_url(slow_pdf())},
+                   headers=stack.auth, timeout=httpx.Timeout(60, read=2))
+    deadline = time.monotonic() + 60  # a wait for the outcome, not a timed assert: a render that ran on ends later
+    while (after := counted(stack, "preview")) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert {outcome: after[outcome] - before[outcome] for outcome in OUTCOMES if after[outcome] != before[outcome]} \
+        == {"cancelled": 1}
