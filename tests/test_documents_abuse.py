@@ -73,7 +73,7 @@ def test_a_request_screening_refuses_renders_no_page(stack: Stack, fields: dict[
 
 def slow_pdf(strokes: int = 20_000) -> bytes:
     """A one-page PDF of ``strokes`` page-wide strokes (a 2 KB deflated content stream): PDFium takes some 15 s of
-    CPU to draw it at the demo's page budget, well inside worker_cpu_s and render_timeout_s."""
+    CPU to draw 20,000 at the demo's page budget, some 10 s for 200,000 as a thumbnail; within worker_cpu_s."""
     content = zlib.compress(b"0 0 m 595 842 l 595 0 l 0 842 l S\n" * strokes, 9)
     return _pdf([
         b"<< /Type /Catalog /Pages 2 0 R >>",
@@ -105,7 +105,7 @@ def test_a_client_that_leaves_stops_its_render(stack: Stack) -> None:
 def test_a_client_that_leaves_the_preview_stops_its_render(stack: Stack) -> None:
     before = counted(stack, "preview")
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{stack.base_url}/v1/airlock/documents/preview", json={"file_data": data_url(slow_pdf())},
+        httpx.post(f"{stack.base_url}/v1/airlock/documents/preview", json={"file_data": data_url(slow_pdf(200_000))},
                    headers=stack.auth, timeout=httpx.Timeout(60, read=2))
     deadline = time.monotonic() + 60  # a wait for the outcome, not a timed assert: a render that ran on ends later
     while (after := counted(stack, "preview")) == before and time.monotonic() < deadline:
