@@ -10,6 +10,7 @@ never a silent truncation. An engine's own error text never reaches the client.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ UPSTREAM_HEADERS = {"content-type": "application/json", "accept-encoding": "iden
 # response): an event whose data is an OpenAI error object. Inside an answer's text the quotes would be escaped.
 ERROR_EVENT = b'data: {"error"'
 STOPPED = "the model engine stopped while answering"
+# Bodies above aiohttp's TOO_LARGE_BYTES_BODY (1 MiB, aiohttp/payload.py) go as a BytesIO, which aiohttp writes in
+# 64 KiB pieces, yielding to the event loop between them (and without its ResourceWarning); smaller ones as bytes, in
+# one write. A BytesIO made from bytes shares them until written to: no copy.
+LARGE_BODY_BYTES = 1 << 20
 FAILED = "the model engine failed to answer this request; try again"
 
 
@@ -155,7 +160,9 @@ class _Exchange:
         self.record.forwarded()
         errors = self.forwarder.metrics.upstream_errors
         try:
-            return await replica.session.post(replica.endpoint(self.request.path), data=self.request.body,
+            body = self.request.body
+            return await replica.session.post(replica.endpoint(self.request.path),
+                                              data=io.BytesIO(body) if len(body) > LARGE_BODY_BYTES else body,
                                               headers=UPSTREAM_HEADERS)
         except aiohttp.ClientConnectorError:
             # Refused or no socket: the engine is down.
