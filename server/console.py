@@ -228,6 +228,8 @@ def console_router(config: Settings, authentication: Authentication, sessions: S
                   "max_image_pixels": min(config.screening.max_image_pixels, console.image_max_pixels,
                                           engine_limits.max_pixels),
                   "max_tokens": config.screening.max_tokens_limit,
+                  # the bytes of one request: the page keeps a question with its documents and earlier turns within
+                  "max_body_bytes": config.gateway.max_body_bytes,
                   "documents": {"enabled": config.documents.enabled,
                                 "max_pages": min(config.documents.max_pages, max_images),
                                 "max_bytes": config.documents.max_bytes}}

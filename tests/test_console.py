@@ -95,6 +95,9 @@ def count_answer_updates(page: Page) -> None:
 def nothing_kept_in_the_browser(page: Page) -> None:
     assert page.evaluate("localStorage.length + sessionStorage.length") == 0
     assert page.evaluate("indexedDB.databases().then(list => list.length)") == 0
+    # Nor Cache Storage, nor a service worker (a loopback page is a secure context: both exist there).
+    assert page.evaluate("caches.keys().then(keys => keys.length)") == 0
+    assert page.evaluate("navigator.serviceWorker.getRegistrations().then(list => list.length)") == 0
     # The only cookie is the server's HttpOnly session cookie (scripts cannot read it).
     assert page.evaluate("document.cookie") == ""
 

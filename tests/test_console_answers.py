@@ -69,6 +69,7 @@ HOSTILE = """Look: <img src=x onerror="window.__pwned = 'img'"> and <script>wind
 <math><mi xlink:href="javascript:window.__pwned='math'">m</mi></math>
 """
 ENGINE_REFUSAL = "the scripted engine refuses this question"
+MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
 def _event(payload: dict[str, Any]) -> bytes:
@@ -91,6 +92,8 @@ class ScriptedEngine:
     requests: list[dict[str, Any]] = field(default_factory=list)
     # The long answer goes on until the test sets this.
     release: threading.Event = field(default_factory=threading.Event)
+    # Answers a test chooses: the question (whole) -> the answer streamed back.
+    answers: dict[str, str] = field(default_factory=dict)
 
     def app(self) -> Starlette:
         async def health(_: Request) -> Response:
@@ -124,7 +127,7 @@ class ScriptedEngine:
             await asyncio.sleep(0.3)  # relayed to the browser before the engine dies: an SSE error event follows
             raise RuntimeError("the scripted engine dies mid-answer")
         else:
-            text = HOSTILE if question.startswith("hostile") else MARKDOWN
+            text = self.answers.get(question) or (HOSTILE if question.startswith("hostile") else MARKDOWN)
             for piece in _pieces(text):
                 yield _delta(piece)
                 await asyncio.sleep(0.005)
@@ -149,7 +152,8 @@ class Scripted:
 def serve_gateway(upstream: str, credentials: Credentials) -> tuple[ThreadedServer, str]:
     port = free_port()
     settings = load_settings(
-        gateway={"port": port, "health_interval_s": 0.5},
+        # A request's bytes kept small: the console's tests of documents fill it with a few megabytes.
+        gateway={"port": port, "health_interval_s": 0.5, "max_body_bytes": MAX_BODY_BYTES},
         auth={"htpasswd_file": str(credentials.htpasswd), "local_groups": {"vision": ["alice"]}},
         # The scripted model is for the vision group: bob may use no model at all.
         authorization={"rules": [{"models": ["scripted-*"], "groups": ["vision"]}]},

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,13 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page
 from reportlab.lib.pagesizes import A4
+from reportlab.lib.utils import ImageReader
 from reportlab.pdfgen import canvas
 
 from . import test_console, test_console_answers
 from .conftest import Credentials, Stack
 from .test_console import nothing_kept_in_the_browser
-from .test_console_answers import ENGINE_REFUSAL, Scripted, ask, only_own_origin, shot, signed_in
+from .test_console_answers import ENGINE_REFUSAL, MAX_BODY_BYTES, Scripted, ask, only_own_origin, shot, signed_in
 
 browser = test_console.browser  # the same Chromium fixture (Debian's, headless)
 scripted = test_console_answers.scripted  # a gateway of this module's own in front of the scripted engine
@@ -54,6 +56,19 @@ def scan(pages: int) -> bytes:
     frames = [Image.new("L", (400, 560), 255 - 40 * number) for number in range(pages)]
     buffer = io.BytesIO()
     frames[0].save(buffer, "TIFF", save_all=True, append_images=frames[1:], compression="tiff_deflate")
+    return buffer.getvalue()
+
+
+def bulky(kib: int, seed: int) -> bytes:
+    """A one-page PDF of about ``kib`` KiB that renders small: an incompressible picture drawn a few points wide."""
+    side = int((kib * 1024 / 3) ** 0.5)
+    picture = Image.frombytes("RGB", (side, side), random.Random(seed).randbytes(side * side * 3))
+    buffer = io.BytesIO()
+    pdf = canvas.Canvas(buffer, pagesize=A4)
+    pdf.drawImage(ImageReader(picture), 72, 700, width=8, height=8)
+    pdf.drawString(72, 600, f"Bulky document {seed}")
+    pdf.showPage()
+    pdf.save()
     return buffer.getvalue()
 
 
@@ -176,6 +191,44 @@ def test_a_tiff_is_picked_an_encrypted_pdf_refused_and_a_failed_question_keeps_i
     assert sent["pages"] == "3,1" and sent["file_data"].startswith("data:image/tiff;base64,")
     forwarded = last_user_parts(scripted.engine.requests[-1])
     assert sum(part["type"] == "image_url" for part in forwarded) == 2
+    only_own_origin(recorder, scripted.url)
+    context.close()
+
+
+def test_documents_are_kept_within_the_servers_limit_on_a_requests_bytes(browser: Browser, scripted: Scripted,
+                                                                      credentials: Credentials) -> None:
+    """Documents travel whole (base64, a third larger), and follow-up questions carry the earlier turns: a second
+    document after a first used to make every follow-up a 413 (the earlier one went again each time), so the page
+    drops the oldest turns' attachments first, and refuses, before sending, a question whose own are too large."""
+    context, page, recorder = signed_in(browser, scripted.url, "alice", credentials.passwords["alice"])
+    page.wait_for_selector("#model option", state="attached")
+    first, second, third = (bulky(800, seed) for seed in range(3))
+    assert len(first) * 4 // 3 < MAX_BODY_BYTES < len(first) * 8 // 3  # one goes in a request, two do not
+
+    drop(page, first, "first.pdf", "application/pdf")
+    page.locator("#thumbnails .document").wait_for(timeout=WAIT_MS)
+    assert ask(page, "markdown please").locator(".turn-error").count() == 0
+    drop(page, second, "second.pdf", "application/pdf")
+    page.locator("#thumbnails .document").wait_for(timeout=WAIT_MS)
+    with page.expect_response(f"{scripted.url}/v1/chat/completions") as asked:
+        reply = ask(page, "markdown please, about the second")
+    assert asked.value.status == 200 and reply.locator(".turn-error").count() == 0
+    messages = json.loads(asked.value.request.post_data or "{}")["messages"]
+    files = [[part["file"]["filename"] for part in message["content"] if part["type"] == "file"]
+             for message in messages if message["role"] == "user"]
+    assert files == [[], ["second.pdf"]]  # the earlier question went again, without its document
+
+    # Two at once are too many bytes for one question: said before sending; the question and both stay.
+    drop(page, second, "second.pdf", "application/pdf")
+    page.locator("#thumbnails .document").wait_for(timeout=WAIT_MS)
+    drop(page, third, "third.pdf", "application/pdf")
+    page.locator("#thumbnails .document").nth(1).wait_for(timeout=WAIT_MS)
+    page.fill("#question", "compare them")
+    page.click("#send")
+    page.wait_for_selector("#composer-note:not([hidden])")
+    assert "larger than this server takes in one question (2 MB" in page.inner_text("#composer-note")
+    assert page.locator("#conversation article").count() == 4  # nothing sent
+    assert page.input_value("#question") == "compare them" and page.locator("#thumbnails .document").count() == 2
     only_own_origin(recorder, scripted.url)
     context.close()
 

@@ -590,9 +590,16 @@
       note(`At most ${mostPages} document pages per question: choose fewer pages.`);
       return;
     }
-    const attachments = state.attachments.splice(0);
-    const content = [{ type: "text", text: question }, ...attachments.map(contentPart)];
+    const content = [{ type: "text", text: question }, ...state.attachments.map(contentPart)];
     body.messages = withinImageLimit([...state.history, { role: "user", content }]);
+    const fitted = withinBodyLimit(body);
+    if (!fitted) {
+      note(`What goes with this question is larger than this server takes in one question ` +
+           `(${megabytes(state.limits.max_body_bytes)}, a document's bytes counting a third more as they travel): ` +
+           "remove some, or ask about them one at a time.");
+      return;
+    }
+    const attachments = state.attachments.splice(0);
 
     showQuestion(question, attachments);
     $("question").value = "";
@@ -605,7 +612,7 @@
     $("send").disabled = true;
     $("stop").hidden = false;
     try {
-      const response = await api("/v1/chat/completions", { method: "POST", body: JSON.stringify(body), signal: state.request.signal });
+      const response = await api("/v1/chat/completions", { method: "POST", body: fitted, signal: state.request.signal });
       if (!response.ok) {
         const message = await problem(response);
         failed(reply, message, question, attachments);
@@ -667,6 +674,22 @@
       pages -= sum(message, pagesIn);
       return { ...message, content: message.content.filter((part) => !imagesIn(part)) };
     });
+  }
+
+  // The request as it is sent, within the server's limit on a request's bytes (gateway.max_body_bytes: above it, a
+  // 413 for every follow-up, as the earlier turns' documents travel again): the oldest turns lose their images and
+  // documents first. Null when the question and what goes with it alone are too large.
+  function withinBodyLimit(body) {
+    const most = state.limits.max_body_bytes || Infinity;
+    const size = (text) => new TextEncoder().encode(text).length;
+    let sent = JSON.stringify(body);
+    for (let index = 0; size(sent) > most && index < body.messages.length - 1; index += 1) {
+      const message = body.messages[index];
+      if (!Array.isArray(message.content) || !message.content.some(imagesIn)) continue;
+      body.messages[index] = { ...message, content: message.content.filter((part) => !imagesIn(part)) };
+      sent = JSON.stringify(body);
+    }
+    return size(sent) > most ? null : sent;
   }
 
   // Server-sent events: the answer's pieces as they come. Returns the message of an error event (the answer was cut
