@@ -3,9 +3,11 @@
 The console renders answers as markdown with `marked` and sanitizes the HTML with `DOMPurify`, both served by the
 gateway itself (no CDN). The manifest pins each package's version and the npm registry's integrity (sha512 of the
 package tarball, as `npm view NAME@VERSION dist.integrity` shows) and the sha256 of every file taken from it. This
-script runs `npm pack NAME@VERSION` (npm itself checks the tarball against the registry's integrity), checks the
-tarball's sha512 against the manifest, takes the listed files out of it in memory, checks their sha256, and writes
-them; any mismatch stops it before anything is written.
+script reads the version's metadata from the npm registry (``NPM_CONFIG_REGISTRY``, default
+https://registry.npmjs.org: a site's mirror works too), downloads its tarball in memory (no npm client needed:
+Debian's nodejs has none), checks the tarball's sha512 against the registry's integrity and the manifest, takes the
+listed files out of it in memory, checks their sha256, and writes them; any mismatch stops it before anything is
+written.
 
 To move to another version: edit the version in the manifest, run with ``--update`` (records the new integrity and
 sha256 values), read the diff of the vendored files, and run the console tests.
@@ -20,11 +22,10 @@ import base64
 import hashlib
 import io
 import json
-import shutil
-import subprocess
+import os
 import sys
 import tarfile
-import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +34,19 @@ MANIFEST = VENDOR / "manifest.json"
 
 
 def pack(name: str, version: str) -> bytes:
-    """The package's tarball, as the npm client fetches and verifies it."""
-    npm = shutil.which("npm")
-    if npm is None:
-        sys.exit("npm is needed (Debian: apt-get install npm)")
-    with tempfile.TemporaryDirectory() as directory:
-        made = subprocess.run(
-            [npm, "pack", f"{name}@{version}", "--ignore-scripts", "--json", "--pack-destination", directory],
-            capture_output=True, text=True, check=False,
-        )
-        if made.returncode != 0:
-            sys.exit(f"npm pack {name}@{version} failed:\n{made.stderr.strip()}")
-        (packed,) = json.loads(made.stdout)
-        return (Path(directory) / str(packed["filename"])).read_bytes()
+    """The package's tarball from the registry, checked against the integrity the registry publishes for it
+    (the npm registry's version document, ``dist.integrity`` and ``dist.tarball``)."""
+    registry = os.environ.get("NPM_CONFIG_REGISTRY", "https://registry.npmjs.org").rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{registry}/{name}/{version}", timeout=60) as answer:
+            dist = json.load(answer)["dist"]
+        with urllib.request.urlopen(dist["tarball"], timeout=120) as answer:
+            tarball: bytes = answer.read()
+    except (OSError, KeyError, ValueError) as error:
+        sys.exit(f"{name}@{version} could not be fetched from {registry}: {error}")
+    if integrity(tarball) != dist.get("integrity"):
+        sys.exit(f"{name}@{version}: the tarball does not match the registry's own integrity")
+    return tarball
 
 
 def integrity(tarball: bytes) -> str:
