@@ -365,3 +365,32 @@ def test_a_user_allowed_no_model_is_told_so_and_whom_to_ask(browser: Browser, sc
         page.wait_for_selector("#error:not([hidden])")
         assert page.inner_text("#error") == "No model is ready yet. Try again in a minute."
         context.close()
+
+
+def test_a_session_that_ends_takes_its_conversation_with_it(browser: Browser, scripted: Scripted,
+                                                            credentials: Credentials) -> None:
+    """The session ends behind the page's back (expired, revoked, signed out in another tab): the next question meets
+    a 401, and the sign-in form that follows holds nothing of the conversation, for whoever signs in next."""
+    context, page, _ = signed_in(browser, scripted.url, "alice", credentials.passwords["alice"])
+    page.wait_for_selector("#model option", state="attached")
+    ask(page, "alice-private-question-7f3a")
+    assert "alice-private-question-7f3a" in page.inner_text("#conversation")
+    ended = page.evaluate("""async () => {
+        const session = await (await fetch('/console/api/session', {headers: {'x-airlock-console': '1'}})).json();
+        const out = await fetch('/console/api/sign-out', {method: 'POST', body: '{}', headers: {
+            'x-airlock-console': '1', 'x-airlock-csrf': session.csrf, 'content-type': 'application/json'}});
+        return out.status;
+    }""")
+    assert ended in (200, 204)
+    page.fill("#question", "alice-second-question-9c1d")
+    page.click("#send")
+    page.wait_for_selector("#sign-in:not([hidden])")
+    assert page.inner_text("#conversation") == ""
+    assert page.input_value("#question") == ""
+    page.fill("#username", "bob")
+    page.fill("#password", credentials.passwords["bob"])
+    page.click("#password-form button[type=submit]")
+    page.wait_for_selector("#workspace:not([hidden])")
+    shown = page.inner_text("body")
+    assert "alice-private-question-7f3a" not in shown and "alice-second-question-9c1d" not in shown
+    context.close()

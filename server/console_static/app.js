@@ -151,6 +151,9 @@
   // --- signing in and out -------------------------------------------------------------------------------------
 
   function showSignIn(methods) {
+    // A session that ended (expired, revoked, signed out elsewhere) takes its conversation with it: whoever signs in
+    // next at this browser, someone else perhaps, must neither see it nor send it with their first question.
+    clearConversation();
     $("workspace").hidden = true;
     $("who").hidden = true;
     $("sign-out").hidden = true;
