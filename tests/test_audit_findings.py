@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 
+import pypdfium2 as pdfium  # type: ignore[import-untyped, unused-ignore]
 from PIL import Image
 
 from server.audit.canary import Canaries
@@ -140,6 +142,45 @@ def test_the_canary_image_carries_its_markers_where_they_can_be_found() -> None:
     canaries.add_answer("short")
     canaries.add_answer("a longer answer from the model, long enough to look for")
     assert [name for name in canaries.needles if name.startswith("answer")] == ["answer 1"]
+
+
+def test_the_canary_pdf_carries_its_text_and_image_where_they_can_be_found() -> None:
+    canaries = Canaries.fresh()
+    pdf = pdfium.PdfDocument(canaries.document_pdf)  # a valid PDF, read by the renderer the gateway uses
+    assert len(pdf) == 1
+    page = pdf[0]
+    # The text layer the gateway extracts and forwards is the canary's text.
+    assert page.get_textpage().get_text_range() == canaries.needles["document text"].decode()
+    images = [obj for obj in page.get_objects() if isinstance(obj, pdfium.PdfImage)]
+    assert len(images) == 1 and images[0].get_px_size() == (64, 64)
+    # A decoded copy of the embedded image shows its marker, and so does the PDF itself (noise does not compress).
+    assert images[0].get_bitmap().to_pil().tobytes().startswith(canaries.needles["document pixels"])
+    assert canaries.needles["document pixels"] in canaries.document_pdf
+    part = canaries.document_part
+    assert part["type"] == "file"
+    file = part["file"]
+    assert isinstance(file, dict) and file["filename"].encode().startswith(canaries.needles["document name"])
+    assert file["file_data"].startswith("data:application/pdf;base64,")
+    # The request body shows the base64 slice; the slice is the canary's own (from its pixels), not the header
+    # every PDFium file shares.
+    assert canaries.needles["document base64"] in file["file_data"].encode()
+    other = Canaries.fresh()
+    assert other.needles["document base64"] not in file["file_data"].encode()
+    assert other.document_pdf[:9] == canaries.document_pdf[:9] == b"%PDF-1.7\r"
+    pdf.close()
+
+
+def test_the_canary_pdf_is_found_as_bytes_as_text_and_as_base64() -> None:
+    """The PDF spooled as it came, its text layer logged, the request body printed: each is found."""
+    pdf, body = CANARIES.document_pdf, json.dumps(CANARIES.document_part)
+    findings = findings_of(
+        f'5 write(9</tmp/#7 (deleted)>, "{hexed(pdf[:4096])}", 4096) = 4096',
+        f'5 write(2<pipe:[1]>, "page 1: {CANARIES.needles["document text"].decode()}\\n", 56) = 56',
+        f'5 write(1<pipe:[1]>, "{hexed(body.encode()[:8000])}", 8000) = 8000',
+    )
+    assert findings.files["/tmp/#7 (deleted)"].canaries == {"document pixels"}
+    assert {stream.fd: stream.canaries for stream in findings.logs.values()} == {
+        2: {"document text"}, 1: {"document base64", "document name"}}
 
 
 def test_program_names_and_storage() -> None:
