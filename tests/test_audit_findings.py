@@ -172,7 +172,9 @@ def test_the_canary_pdf_carries_its_text_and_image_where_they_can_be_found() -> 
 
 def test_the_canary_pdf_is_found_as_bytes_as_text_and_as_base64() -> None:
     """The PDF spooled as it came, its text layer logged, the request body printed: each is found."""
-    pdf, body = CANARIES.document_pdf, json.dumps(CANARIES.document_part)
+    file = CANARIES.document_part["file"]
+    assert isinstance(file, dict)
+    pdf, body = CANARIES.document_pdf, json.dumps({"filename": file["filename"], "file_data": file["file_data"]})
     findings = findings_of(
         f'5 write(9</tmp/#7 (deleted)>, "{hexed(pdf[:4096])}", 4096) = 4096',
         f'5 write(2<pipe:[1]>, "page 1: {CANARIES.needles["document text"].decode()}\\n", 56) = 56',
