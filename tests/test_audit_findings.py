@@ -5,6 +5,10 @@ from __future__ import annotations
 import io
 import json
 import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pypdfium2 as pdfium  # type: ignore[import-untyped, unused-ignore]
 from PIL import Image
@@ -183,6 +187,35 @@ def test_the_canary_pdf_is_found_as_bytes_as_text_and_as_base64() -> None:
     assert findings.files["/tmp/#7 (deleted)"].canaries == {"document pixels"}
     assert {stream.fd: stream.canaries for stream in findings.logs.values()} == {
         2: {"document text"}, 1: {"document base64", "document name"}}
+
+
+def test_a_forked_child_is_named_by_what_it_executes(tmp_path: Path) -> None:
+    """A render worker's first calls come before its execve, when /proc still shows the gateway it was forked from;
+    from its execve on it is named by what it runs (read again then, while the process lives)."""
+    # A real process that first runs "python -c ..." and, on cue, executes something named server.render_worker.
+    execs = ("import os, sys; sys.stdin.readline(); "
+             "os.execv(sys.executable, [sys.executable, '-c', 'import sys; sys.stdin.read()', 'server.render_worker'])")
+    with subprocess.Popen([sys.executable, "-c", execs, "gateway"], stdin=subprocess.PIPE) as child:
+        assert child.stdin is not None
+        pid = child.pid
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        while not cmdline.read_bytes():  # set once its exec has finished (Popen may return a moment before)
+            time.sleep(0.01)
+        findings = findings_of(f'{pid} openat(AT_FDCWD</srv>, "/dev/null", O_RDWR|O_CLOEXEC) = 3</dev/null>')
+        before = findings.program(pid)
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        while not cmdline.read_bytes().endswith(b"\0server.render_worker\0"):
+            time.sleep(0.01)
+        for call in TraceReader().feed(f'{pid} execve("{sys.executable}", ["python3", "-c", "...", '
+                                       '"server.render_worker"], 0x7ffd /* 0 vars */) = 0\n'):
+            findings.observe(call)
+        after = findings.program(pid)
+        child.communicate(b"")
+    assert before == "gateway" and after == "server.render_worker"
+    assert findings.programs == ["gateway", "server.render_worker"] and findings.pids == {pid}
+    assert program_name(["/usr/bin/python3", "-I", "-B", "-m", "server.render_worker", "1024"]) == \
+        "server.render_worker"
 
 
 def test_program_names_and_storage() -> None:

@@ -90,10 +90,15 @@ class Findings:
         self.files: dict[str, WrittenFile] = {}
         self.logs: dict[tuple[str, int], LogStream] = {}
         self._programs: dict[int, str] = {}
+        self._ran: set[str] = set()
         self._nscd_sockets: set[str] = set()
 
     def observe(self, call: Syscall) -> None:
         self.calls += 1
+        if call.name == "execve" and not call.failed:
+            self._programs.pop(call.pid, None)  # it runs something else now (a fork's first calls named its parent)
+        if call.name == "execve" or call.pid not in self.pids:
+            self.program(call.pid)  # named while it runs: a short-lived worker may be gone by the report
         self.pids.add(call.pid)
         if call.name in WRITE_CALLS:
             self._written(call)
@@ -106,6 +111,11 @@ class Findings:
         elif call.name in SEND_CALLS:
             self._sent(call)
 
+    @property
+    def programs(self) -> list[str]:
+        """Every program a traced process ran (forked children under each name they ran), for the report."""
+        return sorted(self._ran)
+
     def program(self, pid: int) -> str:
         """What the process runs, read while it runs (a thread is named after its process)."""
         if pid not in self._programs:
@@ -117,6 +127,7 @@ class Findings:
                 self._programs[pid] = program_name([arg for arg in argv if arg])
             except OSError:
                 self._programs[pid] = "?"
+            self._ran.add(self._programs[pid])
         return self._programs[pid]
 
     def _file(self, path: str, call: Syscall) -> WrittenFile:

@@ -152,7 +152,8 @@ class Report:
             "interfaces": self.interfaces,
             "requests": self.probe.as_json(),
             "canaries": sorted(findings.canaries.needles),
-            "traced": {"processes_and_threads": len(findings.pids), "calls": findings.calls},
+            "traced": {"processes_and_threads": len(findings.pids), "calls": findings.calls,
+                       "programs": [name for name in findings.programs if name != "?"]},
             "egress": [destination.as_json() for destination in findings.egress.values()],
             "dns": [destination.as_json() for destination in findings.dns.values()],
             "files_written": [written.as_json(storage_of(written.path, mounts))
