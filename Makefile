@@ -8,7 +8,7 @@ ENGINE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install system-packages base-image image-check run test lint bench bench-fairness gpu-check clean
+.PHONY: install system-packages base-image image-check run test lint bench bench-fairness bench-documents gpu-check clean
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -56,6 +56,10 @@ bench: install
 # User B's time to first token while user A floods: through Airlock's fair queue and straight to vLLM.
 bench-fairness: install
 	$(VENV)/bin/python -m tests.bench.fairness $(ARGS)
+
+# Documents: render time per page, worker start-up and the render pool's memory (README, Performance, "Documents").
+bench-documents: install
+	$(VENV)/bin/python -m tests.bench.render_cost $(ARGS)
 
 # On a machine with an NVIDIA GPU and Qwen3-VL weights: starts each profile that fits, checks it, prints a table
 # (README, "GPU acceptance"). ARGS="--models-dir DIR" if the weights are not in /var/lib/airlock/models.

@@ -10,9 +10,9 @@ than ``queue_timeout_s`` for its turn gets ``Overloaded``.
 A worker is a plain child process, not ``multiprocessing``: that needs POSIX semaphores in /dev/shm, and the gateway
 may run on a read-only root. ``python -I`` (isolated: no environment variables, no user site, no current directory
 on the import path; python(1)) finds ``server`` through site-packages, in an editable install (its ``.pth``) as in an
-installed wheel. The worker gets an empty environment (the gateway's may hold secrets) and no file descriptor but its
-three standard streams; it limits itself before it reads the document (see ``render_worker.harden``), and the pool
-kills it after ``render_timeout_s`` of wall time.
+installed wheel. The worker gets an empty environment (the gateway's may hold secrets), "/" as its working directory,
+and no file descriptor but its three standard streams; it limits itself before it reads the document (see
+``render_worker.harden``), and the pool kills it after ``render_timeout_s`` of wall time.
 
     render(job) -> RenderedDocument
       raises InvalidRequest         invalid_document, document_encrypted, too_many_pages, invalid_pages
@@ -50,6 +50,8 @@ RETRY_AFTER_S = 5
 SPAWN_TIMEOUT_S = 30.0
 # After a failed spawn, the next try waits this long (a broken install must not spin).
 RESPAWN_BACKOFF_S = 1.0
+# close() lets a worker being started finish this long before it cancels the start.
+CLOSE_GRACE_S = 5.0
 MEDIA_TYPES = frozenset({"image/jpeg", "image/png"})
 
 
@@ -114,6 +116,11 @@ class _Worker:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
 
+    async def reap(self) -> None:
+        """Wait for the (killed) process and close its pipes."""
+        await self.process.wait()
+        self.stdin.close()
+
 
 class RenderPool:
     """Single-use render workers, ``settings.workers`` kept ready; see the module docstring."""
@@ -133,28 +140,45 @@ class RenderPool:
         if self._started:
             return
         self._started = True
-        workers = await asyncio.gather(*(self._spawn() for _ in range(self._settings.workers)))
+        started = await asyncio.gather(*(self._spawn() for _ in range(self._settings.workers)),
+                                       return_exceptions=True)
+        workers = [worker for worker in started if isinstance(worker, _Worker)]
         for worker in workers:
             self._ready.put_nowait(worker)
+        failed = next((error for error in started if isinstance(error, BaseException)), None)
+        if failed is not None:
+            await self.close()
+            reason = failed.log_line if isinstance(failed, _WorkerFailed) else repr(failed)
+            raise RuntimeError(f"the document render workers could not start: {reason} "
+                               f"({sys.executable} -I -m server.render_worker)")
 
     async def close(self) -> None:
         """Kill every worker, ready or busy (a render in progress fails)."""
         self._closed = True
-        for task in list(self._spawning):
-            task.cancel()
-        await asyncio.gather(*self._spawning, return_exceptions=True)
+        # A worker being started is let finish (and then killed): cancelling the start itself could leave its pipes
+        # open. One stuck past the grace is cancelled all the same.
+        if self._spawning:
+            _, stuck = await asyncio.wait(list(self._spawning), timeout=CLOSE_GRACE_S)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
         workers = list(self._busy)
         while not self._ready.empty():
             workers.append(self._ready.get_nowait())
         for worker in workers:
             worker.kill()
         for worker in workers:
-            await worker.process.wait()
+            await worker.reap()
 
     @property
-    def worker_pids(self) -> list[int]:
-        """Process ids of the ready workers (for tests and figures)."""
+    def ready_pids(self) -> list[int]:
+        """Process ids of the workers waiting for a document (for tests and figures)."""
         return [worker.process.pid for worker in list(self._ready._queue)]  # type: ignore[attr-defined]
+
+    @property
+    def busy_pids(self) -> list[int]:
+        """Process ids of the workers rendering a document now."""
+        return [worker.process.pid for worker in self._busy]
 
     async def render(self, job: RenderJob) -> RenderedDocument:
         if self._closed:
@@ -169,7 +193,7 @@ class RenderPool:
             worker.kill()
             self._busy.discard(worker)
             self._turns.release()
-            await worker.process.wait()
+            await worker.reap()
 
     async def _take(self) -> _Worker:
         """A turn and a ready worker, within queue_timeout_s; a replacement starts at once."""
@@ -200,13 +224,17 @@ class RenderPool:
         while not self._closed:
             try:
                 worker = await self._spawn()
-            except (OSError, _WorkerFailed) as error:
-                log.warning("a document worker failed to start (%s); trying again", type(error).__name__)
+            except _WorkerFailed as failure:
+                log.warning("%s; trying again", failure.log_line)
+                await asyncio.sleep(RESPAWN_BACKOFF_S)
+                continue
+            except OSError as error:
+                log.warning("a document worker could not be started (%s); trying again", error.strerror)
                 await asyncio.sleep(RESPAWN_BACKOFF_S)
                 continue
             if self._closed:
                 worker.kill()
-                await worker.process.wait()
+                await worker.reap()
                 return
             self._ready.put_nowait(worker)
             return
@@ -216,20 +244,21 @@ class RenderPool:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-I", "-B", "-m", "server.render_worker", str(self._settings.worker_memory_mib),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-            env={}, close_fds=True, start_new_session=True,
+            env={}, close_fds=True, start_new_session=True, cwd="/",
         )
         worker = _Worker(process, 0.0)
         try:
             async with asyncio.timeout(SPAWN_TIMEOUT_S):
                 ready = await _read_header(worker.stdout, 1024)
-        except (TimeoutError, _WorkerFailed, asyncio.IncompleteReadError, ValueError):
+            if ready != {"ready": True}:
+                raise _garbage()
+        except BaseException as error:  # cancelled (the pool closing) too: no worker is left behind
             worker.kill()
-            await process.wait()
-            raise _WorkerFailed("", "a document worker did not start") from None
-        if ready != {"ready": True}:
-            worker.kill()
-            await process.wait()
-            raise _WorkerFailed("", "a document worker did not start")
+            await asyncio.shield(worker.reap())
+            if isinstance(error, TimeoutError | _WorkerFailed | asyncio.IncompleteReadError):
+                raise _WorkerFailed("", f"a document worker did not start (exit status {process.returncode})") \
+                    from None
+            raise
         worker.spawn_s = time.perf_counter() - started
         self.spawn_times.append(worker.spawn_s)
         return worker

@@ -44,14 +44,23 @@ _LENGTH = struct.Struct(">I")
 # Exit statuses the pool tells apart (other deaths are signals).
 EXIT_MEMORY = 3
 EXIT_PROTOCOL = 4
-# File descriptors a worker may hold: it has stdin, stdout, stderr and two copies; it opens none while rendering.
-MAX_OPEN_FILES = 16
+# The descriptors a worker holds (0 the job, 1 and 2 /dev/null, 3 the answer) and no more: RLIMIT_NOFILE below the
+# next free number, so it cannot open anything at all, not a file (not even an empty one), not a socket.
+MAX_OPEN_FILES = 4
 # A job's JSON header is small (its settings, the page list); the document follows as raw bytes.
 MAX_HEADER_BYTES = 1 << 20
 # CPU seconds past the soft limit before the kernel's SIGKILL (setrlimit(2): SIGXCPU at the soft limit, then every
 # second, SIGKILL at the hard limit), in case a handler ignored SIGXCPU.
 CPU_GRACE_S = 2
 PR_SET_PDEATHSIG = 1
+# One 1-inch page with a line of text in a standard font, for load_libraries (PDFium rebuilds the missing xref).
+WARM_UP_PDF = (
+    b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n"
+    b"3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 72 72]/Resources<</Font<</F1 4 0 R>>>>/Contents 5 0 R>>endobj\n"
+    b"4 0 obj<</Type/Font/Subtype/Type1/BaseFont/Helvetica>>endobj\n"
+    b"5 0 obj<</Length 31>>stream\nBT /F1 12 Tf 9 30 Td (Hi) Tj ET\nendstream\nendobj\n"
+    b"trailer<</Root 1 0 R>>\n%%EOF\n"
+)
 
 
 class Refused(Exception):
@@ -67,8 +76,9 @@ def harden(memory_mib: int) -> None:
     """Before any document byte is read. From setrlimit(2): RLIMIT_CORE 0 (no core file) and prctl(2)
     PR_SET_DUMPABLE 0 (no ptrace, no /proc/PID/mem for the same user), as the gateway does (server.privacy);
     RLIMIT_AS caps the address space, so a bomb's allocations fail (MemoryError, or PDFium giving up) instead of
-    taking the machine's memory; RLIMIT_FSIZE 0 makes any write to a file fail (EFBIG / SIGXFSZ), so nothing of the
-    document can land on disk; RLIMIT_NOFILE keeps it from opening more than the few descriptors it holds.
+    taking the machine's memory; RLIMIT_FSIZE 0 makes any write to a file fail (SIGXFSZ), so nothing of the
+    document can land on disk; RLIMIT_NOFILE at the descriptors it already holds makes every open(2), socket(2)
+    and pipe(2) fail with EMFILE (open(2)), so it cannot even create an empty file.
     prctl(2) PR_SET_PDEATHSIG: SIGKILL when the gateway dies, so no worker outlives it."""
     harden_process()
     memory = memory_mib * 1024 * 1024
@@ -86,12 +96,10 @@ def limit_cpu(seconds: int) -> None:
 
 
 def read_frame(stream: IO[bytes], limit: int) -> dict[str, Any] | None:
-    head = stream.read(_LENGTH.size)
-    if not head:
+    first = stream.read(1)
+    if not first:
         return None  # the pool closed the pipe: shutting down
-    if len(head) != _LENGTH.size:
-        raise EOFError
-    (length,) = _LENGTH.unpack(head)
+    (length,) = _LENGTH.unpack(first + read_exactly(stream, _LENGTH.size - 1))
     if length > limit:
         raise EOFError
     body = read_exactly(stream, length)
@@ -102,10 +110,14 @@ def read_frame(stream: IO[bytes], limit: int) -> dict[str, Any] | None:
 
 
 def read_exactly(stream: IO[bytes], size: int) -> bytes:
-    data = stream.read(size)
-    if len(data) != size:
-        raise EOFError
-    return data
+    """A pipe gives what it has: read until ``size`` bytes (or EOF, an error)."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = stream.read(size - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return bytes(data)
 
 
 def write_frame(stream: IO[bytes], header: dict[str, Any], *blobs: bytes) -> None:
@@ -161,16 +173,25 @@ def encode(image: Image.Image, job: dict[str, Any]) -> tuple[bytes, str]:
     return out.getvalue(), "image/png"
 
 
-def load_libraries() -> None:
-    """Everything a job needs, read from disk now: PDFium's shared library and Pillow's decoders and encoders
-    (registered at once, not looked up mid-job). Refuses a PDFium built with a script engine."""
+def load_libraries(memory_mib: int) -> None:
+    """Everything a job needs, read from disk now, while the worker may still open files: PDFium's shared library,
+    Pillow's plugins, and whatever they import lazily (a codec looked up at the first text layer, say), found by
+    rendering a tiny PDF and TIFF of our own in every format. Refuses a PDFium built with a script engine."""
     import pypdfium2  # type: ignore[import-untyped]
-    from PIL import Image, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
+    from PIL import Image
 
-    _ = (Image, JpegImagePlugin, PngImagePlugin, TiffImagePlugin)
     flags = pypdfium2.version.PDFIUM_INFO.flags
     if "V8" in flags or "XFA" in flags:
         raise SystemExit(EXIT_PROTOCOL)  # a PDFium that runs scripts is not one to open documents with
+    Image.init()
+    tiff = io.BytesIO()
+    Image.new("L", (8, 8)).save(tiff, "TIFF", save_all=True, append_images=[Image.new("1", (8, 8))])
+    job = {"pages": None, "max_pages": 2, "max_pixels_per_page": 64, "min_pixels_per_page": 64, "total_pixels": None,
+           "text_layer": True, "thumbnail": False, "thumbnail_pixels": 64, "max_dpi": 72, "jpeg_quality": 90,
+           "max_text_chars_per_page": 10}
+    for page_format in ("jpeg", "png"):
+        render_pdf(WARM_UP_PDF, {**job, "page_format": page_format})
+        render_tiff(tiff.getvalue(), {**job, "page_format": page_format}, memory_mib)
 
 
 def render_pdf(data: bytes, job: dict[str, Any]) -> tuple[int, list[dict[str, Any]], list[bytes]]:
@@ -270,10 +291,10 @@ def render_tiff(data: bytes, job: dict[str, Any], memory_mib: int) -> tuple[int,
 
 def main() -> int:
     memory_mib = int(sys.argv[1])
-    load_libraries()
-    # The answer goes out on a private copy of stdout; fd 1 then points at stderr (/dev/null), so a stray print
-    # from any library cannot corrupt the framing.
-    stdin = os.fdopen(os.dup(0), "rb", buffering=0)
+    load_libraries(memory_mib)
+    # The answer goes out on a private copy of stdout (fd 3); fd 1 then points at stderr (/dev/null), so a stray
+    # print from any library cannot corrupt the framing.
+    stdin = os.fdopen(0, "rb", buffering=0, closefd=False)
     stdout = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     harden(memory_mib)
