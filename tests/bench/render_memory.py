@@ -72,18 +72,13 @@ def status_kib(pid: int, field: str) -> int:
     return 0
 
 
-def children() -> list[int]:
-    return [int(pid) for task in Path("/proc/self/task").iterdir()
-            for pid in (task / "children").read_text().split()]
-
-
 async def render_sampled(pool: RenderPool, job: RenderJob) -> tuple[float, int, int]:
     """Seconds a page, the busiest worker's VmHWM (KiB), and the pool's own figure."""
     started = time.perf_counter()
     task = asyncio.create_task(pool.render(job))
     peak = 0
     while not task.done():
-        peak = max([peak, *(status_kib(pid, "VmHWM") for pid in children())])
+        peak = max([peak, *(status_kib(pid, "VmHWM") for pid in pool.busy_pids)])
         await asyncio.sleep(SAMPLE_S)
     document = task.result()
     return (time.perf_counter() - started) / len(document.pages), peak, document.peak_rss_kib
@@ -97,7 +92,7 @@ async def measure(rounds: int) -> None:
     pool = RenderPool(settings)
     await pool.start()
     try:
-        idle = [status_kib(pid, "VmRSS") for pid in pool.worker_pids]
+        idle = [status_kib(pid, "VmRSS") for pid in pool.ready_pids]
         print(f"idle worker resident memory: {', '.join(f'{kib / 1024:.0f} MiB' for kib in idle)}; "
               f"start-up {min(pool.spawn_times):.2f}-{max(pool.spawn_times):.2f} s; this process's high-water mark "
               f"{status_kib(os.getpid(), 'VmHWM') / 1024:.0f} MiB")
