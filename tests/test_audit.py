@@ -104,16 +104,15 @@ def test_audit_catches_every_kind_of_planted_leak(leaky_gateway: Any, credential
     sent = [finding for finding in wire["findings"] if finding["direction"] == "client -> gateway"]
     assert sent and {"prompt", "image base64", "credential"} <= set(sent[0]["found"])
     assert [entry["address"] for entry in report["egress"]] == ["192.0.2.1"]
-    spooled = [written for written in report["files_written"] if written["canaries"]]
-    assert spooled and all(written["path"].startswith("/tmp/") for written in spooled)
-    # The forwarded body carries the prompt and the image (as base64), and the PDF's pages: its name in each page's
-    # label and its text layer; the PDF spooled as it came shows its embedded image. The engine's answer was never
-    # spooled.
-    bodies = [set(written["canaries"]) for written in spooled if "prompt" in written["canaries"]]
-    assert bodies and all({"prompt", "image base64", "document name", "document text"} <= body for body in bodies)
-    documents = [set(written["canaries"]) for written in spooled if "prompt" not in written["canaries"]]
-    assert documents and all(found == {"document pixels"} for found in documents)
-    assert not any(name.startswith("answer") for written in spooled for name in written["canaries"])
+    # Spools are files already gone (tempfile.TemporaryFile); the gateway's stderr, which this test keeps in a log
+    # file, is reported as a file too.
+    spooled = [written for written in report["files_written"] if written["path"].endswith(" (deleted)")]
+    assert spooled and all(written["path"].startswith("/tmp/#") for written in spooled)
+    # The forwarded bodies carry the prompt and the image (as base64), and the PDF's pages: its name in each page's
+    # label and its text layer; the PDF spooled as it came shows its embedded image. No answer was spooled.
+    found = {name for written in spooled for name in written["canaries"]}
+    assert {"prompt", "image base64", "document name", "document text", "document pixels"} <= found
+    assert not any(name.startswith("answer") for name in found)
     logged = [stream for stream in report["log_streams"] if stream["canaries"]]
     assert logged and {stream["stream"] for stream in logged} == {"stderr"}
     assert {"prompt", "document base64", "document text"} <= {name for stream in logged for name in stream["canaries"]}

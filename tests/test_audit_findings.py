@@ -51,6 +51,22 @@ def test_a_file_written_with_the_prompt_is_a_violation_printable_or_hex() -> Non
     assert findings.files["/var/spool/y"].canaries == {"prompt"}
 
 
+def test_a_spool_whose_file_is_already_gone_is_a_file_too() -> None:
+    """tempfile.TemporaryFile (O_TMPFILE, or unlinked at once) as strace 6.1 prints it: "(deleted)" after the
+    descriptor's path. Spooling a body that way is the leak the audit must not miss."""
+    findings = findings_of(
+        '7 openat(AT_FDCWD</srv>, "/tmp", O_RDWR|O_EXCL|O_NOFOLLOW|O_CLOEXEC|O_TMPFILE, 0600) '
+        '= 3</tmp/#2149662>(deleted)',
+        f'7 write(3</tmp/#2149662>(deleted), "body {PROMPT}", 50) = 50',
+        '7 openat(AT_FDCWD</srv>, "/var/tmp/x", O_RDWR|O_CREAT|O_EXCL, 0600) = 4</var/tmp/x>',
+        f'7 write(4</var/tmp/x>(deleted), "{PROMPT}", 45) = 45',
+    )
+    spool = findings.files["/tmp/#2149662 (deleted)"]
+    assert (spool.opens, spool.writes, spool.canaries) == (1, 1, {"prompt"})
+    assert findings.files["/var/tmp/x (deleted)"].canaries == {"prompt"}
+    assert "/tmp" not in findings.files
+
+
 def test_reads_devices_and_clean_writes_are_not_violations() -> None:
     lines = (
         '7 openat(AT_FDCWD</srv>, "/etc/hosts", O_RDONLY|O_CLOEXEC) = 3</etc/hosts>',

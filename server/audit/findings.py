@@ -26,8 +26,10 @@ MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 # A file that is still there is read whole afterwards, unless it is larger than this (model caches and such).
 MAX_SCANNED_FILE_BYTES = 512 * 1024 * 1024
 
-_FD = re.compile(r"^(\d+)<(.*?)>(?:, |$)")
-_RESULT_PATH = re.compile(r"^\d+<(.*)>$")
+# strace -y prints a descriptor as 3</path>, and one whose file is gone (an unlinked or O_TMPFILE spool, the classic
+# way to buffer a body) as 3</tmp/#1234>(deleted) (strace 6.1): such a file is named "/tmp/#1234 (deleted)".
+_FD = re.compile(r"^(\d+)<(.*?)>(\(deleted\))?(?:, |$)")
+_RESULT_PATH = re.compile(r"^\d+<(.*)>(\(deleted\))?$")
 _PORT = re.compile(r"sin6?_port=htons\((\d+)\)")
 _INET = re.compile(r'inet_addr\("([^"]+)"\)|inet_pton\(AF_INET6?, "([^"]+)"')
 _UNIX_PATH = re.compile(r'sun_path="([^"]*)"')
@@ -140,7 +142,7 @@ class Findings:
             return
         resolved = _RESULT_PATH.match(call.result)
         if resolved:
-            path = resolved.group(1)
+            path = resolved.group(1) + (" (deleted)" if resolved.group(2) else "")
         else:
             strings = call.strings()
             if not strings:
@@ -153,7 +155,7 @@ class Findings:
         target = _FD.match(call.args)
         if not target:
             return
-        fd, where = int(target.group(1)), target.group(2)
+        fd, where = int(target.group(1)), target.group(2) + (" (deleted)" if target.group(3) else "")
         data = b"".join(call.strings())
         self._nscd_lookup(where, data, call)
         found = self.canaries.found_in(data) if data else []
