@@ -63,7 +63,7 @@ class Admission:
         """Tokens the request will take: prompt text, images (``image_sizes``: width and height of each), and the
         most it may generate (for each choice); a request that names no limit may generate the server's, at most the
         model's context."""
-        prompt_chars = _text_length(payload.get("messages")) + _text_length(payload.get("prompt"))
+        prompt_chars = text_length(payload.get("messages")) + text_length(payload.get("prompt"))
         generated = int(payload.get("max_tokens") or payload.get("max_completion_tokens") or self._max_tokens_limit)
         context = self._context_of(payload["model"]) if isinstance(payload.get("model"), str) else None
         if context is not None:
@@ -79,12 +79,13 @@ class Admission:
                    for width, height in image_sizes)
 
 
-def _text_length(value: Any) -> int:
-    """Characters of text anywhere in a prompt or a list of messages (already screened: known shapes only)."""
+def text_length(value: Any, measure: Callable[[str], int] = len) -> int:
+    """Characters (or what ``measure`` counts) of text anywhere in a prompt or a list of messages (already screened:
+    known shapes only)."""
     if isinstance(value, str):
-        return len(value)
+        return measure(value)
     if isinstance(value, list):
-        return sum(_text_length(item) for item in value)
+        return sum(text_length(item, measure) for item in value)
     if isinstance(value, dict):
-        return _text_length(value.get("content")) + _text_length(value.get("text"))
+        return text_length(value.get("content"), measure) + text_length(value.get("text"), measure)
     return 0

@@ -22,6 +22,7 @@ from .boundary import UNEXPECTED, ErrorBoundary, refusal
 from .callers import Callers
 from .config import Settings
 from .console import console_router
+from .documents import Documents
 from .engine_limits import EngineLimits
 from .errors import (
     NO_STORE,
@@ -39,6 +40,7 @@ from .metrics_endpoint import MetricsEndpoint, metrics_app
 from .metrics_middleware import MetricsMiddleware
 from .posture import privacy_posture
 from .proxy import Forwarder
+from .render_pool import RenderPool
 from .request_path import EngineRoutes
 from .routing import build_strategy
 from .screening import Screening
@@ -133,12 +135,18 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     pool.on_change.append(lambda: coverage.served_models(pool.served_models))
     screening = Screening(config.screening, TenantSalts(config.privacy),
                           engine_limits.images_per_request(config.screening.max_images_per_request))
+    # Documents are rendered by single-use worker processes (server/render_pool.py), pre-started when enabled.
+    render_pool = RenderPool(config.documents)
+    documents = Documents(config.documents, config.screening, engine_limits, render_pool, pool.context_of, metrics,
+                          config.admission.image_pixels_per_token)
     sessions = SessionStore(config.console.session_idle_s, config.console.session_max_s, config.console.max_sessions)
     callers = Callers(authentication, sessions, metrics.active_users)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await pool.start()
+        if config.documents.enabled:
+            await render_pool.start()
         # The provider's keys are fetched in the background: an IdP that is down must not hold up the start.
         keys = authentication.provider_keys
         fetch = asyncio.create_task(keys.refresh()) if keys else None
@@ -150,6 +158,7 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
             for task in (fetch, summaries):
                 if task is not None:
                     task.cancel()
+            await render_pool.close()
             await pool.close()
 
     # No redirects for a trailing slash: FastAPI builds their Location from the client's Host header.
@@ -179,6 +188,13 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     async def privacy(_: CurrentPrincipal) -> Response:
         return JSONResponse(privacy_posture(config, upstream_urls, coverage, engine_limits), headers=NO_STORE)
 
+    @app.post("/v1/airlock/documents/preview")
+    async def document_preview(request: Request, principal: CurrentPrincipal) -> Response:
+        """The console's page thumbnails of a document (``Documents.preview``), counted in the user's own limits
+        as a request is: the render workers are shared by everyone."""
+        with admission.user_limits(principal):
+            return JSONResponse(await documents.preview(await request.body()), headers=NO_STORE)
+
     @app.get("/healthz")
     async def healthz() -> Response:
         return JSONResponse({"status": "ok"}, headers=NO_STORE)
@@ -205,7 +221,8 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     install_error_handlers(app, metrics)
     forwarder = Forwarder(pool, metrics, settings.retry_after_s)
     other_routes = HeadAsGet(BoundedBody(app, settings.max_body_bytes))
-    engine_routes = EngineRoutes(other_routes, config, callers, admission, access, pool, screening, forwarder)
+    engine_routes = EngineRoutes(other_routes, config, callers, admission, access, pool, documents, screening,
+                                 forwarder)
     api: ASGIApp = MetricsMiddleware(ErrorBoundary(engine_routes, metrics), metrics=metrics)
     if settings.tls.enabled or settings.tls_terminated_by_proxy:
         # Every answer that travelled over TLS (here or at the trusted proxy) tells browsers to keep to https.

@@ -201,11 +201,16 @@ def console_router(config: Settings, authentication: Authentication, sessions: S
         """Who is signed in (or whether anyone needs to), and the limits the page scales images and caps a chosen
         answer length to (the page sends no max_tokens for "as long as the model allows"). Images are scaled to
         the engines' budget at most: the engine would scale them down to it anyway, so larger ones are bytes sent
-        for nothing."""
-        limits = {"max_images": engine_limits.images_per_request(config.screening.max_images_per_request),
+        for nothing. Documents: the pages one request may send (documents.max_pages, and no more than the images
+        it may carry: pages count as images) and the bytes of one document."""
+        max_images = engine_limits.images_per_request(config.screening.max_images_per_request)
+        limits = {"max_images": max_images,
                   "max_image_pixels": min(config.screening.max_image_pixels, console.image_max_pixels,
                                           engine_limits.max_pixels),
-                  "max_tokens": config.screening.max_tokens_limit}
+                  "max_tokens": config.screening.max_tokens_limit,
+                  "documents": {"enabled": config.documents.enabled,
+                                "max_pages": min(config.documents.max_pages, max_images),
+                                "max_bytes": config.documents.max_bytes}}
         body: dict[str, Any] = {"methods": methods, "limits": limits, "signed_in": False}
         session = sessions.get(request.cookies.get(SESSION_COOKIE))
         if session is not None:

@@ -42,6 +42,9 @@ class EngineLimits:
     # The typical request the engines were sized for, when the plan says (a Thinking profile's is larger than
     # admission.expected_tokens_per_request): each replica's in-flight limit counts requests of this size.
     expected_tokens_per_request: int | None = None
+    # Tokens of the context the profile keeps for an answer (and reasoning) beside the images: what a document's
+    # pages leave free when a request names no max_tokens (server/documents.py).
+    answer_reserve_tokens: int = int(EngineProfile.model_fields["answer_reserve_tokens"].default)
 
     @classmethod
     def from_settings(cls, engine: EngineSettings) -> EngineLimits:

@@ -5,6 +5,7 @@
     ├── InvalidRequest                400 invalid_request_error  screening
     │   ├── BodyTooLarge              413 invalid_request_error  screening
     │   ├── UnsupportedMediaType      415 invalid_request_error  screening
+    │   ├── DocumentTooLarge          413 invalid_request_error  screening (one document above documents.max_bytes)
     │   └── UnprocessableDocument     422 invalid_request_error  screening (a document the renderer cannot take)
     ├── Unauthenticated               401 authentication_error   auth (with WWW-Authenticate)
     ├── PermissionDenied              403 permission_error       forbidden
@@ -89,6 +90,14 @@ class BodyTooLarge(InvalidRequest):
 class UnsupportedMediaType(InvalidRequest):
     status = 415
     default_code = "unsupported_media_type"
+
+
+class DocumentTooLarge(InvalidRequest):
+    """One document's bytes are above ``documents.max_bytes`` (the body as a whole was within its own limit): the
+    content is larger than the server is willing to process (RFC 9110, 15.5.14)."""
+
+    status = 413
+    default_code = "document_too_large"
 
 
 class UnprocessableDocument(InvalidRequest):

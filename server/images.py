@@ -63,23 +63,36 @@ def check_image_url(url: object, limits: ImageLimits, param: str) -> tuple[tuple
         # breaks go, nothing else does (anything else outside the alphabet is refused below).
         encoded = encoded.replace("\r", "").replace("\n", "")
         url = f"{header},{encoded}"
-    raw = _decode_base64(encoded, limits.max_bytes, param)
-    if len(raw) > limits.max_bytes:
-        raise InvalidRequest(_too_big(len(raw), limits.max_bytes), param=param, code="image_too_large")
+    raw = decode_base64(encoded, limits.max_bytes, param, IMAGE)
     return _check_header(raw, limits, param), url
 
 
-def _decode_base64(encoded: str, max_bytes: int, param: str) -> bytes:
-    """The bytes of ``encoded``, or ``InvalidRequest`` saying why it is not base64."""
+@dataclass(frozen=True)
+class Inline:
+    """What travels base64-encoded in a request (an image, a document), as its refusals name it."""
+
+    noun: str  # "image", "document": the messages say "the image is not valid base64", "image too large"
+    invalid_code: str  # the code of a refusal for bytes that are not base64
+    too_large_code: str  # ... and for more bytes than the limit
+    too_large: type[InvalidRequest] = InvalidRequest  # ... and its class (a document's is a 413)
+
+
+IMAGE = Inline("image", "invalid_image", "image_too_large")
+
+
+def decode_base64(encoded: str, max_bytes: int, param: str, kind: Inline) -> bytes:
+    """The bytes of ``encoded`` (standard base64, without line breaks), or ``InvalidRequest`` saying why it is not
+    base64 or is larger than ``max_bytes``: refused from its length before anything is decoded, and again exactly
+    once decoded."""
     try:
         data = encoded.encode("ascii")  # the one copy a2b_base64 would make of a str anyway
     except UnicodeEncodeError as exc:
-        raise InvalidRequest(_not_base64("it holds characters other than A-Z, a-z, 0-9, + and /"), param=param,
-                             code="invalid_image") from exc
+        raise InvalidRequest(_not_base64(kind, "it holds characters other than A-Z, a-z, 0-9, + and /"), param=param,
+                             code=kind.invalid_code) from exc
     if len(data) * 3 // 4 > max_bytes + 3:  # known before decoding
-        raise InvalidRequest(_too_big(len(data) * 3 // 4, max_bytes), param=param, code="image_too_large")
+        raise kind.too_large(_too_big(kind, len(data) * 3 // 4, max_bytes), param=param, code=kind.too_large_code)
     try:
-        return binascii.a2b_base64(data, strict_mode=True)
+        raw = binascii.a2b_base64(data, strict_mode=True)
     except binascii.Error as exc:
         if _NOT_ALPHABET.search(data):
             if b"-" in data or b"_" in data:
@@ -88,7 +101,10 @@ def _decode_base64(encoded: str, max_bytes: int, param: str) -> bytes:
                 why = "it holds characters other than A-Z, a-z, 0-9, + and / (line breaks are allowed)"
         else:
             why = "its length or '=' padding is wrong (was it cut short?)"
-        raise InvalidRequest(_not_base64(why), param=param, code="invalid_image") from exc
+        raise InvalidRequest(_not_base64(kind, why), param=param, code=kind.invalid_code) from exc
+    if len(raw) > max_bytes:
+        raise kind.too_large(_too_big(kind, len(raw), max_bytes), param=param, code=kind.too_large_code)
+    return raw
 
 
 def _check_header(raw: bytes, limits: ImageLimits, param: str) -> tuple[int, int]:
@@ -109,6 +125,15 @@ def _check_header(raw: bytes, limits: ImageLimits, param: str) -> tuple[int, int
                         f"image aspect ratio too extreme: {width}x{height} is more than {limits.max_aspect_ratio:g}:1,"
                         " the model's limit; pad or crop it", param=param, code="image_aspect_ratio",
                     )
+                if image.format == "TIFF" and getattr(image, "is_animated", False):
+                    # vLLM opens an image part with Pillow and loads its first frame only (vllm/multimodal/media/
+                    # image.py, ImageMediaIO.load_bytes): the other pages would be dropped without a word. Pillow
+                    # sets the flag from the first directory's "next" pointer, without reading further.
+                    raise InvalidRequest(
+                        "the image is a multi-page TIFF, of which the model would see only the first page: send it "
+                        'as a file part ({"type": "file", "file": {"file_data": ...}}), or one image per page',
+                        param=param, code="multi_page_image",
+                    )
                 image.verify()  # structure and checksums, without decoding pixels
                 return width, height
         except InvalidRequest:
@@ -122,9 +147,9 @@ def _check_header(raw: bytes, limits: ImageLimits, param: str) -> tuple[int, int
                                  code="invalid_image") from exc
 
 
-def _not_base64(why: str) -> str:
-    return f"the image is not valid base64: {why}"
+def _not_base64(kind: Inline, why: str) -> str:
+    return f"the {kind.noun} is not valid base64: {why}"
 
 
-def _too_big(size: int, limit: int) -> str:
-    return f"image too large: {size / 1e6:.1f} MB, limit {limit / 1e6:.1f} MB"
+def _too_big(kind: Inline, size: int, limit: int) -> str:
+    return f"{kind.noun} too large: {size / 1e6:.1f} MB, limit {limit / 1e6:.1f} MB"

@@ -48,6 +48,13 @@ MAX_TRACKED_USERS = 100_000
 NO_MODEL = "none"
 UNKNOWN_MODEL = "unknown"
 
+# Render time of one document, the wait for a free worker included: a page takes tens of milliseconds, a worker's
+# start under a second, a document at most documents.render_timeout_s.
+RENDER_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# What a document went to the renderer for, and how that ended (server/documents.py).
+DOCUMENT_PURPOSES = ("request", "preview")
+DOCUMENT_OUTCOMES = ("rendered", "refused", "unprocessable", "busy", "failed", "cancelled")
+
 # How an engine failed a request (proxy.py names them).
 UPSTREAM_ERRORS = ("connect_failed", "dropped", "timeout", "transport", "error_status", "error_event",
                    "broken_answer", "broken_stream")
@@ -183,6 +190,22 @@ class GatewayMetrics:
         self.retries = Counter("airlock_upstream_retries", "Requests tried again on another replica.", registry=r)
         self.rejections = Counter("airlock_rejected_requests", "Requests the gateway refused, by reason and code.",
                                   ["reason", "code"], registry=r)
+        self.documents = Counter(
+            "airlock_documents",
+            "Documents sent to the render workers, by purpose (request, preview) and outcome (rendered; refused: "
+            "damaged, encrypted or too many pages; unprocessable: a worker out of memory or time; busy: no worker "
+            "free in time; failed; cancelled).", ["purpose", "outcome"], registry=r)
+        self.document_pages = Counter("airlock_document_pages", "Pages rendered from documents, by purpose.",
+                                      ["purpose"], registry=r)
+        self.render_seconds = Histogram(
+            "airlock_document_render_seconds",
+            "Time to render one document, waiting for a free worker included, by purpose.",
+            ["purpose"], buckets=RENDER_BUCKETS, registry=r)
+        for purpose in DOCUMENT_PURPOSES:  # every series exists from the start, at zero
+            self.document_pages.labels(purpose)
+            self.render_seconds.labels(purpose)
+            for outcome in DOCUMENT_OUTCOMES:
+                self.documents.labels(purpose, outcome)
         # A plain count, read at each scrape: cheaper per request than a Gauge's locked inc() and dec().
         self.requests_in_flight = 0
         Gauge("airlock_requests_in_flight", "API requests under way in the gateway (queued too).",
@@ -244,6 +267,13 @@ class GatewayMetrics:
             for model, queue in self._admission.queues():
                 queued.add_metric([model], queue.queued)
             yield queued
+
+    def document_rendered(self, purpose: str, outcome: str, seconds: float, pages: int) -> None:
+        """One document back from the render workers (``purpose`` and ``outcome`` from the lists above)."""
+        self.documents.labels(purpose, outcome).inc()
+        self.render_seconds.labels(purpose).observe(seconds)
+        if pages:
+            self.document_pages.labels(purpose).inc(pages)
 
     def rejected(self, error: AirlockError) -> None:
         reason = error.reason

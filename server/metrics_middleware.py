@@ -16,6 +16,7 @@ API_ROUTES = {
     "/v1/completions": "completions",
     "/v1/models": "models",
     "/v1/airlock/privacy": "privacy",
+    "/v1/airlock/documents/preview": "document_preview",
 }
 RECORD = "airlock_request_record"
 

@@ -39,7 +39,7 @@ from typing import Any, Literal, TypeGuard
 
 from .config import DocumentSettings
 from .errors import InvalidRequest, Overloaded, UnprocessableDocument
-from .render_worker import EXIT_MEMORY, MAX_HEADER_BYTES
+from .render_worker import EXIT_LIMITS, EXIT_MEMORY, MAX_HEADER_BYTES
 
 log = logging.getLogger("airlock")
 
@@ -50,6 +50,8 @@ RETRY_AFTER_S = 5
 SPAWN_TIMEOUT_S = 30.0
 # After a failed spawn, the next try waits this long (a broken install must not spin).
 RESPAWN_BACKOFF_S = 1.0
+# ... doubling after each failure up to this, so a start that stays broken logs a line a minute, not every second.
+RESPAWN_BACKOFF_MAX_S = 60.0
 # close() lets a worker being started finish this long before it cancels the start.
 CLOSE_GRACE_S = 5.0
 MEDIA_TYPES = frozenset({"image/jpeg", "image/png"})
@@ -128,7 +130,8 @@ class RenderPool:
     def __init__(self, settings: DocumentSettings) -> None:
         self._settings = settings
         self._turns = asyncio.Semaphore(settings.workers)
-        self._ready: asyncio.Queue[_Worker] = asyncio.Queue()
+        # None, put there by close(), tells every request waiting for a worker that none will come.
+        self._ready: asyncio.Queue[_Worker | None] = asyncio.Queue()
         self._spawning: set[asyncio.Task[None]] = set()
         self._busy: set[_Worker] = set()
         self._started = False
@@ -164,7 +167,10 @@ class RenderPool:
             await asyncio.gather(*stuck, return_exceptions=True)
         workers = list(self._busy)
         while not self._ready.empty():
-            workers.append(self._ready.get_nowait())
+            waiting = self._ready.get_nowait()
+            if waiting is not None:
+                workers.append(waiting)
+        self._ready.put_nowait(None)
         for worker in workers:
             worker.kill()
         for worker in workers:
@@ -173,7 +179,7 @@ class RenderPool:
     @property
     def ready_pids(self) -> list[int]:
         """Process ids of the workers waiting for a document (for tests and figures)."""
-        return [worker.process.pid for worker in list(self._ready._queue)]  # type: ignore[attr-defined]
+        return [worker.process.pid for worker in list(self._ready._queue) if worker]  # type: ignore[attr-defined]
 
     @property
     def busy_pids(self) -> list[int]:
@@ -182,8 +188,7 @@ class RenderPool:
 
     async def render(self, job: RenderJob) -> RenderedDocument:
         if self._closed:
-            raise Overloaded("the document renderer is shutting down; try again shortly", code="documents_closed",
-                             retry_after_s=RETRY_AFTER_S)
+            raise _closing()
         if not self._started:
             await self.start()
         worker = await self._take()
@@ -202,7 +207,7 @@ class RenderPool:
             async with asyncio.timeout(timeout):
                 await self._turns.acquire()
                 try:
-                    worker = await self._ready.get()
+                    worker = await self._ready_worker()
                 except BaseException:
                     self._turns.release()
                     raise
@@ -215,22 +220,37 @@ class RenderPool:
         self._replace()
         return worker
 
+    async def _ready_worker(self) -> _Worker:
+        """The next ready worker that is still alive. One that died while it waited (the kernel's out-of-memory
+        killer, an operator's kill) is replaced and not given the document: a good document must not fail for it.
+        After close(), the request waiting here hears so at once, not after queue_timeout_s."""
+        while True:
+            worker = await self._ready.get()
+            if worker is None:
+                self._ready.put_nowait(None)  # for the next one waiting
+                raise _closing()
+            if worker.process.returncode is None:
+                return worker
+            log.warning("a waiting document worker had exited (status %d) and is replaced", worker.process.returncode)
+            self._replace()
+            await asyncio.shield(worker.reap())
+
     def _replace(self) -> None:
         task = asyncio.create_task(self._respawn())
         self._spawning.add(task)
         task.add_done_callback(self._spawning.discard)
 
     async def _respawn(self) -> None:
+        backoff = RESPAWN_BACKOFF_S
         while not self._closed:
             try:
                 worker = await self._spawn()
-            except _WorkerFailed as failure:
-                log.warning("%s; trying again", failure.log_line)
-                await asyncio.sleep(RESPAWN_BACKOFF_S)
-                continue
-            except OSError as error:
-                log.warning("a document worker could not be started (%s); trying again", error.strerror)
-                await asyncio.sleep(RESPAWN_BACKOFF_S)
+            except (_WorkerFailed, OSError) as failure:
+                why = failure.log_line if isinstance(failure, _WorkerFailed) else (
+                    f"a document worker could not be started ({failure.strerror})")
+                log.warning("%s; trying again in %.0f s", why, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RESPAWN_BACKOFF_MAX_S)
                 continue
             if self._closed:
                 worker.kill()
@@ -253,11 +273,14 @@ class RenderPool:
             if ready != {"ready": True}:
                 raise _garbage()
         except BaseException as error:  # cancelled (the pool closing) too: no worker is left behind
+            if isinstance(error, asyncio.IncompleteReadError):  # it exited: let it say why (its exit status)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await asyncio.shield(process.wait())
             worker.kill()
             await asyncio.shield(worker.reap())
             if isinstance(error, TimeoutError | _WorkerFailed | asyncio.IncompleteReadError):
-                raise _WorkerFailed("", f"a document worker did not start (exit status {process.returncode})") \
-                    from None
+                raise _WorkerFailed("", _not_started(process.returncode, self._settings)) from None
             raise
         worker.spawn_s = time.perf_counter() - started
         self.spawn_times.append(worker.spawn_s)
@@ -277,13 +300,18 @@ class RenderPool:
             ) from None
         except _WorkerFailed as failure:
             worker.kill()
+            if self._closed:  # close() killed it: the document is not to blame
+                raise _closing() from None
             log.warning("%s", failure.log_line)
             raise UnprocessableDocument(failure.message) from None
 
     async def _exchange(self, worker: _Worker, job: RenderJob) -> RenderedDocument:
         settings = self._settings
+        # A choice longer than max_pages is refused whatever follows: the worker gets one page past the limit and the
+        # length, so a long list (every page of a 100,000-page file) cannot outgrow the job's header (MAX_HEADER_BYTES).
+        chosen = list(job.pages[: job.max_pages + 1]) if job.pages is not None else None
         header = {"job": {
-            "kind": job.kind, "pages": list(job.pages) if job.pages is not None else None,
+            "kind": job.kind, "pages": chosen, "chosen": len(job.pages) if job.pages is not None else None,
             "max_pages": job.max_pages, "max_pixels_per_page": job.max_pixels_per_page,
             "min_pixels_per_page": job.min_pixels_per_page, "total_pixels": job.total_pixels,
             "text_layer": job.text_layer, "thumbnail": job.thumbnail,
@@ -310,7 +338,9 @@ class RenderPool:
         count = answer.get("page_count")
         if not (isinstance(pages_in, list) and _is_int(count) and len(pages_in) <= job.max_pages):
             raise _garbage()
-        largest = max(job.max_pixels_per_page, job.min_pixels_per_page, self._settings.thumbnail_pixels)
+        # The area this job's pages get at most (render_worker.target_area), not the largest any job could.
+        largest = self._settings.thumbnail_pixels if job.thumbnail \
+            else max(job.max_pixels_per_page, job.min_pixels_per_page)
         pages: list[RenderedPage] = []
         for entry in pages_in:
             if not isinstance(entry, dict):
@@ -392,8 +422,22 @@ class RenderPool:
 _FAILED = "the document renderer failed on this document"
 
 
+def _closing() -> Overloaded:
+    return Overloaded("the document renderer is shutting down; try again shortly", code="documents_closed",
+                      retry_after_s=RETRY_AFTER_S)
+
+
 def _garbage() -> _WorkerFailed:
     return _WorkerFailed(_FAILED, "a document worker gave an answer that makes no sense and was killed")
+
+
+def _not_started(status: int | None, settings: DocumentSettings) -> str:
+    if status == EXIT_LIMITS:
+        return (f"a document worker could not limit its memory to documents.worker_memory_mib = "
+                f"{settings.worker_memory_mib}: the gateway's own hard address-space limit (RLIMIT_AS; systemd's "
+                f"LimitAS=, ulimit -v) is lower, and only a privileged process can raise it; lower "
+                f"documents.worker_memory_mib or raise that limit")
+    return f"a document worker did not start (exit status {status})"
 
 
 def _is_int(value: object) -> TypeGuard[int]:

@@ -44,6 +44,9 @@ _LENGTH = struct.Struct(">I")
 # Exit statuses the pool tells apart (other deaths are signals).
 EXIT_MEMORY = 3
 EXIT_PROTOCOL = 4
+# The limits could not be set: the gateway's own hard RLIMIT_AS (systemd's LimitAS=, ulimit -v) is below
+# worker_memory_mib, and setrlimit(2) lets no unprivileged process raise a hard limit (EPERM).
+EXIT_LIMITS = 5
 # The descriptors a worker holds (0 the job, 1 and 2 /dev/null, 3 the answer) and no more: RLIMIT_NOFILE below the
 # next free number, so it cannot open anything at all, not a file (not even an empty one), not a socket.
 MAX_OPEN_FILES = 4
@@ -53,6 +56,10 @@ MAX_HEADER_BYTES = 1 << 20
 # second, SIGKILL at the hard limit), in case a handler ignored SIGXCPU.
 CPU_GRACE_S = 2
 PR_SET_PDEATHSIG = 1
+# The longest side of a page image: libjpeg's JPEG_MAX_DIMENSION (jmorecfg.h), beyond which Pillow cannot write a
+# JPEG at all. A page that long is a strip (a 200-inch banner at 300 dpi) the engines refuse for its aspect ratio
+# anyway (server/images.py); the cap keeps it a readable image instead of a crash in the encoder.
+MAX_SIDE = 65_500
 # One 1-inch page with a line of text in a standard font, for load_libraries (PDFium rebuilds the missing xref).
 WARM_UP_PDF = (
     b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n"
@@ -92,7 +99,12 @@ def limit_cpu(seconds: int) -> None:
     """setrlimit(2) RLIMIT_CPU counts the process's whole life: the job gets ``seconds`` beyond what start-up used."""
     used = resource.getrusage(resource.RUSAGE_SELF)
     soft = math.ceil(used.ru_utime + used.ru_stime) + seconds
-    resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + CPU_GRACE_S))
+    hard = soft + CPU_GRACE_S
+    # A hard limit the gateway inherited (systemd's LimitCPU=) cannot be raised (setrlimit(2), EPERM): stay below it.
+    _, inherited = resource.getrlimit(resource.RLIMIT_CPU)
+    if inherited != resource.RLIM_INFINITY and inherited < hard:
+        hard, soft = inherited, max(1, min(soft, inherited - CPU_GRACE_S))
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
 
 
 def read_frame(stream: IO[bytes], limit: int) -> dict[str, Any] | None:
@@ -139,8 +151,11 @@ def target_area(job: dict[str, Any], count: int) -> int:
 
 
 def page_scale(width_pt: float, height_pt: float, area: int, max_dpi: int) -> float:
-    """Pixels per point so the page fills ``area`` with its aspect kept, at most ``max_dpi`` (72 points an inch)."""
-    return min(math.sqrt(area / (width_pt * height_pt)), max_dpi / 72)
+    """Pixels per point so the page fills ``area`` with its aspect kept, at most ``max_dpi`` (72 points an inch),
+    and no side longer than ``MAX_SIDE``. A strip thinner than one pixel at that scale still gets one pixel row, so
+    its long side is held to ``area`` pixels: a side of ``area`` x 1 is the most the area allows."""
+    longest = max(width_pt, height_pt)
+    return min(math.sqrt(area / (width_pt * height_pt)), max_dpi / 72, MAX_SIDE / longest, area / longest)
 
 
 def select(job: dict[str, Any], count: int) -> list[int]:
@@ -156,8 +171,9 @@ def select(job: dict[str, Any], count: int) -> list[int]:
     for number in pages:
         if not 1 <= number <= count:
             raise Refused("invalid_pages", page_count=count, page=number)
-    if len(pages) > limit:
-        raise Refused("too_many_pages", page_count=count, limit=limit, chosen=len(pages))
+    chosen_count = max(len(pages), int(job.get("chosen") or 0))  # the pool sends at most limit + 1 of them
+    if chosen_count > limit:
+        raise Refused("too_many_pages", page_count=count, limit=limit, chosen=chosen_count)
     return pages
 
 
@@ -276,8 +292,9 @@ def render_tiff(data: bytes, job: dict[str, Any], memory_mib: int) -> tuple[int,
             width = max(1, math.floor(source_w * 72 / dpi_x * scale))
             height = max(1, math.floor(source_h * 72 / dpi_y * scale))
             tiff.load()
-            frame = tiff.convert("L") if tiff.mode in ("1", "L", "I;16", "I;16B", "I", "F") else tiff.convert("RGB")
-            image = frame.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0)
+            image = flatten(tiff).resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0)
+            if image.mode == "RGBA":
+                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
         except Refused:
             raise
         except (OSError, ValueError, SyntaxError, EOFError, struct.error, ZeroDivisionError):
@@ -289,6 +306,19 @@ def render_tiff(data: bytes, job: dict[str, Any], memory_mib: int) -> tuple[int,
     return count, headers, blobs
 
 
+def flatten(frame: Image.Image) -> Image.Image:
+    """A frame as L, RGB, or RGBA (composited on white after scaling, as PDFium draws a page on white).
+    16-bit greyscale (scanners' "16-bit grey") is scaled to 8 bits: Pillow's convert("L") clips every value above
+    255 to white (its Convert.c I16_L), which turns a 16-bit scan into a blank page."""
+    if frame.mode.startswith("I;16"):
+        return frame.convert("I").point(lambda value: value * (1 / 256)).convert("L")
+    if frame.mode in ("1", "L", "I", "F"):
+        return frame.convert("L")
+    if "A" in frame.getbands() or frame.has_transparency_data:
+        return frame.convert("RGBA")
+    return frame.convert("RGB")
+
+
 def main() -> int:
     memory_mib = int(sys.argv[1])
     load_libraries(memory_mib)
@@ -297,7 +327,10 @@ def main() -> int:
     stdin = os.fdopen(0, "rb", buffering=0, closefd=False)
     stdout = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    harden(memory_mib)
+    try:
+        harden(memory_mib)
+    except (ValueError, OSError):
+        return EXIT_LIMITS
     write_frame(stdout, {"ready": True})
     try:
         header = read_frame(stdin, MAX_HEADER_BYTES)

@@ -7,6 +7,7 @@
     4. the body, bounded                        ``read_body``                        413, 415 (Content-Encoding)
     5. parse                                    ``payload.parse_request``            400
     6. may they use the model, is it served     ``EngineRoutes._authorize``          403, 404, 503
+    6b. documents rendered (file parts only)    ``Documents.expand``                 400, 413, 422, 503
     7. screen (fields, images, tenant's salt)   ``Screening.screen``                 400
     8. the model's fair queue                   ``Admission.queue(...).slot``        429, 503
     9. route, forward, relay (one retry)        ``Forwarder.forward``                502, 503, 504
@@ -34,6 +35,7 @@ from .admission import Admission
 from .auth import ModelAccess, Principal
 from .callers import Callers
 from .config import Settings
+from .documents import Documents, has_file_parts
 from .errors import (
     BodyTooLarge,
     EngineUnavailable,
@@ -59,12 +61,13 @@ class EngineRoutes:
     """A plain ASGI app for the engine routes in front of ``api`` (FastAPI), which gets every other request."""
 
     def __init__(self, api: ASGIApp, config: Settings, callers: Callers, admission: Admission, access: ModelAccess,
-                 pool: ReplicaPool, screening: Screening, forwarder: Forwarder) -> None:
+                 pool: ReplicaPool, documents: Documents, screening: Screening, forwarder: Forwarder) -> None:
         self.api = api
         self.callers = callers
         self.admission = admission
         self.access = access
         self.pool = pool
+        self.documents = documents
         self.screening = screening
         self.forwarder = forwarder
         self.max_body_bytes = config.gateway.max_body_bytes
@@ -86,7 +89,10 @@ class EngineRoutes:
             body = await read_body(request, self.max_body_bytes)
             payload = parse_request(body, self.max_json_depth)
             model = self._authorize(principal, payload, record)
-            forwarded = await self._screen(scope["path"], route, payload, principal, len(body))
+            size = len(body)
+            if route == "chat" and has_file_parts(payload):  # documents become page images (and text)
+                size += await self.documents.expand(payload)
+            forwarded = await self._screen(scope["path"], route, payload, principal, size)
             async with cancelled_when_client_leaves(receive):
                 queued_at = time.perf_counter()
                 async with self.admission.queue(model).slot(principal.key, forwarded.cost):

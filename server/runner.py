@@ -376,7 +376,7 @@ def listen(host: str, port: int, section: str = "gateway") -> socket.socket:
 def engine_limits(plan: EnginePlan) -> EngineLimits:
     """What the gateway must know of engines it started itself: their image budget and concurrency ceiling."""
     return EngineLimits(plan.max_pixels, plan.min_pixels, plan.max_num_seqs, plan.max_images_per_request,
-                        plan.expected_tokens_per_request)
+                        plan.expected_tokens_per_request, plan.profile.answer_reserve_tokens)
 
 
 def build_gateway(settings: Settings, upstream_urls: list[str], tls: GatewayTls | None = None,

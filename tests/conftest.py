@@ -211,6 +211,8 @@ def stack(
         # A rule naming no served model (the demo's is airlock-demo-qwen3-vl): the stack must say so in its log.
         "authorization": {"rules": [{"models": ["Qwen3-VL-8B-*"], "groups": ["radiology"]}]},
         "screening": {"max_tokens_limit": LONG_CONTEXT, "max_image_bytes": 1_000_000},
+        # Small enough that a document above it fits in a body (tests/test_documents.py).
+        "documents": {"max_bytes": 4_000_000},
         # Tests send bursts as one user; fair-share limits have their own tests (test_replicas.py, test_fair_share.py).
         "admission": {"max_concurrent_per_user": 0, "requests_per_minute_per_user": 0},
         "metrics": {"rejections_log_interval_s": 1},

@@ -13,6 +13,7 @@ from server.config import (
     AuthorizationSettings,
     AuthSettings,
     ConfigError,
+    DocumentSettings,
     EngineSettings,
     FailedLoginSettings,
     GatewaySettings,
@@ -123,7 +124,7 @@ def test_example_file_documents_every_setting_and_loads_as_the_defaults(monkeypa
     example = yaml.safe_load(EXAMPLE.read_text())
     sections = {"gateway": GatewaySettings, "engine": EngineSettings, "auth": AuthSettings,
                 "authorization": AuthorizationSettings, "screening": ScreeningSettings, "privacy": PrivacySettings,
-                "routing": RoutingSettings, "admission": AdmissionSettings}
+                "routing": RoutingSettings, "admission": AdmissionSettings, "documents": DocumentSettings}
     assert set(example) == set(Settings.model_fields)
     for name, model in sections.items():
         assert set(example[name]) == set(model.model_fields), f"{name}: example and settings differ"

@@ -143,12 +143,16 @@ def gateway_series(pod: int) -> Series:
         ("airlock_replica_max_in_flight", {"replica": "1"}, gauge(8)),
         ("airlock_process_resident_memory_bytes", {}, gauge(100000000 if a else 200000000)),
         ("airlock_process_cpu_seconds_total", {}, counter(6 if a else 12)),
+        ("airlock_documents_total", {"purpose": "request", "outcome": "rendered"}, counter(30)),
+        ("airlock_documents_total", {"purpose": "request", "outcome": "unprocessable"}, counter(6 if a else 0)),
+        ("airlock_document_pages_total", {"purpose": "request"}, counter(60)),
     ]
     series += histogram("airlock_request_duration_seconds", {**route, "stream": "false"}, 60, "1.0")
     series += histogram("airlock_time_to_first_token_seconds", {**route, "stream": "true"}, 60, "1.0")
     series += histogram("airlock_queue_wait_seconds", MODEL, 60, "0.5")
     series += histogram("airlock_gateway_overhead_seconds", {"stage": "before_forward"}, 60, "0.5")
     series += histogram("airlock_output_tokens_per_second", MODEL, 60, "1.0")
+    series += histogram("airlock_document_render_seconds", {"purpose": "request"}, 30, "0.5")
     return series
 
 
@@ -213,6 +217,10 @@ EXPECTED: dict[tuple[int, str], list[tuple[dict[str, str], float]]] = {
     (25, "A"): [({"replica": "0"}, 0.5), ({"replica": "1"}, 0.0)],
     (27, "A"): [({"instance": GATEWAYS[0]["instance"]}, 1e8), ({"instance": GATEWAYS[1]["instance"]}, 2e8)],
     (28, "A"): [({"instance": GATEWAYS[0]["instance"]}, 0.1), ({"instance": GATEWAYS[1]["instance"]}, 0.2)],
+    (30, "A"): [({"outcome": "rendered"}, 1.0), ({"outcome": "unprocessable"}, 0.1)],
+    (30, "B"): [({}, 2.0)],
+    (31, "A"): [({}, quantile(0.5, 0, 0.5))],
+    (31, "B"): [({}, quantile(0.95, 0, 0.5))],
 }
 
 

@@ -8,6 +8,7 @@ forms that burns CPU). After each failure the same pool still renders a good doc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import math
@@ -449,3 +450,301 @@ def test_a_pool_whose_workers_cannot_start_says_so(monkeypatch: pytest.MonkeyPat
     pool = RenderPool(DocumentSettings())
     with pytest.raises(RuntimeError, match="could not start: a document worker did not start"):
         asyncio.run(pool.start())
+
+
+# -- found by review: hostile and unusual documents, operators' set-ups ------------------------------------------------
+
+def tiff_frames(frames: list[Image.Image]) -> bytes:
+    out = io.BytesIO()
+    frames[0].save(out, "TIFF", save_all=True, append_images=frames[1:])
+    return out.getvalue()
+
+
+def test_sixteen_bit_grey_and_transparent_tiff_frames_keep_their_tones() -> None:
+    """A 16-bit grey scan at 30000 of 65535 is mid-grey, not white (Pillow's convert("L") clips I;16 at 255); a
+    transparent frame is white like a PDF page, not black (RGBA/LA converted without compositing)."""
+    async def scenario(pool: RenderPool) -> None:
+        data = tiff_frames([Image.new("I;16", (400, 300), 30000), Image.new("RGBA", (400, 300), (0, 0, 0, 0)),
+                            Image.new("LA", (400, 300), (0, 0))])
+        document = await pool.render(job(data, "tiff"))
+        grey, rgba, la = (Image.open(io.BytesIO(page.image)) for page in document.pages)
+        assert grey.getpixel((200, 150)) == 30000 // 256
+        assert rgba.convert("RGB").getpixel((200, 150)) == (255, 255, 255)
+        assert la.convert("RGB").getpixel((200, 150)) == (255, 255, 255)
+    run(scenario, page_format="png")
+
+
+def banner_pdf(width_pt: float, height_pt: float) -> bytes:
+    out = io.BytesIO()
+    drawing = canvas.Canvas(out, pagesize=(width_pt, height_pt))
+    drawing.drawString(2, 2, "banner")
+    drawing.showPage()
+    drawing.save()
+    return out.getvalue()
+
+
+def test_a_page_longer_than_a_jpeg_can_be_is_capped() -> None:
+    """A 200-inch strip at max_dpi 1200 would be 77,760 pixels long: JPEG stops at 65,500 (libjpeg), where the
+    worker crashed in the encoder. It is rendered within that length (the aspect-ratio screen then judges it)."""
+    async def scenario(pool: RenderPool) -> None:
+        page = (await pool.render(job(banner_pdf(14400, 10)))).pages[0]
+        assert page.media_type == "image/jpeg" and Image.open(io.BytesIO(page.image)).size == (page.width,
+                                                                                                page.height)
+        assert 65_000 < page.width <= 65_500 and page.width * page.height <= BUDGET
+        strip = tiff_frames([Image.new("L", (70_000, 8), 128)])
+        page = (await pool.render(job(strip, "tiff"))).pages[0]
+        assert page.width <= 65_500 and page.height >= 1
+    run(scenario, max_dpi=1200)
+
+
+def test_close_during_a_render_is_a_shutdown_not_a_bad_document(caplog: pytest.LogCaptureFixture) -> None:
+    """close() kills the worker under a render: the caller hears the renderer is shutting down (503, retry), not
+    that the document needs more memory, and no worker failure is logged."""
+    async def main() -> None:
+        pool = RenderPool(DocumentSettings())
+        await pool.start()
+        rendering = asyncio.create_task(pool.render(job(cpu_burner())))
+        await busy_worker(pool)
+        await pool.close()
+        with pytest.raises(Overloaded) as raised:
+            await rendering
+        assert raised.value.code == "documents_closed"
+        with pytest.raises(Overloaded):
+            await pool.render(job(text_pdf(1)))
+    with caplog.at_level(logging.WARNING, logger="airlock"):
+        asyncio.run(main())
+    assert caplog.records == []
+
+
+def test_a_waiting_worker_that_died_is_not_given_a_document(caplog: pytest.LogCaptureFixture) -> None:
+    """A ready worker killed while idle (the kernel's out-of-memory killer picks big processes) is replaced; the
+    next good document renders instead of failing as if it had crashed the worker."""
+    async def scenario(pool: RenderPool) -> None:
+        (pid,) = pool.ready_pids
+        os.kill(pid, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while pool._ready._queue[0].process.returncode is None:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.02)
+        await still_renders(pool)
+    with caplog.at_level(logging.WARNING, logger="airlock"):
+        run(scenario, workers=1)
+    assert [record.getMessage() for record in caplog.records] == [
+        "a waiting document worker had exited (status -9) and is replaced"]
+
+
+def has_cap_sys_resource() -> bool:
+    """capabilities(7): CAP_SYS_RESOURCE (bit 24) lets a process raise a hard limit."""
+    status = Path("/proc/self/status").read_text()
+    effective = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
+    return bool(effective >> 24 & 1)
+
+
+@pytest.mark.skipif(has_cap_sys_resource(), reason="a process with CAP_SYS_RESOURCE may raise its hard RLIMIT_AS")
+def test_a_gateway_address_space_limit_below_the_workers_fails_clearly() -> None:
+    """A gateway under systemd's LimitAS= (or ulimit -v) lower than worker_memory_mib: a worker cannot raise its
+    hard limit (setrlimit(2)), and the pool says so at start instead of "exit status 1"."""
+    import subprocess
+    import sys
+
+    gateway = ("import asyncio, resource; from server.config import DocumentSettings; "
+               "from server.render_pool import RenderPool; "
+               "resource.setrlimit(resource.RLIMIT_AS, (900 << 20, 900 << 20)); "
+               "asyncio.run(RenderPool(DocumentSettings(worker_memory_mib=1024, workers=1)).start())")
+    result = subprocess.run([sys.executable, "-c", gateway], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 1
+    assert "could not limit its memory to documents.worker_memory_mib = 1024" in result.stderr
+    assert "LimitAS=" in result.stderr
+
+
+def raw_pdf(objects: list[bytes]) -> bytes:
+    """A PDF of the given objects (numbered from 1, the first the catalog) with a correct cross-reference table
+    (ISO 32000-1, 7.5): for shapes no PDF writer makes."""
+    out = bytearray(b"%PDF-1.7\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer<</Size %d/Root 1 0 R>>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+def page_pdf(media_box: bytes, extra: bytes = b"", content: bytes = b"0 0 m 9 9 l S", count: int = 1) -> bytes:
+    """``count`` pages with this MediaBox sharing one content stream (object 3)."""
+    kids = b" ".join(b"%d 0 R" % (number + 4) for number in range(count))
+    return raw_pdf([b"<</Type/Catalog/Pages 2 0 R>>", b"<</Type/Pages/Kids[%s]/Count %d>>" % (kids, count),
+                    b"<</Length %d>>stream\n%s\nendstream" % (len(content), content),
+                    *[b"<</Type/Page/Parent 2 0 R/MediaBox[%s]/Contents 3 0 R%s>>" % (media_box, extra)] * count])
+
+
+def test_a_strip_thinner_than_a_pixel_stays_within_its_area() -> None:
+    """A 14,400 x 1 pt page (a legal MediaBox) or a 40,000 x 1 pixel TIFF frame as a thumbnail: the short side cannot
+    go below one pixel, so the long side alone must respect the area. It was not held: the worker sent a
+    8,485 x 1 page for 5,000 pixels (the pool let it through: its check takes the largest area of any job) and a
+    38,031 x 1 TIFF thumbnail for 36,160 (the pool took that for nonsense: "the renderer failed")."""
+    async def scenario(pool: RenderPool) -> None:
+        strip = tiff_frames([Image.new("L", (40_000, 1), 0)])
+        for document, area in [(await pool.render(job(page_pdf(b"0 0 14400 1"), thumbnail=True)), 160 * 226),
+                               (await pool.render(job(page_pdf(b"0 0 14400 1"), max_pixels_per_page=5_000)), 5_000),
+                               (await pool.render(job(strip, "tiff", thumbnail=True)), 160 * 226)]:
+            page = document.pages[0]
+            assert page.height == 1 and page.width * page.height <= area
+            assert Image.open(io.BytesIO(page.image)).size == (page.width, page.height)
+    run(scenario)
+
+
+def test_a_long_choice_of_pages_is_too_many_pages() -> None:
+    """Pages chosen one by one in a list of 600,000 numbers (every page of a long document, or a client's loop):
+    too_many_pages with the count, as for 17; it was a failed worker (the job's header outgrew the worker's 1 MiB
+    frame)."""
+    async def scenario(pool: RenderPool) -> None:
+        with pytest.raises(InvalidRequest) as raised:
+            await pool.render(job(text_pdf(20, image=False), pages=tuple(range(1, 21)) * 30_000))
+        assert raised.value.code == "too_many_pages"
+        assert "600000 pages were chosen from a document of 20" in raised.value.message
+        with pytest.raises(InvalidRequest) as raised:
+            await pool.render(job(text_pdf(3, image=False), pages=tuple(range(1, 600_001))))
+        assert raised.value.code == "invalid_pages" and "page 4 was chosen" in raised.value.message
+    run(scenario)
+
+
+def test_close_tells_a_waiting_request_at_once() -> None:
+    """A request waiting for a worker when close() comes hears that the renderer is shutting down, not, after
+    queue_timeout_s, that it is busy (no worker was ever going to come)."""
+    async def main() -> None:
+        pool = RenderPool(DocumentSettings(workers=1, queue_timeout_s=3))
+        await pool.start()
+        rendering = asyncio.create_task(pool.render(job(cpu_burner())))
+        await busy_worker(pool)
+        waiting = asyncio.create_task(pool.render(job(text_pdf(1))))
+        await asyncio.sleep(0.1)
+        await pool.close()
+        for task in (rendering, waiting):
+            with pytest.raises(Overloaded) as raised:
+                await task
+            assert raised.value.code == "documents_closed"
+        assert pool.ready_pids == [] and pool.busy_pids == []
+    asyncio.run(main())
+
+
+def children() -> set[int]:
+    """This process's child processes, zombies too (proc(5): the fourth field of /proc/PID/stat is the parent)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    found.add(int(entry))
+    return found
+
+
+def test_floods_failed_starts_and_cancellations_leave_the_pool_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight documents at once while no worker can start (a broken install mid-flight): the two ready workers take
+    two, the rest wait queue_timeout_s and get 503, and one retrying start per missing worker runs (no storm). Once
+    starts work again the pool is back to two ready workers. Then renders of every outcome, a request cancelled
+    mid-render (the client left: its worker is killed, its turn freed) and one cancelled while waiting: the gateway
+    holds the same descriptors as before and no child but the ready workers."""
+    async def main() -> None:
+        pool = RenderPool(DocumentSettings(workers=2, queue_timeout_s=1.5))
+        await pool.start()
+        descriptors = len(os.listdir("/proc/self/fd"))  # two ready workers: their pipes (numbers vary)
+        monkeypatch.setattr("sys.executable", "/bin/false")
+        results = await asyncio.gather(*(pool.render(job(text_pdf(1))) for _ in range(8)), return_exceptions=True)
+        assert sum(isinstance(result, RenderedDocument) for result in results) == 2
+        assert all(isinstance(result, Overloaded) and result.code == "documents_busy"
+                   for result in results if not isinstance(result, RenderedDocument))
+        assert len(pool._spawning) == 2 and pool.ready_pids == []
+        monkeypatch.undo()
+        async with asyncio.timeout(30):
+            while pool._spawning:
+                await asyncio.sleep(0.05)
+        assert len(pool.ready_pids) == 2
+
+        for data in [text_pdf(1), b"junk", text_pdf(1)[:500], memory_eater()]:
+            with contextlib.suppress(InvalidRequest):
+                await pool.render(job(data))
+        rendering = asyncio.create_task(pool.render(job(cpu_burner())))
+        pid = await busy_worker(pool)
+        other = asyncio.create_task(pool.render(job(cpu_burner())))
+        await busy_worker(pool)
+        waiting = asyncio.create_task(pool.render(job(text_pdf(1))))
+        await asyncio.sleep(0.1)
+        for task in (rendering, waiting):
+            task.cancel()
+        await asyncio.gather(rendering, waiting, return_exceptions=True)
+        assert not Path(f"/proc/{pid}").exists()  # killed and reaped
+        await still_renders(pool)  # the cancelled request's turn came back
+        other.cancel()
+        await asyncio.gather(other, return_exceptions=True)
+        async with asyncio.timeout(30):
+            while pool._spawning:
+                await asyncio.sleep(0.05)
+        assert len(os.listdir("/proc/self/fd")) == descriptors
+        assert children() == set(pool.ready_pids) and len(pool.ready_pids) == 2 and pool.busy_pids == []
+        await pool.close()
+        assert children() == set()
+    asyncio.run(main())
+
+
+def test_hostile_shapes_get_their_answer() -> None:
+    """Documents shaped to abuse the renderer: each gets its answer, quickly, and the pool still serves."""
+    async def scenario(pool: RenderPool) -> None:
+        long_pdf = page_pdf(b"0 0 9 9", count=100_000)
+        with pytest.raises(InvalidRequest) as raised:
+            await pool.render(job(long_pdf))
+        assert raised.value.code == "too_many_pages" and "100000 pages" in raised.value.message
+        previews = await pool.render(job(long_pdf, thumbnail=True))
+        assert previews.page_count == 100_000 and len(previews.pages) == 16
+        assert [page.number for page in (await pool.render(job(long_pdf, pages=(100_000,)))).pages] == [100_000]
+        # A form drawing itself (a cycle), and 10,000-deep forms: PDFium stops the recursion.
+        cycle = raw_pdf([
+            b"<</Type/Catalog/Pages 2 0 R>>", b"<</Type/Pages/Kids[3 0 R]/Count 1>>",
+            b"<</Type/Page/Parent 2 0 R/MediaBox[0 0 612 792]/Resources<</XObject<</X 5 0 R>>>>/Contents 4 0 R>>",
+            b"<</Length 5>>stream\n/X Do\nendstream",
+            b"<</Type/XObject/Subtype/Form/BBox[0 0 612 792]/Resources<</XObject<</X 5 0 R>>>>/Length 5>>stream\n"
+            b"/X Do\nendstream"])
+        assert len((await pool.render(job(cycle))).pages) == 1
+        # /Rotate 90: the page is drawn turned clockwise (ISO 32000-1, 7.7.3.3), its box landscape to portrait.
+        turned = await pool.render(job(page_pdf(b"0 0 600 300", b"/Rotate 90", b"0 200 100 100 re f"),
+                                       max_pixels_per_page=400_000))
+        page = turned.pages[0]
+        picture = Image.open(io.BytesIO(page.image)).convert("L")
+        assert page.width < page.height and picture.getpixel((page.width - 5, 5)) < 50 < picture.getpixel((5, 5))
+        # A page a hundredth of a point wide is not a page.
+        with pytest.raises(InvalidRequest) as raised:
+            await pool.render(job(page_pdf(b"0 0 0.01 0.01")))
+        assert raised.value.code == "invalid_document"
+        # A page holding 100,000 characters of text: its text layer is cut at max_text_chars_per_page.
+        text = b"BT /F1 1 Tf 1 TL 0 700 Td " + (b"(" + b"A" * 1000 + b") Tj T* ") * 100 + b"ET"
+        wordy = raw_pdf([
+            b"<</Type/Catalog/Pages 2 0 R>>", b"<</Type/Pages/Kids[3 0 R]/Count 1>>",
+            b"<</Type/Page/Parent 2 0 R/MediaBox[0 0 612 792]/Resources<</Font<</F1 5 0 R>>>>/Contents 4 0 R>>",
+            b"<</Length %d>>stream\n%s\nendstream" % (len(text), text),
+            b"<</Type/Font/Subtype/Type1/BaseFont/Helvetica>>"])
+        page = (await pool.render(job(wordy))).pages[0]
+        assert page.text is not None and len(page.text) == 20_000
+        # A TIFF of 10,000 frames (one IFD chain sharing a strip), and pictures sent as TIFF.
+        frames = 10_000
+        strip_at = 8 + frames * (2 + 8 * 12 + 4)
+        many = bytearray(b"II*\x00" + struct.pack("<I", 8))
+        for index in range(frames):
+            many += struct.pack("<H", 8) + b"".join(struct.pack("<HHII", *entry) for entry in [
+                (256, 3, 1, 8), (257, 3, 1, 8), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+                (273, 4, 1, strip_at), (278, 3, 1, 8), (279, 4, 1, 64)])
+            many += struct.pack("<I", len(many) + 4 if index + 1 < frames else 0)
+        many += bytes(range(0, 256, 4))
+        with pytest.raises(InvalidRequest) as raised:
+            await pool.render(job(bytes(many), "tiff"))
+        assert raised.value.code == "too_many_pages" and "10000 pages" in raised.value.message
+        assert (await pool.render(job(bytes(many), "tiff", pages=(10_000,)))).page_count == 10_000
+        for picture_format in ("PNG", "JPEG"):
+            out = io.BytesIO()
+            Image.new("RGB", (64, 64)).save(out, picture_format)
+            with pytest.raises(InvalidRequest) as raised:
+                await pool.render(job(out.getvalue(), "tiff"))
+            assert raised.value.code == "invalid_document"
+    run(scenario)
