@@ -66,6 +66,12 @@ bench-documents: install
 gpu-check: install
 	$(VENV)/bin/python -m tests.gpu_check $(ARGS)
 
+# The console's markdown renderer and HTML sanitizer (server/console_static/vendor/), fetched again with npm and
+# checked against the pinned versions, integrity and sha256 in its manifest.json (README, "The console").
+.PHONY: vendor-console
+vendor-console:
+	$(PYTHON) deploy/vendor-console.py $(ARGS)
+
 lint: install
 	$(VENV)/bin/ruff check server tests
 	$(VENV)/bin/mypy

@@ -41,7 +41,7 @@ from .metrics_middleware import MetricsMiddleware
 from .posture import privacy_posture
 from .proxy import Forwarder
 from .render_pool import RenderPool
-from .request_path import EngineRoutes
+from .request_path import EngineRoutes, cancelled_when_client_leaves
 from .routing import build_strategy
 from .screening import Screening
 from .sessions import SessionStore
@@ -191,9 +191,12 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     @app.post("/v1/airlock/documents/preview")
     async def document_preview(request: Request, principal: CurrentPrincipal) -> Response:
         """The console's page thumbnails of a document (``Documents.preview``), counted in the user's own limits
-        as a request is: the render workers are shared by everyone."""
+        as a request is: the render workers are shared by everyone. A client that leaves stops the render."""
         with admission.user_limits(principal):
-            return JSONResponse(await documents.preview(await request.body()), headers=NO_STORE)
+            body = await request.body()
+            async with cancelled_when_client_leaves(request.receive):
+                return JSONResponse(await documents.preview(body), headers=NO_STORE)
+            return Response(status_code=499)  # the client has gone: nobody reads this (nginx's "client closed")
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -216,7 +219,8 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
             return Response(await endpoint.render(), media_type=CONTENT_TYPE_LATEST, headers=NO_STORE)
 
     if config.console.enabled:
-        app.include_router(console_router(config, authentication, sessions, engine_limits))
+        app.include_router(console_router(config, authentication, sessions, engine_limits,
+                                          serving=lambda: bool(pool.model_cards())))
 
     install_error_handlers(app, metrics)
     forwarder = Forwarder(pool, metrics, settings.retry_after_s)

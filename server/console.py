@@ -21,6 +21,7 @@ import base64
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -36,7 +37,7 @@ from pydantic import BaseModel, Field
 from .auth import Authentication, Principal, Standing
 from .config import ConsoleSettings, Settings
 from .engine_limits import EngineLimits
-from .errors import NO_STORE, InvalidRequest, Unauthenticated
+from .errors import NO_STORE, InvalidRequest, RouteNotFound, Unauthenticated
 from .sessions import CSRF_HEADER, SESSION_COOKIE, SessionStore, csrf_matches
 
 LOGIN_COOKIE = "airlock_login"
@@ -61,10 +62,20 @@ PAGE_HEADERS = {
 }
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
           "app.css": "text/css; charset=utf-8"}
+# The markdown renderer and HTML sanitizer, as they came from their packages (console_static/vendor/manifest.json:
+# versions, integrity, sha256; `make vendor-console` fetches and checks them again).
+VENDOR = "vendor"
 
 
 def _static(name: str) -> bytes:
     return resources.files("server").joinpath("console_static", name).read_bytes()
+
+
+def vendored_scripts() -> frozenset[str]:
+    """The scripts the manifest lists (their licence files ship beside them in the package, unserved)."""
+    manifest = json.loads(_static(f"{VENDOR}/manifest.json"))
+    return frozenset(entry["file"] for package in manifest["packages"] for entry in package["files"]
+                     if entry["file"].endswith(".js"))
 
 
 class PasswordSignIn(BaseModel):
@@ -166,8 +177,11 @@ def _secure(request: Request, console: ConsoleSettings) -> bool:
 
 
 def console_router(config: Settings, authentication: Authentication, sessions: SessionStore,
-                   engine_limits: EngineLimits) -> APIRouter:
+                   engine_limits: EngineLimits, serving: Callable[[], bool]) -> APIRouter:
+    """``serving``: whether the gateway serves any model right now (to anyone), so that the page can tell "no model
+    is ready yet" from "you may use none of them" without learning the names of models the user may not use."""
     console = config.console
+    scripts = vendored_scripts()
     router = APIRouter(include_in_schema=False)
     oidc = OidcSignIn(config) if config.auth.oidc.enabled else None
     methods = {"password": config.auth.htpasswd_file is not None, "oidc": oidc is not None,
@@ -196,6 +210,12 @@ def console_router(config: Settings, authentication: Authentication, sessions: S
     async def style() -> Response:
         return Response(_static("app.css"), media_type=STATIC["app.css"], headers=PAGE_HEADERS)
 
+    @router.get("/console/vendor/{name}")
+    async def vendored(name: str) -> Response:
+        if name not in scripts:
+            raise RouteNotFound("no such endpoint")
+        return Response(_static(f"{VENDOR}/{name}"), media_type=STATIC["app.js"], headers=PAGE_HEADERS)
+
     @router.get("/console/api/session")
     async def current(request: Request) -> Response:
         """Who is signed in (or whether anyone needs to), and the limits the page scales images and caps a chosen
@@ -218,6 +238,9 @@ def console_router(config: Settings, authentication: Authentication, sessions: S
             body.update(signed_in=True, name=principal.display_name or principal.user_id, csrf=session.csrf)
         elif not config.auth.configured:
             body.update(signed_in=True, name="this computer", csrf="")
+        if body["signed_in"]:
+            # demo: the engine plan serves the random-weight demo model (its answers are noise: the page says so).
+            body.update(demo=engine_limits.demo, serving=serving())
         return JSONResponse(body, headers=NO_STORE)
 
     @router.post("/console/api/sign-in")

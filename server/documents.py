@@ -58,7 +58,12 @@ TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 MAX_NAME_CHARS = 100
 # Base64 longer than this is decoded in a thread (as request_path screens large bodies), not on the event loop.
 DECODE_INLINE_CHARS = 256 * 1024
-PAGES_SYNTAX = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
+# A page number has at most 18 digits (int64): a longer one is no page, and Python refuses to read one of over 4300
+# digits (int's max_str_digits, a ValueError: a 500).
+PAGES_SYNTAX = re.compile(r"\s*(\d{1,18})\s*(?:-\s*(\d{1,18})\s*)?")
+# The label quotes the name in '...' inside [...], and the chat template marks its turns with <|...|>: a name must
+# not end the quote or the label early (forging a label of its own), nor spell a special token.
+NAME_LOOKALIKES = str.maketrans({"'": "\u2019", "[": "(", "]": ")", "<": "\u2039", ">": "\u203a"})
 NOT_PDF_OR_TIFF = "file parts carry PDF or TIFF documents"
 IMAGES_ELSEWHERE = 'send images as image_url parts ({"type": "image_url", "image_url": {"url": "data:..."}})'
 
@@ -125,10 +130,11 @@ def parse_pages(value: object, param: str, limit: int) -> tuple[int, ...]:
 
 
 def document_name(filename: object, number: int) -> str:
-    """The name the model is told: the client's file name if printable and at most 100 characters, else
-    "document <number>" (the document's place in the request)."""
+    """The name the model is told: the client's file name if printable and at most 100 characters (its quotes,
+    brackets and angle brackets as look-alikes: ``NAME_LOOKALIKES``), else "document <number>" (the document's place
+    in the request)."""
     if isinstance(filename, str) and filename.strip() and len(filename) <= MAX_NAME_CHARS and filename.isprintable():
-        return filename
+        return filename.translate(NAME_LOOKALIKES)
     return f"document {number}"
 
 

@@ -45,6 +45,9 @@ class EngineLimits:
     # Tokens of the context the profile keeps for an answer (and reasoning) beside the images: what a document's
     # pages leave free when a request names no max_tokens (server/documents.py).
     answer_reserve_tokens: int = int(EngineProfile.model_fields["answer_reserve_tokens"].default)
+    # The engines serve the random-weight demo model (configs/models/airlock-demo.yaml, whatever its served name):
+    # the console says its answers are noise.
+    demo: bool = False
 
     @classmethod
     def from_settings(cls, engine: EngineSettings) -> EngineLimits:
@@ -56,6 +59,7 @@ class EngineLimits:
             min_pixels=engine.min_pixels or int(fields["min_pixels"].default),
             max_num_seqs=engine.max_num_seqs,
             max_images_per_request=engine.max_images_per_request,
+            demo=engine.model == "demo",
         )
 
     def images_per_request(self, screening_limit: int) -> int:

@@ -198,7 +198,8 @@ class RenderPool:
             worker.kill()
             self._busy.discard(worker)
             self._turns.release()
-            await worker.reap()
+            # Shielded: a second cancellation (the client left, then the server shuts down) must not leave a zombie.
+            await asyncio.shield(worker.reap())
 
     async def _take(self) -> _Worker:
         """A turn and a ready worker, within queue_timeout_s; a replacement starts at once."""

@@ -14,8 +14,9 @@
     measured all along                          ``RequestRecord`` events, observed by ``MetricsMiddleware``
 
 Nothing here renders an error: each step raises, and ``boundary.ErrorBoundary`` answers (an OpenAI error before the
-response has started, an SSE error event after it). From step 8 on, the client going away cancels the rest at once:
-the upstream request is closed, vLLM aborts it, and its batch slot is freed.
+response has started, an SSE error event after it). From step 6b on, the client going away cancels the rest at once:
+a render worker busy with its document is killed (``RenderPool.render``), the upstream request is closed, vLLM aborts
+it, and its batch slot is freed.
 
 These requests skip FastAPI's routing, dependency injection and exception layers: under ``make bench`` (py-spy)
 those cost about as much CPU as the rest of the gateway's own work, per request and again per streamed chunk.
@@ -90,10 +91,11 @@ class EngineRoutes:
             payload = parse_request(body, self.max_json_depth)
             model = self._authorize(principal, payload, record)
             size = len(body)
-            if route == "chat" and has_file_parts(payload):  # documents become page images (and text)
-                size += await self.documents.expand(payload)
-            forwarded = await self._screen(scope["path"], route, payload, principal, size)
-            async with cancelled_when_client_leaves(receive):
+            async with cancelled_when_client_leaves(receive):  # a client that leaves stops a render too
+                if route == "chat" and has_file_parts(payload):  # documents become page images (and text)
+                    await self._prescreen(route, payload, principal, size)
+                    size += await self.documents.expand(payload)
+                forwarded = await self._screen(scope["path"], route, payload, principal, size)
                 queued_at = time.perf_counter()
                 async with self.admission.queue(model).slot(principal.key, forwarded.cost):
                     record.admitted(queued_at)
@@ -117,6 +119,20 @@ class EngineRoutes:
             if not self.pool.knows(model):
                 raise ModelNotFound(f"the model '{shown}' does not exist", param="model")
         return model
+
+    async def _prescreen(self, route: Route, payload: dict[str, Any], principal: Principal, size: int) -> None:
+        """Screen the request with its ``file`` parts as empty text parts (in their places, so that a refusal names
+        the same part), before any page is rendered: a request screening will refuse anyway (a field, a
+        ``max_tokens`` above the limit, a bad image) costs no render worker. ``payload`` is left as it is."""
+        messages = [{**message, "content": [{"type": "text", "text": ""} if isinstance(part, dict) and
+                                            part.get("type") == "file" else part for part in message["content"]]}
+                    if isinstance(message, dict) and isinstance(message.get("content"), list) else message
+                    for message in payload["messages"]]
+        copy = {**payload, "messages": messages}
+        if size < SCREEN_INLINE_BYTES:
+            self.screening.screen(route, copy, principal)
+        else:
+            await anyio.to_thread.run_sync(self.screening.screen, route, copy, principal)
 
     async def _screen(self, path: str, route: Route, payload: dict[str, Any], principal: Principal,
                       size: int) -> EngineRequest:

@@ -31,7 +31,7 @@ from .engine_metrics import engine_metrics
 from .gpus import Gpu, Run, discover_gpus, place_replicas
 from .metrics_endpoint import metrics_app
 from .privacy import harden_process
-from .profiles import ModelChoice, choose_model, load_profiles
+from .profiles import DEMO_PROFILE, ModelChoice, choose_model, load_profiles
 from .runtime import settle_heap
 from .sizing import EnginePlan, check_free_memory, plan_cpu, plan_engine
 from .supervisor import Supervisor
@@ -376,7 +376,8 @@ def listen(host: str, port: int, section: str = "gateway") -> socket.socket:
 def engine_limits(plan: EnginePlan) -> EngineLimits:
     """What the gateway must know of engines it started itself: their image budget and concurrency ceiling."""
     return EngineLimits(plan.max_pixels, plan.min_pixels, plan.max_num_seqs, plan.max_images_per_request,
-                        plan.expected_tokens_per_request, plan.profile.answer_reserve_tokens)
+                        plan.expected_tokens_per_request, plan.profile.answer_reserve_tokens,
+                        demo=plan.profile.name == DEMO_PROFILE)
 
 
 def build_gateway(settings: Settings, upstream_urls: list[str], tls: GatewayTls | None = None,

@@ -100,12 +100,18 @@ def nothing_kept_in_the_browser(page: Page) -> None:
 
 
 def test_the_page_and_its_assets_come_with_a_strict_policy(stack: Stack) -> None:
-    for path in ("/", "/console/app.js", "/console/app.css"):
+    types = {"/": "text/html", "/console/app.js": "text/javascript", "/console/app.css": "text/css",
+             "/console/vendor/marked.umd.js": "text/javascript", "/console/vendor/purify.js": "text/javascript"}
+    for path, media_type in types.items():
         response = httpx.get(f"{stack.base_url}{path}")
         assert response.status_code == 200
+        assert response.headers["content-type"] == f"{media_type}; charset=utf-8"
         assert response.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
         assert response.headers["x-content-type-options"] == "nosniff"
         assert response.headers["cache-control"] == "no-store"
+    # Only the vendored scripts: their manifest and licences ship in the package, unserved.
+    for path in ("/console/vendor/manifest.json", "/console/vendor/marked.LICENSE", "/console/vendor/..%2fapp.js"):
+        assert httpx.get(f"{stack.base_url}{path}").status_code == 404
     assert "default-src 'none'" in CONTENT_SECURITY_POLICY and "unsafe" not in CONTENT_SECURITY_POLICY
     page = httpx.get(f"{stack.base_url}/").text
     assert "http://" not in page and "https://" not in page  # nothing from elsewhere
@@ -137,6 +143,8 @@ def test_password_sign_in_images_streamed_answer_structured_output_clear_and_sig
     assert page.inner_text("#who") == "Signed in as bob"
     page.wait_for_selector("#model option", state="attached")
     assert page.eval_on_selector("#model", "select => select.value") == stack.model
+    # The stack serves the random-weight demo model: the page says its answers are noise.
+    assert page.is_visible("#demo-banner") and "answers are noise" in page.inner_text("#demo-banner")
 
     # Two images: a small one as it is, a 6 MP scan scaled down in the browser before it is sent.
     page.set_input_files("#files", [str(pictures["receipt.png"]), str(pictures["scan.jpg"])])
