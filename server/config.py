@@ -258,7 +258,10 @@ _DEFAULT_FORMATS: list[ImageFormat] = ["png", "jpeg", "webp"]
 class ScreeningSettings(_Section):
     """What a request may carry before it is forwarded to an engine."""
 
-    max_images_per_request: int = Field(8, ge=0)
+    # Images one request may carry, document pages included: 16, documents.max_pages (a 10-page scan and more fit);
+    # the engines' --limit-mm-per-prompt is the same (configs/models/*.yaml; server/sizing.py, _images, says why
+    # it costs them no memory).
+    max_images_per_request: int = Field(16, ge=0)
     # Decoded bytes of one image (it travels base64-encoded, a third larger, inside the body).
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     # Pixels of one image, read from its header before anything decodes it (25 MP: a 5000x5000 scan).

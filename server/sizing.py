@@ -444,7 +444,17 @@ def _image_and_reserve(profile: EngineProfile, settings: EngineSettings) -> int:
 def _images(profile: EngineProfile, settings: EngineSettings) -> int:
     """Images one request may carry (vLLM's --limit-mm-per-prompt): engine.max_images_per_request, else the
     profile's. The same on every card, so that a gateway in front of engines it did not start (the Helm chart) can
-    hold the same limit; a request whose images, with its text, overflow the context gets vLLM's own clear 400."""
+    hold the same limit; a request whose images, with its text, overflow the context gets vLLM's own clear 400.
+
+    The count costs no memory, so no sizing depends on it (vLLM 0.32): the renderer only checks a prompt's images
+    against it (vllm/multimodal/processing/context.py, ``validate_num_items``). Start-up profiling runs the vision
+    tower on ``mm_max_items_per_batch`` largest images (vllm/v1/worker/gpu_model_runner.py, ``profile_run``; the
+    CPU runner inherits it), which vllm/multimodal/encoder_budget.py (``MultiModalBudget._get_max_items``) makes
+    ``min(encoder budget // tokens per image, max_num_seqs x min(limit, max_model_len // tokens per image))``: the
+    encoder budget (``max(max_num_batched_tokens, tokens per image)``, vllm/v1/core/encoder_cache_manager.py,
+    ``compute_mm_encoder_budget``) is the smaller term for any max_num_seqs of 2 or more, and it is also the
+    encoder cache's size, so a higher limit changes neither. Tokens per image: one image of max_pixels, whatever the
+    limit (Qwen3-VL's ``get_mm_max_tokens_per_item``, vllm/model_executor/models/qwen2_vl.py)."""
     return settings.max_images_per_request if settings.max_images_per_request is not None \
         else profile.max_images_per_request
 

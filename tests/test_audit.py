@@ -20,8 +20,10 @@ from .servers import free_port
 pytestmark = pytest.mark.engine
 
 ROUNDS = 2
-# Per round: a question with an image, the same streamed, a completion, and one request the gateway refuses.
+# Per round: a question with an image and the canary PDF, the same streamed, a completion, and one request the
+# gateway refuses.
 REQUESTS_PER_ROUND = 4
+DOCUMENT_CANARIES = {"document text", "document pixels", "document base64", "document name"}
 
 
 def run_audit(*args: str, credential: str | None = None, timeout: float = 900) -> tuple[int, dict[str, Any], str]:
@@ -42,6 +44,9 @@ def assert_requests_went_through(report: dict[str, Any]) -> None:
     assert requests["answered"] == requests["sent"] - ROUNDS
     assert {"prompt", "image", "image pixels", "image base64", "credential"} <= set(report["canaries"])
     assert any(name.startswith("answer") for name in report["canaries"])
+    # The questions carried the canary PDF, rendered by the gateway's worker processes, which were traced too.
+    assert requests["documents"] is True and set(report["canaries"]) >= DOCUMENT_CANARIES
+    assert "server.render_worker" in report["traced"]["programs"]
 
 
 def test_audit_of_the_running_stack_finds_no_violation(stack: Stack) -> None:
@@ -99,12 +104,18 @@ def test_audit_catches_every_kind_of_planted_leak(leaky_gateway: Any, credential
     sent = [finding for finding in wire["findings"] if finding["direction"] == "client -> gateway"]
     assert sent and {"prompt", "image base64", "credential"} <= set(sent[0]["found"])
     assert [entry["address"] for entry in report["egress"]] == ["192.0.2.1"]
-    spooled = [written for written in report["files_written"] if written["canaries"]]
-    assert spooled and all(written["path"].startswith("/tmp/") for written in spooled)
-    # The forwarded body carries the prompt and the image (as base64); the engine's answer was never spooled.
-    assert {"prompt", "image base64"} <= set(spooled[0]["canaries"])
+    # Spools are files already gone (tempfile.TemporaryFile); the gateway's stderr, which this test keeps in a log
+    # file, is reported as a file too.
+    spooled = [written for written in report["files_written"] if written["path"].endswith(" (deleted)")]
+    assert spooled and all(written["path"].startswith("/tmp/#") for written in spooled)
+    # The forwarded bodies carry the prompt and the image (as base64), and the PDF's pages: its name in each page's
+    # label and its text layer; the PDF spooled as it came shows its embedded image. No answer was spooled.
+    found = {name for written in spooled for name in written["canaries"]}
+    assert {"prompt", "image base64", "document name", "document text", "document pixels"} <= found
+    assert not any(name.startswith("answer") for name in found)
     logged = [stream for stream in report["log_streams"] if stream["canaries"]]
     assert logged and {stream["stream"] for stream in logged} == {"stderr"}
+    assert {"prompt", "document base64", "document text"} <= {name for stream in logged for name in stream["canaries"]}
     assert "VIOLATION" in summary
 
 
@@ -143,8 +154,10 @@ def test_audit_runs_the_whole_stack_in_a_loopback_only_namespace_and_catches_pla
     found: dict[str, set[str]] = {}
     for finding in wire["findings"]:
         found.setdefault(finding["direction"], set()).update(finding["found"])
-    assert {"prompt", "image base64", "credential base64"} <= found["client -> gateway"]
-    assert {"prompt", "image base64"} <= found["gateway -> engine"]
+    assert {"prompt", "image base64", "credential base64", "document base64"} <= found["client -> gateway"]
+    assert {"prompt", "image base64", "document name", "document text"} <= found["gateway -> engine"]
+    # The PDF itself never reaches the engine: only its rendered pages and their text do.
+    assert not {"document base64", "document pixels"} & found["gateway -> engine"]
     # The gateway does not pass the client's credentials on to the engine.
     assert not any(kind.startswith("credential") for kind in found["gateway -> engine"])
     # Kinds and ports only: neither the secret nor the canary itself is printed.

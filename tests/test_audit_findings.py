@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pypdfium2 as pdfium  # type: ignore[import-untyped, unused-ignore]
 from PIL import Image
 
 from server.audit.canary import Canaries
@@ -43,6 +49,22 @@ def test_a_file_written_with_the_prompt_is_a_violation_printable_or_hex() -> Non
     assert findings.files["/var/spool/x"].opens == 1
     assert findings.files["/var/spool/x"].canaries == {"prompt"}
     assert findings.files["/var/spool/y"].canaries == {"prompt"}
+
+
+def test_a_spool_whose_file_is_already_gone_is_a_file_too() -> None:
+    """tempfile.TemporaryFile (O_TMPFILE, or unlinked at once) as strace 6.1 prints it: "(deleted)" after the
+    descriptor's path. Spooling a body that way is the leak the audit must not miss."""
+    findings = findings_of(
+        '7 openat(AT_FDCWD</srv>, "/tmp", O_RDWR|O_EXCL|O_NOFOLLOW|O_CLOEXEC|O_TMPFILE, 0600) '
+        '= 3</tmp/#2149662>(deleted)',
+        f'7 write(3</tmp/#2149662>(deleted), "body {PROMPT}", 50) = 50',
+        '7 openat(AT_FDCWD</srv>, "/var/tmp/x", O_RDWR|O_CREAT|O_EXCL, 0600) = 4</var/tmp/x>',
+        f'7 write(4</var/tmp/x>(deleted), "{PROMPT}", 45) = 45',
+    )
+    spool = findings.files["/tmp/#2149662 (deleted)"]
+    assert (spool.opens, spool.writes, spool.canaries) == (1, 1, {"prompt"})
+    assert findings.files["/var/tmp/x (deleted)"].canaries == {"prompt"}
+    assert "/tmp" not in findings.files
 
 
 def test_reads_devices_and_clean_writes_are_not_violations() -> None:
@@ -140,6 +162,76 @@ def test_the_canary_image_carries_its_markers_where_they_can_be_found() -> None:
     canaries.add_answer("short")
     canaries.add_answer("a longer answer from the model, long enough to look for")
     assert [name for name in canaries.needles if name.startswith("answer")] == ["answer 1"]
+
+
+def test_the_canary_pdf_carries_its_text_and_image_where_they_can_be_found() -> None:
+    canaries = Canaries.fresh()
+    pdf = pdfium.PdfDocument(canaries.document_pdf)  # a valid PDF, read by the renderer the gateway uses
+    assert len(pdf) == 1
+    page = pdf[0]
+    # The text layer the gateway extracts and forwards is the canary's text.
+    assert page.get_textpage().get_text_range() == canaries.needles["document text"].decode()
+    images = [obj for obj in page.get_objects() if isinstance(obj, pdfium.PdfImage)]
+    assert len(images) == 1 and images[0].get_px_size() == (64, 64)
+    # A decoded copy of the embedded image shows its marker, and so does the PDF itself (noise does not compress).
+    assert images[0].get_bitmap().to_pil().tobytes().startswith(canaries.needles["document pixels"])
+    assert canaries.needles["document pixels"] in canaries.document_pdf
+    part = canaries.document_part
+    assert part["type"] == "file"
+    file = part["file"]
+    assert isinstance(file, dict) and file["filename"].encode().startswith(canaries.needles["document name"])
+    assert file["file_data"].startswith("data:application/pdf;base64,")
+    # The request body shows the base64 slice; the slice is the canary's own (from its pixels), not the header
+    # every PDFium file shares.
+    assert canaries.needles["document base64"] in file["file_data"].encode()
+    other = Canaries.fresh()
+    assert other.needles["document base64"] not in file["file_data"].encode()
+    assert other.document_pdf[:9] == canaries.document_pdf[:9] == b"%PDF-1.7\r"
+    pdf.close()
+
+
+def test_the_canary_pdf_is_found_as_bytes_as_text_and_as_base64() -> None:
+    """The PDF spooled as it came, its text layer logged, the request body printed: each is found."""
+    file = CANARIES.document_part["file"]
+    assert isinstance(file, dict)
+    pdf, body = CANARIES.document_pdf, json.dumps({"filename": file["filename"], "file_data": file["file_data"]})
+    findings = findings_of(
+        f'5 write(9</tmp/#7 (deleted)>, "{hexed(pdf[:4096])}", 4096) = 4096',
+        f'5 write(2<pipe:[1]>, "page 1: {CANARIES.needles["document text"].decode()}\\n", 56) = 56',
+        f'5 write(1<pipe:[1]>, "{hexed(body.encode()[:8000])}", 8000) = 8000',
+    )
+    assert findings.files["/tmp/#7 (deleted)"].canaries == {"document pixels"}
+    assert {stream.fd: stream.canaries for stream in findings.logs.values()} == {
+        2: {"document text"}, 1: {"document base64", "document name"}}
+
+
+def test_a_forked_child_is_named_by_what_it_executes(tmp_path: Path) -> None:
+    """A render worker's first calls come before its execve, when /proc still shows the gateway it was forked from;
+    from its execve on it is named by what it runs (read again then, while the process lives)."""
+    # A real process that first runs "python -c ..." and, on cue, executes something named server.render_worker.
+    execs = ("import os, sys; sys.stdin.readline(); "
+             "os.execv(sys.executable, [sys.executable, '-c', 'import sys; sys.stdin.read()', 'server.render_worker'])")
+    with subprocess.Popen([sys.executable, "-c", execs, "gateway"], stdin=subprocess.PIPE) as child:
+        assert child.stdin is not None
+        pid = child.pid
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        while not cmdline.read_bytes():  # set once its exec has finished (Popen may return a moment before)
+            time.sleep(0.01)
+        findings = findings_of(f'{pid} openat(AT_FDCWD</srv>, "/dev/null", O_RDWR|O_CLOEXEC) = 3</dev/null>')
+        before = findings.program(pid)
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        while not cmdline.read_bytes().endswith(b"\0server.render_worker\0"):
+            time.sleep(0.01)
+        for call in TraceReader().feed(f'{pid} execve("{sys.executable}", ["python3", "-c", "...", '
+                                       '"server.render_worker"], 0x7ffd /* 0 vars */) = 0\n'):
+            findings.observe(call)
+        after = findings.program(pid)
+        child.communicate(b"")
+    assert before == "gateway" and after == "server.render_worker"
+    assert findings.programs == ["gateway", "server.render_worker"] and findings.pids == {pid}
+    assert program_name(["/usr/bin/python3", "-I", "-B", "-m", "server.render_worker", "1024"]) == \
+        "server.render_worker"
 
 
 def test_program_names_and_storage() -> None:

@@ -34,7 +34,9 @@ from .document_files import data_url, encrypted_pdf, file_part, inflating_pdf, p
 from .images import image_bytes, image_part
 
 MODEL = "airlock-demo-qwen3-vl"
-DEMO = EngineLimits(1024 * 1024, 32 * 32, None, 8)  # the demo profile's budget (configs/models/airlock-demo.yaml)
+# One page more than the stack takes: documents.max_pages and the images a request may carry are both 16 there.
+ABOVE_PAGE_LIMIT = DocumentSettings().max_pages + 1
+DEMO = EngineLimits(1024 * 1024, 32 * 32, None, 16)  # the demo profile's budget (configs/models/airlock-demo.yaml)
 A4_POINTS = (595.2756, 841.8898)
 CANARY = "CANARY-5d1e0b-documents"
 
@@ -188,17 +190,17 @@ def test_a_page_format_screening_would_refuse_is_a_config_error() -> None:
 
 def test_pages_beyond_what_the_request_may_send_are_refused_before_rendering() -> None:
     step = documents(DocumentSettings(max_pages=6))
-    with pytest.raises(InvalidRequest) as refused:  # 8 images a request (the demo's), 3 taken by images
-        expand(step, *[image_part("PNG")] * 3, file_part(pdf_bytes(), pages="1-6"))
+    with pytest.raises(InvalidRequest) as refused:  # 16 images a request (the demo's), 11 taken by images
+        expand(step, *[image_part("PNG")] * 11, file_part(pdf_bytes(), pages="1-6"))
     assert refused.value.code == "too_many_pages"
     assert refused.value.message.startswith("6 pages were chosen, but this request may send 5 more pages "
-                                            "(documents.max_pages is 6, and pages count as images: at most 8 a "
-                                            "request, 3 of them taken by images)")
+                                            "(documents.max_pages is 6, and pages count as images: at most 16 a "
+                                            "request, 11 of them taken by images)")
     with pytest.raises(InvalidRequest, match="7 pages were chosen, more than the 6"):
         expand(step, file_part(pdf_bytes(), pages="1-7"))
     with pytest.raises(InvalidRequest, match="2 pages were chosen, but this request may send 1 more page "):
         # two places left, and the later document keeps one for itself
-        expand(step, *[image_part("PNG")] * 6, file_part(pdf_bytes(), pages=[1, 2]), file_part(pdf_bytes()))
+        expand(step, *[image_part("PNG")] * 14, file_part(pdf_bytes(), pages=[1, 2]), file_part(pdf_bytes()))
 
 
 def test_a_document_that_cannot_fit_the_context_is_refused_before_rendering() -> None:
@@ -413,7 +415,7 @@ REFUSALS: dict[str, tuple[Any, int, str]] = {
                       "unsupported_document"),
     "wrong media type": (lambda: file_part(data_url(pdf_bytes(), "image/tiff")), 400, "unsupported_document"),
     "above max_bytes": (lambda: file_part(b"%PDF-1.4\n" + b"0" * 4_100_000), 413, "document_too_large"),
-    "above the page limit": (lambda: file_part(pdf_bytes(9)), 400, "too_many_pages"),
+    "above the page limit": (lambda: file_part(pdf_bytes(ABOVE_PAGE_LIMIT)), 400, "too_many_pages"),
     "a page it does not have": (lambda: file_part(pdf_bytes(2), pages="2-3"), 400, "invalid_pages"),
     "encrypted": (lambda: file_part(encrypted_pdf()), 400, "document_encrypted"),
     "truncated": (lambda: file_part(pdf_bytes()[:700]), 400, "invalid_document"),
@@ -444,7 +446,7 @@ def test_the_messages_say_what_to_do(stack: Stack) -> None:
                               timeout=60)
         return str(response.json()["error"]["message"])
 
-    assert "choose pages" in refusal(file_part(pdf_bytes(9)))
+    assert "choose pages" in refusal(file_part(pdf_bytes(ABOVE_PAGE_LIMIT)))
     assert "the document has 2 pages" in refusal(file_part(pdf_bytes(2), pages=[3]))
     assert "password-protected" in refusal(file_part(encrypted_pdf()))
 

@@ -86,7 +86,7 @@ def test_each_card_in_the_readme_table_gets_that_command_line(tmp_path: Path, ca
     assert flag(argv, "--max-model-len") == context.replace(",", "")
     # vLLM may run twice what the gateway will give it (the gateway's fair queue is what limits).
     assert flag(argv, "--max-num-seqs") == str(min(256, 2 * int(at_once)))
-    assert json.loads(flag(argv, "--limit-mm-per-prompt")) == {"image": 8, "video": 0}
+    assert json.loads(flag(argv, "--limit-mm-per-prompt")) == {"image": 16, "video": 0}
     assert json.loads(flag(argv, "--mm-processor-kwargs")) == {"size": {"longest_edge": 4096 * 32 * 32,
                                                                         "shortest_edge": 64 * 32 * 32}}
     assert flag(argv, "--gpu-memory-utilization") == "0.9"

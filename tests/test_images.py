@@ -281,6 +281,39 @@ client = openai.OpenAI(base_url=base + "/v1", api_key=sys.argv[2], max_retries=0
 model = client.models.list().data[0].id
 answer = client.chat.completions.create(model=model, max_tokens=8, messages=[{"role": "user", "content": "Hi"}])
 print(model, answer.usage.completion_tokens, answer.choices[0].finish_reason)
+# A 10-page scanned contract (image-only A4 pages at 300 dpi, as a scanner writes them), as an OpenAI file part:
+# the gateway in the image renders it in its worker processes.
+import base64, io
+from PIL import Image, ImageDraw
+pages = []
+for number in range(1, 11):
+    page = Image.new("RGB", (2480, 3508), (250, 250, 248))
+    draw = ImageDraw.Draw(page)
+    for line in range(40):
+        draw.text((240, 250 + 75 * line), f"{number}.{line} The parties agree to the terms of this contract.",
+                  fill=(20, 20, 20), font_size=40)
+    pages.append(page)
+scan = io.BytesIO()
+pages[0].save(scan, "PDF", resolution=300, save_all=True, append_images=pages[1:], quality=80)
+document = {"file_data": "data:application/pdf;base64," + base64.b64encode(scan.getvalue()).decode(),
+            "filename": "contract.pdf"}
+answer = client.chat.completions.create(model=model, max_tokens=8, messages=[{"role": "user", "content": [
+    {"type": "text", "text": "What does clause 3.2 say?"}, {"type": "file", "file": document}]}])
+print(answer.usage.prompt_tokens, answer.usage.completion_tokens, answer.choices[0].finish_reason)
+"""
+
+
+# The real uid of every process in the container that runs a render worker (by its command line; from its status,
+# since /proc of a non-dumpable process belongs to root).
+WORKERS = """
+import pathlib
+for process in pathlib.Path("/proc").glob("[0-9]*"):
+    try:
+        if b"server.render_worker" in (process / "cmdline").read_bytes().split(b"\\0"):
+            status = (process / "status").read_text().splitlines()
+            print(next(line.split()[1] for line in status if line.startswith("Uid:")))
+    except OSError:
+        pass
 """
 
 
@@ -315,13 +348,21 @@ def test_the_gateway_image_answers_offline_in_front_of_a_real_engine(
                                 capture_output=True, text=True, timeout=GATEWAY_START_TIMEOUT_S + 120)
         logs = podman("logs", name, check=False)
         assert client.returncode == 0, (client.stderr[-3000:], logs.stdout[-2000:], logs.stderr[-2000:])
-        model, tokens, finish = client.stdout.split()
+        model, tokens, finish, document_prompt, document_tokens, document_finish = client.stdout.split()
         assert model == stack.model and int(tokens) > 0 and finish in {"stop", "length"}
+        # The scan was answered: its 10 pages reached the engine as images (each page image at least its label and
+        # image markers), rendered by worker processes the image's Python started on its read-only root.
+        assert int(document_tokens) > 0 and document_finish in {"stop", "length"}
+        assert int(document_prompt) > 10 * 20, document_prompt
         print(f"the gateway image answered {time.monotonic() - started:.0f} s after the container started")
         # The container's view: its own user, and no interface but loopback.
         inside = podman("exec", name, "python3", "-c",
                         "import os, socket; print(os.getuid(), sorted(n for _, n in socket.if_nameindex()))").stdout
         assert inside.split(None, 1) == [UID, "['lo']\n"], inside
+        # Its render workers wait ready beside the gateway: started by the image's own Python (python -I, no
+        # /dev/shm, nothing written), as the gateway's user.
+        workers = podman("exec", name, "python3", "-c", WORKERS).stdout.split()
+        assert len(workers) >= 2 and set(workers) == {UID}, workers
     finally:
         podman("rm", "--force", name, check=False)
         stack.engine_socket.chmod(stat.S_IMODE(socket_mode))

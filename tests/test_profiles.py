@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, load_settings
+from server.config import ConfigError, DocumentSettings, ScreeningSettings, load_settings
 from server.gpus import Gpu
 from server.profiles import choose_model, load_profiles
 from server.sizing import DoesNotFit
@@ -39,6 +39,17 @@ def test_every_target_model_has_a_profile() -> None:
                 assert profile.weights_gib > 0 and profile.kv_cache_bytes_per_token > 0 and profile.overhead_gib > 0
                 assert (profile.reasoning_parser == "qwen3") == (variant == "thinking")
                 assert profile.quantization == quantization and profile.dtype == "auto"
+
+
+def test_a_document_of_the_most_pages_fits_every_profile_and_the_gateway() -> None:
+    # Pages count as images: the default documents.max_pages (a 10-page scan, and more) must pass the gateway's
+    # screening limit and every engine's --limit-mm-per-prompt, and both limits must agree (the gateway refuses what
+    # the engines would, with its own message, never less than they take).
+    pages = DocumentSettings().max_pages
+    assert pages >= 10
+    assert ScreeningSettings().max_images_per_request == pages
+    images = {name: profile.max_images_per_request for name, profile in PROFILES.items()}
+    assert images == dict.fromkeys(PROFILES, pages)
 
 
 def test_fp8_profiles_serve_under_the_bf16_models_name() -> None:

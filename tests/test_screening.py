@@ -17,6 +17,8 @@ import httpx
 import openai
 import pytest
 
+from server.config import ScreeningSettings
+
 from .conftest import Stack
 from .images import data_url, image_bytes, image_part
 from .leaks import files_written_since, read
@@ -100,7 +102,8 @@ def corpus() -> list[tuple[str, Any, int, str]]:
         ("decompression bomb", chat(image(b64(png_claiming(40_000, 40_000)))), 400, "image_too_large"),
         ("just over the pixel limit", chat(image(b64(png_claiming(5001, 5000)))), 400, "image_too_large"),
         ("image over the byte limit", chat(image(b64(noise_png((640, 640))))), 400, "image_too_large"),
-        ("too many images", chat(*[image_part("PNG")] * 9), 400, "too_many_images"),
+        ("too many images", chat(*[image_part("PNG")] * (ScreeningSettings().max_images_per_request + 1)), 400,
+         "too_many_images"),
         ("uuid on a part", chat(image(data_url("PNG"), uuid="someone-elses-image")), 400, "field_not_allowed"),
         ("uuid inside image_url", chat({"type": "image_url", "image_url": {"url": data_url("PNG"), "uuid": "x"}}),
          400, "invalid_image"),

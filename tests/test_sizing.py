@@ -258,19 +258,19 @@ def test_thinking_profiles_are_sized_for_long_reasoning() -> None:
 
 
 def test_images_per_request_are_the_profiles_or_the_setting_whatever_the_card() -> None:
-    # The profile's 8 on every card and context: A100 80 GB 8B bf16 (32,768 tokens), L4 8B FP8 (32,768), T4 4B FP8
+    # The profile's 16 on every card and context: A100 80 GB 8B bf16 (32,768 tokens), L4 8B FP8 (32,768), T4 4B FP8
     # (32,768), L4 8B Thinking FP8 (48,128), A100 Thinking (65,536), and an explicit 7,000 tokens on an L4 with
-    # images of 1,024 tokens (room for (7,000 - 2,048) // 1,024 = 4 of them: still 8, vLLM answers 400 beyond).
+    # images of 1,024 tokens (room for (7,000 - 2,048) // 1,024 = 4 of them: still 16, vLLM answers 400 beyond).
     result = plan("qwen3-vl-8b-instruct", A100_80)
-    assert (result.max_model_len, result.max_images_per_request) == (32768, 8)
+    assert (result.max_model_len, result.max_images_per_request) == (32768, 16)
     assert (result.max_pixels, result.min_pixels) == (4096 * 32 * 32, 64 * 32 * 32)
-    assert plan("qwen3-vl-8b-instruct-fp8", L4).max_images_per_request == 8
-    assert plan("qwen3-vl-4b-instruct-fp8", T4).max_images_per_request == 8
-    assert plan("qwen3-vl-8b-thinking-fp8", L4).max_images_per_request == 8
-    assert plan("qwen3-vl-8b-thinking", A100_80).max_images_per_request == 8
-    assert plan("qwen3-vl-8b-instruct", L4, max_model_len=7000, max_pixels=1024 * 1024).max_images_per_request == 8
-    # Half the pixels: still 8.
-    assert plan("qwen3-vl-8b-instruct", A100_80, max_pixels=2048 * 32 * 32).max_images_per_request == 8
+    assert plan("qwen3-vl-8b-instruct-fp8", L4).max_images_per_request == 16
+    assert plan("qwen3-vl-4b-instruct-fp8", T4).max_images_per_request == 16
+    assert plan("qwen3-vl-8b-thinking-fp8", L4).max_images_per_request == 16
+    assert plan("qwen3-vl-8b-thinking", A100_80).max_images_per_request == 16
+    assert plan("qwen3-vl-8b-instruct", L4, max_model_len=7000, max_pixels=1024 * 1024).max_images_per_request == 16
+    # Half the pixels: still 16.
+    assert plan("qwen3-vl-8b-instruct", A100_80, max_pixels=2048 * 32 * 32).max_images_per_request == 16
     # engine.max_images_per_request, whatever the card: 3 on an A100 and on a T4, none where it says none.
     assert plan("qwen3-vl-8b-instruct", A100_80, max_images_per_request=3).max_images_per_request == 3
     assert plan("qwen3-vl-4b-instruct-fp8", T4, max_images_per_request=3).max_images_per_request == 3
@@ -292,11 +292,11 @@ def test_an_image_budget_the_context_cannot_hold_is_refused() -> None:
 def test_the_demo_on_cpu_keeps_its_profile_values() -> None:
     # 4 GiB of KV cache / 512 B a token = 8,388,608 tokens -> 65,536 blocks of 128 - 1 = 8,388,480 tokens: far more
     # than 4,096 + the margin (838,848); 8,388,480 // 4,096 = 2,047 at once, capped at vLLM's CPU default of 128,
-    # and --max-num-seqs min(128, 2 x 128) = 128. Images: the profile's 8.
+    # and --max-num-seqs min(128, 2 x 128) = 128. Images: the profile's 16.
     result = plan_cpu(PROFILES["airlock-demo"], engine(), EXPECTED)
     assert (result.max_model_len, result.max_num_seqs, result.kv_cache_tokens) == (4096, 128, 8388480)
     assert result.concurrency == 128
-    assert (result.max_pixels, result.min_pixels, result.max_images_per_request) == (1024 * 1024, 1024, 8)
+    assert (result.max_pixels, result.min_pixels, result.max_images_per_request) == (1024 * 1024, 1024, 16)
     assert result.dtype == "bfloat16"
 
 
@@ -527,7 +527,7 @@ def write_profiles(directory: Path, **changes: object) -> None:
         (directory / f"{name}.yaml").write_text((ROOT / "configs" / "models" / f"{name}.yaml").read_text())
     lines = [f"{key}: {value}" for key, value in {
         "name": "mine", "served_model_name": "mine", "max_model_len": 32768, "min_model_len": 8192,
-        "max_images_per_request": 8, **changes}.items()]
+        "max_images_per_request": 16, **changes}.items()]
     (directory / "mine.yaml").write_text("\n".join(lines) + "\n")
 
 
@@ -553,9 +553,9 @@ def test_a_text_only_profile_needs_no_room_for_images(tmp_path: Path) -> None:
 def test_the_demo_settings_the_other_tests_use_still_plan() -> None:
     # tests/test_audit.py and test_engine_tls.py start the demo with max_model_len 2048 and 1 GiB of KV cache
     # (2,097,024 tokens in blocks of 128): one 1,024-token image + the demo's 1,024-token reserve = 2,048 fits; the
-    # profile's 8 images a request.
+    # profile's 16 images a request.
     result = plan_cpu(PROFILES["airlock-demo"], engine(max_model_len=2048, cpu_kvcache_gb=1), EXPECTED)
-    assert (result.max_model_len, result.max_images_per_request) == (2048, 8)
+    assert (result.max_model_len, result.max_images_per_request) == (2048, 16)
 
 
 def test_a_larger_image_budget_costs_vision_profiling_memory_not_images_per_request() -> None:
@@ -563,9 +563,9 @@ def test_a_larger_image_budget_costs_vision_profiling_memory_not_images_per_requ
     # an image, 12,288 tokens more than the profile's budget: 12,288 x 160 KiB = 2,013,265,920 B more overhead, so
     # the KV cache loses 2,013,265,920 / 147,456 = 13,653.3 tokens: 54,192 -> 7,993,714,280 - 2,013,265,920
     # = 5,980,448,360 B / 147,456 = 40,557 -> 2,534 - 1 blocks = 40,528; margin 4,052: 36,476, the whole 32,768
-    # (one such image + the 2,048 reserve = 18,432 fits). Images a request stay the profile's 8.
+    # (one such image + the 2,048 reserve = 18,432 fits). Images a request stay the profile's 16.
     default = plan("qwen3-vl-8b-instruct-fp8", L4)
     large = plan("qwen3-vl-8b-instruct-fp8", L4, max_pixels=16384 * 32 * 32)
-    assert (default.kv_cache_tokens, default.max_images_per_request) == (54192, 8)
+    assert (default.kv_cache_tokens, default.max_images_per_request) == (54192, 16)
     assert (large.kv_cache_tokens, large.max_model_len, large.max_pixels) == (40528, 32768, 16_777_216)
-    assert large.max_images_per_request == 8
+    assert large.max_images_per_request == 16

@@ -427,3 +427,88 @@ def test_the_units_proc_keeps_the_process_metrics(name: str) -> None:
     assert process_series_under(options) >= DASHBOARD_PROCESS_SERIES
     # What ProcSubset=pid did: /proc/stat hidden, and the series (and their dashboard panels) gone.
     assert not process_series_under([*options, "subset=pid"]) & DASHBOARD_PROCESS_SERIES
+
+
+# --- The document render workers under the gateway unit's sandbox --------------------------------------------------
+
+# Stands in for the gateway: the real RenderPool spawns its real workers (as `airlock gateway` does in its lifespan)
+# and renders the PDF it reads from stdin.
+RENDER = """
+import asyncio, sys
+from server.config import DocumentSettings
+from server.render_pool import RenderJob, RenderPool
+
+async def main() -> None:
+    data = sys.stdin.buffer.read()
+    pool = RenderPool(DocumentSettings())
+    await pool.start()
+    document = await pool.render(RenderJob(data, "pdf", None, 16, 1024 * 1024, 1024, None, True))
+    await pool.close()
+    print(document.page_count, len(document.pages), document.pages[0].text)
+
+asyncio.run(main())
+"""
+# systemd.exec(5), SystemCallFilter=: allowed whatever the list says.
+ALWAYS_ALLOWED = {"execve", "exit", "exit_group", "getrlimit", "rt_sigreturn", "sigreturn"}
+PROT_EXEC = re.compile(r"\bPROT_EXEC\b")
+NEW_NAMESPACE = re.compile(r"\bCLONE_NEW\w+")
+
+
+def syscall_set(name: str, seen: frozenset[str] = frozenset()) -> set[str]:
+    """A system call or a @group, expanded as this machine's systemd expands it (systemd-analyze syscall-filter)."""
+    if not name.startswith("@"):
+        return {name}
+    listing = subprocess.run(["systemd-analyze", "syscall-filter", name], capture_output=True, text=True, check=True)
+    members = [line.strip() for line in listing.stdout.splitlines()[1:]]
+    return {call for member in members if member and not member.startswith("#") and member not in seen
+            for call in syscall_set(member, seen | {name})}
+
+
+def allowed_by(directives: dict[str, list[str]]) -> set[str]:
+    """SystemCallFilter= as systemd applies it: an allow-list first, then each "~" line removes its calls."""
+    allowed: set[str] = set(ALWAYS_ALLOWED)
+    for value in directives["SystemCallFilter"]:
+        deny = value.startswith("~")
+        calls = {call for name in value.lstrip("~").split() for call in syscall_set(name)}
+        allowed = allowed - calls if deny else allowed | calls
+    return allowed
+
+
+def test_the_gateway_unit_lets_the_render_workers_spawn_limit_themselves_and_render(tmp_path: Path) -> None:
+    """Every system call the pool and its workers make, traced with strace while a real PDF is rendered, passes the
+    gateway unit's SystemCallFilter (prlimit64, which glibc's setrlimit uses, and prctl are in @default/@process;
+    setrlimit itself, in the removed @resources, is never called); none maps memory writable and executable or makes
+    it executable (MemoryDenyWriteExecute=); none makes a namespace (RestrictNamespaces=); and each worker lowers its
+    open-file limit below the unit's LimitNOFILE=. systemd itself is not running here: the filter is systemd's own
+    expansion of the unit's lines, the calls are the real ones."""
+    from server.audit.canary import canary_pdf
+    from server.audit.strace import TraceReader
+
+    directives = unit("airlock-gateway.service")
+    assert one(directives, "MemoryDenyWriteExecute") == "yes" and one(directives, "RestrictNamespaces") == "yes"
+    # A worker the kernel's OOM killer picks is one document's 422, not the end of the unit (DefaultOOMPolicy=stop).
+    assert one(directives, "OOMPolicy") == "continue"
+    pdf = canary_pdf("Clause 1: the parties agree", b"\x00" * 48)
+    trace = tmp_path / "trace"
+    run = subprocess.run(["strace", "-f", "-qq", "-e", "signal=none", "-o", str(trace), str(ROOT / ".venv/bin/python"),
+                          "-c", RENDER], input=pdf, cwd=ROOT, capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    assert run.stdout.decode().split() == ["1", "1", "Clause", "1:", "the", "parties", "agree"]
+    reader = TraceReader()
+    calls = [call for line in trace.read_text(errors="replace").splitlines() for call in reader.feed(line)]
+    workers = {call.pid for call in calls if call.name == "execve" and "server.render_worker" in call.args}
+    assert len(workers) >= 2  # the pool's ready workers (one of them rendered), and the replacement it started
+    worker_calls = [call for call in calls if call.pid in workers]
+    refused = sorted({call.name for call in calls} - allowed_by(directives))
+    assert refused == [], f"the gateway unit's SystemCallFilter would kill the pool or its workers on {refused}"
+    assert {"prlimit64", "prctl", "setsid"} <= {call.name for call in calls}
+    assert "setrlimit" not in {call.name for call in calls}
+    writable_exec = [call for call in calls if call.name in ("mmap", "mprotect", "pkey_mprotect")
+                     and PROT_EXEC.search(call.args)
+                     and ("PROT_WRITE" in call.args or call.name != "mmap")]
+    assert writable_exec == []
+    assert [call for call in calls if call.name in ("unshare", "setns")
+            or (call.name.startswith("clone") and NEW_NAMESPACE.search(call.args))] == []
+    nofile = [call.args for call in worker_calls if call.name == "prlimit64" and "RLIMIT_NOFILE, {" in call.args]
+    limit = int(one(directives, "LimitNOFILE"))
+    assert nofile and all(int(re.findall(r"rlim_max=(\d+)", args)[0]) <= limit for args in nofile)

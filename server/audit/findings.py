@@ -26,8 +26,10 @@ MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 # A file that is still there is read whole afterwards, unless it is larger than this (model caches and such).
 MAX_SCANNED_FILE_BYTES = 512 * 1024 * 1024
 
-_FD = re.compile(r"^(\d+)<(.*?)>(?:, |$)")
-_RESULT_PATH = re.compile(r"^\d+<(.*)>$")
+# strace -y prints a descriptor as 3</path>, and one whose file is gone (an unlinked or O_TMPFILE spool, the classic
+# way to buffer a body) as 3</tmp/#1234>(deleted) (strace 6.1): such a file is named "/tmp/#1234 (deleted)".
+_FD = re.compile(r"^(\d+)<(.*?)>(\(deleted\))?(?:, |$)")
+_RESULT_PATH = re.compile(r"^\d+<(.*)>(\(deleted\))?$")
 _PORT = re.compile(r"sin6?_port=htons\((\d+)\)")
 _INET = re.compile(r'inet_addr\("([^"]+)"\)|inet_pton\(AF_INET6?, "([^"]+)"')
 _UNIX_PATH = re.compile(r'sun_path="([^"]*)"')
@@ -90,10 +92,15 @@ class Findings:
         self.files: dict[str, WrittenFile] = {}
         self.logs: dict[tuple[str, int], LogStream] = {}
         self._programs: dict[int, str] = {}
+        self._ran: set[str] = set()
         self._nscd_sockets: set[str] = set()
 
     def observe(self, call: Syscall) -> None:
         self.calls += 1
+        if call.name == "execve" and not call.failed:
+            self._programs.pop(call.pid, None)  # it runs something else now (a fork's first calls named its parent)
+        if call.name == "execve" or call.pid not in self.pids:
+            self.program(call.pid)  # named while it runs: a short-lived worker may be gone by the report
         self.pids.add(call.pid)
         if call.name in WRITE_CALLS:
             self._written(call)
@@ -106,6 +113,11 @@ class Findings:
         elif call.name in SEND_CALLS:
             self._sent(call)
 
+    @property
+    def programs(self) -> list[str]:
+        """Every program a traced process ran (forked children under each name they ran), for the report."""
+        return sorted(self._ran)
+
     def program(self, pid: int) -> str:
         """What the process runs, read while it runs (a thread is named after its process)."""
         if pid not in self._programs:
@@ -117,6 +129,7 @@ class Findings:
                 self._programs[pid] = program_name([arg for arg in argv if arg])
             except OSError:
                 self._programs[pid] = "?"
+            self._ran.add(self._programs[pid])
         return self._programs[pid]
 
     def _file(self, path: str, call: Syscall) -> WrittenFile:
@@ -129,7 +142,7 @@ class Findings:
             return
         resolved = _RESULT_PATH.match(call.result)
         if resolved:
-            path = resolved.group(1)
+            path = resolved.group(1) + (" (deleted)" if resolved.group(2) else "")
         else:
             strings = call.strings()
             if not strings:
@@ -142,7 +155,7 @@ class Findings:
         target = _FD.match(call.args)
         if not target:
             return
-        fd, where = int(target.group(1)), target.group(2)
+        fd, where = int(target.group(1)), target.group(2) + (" (deleted)" if target.group(3) else "")
         data = b"".join(call.strings())
         self._nscd_lookup(where, data, call)
         found = self.canaries.found_in(data) if data else []

@@ -1,4 +1,8 @@
-"""The audit's requests: ordinary OpenAI API calls carrying the canaries, plus one the gateway must refuse."""
+"""The audit's requests: ordinary OpenAI API calls carrying the canaries, plus one the gateway must refuse.
+
+The chat questions carry the canary PDF as a ``file`` part beside the image, streamed and not, unless the stack's
+settings turn documents off: the gateway renders it in its worker processes, which the trace follows like any
+other process of the stack."""
 
 from __future__ import annotations
 
@@ -50,8 +54,10 @@ def auth_headers(credential: str | None) -> dict[str, str]:
     return {"authorization": f"Bearer {credential}"}
 
 
-def run_probe(gateway: Gateway, credential: str | None, canaries: Canaries, rounds: int) -> ProbeSummary:
-    summary = ProbeSummary()
+def run_probe(gateway: Gateway, credential: str | None, canaries: Canaries, rounds: int,
+              documents: bool = True) -> ProbeSummary:
+    """``documents``: send the canary PDF too (the stack's documents.enabled; on when its settings are not known)."""
+    summary = ProbeSummary(documents=documents)
     with gateway.client(headers=auth_headers(credential), timeout=REQUEST_TIMEOUT_S) as client:
         models = client.get("/v1/models")
         if models.status_code != 200:
@@ -67,29 +73,38 @@ def run_probe(gateway: Gateway, credential: str | None, canaries: Canaries, roun
             _complete(client, summary, canaries)
             _refused(client, summary, canaries)
     if summary.answered != summary.sent - summary.refused:
-        raise ProbeError(f"only {summary.answered} of {summary.sent - summary.refused} requests were answered")
+        raise ProbeError(f"only {summary.answered} of {summary.sent - summary.refused} requests were answered"
+                         + (f" (the stack said: {summary.error})" if summary.error else ""))
     return summary
 
 
-def _messages(canaries: Canaries) -> list[dict[str, object]]:
-    return [{"role": "user", "content": [
+def _messages(canaries: Canaries, documents: bool) -> list[dict[str, object]]:
+    content: list[dict[str, object]] = [
         {"type": "text", "text": f"Describe this scan. Reference {canaries.text}."},
         {"type": "image_url", "image_url": {"url": canaries.data_url}},
-    ]}]
+    ]
+    if documents:
+        content.append(canaries.document_part)
+    return [{"role": "user", "content": content}]
 
 
 def _ask(client: httpx.Client, summary: ProbeSummary, canaries: Canaries, *, stream: bool) -> None:
-    payload = {"model": summary.model, "max_tokens": MAX_TOKENS, "messages": _messages(canaries), "stream": stream}
+    payload = {"model": summary.model, "max_tokens": MAX_TOKENS, "stream": stream,
+               "messages": _messages(canaries, summary.documents)}
     summary.sent += 1
     if not stream:
         response = client.post("/v1/chat/completions", json=payload)
         if response.status_code == 200:
             summary.answered += 1
             canaries.add_answer(response.json()["choices"][0]["message"].get("content") or "")
+        else:
+            summary.error = _error_of(response)
         return
     answer = []
     with client.stream("POST", "/v1/chat/completions", json=payload) as response:
         if response.status_code != 200:
+            response.read()
+            summary.error = _error_of(response)
             return
         for line in response.iter_lines():
             if line.startswith("data: {"):
@@ -97,6 +112,15 @@ def _ask(client: httpx.Client, summary: ProbeSummary, canaries: Canaries, *, str
                 answer += [choice["delta"].get("content") or "" for choice in delta]
     summary.answered += 1
     canaries.add_answer("".join(answer))
+
+
+def _error_of(response: httpx.Response) -> str:
+    """The status and the OpenAI error's code and message: Airlock's messages name limits, never content."""
+    try:
+        error = response.json()["error"]
+        return f"{response.status_code} {error.get('code')}: {error.get('message')}"
+    except (ValueError, KeyError, TypeError):
+        return str(response.status_code)
 
 
 def _complete(client: httpx.Client, summary: ProbeSummary, canaries: Canaries) -> None:

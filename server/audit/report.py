@@ -19,9 +19,14 @@ class ProbeSummary:
     sent: int = 0
     answered: int = 0
     refused: int = 0
+    # The questions carried the canary PDF (documents on in the stack's settings, or not known).
+    documents: bool = True
+    # The last unexpected refusal's status, code and message (the gateway's own words), for the operator.
+    error: str = ""
 
     def as_json(self) -> dict[str, Any]:
-        return {"model": self.model, "sent": self.sent, "answered": self.answered, "refused_as_expected": self.refused}
+        return {"model": self.model, "sent": self.sent, "answered": self.answered, "refused_as_expected": self.refused,
+                "documents": self.documents}
 
 
 @dataclass
@@ -147,7 +152,8 @@ class Report:
             "interfaces": self.interfaces,
             "requests": self.probe.as_json(),
             "canaries": sorted(findings.canaries.needles),
-            "traced": {"processes_and_threads": len(findings.pids), "calls": findings.calls},
+            "traced": {"processes_and_threads": len(findings.pids), "calls": findings.calls,
+                       "programs": [name for name in findings.programs if name != "?"]},
             "egress": [destination.as_json() for destination in findings.egress.values()],
             "dns": [destination.as_json() for destination in findings.dns.values()],
             "files_written": [written.as_json(storage_of(written.path, mounts))
@@ -164,7 +170,8 @@ class Report:
             f"airlock audit: {self.verdict}"
             f" ({self.mode} stack{', loopback-only network namespace' if self.netns else ''})",
             f"  requests: {probe.sent} sent with canaries to {probe.model}, {probe.answered} answered, "
-            f"{probe.refused} refused as expected",
+            f"{probe.refused} refused as expected"
+            + ("" if probe.documents else " (no PDF: documents.enabled is false)"),
             f"  traced: {findings.calls} calls from {len(findings.pids)} processes and threads",
             f"  egress attempts: {sum(d.calls for d in findings.egress.values())}, "
             f"DNS lookups: {sum(d.calls for d in findings.dns.values())}",

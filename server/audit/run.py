@@ -87,9 +87,9 @@ def audit(options: AuditOptions) -> int:
                       started=not options.attach) if options.wire else None)
     with capturing(plan) if plan else contextlib.nullcontext() as capture:
         if options.attach:
-            probe = _audit_attached(options, gateway, credential, findings)
+            probe = _audit_attached(options, gateway, credential, findings, settings)
         else:
-            probe = _audit_started(options, gateway, credential, findings)
+            probe = _audit_started(options, gateway, credential, findings, settings)
     wire = WireReport.of(plan, _stopped(capture), canaries) if plan else WireReport.not_watched("--no-wire")
     findings.scan_files_left()
     interfaces = sorted(name for _, name in socket.if_nameindex())
@@ -104,6 +104,11 @@ def audit(options: AuditOptions) -> int:
             Path(options.json_path).write_text(document + "\n")
         print(report.summary())
     return {"PASSED": EXIT_PASSED, "FAILED": EXIT_VIOLATIONS}.get(report.verdict, EXIT_NOT_RUN)
+
+
+def _documents(settings: Settings | None) -> bool:
+    """Send the canary PDF unless the stack's settings turn documents off (unknown settings: the default, on)."""
+    return settings is None or settings.documents.enabled
 
 
 def _stopped(capture: CaptureHandle | None) -> CaptureResult:
@@ -135,7 +140,8 @@ def _certificate_name(cert_file: Path) -> str | None:
     return "localhost" if "localhost" in dns else (dns[0] if dns else None)
 
 
-def _audit_started(options: AuditOptions, gateway: Gateway, credential: str | None, findings: Findings) -> ProbeSummary:
+def _audit_started(options: AuditOptions, gateway: Gateway, credential: str | None, findings: Findings,
+                   settings: Settings | None) -> ProbeSummary:
     port = urlsplit(gateway.url).port
     stack_command = [sys.executable, "-m", "server.cli", "up", "--host", "127.0.0.1", "--port", str(port)]
     if options.config is not None:
@@ -147,7 +153,7 @@ def _audit_started(options: AuditOptions, gateway: Gateway, credential: str | No
     ):
         _wait_ready(gateway, tracer, log_tail, options.start_timeout_s)
         try:
-            probe = run_probe(gateway, credential, findings.canaries, options.rounds)
+            probe = run_probe(gateway, credential, findings.canaries, options.rounds, _documents(settings))
         except (ProbeError, httpx.HTTPError) as exc:
             raise AuditError(f"the audit's requests failed: {exc}\n" + "\n".join(log_tail)) from exc
         time.sleep(SETTLE_S)
@@ -159,12 +165,12 @@ def _audit_started(options: AuditOptions, gateway: Gateway, credential: str | No
 
 
 def _audit_attached(options: AuditOptions, gateway: Gateway, credential: str | None,
-                    findings: Findings) -> ProbeSummary:
+                    findings: Findings, settings: Settings | None) -> ProbeSummary:
     pids = [pid for root in options.attach for pid in own_pid_tree(root)]
     with _traced(findings, lambda output: strace_command(output, attach=pids)) as (tracer, log_tail):
         _wait_attached(pids, tracer, log_tail)
         try:
-            probe = run_probe(gateway, credential, findings.canaries, options.rounds)
+            probe = run_probe(gateway, credential, findings.canaries, options.rounds, _documents(settings))
         except (ProbeError, httpx.HTTPError) as exc:
             raise AuditError(f"the audit's requests failed: {exc}") from exc
         time.sleep(SETTLE_S)

@@ -1,8 +1,9 @@
 """strace as the audit's eyes: the command line, and its output turned back into system calls.
 
 Only the calls that can move data out of a process are traced: opening, renaming and writing files, and
-connecting or sending to an address. Written bytes are kept (up to ``MAX_STRING_BYTES`` per call) so that
-canaries can be looked for in them; the trace is read from a pipe and never stored.
+connecting or sending to an address; and execve, so that a child the gateway starts (a document render worker) is
+named by what it runs, not by the gateway it was forked from. Written bytes are kept (up to ``MAX_STRING_BYTES``
+per call) so that canaries can be looked for in them; the trace is read from a pipe and never stored.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 TRACED_CALLS = (
     "open", "openat", "openat2", "creat", "rename", "renameat", "renameat2", "link", "linkat",
     "write", "pwrite64", "writev", "pwritev", "pwritev2",
-    "connect", "sendto", "sendmsg", "sendmmsg",
+    "connect", "sendto", "sendmsg", "sendmmsg", "execve",
 )
 # Longer writes are cut here: a canary is looked for in the first this many bytes of each write (and in every
 # file that still exists afterwards, in full).

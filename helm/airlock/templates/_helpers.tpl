@@ -561,3 +561,36 @@ into, anything else (a value, a list) is one setting. (dict chart user path)
 {{- end }}
 {{- $paths | toJson }}
 {{- end }}
+
+{{/*
+The gateway's memory limit must hold its document render workers: gateway.settings.documents.workers x
+documents.worker_memory_mib (each worker's RLIMIT_AS, which its resident memory can never pass; Airlock's defaults,
+server/config.py DocumentSettings, 2 x 1024 MiB, when unset) plus GATEWAY_OWN_MIB for the gateway process itself (its
+memory request before documents; about 95 MiB resident when idle, the rest holds request bodies in flight). With less,
+a hostile PDF could take the container past its limit before the worker's own limit stops it, and on cgroup v2
+Kubernetes (1.28 and later, kubernetes/kubernetes PR 117793) sets memory.oom.group on every container: the kernel then
+kills the whole container, the gateway and every open answer with it, where the worker's limit refuses that one
+document (a 422). Quantities as Kubernetes writes them: bytes, or with k, M, G, T (powers of 1000) or Ki, Mi, Gi, Ti
+(powers of 1024), the suffixes values.schema.json allows (which also requires a limit). Documents off: nothing to check.
+*/}}
+{{- define "airlock.checkGatewayMemory" -}}
+{{- $ownMiB := 512 }}
+{{- $documents := dig "documents" dict (.Values.gateway.settings | default dict) }}
+{{- $limit := dig "limits" "memory" nil (.Values.gateway.resources | default dict) }}
+{{- if and (dig "enabled" true $documents) (not (kindIs "invalid" $limit)) }}
+{{- $workers := int64 (dig "workers" 2 $documents) }}
+{{- $each := int64 (dig "worker_memory_mib" 1024 $documents) }}
+{{- $needMiB := add (mul $workers $each) $ownMiB }}
+{{- $bytes := 0.0 }}
+{{- if kindIs "string" $limit }}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $limit }}
+{{- $units := dict "" 1.0 "m" 0.001 "k" 1000.0 "M" 1000000.0 "G" 1000000000.0 "T" 1000000000000.0 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 }}
+{{- $bytes = mulf (float64 $number) (get $units (trimPrefix $number $limit)) }}
+{{- else }}
+{{- $bytes = float64 $limit }}
+{{- end }}
+{{- if lt (divf $bytes 1048576.0) (float64 $needMiB) }}
+{{- fail (printf "gateway.resources.limits.memory (%v) cannot hold the document render workers: gateway.settings.documents.workers (%d) x documents.worker_memory_mib (%d MiB, each worker's address-space limit) + %d MiB for the gateway itself = %d MiB. Raise the limit, or lower those settings (documents.enabled: false needs none): a worker that took the container past its limit would have the kernel kill the whole container, the gateway and its open answers with it" $limit $workers $each $ownMiB $needMiB) }}
+{{- end }}
+{{- end }}
+{{- end }}
