@@ -86,7 +86,7 @@ class RenderedPage:
 class RenderedDocument:
     page_count: int  # pages in the whole document
     pages: tuple[RenderedPage, ...]
-    peak_rss_kib: int = 0  # the worker's peak resident memory (getrusage(2) ru_maxrss), for the figures
+    peak_rss_kib: int = 0  # the worker's peak resident memory (VmHWM, proc(5)), for the figures
 
 
 class _WorkerFailed(Exception):

@@ -47,9 +47,10 @@ EXIT_PROTOCOL = 4
 # The limits could not be set: the gateway's own hard RLIMIT_AS (systemd's LimitAS=, ulimit -v) is below
 # worker_memory_mib, and setrlimit(2) lets no unprivileged process raise a hard limit (EPERM).
 EXIT_LIMITS = 5
-# The descriptors a worker holds (0 the job, 1 and 2 /dev/null, 3 the answer) and no more: RLIMIT_NOFILE below the
-# next free number, so it cannot open anything at all, not a file (not even an empty one), not a socket.
-MAX_OPEN_FILES = 4
+# The descriptors a worker holds (0 the job, 1 and 2 /dev/null, 3 the answer, 4 its /proc/self/status, read-only)
+# and no more: RLIMIT_NOFILE below the next free number, so it cannot open anything at all, not a file (not even an
+# empty one), not a socket.
+MAX_OPEN_FILES = 5
 # A job's JSON header is small (its settings, the page list); the document follows as raw bytes.
 MAX_HEADER_BYTES = 1 << 20
 # CPU seconds past the soft limit before the kernel's SIGKILL (setrlimit(2): SIGXCPU at the soft limit, then every
@@ -319,6 +320,18 @@ def flatten(frame: Image.Image) -> Image.Image:
     return frame.convert("RGB")
 
 
+def peak_rss_kib(status: IO[bytes]) -> int:
+    """VmHWM, in KiB, from the worker's /proc/self/status (proc(5)); 0 if it cannot be read."""
+    try:
+        status.seek(0)
+        for line in status.read().splitlines():
+            if line.startswith(b"VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def main() -> int:
     memory_mib = int(sys.argv[1])
     load_libraries(memory_mib)
@@ -327,6 +340,9 @@ def main() -> int:
     stdin = os.fdopen(0, "rb", buffering=0, closefd=False)
     stdout = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
+    # Opened now, read at the end: once hardened the worker can open nothing. VmHWM (proc(5)) is this process's
+    # own peak; getrusage's ru_maxrss is not, as execve(2) keeps the parent's (the gateway's) high-water mark.
+    status = open("/proc/self/status", "rb", buffering=0)  # noqa: SIM115 (held open for the whole job)
     try:
         harden(memory_mib)
     except (ValueError, OSError):
@@ -351,7 +367,7 @@ def main() -> int:
         return 0
     except MemoryError:
         return EXIT_MEMORY
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (getrusage(2))
+    peak = peak_rss_kib(status)
     write_frame(stdout, {"page_count": count, "pages": pages, "peak_rss_kib": peak}, *blobs)
     return 0
 

@@ -225,6 +225,19 @@ async def busy_worker(pool: RenderPool) -> int:
 
 # -- documents that render ------------------------------------------------------------------------------------------
 
+def test_a_workers_peak_memory_is_its_own_not_its_parents() -> None:
+    """execve(2) keeps the parent's ru_maxrss: a worker started by a process that once held 600 MiB said it peaked
+    there. The figure is the worker's own VmHWM."""
+    ballast = bytearray(600 << 20)  # written (zeroed), so resident in this process, the workers' parent
+
+    async def scenario(pool: RenderPool) -> None:
+        document = await pool.render(job(text_pdf(1)))
+        assert 0 < document.peak_rss_kib < 400 << 10, document.peak_rss_kib
+
+    run(scenario)
+    del ballast
+
+
 def test_one_page_fills_the_budget_with_its_text_layer() -> None:
     async def scenario(pool: RenderPool) -> None:
         document = await pool.render(job(text_pdf(1)))
@@ -379,12 +392,13 @@ def test_worker_killed_mid_render_and_its_limits(caplog: pytest.LogCaptureFixtur
             assert b"gateway-only-secret" not in Path(f"/proc/{pid}/environ").read_bytes()
             assert Path(f"/proc/{pid}/environ").read_bytes() == b""
             assert os.readlink(f"/proc/{pid}/cwd") == "/"
-            assert sorted(os.listdir(f"/proc/{pid}/fd")) == ["0", "1", "2", "3"]
+            assert sorted(os.listdir(f"/proc/{pid}/fd")) == ["0", "1", "2", "3", "4"]
+            assert os.readlink(f"/proc/{pid}/fd/4") == f"/proc/{pid}/status"
             ready = limits(pid)
             assert ready["Max core file size"] == ("0", "0")
             assert ready["Max file size"] == ("0", "0")
             assert ready["Max address space"] == (str(512 << 20),) * 2
-            assert ready["Max open files"] == ("4", "4")
+            assert ready["Max open files"] == ("5", "5")
             assert ready["Max cpu time"] == ("unlimited", "unlimited")  # set with the job
 
         rendering = asyncio.create_task(pool.render(job(cpu_burner())))
