@@ -333,6 +333,10 @@ def peak_rss_kib(status: IO[bytes]) -> int:
 
 
 def main() -> int:
+    # Whatever the gateway's process held without close-on-exec goes first: uvloop's subprocess_exec ignores
+    # close_fds (asyncio's honours it), and a descriptor inherited from whoever started the gateway (a shell, a
+    # supervisor's pipe) would otherwise reach the worker.
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     memory_mib = int(sys.argv[1])
     load_libraries(memory_mib)
     # The answer goes out on a private copy of stdout (fd 3); fd 1 then points at stderr (/dev/null), so a stray

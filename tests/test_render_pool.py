@@ -381,6 +381,31 @@ def test_wall_time_limit(caplog: pytest.LogCaptureFixture) -> None:
         "a document worker passed documents.render_timeout_s and was killed"]
 
 
+def test_a_worker_holds_none_of_the_gateways_descriptors_under_uvloop() -> None:
+    """The gateway runs on uvloop, whose subprocess_exec ignores close_fds: a descriptor the gateway's process holds
+    without close-on-exec (one inherited from the shell that started it, say) must still not reach a worker."""
+    import uvloop
+
+    reader, writer = os.pipe()
+    os.set_inheritable(writer, True)
+
+    async def main() -> None:
+        pool = RenderPool(DocumentSettings(workers=1))
+        await pool.start()
+        try:
+            for pid in pool.ready_pids:
+                assert sorted(os.listdir(f"/proc/{pid}/fd")) == ["0", "1", "2", "3", "4"]
+            await still_renders(pool)
+        finally:
+            await pool.close()
+
+    try:
+        uvloop.run(main())
+    finally:
+        os.close(reader)
+        os.close(writer)
+
+
 def test_worker_killed_mid_render_and_its_limits(caplog: pytest.LogCaptureFixture,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A real signal from outside (as a crash in the parser would be); meanwhile the running worker's limits are
