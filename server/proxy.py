@@ -20,7 +20,15 @@ import aiohttp
 from starlette.types import Send
 
 from .auth import Principal
-from .errors import NO_STORE, AirlockError, EngineFailed, EngineTimeout, EngineUnavailable, translate_engine_error
+from .errors import (
+    NO_STORE,
+    AirlockError,
+    EngineFailed,
+    EngineTimeout,
+    EngineUnavailable,
+    InvalidRequest,
+    translate_engine_error,
+)
 from .metrics import GatewayMetrics, RequestRecord
 from .upstream import Replica, ReplicaPool
 from .usage import StreamUsage, whole_answer_usage
@@ -44,6 +52,10 @@ STOPPED = "the model engine stopped while answering"
 # one write. A BytesIO made from bytes shares them until written to: no copy.
 LARGE_BODY_BYTES = 1 << 20
 FAILED = "the model engine failed to answer this request; try again"
+# How vLLM refuses a prompt longer than its context ("This model's maximum context length is N tokens. However, ...",
+# vllm/renderers/params.py; "Input length (N) exceeds model's maximum context length (M).", vllm/entrypoints/serve/
+# utils/api_utils.py).
+CONTEXT_REFUSAL = "maximum context length"
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,8 @@ class EngineRequest:
     cost: float
     # The gateway asked the engine for a usage event the client did not ask for: it is removed from the stream.
     remove_usage_event: bool = False
+    # Pages of documents were rendered into it: an engine's "too long for the context" refusal is the pages' doing.
+    documents: bool = False
 
 
 class _TryElsewhere(Exception):
@@ -135,7 +149,10 @@ class _Exchange:
                 # its API server still answers: another replica may answer, and this one's health is checked.
                 self._give_up("error_status")
             if upstream.status >= 400:
-                raise translate_engine_error(upstream.status, await _read_bounded(upstream, MAX_ENGINE_ERROR_BYTES))
+                error = translate_engine_error(upstream.status, await _read_bounded(upstream, MAX_ENGINE_ERROR_BYTES))
+                if self.request.documents and CONTEXT_REFUSAL in error.message:
+                    raise document_too_long(error.message) from None
+                raise error
             if upstream.headers.get("content-type", "").startswith("text/event-stream"):
                 await self._relay_stream(upstream)
             else:
@@ -265,6 +282,17 @@ class _Exchange:
             await self.send({"type": "http.response.body", "body": before, "more_body": True})
         self.forwarder.failed(self.replica, "error_event")
         raise EngineFailed(STOPPED)
+
+
+def document_too_long(engine_message: str) -> InvalidRequest:
+    """The pages were sized from an estimate of the request's text (``page_budget``: UTF-8 bytes / 3), which a
+    tokenizer that splits finer (digits one by one, a small vocabulary) can exceed: the engine's refusal, numbers
+    included, in the documents' terms."""
+    return InvalidRequest(
+        f"the document pages and their text do not fit the model's context ({engine_message.rstrip('.')}): choose "
+        "fewer pages (\"pages\"), send \"text_layer\": false, or ask for fewer max_tokens",
+        code="document_too_long",
+    )
 
 
 async def _read_bounded(upstream: aiohttp.ClientResponse, limit: int) -> bytes:

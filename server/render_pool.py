@@ -377,8 +377,10 @@ class RenderPool:
             chosen = numbers.get("chosen")
             told = f"{chosen} pages were chosen from a document of {count}" if chosen is not None \
                 else f"the document has {count} pages"
-            return InvalidRequest(f"{told}; at most {limit} pages can be rendered at once: choose pages "
-                                  f"(\"pages\": \"1-{limit}\")", code="too_many_pages")
+            most = f"at most {limit} page{'' if limit == 1 else 's'}"
+            choice = "1" if limit == 1 else f"1-{limit}"
+            return InvalidRequest(f"{told}; this request may send {most} (pages count as images, and the server "
+                                  f"limits both): choose pages (\"pages\": \"{choice}\")", code="too_many_pages")
         if code == "invalid_pages" and count is not None and numbers.get("page") is not None:
             return InvalidRequest(f"page {numbers['page']} was chosen, but the document has {count} pages",
                                   code="invalid_pages")

@@ -92,10 +92,11 @@ class EngineRoutes:
             model = self._authorize(principal, payload, record)
             size = len(body)
             async with cancelled_when_client_leaves(receive):  # a client that leaves stops a render too
-                if route == "chat" and has_file_parts(payload):  # documents become page images (and text)
+                documents = route == "chat" and has_file_parts(payload)
+                if documents:  # documents become page images (and text)
                     await self._prescreen(route, payload, principal, size)
                     size += await self.documents.expand(payload)
-                forwarded = await self._screen(scope["path"], route, payload, principal, size)
+                forwarded = await self._screen(scope["path"], route, payload, principal, size, documents)
                 queued_at = time.perf_counter()
                 async with self.admission.queue(model).slot(principal.key, forwarded.cost):
                     record.admitted(queued_at)
@@ -135,7 +136,7 @@ class EngineRoutes:
             await anyio.to_thread.run_sync(self.screening.screen, route, copy, principal)
 
     async def _screen(self, path: str, route: Route, payload: dict[str, Any], principal: Principal,
-                      size: int) -> EngineRequest:
+                      size: int, documents: bool = False) -> EngineRequest:
         # Token counts for the metrics: a stream is asked to end with them (removed again if the client did not ask).
         remove_usage = ask_for_usage(payload)
         if size < SCREEN_INLINE_BYTES:
@@ -144,7 +145,7 @@ class EngineRoutes:
             screened = await anyio.to_thread.run_sync(self.screening.screen, route, payload, principal)
         cost = self.admission.estimate_cost(payload, screened.image_sizes)
         return EngineRequest(path, screened.body, payload["model"], principal, screened.cache_salt, cost,
-                             remove_usage)
+                             remove_usage, documents)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

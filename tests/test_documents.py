@@ -19,6 +19,8 @@ import openai
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from reportlab.lib.pagesizes import A4
+from reportlab.pdfgen import canvas
 
 from server.config import ConfigError, DocumentSettings, EngineSettings, ScreeningSettings
 from server.documents import Documents, document_kind, document_name, has_file_parts, parse_pages, split_file_data
@@ -440,6 +442,27 @@ def test_bad_documents_are_refused_and_the_gateway_keeps_serving(stack: Stack, i
 
 
 @pytest.mark.engine
+@pytest.mark.engine
+def test_text_the_estimate_undercounts_is_refused_in_the_documents_terms(client: openai.OpenAI) -> None:
+    """The page budget counts text at UTF-8 bytes / 3; a text layer of digits, which Qwen's tokenizer splits one by
+    one, takes about three times that. The engine refuses the prompt as longer than its context, and the client is
+    told so as a document refusal with a way out, not as the engine's bare message."""
+    buffer = io.BytesIO()
+    pdf = canvas.Canvas(buffer, pagesize=A4)
+    for page in range(2):  # two pages of 20,000 digits (the text layer's default cap a page): 40,000 tokens
+        pdf.setFont("Courier", 3.5)
+        for row in range(200):
+            pdf.drawString(10, 830 - row * 4, "".join(str((page + row * 97 + column) % 10) for column in range(100)))
+        pdf.showPage()
+    pdf.save()
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is the total?"}, file_part(buffer.getvalue())]}], max_tokens=16)
+    error = refused.value.body
+    assert isinstance(error, dict) and error["code"] == "document_too_long", error
+    assert "maximum context length" in error["message"] and "text_layer" in error["message"]
+
+
 def test_the_messages_say_what_to_do(stack: Stack) -> None:
     def refusal(part: dict[str, Any]) -> str:
         response = httpx.post(f"{stack.base_url}/v1/chat/completions", json=chat(part), headers=stack.auth,
