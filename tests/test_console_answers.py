@@ -157,6 +157,8 @@ def serve_gateway(upstream: str, credentials: Credentials) -> tuple[ThreadedServ
         auth={"htpasswd_file": str(credentials.htpasswd), "local_groups": {"vision": ["alice"]}},
         # The scripted model is for the vision group: bob may use no model at all.
         authorization={"rules": [{"models": ["scripted-*"], "groups": ["vision"]}]},
+        # Fewer images a request than the default (16), so a 10-page document meets the limit in the console tests.
+        screening={"max_images_per_request": 8},
     )
     return ThreadedServer(create_gateway(settings, [upstream]).api, host="127.0.0.1", port=port), \
         f"http://127.0.0.1:{port}"
