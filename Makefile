@@ -31,9 +31,9 @@ test: install system-packages
 # promtool checks the alert rules; openssl: a bundle signature checked as the README shows.
 # DEBIAN_COMMANDS: one command of each (tests/test_images.py checks both lists).
 DEBIAN_PACKAGES := chromium tcpdump systemd curl nodejs buildah podman runc uidmap mmdebstrap iproute2 prometheus \
-	openssl
+	openssl strace
 DEBIAN_COMMANDS := chromium tcpdump systemd-analyze curl node buildah podman runc newuidmap mmdebstrap ip promtool \
-	openssl
+	openssl strace
 system-packages:
 	@missing=""; for cmd in $(DEBIAN_COMMANDS); do command -v $$cmd >/dev/null 2>&1 || missing=1; done; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && export DEBIAN_FRONTEND=noninteractive && \

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -41,10 +40,9 @@ def test_the_vendored_files_are_the_ones_the_manifest_pins() -> None:
 
 
 def test_the_wheel_carries_the_console_with_its_libraries_and_licences(tmp_path: Path) -> None:
-    local = ROOT / ".tools" / "bin" / "uv"
-    uv = str(local) if local.exists() else shutil.which("uv")
-    assert uv, "uv is needed (make install)"
-    built = subprocess.run([uv, "build", "--wheel", "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True,
+    uv = ROOT / ".tools" / "bin" / "uv"  # the project's own uv, which make install fetches
+    assert uv.exists(), "uv is needed (make install)"
+    built = subprocess.run([str(uv), "build", "--wheel", "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     (wheel,) = tmp_path.glob("airlock-*.whl")
