@@ -122,7 +122,8 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
                        config.admission.max_in_flight_per_replica, config.upstream_tls,
                        expected_tokens_per_request=(engine_limits.expected_tokens_per_request
                                                     or config.admission.expected_tokens_per_request),
-                       max_num_seqs=engine_limits.max_num_seqs)
+                       max_num_seqs=engine_limits.max_num_seqs,
+                       gateway_replicas=config.admission.gateway_replicas)
     admission = Admission(config.admission, pool.capacity, config.screening.max_tokens_limit, engine_limits,
                           pool.context_of)
     pool.on_change.append(admission.capacity_changed)

@@ -349,6 +349,11 @@ class AdmissionSettings(_Section):
     # Slots per replica one user may not take, kept for others: a newcomer starts at once instead of waiting for a
     # running answer to end. 0: one user may fill every slot.
     reserved_slots_per_replica: int = Field(1, ge=0)
+    # Gateways (processes, pods) sending requests to the same engines. Each gives every engine 1/N of its slots
+    # (max_in_flight_per_replica, or what auto learns; at least 1), so that together they never give an engine more
+    # than it holds: beyond that vLLM queues requests first come, first served, outside the fair queue's order. The
+    # Helm chart sets it from gateway.replicas.
+    gateway_replicas: int = Field(1, ge=1)
     max_queued: int = Field(1024, ge=1)
     max_queued_per_user: int = Field(256, ge=1)
     queue_timeout_s: float = Field(120.0, gt=0)

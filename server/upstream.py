@@ -184,7 +184,8 @@ class ReplicaPool:
     """Keeps an up-to-date view of the engines by polling them, and picks one per request.
 
     ``max_in_flight_per_replica``: requests each replica is given at once, or ``"auto"``: what its KV cache holds
-    at ``expected_tokens_per_request`` each, at most ``max_num_seqs`` (see ``engine_limits``).
+    at ``expected_tokens_per_request`` each, at most ``max_num_seqs`` (see ``engine_limits``). With
+    ``gateway_replicas`` gateways in front of the same engines, this one takes its share of either (at least 1).
     """
 
     def __init__(
@@ -197,10 +198,12 @@ class ReplicaPool:
         *,
         expected_tokens_per_request: int = 4096,
         max_num_seqs: int | None = None,
+        gateway_replicas: int = 1,
     ) -> None:
         self.tls = EngineTls.from_settings(tls) if tls is not None else None
         context = self.tls.context if self.tls is not None else None
-        fixed = 0 if max_in_flight_per_replica == "auto" else max_in_flight_per_replica
+        self._gateways = gateway_replicas
+        fixed = 0 if max_in_flight_per_replica == "auto" else self._share(max_in_flight_per_replica)
         self.replicas = [Replica(index, make_client(url, settings, context), url, max_in_flight=fixed)
                          for index, url in enumerate(urls)]
         self._settings = settings
@@ -283,18 +286,26 @@ class ReplicaPool:
             if answer.status_code == 200 and len(answer.content) <= MAX_ENGINE_METRICS_BYTES:
                 tokens = kv_cache_tokens(answer.text)
         if tokens is None:
-            limit = min(FALLBACK_IN_FLIGHT, self._max_num_seqs or FALLBACK_IN_FLIGHT)
-            if limit != replica.max_in_flight:
+            whole = min(FALLBACK_IN_FLIGHT, self._max_num_seqs or FALLBACK_IN_FLIGHT)
+            if self._share(whole) != replica.max_in_flight:
                 log.warning("replica %d does not report its KV cache size (vllm:cache_config_info); it is given %d "
                             "requests at once (set admission.max_in_flight_per_replica to choose)", replica.index,
-                            limit)
+                            whole)
         else:
-            limit = in_flight_limit(tokens, self._expected_tokens, self._max_num_seqs)
-            if limit != replica.max_in_flight:
-                log.info("replica %d holds %d requests of %d tokens (KV cache %d tokens)", replica.index, limit,
+            whole = in_flight_limit(tokens, self._expected_tokens, self._max_num_seqs)
+            if self._share(whole) != replica.max_in_flight:
+                log.info("replica %d holds %d requests of %d tokens (KV cache %d tokens)", replica.index, whole,
                          self._expected_tokens, tokens)
+        limit = self._share(whole)
+        if self._gateways > 1 and limit != replica.max_in_flight:
+            log.info("replica %d: this gateway, one of %d (admission.gateway_replicas), sends it %d of those at once",
+                     replica.index, self._gateways, limit)
         replica.max_in_flight = limit
         replica.capacity_known = tokens is not None
+
+    def _share(self, limit: int) -> int:
+        """This gateway's part of a replica's ``limit``, when ``gateway_replicas`` gateways share the engines."""
+        return max(1, limit // self._gateways)
 
     @staticmethod
     async def _probe(replica: Replica, path: str) -> httpx.Response:

@@ -166,6 +166,29 @@ def test_a_fixed_limit_is_used_as_is_and_the_metrics_are_not_read(tmp_path: Path
         assert asyncio.run(check(url)) == 3
 
 
+def test_gateways_sharing_the_engines_each_take_their_share_of_every_limit(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two gateway pods in front of the same engines (admission.gateway_replicas: 2, the chart's default) together
+    give an engine no more than it holds: each takes half of what the engine holds (learnt or fixed), at least 1."""
+    caplog.set_level(logging.INFO, "server.upstream")
+
+    async def fixed(url: str, limit: int, gateways: int) -> int:
+        pool = ReplicaPool([url], load_settings().gateway, LeastOutstanding(), limit, gateway_replicas=gateways)
+        try:
+            await pool.check_all()
+            return pool.replicas[0].max_in_flight
+        finally:
+            await pool.close()
+
+    with stand_in(tmp_path, CAPTURED) as url:
+        assert learnt_limits(url, expected_tokens_per_request=32768, gateway_replicas=2) == [32]  # 64 / 2
+        assert learnt_limits(url, expected_tokens_per_request=32768, gateway_replicas=3) == [21]
+        assert asyncio.run(fixed(url, 64, 2)) == 32
+        assert asyncio.run(fixed(url, 1, 2)) == 1  # never 0: every gateway can serve
+    assert "replica 0: this gateway, one of 2 (admission.gateway_replicas), sends it 32 of those at once" in [
+        record.getMessage() for record in caplog.records]
+
+
 # ---- the session's real engine -----------------------------------------------------------------------------------
 
 def engine_kv_tokens(stack: Stack) -> int:

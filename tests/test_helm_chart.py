@@ -775,6 +775,23 @@ def test_the_gateway_counts_requests_as_the_engines_were_sized() -> None:
     assert Settings(**gateway_settings_of(chosen)).admission.expected_tokens_per_request == 20000
 
 
+def test_each_gateway_pod_sends_the_engines_its_share_of_their_slots() -> None:
+    """Two gateway pods (the default) each give an engine half of what it holds, so together they never give it
+    more (admission.gateway_replicas); with autoscaling, as many shares as pods may run."""
+    assert Settings(**gateway_settings_of(render({}))).admission.gateway_replicas == 2
+    three = render({"gateway": {"replicas": 3}, "engine": {"model": {"variant": "thinking"}}})
+    admission = Settings(**gateway_settings_of(three)).admission
+    assert (admission.gateway_replicas, admission.expected_tokens_per_request) == (3, 12288)
+    scaled = render({"gateway": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 5},
+                                 "settings": {"admission": {"reserved_slots_per_replica": 2}}}})
+    admission = Settings(**gateway_settings_of(scaled)).admission
+    assert (admission.gateway_replicas, admission.reserved_slots_per_replica) == (5, 2)
+    with pytest.raises(helm.HelmError, match=r"gateway.settings.admission.gateway_replicas is set by the chart from "
+                                             r"gateway.replicas"):
+        helm.Chart.load(CHART).render({"gateway": {"settings": {"admission": {"gateway_replicas": 1}}}}, name=RELEASE,
+                                      namespace="airlock")
+
+
 def test_one_side_of_the_image_budget_is_checked_against_the_profiles_other() -> None:
     for budget in ({"minPixels": 5_000_000}, {"maxPixels": 32768}):
         with pytest.raises(helm.HelmError, match="minPixels must not be more than maxPixels"):
