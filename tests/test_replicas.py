@@ -200,14 +200,14 @@ def test_a_replica_killed_mid_burst_fails_only_started_streams_then_serves_again
 @pytest.mark.filterwarnings(UNCLOSED_TRANSPORT)
 @pytest.mark.filterwarnings(UNCLOSED_SOCKET)
 def test_a_flooding_user_does_not_hold_back_another_users_requests(two_replicas: TwoReplicas) -> None:
-    """A keeps 64 requests in flight; B's requests are served after a bounded number of A's completions.
+    """A keeps 64 requests in flight; each of B's requests starts (its first byte arrives) after a bounded number of
+    A's completions, not after A's whole queue.
 
-    A's answers are long and B's short, so that counting A's completions measures B's place in line, not B's
-    fixed costs: with short answers (48 tokens, about 0.2 s each here) A finished 10 a second, and the bound
-    was broken by a second of HTTP and CPU noise around one of B's requests. Even so one of B's three requests can
-    be slow on a loaded machine (28 of A's completions in one span, seen in CI), so the typical span (the median)
-    is held to the tight bound and every span only to "not behind most of the flood", which first-come order
-    (about 60) still breaks."""
+    What the fair queue decides is when a request starts, so that is what is measured: B's stream is read to its
+    first byte and then closed. Measuring B's whole answer (as this test once did) measured this machine instead:
+    three engines share two cores, and B's 16 tokens took 6 to 16 s on a replica starved by its busy neighbour
+    while A's answers kept ending (38 of A's completions in one span, seen in CI). Under first-come order B's first
+    byte would come after most of the flood (about 56 completions)."""
     stack = two_replicas
     completions: list[str] = []
     capacity = 2 * IN_FLIGHT_PER_REPLICA
@@ -219,15 +219,24 @@ def test_a_flooding_user_does_not_hold_back_another_users_requests(two_replicas:
                 await ask(alice, A_TOKENS)
                 completions.append("A")
 
+            async def b_starts() -> tuple[int, int]:
+                """A's completions before B's request was sent, and when its first byte came."""
+                a_before = completions.count("A")
+                stream = await bob.chat.completions.create(
+                    model=MODEL, max_tokens=16, stream=True, extra_body={"ignore_eos": True},
+                    messages=[{"role": "user", "content": "Describe the attached invoice."}])
+                try:
+                    async for _ in stream:
+                        break
+                finally:
+                    await stream.close()
+                completions.append("B")
+                return a_before, completions.count("A")
+
             flood = [asyncio.create_task(a_request()) for _ in range(FLOOD)]
             while len(completions) < capacity:  # the engines are full and A's queue is long
                 await asyncio.sleep(0.2)
-            spans = []
-            for _ in range(3):
-                a_before = completions.count("A")
-                await ask(bob, 16)
-                completions.append("B")
-                spans.append((a_before, completions.count("A")))
+            spans = [await b_starts() for _ in range(3)]
             for task in flood:
                 task.cancel()
             await asyncio.gather(*flood, return_exceptions=True)
@@ -236,15 +245,13 @@ def test_a_flooding_user_does_not_hold_back_another_users_requests(two_replicas:
     spans = asyncio.run(flood_and_ask())
     gc.collect()
     shown = (spans, "".join(completions))
-    # Under first-come order B's first request waits for the whole flood (a span of about 60) and the later ones
-    # start after it ended: both checks below fail then.
     assert all(a_before < FLOOD - 8 for a_before, _ in spans), ("A's flood ended before B was measured", shown)
     lengths = sorted(a_after - a_before for a_before, a_after in spans)
-    # B finds a slot kept free for newcomers and runs beside A's running requests, which end meanwhile (at most
-    # `capacity`, more when B's request is slow on a busy replica: 14 was seen when this machine stalled).
-    assert lengths[len(lengths) // 2] <= 5 * capacity, shown
-    # A stall around one request (28 seen in CI) is tolerated; waiting behind most of the flood is not.
-    assert lengths[-1] <= FLOOD - 16, shown
+    # B finds a slot kept free for newcomers (or the next one freed, if a slow health check took a replica's slots
+    # away for a moment): its first byte comes while A's running requests go on, a few of which may end meanwhile.
+    assert lengths[len(lengths) // 2] <= 2 * capacity, shown
+    # A stall around one request is tolerated; waiting behind most of the flood is not.
+    assert lengths[-1] <= FLOOD // 2, shown
 
 
 def test_readyz_flips_when_the_only_replica_of_a_model_dies_and_back_when_it_returns(
