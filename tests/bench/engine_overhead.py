@@ -114,6 +114,6 @@ async def engine_overheads(direct: aiohttp.ClientSession, gateway: aiohttp.Clien
                 f"{times} {name}" for name, times in retried.items()) if any(retried.values()) else ""
             per_round = ", ".join("/".join(f"{runs[name][turn].tokens_per_s:.0f}" for name in paths)
                                   for turn in range(rounds))
-            print(f"  {kind} at concurrency {concurrency}: {len(overhead.gateway.samples)} requests on each path; "
-                  f"tokens/s {'/'.join(paths)} by round: {per_round}{retries}", flush=True)
+            print(f"  {kind} at concurrency {concurrency}: {len(overhead.gateway.samples)} requests on each path "
+                  f"(all rounds); tokens/s {'/'.join(paths)} by round: {per_round}{retries}", flush=True)
     return results

@@ -167,6 +167,38 @@ async def pure_proxy(work: Path, args: argparse.Namespace, layout: Layout, resul
               "added_e2e_p99_ms": "added e2e p99"})
 
 
+async def nginx_pure_proxy(work: Path, args: argparse.Namespace, layout: Layout, results: dict[str, Any]) -> None:
+    """The pure-proxy runs again with nginx (one worker, API-key check) in place of the gateway, on the gateway's
+    cores: what a C proxy adds in front of the same instant upstream, next to what Airlock added moments before."""
+    upstream_socket = work / "nginx-instant.sock"
+    keys_file = work / "nginx-instant-keys.json"
+    headers = {**api_keys(keys_file, ["bench"])["bench"], "content-type": "application/json"}
+    port = 18612
+    instant = [sys.executable, "-m", "tests.bench.instant_upstream", "--uds", str(upstream_socket)]
+    with running(instant, work / "nginx-instant.log", "http://localhost/health", ready_uds=upstream_socket), \
+            nginx_proxy(work / "nginx-instant", port, upstream_socket, headers["authorization"], cpus=layout.measured):
+        async with session("http://localhost", uds=str(upstream_socket)) as direct, \
+                session(f"http://127.0.0.1:{port}") as nginx:
+            costs = await proxy_costs(direct, nginx, headers, PROXY_CONCURRENCY, args.proxy_requests)
+    airlock_rows = {(row["concurrency"], row["stream"]): row for row in results.get("proxy", [])}
+    rows = []
+    for row in summary(costs):
+        airlock_row = airlock_rows.get((row["concurrency"], row["stream"]), {})
+        rows.append({"concurrency": row["concurrency"], "stream": row["stream"], "direct_p50_ms": row["direct_p50_ms"],
+                     "nginx_p50_ms": row["gateway_p50_ms"], "nginx_added_p50_ms": row["added_p50_ms"],
+                     "nginx_added_p99_ms": row["added_p99_ms"], "direct_rps": row["direct_rps"],
+                     "nginx_rps": row["gateway_rps"],
+                     "airlock_added_p50_ms": airlock_row.get("added_p50_ms", float("nan")),
+                     "airlock_rps": airlock_row.get("gateway_rps", float("nan"))})
+    results["proxy_nginx"] = rows
+    table("Pure proxy cost through nginx (one worker, API-key check, on the gateway's cores) in front of the same "
+          "instant upstream, ms; Airlock's columns: the pure-proxy table above (a run moments before).", rows, {
+              "concurrency": "conc", "stream": "stream", "direct_p50_ms": "direct p50", "nginx_p50_ms": "nginx p50",
+              "nginx_added_p50_ms": "nginx added p50", "nginx_added_p99_ms": "nginx added p99",
+              "airlock_added_p50_ms": "airlock added p50", "direct_rps": "direct req/s", "nginx_rps": "nginx req/s",
+              "airlock_rps": "airlock req/s"})
+
+
 def profile(pid: int, out: Path) -> None:
     """py-spy samples the gateway for the next 30 s (the pure-proxy runs), in the background."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -292,6 +324,7 @@ def main() -> int:
         Path(work).mkdir(parents=True, exist_ok=True)
         if not args.skip_proxy:
             asyncio.run(pure_proxy(Path(work), args, layout, results))
+            asyncio.run(nginx_pure_proxy(Path(work), args, layout, results))
         if not args.skip_engine:
             asyncio.run(real_engine(Path(work), args, layout, results))
     print()
