@@ -54,7 +54,7 @@ class EngineOverhead:
 
     @property
     def round_ratios(self) -> list[float]:
-        """Throughput through the gateway over direct, for each round (two runs back to back)."""
+        """Throughput through the gateway over direct, for each round (one run of each, minutes apart at most)."""
         return [gateway.tokens_per_s / direct.tokens_per_s
                 for direct, gateway in zip(self.direct_rounds, self.gateway_rounds, strict=True)]
 

