@@ -28,12 +28,13 @@ test: install system-packages
 # capture; systemd: systemd-analyze checks the units; curl, nodejs: the TLS tests' other clients; buildah, podman,
 # runc, uidmap: the images are built and run (tests/test_images.py); mmdebstrap: the Debian base image
 # (deploy/containers/make-base.sh); iproute2: `ip netns`, the loopback-only network the images run in; prometheus:
-# promtool checks the alert rules; openssl: a bundle signature checked as the README shows.
+# promtool checks the alert rules; openssl: a bundle signature checked as the README shows; nginx: `make bench`'s C proxy
+# (Debian 12's nginx-light is only nginx plus a module, so plain nginx).
 # DEBIAN_COMMANDS: one command of each (tests/test_images.py checks both lists).
 DEBIAN_PACKAGES := chromium tcpdump systemd curl nodejs buildah podman runc uidmap mmdebstrap iproute2 prometheus \
-	openssl strace
+	openssl strace nginx
 DEBIAN_COMMANDS := chromium tcpdump systemd-analyze curl node buildah podman runc newuidmap mmdebstrap ip promtool \
-	openssl strace
+	openssl strace nginx
 system-packages:
 	@missing=""; for cmd in $(DEBIAN_COMMANDS); do command -v $$cmd >/dev/null 2>&1 || missing=1; done; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && export DEBIAN_FRONTEND=noninteractive && \
@@ -50,7 +51,7 @@ image-check: install system-packages
 	AIRLOCK_ENGINE_IMAGE=1 $(VENV)/bin/python -m pytest tests/test_images.py -k engine_image $(PYTEST_ARGS)
 
 # What the gateway costs, side by side with the same load straight upstream (see README, Performance).
-bench: install
+bench: install system-packages
 	$(VENV)/bin/python -m tests.bench.run $(ARGS)
 
 # User B's time to first token while user A floods: through Airlock's fair queue and straight to vLLM.

@@ -157,10 +157,22 @@ async def side_by_side(direct: aiohttp.ClientSession, gateway: aiohttp.ClientSes
     """The same load straight upstream and through the gateway, alternating, the order swapped each round (so
     neither always runs on a warmer machine): the runs of each path, round by round. ``headers`` (the gateway's
     credentials) go to the gateway only."""
-    runs: dict[str, list[Run]] = {"direct": [], "gateway": []}
+    runs = await alternating({"direct": (direct, {"content-type": "application/json"}), "gateway": (gateway, headers)},
+                             body, concurrency, requests, rounds, warm_up)
+    return runs["direct"], runs["gateway"]
+
+
+async def alternating(paths: dict[str, tuple[aiohttp.ClientSession, dict[str, str]]], body: bytes, concurrency: int,
+                      requests: int, rounds: int, warm_up: bool = False) -> dict[str, list[Run]]:
+    """The same load over each named path (a client session and the headers it sends), one after another, the order
+    rotated each round (so that, over as many rounds as paths, each path runs once in each place, and none always on
+    a warmer machine; two paths: swapped each round): the runs of each path, round by round."""
+    names = list(paths)
+    runs: dict[str, list[Run]] = {name: [] for name in names}
     for turn in range(rounds):
-        for path in (("direct", "gateway") if turn % 2 == 0 else ("gateway", "direct")):
-            client, sent = (direct, {"content-type": "application/json"}) if path == "direct" else (gateway, headers)
+        shift = turn % len(names)
+        for path in names[shift:] + names[:shift]:
+            client, sent = paths[path]
             if warm_up and turn == 0:
                 await closed_loop(client, body, sent, concurrency, concurrency * 2)  # open the connections
             try:
@@ -168,4 +180,4 @@ async def side_by_side(direct: aiohttp.ClientSession, gateway: aiohttp.ClientSes
             except Exception as exc:
                 exc.add_note(f"sent {path}, concurrency {concurrency}, round {turn}")
                 raise
-    return runs["direct"], runs["gateway"]
+    return runs
