@@ -14,8 +14,12 @@ admission).
 Requests arrive at random (Poisson; the rate from Little's law, streams = rate x stream duration, as
 ``proxy_cost.paced_streams`` does), each from one of the users, with a ~1,500-character prompt (instructions and
 a pasted passage), and a share carrying one scanned A4 invoice page: a JPEG at 200 dpi (1654 x 2339, about 3.9
-MP: what the 8B profile reads whole, its image budget being 4,194,304 pixels) at quality 85, about 0.6 MB (1 MB
+MP, which the 8B profile's image budget of 4,194,304 pixels reads whole) at quality 85, about 0.5 MB (0.7 MB of
 base64 inside the JSON), the size of a colour office scan of a printed page. Answers are 300 tokens.
+
+Checked against the profiles, not assumed: what the gateway gives an 8B replica at once is what its KV cache holds
+at 4,096 tokens a request (README, the GPU table's "at once"): 30 on an A100 40 GB, 38-43 on 48 GB cards, 93-94 on
+80 GB cards. 64 lies between; ``--streams-per-replica 94`` is eight 80 GB cards.
 
 The load generator is light per event: it reads whatever has arrived (aiohttp's ``iter_any``) and counts the token
 events in it by a byte pattern, without splitting or parsing events. It, the stand-ins and the gateway each report
@@ -23,7 +27,8 @@ their CPU (psutil user + system over the steady part of each run, as % of one co
 load generator or the stand-ins, not by the gateway, shows it.
 
 Run: ``python -m tests.bench.department`` (or ``make bench-department``); ``--streams-per-replica`` and
-``--duration`` scale it. ``department(scale, layout, work)`` is the same, called from ``tests/bench/run.py``.
+``--duration`` scale it. ``department(Scale(...), run.Layout.of_this_machine(), work_dir)`` is the same for
+``tests/bench/run.py``: it returns a :class:`Department` (``figures()`` for results.json, ``report()`` to print).
 """
 
 from __future__ import annotations
