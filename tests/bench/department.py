@@ -12,7 +12,7 @@ not queue in the gateway while nothing queues on the direct path: what is measur
 admission).
 
 Requests arrive at random (Poisson; the rate from Little's law, streams = rate x stream duration, as
-``proxy_cost.paced_streams`` does), each from one of the users, with a ~1,500-character prompt (instructions and
+``proxy_cost.paced_streams`` does), each from one of the users, with a ~1,300-character prompt (instructions and
 a pasted passage), and a share carrying one scanned A4 invoice page: a JPEG at 200 dpi (1654 x 2339, about 3.9
 MP, which the 8B profile's image budget of 4,194,304 pixels reads whole) at quality 85, about 0.5 MB (0.7 MB of
 base64 inside the JSON), the size of a colour office scan of a printed page. Answers are 300 tokens.

@@ -39,7 +39,7 @@ _STREAM_MARK = (b'"stream":true', b'"stream": true')
 _USAGE_MARK = (b'"include_usage":true', b'"include_usage": true')
 # Words of an answer, sent one per event in turn (their length varies, as tokens' do).
 WORDS = [" The", " invoice", " total", " is", " 1,284.50", " EUR", ",", " due", " on", " 30", " June", "."]
-PROMPT_TOKENS = 900  # what the usage event says: about a 1.5k-character prompt and an image's share
+PROMPT_TOKENS = 900  # what the usage event says (a 1,300-character prompt and a share of an image)
 
 
 def _chunk(data: bytes) -> bytes:
