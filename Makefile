@@ -62,7 +62,7 @@ bench-documents: install
 	$(VENV)/bin/python -m tests.bench.render_cost $(ARGS)
 
 # Eight paced stand-in engines (64 streams each at a GPU's pace) behind one gateway, and straight to them
-# (README, Performance, "One gateway process, eight GPUs"). About 5 minutes.
+# (README, Performance, "One gateway process, eight GPUs"). 5 to 10 minutes.
 bench-department: install
 	$(VENV)/bin/python -m tests.bench.department $(ARGS)
 
