@@ -8,7 +8,7 @@ ENGINE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install system-packages base-image image-check run test lint bench bench-fairness bench-documents gpu-check clean
+.PHONY: install system-packages base-image image-check run test lint bench bench-fairness bench-documents bench-department gpu-check clean
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -61,6 +61,11 @@ bench-fairness: install
 # Documents: render time per page, worker start-up and the render pool's memory (README, Performance, "Documents").
 bench-documents: install
 	$(VENV)/bin/python -m tests.bench.render_cost $(ARGS)
+
+# Eight paced stand-in engines (64 streams each at a GPU's pace) behind one gateway, and straight to them
+# (README, Performance, "One gateway process, eight GPUs"). 5 to 10 minutes.
+bench-department: install
+	$(VENV)/bin/python -m tests.bench.department $(ARGS)
 
 # On a machine with an NVIDIA GPU and Qwen3-VL weights: starts each profile that fits, checks it, prints a table
 # (README, "GPU acceptance"). ARGS="--models-dir DIR" if the weights are not in /var/lib/airlock/models.

@@ -1,0 +1,611 @@
+"""An eight-GPU department, simulated: eight paced stand-in engine replicas behind one real `airlock gateway`, and
+the same arrivals sent straight to the stand-ins, alternating.
+
+What is simulated, and why (issue 20, Build 4): a single host with 8 GPUs serving the 8B model, each replica
+holding about 64 streams at a GPU's pace (about 40 tokens a second each, one event every 25 ms: vLLM sends one
+event per token), i.e. ~512 streams open and ~20,000 events a second through one gateway process. The engines are
+``paced_upstream.py`` (the one accepted fake: a real engine's milliseconds would drown the gateway's
+microseconds, and there are no GPUs here), 8 unix sockets served by one light process. The gateway is the real
+`airlock gateway`: API keys for 64 users, screening and metrics on, the default per-user limits, 8 upstreams, the
+fair queue admitting twice the streams a replica is given on average (so that the random peaks of the arrivals do
+not queue in the gateway while nothing queues on the direct path: what is measured is the gateway's cost, not its
+admission).
+
+Requests arrive at random (Poisson; the rate from Little's law, streams = rate x stream duration, as
+``proxy_cost.paced_streams`` does), each from one of the users, with a ~1,300-character prompt (instructions and
+a pasted passage), and a share carrying one scanned A4 invoice page: a JPEG at 200 dpi (1654 x 2339, about 3.9
+MP, which the 8B profile's image budget of 4,194,304 pixels reads whole) at quality 85, about 0.5 MB (0.7 MB of
+base64 inside the JSON), the size of a colour office scan of a printed page. Answers are 300 tokens.
+
+Checked against the profiles, not assumed: what the gateway gives an 8B replica at once is what its KV cache holds
+at 4,096 tokens a request (README, the GPU table's "at once"): 30 on an A100 40 GB, 38-43 on 48 GB cards, 93-94 on
+80 GB cards. 64 lies between; ``--streams-per-replica 94`` is eight 80 GB cards.
+
+The load generator is light per event: it reads whatever has arrived (aiohttp's ``iter_any``) and counts the token
+events in it by a byte pattern, without splitting or parsing events. It, the stand-ins and the gateway each report
+their CPU (psutil user + system over the steady part of each run, as % of one core), so that a run limited by the
+load generator or the stand-ins, not by the gateway, shows it.
+
+Run: ``python -m tests.bench.department`` (or ``make bench-department``); ``--streams-per-replica`` and
+``--duration`` scale it. ``department(Scale(...), run.Layout.of_this_machine(), work_dir)`` is the same for
+``tests/bench/run.py``: it returns a :class:`Department` (``figures()`` for results.json, ``report()`` to print).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import psutil
+import uvloop
+from PIL import Image, ImageDraw, ImageFilter
+
+from server.auth.apikeys import format_keys, new_key
+
+from .load import MODEL, percentile, session
+from .stacks import ROOT, airlock
+
+if TYPE_CHECKING:
+    from .run import Layout
+
+# The issue's department: 8 GPUs, 64 streams each, 40 tokens/s a stream (25 ms between events).
+TARGET_ADDED_TTFT_P99_MS = 5.0
+TARGET_CHUNKS_PER_S = 20_000
+# CPU used plus run-queue wait, % of one core, at which the gateway counts as saturated (or crowded out).
+SATURATED_PERCENT = 90.0
+# A token event's delta, and no other event's (the role event's content is empty: '"content":""').
+TOKEN_MARK = b'"delta":{"content":"'
+PORT = 18630
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big the department is, and how long each run lasts."""
+
+    replicas: int = 8
+    streams_per_replica: int = 64
+    tokens: int = 300
+    interval_ms: float = 25.0
+    duration_s: float = 60.0  # of arrivals, per run
+    image_share: float = 0.2  # of requests carrying one scanned page
+    users: int = 64
+    rounds: int = 2  # (direct, gateway) pairs, the order swapped each round
+
+    @property
+    def streams(self) -> int:
+        return self.replicas * self.streams_per_replica
+
+    @property
+    def stream_s(self) -> float:
+        return self.tokens * self.interval_ms / 1000
+
+    @property
+    def rate(self) -> float:
+        """Arrivals a second that keep ``streams`` open on average (Little's law)."""
+        return self.streams / self.stream_s
+
+    @property
+    def chunks_per_s(self) -> float:
+        return self.streams * 1000 / self.interval_ms
+
+
+# -- what is sent ----------------------------------------------------------------------------------------------
+
+PROMPT = (
+    "You are the accounts-payable assistant of the finance department. Read the document or passage below and answer "
+    "in plain language. Give the supplier, the invoice number, the invoice date, the due date, the net amount, the "
+    "VAT and the total, and say whether the bank details match the supplier master data quoted below. If a value is "
+    "missing or unreadable, say so rather than guess. Supplier master data: Nordlicht Bürobedarf GmbH, "
+    "Hafenstraße 12, 20457 Hamburg, VAT ID DE812345678, IBAN DE89 3704 0044 0532 0130 00, BIC COBADEFFXXX, payment "
+    "terms 30 days net, 2% discount within 10 days. Passage from the supplier's covering e-mail: 'Dear colleagues, "
+    "please find attached our invoice for the office furniture and supplies delivered to your Bremen site on 12 May, "
+    "as ordered under purchase order PO-2026-04417. The delivery comprised 14 height-adjustable desks, 14 task "
+    "chairs, 6 mobile pedestals and assorted stationery. Two chairs were delivered damaged and have been credited "
+    "in full on this invoice. Please note our new bank account, effective 1 June, shown on the invoice.' Check in "
+    "particular whether the credit for the two damaged chairs appears, whether the discount applies if paid today, "
+    "and whether the new bank account is a reason to hold the payment until it is confirmed by telephone."
+)
+
+
+def scanned_invoice(seed: int = 0) -> bytes:
+    """An A4 invoice page scanned at 200 dpi: printed lines and a table on off-white paper with the grain of a
+    scanner, as a colour JPEG at quality 85 (what office scanners write by default)."""
+    rng = random.Random(seed)
+    width, height = 1654, 2339
+    page = Image.new("RGB", (width, height), (246, 244, 238))
+    draw = ImageDraw.Draw(page)
+    draw.rectangle((120, 120, 700, 260), outline=(40, 40, 40), width=3)
+    for y in range(320, 2150, 34):
+        if rng.random() < 0.15:
+            continue  # a blank line between blocks
+        x = 130
+        while x < width - 200:
+            word = rng.randint(20, 140)
+            draw.rectangle((x, y, x + word, y + 14), fill=(30 + rng.randint(0, 40),) * 3)
+            x += word + rng.randint(12, 22)
+        if 1100 < y < 1700:  # the table's rules
+            draw.line((120, y - 8, width - 120, y - 8), fill=(90, 90, 90), width=2)
+    grain = Image.effect_noise((width, height), 18).convert("RGB")
+    scan = Image.blend(page, grain, 0.10).filter(ImageFilter.GaussianBlur(0.6))
+    out = io.BytesIO()
+    scan.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def request_body(tokens: int, image: bytes | None) -> bytes:
+    content: Any = PROMPT
+    if image is not None:
+        url = f"data:image/jpeg;base64,{base64.b64encode(image).decode()}"
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PROMPT}]
+    return json.dumps({"model": MODEL, "max_tokens": tokens, "stream": True,
+                       "stream_options": {"include_usage": True},
+                       "messages": [{"role": "user", "content": content}]}, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at_s: float  # from the start of the run
+    user: int
+    image: bool
+
+
+def arrivals(scale: Scale, seed: int) -> list[Arrival]:
+    """Poisson arrivals over ``duration_s``; the same seed gives the same arrivals, users and images."""
+    rng = random.Random(seed)
+    out: list[Arrival] = []
+    at = 0.0
+    while True:
+        at += rng.expovariate(scale.rate)
+        if at >= scale.duration_s:
+            return out
+        out.append(Arrival(at, rng.randrange(scale.users), rng.random() < scale.image_share))
+
+
+# -- one run ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sample:
+    ttft_s: float
+    e2e_s: float
+    token_events: int
+    image: bool
+
+
+@dataclass
+class _Live:
+    open: int = 0
+    token_events: int = 0
+    errors: int = 0
+
+
+@dataclass(frozen=True)
+class PathRun:
+    """One run of the arrivals along one path. The steady window starts once the first arrivals' streams could
+    have ended (one stream's duration) and ends with the last arrival."""
+
+    path: str
+    samples: list[Sample]
+    errors: int
+    window_s: float
+    window_token_events: int
+    open_mean: float
+    open_max: int
+    cpu_percent: dict[str, float]  # process -> % of one core over the window
+    wait_percent: dict[str, float]  # process -> % of the window its threads waited, runnable, for a core
+    sent_token_events: int  # what the stand-ins sent over the whole run (their own count)
+
+    @property
+    def chunks_per_s(self) -> float:
+        return self.window_token_events / self.window_s
+
+    @property
+    def counted_token_events(self) -> int:
+        return sum(sample.token_events for sample in self.samples)
+
+
+class Processes:
+    """CPU time (user + system, psutil) of the processes in a run, and how long their threads waited, runnable,
+    for a core (the kernel's run-queue wait, /proc/PID/task/*/schedstat, second field): a process that used 60% of
+    its core and waited 40% was saturated or crowded out, one that used 60% and waited 2% was not."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+
+    def read(self) -> dict[str, tuple[float, float]]:
+        """Process -> (CPU seconds, run-queue wait seconds)."""
+        return {name: (_cpu(process), _waited(process.pid)) for name, process in self._processes.items()}
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _waited(pid: int) -> float:
+    """Seconds the process's threads spent runnable but not running (Linux schedstat; 0 where it is missing)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(task.read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9
+
+
+async def run_path(path: str, clients: list[aiohttp.ClientSession], heads: list[dict[str, str]],
+                   bodies: dict[bool, bytes], scale: Scale, schedule: list[Arrival], processes: Processes,
+                   stats: aiohttp.ClientSession) -> PathRun:
+    """Send ``schedule`` along one path. ``clients``: one session (the gateway) or one per replica (direct: the
+    least busy, ties in turn, as the gateway's least-outstanding routing does). ``heads``: headers per user."""
+    live = _Live()
+    per_client = [0] * len(clients)
+    turn = 0
+    samples: list[Sample] = []
+
+    async def one(arrival: Arrival) -> None:
+        nonlocal turn
+        turn += 1
+        least = min(per_client)
+        tied = [index for index, count in enumerate(per_client) if count == least]
+        index = tied[turn % len(tied)]
+        per_client[index] += 1
+        live.open += 1
+        started = time.perf_counter()
+        first = 0.0
+        counted = 0
+        try:
+            async with clients[index].post("/v1/chat/completions", data=bodies[arrival.image],
+                                           headers=heads[arrival.user]) as response:
+                if response.status != 200:
+                    live.errors += 1
+                    await response.read()
+                    return
+                tail = b""
+                async for chunk in response.content.iter_any():
+                    seen = tail + chunk
+                    found = seen.count(TOKEN_MARK)
+                    if found:
+                        if not first:
+                            first = time.perf_counter()
+                        counted += found
+                        live.token_events += found
+                    tail = seen[-(len(TOKEN_MARK) - 1):]
+        except (aiohttp.ClientError, OSError):
+            live.errors += 1
+            return
+        finally:
+            per_client[index] -= 1
+            live.open -= 1
+        ended = time.perf_counter()
+        samples.append(Sample((first or ended) - started, ended - started, counted, arrival.image))
+
+    sent_before = await _sent(stats)
+    start = time.perf_counter()
+    window: dict[str, Any] = {}
+    opens: list[int] = []
+
+    async def watch() -> None:
+        """The steady window: CPU and token events at its two ends, streams open sampled every 100 ms."""
+        await asyncio.sleep(min(scale.stream_s, scale.duration_s / 2))
+        window["start"] = (time.perf_counter(), live.token_events, processes.read())
+        while time.perf_counter() - start < scale.duration_s:
+            opens.append(live.open)
+            await asyncio.sleep(0.1)
+        window["end"] = (time.perf_counter(), live.token_events, processes.read())
+
+    watcher = asyncio.create_task(watch())
+    tasks = []
+    for arrival in schedule:
+        await asyncio.sleep(max(0.0, start + arrival.at_s - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(arrival)))
+    await watcher
+    await asyncio.gather(*tasks)
+    sent = await _sent(stats) - sent_before
+    (t0, events0, cpu0), (t1, events1, cpu1) = window["start"], window["end"]
+    cpu = {name: (cpu1[name][0] - cpu0[name][0]) / (t1 - t0) * 100 for name in cpu0}
+    wait = {name: (cpu1[name][1] - cpu0[name][1]) / (t1 - t0) * 100 for name in cpu0}
+    return PathRun(path, samples, live.errors, t1 - t0, events1 - events0, sum(opens) / max(1, len(opens)),
+                   max(opens, default=0), cpu, wait, sent)
+
+
+async def _sent(stats: aiohttp.ClientSession) -> int:
+    async with stats.get("/stats") as response:
+        return int(json.loads(await response.read())["token_events"])
+
+
+# -- the result ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Department:
+    scale: Scale
+    layout: str
+    image_kb: float
+    direct: list[PathRun] = field(default_factory=list)
+    gateway: list[PathRun] = field(default_factory=list)
+
+    @staticmethod
+    def _pct(runs: list[PathRun], what: str, q: float, image: bool | None = None) -> float:
+        values = [getattr(sample, what) for run in runs for sample in run.samples
+                  if image is None or sample.image == image]
+        return percentile(values, q) * 1e3 if values else float("nan")
+
+    def added_ms(self, what: str, q: float, image: bool | None = None) -> float:
+        """Gateway minus direct at the same percentile, ms."""
+        return self._pct(self.gateway, what, q, image) - self._pct(self.direct, what, q, image)
+
+    def figures(self) -> dict[str, Any]:
+        """Every figure of the run, flat (what run.py writes to results.json and what is printed)."""
+        s = self.scale
+
+        def mean(runs: list[PathRun], get: Callable[[PathRun], float]) -> float:
+            return sum(get(run) for run in runs) / len(runs)
+
+        gateway_cpu = mean(self.gateway, lambda run: run.cpu_percent["gateway"])
+        chunks = mean(self.gateway, lambda run: run.chunks_per_s)
+        per_chunk_us = gateway_cpu / 100 / chunks * 1e6 if chunks else float("nan")
+        figures: dict[str, Any] = {
+            "replicas": s.replicas, "streams_per_replica": s.streams_per_replica, "tokens": s.tokens,
+            "interval_ms": s.interval_ms, "duration_s": s.duration_s, "rounds": s.rounds,
+            "arrivals_per_s": s.rate, "image_share": s.image_share, "image_kb": self.image_kb, "users": s.users,
+            "layout": self.layout,
+            "requests_direct": sum(len(run.samples) for run in self.direct),
+            "requests_gateway": sum(len(run.samples) for run in self.gateway),
+            "errors_direct": sum(run.errors for run in self.direct),
+            "errors_gateway": sum(run.errors for run in self.gateway),
+        }
+        for q in (50, 99):
+            for what, name in (("ttft_s", "ttft"), ("e2e_s", "e2e")):
+                figures[f"direct_{name}_p{q}_ms"] = self._pct(self.direct, what, q)
+                figures[f"gateway_{name}_p{q}_ms"] = self._pct(self.gateway, what, q)
+                figures[f"added_{name}_p{q}_ms"] = self.added_ms(what, q)
+            figures[f"added_ttft_p{q}_ms_text"] = self.added_ms("ttft_s", q, image=False)
+            figures[f"added_ttft_p{q}_ms_image"] = self.added_ms("ttft_s", q, image=True)
+        for path, runs in (("direct", self.direct), ("gateway", self.gateway)):
+            figures[f"{path}_streams_open_mean"] = mean(runs, lambda run: run.open_mean)
+            figures[f"{path}_streams_open_max"] = max(run.open_max for run in runs)
+            figures[f"{path}_chunks_per_s"] = mean(runs, lambda run: run.chunks_per_s)
+            figures[f"{path}_standins_cpu_percent"] = mean(runs, lambda run: run.cpu_percent["stand-ins"])
+            figures[f"{path}_load_cpu_percent"] = mean(runs, lambda run: run.cpu_percent["load generator"])
+            figures[f"{path}_token_events_sent"] = sum(run.sent_token_events for run in runs)
+            figures[f"{path}_token_events_counted"] = sum(run.counted_token_events for run in runs)
+        figures["gateway_cpu_percent"] = gateway_cpu
+        # Round by round (the same arrivals along both paths in each): a machine shared with other work crowds
+        # the gateway out in some rounds and not others, and the merged percentiles hide which.
+        figures["by_round"] = [{
+            "added_ttft_p50_ms": (percentile([x.ttft_s for x in g.samples], 50)
+                                  - percentile([x.ttft_s for x in d.samples], 50)) * 1e3,
+            "added_ttft_p99_ms": (percentile([x.ttft_s for x in g.samples], 99)
+                                  - percentile([x.ttft_s for x in d.samples], 99)) * 1e3,
+            "added_e2e_p99_ms": (percentile([x.e2e_s for x in g.samples], 99)
+                                 - percentile([x.e2e_s for x in d.samples], 99)) * 1e3,
+            "gateway_cpu_percent": g.cpu_percent["gateway"], "gateway_wait_percent": g.wait_percent["gateway"],
+            "gateway_chunks_per_s": g.chunks_per_s, "gateway_streams_open_mean": g.open_mean,
+            "gateway_us_per_chunk": g.cpu_percent["gateway"] / 100 / g.chunks_per_s * 1e6,
+        } for d, g in zip(self.direct, self.gateway, strict=True)]
+        figures["gateway_cpu_by_round"] = [run.cpu_percent["gateway"] for run in self.gateway]
+        figures["gateway_wait_percent"] = mean(self.gateway, lambda run: run.wait_percent["gateway"])
+        for path, runs in (("direct", self.direct), ("gateway", self.gateway)):
+            figures[f"{path}_standins_wait_percent"] = mean(runs, lambda run: run.wait_percent["stand-ins"])
+            figures[f"{path}_load_wait_percent"] = mean(runs, lambda run: run.wait_percent["load generator"])
+        figures["gateway_us_per_chunk"] = per_chunk_us
+        # Extrapolated, not measured: the gateway's CPU per chunk here (its per-request cost included) times the
+        # issue's 20,000 chunks a second.
+        figures["gateway_cores_at_20k_extrapolated"] = per_chunk_us * TARGET_CHUNKS_PER_S / 1e6
+        # Below saturation: the gateway neither used nearly all of its core nor waited long for it.
+        figures["gateway_below_saturation"] = gateway_cpu + figures["gateway_wait_percent"] < SATURATED_PERCENT
+        figures["target_met"] = (figures["added_ttft_p99_ms"] <= TARGET_ADDED_TTFT_P99_MS
+                                 and figures["gateway_below_saturation"])
+        return figures
+
+
+def report(result: Department) -> str:
+    f = result.figures()
+    s = result.scale
+    lines = [
+        f"\nA department of {s.replicas} GPUs, simulated: {s.replicas} paced stand-in replicas (tests/bench/"
+        f"paced_upstream.py, the one accepted fake), {s.streams_per_replica} streams each on average "
+        f"({s.streams} in all), {s.tokens} tokens {s.interval_ms:g} ms apart, {f['arrivals_per_s']:.1f} "
+        f"arrivals/s (Poisson), {s.image_share:.0%} with a {f['image_kb']:.0f} KB scanned page, {s.users} users; "
+        f"{s.rounds} rounds of {s.duration_s:g} s of arrivals per path, alternating",
+        f"layout: {f['layout']}",
+        f"requests: direct {f['requests_direct']} ({f['errors_direct']} failed), through the gateway "
+        f"{f['requests_gateway']} ({f['errors_gateway']} failed)",
+        "",
+        f"{'':28}{'direct':>10}{'gateway':>10}{'added':>10}",
+    ]
+    for name, label in (("ttft_p50", "TTFT p50, ms"), ("ttft_p99", "TTFT p99, ms"), ("e2e_p50", "e2e p50, ms"),
+                        ("e2e_p99", "e2e p99, ms")):
+        lines.append(f"{label:28}{f[f'direct_{name}_ms']:>10.2f}{f[f'gateway_{name}_ms']:>10.2f}"
+                     f"{f[f'added_{name}_ms']:>10.2f}")
+    lines += [
+        f"{'added TTFT p50/p99, text only':28}{'':20}{f['added_ttft_p50_ms_text']:>6.2f} / "
+        f"{f['added_ttft_p99_ms_text']:.2f}",
+        f"{'added TTFT p50/p99, image':28}{'':20}{f['added_ttft_p50_ms_image']:>6.2f} / "
+        f"{f['added_ttft_p99_ms_image']:.2f}",
+        f"{'streams open (mean / max)':28}{f['direct_streams_open_mean']:>6.0f} /{f['direct_streams_open_max']:>3}"
+        f"{f['gateway_streams_open_mean']:>6.0f} /{f['gateway_streams_open_max']:>3}",
+        f"{'chunks per second':28}{f['direct_chunks_per_s']:>10.0f}{f['gateway_chunks_per_s']:>10.0f}"
+        f"   (the issue's department: {s.chunks_per_s:,.0f} here, {TARGET_CHUNKS_PER_S:,} asked)",
+        f"{'token events sent / counted':28}{f['direct_token_events_sent']:>10}{f['gateway_token_events_sent']:>10}"
+        f"   counted {f['direct_token_events_counted']} / {f['gateway_token_events_counted']}",
+        f"{'CPU, % of one core':28}   (in brackets: % of the time it waited, runnable, for a core)",
+        f"{'  gateway':28}{'-':>10}{f['gateway_cpu_percent']:>10.1f} ({f['gateway_wait_percent']:.0f})   by round: "
+        + ", ".join(f"{value:.1f}" for value in f["gateway_cpu_by_round"]),
+        f"{'  stand-ins (one process)':28}{f['direct_standins_cpu_percent']:>10.1f}"
+        f"{f['gateway_standins_cpu_percent']:>10.1f}   ({f['direct_standins_wait_percent']:.0f} / "
+        f"{f['gateway_standins_wait_percent']:.0f})",
+        f"{'  load generator':28}{f['direct_load_cpu_percent']:>10.1f}{f['gateway_load_cpu_percent']:>10.1f}"
+        f"   ({f['direct_load_wait_percent']:.0f} / {f['gateway_load_wait_percent']:.0f})",
+        "by round (gateway against direct, the same arrivals): "
+        + "; ".join(f"{index}: added TTFT p50 {r['added_ttft_p50_ms']:.2f} / p99 {r['added_ttft_p99_ms']:.2f} ms, "
+                    f"gateway {r['gateway_cpu_percent']:.0f}% CPU ({r['gateway_wait_percent']:.0f}% waited), "
+                    f"{r['gateway_chunks_per_s']:,.0f} chunks/s, {r['gateway_us_per_chunk']:.1f} us a chunk"
+                    for index, r in enumerate(f["by_round"])),
+        f"gateway CPU per relayed chunk (its requests' cost included): {f['gateway_us_per_chunk']:.1f} us; "
+        f"at {TARGET_CHUNKS_PER_S:,} chunks/s that would be {f['gateway_cores_at_20k_extrapolated']:.2f} cores "
+        "(EXTRAPOLATED, not measured)",
+        f"target: added TTFT p99 <= {TARGET_ADDED_TTFT_P99_MS:g} ms with the gateway below saturation (CPU + "
+        f"wait < {SATURATED_PERCENT:g}% of its core): {f['added_ttft_p99_ms']:.2f} ms at "
+        f"{f['gateway_cpu_percent']:.0f}% + {f['gateway_wait_percent']:.0f}%: "
+        f"{'met' if f['target_met'] else 'MISSED'}",
+    ]
+    return "\n".join(lines)
+
+
+# -- the stack -------------------------------------------------------------------------------------------------
+
+def _keys(keys_file: Path, users: int) -> list[dict[str, str]]:
+    """An API key per user, in the file format `airlock keys create` writes (made in process: 64 CLI runs
+    would take a minute)."""
+    entries, heads = {}, []
+    for number in range(users):
+        key, entry = new_key(f"user-{number}", "bench", None)
+        entries[entry.id] = entry
+        heads.append({"authorization": f"Bearer {key}", "content-type": "application/json"})
+    keys_file.write_text(format_keys(entries))
+    keys_file.chmod(0o600)
+    return heads
+
+
+async def _measure(scale: Scale, layout_text: str, port: int, gateway_pid: int, standins_pid: int,
+                   sockets: list[Path], heads: list[dict[str, str]], image: bytes) -> Department:
+    bodies = {False: request_body(scale.tokens, None), True: request_body(scale.tokens, image)}
+    plain = [{"content-type": "application/json"}] * scale.users
+    connections = 4 * scale.streams + 64  # Poisson peaks, and connections closing while others open
+    direct = [session("http://localhost", uds=str(path), connections=connections) for path in sockets]
+    through = session(f"http://127.0.0.1:{port}", connections=connections)
+    stats = session("http://localhost", uds=str(sockets[0]), connections=4)
+    result = Department(scale, layout_text, len(image) / 1e3)
+    pids = {"gateway": gateway_pid, "stand-ins": standins_pid, "load generator": os.getpid()}
+    try:
+        processes = Processes(pids)
+        for turn in range(scale.rounds):
+            schedule = arrivals(scale, seed=turn)
+            for path in (("direct", "gateway") if turn % 2 == 0 else ("gateway", "direct")):
+                if path == "direct":
+                    run = await run_path(path, direct, plain, bodies, scale, schedule, processes, stats)
+                    result.direct.append(run)
+                else:
+                    run = await run_path(path, [through], heads, bodies, scale, schedule, processes, stats)
+                    result.gateway.append(run)
+                print(f"  round {turn} {path}: {len(run.samples)} streams, {run.errors} failed, "
+                      f"{run.chunks_per_s:,.0f} chunks/s, CPU % (waited %): " +
+                      ", ".join(f"{name} {value:.0f} ({run.wait_percent[name]:.0f})"
+                                for name, value in run.cpu_percent.items()), flush=True)
+    finally:
+        for client in [*direct, through, stats]:
+            await client.close()
+        await asyncio.sleep(0.1)  # the transports' close callbacks run before the loop ends
+    return result
+
+
+def department(scale: Scale, layout: Layout, work: Path, port: int = PORT) -> Department:
+    """Start the stand-ins and `airlock gateway` under ``work``, run the rounds, stop them. Pinned as
+    ``layout`` says: the gateway on the measured cores, the stand-ins and this process (the load generator) on the
+    others. Runs its own event loop (uvloop, as the gateway does): call it outside one."""
+    work.mkdir(parents=True, exist_ok=True)
+    sockets = [work / f"replica-{index}.sock" for index in range(scale.replicas)]
+    keys_file = work / "department-keys.json"
+    heads = _keys(keys_file, scale.users)
+    settings = {
+        "auth": {"api_keys_file": str(keys_file)},
+        "upstreams": [{"url": f"unix:{path}"} for path in sockets],
+        "admission": {"max_in_flight_per_replica": max(64, 2 * scale.streams_per_replica), "max_queued": 4096},
+    }
+    standins = [sys.executable, "-m", "tests.bench.paced_upstream", "--tokens", str(scale.tokens),
+                "--interval-ms", str(scale.interval_ms), *[arg for path in sockets for arg in ("--uds", str(path))]]
+    image = scanned_invoice()
+    cores = os.sched_getaffinity(0)
+    if layout.others is not None:
+        os.sched_setaffinity(0, layout.others)
+    try:
+        return _run(scale, layout, work, port, standins, settings, sockets, heads, image)
+    finally:
+        os.sched_setaffinity(0, cores)
+
+
+@contextmanager
+def _standins(argv: list[str], log_path: Path, sockets: list[Path], cpus: set[int] | None,
+              timeout_s: float = 60) -> Iterator[subprocess.Popen[bytes]]:
+    """The stand-ins' process, ready once every socket accepts a connection; stopped with SIGTERM. (Not
+    stacks.running: its readiness probe leaves a socket open when the connection is refused.)"""
+    pin = None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
+    try:
+        deadline = time.monotonic() + timeout_s
+        for path in sockets:
+            while True:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                    try:
+                        probe.connect(str(path))
+                        break
+                    except OSError:
+                        pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the stand-ins did not start: see {log_path}")
+                time.sleep(0.1)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _run(scale: Scale, layout: Layout, work: Path, port: int, standins: list[str], settings: dict[str, Any],
+         sockets: list[Path], heads: list[dict[str, str]], image: bytes) -> Department:
+    with _standins(standins, work / "standins.log", sockets, layout.others) as upstream, \
+            airlock("gateway", work / "gateway", port, settings, cpus=layout.measured) as gateway:
+        return uvloop.run(_measure(scale, layout.describe(), port, gateway.pid, upstream.pid, sockets, heads,
+                                   image))
+
+
+def main() -> int:
+    from .run import Layout  # here, not at the top: run.py imports this module
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default = Scale()
+    parser.add_argument("--replicas", type=int, default=default.replicas)
+    parser.add_argument("--streams-per-replica", type=int, default=default.streams_per_replica)
+    parser.add_argument("--tokens", type=int, default=default.tokens)
+    parser.add_argument("--interval-ms", type=float, default=default.interval_ms)
+    parser.add_argument("--duration", type=float, default=default.duration_s, help="seconds of arrivals per run")
+    parser.add_argument("--image-share", type=float, default=default.image_share)
+    parser.add_argument("--users", type=int, default=default.users)
+    parser.add_argument("--rounds", type=int, default=default.rounds)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--logs", type=Path, help="keep the processes' logs and configs here (default: deleted)")
+    args = parser.parse_args()
+    scale = Scale(args.replicas, args.streams_per_replica, args.tokens, args.interval_ms, args.duration,
+                  args.image_share, args.users, args.rounds)
+    layout = Layout.of_this_machine()
+    print(f"layout: {layout.describe()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="airlock-bench-") as scratch:
+        result = department(scale, layout, args.logs or Path(scratch))
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result.figures(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
