@@ -95,9 +95,11 @@ class Forwarder:
         self.metrics = metrics
         self.retry_after_s = retry_after_s
 
-    async def forward(self, request: EngineRequest, record: RequestRecord, send: Send) -> None:
-        """Answer ``request`` through ``send``. Raises an ``AirlockError`` (before or after the response started:
-        the boundary tells which) when no replica could answer."""
+    async def forward(self, request: EngineRequest, record: RequestRecord, send: Send,
+                      chunk_send: Send | None = None) -> None:
+        """Answer ``request`` through ``send``; a stream's chunks between its start and its end through
+        ``chunk_send`` if given (the server's own: ``metrics_middleware.server_send``). Raises an ``AirlockError``
+        (before or after the response started: the boundary tells which) when no replica could answer."""
         tried: Replica | None = None
         failure: AirlockError = self.unavailable()
         pool, model, tenant = self.pool, request.model, request.cache_salt
@@ -112,7 +114,7 @@ class Forwarder:
             tried = replica
             with pool.lease(replica):
                 try:
-                    await _Exchange(self, replica, request, record, send).run()
+                    await _Exchange(self, replica, request, record, send, chunk_send or send).run()
                     return
                 except _TryElsewhere as attempt_failed:
                     failure, same_may_retry = attempt_failed.failure, attempt_failed.same_replica_may_retry
@@ -134,12 +136,13 @@ class _Exchange:
     """One attempt on one replica."""
 
     def __init__(self, forwarder: Forwarder, replica: Replica, request: EngineRequest, record: RequestRecord,
-                 send: Send) -> None:
+                 send: Send, chunk_send: Send) -> None:
         self.forwarder = forwarder
         self.replica = replica
         self.request = request
         self.record = record
         self.send = send
+        self.chunk_send = chunk_send
 
     async def run(self) -> None:
         upstream = await self._open()
@@ -246,11 +249,13 @@ class _Exchange:
             self._give_up("broken_answer")
         if not first or ERROR_EVENT in first:  # nothing went to the client yet: another replica may answer
             self._give_up("error_event" if first else "broken_answer")
-        record, replica, send = self.record, self.replica, self.send
+        record, replica = self.record, self.replica
         record.first_byte()
         replica.made_progress()
         headers = self._headers(upstream, {"x-accel-buffering": "no"})
-        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        # The start and the end go through every layer; the chunks in between straight to the server.
+        await self.send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        send = self.chunk_send
         try:
             arrived = time.perf_counter()
             await send({"type": "http.response.body", "body": first, "more_body": True})
@@ -272,7 +277,7 @@ class _Exchange:
             raise EngineFailed(STOPPED) from exc
         finally:
             record.counted(usage.counts)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _stop_at_error_event(self, events: bytes) -> None:
         """The engine failed mid-stream and says so in an event: what came before it goes on, its own text does not

@@ -8,9 +8,10 @@ the gateway can serve, so what is measured is the work, not queueing. The gatewa
 system, so its system calls count too: ``psutil.Process.cpu_times``) is read before and after each run, and the CPU
 it spends idle over the same time (health checks, timers; measured first) is subtracted.
 
-Two answer lengths, ``short`` and ``long`` tokens, same request count and rate, alternate run by run (the order
-swapped each round, so that neither always runs on a warmer or quieter machine: the CPU is shared here). For each
-round, ``cpu = requests * (per_request + tokens * per_chunk)`` for both lengths gives
+Two answer lengths, ``short`` and ``long`` tokens, and whole answers, same request count and rate, take turns in
+blocks of 50 requests, in a rotating order (the CPU is shared here, and what else runs changes within seconds: it
+then falls on every kind alike; whole runs of each kind one after the other gave per-chunk figures from 1 to 23 us
+for the same code). For each round, ``cpu = requests * (per_request + tokens * per_chunk)`` for both lengths gives
 
     per_chunk   = (cpu_long - cpu_short) / (requests * (long - short))
     per_request = cpu_short / requests - short * per_chunk
@@ -19,7 +20,9 @@ round, ``cpu = requests * (per_request + tokens * per_chunk)`` for both lengths 
 usage events and ``[DONE]``). Whole (non-streamed) requests are measured the same way, CPU over requests. The
 figures are the median of the rounds.
 
-Run: ``python -m tests.bench.gateway_cpu [--rounds 3] [--requests 400] [--rate 40]`` (about a minute).
+Run: ``python -m tests.bench.gateway_cpu [--rounds 3] [--requests 400] [--rate 40]`` (about 1.5 minutes). To
+compare two versions of the gateway on a shared machine, run two at once (``--port``), one from each checkout: both
+gateways then share the measured core and whatever else runs on it.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ class GatewayCpu:
     def figures(self) -> dict[str, float | int | list[float]]:
         chunk, request, whole = self.per_chunk_by_round(), self.per_request_by_round(), self.whole_by_round()
         return {"short_tokens": self.short_tokens, "long_tokens": self.long_tokens, "interval_ms": self.interval_ms,
-                "rate_per_s": self.rate, "requests_per_run": self.rounds[0][0].requests, "rounds": len(self.rounds),
+                "rate_per_s": self.rate, "requests_per_kind": self.rounds[0][0].requests, "rounds": len(self.rounds),
                 "idle_cpu_per_s_ms": self.idle_cpu_per_s * 1e3,
                 "per_chunk_us": statistics.median(chunk), "per_request_us": statistics.median(request),
                 "whole_per_request_us": statistics.median(whole),
@@ -107,9 +110,9 @@ class GatewayCpu:
         f = self.figures()
         chunk_met = "met" if f["per_chunk_us"] <= TARGET_PER_CHUNK_US else "MISSED"  # type: ignore[operator]
         request_met = "met" if f["per_request_us"] <= TARGET_PER_REQUEST_US else "MISSED"  # type: ignore[operator]
-        return (f"gateway CPU ({f['rounds']} rounds of {f['requests_per_run']} requests per run, {self.rate:g}/s, "
-                f"{self.short_tokens} and {self.long_tokens} tokens {self.interval_ms:g} ms apart; idle "
-                f"{f['idle_cpu_per_s_ms']:.1f} ms/s taken out):\n"
+        return (f"gateway CPU ({f['rounds']} rounds of {f['requests_per_kind']} requests of each kind, "
+                f"{self.rate:g}/s, {self.short_tokens} and {self.long_tokens} tokens {self.interval_ms:g} ms apart; "
+                f"idle {f['idle_cpu_per_s_ms']:.1f} ms/s taken out):\n"
                 f"  per streamed chunk  {f['per_chunk_us']:7.1f} us (target <= {TARGET_PER_CHUNK_US:g}): {chunk_met}"
                 f"   by round {f['per_chunk_us_by_round']}\n"
                 f"  per streamed request{f['per_request_us']:7.1f} us (target <= {TARGET_PER_REQUEST_US:g}): "
@@ -120,7 +123,8 @@ class GatewayCpu:
 
 async def gateway_cpu(gateway: aiohttp.ClientSession, headers: dict[str, str], pid: int, *, rounds: int = 3,
                       requests: int = 400, rate: float = 40.0, short_tokens: int = SHORT_TOKENS,
-                      long_tokens: int = LONG_TOKENS, interval_ms: float = INTERVAL_MS) -> GatewayCpu:
+                      long_tokens: int = LONG_TOKENS, interval_ms: float = INTERVAL_MS,
+                      block: int = 50) -> GatewayCpu:
     """Measure the gateway process ``pid`` behind ``gateway`` (with ``headers``: its credentials). Its upstream must
     be ``instant_upstream --tokens-from-request --tokens LONG --interval-ms MS`` (answers of ``max_tokens``
     tokens)."""
@@ -131,23 +135,28 @@ async def gateway_cpu(gateway: aiohttp.ClientSession, headers: dict[str, str], p
     await asyncio.sleep(IDLE_S)
     idle_per_s = (cpu_s(pid) - idle_start) / (time.perf_counter() - idle_wall)
 
-    async def run(tokens: int, stream: bool, seed: int) -> CpuRun:
-        body = chat_request(TEXT, stream=stream, max_tokens=tokens)
-        started, wall = cpu_s(pid), time.perf_counter()
-        done = await open_loop(gateway, body, headers, rate, requests, seed=seed)
-        await asyncio.sleep(0.05)  # the last requests' ends (metrics, connection release) are counted too
-        wall = time.perf_counter() - wall
-        used = cpu_s(pid) - started - idle_per_s * wall
-        assert len(done.samples) == requests
-        return CpuRun(tokens, stream, requests, wall, used)
-
+    kinds = [(short_tokens, True), (long_tokens, True), (short_tokens, False)]
     result = GatewayCpu(short_tokens, long_tokens, interval_ms, rate, idle_per_s)
     for turn in range(rounds):
-        order = [(short_tokens, True), (long_tokens, True), (short_tokens, False)]
-        if turn % 2:
-            order.reverse()
-        done = {(tokens, stream): await run(tokens, stream, seed=turn) for tokens, stream in order}
-        result.rounds.append((done[short_tokens, True], done[long_tokens, True], done[short_tokens, False]))
+        used = {kind: 0.0 for kind in kinds}
+        walls = {kind: 0.0 for kind in kinds}
+        for number in range(-(-requests // block)):
+            # Short blocks, the kinds taking turns in a rotating order: what else runs on the shared machine
+            # changes within seconds, and so falls on every kind alike.
+            order = kinds[number % 3:] + kinds[:number % 3]
+            for tokens, stream in order:
+                body = chat_request(TEXT, stream=stream, max_tokens=tokens)
+                count = min(block, requests - number * block)
+                started, wall = cpu_s(pid), time.perf_counter()
+                done = await open_loop(gateway, body, headers, rate, count, seed=turn * 1000 + number)
+                await asyncio.sleep(0.02)  # the last requests' ends (metrics, connection release) are counted too
+                assert len(done.samples) == count
+                walls[tokens, stream] += time.perf_counter() - wall
+                used[tokens, stream] += cpu_s(pid) - started
+        short, long, whole = (CpuRun(tokens, stream, requests, walls[tokens, stream],
+                                     used[tokens, stream] - idle_per_s * walls[tokens, stream])
+                              for tokens, stream in kinds)
+        result.rounds.append((short, long, whole))
     return result
 
 
@@ -164,7 +173,7 @@ async def _main(args: argparse.Namespace) -> GatewayCpu:
                 _profile(proxied.gateway_pid, args.profile, args.native)
             return await gateway_cpu(proxied.gateway, proxied.headers, proxied.gateway_pid, rounds=args.rounds,
                                      requests=args.requests, rate=args.rate, short_tokens=args.short,
-                                     long_tokens=args.long, interval_ms=args.interval_ms)
+                                     long_tokens=args.long, interval_ms=args.interval_ms, block=args.block)
 
 
 def _profile(pid: int, out: Path, with_native: bool) -> None:
@@ -188,6 +197,7 @@ def main() -> None:
     parser.add_argument("--short", type=int, default=SHORT_TOKENS)
     parser.add_argument("--long", type=int, default=LONG_TOKENS)
     parser.add_argument("--interval-ms", type=float, default=INTERVAL_MS)
+    parser.add_argument("--block", type=int, default=50, help="requests of one kind before the next kind's turn")
     parser.add_argument("--port", type=int, default=18697)
     parser.add_argument("--profile", type=Path, help="record a py-spy profile here (speedscope; raw if *.txt)")
     parser.add_argument("--native", action="store_true", help="with native frames (slows the gateway down)")
