@@ -23,10 +23,6 @@ M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 128 * 1024
 ARENA_MAX = 2
-# Young collections every this many new container objects (CPython's default: 700). A request makes thousands, and
-# each young collection walks all that are still alive: py-spy (native) showed 4-5% of the gateway's CPU in them
-# under tests/bench/gateway_cpu. Garbage in cycles (rare: an exception's traceback) waits a little longer.
-GC_YOUNG_THRESHOLD = 10_000
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -44,11 +40,9 @@ def settle_heap() -> None:
     """Called once the gateway is built, before it serves: everything made so far (modules, settings, the app) lives
     as long as the process, so it is taken out of the garbage collector's sight. A full collection otherwise walks
     ~90,000 objects, and stalled every request for 55-65 ms once per few thousand (`make bench`, pure proxy: the p99
-    at concurrency 32 went from 79 to 14 ms). In the server processes only: frozen objects are never collected.
-    Young collections then come less often (``GC_YOUNG_THRESHOLD``)."""
+    at concurrency 32 went from 79 to 14 ms). In the server processes only: frozen objects are never collected."""
     gc.collect()  # nothing that is already garbage gets frozen
     gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def tune_malloc() -> bool:

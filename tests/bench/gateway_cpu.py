@@ -48,10 +48,10 @@ SHORT_TOKENS, LONG_TOKENS, INTERVAL_MS = 8, 128, 2.0
 IDLE_S = 5.0  # psutil reads the kernel's ticks: 10 ms each
 
 
-def cpu_s(pid: int) -> float:
-    """User and system CPU time of the process so far."""
+def cpu_s(pid: int) -> tuple[float, float]:
+    """User and system (the kernel's work for it: system calls, the loopback network) CPU time of the process."""
     times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
+    return times.user + times.system, times.system
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,7 @@ class CpuRun:
     requests: int
     wall_s: float
     cpu_s: float
+    system_s: float  # of cpu_s, in the kernel
 
     @property
     def per_request_us(self) -> float:
@@ -84,6 +85,11 @@ class GatewayCpu:
     def _per_chunk_us(self, short: CpuRun, long: CpuRun) -> float:
         return (long.cpu_s - short.cpu_s) / (short.requests * (long.tokens - short.tokens)) * 1e6
 
+    def system_per_chunk_by_round(self) -> list[float]:
+        """The kernel's part of the cost per chunk."""
+        return [(long.system_s - short.system_s) / (short.requests * (long.tokens - short.tokens)) * 1e6
+                for short, long, _ in self.rounds]
+
     def per_chunk_by_round(self) -> list[float]:
         return [self._per_chunk_us(short, long) for short, long, _ in self.rounds]
 
@@ -99,7 +105,9 @@ class GatewayCpu:
         return {"short_tokens": self.short_tokens, "long_tokens": self.long_tokens, "interval_ms": self.interval_ms,
                 "rate_per_s": self.rate, "requests_per_kind": self.rounds[0][0].requests, "rounds": len(self.rounds),
                 "idle_cpu_per_s_ms": self.idle_cpu_per_s * 1e3,
-                "per_chunk_us": statistics.median(chunk), "per_request_us": statistics.median(request),
+                "per_chunk_us": statistics.median(chunk),
+                "system_per_chunk_us": statistics.median(self.system_per_chunk_by_round()),
+                "per_request_us": statistics.median(request),
                 "whole_per_request_us": statistics.median(whole),
                 "per_chunk_us_by_round": [round(value, 1) for value in chunk],
                 "per_request_us_by_round": [round(value, 1) for value in request],
@@ -114,7 +122,7 @@ class GatewayCpu:
                 f"{self.rate:g}/s, {self.short_tokens} and {self.long_tokens} tokens {self.interval_ms:g} ms apart; "
                 f"idle {f['idle_cpu_per_s_ms']:.1f} ms/s taken out):\n"
                 f"  per streamed chunk  {f['per_chunk_us']:7.1f} us (target <= {TARGET_PER_CHUNK_US:g}): {chunk_met}"
-                f"   by round {f['per_chunk_us_by_round']}\n"
+                f"   by round {f['per_chunk_us_by_round']}; in the kernel {f['system_per_chunk_us']:.1f} us\n"
                 f"  per streamed request{f['per_request_us']:7.1f} us (target <= {TARGET_PER_REQUEST_US:g}): "
                 f"{request_met}   by round {f['per_request_us_by_round']}\n"
                 f"  per whole request   {f['whole_per_request_us']:7.1f} us"
@@ -131,14 +139,15 @@ async def gateway_cpu(gateway: aiohttp.ClientSession, headers: dict[str, str], p
     warm = chat_request(TEXT, stream=True, max_tokens=short_tokens)
     await open_loop(gateway, warm, headers, rate, max(20, requests // 10), seed=99)  # connections, caches
     await asyncio.sleep(0.5)
-    idle_start, idle_wall = cpu_s(pid), time.perf_counter()
+    idle_start, idle_wall = cpu_s(pid)[0], time.perf_counter()
     await asyncio.sleep(IDLE_S)
-    idle_per_s = (cpu_s(pid) - idle_start) / (time.perf_counter() - idle_wall)
+    idle_per_s = (cpu_s(pid)[0] - idle_start) / (time.perf_counter() - idle_wall)
 
     kinds = [(short_tokens, True), (long_tokens, True), (short_tokens, False)]
     result = GatewayCpu(short_tokens, long_tokens, interval_ms, rate, idle_per_s)
     for turn in range(rounds):
         used = {kind: 0.0 for kind in kinds}
+        system = {kind: 0.0 for kind in kinds}
         walls = {kind: 0.0 for kind in kinds}
         for number in range(-(-requests // block)):
             # Short blocks, the kinds taking turns in a rotating order: what else runs on the shared machine
@@ -152,9 +161,12 @@ async def gateway_cpu(gateway: aiohttp.ClientSession, headers: dict[str, str], p
                 await asyncio.sleep(0.02)  # the last requests' ends (metrics, connection release) are counted too
                 assert len(done.samples) == count
                 walls[tokens, stream] += time.perf_counter() - wall
-                used[tokens, stream] += cpu_s(pid) - started
+                ended = cpu_s(pid)
+                used[tokens, stream] += ended[0] - started[0]
+                system[tokens, stream] += ended[1] - started[1]
         short, long, whole = (CpuRun(tokens, stream, requests, walls[tokens, stream],
-                                     used[tokens, stream] - idle_per_s * walls[tokens, stream])
+                                     used[tokens, stream] - idle_per_s * walls[tokens, stream],
+                                     system[tokens, stream])
                               for tokens, stream in kinds)
         result.rounds.append((short, long, whole))
     return result
