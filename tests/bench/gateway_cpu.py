@@ -5,8 +5,9 @@ measured core as ``run.Layout`` does, in front of ``instant_upstream`` (the one 
 would drown the gateway's microseconds), paced with ``--interval-ms`` so that each token event arrives as a read of
 its own, as at a GPU's pace. Requests arrive at random (an open loop, ``load.open_loop``) at a rate well below what
 the gateway can serve, so what is measured is the work, not queueing. The gateway process's CPU time (user and
-system, so its system calls count too: ``psutil.Process.cpu_times``) is read before and after each run, and the CPU
-it spends idle over the same time (health checks, timers; measured first) is subtracted.
+system, so its system calls count too: ``psutil.Process.cpu_times``, in 10 ms ticks) is read before and after each
+block of requests, and the CPU it spends idle over the same time (health checks, timers; measured first) is
+subtracted.
 
 Two answer lengths, ``short`` and ``long`` tokens, and whole answers, same request count and rate, take turns in
 blocks of 50 requests, in a rotating order (the CPU is shared here, and what else runs changes within seconds: it
@@ -20,7 +21,7 @@ for the same code). For each round, ``cpu = requests * (per_request + tokens * p
 usage events and ``[DONE]``). Whole (non-streamed) requests are measured the same way, CPU over requests. The
 figures are the median of the rounds.
 
-Run: ``python -m tests.bench.gateway_cpu [--rounds 3] [--requests 400] [--rate 40]`` (about 1.5 minutes). To
+Run: ``python -m tests.bench.gateway_cpu [--rounds 3] [--requests 400] [--rate 40]`` (about 2 minutes). To
 compare two versions of the gateway on a shared machine, run two at once (``--port``), one from each checkout: both
 gateways then share the measured core and whatever else runs on it.
 """
@@ -129,6 +130,11 @@ class GatewayCpu:
                 f"   by round {f['whole_per_request_us_by_round']}")
 
 
+def upstream_args(long_tokens: int = LONG_TOKENS, interval_ms: float = INTERVAL_MS) -> list[str]:
+    """What ``instant_upstream`` needs for ``gateway_cpu`` (``run.behind_gateway``'s ``upstream_args``)."""
+    return ["--tokens", str(long_tokens), "--interval-ms", str(interval_ms), "--tokens-from-request"]
+
+
 async def gateway_cpu(gateway: aiohttp.ClientSession, headers: dict[str, str], pid: int, *, rounds: int = 3,
                       requests: int = 400, rate: float = 40.0, short_tokens: int = SHORT_TOKENS,
                       long_tokens: int = LONG_TOKENS, interval_ms: float = INTERVAL_MS,
@@ -178,7 +184,7 @@ async def _main(args: argparse.Namespace) -> GatewayCpu:
     layout = Layout.of_this_machine()
     if layout.others is not None:
         os.sched_setaffinity(0, layout.others)  # the load and the stand-in engine stay off the measured core
-    upstream = ["--tokens", str(args.long), "--interval-ms", str(args.interval_ms), "--tokens-from-request"]
+    upstream = upstream_args(args.long, args.interval_ms)
     with tempfile.TemporaryDirectory(prefix="airlock-gateway-cpu-") as work:
         async with behind_gateway(Path(work), "cpu", args.port, upstream, layout) as proxied:
             if args.profile:
