@@ -33,11 +33,13 @@ ENGINE_ERROR = b'data: {"error":{"message":"EngineCore died at /srv/secret.py","
 # the gateway): several events together, an event split in three, the usage event split in two.
 PIECES = [ROLE + WORD, WORD[:7], WORD[7:30], WORD[30:] + WORD, FINISH + USAGE[:20], USAGE[20:], DONE]
 PAUSE_S = 0.05
+READ_TIMEOUT_S = 1.0
+STALL_S = 3.0
 
 
 class ScriptedEngine:
-    """Answers every chat completion with ``PIECES`` (or, for the prompt "error", two words and an error event
-    written together)."""
+    """Answers every chat completion with ``PIECES`` (for the prompt "error": two words and an error event written
+    together; "stall": a word, then silence)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,10 +60,12 @@ class ScriptedEngine:
         request = json.loads(body)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"x-engine", b"vllm")]})
-        pieces = [ROLE, WORD + WORD + ENGINE_ERROR + DONE] if request["messages"][0]["content"] == "error" else PIECES
-        for piece in pieces:
+        prompt = request["messages"][0]["content"]
+        pieces = {"error": [ROLE, WORD + WORD + ENGINE_ERROR + DONE], "stall": [ROLE, WORD, WORD]}.get(prompt, PIECES)
+        for number, piece in enumerate(pieces):
             await send({"type": "http.response.body", "body": piece, "more_body": True})
-            await asyncio.sleep(PAUSE_S)
+            # "stall": silent after its first word, for longer than the gateway's read timeout
+            await asyncio.sleep(STALL_S if prompt == "stall" and number == 1 else PAUSE_S)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod
@@ -74,7 +78,8 @@ class ScriptedEngine:
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     engine_socket = tmp_path_factory.mktemp("scripted") / "engine.sock"
     port = free_port()
-    app = create_app(load_settings(gateway={"port": port, "health_interval_s": 0.5}), [f"unix:{engine_socket}"])
+    settings = load_settings(gateway={"port": port, "health_interval_s": 0.5, "read_timeout_s": READ_TIMEOUT_S})
+    app = create_app(settings, [f"unix:{engine_socket}"])
     with ThreadedServer(ScriptedEngine(), uds=str(engine_socket)), ThreadedServer(app, host="127.0.0.1", port=port):
         yield wait_until_ready(f"http://127.0.0.1:{port}")
 
@@ -112,6 +117,17 @@ def test_an_error_event_read_together_with_words_ends_the_stream_after_them(gate
     assert len(events) == 2 and events[1] == b""  # one event, the gateway's own, and nothing after it
     assert json.loads(events[0].removeprefix(b"data: "))["error"]["code"] == "engine_error"
     assert b"EngineCore" not in body and b"[DONE]" not in body
+
+
+def test_an_engine_silent_mid_stream_for_longer_than_the_read_timeout_ends_it_with_an_error_event(
+        gateway: str) -> None:
+    response, reads = stream(gateway, "stall")
+    body = b"".join(reads)
+    assert body.startswith(ROLE + WORD)
+    events = body[len(ROLE + WORD):].split(b"\n\n")
+    assert len(events) == 2 and events[1] == b""  # the second word never came: the gateway's event, nothing else
+    error = json.loads(events[0].removeprefix(b"data: "))["error"]
+    assert error["message"] == "the model engine stopped while answering" and response.status_code == 200
 
 
 def output_tokens(gateway: str) -> float:
