@@ -299,10 +299,10 @@ class _Exchange:
 
 class _Silence:
     """The longest silence of an engine in a stream once it has started, as aiohttp's ``sock_read`` bounds it (the
-    same timeout, the same ``SocketTimeoutError`` at the same moment), with one timer per timeout rather than one per
-    chunk: aiohttp cancels and sets a timer at every read, 3 us of the gateway's CPU per chunk (``tests/bench/
-    gateway_cpu``, side by side). The engine is silent while the relay waits for it: all it sent has been read,
-    and nothing came since ``last``."""
+    same timeout, the same ``SocketTimeoutError``), with one timer per timeout rather than one per chunk: aiohttp
+    cancels and sets a timer at every read, 2 to 3 us of the gateway's CPU per chunk (``tests/bench/gateway_cpu``,
+    side by side). The engine is silent while the relay waits for it: all it sent has been read, and nothing came
+    since ``last``."""
 
     __slots__ = ("_content", "_handle", "_read", "_timeout_s", "last")
 
