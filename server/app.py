@@ -112,8 +112,8 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     expiry the metrics show; ``engine_limits``: the engines' image budget and max_num_seqs as the engine plan chose
     them (default: from ``config.engine``, for a gateway in front of engines it did not start).
 
-    Every API request goes, outermost first: HSTS (over TLS) -> ``MetricsMiddleware`` (a ``RequestRecord``,
-    observed at the end) -> ``ErrorBoundary`` (renders every error) -> ``EngineRoutes`` (the engine routes, step
+    Every API request goes, outermost first: ``MetricsMiddleware`` (a ``RequestRecord``, observed at the end) ->
+    HSTS (over TLS) -> ``ErrorBoundary`` (renders every error) -> ``EngineRoutes`` (the engine routes, step
     by step: see ``request_path``) -> ``HeadAsGet`` -> FastAPI (models, privacy, probes, metrics, console).
     """
     settings = config.gateway
@@ -228,10 +228,12 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     other_routes = HeadAsGet(BoundedBody(app, settings.max_body_bytes))
     engine_routes = EngineRoutes(other_routes, config, callers, admission, access, pool, documents, screening,
                                  forwarder)
-    api: ASGIApp = MetricsMiddleware(ErrorBoundary(engine_routes, metrics), metrics=metrics)
+    api: ASGIApp = ErrorBoundary(engine_routes, metrics)
     if settings.tls.enabled or settings.tls_terminated_by_proxy:
         # Every answer that travelled over TLS (here or at the trusted proxy) tells browsers to keep to https.
         api = with_hsts(api, settings.tls.hsts_max_age_s)
+    # Outermost: it hands the server's own send to the engine routes' streamed chunks (server_send).
+    api = MetricsMiddleware(api, metrics=metrics)
     separate = config.metrics.listener == "separate"
     return Gateway(api, metrics_app(metrics_endpoint(config, metrics, pool)) if separate else None)
 

@@ -10,6 +10,7 @@ never a silent truncation. An engine's own error text never reaches the client.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import time
@@ -95,9 +96,11 @@ class Forwarder:
         self.metrics = metrics
         self.retry_after_s = retry_after_s
 
-    async def forward(self, request: EngineRequest, record: RequestRecord, send: Send) -> None:
-        """Answer ``request`` through ``send``. Raises an ``AirlockError`` (before or after the response started:
-        the boundary tells which) when no replica could answer."""
+    async def forward(self, request: EngineRequest, record: RequestRecord, send: Send,
+                      chunk_send: Send | None = None) -> None:
+        """Answer ``request`` through ``send``; a stream's chunks between its start and its end through
+        ``chunk_send`` if given (the server's own: ``metrics_middleware.server_send``). Raises an ``AirlockError``
+        (before or after the response started: the boundary tells which) when no replica could answer."""
         tried: Replica | None = None
         failure: AirlockError = self.unavailable()
         pool, model, tenant = self.pool, request.model, request.cache_salt
@@ -112,7 +115,7 @@ class Forwarder:
             tried = replica
             with pool.lease(replica):
                 try:
-                    await _Exchange(self, replica, request, record, send).run()
+                    await _Exchange(self, replica, request, record, send, chunk_send or send).run()
                     return
                 except _TryElsewhere as attempt_failed:
                     failure, same_may_retry = attempt_failed.failure, attempt_failed.same_replica_may_retry
@@ -134,12 +137,13 @@ class _Exchange:
     """One attempt on one replica."""
 
     def __init__(self, forwarder: Forwarder, replica: Replica, request: EngineRequest, record: RequestRecord,
-                 send: Send) -> None:
+                 send: Send, chunk_send: Send) -> None:
         self.forwarder = forwarder
         self.replica = replica
         self.request = request
         self.record = record
         self.send = send
+        self.chunk_send = chunk_send
 
     async def run(self) -> None:
         upstream = await self._open()
@@ -234,11 +238,13 @@ class _Exchange:
         read = upstream.content.readany  # b"" at the end (plain calls: an async iterator costs more per chunk)
         usage = StreamUsage(self.request.remove_usage_event)
         first = b""
+        taken = 0  # bytes read so far
         try:
             while not first:
                 chunk = await read()
                 if not chunk:
                     break
+                taken += len(chunk)
                 first = usage.feed(chunk)  # whole events only, so an error event is seen whole
         except TimeoutError as exc:
             raise self._timed_out() from exc
@@ -246,17 +252,22 @@ class _Exchange:
             self._give_up("broken_answer")
         if not first or ERROR_EVENT in first:  # nothing went to the client yet: another replica may answer
             self._give_up("error_event" if first else "broken_answer")
-        record, replica, send = self.record, self.replica, self.send
+        record, replica = self.record, self.replica
         record.first_byte()
         replica.made_progress()
         headers = self._headers(upstream, {"x-accel-buffering": "no"})
-        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        # The start and the end go through every layer; the chunks in between straight to the server.
+        await self.send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        send = self.chunk_send
+        silence = _Silence.instead_of_sock_read(upstream, taken)
         try:
             arrived = time.perf_counter()
             await send({"type": "http.response.body", "body": first, "more_body": True})
             record.relayed(arrived)
             while chunk := await read():
                 arrived = time.perf_counter()
+                if silence is not None:
+                    silence.heard(arrived, len(chunk))
                 replica.made_progress()
                 events = usage.feed(chunk)
                 if events:
@@ -272,7 +283,9 @@ class _Exchange:
             raise EngineFailed(STOPPED) from exc
         finally:
             record.counted(usage.counts)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if silence is not None:
+                silence.cancel()
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _stop_at_error_event(self, events: bytes) -> None:
         """The engine failed mid-stream and says so in an event: what came before it goes on, its own text does not
@@ -282,6 +295,51 @@ class _Exchange:
             await self.send({"type": "http.response.body", "body": before, "more_body": True})
         self.forwarder.failed(self.replica, "error_event")
         raise EngineFailed(STOPPED)
+
+
+class _Silence:
+    """The longest silence of an engine in a stream once it has started, as aiohttp's ``sock_read`` bounds it (the
+    same timeout, the same ``SocketTimeoutError``), with one timer per timeout rather than one per chunk: aiohttp
+    cancels and sets a timer at every read, 2 to 3 us of the gateway's CPU per chunk (``tests/bench/gateway_cpu``,
+    side by side). The engine is silent while the relay waits for it: all it sent has been read, and nothing came
+    since ``last``."""
+
+    __slots__ = ("_content", "_handle", "_read", "_timeout_s", "last")
+
+    def __init__(self, content: aiohttp.StreamReader, timeout_s: float, taken: int) -> None:
+        self._content = content
+        self._timeout_s = timeout_s
+        self._read = taken  # of the body's bytes (content.total_bytes: all that came)
+        self.last = time.perf_counter()
+        self._handle = asyncio.get_running_loop().call_later(timeout_s, self._check)
+
+    @classmethod
+    def instead_of_sock_read(cls, upstream: aiohttp.ClientResponse, taken: int) -> _Silence | None:
+        """Take over the response's read timeout, if it has one (None: nothing to take over); ``taken``: bytes of
+        the body the relay has read so far."""
+        protocol = upstream.connection.protocol if upstream.connection is not None else None
+        if protocol is None or not protocol.read_timeout:
+            return None
+        silence = cls(upstream.content, protocol.read_timeout, taken)
+        protocol.read_timeout = None  # aiohttp's own timer is dropped at its next read
+        return silence
+
+    def heard(self, at: float, size: int) -> None:
+        """``size`` bytes read at ``at``."""
+        self.last = at
+        self._read += size
+
+    def _check(self) -> None:
+        now = time.perf_counter()
+        waiting = self._content.total_bytes == self._read  # else bytes wait for the relay (a slow client)
+        left = self._timeout_s - (now - self.last) if waiting else self._timeout_s
+        if left > 0:
+            self._handle = asyncio.get_running_loop().call_later(left, self._check)
+            return
+        self._content.set_exception(aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 def document_too_long(engine_message: str) -> InvalidRequest:

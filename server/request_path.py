@@ -46,7 +46,7 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .metrics import UNKNOWN_MODEL, RequestRecord
-from .metrics_middleware import request_record
+from .metrics_middleware import request_record, server_send
 from .payload import parse_request
 from .proxy import EngineRequest, Forwarder
 from .screening import Route, Screening
@@ -100,7 +100,7 @@ class EngineRoutes:
                 queued_at = time.perf_counter()
                 async with self.admission.queue(model).slot(principal.key, forwarded.cost):
                     record.admitted(queued_at)
-                    await self.forwarder.forward(forwarded, record, send)
+                    await self.forwarder.forward(forwarded, record, send, server_send(scope))
 
     def _authorize(self, principal: Principal, payload: dict[str, Any], record: RequestRecord) -> str:
         """The model asked for, if ``principal`` may use it and a replica serves it."""
