@@ -4,6 +4,8 @@
 2. Pure proxy cost: `airlock gateway` (API keys, screening, metrics: all on) in front of an upstream that answers
    at once, against that upstream directly: added latency and requests per second, concurrency 1 to 256.
 3. Memory: the gateway's RSS over thousands of requests carrying 1 MB images, and its peak per in-flight image.
+   Then nginx in front of the same upstream, and the gateway's CPU per streamed chunk and per request
+   (``gateway_cpu``).
 4. Against a real vLLM replica (`airlock up`, the tiny Qwen3-VL on this machine's engine): time to first token,
    end-to-end latency and output tokens per second at concurrency 1, 8, 32, 64, streamed and not, with an image;
    straight to vLLM, through the gateway and through nginx (Debian's, with an API-key check) in alternating rounds.
@@ -31,6 +33,8 @@ import aiohttp
 import psutil
 
 from .engine_overhead import KINDS, engine_overheads
+from .gateway_cpu import gateway_cpu
+from .gateway_cpu import upstream_args as cpu_upstream_args
 from .load import session
 from .nginx_proxy import nginx_proxy
 from .proxy_cost import memory_use, paced_streams, proxy_costs, summary
@@ -199,6 +203,14 @@ async def nginx_pure_proxy(work: Path, args: argparse.Namespace, layout: Layout,
               "airlock_rps": "airlock req/s"})
 
 
+async def cpu_cost(work: Path, layout: Layout, results: dict[str, Any]) -> None:
+    """The gateway's CPU per streamed chunk and per request (``gateway_cpu``: its method and targets)."""
+    async with behind_gateway(work, "cpu", 18613, cpu_upstream_args(), layout) as proxied:
+        measured = await gateway_cpu(proxied.gateway, proxied.headers, proxied.gateway_pid)
+    results["gateway_cpu"] = measured.figures()
+    print("\n" + measured.report())
+
+
 def profile(pid: int, out: Path) -> None:
     """py-spy samples the gateway for the next 30 s (the pure-proxy runs), in the background."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -325,6 +337,7 @@ def main() -> int:
         if not args.skip_proxy:
             asyncio.run(pure_proxy(Path(work), args, layout, results))
             asyncio.run(nginx_pure_proxy(Path(work), args, layout, results))
+            asyncio.run(cpu_cost(Path(work), layout, results))
         if not args.skip_engine:
             asyncio.run(real_engine(Path(work), args, layout, results))
     print()
