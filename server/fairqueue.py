@@ -79,8 +79,11 @@ class FairQueue:
 
     def user_cap(self, capacity: Capacity) -> int:
         """Slots one user may hold: all but ``reserved_slots_per_replica`` per replica (at least one), so that
-        a newcomer finds a slot free instead of waiting for someone's long answer to end."""
-        return max(1, capacity.slots - self._settings.reserved_slots_per_replica * capacity.replicas)
+        a newcomer finds a slot free instead of waiting for someone's long answer to end. With
+        ``gateway_replicas`` gateways sharing the engines, this one keeps its part of the reservation (rounded up)."""
+        settings = self._settings
+        reserved = -(-settings.reserved_slots_per_replica * capacity.replicas // settings.gateway_replicas)
+        return max(1, capacity.slots - reserved)
 
     async def _acquire(self, user: str, cost: float) -> None:
         settings = self._settings

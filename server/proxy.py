@@ -302,7 +302,9 @@ class _Silence:
     same timeout, the same ``SocketTimeoutError``), with one timer per timeout rather than one per chunk: aiohttp
     cancels and sets a timer at every read, 2 to 3 us of the gateway's CPU per chunk (``tests/bench/gateway_cpu``,
     side by side). The engine is silent while the relay waits for it: all it sent has been read, and nothing came
-    since ``last``."""
+    since ``last``. While bytes wait for a slow client the engine is not counted silent, so a stall behind a slow
+    client is seen within at most twice the timeout (aiohttp: once). Once the engine's answer has ended (EOF, as
+    aiohttp drops its own timer then), nothing fires."""
 
     __slots__ = ("_content", "_handle", "_read", "_timeout_s", "last")
 
@@ -330,6 +332,8 @@ class _Silence:
         self._read += size
 
     def _check(self) -> None:
+        if self._content.is_eof():
+            return  # the answer is all in: a slow client's wait is no silence of the engine's
         now = time.perf_counter()
         waiting = self._content.total_bytes == self._read  # else bytes wait for the relay (a slow client)
         left = self._timeout_s - (now - self.last) if waiting else self._timeout_s

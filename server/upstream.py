@@ -300,6 +300,10 @@ class ReplicaPool:
         if self._gateways > 1 and limit != replica.max_in_flight:
             log.info("replica %d: this gateway, one of %d (admission.gateway_replicas), sends it %d of those at once",
                      replica.index, self._gateways, limit)
+            if whole < self._gateways:
+                log.warning("replica %d holds %d requests at once, fewer than the %d gateways sharing it: each still "
+                            "sends it 1, and vLLM queues the rest first come, first served", replica.index, whole,
+                            self._gateways)
         replica.max_in_flight = limit
         replica.capacity_known = tokens is not None
 

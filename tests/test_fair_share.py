@@ -181,6 +181,20 @@ def test_a_slot_is_kept_free_for_others_so_a_newcomer_starts_at_once() -> None:
     assert asyncio.run(scenario(reserved=0)) == (False, 8)  # A fills them all: B waits for one to end
 
 
+def test_gateways_sharing_the_engines_each_keep_their_part_of_the_reserved_slots() -> None:
+    """Two gateways, each with half of two replicas' slots (admission.gateway_replicas: 2): one slot per replica is
+    kept in all, so each gateway keeps one (2 replicas x 1 / 2 gateways), not one per replica of its own; with three
+    gateways the part is rounded up, so together they keep at least what was asked."""
+    def cap(reserved: int, gateways: int, slots: int) -> int:
+        settings = AdmissionSettings(reserved_slots_per_replica=reserved, gateway_replicas=gateways)
+        return FairQueue(settings, lambda: Capacity(slots, replicas=2)).user_cap(Capacity(slots, replicas=2))
+
+    assert cap(1, 1, 8) == 6  # one gateway: all but one per replica
+    assert cap(1, 2, 4) == 3  # each of two gateways keeps one of its four
+    assert cap(1, 3, 2) == 1  # ceil(2 / 3) = 1 kept, at least one for the user
+    assert cap(2, 3, 6) == 4  # ceil(4 / 3) = 2 kept
+
+
 def test_replicas_of_unequal_size_keep_one_slot_each_for_newcomers() -> None:
     async def scenario() -> int:
         queue = FairQueue(AdmissionSettings(reserved_slots_per_replica=1), Capacity(4 + 6, replicas=2))

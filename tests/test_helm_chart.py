@@ -786,6 +786,10 @@ def test_each_gateway_pod_sends_the_engines_its_share_of_their_slots() -> None:
                                  "settings": {"admission": {"reserved_slots_per_replica": 2}}}})
     admission = Settings(**gateway_settings_of(scaled)).admission
     assert (admission.gateway_replicas, admission.reserved_slots_per_replica) == (5, 2)
+    # A rollout replaces one pod at a time: a surge pod would be one share too many.
+    assert named(render({}), "Deployment", "airlock-gateway")["spec"]["strategy"]["rollingUpdate"] == {
+        "maxSurge": 0, "maxUnavailable": 1}
+    assert "strategy" not in named(render({"gateway": {"replicas": 1}}), "Deployment", "airlock-gateway")["spec"]
     with pytest.raises(helm.HelmError, match=r"gateway.settings.admission.gateway_replicas is set by the chart from "
                                              r"gateway.replicas"):
         helm.Chart.load(CHART).render({"gateway": {"settings": {"admission": {"gateway_replicas": 1}}}}, name=RELEASE,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -35,6 +36,9 @@ PIECES = [ROLE + WORD, WORD[:7], WORD[7:30], WORD[30:] + WORD, FINISH + USAGE[:2
 PAUSE_S = 0.05
 READ_TIMEOUT_S = 1.0
 STALL_S = 3.0
+# "long": an answer larger than the sockets' buffers (about 8 MB), so that a client that stops reading holds the
+# gateway's writes while the engine has finished.
+LONG_WORDS = 120_000
 
 
 class ScriptedEngine:
@@ -61,7 +65,8 @@ class ScriptedEngine:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"x-engine", b"vllm")]})
         prompt = request["messages"][0]["content"]
-        pieces = {"error": [ROLE, WORD + WORD + ENGINE_ERROR + DONE], "stall": [ROLE, WORD, WORD]}.get(prompt, PIECES)
+        pieces = {"error": [ROLE, WORD + WORD + ENGINE_ERROR + DONE], "stall": [ROLE, WORD, WORD],
+                  "long": [ROLE, WORD * LONG_WORDS + FINISH + DONE]}.get(prompt, PIECES)
         for number, piece in enumerate(pieces):
             await send({"type": "http.response.body", "body": piece, "more_body": True})
             # "stall": silent after its first word, for longer than the gateway's read timeout
@@ -128,6 +133,22 @@ def test_an_engine_silent_mid_stream_for_longer_than_the_read_timeout_ends_it_wi
     assert len(events) == 2 and events[1] == b""  # the second word never came: the gateway's event, nothing else
     error = json.loads(events[0].removeprefix(b"data: "))["error"]
     assert error["message"] == "the model engine stopped while answering" and response.status_code == 200
+
+
+def test_a_client_that_stops_reading_for_longer_than_the_read_timeout_still_gets_the_whole_answer(
+        gateway: str) -> None:
+    """The engine sends a long answer at once and ends; the client stops reading for more than twice the read
+    timeout, so the gateway waits in its writes with the engine's bytes waiting to be relayed. That is no silence of
+    the engine's (the read timeout's own timer, ``proxy._Silence``, must not fire), so the client gets every byte
+    and no error event when it reads on. (The case where the gateway waits in its last write with the answer all
+    read and ended, which ``_Silence`` also lets pass, depends on the sockets' buffer sizes: it is not staged.)"""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "long"}], "stream": True}
+    with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body, timeout=30) as response:
+        reads = response.iter_raw()
+        received = next(reads)
+        time.sleep(2 * READ_TIMEOUT_S + 1.5)
+        received += b"".join(reads)
+    assert received == ROLE + WORD * LONG_WORDS + FINISH + DONE
 
 
 def output_tokens(gateway: str) -> float:

@@ -107,6 +107,7 @@ def nginx_proxy(work: Path, port: int, upstream_socket: Path, authorization: str
     stopped with SIGTERM at the end."""
     work.mkdir(parents=True, exist_ok=True)
     config = work / "nginx.conf"
+    config.touch(mode=0o600)  # it holds the benchmark's API key
     config.write_text(nginx_config(work, port, upstream_socket, authorization))
     # -e: the error log before the config is read (else Debian's /var/log/nginx); -g: in the foreground.
     argv = [NGINX, "-p", str(work), "-c", str(config), "-e", str(work / "nginx-error.log"), "-g", "daemon off;"]
