@@ -153,17 +153,22 @@ def test_a_fallback_is_replaced_once_the_engine_says(tmp_path: Path) -> None:
         assert asyncio.run(check()) == [FALLBACK_IN_FLIGHT, 2097152 // 32768]
 
 
-def test_a_fixed_limit_is_used_as_is_and_the_metrics_are_not_read(tmp_path: Path) -> None:
-    async def check(url: str) -> int:
-        pool = ReplicaPool([url], load_settings().gateway, LeastOutstanding(), 3)
+def fixed_limit(url: str, limit: int, gateways: int = 1) -> int:
+    """The in-flight limit a pool with a fixed ``limit`` gives the replica at ``url``."""
+    async def check() -> int:
+        pool = ReplicaPool([url], load_settings().gateway, LeastOutstanding(), limit, gateway_replicas=gateways)
         try:
             await pool.check_all()
             return pool.replicas[0].max_in_flight
         finally:
             await pool.close()
 
+    return asyncio.run(check())
+
+
+def test_a_fixed_limit_is_used_as_is_and_the_metrics_are_not_read(tmp_path: Path) -> None:
     with stand_in(tmp_path, CAPTURED) as url:
-        assert asyncio.run(check(url)) == 3
+        assert fixed_limit(url, 3) == 3
 
 
 def test_gateways_sharing_the_engines_each_take_their_share_of_every_limit(
@@ -172,19 +177,11 @@ def test_gateways_sharing_the_engines_each_take_their_share_of_every_limit(
     give an engine no more than it holds: each takes half of what the engine holds (learnt or fixed), at least 1."""
     caplog.set_level(logging.INFO, "server.upstream")
 
-    async def fixed(url: str, limit: int, gateways: int) -> int:
-        pool = ReplicaPool([url], load_settings().gateway, LeastOutstanding(), limit, gateway_replicas=gateways)
-        try:
-            await pool.check_all()
-            return pool.replicas[0].max_in_flight
-        finally:
-            await pool.close()
-
     with stand_in(tmp_path, CAPTURED) as url:
         assert learnt_limits(url, expected_tokens_per_request=32768, gateway_replicas=2) == [32]  # 64 / 2
         assert learnt_limits(url, expected_tokens_per_request=32768, gateway_replicas=3) == [21]
-        assert asyncio.run(fixed(url, 64, 2)) == 32
-        assert asyncio.run(fixed(url, 1, 2)) == 1  # never 0: every gateway can serve
+        assert fixed_limit(url, 64, 2) == 32
+        assert fixed_limit(url, 1, 2) == 1  # never 0: every gateway can serve
     assert "replica 0: this gateway, one of 2 (admission.gateway_replicas), sends it 32 of those at once" in [
         record.getMessage() for record in caplog.records]
 

@@ -40,13 +40,10 @@ import io
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,7 +56,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from server.auth.apikeys import format_keys, new_key
 
 from .load import MODEL, percentile, session
-from .stacks import ROOT, airlock
+from .stacks import airlock, running
 
 if TYPE_CHECKING:
     from .run import Layout
@@ -540,40 +537,11 @@ def department(scale: Scale, layout: Layout, work: Path, port: int = PORT) -> De
         os.sched_setaffinity(0, cores)
 
 
-@contextmanager
-def _standins(argv: list[str], log_path: Path, sockets: list[Path], cpus: set[int] | None,
-              timeout_s: float = 60) -> Iterator[subprocess.Popen[bytes]]:
-    """The stand-ins' process, ready once every socket accepts a connection; stopped with SIGTERM. (Not
-    stacks.running: its readiness probe leaves a socket open when the connection is refused.)"""
-    pin = None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
-    try:
-        deadline = time.monotonic() + timeout_s
-        for path in sockets:
-            while True:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                    try:
-                        probe.connect(str(path))
-                        break
-                    except OSError:
-                        pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the stand-ins did not start: see {log_path}")
-                time.sleep(0.1)
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def _run(scale: Scale, layout: Layout, work: Path, port: int, standins: list[str], settings: dict[str, Any],
          sockets: list[Path], heads: list[dict[str, str]], image: bytes) -> Department:
-    with _standins(standins, work / "standins.log", sockets, layout.others) as upstream, \
+    # The stand-ins open their sockets in order: the last one accepting means all do.
+    with running(standins, work / "standins.log", "http://localhost/stats", timeout_s=60, ready_uds=sockets[-1],
+                 cpus=layout.others) as upstream, \
             airlock("gateway", work / "gateway", port, settings, cpus=layout.measured) as gateway:
         return uvloop.run(_measure(scale, layout.describe(), port, gateway.pid, upstream.pid, sockets, heads,
                                    image))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,16 @@ def api_keys(keys_file: Path, users: list[str]) -> dict[str, dict[str, str]]:
     return headers
 
 
+def _accepting(path: Path) -> bool:
+    """Whether a server listens on the unix socket ``path`` (a plain socket, closed whatever happens)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
 @contextmanager
 def running(argv: list[str], log_path: Path, ready_url: str, timeout_s: float = 600,
             ready_uds: Path | None = None, cpus: set[int] | None = None,
@@ -46,6 +57,8 @@ def running(argv: list[str], log_path: Path, ready_url: str, timeout_s: float = 
         deadline = time.monotonic() + timeout_s
         while True:
             try:
+                if ready_uds is not None and not _accepting(ready_uds):
+                    raise httpx.ConnectError("not listening yet")  # httpx would leak its socket on this failure
                 transport = httpx.HTTPTransport(uds=str(ready_uds)) if ready_uds else None
                 with httpx.Client(transport=transport, timeout=2) as client:
                     if client.get(ready_url).status_code == 200:
