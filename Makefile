@@ -35,10 +35,19 @@ DEBIAN_PACKAGES := chromium tcpdump systemd curl nodejs buildah podman runc uidm
 	openssl strace nginx
 DEBIAN_COMMANDS := chromium tcpdump systemd-analyze curl node buildah podman runc newuidmap mmdebstrap ip promtool \
 	openssl strace nginx
+# Of those, the ones whose Debian package enables and starts a server (nginx on port 80, prometheus on 9090, on every
+# address): installed here with policy-rc.d forbidding the start (Debian's invoke-rc.d policy, exit 101), and
+# disabled if this step installed them, so that `make test` on a department's server opens no port.
+SERVICE_PACKAGES := nginx prometheus
 system-packages:
 	@missing=""; for cmd in $(DEBIAN_COMMANDS); do command -v $$cmd >/dev/null 2>&1 || missing=1; done; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && export DEBIAN_FRONTEND=noninteractive && \
-		apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null; } || \
+		new=$$(for p in $(SERVICE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done) && \
+		policy=/usr/sbin/policy-rc.d && made="" && \
+		{ [ -e $$policy ] || { printf '#!/bin/sh\nexit 101\n' > $$policy && chmod 755 $$policy && made=1; }; } && \
+		apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null; \
+		status=$$?; [ -z "$$made" ] || rm -f $$policy; \
+		for service in $$new; do systemctl disable --quiet $$service 2>/dev/null || true; done; [ $$status = 0 ]; } || \
 		{ echo "the tests need Debian's $(DEBIAN_PACKAGES): sudo apt-get update && sudo apt-get install $(DEBIAN_PACKAGES)" >&2; exit 1; }
 
 # Airlock's Debian base image from Debian's packages (README, "Container images"); MIRROR=URL for the site's mirror.

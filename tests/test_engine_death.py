@@ -33,10 +33,12 @@ IN_FLIGHT_PER_REPLICA = 4
 LONG = 1000
 # Requests sent after the kill.
 SHORT = 24
-# Health checks far apart: a replica out of the pool within LEAVES_POOL_S of its engine core's death was taken out
-# by the request path (passive health), not by a periodic check.
-HEALTH_INTERVAL_S = 15
-LEAVES_POOL_S = 3
+# Health checks far apart: a replica out of the pool within LEAVES_POOL_S of its engine core's death was most likely
+# taken out by the request path (passive health): a periodic check falls in that window once in five. The window
+# holds the first failed request, the health check it starts, and this test's own polling of the gateway's metrics,
+# all on a machine whose two cores the surviving engine keeps busy (3 s was missed there once, in CI).
+HEALTH_INTERVAL_S = 30
+LEAVES_POOL_S = 6
 # What the client must never see: vLLM's own words for a dead engine.
 ENGINE_INTERNALS = ("EngineCore", "EngineDeadError", "engine core", "stack trace")
 

@@ -76,6 +76,19 @@ def test_one_makefile_step_updates_the_lists_and_installs_every_command_the_test
     assert version.returncode == 0 and "promtool" in version.stdout + version.stderr
 
 
+def test_the_packages_that_bring_a_server_are_installed_without_starting_or_enabling_it() -> None:
+    """nginx (port 80) and prometheus (9090), on every address: `make test` on a department's server must not leave
+    them listening, nor enabled for the next boot."""
+    make = shutil.which("make") or "make"
+    recipe = subprocess.run([make, "-n", "--always-make", "system-packages"], cwd=ROOT, capture_output=True,
+                            text=True, check=True, env={**os.environ, "PATH": "/nonexistent"}).stdout
+    services = make_variable("SERVICE_PACKAGES")
+    assert {"nginx", "prometheus"} <= set(services) <= set(make_variable("DEBIAN_PACKAGES"))
+    forbid, install = recipe.find("exit 101"), recipe.find("apt-get install")
+    assert 0 <= forbid < install and "/usr/sbin/policy-rc.d" in recipe[:forbid], recipe
+    assert "rm -f $policy" in recipe[install:] and "systemctl disable" in recipe[install:], recipe
+
+
 def test_containerfiles_default_to_the_local_debian_base_or_require_one() -> None:
     for name in ("Containerfile.gateway", "Containerfile.model", "Containerfile.engine-cpu"):
         assert f"ARG BASE={BASE}\n" in (CONTAINERS / name).read_text(), name
