@@ -161,3 +161,21 @@ def test_the_removed_usage_event_is_still_counted(gateway: str) -> None:
     before = output_tokens(gateway)
     stream(gateway, "hello")
     assert output_tokens(gateway) == before + 3
+
+
+def test_only_layers_that_leave_body_chunks_alone_sit_between_the_server_and_the_engine_routes() -> None:
+    """A stream's chunks go straight to the server's send (``metrics_middleware.server_send``), past every layer in
+    between: a layer that changed body chunks (compression, say) would be skipped for them. Any new layer here must
+    be checked for that, and added to this list."""
+    from server.boundary import ErrorBoundary
+    from server.hsts import StrictTransportSecurity
+    from server.metrics_middleware import MetricsMiddleware
+    from server.request_path import EngineRoutes
+
+    settings = load_settings(gateway={"tls_terminated_by_proxy": True, "trusted_proxies": ["127.0.0.1"]})
+    layer: object = create_app(settings, ["unix:/nonexistent/engine.sock"])
+    layers = []
+    while not isinstance(layer, EngineRoutes):
+        layers.append(type(layer))
+        layer = layer.app  # type: ignore[attr-defined]
+    assert layers == [MetricsMiddleware, StrictTransportSecurity, ErrorBoundary]
