@@ -560,6 +560,8 @@ def main() -> int:
     parser.add_argument("--image-share", type=float, default=default.image_share)
     parser.add_argument("--users", type=int, default=default.users)
     parser.add_argument("--rounds", type=int, default=default.rounds)
+    parser.add_argument("--port", type=int, default=PORT,
+                        help="the gateway's port (another run on this machine at the same time needs another one)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--logs", type=Path, help="keep the processes' logs and configs here (default: deleted)")
     args = parser.parse_args()
@@ -568,7 +570,7 @@ def main() -> int:
     layout = Layout.of_this_machine()
     print(f"layout: {layout.describe()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="airlock-bench-") as scratch:
-        result = department(scale, layout, args.logs or Path(scratch))
+        result = department(scale, layout, args.logs or Path(scratch), args.port)
     print(report(result))
     if args.json:
         args.json.write_text(json.dumps(result.figures(), indent=2))
