@@ -5,7 +5,7 @@ What it records, for issue 20's added-TTFT p99: a callback every 1 ms on the eve
 late beat is a loop iteration that held the loop that long) and how much CPU the loop's thread used meanwhile
 (little CPU: the process waited for a core; much: its own work), and every garbage collection's generation and
 CPU time (``gc.callbacks``). Beats later than 3 ms and every collection are written as JSON to
-``$AIRLOCK_STALL_PROBE`` every 2 s and at exit. Only timings: nothing of any request.
+``$BENCH_STALL_PROBE`` every 2 s and at exit. Only timings: nothing of any request.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-_OUT = os.environ.get("AIRLOCK_STALL_PROBE")
+_OUT = os.environ.get("BENCH_STALL_PROBE")
 
 if _OUT and sys.argv[1:2] == ["gateway"]:
     import asyncio
