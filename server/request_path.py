@@ -197,7 +197,12 @@ class cancelled_when_client_leaves:
 
     async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, _: object) -> bool:
         assert self._watcher is not None and self._task is not None
-        self._watcher.cancel()
+        # Forgotten before it is cancelled: the cancelled watcher keeps its CancelledError, whose traceback holds
+        # _watch's frame and so this object; a reference back to the watcher would make a cycle that keeps both
+        # tasks and the whole request's objects alive until a full garbage collection (tens of ms on the event loop
+        # under the department benchmark, which found ~2 cycles a request in the oldest generation).
+        watcher, self._watcher = self._watcher, None
+        watcher.cancel()
         # Swallowed only when the client's leaving caused it (and nothing else asked to cancel this task too).
         cancelled = kind is not None and issubclass(kind, asyncio.CancelledError)
         return cancelled and self._client_left and self._task.uncancel() == 0

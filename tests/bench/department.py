@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gc
 import io
 import json
 import os
@@ -69,6 +70,7 @@ SATURATED_PERCENT = 90.0
 # A token event's delta, and no other event's (the role event's content is empty: '"content":""').
 TOKEN_MARK = b'"delta":{"content":"'
 PORT = 18630
+STALL_PROBE_DIR = Path(__file__).parent / "stall_probe"
 
 
 @dataclass(frozen=True)
@@ -292,6 +294,7 @@ async def run_path(path: str, clients: list[aiohttp.ClientSession], heads: list[
         ended = time.perf_counter()
         samples.append(Sample((first or ended) - started, ended - started, counted, arrival.image))
 
+    gc.collect()  # the previous run's garbage, before the clock starts
     sent_before = await _sent(stats)
     start = time.perf_counter()
     window: dict[str, Any] = {}
@@ -308,11 +311,19 @@ async def run_path(path: str, clients: list[aiohttp.ClientSession], heads: list[
 
     watcher = asyncio.create_task(watch())
     tasks = []
-    for arrival in schedule:
-        await asyncio.sleep(max(0.0, start + arrival.at_s - time.perf_counter()))
-        tasks.append(asyncio.create_task(one(arrival)))
-    await watcher
-    await asyncio.gather(*tasks)
+    # No garbage collection in the load generator while it times streams: with ~500 streams open its collections
+    # took up to 68 ms of CPU (gen 2) and 16 ms (gen 1) (gc.callbacks, `--duration 30`), and every stream whose
+    # first token arrived meanwhile had that added to its TTFT, along either path: the p99s of both, and the
+    # difference of the two, were largely the load generator's pauses. What is left is collected at the next run.
+    gc.disable()
+    try:
+        for arrival in schedule:
+            await asyncio.sleep(max(0.0, start + arrival.at_s - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(arrival)))
+        await watcher
+        await asyncio.gather(*tasks)
+    finally:
+        gc.enable()
     sent = await _sent(stats) - sent_before
     (t0, events0, cpu0), (t1, events1, cpu1) = window["start"], window["end"]
     cpu = {name: (cpu1[name][0] - cpu0[name][0]) / (t1 - t0) * 100 for name in cpu0}
@@ -465,6 +476,24 @@ def report(result: Department) -> str:
     return "\n".join(lines)
 
 
+def stall_report(probe: dict[str, Any]) -> str:
+    """What the gateway's loop probe saw once it served: loop iterations that held the loop 10 ms or more (with the
+    share of that time its thread was on a core), and garbage collections by generation (their CPU time)."""
+    late = [(held, used) for _, held, used in probe["late"] if held >= 0.010]
+    held = sum(h for h, _ in late)
+    lines = [f"gateway loop (stall probe): {probe['beats']} beats; {len(late)} iterations held it >= 10 ms "
+             f"({sum(1 for h, _ in late if h >= 0.020)} >= 20 ms, {sum(1 for h, _ in late if h >= 0.050)} >= 50 ms, "
+             f"{held:.2f} s in all, its thread on a core {sum(u for _, u in late) / held if held else 0:.0%} of that)"]
+    serving = [entry for entry in probe["gc"] if entry[0] >= probe["settled"]]
+    for generation in (0, 1, 2):
+        cpu_ms = sorted(entry[3] * 1e3 for entry in serving if entry[1] == generation)
+        if cpu_ms:
+            lines.append(f"  garbage collections of generation {generation} while serving: {len(cpu_ms)}, CPU ms "
+                         f"median {cpu_ms[len(cpu_ms) // 2]:.1f}, max {cpu_ms[-1]:.1f}, {sum(cpu_ms):.0f} in all, "
+                         f"{sum(1 for ms in cpu_ms if ms >= 5)} of >= 5 ms")
+    return "\n".join(lines)
+
+
 # -- the stack -------------------------------------------------------------------------------------------------
 
 def _keys(keys_file: Path, users: int) -> list[dict[str, str]]:
@@ -512,10 +541,12 @@ async def _measure(scale: Scale, layout_text: str, port: int, gateway_pid: int, 
     return result
 
 
-def department(scale: Scale, layout: Layout, work: Path, port: int = PORT) -> Department:
+def department(scale: Scale, layout: Layout, work: Path, port: int = PORT,
+               stall_probe: Path | None = None) -> Department:
     """Start the stand-ins and `airlock gateway` under ``work``, run the rounds, stop them. Pinned as
     ``layout`` says: the gateway on the measured cores, the stand-ins and this process (the load generator) on the
-    others. Runs its own event loop (uvloop, as the gateway does): call it outside one."""
+    others. Runs its own event loop (uvloop, as the gateway does): call it outside one. ``stall_probe``: where the
+    gateway's loop probe (``stall_probe/sitecustomize.py``) writes what it saw; None runs the gateway as it is."""
     work.mkdir(parents=True, exist_ok=True)
     sockets = [work / f"replica-{index}.sock" for index in range(scale.replicas)]
     keys_file = work / "department-keys.json"
@@ -532,17 +563,20 @@ def department(scale: Scale, layout: Layout, work: Path, port: int = PORT) -> De
     if layout.others is not None:
         os.sched_setaffinity(0, layout.others)
     try:
-        return _run(scale, layout, work, port, standins, settings, sockets, heads, image)
+        return _run(scale, layout, work, port, standins, settings, sockets, heads, image, stall_probe)
     finally:
         os.sched_setaffinity(0, cores)
 
 
 def _run(scale: Scale, layout: Layout, work: Path, port: int, standins: list[str], settings: dict[str, Any],
-         sockets: list[Path], heads: list[dict[str, str]], image: bytes) -> Department:
+         sockets: list[Path], heads: list[dict[str, str]], image: bytes, stall_probe: Path | None) -> Department:
+    probe = None if stall_probe is None else {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(STALL_PROBE_DIR), os.environ.get("PYTHONPATH")])),
+        "BENCH_STALL_PROBE": str(stall_probe.resolve())}
     # The stand-ins open their sockets in order: the last one accepting means all do.
     with running(standins, work / "standins.log", "http://localhost/stats", timeout_s=60, ready_uds=sockets[-1],
                  cpus=layout.others) as upstream, \
-            airlock("gateway", work / "gateway", port, settings, cpus=layout.measured) as gateway:
+            airlock("gateway", work / "gateway", port, settings, cpus=layout.measured, env=probe) as gateway:
         return uvloop.run(_measure(scale, layout.describe(), port, gateway.pid, upstream.pid, sockets, heads,
                                    image))
 
@@ -560,6 +594,10 @@ def main() -> int:
     parser.add_argument("--image-share", type=float, default=default.image_share)
     parser.add_argument("--users", type=int, default=default.users)
     parser.add_argument("--rounds", type=int, default=default.rounds)
+    parser.add_argument("--port", type=int, default=PORT,
+                        help="the gateway's port (another run on this machine at the same time needs another one)")
+    parser.add_argument("--stall-probe", type=Path, metavar="JSON",
+                        help="probe the gateway's event loop (late iterations, garbage collections) into this file")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--logs", type=Path, help="keep the processes' logs and configs here (default: deleted)")
     args = parser.parse_args()
@@ -568,8 +606,10 @@ def main() -> int:
     layout = Layout.of_this_machine()
     print(f"layout: {layout.describe()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="airlock-bench-") as scratch:
-        result = department(scale, layout, args.logs or Path(scratch))
+        result = department(scale, layout, args.logs or Path(scratch), args.port, args.stall_probe)
     print(report(result))
+    if args.stall_probe:
+        print(stall_report(json.loads(args.stall_probe.read_text())))
     if args.json:
         args.json.write_text(json.dumps(result.figures(), indent=2))
     return 0
