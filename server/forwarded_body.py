@@ -26,28 +26,30 @@ class ForwardedBody:
     def __init__(self) -> None:
         self._token = secrets.token_hex(16)
 
-    def encode(self, payload: dict[str, Any], images: Sequence[dict[str, Any]] = ()) -> bytes:
-        """``payload`` as compact JSON (UTF-8). ``images``: the ``image_url`` objects in ``payload`` whose ``url``
-        ``images.check_image_url`` returned (a data URL with base64 after its first comma); ``payload`` is left as
-        it was."""
+    def encode(self, payload: dict[str, Any],
+               images: Sequence[tuple[dict[str, Any], bytes | memoryview]] = ()) -> bytes:
+        """``payload`` as compact JSON (UTF-8); ``payload`` is left as it was. ``images``: the ``image_url`` objects
+        in ``payload`` whose ``url`` and base64 ``images.check_image_url`` returned (``CheckedImage``: a data URL,
+        and what follows its first comma as ASCII bytes), each with that base64."""
         if not images:
             return _dumps(payload).encode()
-        urls = [image["url"] for image in images]
+        urls = [image["url"] for image, _ in images]
         marks = [f'"airlock-image-{self._token}-{number}"' for number in range(len(images))]
         try:
-            for image, mark in zip(images, marks, strict=True):
+            for (image, _), mark in zip(images, marks, strict=True):
                 image["url"] = mark[1:-1]
             text = _dumps(payload)
         finally:
-            for image, url in zip(images, urls, strict=True):
+            for (image, _), url in zip(images, urls, strict=True):
                 image["url"] = url
         if any(text.count(mark) != 1 for mark in marks):  # cannot happen, short of a leaked token: never guess
             return _dumps(payload).encode()
-        pieces: list[bytes] = []
+        pieces: list[bytes | memoryview] = []
         done = 0
-        for at, mark, url in sorted((text.index(mark), mark, url) for mark, url in zip(marks, urls, strict=True)):
-            comma = url.index(",") + 1
-            pieces += text[done:at].encode(), _dumps(url[:comma])[:-1].encode(), url[comma:].encode("ascii"), b'"'
+        for at, mark, url, encoded in sorted((text.index(mark), mark, url, encoded) for mark, url, (_, encoded)
+                                             in zip(marks, urls, images, strict=True)):
+            head = url[:url.index(",") + 1]
+            pieces += text[done:at].encode(), _dumps(head)[:-1].encode(), encoded, b'"'
             done = at + len(mark)
         pieces.append(text[done:].encode())
         return b"".join(pieces)

@@ -69,10 +69,10 @@ def test_base64_refusals_still_say_why(data: str, why: str) -> None:
     assert why in caught.value.message and caught.value.code == "invalid_image"
 
 
-TEXT = st.text(max_size=40)  # any Unicode a client may send: quotes, backslashes, control characters, emoji
+TEXT = st.text(st.characters(codec="utf-8"), max_size=40)  # quotes, backslashes, control characters, emoji
 HEADER = st.builds(lambda mime, extra: f"data:{mime}{extra};base64",
                    st.sampled_from(["image/png", "image/jpeg", "IMAGE/PNG"]),
-                   st.text(alphabet=st.characters(exclude_characters=","), max_size=12))
+                   st.text(alphabet=st.characters(codec="utf-8", exclude_characters=","), max_size=12))
 URL = st.builds(lambda header, data: f"{header},{base64.b64encode(data).decode()}", HEADER, st.binary(max_size=30))
 PART = st.one_of(st.builds(lambda text: {"type": "text", "text": text}, TEXT),
                  st.builds(lambda url, detail: {"type": "image_url", "image_url": {"url": url, **detail}}, URL,
@@ -84,7 +84,8 @@ PART = st.one_of(st.builds(lambda text: {"type": "text", "text": text}, TEXT),
 def test_a_body_with_images_is_byte_for_byte_what_json_dumps_writes(contents: list[list[Any]], prompt: str) -> None:
     payload = {"model": "m", "messages": [{"role": "user", "content": content} for content in contents],
                "max_tokens": 3, "temperature": 0.5, "stream": True, "cache_salt": prompt}
-    images = [part["image_url"] for content in contents for part in content if part["type"] == "image_url"]
+    images = [(part["image_url"], part["image_url"]["url"].partition(",")[2].encode("ascii"))
+              for content in contents for part in content if part["type"] == "image_url"]
     before = plain(payload)
     assert ForwardedBody().encode(payload, images) == before
     assert plain(payload) == before  # payload left as it was
@@ -94,24 +95,28 @@ def test_an_image_object_listed_twice_or_a_placeholder_in_text_still_gives_the_p
     url = "data:image/png;base64,QUJD"
     shared = {"url": url}
     payload = {"messages": [{"content": [{"image_url": shared}, {"image_url": shared}]}]}
-    assert ForwardedBody().encode(payload, [shared, shared]) == plain(payload)
+    assert ForwardedBody().encode(payload, [(shared, b"QUJD"), (shared, b"QUJD")]) == plain(payload)
     body = ForwardedBody()
     mark = f"airlock-image-{body._token}-0"  # a leaked token (it never leaves the process)
     image = {"url": url}
     payload = {"messages": [{"content": [{"text": mark}, {"image_url": image}]}]}
-    assert body.encode(payload, [image]) == plain(payload)
+    assert body.encode(payload, [(image, memoryview(b"QUJD"))]) == plain(payload)
 
 
 def test_screening_forwards_what_json_dumps_would_write() -> None:
     screening = Screening(ScreeningSettings(), TenantSalts(PrivacySettings()))
     png = base64.b64encode(image_bytes("PNG", (64, 48))).decode()
+    wrapped = base64.encodebytes(image_bytes("PNG", (64, 48))).decode().replace("\n", "\r\n")
     payload = {"model": "m", "max_tokens": 5, "messages": [
         {"role": "system", "content": 'Prüfe "Rechnung" \\ \n'},
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;BASE64,{png}"}},
                                      {"type": "text", "text": "und 😀"},
-                                     {"type": "image_url", "image_url": f"data:image/png;base64,{png}"}]}]}
+                                     {"type": "image_url", "image_url": f"data:image/png;base64,{png}"},
+                                     {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{wrapped}"}},
+                                     {"type": "image_url", "image_url": {"url": f"data:image/png;n=ü;base64,{png}"}}]}]}
     screened = screening.screen("chat", payload, Principal("someone", source="api_key"))
-    assert screened.body == plain(payload) and screened.image_sizes == ((64, 48), (64, 48))
+    assert screened.body == plain(payload) and screened.image_sizes == ((64, 48),) * 4
     forwarded = json.loads(screened.body)
     assert [part.get("image_url") for part in forwarded["messages"][1]["content"]] == [
-        {"url": f"data:image/png;base64,{png}"}, None, {"url": f"data:image/png;base64,{png}"}]
+        {"url": f"data:image/png;base64,{png}"}, None, {"url": f"data:image/png;base64,{png}"},
+        {"url": f"data:image/png;base64,{png}"}, {"url": f"data:image/png;n=ü;base64,{png}"}]
