@@ -42,7 +42,7 @@ class ForwardedBody:
         finally:
             for (image, _), url in zip(images, urls, strict=True):
                 image["url"] = url
-        if any(text.count(mark) != 1 for mark in marks):  # cannot happen, short of a leaked token: never guess
+        if any(text.count(mark) != 1 for mark in marks):  # an object listed twice, or a leaked token: never guess
             return _dumps(payload).encode()
         pieces: list[bytes | memoryview] = []
         done = 0
