@@ -13,9 +13,10 @@ demo engine answers a 1x1 image.
 
 Base64 is decoded by pybase64 (SIMD; a dependency of vLLM's already): 0.03 ms for the 675 KB of one A4 page scanned
 at 200 dpi (``tests.bench.department.scanned_invoice``), where ``binascii.a2b_base64`` took 1.3-1.6 ms, one of the
-largest parts of the ~8 ms of gateway CPU such a request cost. With ``validate=True`` it accepts exactly what
-``binascii.a2b_base64(strict_mode=True)`` accepts, with the same bytes (tests/test_images.py compares the two on
-generated input), so the refusals are unchanged.
+largest parts of the ~8 ms of gateway CPU such a request cost. With ``validate=True`` it is vLLM's own decoder
+(vllm/multimodal/media/image.py), and it accepts what ``binascii.a2b_base64(strict_mode=True)`` did, with the same
+bytes, but for surplus '=' after a complete group of four ("QUJD="), which binascii took and vLLM refuses: now
+refused here too, as a wrong padding (tests/test_forwarded_body.py compares the two on generated input).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def decode_ascii_base64(data: bytes | memoryview, max_bytes: int, param: str, ki
     if len(data) * 3 // 4 > max_bytes + 3:  # known before decoding
         raise kind.too_large(_too_big(kind, len(data) * 3 // 4, max_bytes), param=param, code=kind.too_large_code)
     try:
-        raw = pybase64.b64decode(data, validate=True)  # what a2b_base64(data, strict_mode=True) accepts, faster
+        raw = pybase64.b64decode(data, validate=True)  # as vLLM decodes it
     except binascii.Error as exc:
         data = bytes(data)  # a refusal: `in` below needs bytes
         if _NOT_ALPHABET.search(data):
