@@ -18,7 +18,8 @@ from typing import Any, Literal
 from .auth import Principal
 from .config import ScreeningSettings
 from .errors import InvalidRequest
-from .images import ImageLimits, check_image_url
+from .forwarded_body import ForwardedBody
+from .images import CheckedImage, ImageLimits, check_image_url
 from .payload import shown_name
 from .tenancy import TenantSalts
 
@@ -62,6 +63,7 @@ class Screening:
         self._max_images = settings.max_images_per_request if max_images is None else max_images
         self._images = ImageLimits(frozenset(settings.image_formats), settings.max_image_bytes,
                                    settings.max_image_pixels, settings.max_image_aspect_ratio)
+        self._body = ForwardedBody()
 
     def screen(self, route: Route, payload: dict[str, Any], principal: Principal) -> Screened:
         """The body to forward, or ``InvalidRequest`` saying what to change. ``payload`` is left as forwarded."""
@@ -75,14 +77,15 @@ class Screening:
         payload.pop("user", None)  # OpenAI's end-user id: an identity the engine has no use for
         self._cap_tokens(payload)
         sizes: tuple[tuple[int, int], ...] = ()
+        images: list[tuple[dict[str, Any], bytes | memoryview]] = []  # for ForwardedBody
         if route == "chat":
             _check_tools(payload.get("tools"), payload.get("tool_choice"))
-            sizes = self._check_messages(payload.get("messages"))
+            sizes = self._check_messages(payload.get("messages"), images)
             self._check_template_kwargs(payload.get("chat_template_kwargs"))
         else:
             _check_prompt(payload.get("prompt"))
         payload["cache_salt"] = salt = self._salts.salt_for(principal)
-        return Screened(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(), salt, sizes)
+        return Screened(self._body.encode(payload, images), salt, sizes)
 
     def _cap_tokens(self, payload: dict[str, Any]) -> None:
         """Refuse more tokens or choices than this server allows; a field left out (or null) stays out."""
@@ -98,8 +101,10 @@ class Screening:
             if value > limit:
                 raise InvalidRequest(f"{field} is above this server's limit of {limit}", param=field, code=code)
 
-    def _check_messages(self, messages: Any) -> tuple[tuple[int, int], ...]:
-        """The width and height of every image in the messages."""
+    def _check_messages(self, messages: Any,
+                        images: list[tuple[dict[str, Any], bytes | memoryview]]) -> tuple[tuple[int, int], ...]:
+        """The width and height of every image in the messages; each one's ``image_url`` object and base64 added to
+        ``images``."""
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("messages must be a non-empty list", param="messages", code="invalid_messages")
         sizes: list[tuple[int, int]] = []
@@ -124,16 +129,17 @@ class Screening:
                 raise InvalidRequest(f"{where}.content must be a string or a list of parts", param=where,
                                      code="invalid_messages")
             for p, part in enumerate(content):
-                size = self._check_part(part, f"{where}.content[{p}]")
-                if size is not None:
-                    sizes.append(size)
+                image = self._check_part(part, f"{where}.content[{p}]")
+                if image is not None:
+                    sizes.append(image.size)
+                    images.append((part["image_url"], image.base64))
         if len(sizes) > self._max_images:
             raise InvalidRequest(f"{len(sizes)} images in one request, limit {self._max_images}",
                                  param="messages", code="too_many_images")
         return tuple(sizes)
 
-    def _check_part(self, part: Any, where: str) -> tuple[int, int] | None:
-        """An image part's width and height; None for text."""
+    def _check_part(self, part: Any, where: str) -> CheckedImage | None:
+        """An image part's check; None for text."""
         if not isinstance(part, dict) or not isinstance(part.get("type"), str) or part["type"] not in PART_FIELDS:
             raise InvalidRequest(f"{where} must be a part of type text or image_url", param=where,
                                  code="unsupported_content")
@@ -154,8 +160,9 @@ class Screening:
         if not isinstance(image_url, dict) or set(image_url) - IMAGE_URL_FIELDS:
             raise InvalidRequest(f"{where}.image_url must be {{\"url\": \"data:...\"}}", param=where,
                                  code="invalid_image")
-        size, image_url["url"] = check_image_url(image_url.get("url"), self._images, where)
-        return size
+        image = check_image_url(image_url.get("url"), self._images, where)
+        image_url["url"] = image.url
+        return image
 
     def _check_template_kwargs(self, kwargs: Any) -> None:
         if kwargs is None:
