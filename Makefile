@@ -36,18 +36,23 @@ DEBIAN_PACKAGES := chromium tcpdump systemd curl nodejs buildah podman runc uidm
 DEBIAN_COMMANDS := chromium tcpdump systemd-analyze curl node buildah podman runc newuidmap mmdebstrap ip promtool \
 	openssl strace nginx
 # Of those, the ones whose Debian package enables and starts a server (nginx on port 80, prometheus on 9090, on every
-# address): installed here with policy-rc.d forbidding the start (Debian's invoke-rc.d policy, exit 101), and
-# disabled if this step installed them, so that `make test` on a department's server opens no port.
+# address): installed with a policy-rc.d that forbids starting them (Debian's invoke-rc.d policy: exit 101; any other
+# service may start, as without it), removed again however the step ends (unless one was there before: it is left
+# as it is), and then disabled and stopped if this step installed them, so that `make test` on a department's server
+# opens no port. A package removed but not purged counts as not installed.
 SERVICE_PACKAGES := nginx prometheus
 system-packages:
-	@missing=""; for cmd in $(DEBIAN_COMMANDS); do command -v $$cmd >/dev/null 2>&1 || missing=1; done; \
+	@missing=""; new=""; policy=/usr/sbin/policy-rc.d; \
+	for cmd in $(DEBIAN_COMMANDS); do command -v $$cmd >/dev/null 2>&1 || missing=1; done; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && export DEBIAN_FRONTEND=noninteractive && \
-		new=$$(for p in $(SERVICE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done) && \
-		policy=/usr/sbin/policy-rc.d && made="" && \
-		{ [ -e $$policy ] || { printf '#!/bin/sh\nexit 101\n' > $$policy && chmod 755 $$policy && made=1; }; } && \
+		new=$$(for p in $(SERVICE_PACKAGES); do \
+			[ "$$(dpkg-query -W -f='$${db:Status-Status}' $$p 2>/dev/null)" = installed ] || echo $$p; done) && \
+		{ [ -e $$policy ] || { trap 'rm -f '$$policy EXIT && trap 'exit 130' HUP INT TERM && \
+			printf '#!/bin/sh\ncase "$$1" in %s) exit 101;; esac\n' "$$(echo $(SERVICE_PACKAGES) | tr ' ' '|')" \
+				> $$policy && chmod 755 $$policy; }; } && \
 		apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null; \
-		status=$$?; [ -z "$$made" ] || rm -f $$policy; \
-		for service in $$new; do systemctl disable --quiet $$service 2>/dev/null || true; done; [ $$status = 0 ]; } || \
+		status=$$?; for service in $$new; do systemctl disable --quiet $$service 2>/dev/null; \
+			systemctl stop $$service 2>/dev/null; done; [ $$status = 0 ]; } || \
 		{ echo "the tests need Debian's $(DEBIAN_PACKAGES): sudo apt-get update && sudo apt-get install $(DEBIAN_PACKAGES)" >&2; exit 1; }
 
 # Airlock's Debian base image from Debian's packages (README, "Container images"); MIRROR=URL for the site's mirror.

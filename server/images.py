@@ -16,7 +16,9 @@ at 200 dpi (``tests.bench.department.scanned_invoice``), where ``binascii.a2b_ba
 largest parts of the ~8 ms of gateway CPU such a request cost. With ``validate=True`` it is vLLM's own decoder
 (vllm/multimodal/media/image.py), and it accepts what ``binascii.a2b_base64(strict_mode=True)`` did, with the same
 bytes, but for surplus '=' after a complete group of four ("QUJD="), which binascii took and vLLM refuses: now
-refused here too, as a wrong padding (tests/test_forwarded_body.py compares the two on generated input).
+refused here too, as a wrong padding (tests/test_forwarded_body.py compares the two on generated input). Documents'
+``file_data`` goes through the same ``decode_base64``, so it is refused there as well: no encoder writes it, and one
+rule for both is simpler to state than a leniency that only documents would have.
 """
 
 from __future__ import annotations

@@ -113,6 +113,12 @@ def test_an_image_object_listed_twice_or_a_placeholder_in_text_still_gives_the_p
     assert body.encode(payload, [(image, memoryview(b"QUJD"))]) == plain(payload)
 
 
+def test_base64_that_is_not_the_urls_own_is_never_written() -> None:
+    image = {"url": "data:image/png;base64,QUJD"}
+    payload = {"messages": [{"content": [{"image_url": image}]}]}
+    assert ForwardedBody().encode(payload, [(image, b"QUJDREVG")]) == plain(payload)
+
+
 def test_screening_forwards_what_json_dumps_would_write() -> None:
     screening = Screening(ScreeningSettings(), TenantSalts(PrivacySettings()))
     png = base64.b64encode(image_bytes("PNG", (64, 48))).decode()

@@ -85,8 +85,13 @@ def test_the_packages_that_bring_a_server_are_installed_without_starting_or_enab
     services = make_variable("SERVICE_PACKAGES")
     assert {"nginx", "prometheus"} <= set(services) <= set(make_variable("DEBIAN_PACKAGES"))
     forbid, install = recipe.find("exit 101"), recipe.find("apt-get install")
+    # The policy is written (and its removal set for however the shell ends) before anything is installed...
     assert 0 <= forbid < install and "/usr/sbin/policy-rc.d" in recipe[:forbid], recipe
-    assert "rm -f $policy" in recipe[install:] and "systemctl disable" in recipe[install:], recipe
+    assert "trap 'rm -f '$policy EXIT" in recipe[:forbid] and "trap 'exit 130' HUP INT TERM" in recipe[:forbid]
+    # ... forbids only these services ...
+    assert 'case "$1" in %s) exit 101' in recipe, recipe
+    # ... and what this step installed is disabled and stopped after it.
+    assert "systemctl disable" in recipe[install:] and "systemctl stop" in recipe[install:], recipe
 
 
 def test_containerfiles_default_to_the_local_debian_base_or_require_one() -> None:

@@ -479,7 +479,7 @@ def report(result: Department) -> str:
 def stall_report(probe: dict[str, Any]) -> str:
     """What the gateway's loop probe saw once it served: loop iterations that held the loop 10 ms or more (with the
     share of that time its thread was on a core), and garbage collections by generation (their CPU time)."""
-    late = [(held, used) for _, held, used in probe["late"] if held >= 0.010]
+    late = [(held, used) for at, held, used in probe["late"] if held >= 0.010 and at >= probe["settled"]]
     held = sum(h for h, _ in late)
     lines = [f"gateway loop (stall probe): {probe['beats']} beats; {len(late)} iterations held it >= 10 ms "
              f"({sum(1 for h, _ in late if h >= 0.020)} >= 20 ms, {sum(1 for h, _ in late if h >= 0.050)} >= 50 ms, "

@@ -3,9 +3,10 @@ this directory goes on the gateway's PYTHONPATH only there, and Python imports t
 
 What it records, for issue 20's added-TTFT p99: a callback every 1 ms on the event loop notes how late it ran (a
 late beat is a loop iteration that held the loop that long) and how much CPU the loop's thread used meanwhile
-(little CPU: the process waited for a core; much: its own work), and every garbage collection's generation and
-CPU time (``gc.callbacks``). Beats later than 3 ms and every collection are written as JSON to
-``$BENCH_STALL_PROBE`` every 2 s and at exit. Only timings: nothing of any request.
+(little CPU: the process waited for a core; much: its own work), and every garbage collection in the event loop's
+thread, its generation and CPU time (``gc.callbacks``; the screening threads' collections are not recorded). Beats
+later than 3 ms and every collection are written as JSON to ``$BENCH_STALL_PROBE`` every 2 s and at exit. Only
+timings: nothing of any request.
 """
 
 from __future__ import annotations
