@@ -36,24 +36,26 @@ DEBIAN_PACKAGES := chromium tcpdump systemd curl nodejs buildah podman runc uidm
 DEBIAN_COMMANDS := chromium tcpdump systemd-analyze curl node buildah podman runc newuidmap mmdebstrap ip promtool \
 	openssl strace nginx
 # Of those, the ones whose Debian package enables and starts a server (nginx on port 80, prometheus on 9090, on every
-# address): installed with a policy-rc.d that forbids starting them (Debian's invoke-rc.d policy: exit 101; any other
-# service may start, as without it), removed again however the step ends (unless one was there before: it is left
-# as it is), and then disabled and stopped if this step installed them, so that `make test` on a department's server
-# opens no port. A package removed but not purged counts as not installed.
+# address) are installed with tests/system-packages/policy-rc.d in place, which forbids starting them (and nothing
+# else); however the step ends (an interrupt too), it is removed (one that was there before is left as it is) and
+# the ones this step installed are disabled and stopped, so that `make test` on a department's server opens no port.
+# A package removed but not purged counts as not installed. nginx lives in /usr/sbin: on the PATH below for all.
 SERVICE_PACKAGES := nginx prometheus
+export PATH := $(PATH):/usr/sbin:/sbin
 system-packages:
-	@missing=""; new=""; policy=/usr/sbin/policy-rc.d; \
+	@missing=""; new=""; made=""; policy=/usr/sbin/policy-rc.d; \
 	for cmd in $(DEBIAN_COMMANDS); do command -v $$cmd >/dev/null 2>&1 || missing=1; done; \
-	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && export DEBIAN_FRONTEND=noninteractive && \
+	[ -z "$$missing" ] || [ "$$(id -u)" = 0 ] || { echo "the tests need Debian's $(DEBIAN_PACKAGES): run" \
+		"sudo make system-packages (it installs them without starting nginx or prometheus)" >&2; exit 1; }; \
+	[ -z "$$missing" ] || { export DEBIAN_FRONTEND=noninteractive && \
 		new=$$(for p in $(SERVICE_PACKAGES); do \
 			[ "$$(dpkg-query -W -f='$${db:Status-Status}' $$p 2>/dev/null)" = installed ] || echo $$p; done) && \
-		{ [ -e $$policy ] || { trap 'rm -f '$$policy EXIT && trap 'exit 130' HUP INT TERM && \
-			printf '#!/bin/sh\ncase "$$1" in %s) exit 101;; esac\n' "$$(echo $(SERVICE_PACKAGES) | tr ' ' '|')" \
-				> $$policy && chmod 755 $$policy; }; } && \
-		apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null; \
-		status=$$?; for service in $$new; do systemctl disable --quiet $$service 2>/dev/null; \
-			systemctl stop $$service 2>/dev/null; done; [ $$status = 0 ]; } || \
-		{ echo "the tests need Debian's $(DEBIAN_PACKAGES): sudo apt-get update && sudo apt-get install $(DEBIAN_PACKAGES)" >&2; exit 1; }
+		trap '[ -z "$$made" ] || rm -f $$policy; for service in $$new; do \
+			systemctl disable --quiet $$service 2>/dev/null; systemctl stop $$service 2>/dev/null; done' EXIT && \
+		trap 'exit 130' HUP INT TERM && \
+		{ [ -e $$policy ] || { made=1 && cp tests/system-packages/policy-rc.d $$policy && chmod 755 $$policy; }; } && \
+		apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null; } || \
+		{ echo "installing Debian's $(DEBIAN_PACKAGES) failed (apt-get's messages above)" >&2; exit 1; }
 
 # Airlock's Debian base image from Debian's packages (README, "Container images"); MIRROR=URL for the site's mirror.
 base-image: system-packages

@@ -78,20 +78,36 @@ def test_one_makefile_step_updates_the_lists_and_installs_every_command_the_test
 
 def test_the_packages_that_bring_a_server_are_installed_without_starting_or_enabling_it() -> None:
     """nginx (port 80) and prometheus (9090), on every address: `make test` on a department's server must not leave
-    them listening, nor enabled for the next boot."""
+    them listening, nor enabled for the next boot, however the step ends."""
     make = shutil.which("make") or "make"
     recipe = subprocess.run([make, "-n", "--always-make", "system-packages"], cwd=ROOT, capture_output=True,
                             text=True, check=True, env={**os.environ, "PATH": "/nonexistent"}).stdout
     services = make_variable("SERVICE_PACKAGES")
     assert {"nginx", "prometheus"} <= set(services) <= set(make_variable("DEBIAN_PACKAGES"))
-    forbid, install = recipe.find("exit 101"), recipe.find("apt-get install")
-    # The policy is written (and its removal set for however the shell ends) before anything is installed...
-    assert 0 <= forbid < install and "/usr/sbin/policy-rc.d" in recipe[:forbid], recipe
-    assert "trap 'rm -f '$policy EXIT" in recipe[:forbid] and "trap 'exit 130' HUP INT TERM" in recipe[:forbid]
-    # ... forbids only these services ...
-    assert 'case "$1" in %s) exit 101' in recipe, recipe
-    # ... and what this step installed is disabled and stopped after it.
-    assert "systemctl disable" in recipe[install:] and "systemctl stop" in recipe[install:], recipe
+    policy, install = recipe.find("cp tests/system-packages/policy-rc.d $policy"), recipe.find("apt-get install")
+    # Before anything is installed: the clean-up for however the shell ends (an interrupt too), then the policy.
+    cleanup = recipe.find("trap '[ -z \"$made\" ] || rm -f $policy;")
+    assert 0 <= cleanup < recipe.find("trap 'exit 130' HUP INT TERM") < policy < install, recipe
+    assert "systemctl disable" in recipe[cleanup:policy] and "systemctl stop" in recipe[cleanup:policy], recipe
+
+
+@pytest.mark.parametrize(("arguments", "allowed"), [
+    (["nginx", "start"], False),  # invoke-rc.d
+    (["--quiet", "nginx", "start"], False),
+    (["nginx.service", "start"], False),  # deb-systemd-invoke, as nginx-common's postinst calls it on systemd
+    (["prometheus.service", "restart"], False),
+    (["prometheus", "start", "2"], False),
+    (["ssh.service", "restart"], True),  # an upgrade's restart of anything else goes on
+    (["--quiet", "cron", "start"], True),
+])
+def test_the_install_time_policy_forbids_starting_those_servers_and_nothing_else(arguments: list[str],
+                                                                                 allowed: bool) -> None:
+    policy = ROOT / "tests" / "system-packages" / "policy-rc.d"
+    result = subprocess.run(["sh", str(policy), *arguments], capture_output=True, timeout=10)
+    assert result.returncode == (0 if allowed else 101)
+    named = set(re.findall(r"^\s+([a-z| ]+)\) exit 101", policy.read_text(), re.MULTILINE)[0].replace(" ", "")
+                .split("|"))
+    assert named == set(make_variable("SERVICE_PACKAGES"))
 
 
 def test_containerfiles_default_to_the_local_debian_base_or_require_one() -> None:

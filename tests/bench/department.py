@@ -208,6 +208,7 @@ class PathRun:
     cpu_percent: dict[str, float]  # process -> % of one core over the window
     wait_percent: dict[str, float]  # process -> % of the window its threads waited, runnable, for a core
     sent_token_events: int  # what the stand-ins sent over the whole run (their own count)
+    wall: tuple[float, float] = (0.0, 0.0)  # time.time() at the run's first arrival and at its last stream's end
 
     @property
     def chunks_per_s(self) -> float:
@@ -296,7 +297,7 @@ async def run_path(path: str, clients: list[aiohttp.ClientSession], heads: list[
 
     gc.collect()  # the previous run's garbage, before the clock starts
     sent_before = await _sent(stats)
-    start = time.perf_counter()
+    start, began = time.perf_counter(), time.time()
     window: dict[str, Any] = {}
     opens: list[int] = []
 
@@ -329,7 +330,7 @@ async def run_path(path: str, clients: list[aiohttp.ClientSession], heads: list[
     cpu = {name: (cpu1[name][0] - cpu0[name][0]) / (t1 - t0) * 100 for name in cpu0}
     wait = {name: (cpu1[name][1] - cpu0[name][1]) / (t1 - t0) * 100 for name in cpu0}
     return PathRun(path, samples, live.errors, t1 - t0, events1 - events0, sum(opens) / max(1, len(opens)),
-                   max(opens, default=0), cpu, wait, sent)
+                   max(opens, default=0), cpu, wait, sent, (began, time.time()))
 
 
 async def _sent(stats: aiohttp.ClientSession) -> int:
@@ -476,17 +477,22 @@ def report(result: Department) -> str:
     return "\n".join(lines)
 
 
-def stall_report(probe: dict[str, Any]) -> str:
-    """What the gateway's loop probe saw once it served: loop iterations that held the loop 10 ms or more (with the
-    share of that time its thread was on a core), and garbage collections by generation (their CPU time)."""
-    late = [(held, used) for at, held, used in probe["late"] if held >= 0.010 and at >= probe["settled"]]
+def stall_report(probe: dict[str, Any], windows: list[tuple[float, float]]) -> str:
+    """What the gateway's loop probe saw while it served the gateway runs (``windows``: their wall-clock spans):
+    loop iterations that held the loop 10 ms or more (with the share of that time its thread was on a core; a beat
+    is noted when it runs, so an iteration is counted by when it began), and garbage collections by generation
+    (their CPU time). Start-up, and the idle time while the direct runs go, are left out."""
+    def serving(began: float) -> bool:
+        return any(start <= began <= end for start, end in windows)
+
+    late = [(held, used) for at, held, used in probe["late"] if held >= 0.010 and serving(at - held)]
     held = sum(h for h, _ in late)
     lines = [f"gateway loop (stall probe): {probe['beats']} beats; {len(late)} iterations held it >= 10 ms "
              f"({sum(1 for h, _ in late if h >= 0.020)} >= 20 ms, {sum(1 for h, _ in late if h >= 0.050)} >= 50 ms, "
              f"{held:.2f} s in all, its thread on a core {sum(u for _, u in late) / held if held else 0:.0%} of that)"]
-    serving = [entry for entry in probe["gc"] if entry[0] >= probe["settled"]]
+    collections = [entry for entry in probe["gc"] if entry[0] >= probe["settled"] and serving(entry[0] - entry[2])]
     for generation in (0, 1, 2):
-        cpu_ms = sorted(entry[3] * 1e3 for entry in serving if entry[1] == generation)
+        cpu_ms = sorted(entry[3] * 1e3 for entry in collections if entry[1] == generation)
         if cpu_ms:
             lines.append(f"  garbage collections of generation {generation} while serving: {len(cpu_ms)}, CPU ms "
                          f"median {cpu_ms[len(cpu_ms) // 2]:.1f}, max {cpu_ms[-1]:.1f}, {sum(cpu_ms):.0f} in all, "
@@ -581,35 +587,50 @@ def _run(scale: Scale, layout: Layout, work: Path, port: int, standins: list[str
                                    image))
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module's docstring as written, and every option's default."""
+
+
 def main() -> int:
     from .run import Layout  # here, not at the top: run.py imports this module
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     default = Scale()
-    parser.add_argument("--replicas", type=int, default=default.replicas)
-    parser.add_argument("--streams-per-replica", type=int, default=default.streams_per_replica)
-    parser.add_argument("--tokens", type=int, default=default.tokens)
-    parser.add_argument("--interval-ms", type=float, default=default.interval_ms)
-    parser.add_argument("--duration", type=float, default=default.duration_s, help="seconds of arrivals per run")
-    parser.add_argument("--image-share", type=float, default=default.image_share)
-    parser.add_argument("--users", type=int, default=default.users)
-    parser.add_argument("--rounds", type=int, default=default.rounds)
+    parser.add_argument("--replicas", type=int, default=default.replicas, help="stand-in engines (GPUs)")
+    parser.add_argument("--streams-per-replica", type=int, default=default.streams_per_replica,
+                        help="streams open on each, on average")
+    parser.add_argument("--tokens", type=int, default=default.tokens, help="token events in each answer")
+    parser.add_argument("--interval-ms", type=float, default=default.interval_ms, help="between a stream's events")
+    parser.add_argument("--duration", type=float, default=default.duration_s,
+                        help="seconds of arrivals per run (longer than one stream, tokens x interval, to reach the "
+                             "load)")
+    parser.add_argument("--image-share", type=float, default=default.image_share,
+                        help="of requests carrying the scanned page")
+    parser.add_argument("--users", type=int, default=default.users, help="API keys the requests are spread over")
+    parser.add_argument("--rounds", type=int, default=default.rounds, help="direct and gateway runs, alternating")
     parser.add_argument("--port", type=int, default=PORT,
                         help="the gateway's port (another run on this machine at the same time needs another one)")
     parser.add_argument("--stall-probe", type=Path, metavar="JSON",
                         help="probe the gateway's event loop (late iterations, garbage collections) into this file")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--logs", type=Path, help="keep the processes' logs and configs here (default: deleted)")
+    parser.add_argument("--logs", type=Path,
+                        help="keep the processes' logs and configs here (without it: a scratch directory, deleted)")
     args = parser.parse_args()
     scale = Scale(args.replicas, args.streams_per_replica, args.tokens, args.interval_ms, args.duration,
                   args.image_share, args.users, args.rounds)
+    for wanted in (args.stall_probe, args.json):
+        if wanted is not None and not wanted.resolve().parent.is_dir():
+            parser.error(f"{wanted.parent} is not a directory")
+    if scale.duration_s <= scale.stream_s:
+        print(f"warning: {scale.duration_s:g} s of arrivals is no longer than one stream ({scale.stream_s:g} s): the "
+              f"run never reaches its load, and its per-chunk figures are not the department's", flush=True)
     layout = Layout.of_this_machine()
     print(f"layout: {layout.describe()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="airlock-bench-") as scratch:
         result = department(scale, layout, args.logs or Path(scratch), args.port, args.stall_probe)
     print(report(result))
     if args.stall_probe:
-        print(stall_report(json.loads(args.stall_probe.read_text())))
+        print(stall_report(json.loads(args.stall_probe.read_text()), [run.wall for run in result.gateway]))
     if args.json:
         args.json.write_text(json.dumps(result.figures(), indent=2))
     return 0
