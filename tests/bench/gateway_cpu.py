@@ -31,14 +31,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +41,7 @@ import aiohttp
 import psutil
 
 from .load import chat_request, closed_loop, open_loop
+from .stacks import py_spy
 
 TEXT = "Describe the attached invoice in one sentence."
 # The issue's targets on this machine (issue 20): what one core must relay for an eight-GPU department.
@@ -209,35 +205,10 @@ async def _main(args: argparse.Namespace) -> GatewayCpu:
     upstream = upstream_args(args.long, args.interval_ms)
     with tempfile.TemporaryDirectory(prefix="airlock-gateway-cpu-") as work:
         async with behind_gateway(Path(work), "cpu", args.port, upstream, layout) as proxied:
-            with _profiled(proxied.gateway_pid, args.profile, args.native):
+            with py_spy(proxied.gateway_pid, args.profile, args.native):
                 return await gateway_cpu(proxied.gateway, proxied.headers, proxied.gateway_pid, rounds=args.rounds,
                                          requests=args.requests, rate=args.rate, short_tokens=args.short,
                                          long_tokens=args.long, interval_ms=args.interval_ms, block=args.block)
-
-
-@contextmanager
-def _profiled(pid: int, out: Path | None, with_native: bool) -> Iterator[None]:
-    """py-spy records the gateway into ``out`` (if given) while the block runs (60 s at most); stopped with SIGINT
-    at the end, which makes it write what it has."""
-    if out is None:
-        yield
-        return
-    spy = Path(sys.executable).parent / "py-spy"
-    # Native frames need the process stopped for each sample (it then runs slower; its figures are not the ones).
-    native = ["--native"] if with_native else ["--nonblocking"]
-    with out.with_suffix(".log").open("wb") as log:
-        recorder = subprocess.Popen([str(spy), "record", "--pid", str(pid), "--duration", "60", "--rate", "250",
-                                     *native, "--format", "raw" if out.suffix == ".txt" else "speedscope",
-                                     "--output", str(out)], stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            yield
-        finally:
-            recorder.send_signal(signal.SIGINT)
-            try:
-                recorder.wait(60)
-            except subprocess.TimeoutExpired:
-                recorder.kill()
-                recorder.wait()
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -39,7 +38,7 @@ from .load import session
 from .nginx_proxy import nginx_proxy
 from .proxy_cost import memory_use, paced_streams, proxy_costs, summary
 from .screening_cost import chat_body, measure, photo_like
-from .stacks import NO_USER_LIMITS, ROOT, airlock, api_keys, running
+from .stacks import NO_USER_LIMITS, ROOT, airlock, api_keys, py_spy, running
 
 PROXY_CONCURRENCY = [1, 8, 32, 64, 128, 256]
 PACED_CONCURRENCY, PACED_TOKENS, PACED_INTERVAL_MS = 64, 32, 20.0
@@ -136,10 +135,10 @@ async def behind_gateway(work: Path, name: str, port: int, upstream_args: list[s
 
 async def pure_proxy(work: Path, args: argparse.Namespace, layout: Layout, results: dict[str, Any]) -> None:
     async with behind_gateway(work, "instant", 18610, [], layout) as proxied:
-        if args.profile:
-            profile(proxied.gateway_pid, args.artifacts / "gateway-profile.speedscope.json")
-        costs = await proxy_costs(proxied.direct, proxied.gateway, proxied.headers, PROXY_CONCURRENCY,
-                                  args.proxy_requests)
+        recorded = args.artifacts / "gateway-profile.speedscope.json" if args.profile else None
+        with py_spy(proxied.gateway_pid, recorded, duration_s=30):  # the pure-proxy runs' first 30 s
+            costs = await proxy_costs(proxied.direct, proxied.gateway, proxied.headers, PROXY_CONCURRENCY,
+                                      args.proxy_requests)
         rows = summary(costs)
         results["proxy"] = rows
         table("Pure proxy cost (an upstream that answers at once; 16 tokens per answer, one event each when "
@@ -209,15 +208,6 @@ async def cpu_cost(work: Path, layout: Layout, results: dict[str, Any]) -> None:
         measured = await gateway_cpu(proxied.gateway, proxied.headers, proxied.gateway_pid)
     results["gateway_cpu"] = measured.figures()
     print("\n" + measured.report())
-
-
-def profile(pid: int, out: Path) -> None:
-    """py-spy samples the gateway for the next 30 s (the pure-proxy runs), in the background."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration", "30",
-                      "--format", "speedscope", "--output", str(out), "--nonblocking"],
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    print(f"profiling the gateway for 30 s into {out}")
 
 
 async def real_engine(work: Path, args: argparse.Namespace, layout: Layout, results: dict[str, Any]) -> None:

@@ -70,11 +70,38 @@ def running(argv: list[str], log_path: Path, ready_url: str, timeout_s: float = 
             time.sleep(0.5)
         yield process
     finally:
-        process.send_signal(signal.SIGTERM)
+        stop(process, signal.SIGTERM, 120)
+
+
+def stop(process: subprocess.Popen[bytes], signal_number: int, timeout_s: float) -> None:
+    """Send ``signal_number``; killed if it has not ended within ``timeout_s``; reaped either way."""
+    process.send_signal(signal_number)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextmanager
+def py_spy(pid: int, out: Path | None, native: bool = False, duration_s: int = 60) -> Iterator[None]:
+    """py-spy records process ``pid`` into ``out`` (if given; raw stacks if ``*.txt``, else speedscope; its own log
+    beside it) while the block runs, ``duration_s`` at most; stopped with SIGINT at the end, which makes it write
+    what it has. ``native``: C frames too, which stops the process for each sample (it then runs slower)."""
+    if out is None:
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sampling = ["--native"] if native else ["--nonblocking"]
+    with out.with_suffix(".log").open("wb") as log:
+        recorder = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
+                                     "--duration", str(duration_s), "--rate", "250", *sampling, "--format",
+                                     "raw" if out.suffix == ".txt" else "speedscope", "--output", str(out)],
+                                    stdout=subprocess.DEVNULL, stderr=log)
         try:
-            process.wait(120)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            yield
+        finally:
+            stop(recorder, signal.SIGINT, 60)
 
 
 @contextmanager
