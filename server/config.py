@@ -495,6 +495,10 @@ class EngineSettings(_Section):
     # Sequences one replica runs at once (vLLM's --max-num-seqs). Default: what its KV cache holds at
     # admission.expected_tokens_per_request each (server/sizing.py).
     max_num_seqs: int | None = Field(None, ge=1, le=1024)
+    # Tokens an engine puts in one streamed event after the first (vLLM's --stream-interval; the first token and the
+    # end are sent at once). auto: 1, or on GPUs as many as keep this host's replicas within what one gateway
+    # process relays with room to spare (server/engine.py, stream_interval).
+    stream_interval: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     # Qwen3-VL's image budget, passed to vLLM's processor (--mm-processor-kwargs): every image is scaled to at most
     # max_pixels and at least min_pixels before it becomes tokens (32x32 pixels a token). Default: the profile's.
     # At most Qwen3-VL's own processor maximum, 16,384 tokens of 32x32 pixels (its preprocessor_config.json).

@@ -13,6 +13,7 @@ recommended temperature, top_p and top_k stay).
 from __future__ import annotations
 
 import json
+import math
 import os
 import ssl
 import sys
@@ -90,6 +91,7 @@ SIZED_FLAGS: Mapping[str, str] = {
     "--tensor-parallel-size": "engine.tensor_parallel_size",
     "--pipeline-parallel-size": "engine.tensor_parallel_size (Airlock places GPUs for tensor parallel only)",
     "--data-parallel-size": "engine.replicas",
+    "--stream-interval": "engine.stream_interval",
 }
 # vLLM's short spellings of the same (vllm/engine/arg_utils.py), also with the value attached (-qfp8, -tp2).
 SIZED_SHORT_FLAGS: Mapping[str, str] = {
@@ -97,6 +99,13 @@ SIZED_SHORT_FLAGS: Mapping[str, str] = {
     "-pp": "engine.tensor_parallel_size (Airlock places GPUs for tensor parallel only)",
     "-dp": "engine.replicas",
 }
+
+# What one gateway process relays with room to spare, in streamed events a second: 256 streams at 40 tokens a second
+# took 49% of its core (README, "One gateway process, eight GPUs"); its CPU goes by events, not by tokens.
+GATEWAY_EVENTS_PER_S = 10_000
+# A stream's pace on a GPU while its replica is full: about 40 tokens a second for Qwen3-VL 4B/8B (issue 20's
+# department of eight GPUs, 64 streams each).
+STREAM_TOKENS_PER_S = 40
 
 # Merged with an operator's own, never passed twice: argparse keeps only the last JSON given, which would silently
 # drop either the server's default answer length or the operator's sampling settings.
@@ -282,6 +291,7 @@ def build_replicas(
             "--model", str(choice.path),
             "--served-model-name", choice.served_name,
             *sized_args(plan),
+            "--stream-interval", str(stream_interval(settings, plan, on_gpu=gpu_groups is not None)),
             "--mm-processor-cache-gb", _number(settings.mm_processor_cache_gb),
             "--tensor-parallel-size", str(settings.tensor_parallel_size),
             GENERATION_CONFIG_FLAG, json.dumps(generation_config),
@@ -336,6 +346,20 @@ def sized_args(plan: EnginePlan) -> list[str]:
         "--mm-processor-kwargs", json.dumps({"size": {"longest_edge": plan.max_pixels,
                                                       "shortest_edge": plan.min_pixels}}),
     ]
+
+
+def stream_interval(settings: EngineSettings, plan: EnginePlan, *, on_gpu: bool) -> int:
+    """Tokens each replica puts in one streamed event after the first (vLLM's ``--stream-interval``; the first token
+    and the end of an answer go at once, vllm/v1/engine/output_processor.py): ``engine.stream_interval``, or with
+    ``auto`` 1 on CPU and on GPUs the fewest that keep the events of every stream this launcher's replicas hold at
+    once (``replicas x plan.concurrency`` at ``STREAM_TOKENS_PER_S``) within ``GATEWAY_EVENTS_PER_S``: one gateway
+    process relays them all, and an event costs it the same CPU whatever it carries."""
+    if settings.stream_interval != "auto":
+        return settings.stream_interval
+    if not on_gpu:
+        return 1
+    tokens_per_s = settings.replicas * plan.concurrency * STREAM_TOKENS_PER_S
+    return max(1, math.ceil(tokens_per_s / GATEWAY_EVENTS_PER_S))
 
 
 def _cpu_share(index: int, replicas: int, cpus: int) -> str:

@@ -25,7 +25,7 @@ import uvicorn
 from .app import Gateway, create_gateway
 from .auth.watched import CredentialsFileError
 from .config import ConfigError, Settings, is_loopback_host
-from .engine import Device, ReplicaLaunch, build_replicas, replica_url
+from .engine import Device, ReplicaLaunch, build_replicas, replica_url, stream_interval
 from .engine_limits import EngineLimits
 from .engine_metrics import engine_metrics
 from .gpus import Gpu, Run, discover_gpus, place_replicas
@@ -266,9 +266,11 @@ def _announce(planned: EnginesPlan, settings: Settings) -> None:
         where = f"gpu ({', '.join(names)})"
         if settings.engine.tensor_parallel_size > 1:
             where += f", tensor parallel {settings.engine.tensor_parallel_size}"
+    tokens = stream_interval(settings.engine, plan, on_gpu=planned.gpu_groups is not None)
     log.info("model %s on %s, %d replica(s): %s; context %d tokens, %d sequences at once, images up to %d px "
-             "(%d a request)", choice.served_name, where, len(planned.launches), plan.reason, plan.max_model_len,
-             plan.max_num_seqs, plan.max_pixels, plan.max_images_per_request)
+             "(%d a request), streamed %s", choice.served_name, where, len(planned.launches), plan.reason,
+             plan.max_model_len, plan.max_num_seqs, plan.max_pixels, plan.max_images_per_request,
+             "token by token" if tokens == 1 else f"{tokens} tokens an event after the first")
     if choice.is_demo:
         print(DEMO_WARNING.format(reason=choice.reason, models_dir=settings.engine.models_dir),
               file=sys.stderr, flush=True)

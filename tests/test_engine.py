@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -16,9 +17,11 @@ import yaml
 
 from server.config import ConfigError, load_settings
 from server.engine import (
+    GATEWAY_EVENTS_PER_S,
     GENERATION_CONFIG_FLAG,
     PRIVACY_ARGS,
     PRIVACY_ENV,
+    STREAM_TOKENS_PER_S,
     VLLM_SERVER_MODULE,
     ReplicaLaunch,
     check_extra_args,
@@ -151,6 +154,7 @@ def test_harmless_extra_args_pass_through(tmp_path: Path) -> None:
     ("-q", "engine.quantization"), ("-tp=2", "engine.tensor_parallel_size"), ("-qfp8", "engine.quantization"),
     ("-tp2", "engine.tensor_parallel_size"), ("-pp", "engine.tensor_parallel_size"), ("-dp=2", "engine.replicas"),
     ("--pipeline-parallel-size=2", "engine.tensor_parallel_size"), ("--data-parallel-size", "engine.replicas"),
+    ("--stream-interval=4", "engine.stream_interval"), ("--stream_interval", "engine.stream_interval"),
 ])
 def test_extra_args_cannot_resize_what_airlock_sized(tmp_path: Path, arg: str, setting: str) -> None:
     # Passed twice, argparse keeps the last: the engine would run other than planned (and than the gateway
@@ -234,6 +238,35 @@ def test_gpu_replicas_get_their_own_gpus(tmp_path: Path) -> None:
     assert all(flag_value(launch.argv, "--tensor-parallel-size") == "2" for launch in replicas)
     assert all("--enforce-eager" not in launch.argv for launch in replicas)
     assert flag_value(replicas[0].argv, "--gpu-memory-utilization") == "0.9"
+
+
+def test_streamed_events_carry_one_token_each_unless_one_gateway_relays_a_large_host(tmp_path: Path) -> None:
+    """engine.stream_interval auto (vLLM's --stream-interval): token by token on CPU and for one GPU; eight 80 GB
+    replicas of the 8B hold ~750 streams, ~30,000 tokens a second, which the one gateway process of `airlock up`
+    relays in events of several tokens (after the first, which goes at once)."""
+    fake_model(tmp_path, "Qwen3-VL-8B-Instruct")
+    (cpu,) = launches(tmp_path, model="demo")
+    assert flag_value(cpu.argv, "--stream-interval") == "1"
+    (one,) = launches(tmp_path, "gpu", model="qwen3-vl-8b-instruct")
+    assert flag_value(one.argv, "--stream-interval") == "1"
+    settings = load_settings(engine={"models_dir": str(tmp_path), "device": "gpu", "model": "qwen3-vl-8b-instruct",
+                                     "replicas": 8})
+    planned = plan_engines(settings, tmp_path / "run", {}, recorded("h100x8"), cpu_count=8)
+    streams = 8 * planned.plan.concurrency
+    assert streams > 700  # the profiles' largest host (README, "One gateway process, eight GPUs")
+    tokens = {flag_value(launch.argv, "--stream-interval") for launch in planned.launches}
+    assert tokens == {str(math.ceil(streams * STREAM_TOKENS_PER_S / GATEWAY_EVENTS_PER_S))} and int(tokens.pop()) >= 3
+    # Set, it is used as is, on either device.
+    assert {flag_value(launch.argv, "--stream-interval")
+            for launch in launches(tmp_path, "gpu", model="qwen3-vl-8b-instruct", replicas=8, stream_interval=1)} == {"1"}
+    (chosen,) = launches(tmp_path, model="demo", stream_interval=5)
+    assert flag_value(chosen.argv, "--stream-interval") == "5"
+
+
+@pytest.mark.parametrize("value", [0, 65, "fast", 2.5])
+def test_a_stream_interval_out_of_range_is_refused(tmp_path: Path, value: object) -> None:
+    with pytest.raises(ConfigError, match="stream_interval"):
+        load_settings(engine={"stream_interval": value})
 
 
 def test_cpu_replicas_get_their_own_cores(tmp_path: Path) -> None:

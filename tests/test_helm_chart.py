@@ -414,6 +414,9 @@ def test_the_gateway_budget_never_blocks_a_drain_while_the_engines_are_down() ->
     ({"engine": {"maxModelLen": "16k"}}, "maxModelLen"),
     ({"engine": {"maxNumSeqs": 0}}, "maxNumSeqs"),
     ({"engine": {"maxNumSeqs": 2.5}}, "maxNumSeqs"),
+    ({"engine": {"streamInterval": 0}}, "streamInterval"),
+    ({"engine": {"streamInterval": "fast"}}, "streamInterval"),
+    ({"engine": {"streamInterval": 1.5}}, "streamInterval"),
     ({"engine": {"imageBudget": {"maxPixels": -1}}}, "maxPixels"),
     ({"engine": {"imageBudget": {"minPixels": 0}}}, "minPixels"),
     ({"engine": {"imageBudget": {"maxTokens": 4096}}}, "maxTokens"),
@@ -612,14 +615,14 @@ def engine_argv(settings: Settings, runtime_dir: Path, card: str = "l4") -> list
 def test_the_engine_values_reach_the_vllm_command_line(tmp_path: Path) -> None:
     """From the chart's values through the ConfigMap and Airlock's sizing to vLLM's flags (a recorded L40S)."""
     values = {"model": {"profile": "qwen3-vl-8b-instruct"}, "maxModelLen": 24576, "gpuMemoryUtilization": 0.85,
-              "maxNumSeqs": 12, "dtype": "bfloat16", "maxImagesPerRequest": 3,
+              "maxNumSeqs": 12, "dtype": "bfloat16", "maxImagesPerRequest": 3, "streamInterval": 3,
               "imageBudget": {"maxPixels": 2048 * 32 * 32, "minPixels": 128 * 32 * 32}}
     argv = engine_argv(engine_settings_of(render({"engine": values})), tmp_path, "l40s")
     flags = {flag: argv[argv.index(flag) + 1] for flag in ("--max-model-len", "--gpu-memory-utilization",
                                                           "--max-num-seqs", "--dtype", "--limit-mm-per-prompt",
-                                                          "--mm-processor-kwargs")}
+                                                          "--mm-processor-kwargs", "--stream-interval")}
     assert flags["--max-model-len"] == "24576" and float(flags["--gpu-memory-utilization"]) == 0.85
-    assert flags["--max-num-seqs"] == "12" and flags["--dtype"] == "bfloat16"
+    assert flags["--max-num-seqs"] == "12" and flags["--dtype"] == "bfloat16" and flags["--stream-interval"] == "3"
     assert json.loads(flags["--limit-mm-per-prompt"])["image"] == 3
     assert json.loads(flags["--mm-processor-kwargs"]) == {"size": {"longest_edge": 2048 * 32 * 32,
                                                                    "shortest_edge": 128 * 32 * 32}}
@@ -629,7 +632,7 @@ def test_the_engine_values_reach_the_vllm_command_line(tmp_path: Path) -> None:
 
 # The engine settings the sizing values set (server/config.py, EngineSettings), and their defaults when unset.
 SIZING_SETTINGS = ("model", "variant", "quantization", "dtype", "max_model_len", "gpu_memory_utilization",
-                   "max_num_seqs", "max_pixels", "min_pixels", "max_images_per_request")
+                   "max_num_seqs", "max_pixels", "min_pixels", "max_images_per_request", "stream_interval")
 
 
 def sizing_of(engine: EngineSettings) -> dict[str, Any]:
@@ -643,7 +646,7 @@ def test_the_default_engine_is_airlocks_own_choice_sized_to_the_gpu() -> None:
     assert sizing_of(engine_settings_of(documents).engine) == {
         "model": "auto", "variant": "instruct", "quantization": "auto", "dtype": "auto", "max_model_len": None,
         "gpu_memory_utilization": None, "max_num_seqs": None, "max_pixels": None, "min_pixels": None,
-        "max_images_per_request": None}
+        "max_images_per_request": None, "stream_interval": "auto"}
     assert "engine" not in gateway_settings_of(documents)
 
 
@@ -653,6 +656,7 @@ def test_the_default_engine_is_airlocks_own_choice_sized_to_the_gpu() -> None:
     ({"gpuMemoryUtilization": 0.85}, {"gpu_memory_utilization": 0.85}),
     ({"gpuMemoryUtilization": 1}, {"gpu_memory_utilization": 1.0}),
     ({"maxNumSeqs": 24}, {"max_num_seqs": 24}),
+    ({"streamInterval": 4}, {"stream_interval": 4}),
     ({"quantization": "fp8"}, {"quantization": "fp8"}),
     ({"quantization": "none"}, {"quantization": "none"}),
     ({"dtype": "float16"}, {"dtype": "float16"}),
@@ -716,6 +720,8 @@ def test_the_engines_size_for_the_gateways_typical_request() -> None:
     (["--max-model", "32768"], "engine.maxModelLen"),
     (["--enforce-eager", "--gpu-memory-utilization", "0.95"], "engine.gpuMemoryUtilization"),
     (["--max-num-seqs=8"], "engine.maxNumSeqs"),
+    (["--stream-interval", "4"], "engine.streamInterval"),
+    (["--stream_interval=4"], "engine.streamInterval"),
     (["--dtype", "half"], "engine.dtype"),
     (["--quantization=fp8"], "engine.quantization"),
     (["-q", "fp8"], "engine.quantization"),

@@ -497,6 +497,7 @@ check_extra_args; -q and -tp are vLLM's short forms of --quantization and --tens
   "--tensor-parallel-size" "engine.tensorParallelSize"
   "--pipeline-parallel-size" "engine.tensorParallelSize (the chart gives each replica tensor-parallel GPUs only)"
   "--data-parallel-size" "engine.replicas"
+  "--stream-interval" "engine.streamInterval"
 }}
 {{- $short := dict "-q" "--quantization" "-tp" "--tensor-parallel-size" "-pp" "--pipeline-parallel-size" "-dp" "--data-parallel-size" }}
 {{- range $arg := .Values.engine.extraArgs }}
