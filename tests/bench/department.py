@@ -3,8 +3,8 @@ the same arrivals sent straight to the stand-ins, alternating.
 
 What is simulated, and why (issue 20, Build 4): a single host with 8 GPUs serving the 8B model, each replica
 holding about 64 streams at a GPU's pace (about 40 tokens a second each, one event every 25 ms: vLLM sends one
-event per token), i.e. ~512 streams open and ~20,000 events a second through one gateway process. The engines are
-``paced_upstream.py`` (the one accepted fake: a real engine's milliseconds would drown the gateway's
+event per token by default), i.e. ~512 streams open and ~20,000 events a second through one gateway process. The
+engines are ``paced_upstream.py`` (the one accepted fake: a real engine's milliseconds would drown the gateway's
 microseconds, and there are no GPUs here), 8 unix sockets served by one light process. The gateway is the real
 `airlock gateway`: API keys for 64 users, screening and metrics on, the default per-user limits, 8 upstreams, the
 fair queue admitting twice the streams a replica is given on average (so that the random peaks of the arrivals do
