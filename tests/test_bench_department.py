@@ -88,7 +88,7 @@ def _chunks(raw: bytes) -> list[bytes]:
     """The HTTP/1.1 chunks of a chunked response (RFC 9112, 7.1), without the last, empty one."""
     head, _, rest = raw.partition(b"\r\n\r\n")
     assert b"transfer-encoding: chunked" in head
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         size, _, rest = rest.partition(b"\r\n")
         if int(size, 16) == 0:
