@@ -3,8 +3,8 @@ the same arrivals sent straight to the stand-ins, alternating.
 
 What is simulated, and why (issue 20, Build 4): a single host with 8 GPUs serving the 8B model, each replica
 holding about 64 streams at a GPU's pace (about 40 tokens a second each, one event every 25 ms: vLLM sends one
-event per token), i.e. ~512 streams open and ~20,000 events a second through one gateway process. The engines are
-``paced_upstream.py`` (the one accepted fake: a real engine's milliseconds would drown the gateway's
+event per token by default), i.e. ~512 streams open and ~20,000 events a second through one gateway process. The
+engines are ``paced_upstream.py`` (the one accepted fake: a real engine's milliseconds would drown the gateway's
 microseconds, and there are no GPUs here), 8 unix sockets served by one light process. The gateway is the real
 `airlock gateway`: API keys for 64 users, screening and metrics on, the default per-user limits, 8 upstreams, the
 fair queue admitting twice the streams a replica is given on average (so that the random peaks of the arrivals do
@@ -16,6 +16,12 @@ Requests arrive at random (Poisson; the rate from Little's law, streams = rate x
 a pasted passage), and a share carrying one scanned A4 invoice page: a JPEG at 200 dpi (1654 x 2339, about 3.9
 MP, which the 8B profile's image budget of 4,194,304 pixels reads whole) at quality 85, about 0.5 MB (0.7 MB of
 base64 inside the JSON), the size of a colour office scan of a printed page. Answers are 300 tokens.
+
+``--stream-interval N`` runs the engines as vLLM's option of that name does (see ``paced_upstream.py``): the first
+token's event at once, then one event every N tokens carrying their text in one delta. The tokens' pace is the
+same; the events a second, which the gateway's per-chunk cost multiplies, are about N times fewer. Every chunk
+figure here is per relayed event (what the load generator counts), the TTFT is the first token's event's, as with
+N = 1.
 
 Checked against the profiles, not assumed: what the gateway gives an 8B replica at once is what its KV cache holds
 at 4,096 tokens a request (README, the GPU table's "at once"): 30 on an A100 40 GB, 38-43 on 48 GB cards, 93-94 on
@@ -39,6 +45,7 @@ import base64
 import gc
 import io
 import json
+import math
 import os
 import random
 import sys
@@ -85,6 +92,7 @@ class Scale:
     image_share: float = 0.2  # of requests carrying one scanned page
     users: int = 64
     rounds: int = 2  # (direct, gateway) pairs, the order swapped each round
+    stream_interval: int = 1  # tokens an event after the first, as vLLM's --stream-interval (1: its default)
 
     @property
     def streams(self) -> int:
@@ -100,8 +108,19 @@ class Scale:
         return self.streams / self.stream_s
 
     @property
-    def chunks_per_s(self) -> float:
+    def events_per_stream(self) -> int:
+        """Token events in one answer: the first token's, then one every ``stream_interval`` tokens, the last
+        with what is left (``paced_upstream.Answers``)."""
+        return 1 + math.ceil((self.tokens - 1) / self.stream_interval)
+
+    @property
+    def tokens_per_s(self) -> float:
         return self.streams * 1000 / self.interval_ms
+
+    @property
+    def chunks_per_s(self) -> float:
+        """Token events a second with ``streams`` open: what the gateway relays."""
+        return self.tokens_per_s * self.events_per_stream / self.tokens
 
 
 # -- what is sent ----------------------------------------------------------------------------------------------
@@ -209,6 +228,7 @@ class PathRun:
     wait_percent: dict[str, float]  # process -> % of the window its threads waited, runnable, for a core
     sent_token_events: int  # what the stand-ins sent over the whole run (their own count)
     wall: tuple[float, float] = (0.0, 0.0)  # time.time() at the run's first arrival and at its last stream's end
+    sent_tokens: int = 0  # the tokens those events carried (their own count)
 
     @property
     def chunks_per_s(self) -> float:
@@ -296,7 +316,7 @@ async def run_path(path: str, clients: list[aiohttp.ClientSession], heads: list[
         samples.append(Sample((first or ended) - started, ended - started, counted, arrival.image))
 
     gc.collect()  # the previous run's garbage, before the clock starts
-    sent_before = await _sent(stats)
+    events_before, tokens_before = await _sent(stats)
     start, began = time.perf_counter(), time.time()
     window: dict[str, Any] = {}
     opens: list[int] = []
@@ -325,17 +345,20 @@ async def run_path(path: str, clients: list[aiohttp.ClientSession], heads: list[
         await asyncio.gather(*tasks)
     finally:
         gc.enable()
-    sent = await _sent(stats) - sent_before
+    events_after, tokens_after = await _sent(stats)
     (t0, events0, cpu0), (t1, events1, cpu1) = window["start"], window["end"]
     cpu = {name: (cpu1[name][0] - cpu0[name][0]) / (t1 - t0) * 100 for name in cpu0}
     wait = {name: (cpu1[name][1] - cpu0[name][1]) / (t1 - t0) * 100 for name in cpu0}
     return PathRun(path, samples, live.errors, t1 - t0, events1 - events0, sum(opens) / max(1, len(opens)),
-                   max(opens, default=0), cpu, wait, sent, (began, time.time()))
+                   max(opens, default=0), cpu, wait, events_after - events_before, (began, time.time()),
+                   tokens_after - tokens_before)
 
 
-async def _sent(stats: aiohttp.ClientSession) -> int:
+async def _sent(stats: aiohttp.ClientSession) -> tuple[int, int]:
+    """The stand-ins' token events and tokens sent so far."""
     async with stats.get("/stats") as response:
-        return int(json.loads(await response.read())["token_events"])
+        counts = json.loads(await response.read())
+    return int(counts["token_events"]), int(counts["tokens"])
 
 
 # -- the result ----------------------------------------------------------------------------------------------
@@ -370,7 +393,8 @@ class Department:
         per_chunk_us = gateway_cpu / 100 / chunks * 1e6 if chunks else float("nan")
         figures: dict[str, Any] = {
             "replicas": s.replicas, "streams_per_replica": s.streams_per_replica, "tokens": s.tokens,
-            "interval_ms": s.interval_ms, "duration_s": s.duration_s, "rounds": s.rounds,
+            "interval_ms": s.interval_ms, "stream_interval": s.stream_interval,
+            "events_per_stream": s.events_per_stream, "duration_s": s.duration_s, "rounds": s.rounds,
             "arrivals_per_s": s.rate, "image_share": s.image_share, "image_kb": self.image_kb, "users": s.users,
             "layout": self.layout,
             "requests_direct": sum(len(run.samples) for run in self.direct),
@@ -393,6 +417,7 @@ class Department:
             figures[f"{path}_load_cpu_percent"] = mean(runs, lambda run: run.cpu_percent["load generator"])
             figures[f"{path}_token_events_sent"] = sum(run.sent_token_events for run in runs)
             figures[f"{path}_token_events_counted"] = sum(run.counted_token_events for run in runs)
+            figures[f"{path}_tokens_sent"] = sum(run.sent_tokens for run in runs)
         figures["gateway_cpu_percent"] = gateway_cpu
         # Round by round (the same arrivals along both paths in each): a machine shared with other work crowds
         # the gateway out in some rounds and not others, and the merged percentiles hide which.
@@ -416,6 +441,10 @@ class Department:
         # Extrapolated, not measured: the gateway's CPU per chunk here (its per-request cost included) times the
         # issue's 20,000 chunks a second.
         figures["gateway_cores_at_20k_extrapolated"] = per_chunk_us * TARGET_CHUNKS_PER_S / 1e6
+        # The same department's tokens (20,000 a second) at this run's stream interval: fewer events, each costing
+        # what one did here (equal to the figure above at one token an event).
+        figures["gateway_cores_at_20k_tokens_extrapolated"] = (
+            per_chunk_us * TARGET_CHUNKS_PER_S * s.events_per_stream / s.tokens / 1e6)
         # Below saturation: the gateway neither used nearly all of its core nor waited long for it.
         figures["gateway_below_saturation"] = gateway_cpu + figures["gateway_wait_percent"] < SATURATED_PERCENT
         figures["target_met"] = (figures["added_ttft_p99_ms"] <= TARGET_ADDED_TTFT_P99_MS
@@ -429,7 +458,10 @@ def report(result: Department) -> str:
     lines = [
         f"\nA department of {s.replicas} GPUs, simulated: {s.replicas} paced stand-in replicas (tests/bench/"
         f"paced_upstream.py, the one accepted fake), {s.streams_per_replica} streams each on average "
-        f"({s.streams} in all), {s.tokens} tokens {s.interval_ms:g} ms apart, {f['arrivals_per_s']:.1f} "
+        f"({s.streams} in all), {s.tokens} tokens {s.interval_ms:g} ms apart"
+        + (f", {s.stream_interval} tokens an event after the first (vLLM --stream-interval {s.stream_interval})"
+           if s.stream_interval > 1 else "")
+        + f", {f['arrivals_per_s']:.1f} "
         f"arrivals/s (Poisson), {s.image_share:.0%} with a {f['image_kb']:.0f} KB scanned page, {s.users} users; "
         f"{s.rounds} rounds of {s.duration_s:g} s of arrivals per path, alternating",
         f"layout: {f['layout']}",
@@ -449,10 +481,12 @@ def report(result: Department) -> str:
         f"{f['added_ttft_p99_ms_image']:.2f}",
         f"{'streams open (mean / max)':28}{f['direct_streams_open_mean']:>6.0f} /{f['direct_streams_open_max']:>3}"
         f"{f['gateway_streams_open_mean']:>6.0f} /{f['gateway_streams_open_max']:>3}",
-        f"{'chunks per second':28}{f['direct_chunks_per_s']:>10.0f}{f['gateway_chunks_per_s']:>10.0f}"
-        f"   (the issue's department: {s.chunks_per_s:,.0f} here, {TARGET_CHUNKS_PER_S:,} asked)",
+        f"{'chunks (events) per second':28}{f['direct_chunks_per_s']:>10.0f}{f['gateway_chunks_per_s']:>10.0f}"
+        f"   (expected: events/s here {s.chunks_per_s:,.0f} (tokens/s {s.tokens_per_s:,.0f}), the issue's "
+        f"department {TARGET_CHUNKS_PER_S:,} events/s at one token an event)",
         f"{'token events sent / counted':28}{f['direct_token_events_sent']:>10}{f['gateway_token_events_sent']:>10}"
-        f"   counted {f['direct_token_events_counted']} / {f['gateway_token_events_counted']}",
+        f"   counted {f['direct_token_events_counted']} / {f['gateway_token_events_counted']}"
+        f" (tokens sent {f['direct_tokens_sent']} / {f['gateway_tokens_sent']})",
         f"{'CPU, % of one core':28}   (in brackets: % of the time it waited, runnable, for a core)",
         f"{'  gateway':28}{'-':>10}{f['gateway_cpu_percent']:>10.1f} ({f['gateway_wait_percent']:.0f})   by round: "
         + ", ".join(f"{value:.1f}" for value in f["gateway_cpu_by_round"]),
@@ -466,9 +500,11 @@ def report(result: Department) -> str:
                     f"gateway {r['gateway_cpu_percent']:.0f}% CPU ({r['gateway_wait_percent']:.0f}% waited), "
                     f"{r['gateway_chunks_per_s']:,.0f} chunks/s, {r['gateway_us_per_chunk']:.1f} us a chunk"
                     for index, r in enumerate(f["by_round"])),
-        f"gateway CPU per relayed chunk (its requests' cost included): {f['gateway_us_per_chunk']:.1f} us; "
-        f"at {TARGET_CHUNKS_PER_S:,} chunks/s that would be {f['gateway_cores_at_20k_extrapolated']:.2f} cores "
-        "(EXTRAPOLATED, not measured)",
+        f"gateway CPU per relayed chunk (event; its requests' cost included): {f['gateway_us_per_chunk']:.1f} us; "
+        f"at {TARGET_CHUNKS_PER_S:,} chunks/s that would be {f['gateway_cores_at_20k_extrapolated']:.2f} cores"
+        + (f", at {TARGET_CHUNKS_PER_S:,} tokens/s in events of {s.stream_interval} tokens "
+           f"{f['gateway_cores_at_20k_tokens_extrapolated']:.2f} cores" if s.stream_interval > 1 else "")
+        + " (EXTRAPOLATED, not measured)",
         f"target: added TTFT p99 <= {TARGET_ADDED_TTFT_P99_MS:g} ms with the gateway below saturation (CPU + "
         f"wait < {SATURATED_PERCENT:g}% of its core): {f['added_ttft_p99_ms']:.2f} ms at "
         f"{f['gateway_cpu_percent']:.0f}% + {f['gateway_wait_percent']:.0f}%: "
@@ -563,7 +599,8 @@ def department(scale: Scale, layout: Layout, work: Path, port: int = PORT,
         "admission": {"max_in_flight_per_replica": max(64, 2 * scale.streams_per_replica), "max_queued": 4096},
     }
     standins = [sys.executable, "-m", "tests.bench.paced_upstream", "--tokens", str(scale.tokens),
-                "--interval-ms", str(scale.interval_ms), *[arg for path in sockets for arg in ("--uds", str(path))]]
+                "--interval-ms", str(scale.interval_ms), "--stream-interval", str(scale.stream_interval),
+                *[arg for path in sockets for arg in ("--uds", str(path))]]
     image = scanned_invoice()
     cores = os.sched_getaffinity(0)
     if layout.others is not None:
@@ -599,8 +636,10 @@ def main() -> int:
     parser.add_argument("--replicas", type=int, default=default.replicas, help="stand-in engines (GPUs)")
     parser.add_argument("--streams-per-replica", type=int, default=default.streams_per_replica,
                         help="streams open on each, on average")
-    parser.add_argument("--tokens", type=int, default=default.tokens, help="token events in each answer")
-    parser.add_argument("--interval-ms", type=float, default=default.interval_ms, help="between a stream's events")
+    parser.add_argument("--tokens", type=int, default=default.tokens, help="tokens in each answer")
+    parser.add_argument("--interval-ms", type=float, default=default.interval_ms, help="between a stream's tokens")
+    parser.add_argument("--stream-interval", type=int, default=default.stream_interval,
+                        help="tokens an event after the first, as vLLM's --stream-interval (1: one event a token)")
     parser.add_argument("--duration", type=float, default=default.duration_s,
                         help="seconds of arrivals per run (longer than one stream, tokens x interval, to reach the "
                              "load)")
@@ -617,7 +656,9 @@ def main() -> int:
                         help="keep the processes' logs and configs here (without it: a scratch directory, deleted)")
     args = parser.parse_args()
     scale = Scale(args.replicas, args.streams_per_replica, args.tokens, args.interval_ms, args.duration,
-                  args.image_share, args.users, args.rounds)
+                  args.image_share, args.users, args.rounds, args.stream_interval)
+    if scale.tokens < 1 or scale.stream_interval < 1:
+        parser.error("--tokens and --stream-interval must be at least 1")
     for wanted in (args.stall_probe, args.json):
         if wanted is not None and not wanted.resolve().parent.is_dir():
             parser.error(f"{wanted.parent} is not a directory")

@@ -6,6 +6,13 @@ Each ``--uds`` socket is one replica. A streamed chat completion sends vLLM's ev
 one event per token ``--interval-ms`` apart, the pace of a GPU, then the finish event, the usage event when asked
 and ``[DONE]``) at fixed times from the request's arrival, whatever the other streams do.
 
+``--stream-interval N`` simulates vLLM's option of that name (``SchedulerConfig.stream_interval``; the rule is
+``RequestState.make_request_output`` in vllm/v1/engine/output_processor.py, vLLM 0.32): the first token is sent at
+once, then one event every N tokens (tokens 1+N, 1+2N, ...) whose delta carries those N tokens' text as one
+content string, and the last token's event at once with whatever is left (fewer than N when N does not divide).
+The finish, usage and ``[DONE]`` events follow as with N = 1, and the usage event still counts tokens. N = 1
+(the default) is vLLM's default: one event per token, the bytes as before the option existed.
+
 It must cost little per event, or it, not the gateway, limits a run of ~20,000 events a second on two cores:
 so it is not an ASGI app (uvicorn's per-message dicts, a task and a sleep per stream per token) but an
 ``asyncio.Protocol`` on uvloop with httptools parsing requests (uvicorn's own parser), each token written by a
@@ -13,9 +20,11 @@ timer callback (``loop.call_at``) straight to the transport as one pre-framed HT
 body to its end but does not parse its JSON (a 1 MB image would cost milliseconds): ``"stream":true`` and
 ``"include_usage":true`` are found in the bytes (the gateway writes its JSON compact, as the load generator does).
 
-``GET /stats`` (on any socket) answers the process's counts: requests, streams started and ended, token events sent.
+``GET /stats`` (on any socket) answers the process's counts: requests, streams started and ended, token events sent
+(what the load generator counts) and the tokens they carried.
 
-Run: ``python -m tests.bench.paced_upstream --uds A.sock --uds B.sock [--tokens N] [--interval-ms MS]``.
+Run: ``python -m tests.bench.paced_upstream --uds A.sock --uds B.sock [--tokens N] [--interval-ms MS]
+[--stream-interval N]``.
 """
 
 from __future__ import annotations
@@ -62,21 +71,39 @@ class Counts:
     requests: int = 0
     streams_started: int = 0
     streams_ended: int = 0
-    token_events: int = 0
+    token_events: int = 0  # events carrying tokens (the role event and the tail are not counted)
+    tokens: int = 0  # the tokens those events carried
 
 
 class Answers:
-    """Every stream's bytes, framed once at start-up: a token costs one ``transport.write``."""
+    """Every stream's bytes, framed once at start-up: a token event costs one ``transport.write``."""
 
-    def __init__(self, tokens: int, interval_s: float) -> None:
+    def __init__(self, tokens: int, interval_s: float, stream_interval: int = 1) -> None:
+        if tokens < 1 or stream_interval < 1:
+            raise ValueError("tokens and stream_interval must be at least 1")
         self.tokens = tokens
         self.interval_s = interval_s
+        self.stream_interval = stream_interval
         # The shape of vLLM's chunks (vllm/entrypoints/openai/protocol.py, ChatCompletionStreamResponse).
         base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0, "model": MODEL}
         self.role = _chunk(_event({**base, "choices": [
             {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}))
-        self.words = [_chunk(_event({**base, "choices": [
-            {"index": 0, "delta": {"content": word}, "logprobs": None, "finish_reason": None}]})) for word in WORDS]
+        framed: dict[tuple[int, int], bytes] = {}  # (first word, words) -> the event; the words cycle
+
+        def delta(first: int, last: int) -> bytes:
+            """The event carrying tokens ``first`` to ``last`` (numbered from 1), their words joined."""
+            key = ((first - 1) % len(WORDS), last - first + 1)
+            if key not in framed:
+                text = "".join(WORDS[(number - 1) % len(WORDS)] for number in range(first, last + 1))
+                framed[key] = _chunk(_event({**base, "choices": [
+                    {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}]}))
+            return framed[key]
+
+        # A stream's token events, the same for every stream: (the token it is sent at, tokens in it, its bytes).
+        # The first token at once, then every stream_interval tokens, and the last token with what is left.
+        ends = [1, *range(1 + stream_interval, tokens, stream_interval), tokens] if tokens > 1 else [1]
+        self.events = [(end, end - before, delta(before + 1, end))
+                       for before, end in zip([0, *ends[:-1]], ends, strict=True)]
         finish = _event({**base, "choices": [
             {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length", "stop_reason": None}]})
         usage = _event({**base, "choices": [], "usage": {
@@ -154,16 +181,18 @@ class Connection(asyncio.Protocol):
         self._write(_HEAD + self._answers.role)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        self._timer = loop.call_at(started + self._answers.interval_s, self._token, 1, started, usage)
+        self._timer = loop.call_at(started + self._answers.interval_s, self._token, 0, started, usage)
 
-    def _token(self, number: int, started: float, usage: bool) -> None:
+    def _token(self, index: int, started: float, usage: bool) -> None:
+        """Send the stream's token event ``index`` (of ``Answers.events``), and set the timer for the next."""
         answers = self._answers
-        event = answers.words[(number - 1) % len(answers.words)]
+        _, tokens, event = answers.events[index]
         self._counts.token_events += 1
-        if number < answers.tokens:
+        self._counts.tokens += tokens
+        if index + 1 < len(answers.events):
             self._write(event)
-            self._timer = asyncio.get_running_loop().call_at(started + (number + 1) * answers.interval_s,
-                                                             self._token, number + 1, started, usage)
+            self._timer = asyncio.get_running_loop().call_at(
+                started + answers.events[index + 1][0] * answers.interval_s, self._token, index + 1, started, usage)
         else:
             self._write(event + (answers.tail_with_usage if usage else answers.tail))
             self._timer = None
@@ -178,10 +207,10 @@ class Connection(asyncio.Protocol):
             self._transport.close()
 
 
-async def serve(sockets: list[Path], tokens: int, interval_s: float) -> None:
+async def serve(sockets: list[Path], tokens: int, interval_s: float, stream_interval: int = 1) -> None:
     """Listen on every socket until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
-    answers, counts = Answers(tokens, interval_s), Counts()
+    answers, counts = Answers(tokens, interval_s, stream_interval), Counts()
     servers = []
     for path in sockets:
         path.unlink(missing_ok=True)
@@ -199,10 +228,14 @@ async def serve(sockets: list[Path], tokens: int, interval_s: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--uds", type=Path, action="append", required=True, help="a replica's unix socket")
-    parser.add_argument("--tokens", type=int, default=300, help="tokens in each streamed answer (one event each)")
-    parser.add_argument("--interval-ms", type=float, default=25.0, help="between a stream's token events")
+    parser.add_argument("--tokens", type=int, default=300, help="tokens in each streamed answer")
+    parser.add_argument("--interval-ms", type=float, default=25.0, help="between a stream's tokens")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="tokens an event after the first, as vLLM's --stream-interval (1: one event a token)")
     args = parser.parse_args()
-    uvloop.run(serve(args.uds, args.tokens, args.interval_ms / 1000))
+    if args.tokens < 1 or args.stream_interval < 1:
+        parser.error("--tokens and --stream-interval must be at least 1")
+    uvloop.run(serve(args.uds, args.tokens, args.interval_ms / 1000, args.stream_interval))
 
 
 if __name__ == "__main__":
