@@ -84,8 +84,10 @@ class TwoReplicas:
 @contextmanager
 def two_replica_stack(workdir: Path, demo_model_dir: Path, credentials: Credentials,
                       gateway: dict[str, object], admission: dict[str, object],
-                      routing: dict[str, object] | None = None) -> Iterator[TwoReplicas]:
-    """`airlock up` with two CPU replicas of the demo model; alice and bob sign in with API keys."""
+                      routing: dict[str, object] | None = None,
+                      engine: dict[str, object] | None = None) -> Iterator[TwoReplicas]:
+    """`airlock up` with two CPU replicas of the demo model; alice and bob sign in with API keys. ``engine``: more
+    engine settings."""
     keys = {"alice": credentials.api_key}
     keys["bob"] = airlock_cli("keys", "create", "--user", "bob", "--file", str(credentials.api_keys)).strip()
     port = free_port()
@@ -97,7 +99,8 @@ def two_replica_stack(workdir: Path, demo_model_dir: Path, credentials: Credenti
         "metrics": {"engine_series": False},
         "admission": admission,
         "engine": {"model": "demo", "demo_model_dir": str(demo_model_dir), "socket_dir": str(workdir / "sockets"),
-                   "replicas": 2, "cpu_kvcache_gb": 1, "max_model_len": 4096, "restart_backoff_initial_s": 1},
+                   "replicas": 2, "cpu_kvcache_gb": 1, "max_model_len": 4096, "restart_backoff_initial_s": 1,
+                   **(engine or {})},
     })
     log_path = workdir / "airlock.log"
     with log_path.open("wb") as log:

@@ -33,6 +33,9 @@ from .servers import free_port
 pytestmark = pytest.mark.engine
 
 IN_FLIGHT_PER_REPLICA = 2
+# The replicas send two tokens an event after the first (engine.stream_interval): failover and fairness hold with it,
+# and the relay passes such events on as they are.
+STREAM_INTERVAL = 2
 # The fairness test's flood: long answers (a few seconds each here) next to B's short ones.
 A_TOKENS = 1024
 FLOOD = 64  # A's requests in flight at once
@@ -45,8 +48,28 @@ def two_replicas(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path,
     admission = {"max_in_flight_per_replica": IN_FLIGHT_PER_REPLICA, "max_concurrent_per_user": 0,
                  "requests_per_minute_per_user": 0, "queue_timeout_s": 900}
     with two_replica_stack(tmp_path_factory.mktemp("replicas"), demo_model_dir, credentials,
-                           gateway={"health_interval_s": 0.5}, admission=admission) as stack:
+                           gateway={"health_interval_s": 0.5}, admission=admission,
+                           engine={"stream_interval": STREAM_INTERVAL}) as stack:
         yield stack
+
+
+def test_engines_stream_the_tokens_an_event_they_were_started_with(two_replicas: TwoReplicas) -> None:
+    """engine.stream_interval reaches vLLM (--stream-interval): through the gateway, the first token comes alone (the
+    time to first token does not wait for more), then STREAM_INTERVAL tokens an event (the logprobs count them), and
+    the usage event still counts every token."""
+    client = openai.OpenAI(base_url=f"{two_replicas.base_url}/v1", api_key=two_replicas.keys["alice"], max_retries=0,
+                           timeout=300)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe this page."}], max_tokens=9, stream=True,
+        logprobs=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    tokens_an_event, completion_tokens = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content:
+            tokens_an_event.append(len(chunk.choices[0].logprobs.content))
+        if chunk.usage is not None:
+            completion_tokens = chunk.usage.completion_tokens
+    assert tokens_an_event == [1, *[STREAM_INTERVAL] * 4], tokens_an_event
+    assert completion_tokens == 9
 
 
 def test_load_spreads_over_both_replicas_and_each_tenant_stays_on_one(two_replicas: TwoReplicas) -> None:
