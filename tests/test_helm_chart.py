@@ -657,6 +657,7 @@ def test_the_default_engine_is_airlocks_own_choice_sized_to_the_gpu() -> None:
     ({"gpuMemoryUtilization": 1}, {"gpu_memory_utilization": 1.0}),
     ({"maxNumSeqs": 24}, {"max_num_seqs": 24}),
     ({"streamInterval": 4}, {"stream_interval": 4}),
+    ({"streamInterval": None}, {}),  # removed by --set engine.streamInterval=null: Airlock's auto, not 0
     ({"quantization": "fp8"}, {"quantization": "fp8"}),
     ({"quantization": "none"}, {"quantization": "none"}),
     ({"dtype": "float16"}, {"dtype": "float16"}),
