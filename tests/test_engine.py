@@ -263,6 +263,14 @@ def test_streamed_events_carry_one_token_each_unless_one_gateway_relays_a_large_
     assert flag_value(chosen.argv, "--stream-interval") == "5"
 
 
+def test_one_replica_of_tensor_parallel_4_is_enough_for_two_tokens_an_event(tmp_path: Path) -> None:
+    """One replica (as each engine pod of the chart) at tensor parallel 4 on 80 GB cards holds the 256 sequences'
+    cap: 10,240 tokens a second at 40 each, so auto is 2 there, not 1 (values.yaml, engine.streamInterval)."""
+    fake_model(tmp_path, "Qwen3-VL-8B-Instruct")
+    (one,) = launches(tmp_path, "gpu", model="qwen3-vl-8b-instruct", tensor_parallel_size=4)
+    assert flag_value(one.argv, "--tensor-parallel-size") == "4" and flag_value(one.argv, "--stream-interval") == "2"
+
+
 @pytest.mark.parametrize("value", [0, 65, "fast", 2.5])
 def test_a_stream_interval_out_of_range_is_refused(tmp_path: Path, value: object) -> None:
     with pytest.raises(ConfigError, match="stream_interval"):
