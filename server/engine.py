@@ -78,9 +78,9 @@ PROTECTED_FLAGS = frozenset({
     "--tool-parser-plugin",
 })
 
-# Flags sized to the GPU by Airlock (server/sizing.py), each with the setting that changes it: passed in
-# extra_args as well, argparse would keep the last one and the plan (and the gateway's idea of the engine) would
-# no longer be what runs.
+# Flags sized to the GPU by Airlock (server/sizing.py) or set from a setting, each with the setting that changes it:
+# passed in extra_args as well, argparse would keep the last one and the plan (and the gateway's idea of the engine)
+# would no longer be what runs.
 SIZED_FLAGS: Mapping[str, str] = {
     "--max-model-len": "engine.max_model_len",
     "--max-num-seqs": "engine.max_num_seqs",
@@ -100,9 +100,10 @@ SIZED_SHORT_FLAGS: Mapping[str, str] = {
     "-dp": "engine.replicas",
 }
 
-# What one gateway process relays with room to spare, in streamed events a second: 256 streams at 40 tokens a second
-# took 49% of its core (README, "One gateway process, eight GPUs"); its CPU goes by events, not by tokens.
-GATEWAY_EVENTS_PER_S = 10_000
+# What one gateway process relays with room to spare, in streamed events a second: the profiles' largest host at 4
+# tokens an event, 7,500 events a second, took 62% of its core, and 10,000 took 57 to 65% (README, "Streamed
+# events"); its CPU goes by events, not by tokens. 8,000 gives both kinds of eight 80 GB cards 4 tokens an event.
+GATEWAY_EVENTS_PER_S = 8_000
 # A stream's pace on a GPU while its replica is full: about 40 tokens a second for Qwen3-VL 4B/8B (issue 20's
 # department of eight GPUs, 64 streams each).
 STREAM_TOKENS_PER_S = 40
@@ -146,8 +147,8 @@ def check_extra_args(args: list[str]) -> None:
     for arg in args:
         short = next((flag for flag in SIZED_SHORT_FLAGS if not arg.startswith("--") and arg.startswith(flag)), None)
         if short is not None:
-            raise ConfigError(f"engine.extra_args: {short} is sized to the GPU by Airlock: set "
-                              f"{SIZED_SHORT_FLAGS[short]} instead")
+            raise ConfigError(f"engine.extra_args: {short} is set by Airlock (sized to the GPU, or from a setting): "
+                              f"set {SIZED_SHORT_FLAGS[short]} instead")
         if not arg.startswith("--"):
             continue
         flag = _flag_name(arg)
@@ -159,7 +160,8 @@ def check_extra_args(args: list[str]) -> None:
             )
         sized = [setting for sized_flag, setting in SIZED_FLAGS.items() if sized_flag.startswith(bare)]
         if sized:
-            raise ConfigError(f"engine.extra_args: {flag} is sized to the GPU by Airlock: set {sized[0]} instead")
+            raise ConfigError(f"engine.extra_args: {flag} is set by Airlock (sized to the GPU, or from a setting): "
+                              f"set {sized[0]} instead")
 
 
 def generation_config_args(args: list[str], default_max_tokens: int) -> tuple[dict[str, Any], list[str]]:
