@@ -285,6 +285,7 @@ def build_replicas(
     )
     base_env = engine_environment(os.environ if parent_env is None else parent_env)
     python = settings.python or sys.executable
+    tokens_an_event = stream_interval(settings, plan, on_gpu=gpu_groups is not None)
     launches = []
     for index in range(settings.replicas):
         url = replica_url(settings, runtime_dir, index)
@@ -293,7 +294,7 @@ def build_replicas(
             "--model", str(choice.path),
             "--served-model-name", choice.served_name,
             *sized_args(plan),
-            "--stream-interval", str(stream_interval(settings, plan, on_gpu=gpu_groups is not None)),
+            "--stream-interval", str(tokens_an_event),
             "--mm-processor-cache-gb", _number(settings.mm_processor_cache_gb),
             "--tensor-parallel-size", str(settings.tensor_parallel_size),
             GENERATION_CONFIG_FLAG, json.dumps(generation_config),

@@ -45,7 +45,6 @@ import base64
 import gc
 import io
 import json
-import math
 import os
 import random
 import sys
@@ -64,6 +63,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from server.auth.apikeys import format_keys, new_key
 
 from .load import MODEL, percentile, session
+from .paced_upstream import event_ends
 from .stacks import airlock, running
 
 if TYPE_CHECKING:
@@ -109,9 +109,8 @@ class Scale:
 
     @property
     def events_per_stream(self) -> int:
-        """Token events in one answer: the first token's, then one every ``stream_interval`` tokens, the last
-        with what is left (``paced_upstream.Answers``)."""
-        return 1 + math.ceil((self.tokens - 1) / self.stream_interval)
+        """Token events in one answer, as the stand-ins send them."""
+        return len(event_ends(self.tokens, self.stream_interval))
 
     @property
     def tokens_per_s(self) -> float:

@@ -75,6 +75,12 @@ class Counts:
     tokens: int = 0  # the tokens those events carried
 
 
+def event_ends(tokens: int, stream_interval: int) -> list[int]:
+    """The token each of a stream's token events is sent at (numbered from 1): the first token at once, then every
+    ``stream_interval`` tokens, and the last token with what is left (vLLM 0.32, output_processor.py)."""
+    return [1, *range(1 + stream_interval, tokens, stream_interval), tokens] if tokens > 1 else [1]
+
+
 class Answers:
     """Every stream's bytes, framed once at start-up: a token event costs one ``transport.write``."""
 
@@ -100,8 +106,7 @@ class Answers:
             return framed[key]
 
         # A stream's token events, the same for every stream: (the token it is sent at, tokens in it, its bytes).
-        # The first token at once, then every stream_interval tokens, and the last token with what is left.
-        ends = [1, *range(1 + stream_interval, tokens, stream_interval), tokens] if tokens > 1 else [1]
+        ends = event_ends(tokens, stream_interval)
         self.events = [(end, end - before, delta(before + 1, end))
                        for before, end in zip([0, *ends[:-1]], ends, strict=True)]
         finish = _event({**base, "choices": [
