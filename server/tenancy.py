@@ -14,12 +14,15 @@ from .auth import Principal
 from .config import ConfigError, PrivacySettings
 
 MIN_SECRET_BYTES = 32
+# Tenants whose salt is kept once computed; past it the table starts again (a salt is the same when computed again).
+SALTS_KEPT = 4096
 
 
 class TenantSalts:
     def __init__(self, settings: PrivacySettings) -> None:
         self.mode = settings.tenant
         self._secret = _secret(settings)
+        self._salts: dict[str, str] = {}
 
     def tenant_of(self, principal: Principal) -> str:
         if self.mode == "shared":
@@ -29,7 +32,16 @@ class TenantSalts:
         return "user:" + principal.key
 
     def salt_for(self, principal: Principal) -> str:
-        return hmac.new(self._secret, self.tenant_of(principal).encode(), hashlib.sha256).hexdigest()
+        """The tenant's salt, computed once per tenant and kept (an HMAC costs about as much as the rest of
+        screening a short request: py-spy under ``tests/bench/gateway_cpu``). The secret is read once, at start, so
+        a kept salt never goes stale; the table is bounded (SALTS_KEPT)."""
+        tenant = self.tenant_of(principal)
+        salt = self._salts.get(tenant)
+        if salt is None:
+            if len(self._salts) >= SALTS_KEPT:
+                self._salts.clear()
+            salt = self._salts[tenant] = hmac.new(self._secret, tenant.encode(), hashlib.sha256).hexdigest()
+        return salt
 
 
 def _secret(settings: PrivacySettings) -> bytes:

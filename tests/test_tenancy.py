@@ -6,6 +6,8 @@ engine (a real HTTP server on a unix socket); users sign in through the real htp
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from server import tenancy
 from server.app import create_app
 from server.auth import Principal
 from server.config import ConfigError, PrivacySettings, load_settings
@@ -107,3 +110,16 @@ def test_a_short_salt_secret_is_refused(tmp_path: Path) -> None:
     secret.write_text("too short")
     with pytest.raises(ConfigError, match="at least 32 bytes"):
         TenantSalts(PrivacySettings(salt_secret_file=secret))
+
+
+def test_a_salt_is_kept_per_tenant_and_the_table_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tenancy, "SALTS_KEPT", 3)
+    secret = tmp_path / "salt-secret"
+    secret.write_bytes(b"s" * 40)
+    salts = TenantSalts(PrivacySettings(salt_secret_file=secret))
+    for _ in range(2):
+        for n in range(10):
+            # Kept or computed again, always the HMAC-SHA256 of the tenant under the secret.
+            assert salts.salt_for(who(f"user{n}")) == hmac.new(b"s" * 40, f"user:local:user{n}".encode(),
+                                                               hashlib.sha256).hexdigest()
+            assert len(salts._salts) <= 3

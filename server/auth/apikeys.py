@@ -24,6 +24,8 @@ from .watched import CredentialsFileError, WatchedFile
 PREFIX = "alk_"
 KEY_PATTERN = re.compile(r"^alk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
 _DUMMY_DIGEST = hashlib.sha256(b"no such key").hexdigest()
+# Users whose Principal an authenticator keeps made (see ApiKeyAuthenticator._principal); past it the table restarts.
+PRINCIPALS_KEPT = 4096
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class ApiKeyAuthenticator:
     def __init__(self, keys: WatchedFile[dict[str, ApiKey]], groups: dict[str, frozenset[str]]) -> None:
         self._keys = keys
         self._groups = groups
+        self._principals: dict[str, Principal] = {}
+        self._principals_version = keys.version
 
     def accepts(self, scheme: str, credentials: str) -> bool:
         return scheme == "bearer" and looks_like_api_key(credentials)
@@ -119,6 +123,22 @@ class ApiKeyAuthenticator:
         digest = hashlib.sha256(match.group(2).encode()).hexdigest()
         if not hmac.compare_digest(digest, entry.sha256 if entry else _DUMMY_DIGEST) or entry is None:
             return None
-        if entry.state(datetime.now(UTC)) != "active":
+        # A key with neither date is active (``ApiKey.state``): most keys, and then the clock is not read.
+        if (entry.revoked or entry.expires) and entry.state(datetime.now(UTC)) != "active":
             return None
-        return local_principal(entry.user, self._groups)
+        return self._principal(entry.user)
+
+    def _principal(self, user: str) -> Principal:
+        """``user``'s Principal, made once and kept: it depends on the user's name and the configured groups only,
+        never on a key (every key is still checked against the file on every request, above). The table is
+        emptied whenever the key file is reloaded and bounded (PRINCIPALS_KEPT), so it holds at most the users of
+        the keys in use."""
+        if self._principals_version != self._keys.version:
+            self._principals.clear()
+            self._principals_version = self._keys.version
+        principal = self._principals.get(user)
+        if principal is None:
+            if len(self._principals) >= PRINCIPALS_KEPT:
+                self._principals.clear()
+            principal = self._principals[user] = local_principal(user, self._groups)
+        return principal
