@@ -56,6 +56,13 @@ def test_a_key_past_its_expiry_fails_and_one_before_it_works(tmp_path: Path) -> 
     assert check(authenticator, valid) is not None
     assert check(authenticator, expired) is None
     assert check(authenticator, valid[:-1] + ("A" if valid[-1] != "A" else "B")) is None  # the secret is checked
+    # The parsed expiry (kept on the entry) says what the stored text says, to the second it ends.
+    stored = parse_keys(path.read_text(), path)[current.id]
+    assert current.expires is not None and stored.expires_at == datetime.fromisoformat(current.expires).timestamp()
+    ends = datetime.fromisoformat(current.expires)
+    assert [stored.state(ends - timedelta(seconds=1)), stored.state(ends), stored.state_at(ends.timestamp() - 1),
+            stored.state_at(ends.timestamp())] == ["active", "expired", "active", "expired"]
+    assert revoke(stored).state(ends - timedelta(seconds=1)) == "revoked"
 
 
 def test_the_kept_principals_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
