@@ -9,8 +9,8 @@ import pytest
 
 from server.config import AdmissionSettings
 from server.errors import Overloaded, RateLimited
+from server.fairqueue import FINISH_TAGS_KEPT, FairQueue
 from server.fairqueue import Capacity as Slots
-from server.fairqueue import FairQueue
 from server.limits import UserLimits
 
 
@@ -207,3 +207,32 @@ def test_replicas_of_unequal_size_keep_one_slot_each_for_newcomers() -> None:
         return held_by_a
 
     assert asyncio.run(scenario()) == 8  # 10 slots, one kept free on each replica
+
+
+def test_with_nobody_waiting_a_request_enters_at_once_but_only_within_the_users_share() -> None:
+    """The way in when nobody waits (no queue machinery) keeps every rule of the queue: the user's cap, the count
+    in flight, and finish tags bounded while the queue is busy and forgotten when it is idle."""
+    async def scenario() -> None:
+        queue = FairQueue(AdmissionSettings(reserved_slots_per_replica=1), Capacity(8, replicas=2))  # A's cap: 6
+        held = [queue.slot("A", 10) for _ in range(6)]
+        for slot in held:
+            await slot.__aenter__()
+        assert queue.in_flight == 6
+        seventh = asyncio.create_task(queue._acquire("A", 10))
+        await asyncio.sleep(0)
+        assert not seventh.done() and queue.queued == 1  # slots are free, but not for A
+        async with asyncio.timeout(1), queue.slot("B", 10):  # a newcomer gets in at once
+            assert queue.in_flight == 7
+        await held.pop().__aexit__(None, None, None)
+        await asyncio.wait_for(seventh, 1)  # A's slot given back: the seventh goes in
+        assert queue.in_flight == 6 and queue.queued == 0
+        # Busy all along (A holds slots): past FINISH_TAGS_KEPT users, tags at or behind the clock are forgotten.
+        queue._finish.update({f"user-{n}": 0.0 for n in range(FINISH_TAGS_KEPT)})
+        async with queue.slot("C", 1):
+            assert set(queue._finish) == {"A", "C"}
+        queue._release("A")  # the seventh
+        for slot in held:
+            await slot.__aexit__(None, None, None)
+        assert queue.in_flight == 0 and queue._finish == {}  # idle: no history carried on
+
+    asyncio.run(scenario())
