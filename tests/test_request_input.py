@@ -89,6 +89,33 @@ def test_the_largest_64_bit_integers_are_fine() -> None:
     assert parse_request(body, DEPTH)["seed"] == 2**63 - 1
 
 
+def test_the_first_mistyped_field_in_openais_order_is_named_whatever_the_bodys_order() -> None:
+    for fields in ([("max_tokens", '"8"'), ("stream", '"yes"')], [("stream", '"yes"'), ("max_tokens", '"8"')]):
+        body = '{"model": "m", ' + ", ".join(f'"{name}": {value}' for name, value in fields) + "}"
+        error = refusal(body.encode())
+        assert (error.code, error.param) == ("invalid_type", "stream")
+        assert error.message == "invalid type for 'stream': expected a boolean, but got a string instead"
+    error = refusal(b'{"model": "m", "temperature": "hot", "tools": {}, "n": 1.5}')
+    assert (error.param, error.message) == ("n", "invalid type for 'n': expected an integer, but got a decimal number "
+                                                 "instead")
+    assert refusal(b'{"model": "m", "stream_options": {"include_usage": 1}}').param == "stream_options.include_usage"
+    fine = b'{"model": "m", "n": 2.0, "stream": null, "tools": [], "tool_choice": "auto", "top_p": 1, "x": "y"}'
+    assert parse_request(fine, DEPTH)["n"] == 2.0
+
+
+def test_objects_nest_as_deep_as_arrays() -> None:
+    def objects(depth: int) -> Any:
+        value: Any = {}
+        for _ in range(depth - 1):
+            value = {"a": value, "b": [1, "x"]}
+        return value
+
+    assert parse_request(json.dumps({"model": "m", "x": [1, objects(DEPTH - 1)]}).encode(), DEPTH - 1 + 2)
+    assert refusal(json.dumps({"model": "m", "x": [1, objects(DEPTH - 1)]}).encode()).code == "json_too_deep"
+    assert parse_request(json.dumps({"model": "m", "x": objects(DEPTH - 1)}).encode(), DEPTH)["model"] == "m"
+    assert refusal(json.dumps({"model": "m", "x": objects(DEPTH)}).encode()).code == "json_too_deep"
+
+
 def test_a_long_string_body_is_refused_as_no_object() -> None:
     # 30 MB of one JSON string (the depth walk once walked its every character, for seconds: the walk now starts
     # only at an object; its cost is `make bench`'s to show, not a unit test's).
