@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 import anyio.to_thread
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .admission import Admission
@@ -161,13 +161,24 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(limit)
+    # The ASGI messages read here as Starlette's Request.stream() reads them (a client gone: ClientDisconnect), with
+    # plain awaits: its async generator cost about as much again per request (py-spy under tests/bench/gateway_cpu).
+    receive = request.receive
     chunks, size = [], 0
-    async for chunk in request.stream():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(limit)
-    return b"".join(chunks)  # one copy (a growing bytearray and bytes() of it made several)
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunk = message.get("body", b"")
+            if chunk:
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(limit)
+            if not message.get("more_body", False):
+                break
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+    return b"".join(chunks)  # one copy (a growing bytearray and bytes() of it made several); none for one chunk
 
 
 class cancelled_when_client_leaves:

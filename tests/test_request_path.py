@@ -6,9 +6,11 @@ import asyncio
 import gc
 import weakref
 
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
-from server.request_path import cancelled_when_client_leaves
+from server.errors import BodyTooLarge, UnsupportedMediaType
+from server.request_path import cancelled_when_client_leaves, read_body
 
 
 def test_a_request_that_ends_leaves_no_cycle_for_the_garbage_collector() -> None:
@@ -35,3 +37,43 @@ def test_a_request_that_ends_leaves_no_cycle_for_the_garbage_collector() -> None
         assert seen() is None, "the cancelled watcher outlived the request (held in a reference cycle)"
     finally:
         gc.enable()
+
+
+def body_of(messages: list[Message], limit: int = 10, headers: list[tuple[bytes, bytes]] | None = None) -> tuple[
+        bytes | BaseException, int]:
+    """What ``read_body`` makes of ``messages`` (or what it raised), and how many of them it read."""
+    pending = list(messages)
+
+    async def receive() -> Message:
+        return pending.pop(0)
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": headers or []},
+                      receive)
+    try:
+        result: bytes | BaseException = asyncio.run(read_body(request, limit))
+    except (BodyTooLarge, ClientDisconnect, UnsupportedMediaType) as error:
+        result = error
+    return result, len(messages) - len(pending)
+
+
+def part(body: bytes, more: bool) -> Message:
+    return {"type": "http.request", "body": body, "more_body": more}
+
+
+def test_the_body_is_read_whole_and_refused_at_the_first_byte_past_the_limit() -> None:
+    assert body_of([part(b'{"model"', True), part(b"", True), part(b': "m"}', False)], limit=100) == (
+        b'{"model": "m"}', 3)
+    assert body_of([{"type": "http.request"}]) == (b"", 1)  # no body at all
+    assert body_of([part(b"0123456789", False)]) == (b"0123456789", 1)  # exactly the limit
+    refused, read = body_of([part(b"012345", True), part(b"67890", True), part(b"never read", False)])
+    assert isinstance(refused, BodyTooLarge) and read == 2
+    # Refused from its Content-Length, before a byte is read.
+    refused, read = body_of([part(b"0", False)], headers=[(b"content-length", b"11")])
+    assert isinstance(refused, BodyTooLarge) and read == 0
+    refused, read = body_of([part(b"0", False)], headers=[(b"content-encoding", b"gzip")])
+    assert isinstance(refused, UnsupportedMediaType) and read == 0
+
+
+def test_a_client_that_leaves_while_its_body_is_read_is_a_disconnect() -> None:
+    left, read = body_of([part(b"0123", True), {"type": "http.disconnect"}, part(b"never read", False)])
+    assert isinstance(left, ClientDisconnect) and read == 2
