@@ -74,6 +74,8 @@ class Admission:
     def image_tokens(self, image_sizes: Sequence[tuple[int, int]]) -> int:
         """Tokens the images become in the engine: each resized as Qwen's processor will (a photo larger than the
         budget counts as the budget, not as its own pixels), one token per ``image_pixels_per_token`` pixels."""
+        if not image_sizes:  # most requests
+            return 0
         per_token = self._settings.image_pixels_per_token
         return sum(self._engine_limits.resized_pixels(width, height, per_token) // per_token
                    for width, height in image_sizes)
@@ -85,7 +87,10 @@ def text_length(value: Any, measure: Callable[[str], int] = len) -> int:
     if isinstance(value, str):
         return measure(value)
     if isinstance(value, list):
-        return sum(text_length(item, measure) for item in value)
+        total = 0
+        for item in value:  # a plain loop: a generator cost as much again per request
+            total += text_length(item, measure)
+        return total
     if isinstance(value, dict):
         return text_length(value.get("content"), measure) + text_length(value.get("text"), measure)
     return 0

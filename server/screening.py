@@ -64,6 +64,10 @@ class Screening:
         self._images = ImageLimits(frozenset(settings.image_formats), settings.max_image_bytes,
                                    settings.max_image_pixels, settings.max_image_aspect_ratio)
         self._body = ForwardedBody()
+        self._caps = (("max_tokens", settings.max_tokens_limit, "max_tokens_too_large"),
+                      ("max_completion_tokens", settings.max_tokens_limit, "max_tokens_too_large"),
+                      ("n", settings.max_choices, "too_many_choices"),
+                      ("best_of", settings.max_choices, "too_many_choices"))
 
     def screen(self, route: Route, payload: dict[str, Any], principal: Principal) -> Screened:
         """The body to forward, or ``InvalidRequest`` saying what to change. ``payload`` is left as forwarded."""
@@ -89,10 +93,7 @@ class Screening:
 
     def _cap_tokens(self, payload: dict[str, Any]) -> None:
         """Refuse more tokens or choices than this server allows; a field left out (or null) stays out."""
-        for field, limit, code in (("max_tokens", self._settings.max_tokens_limit, "max_tokens_too_large"),
-                                   ("max_completion_tokens", self._settings.max_tokens_limit, "max_tokens_too_large"),
-                                   ("n", self._settings.max_choices, "too_many_choices"),
-                                   ("best_of", self._settings.max_choices, "too_many_choices")):
+        for field, limit, code in self._caps:
             value = payload.get(field)
             if value is None:
                 continue
