@@ -26,8 +26,8 @@ from .watched import CredentialsFileError, WatchedFile
 PREFIX = "alk_"
 KEY_PATTERN = re.compile(r"^alk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
 _DUMMY_DIGEST = hashlib.sha256(b"no such key").hexdigest()
-# Keys (and users) an authenticator keeps once checked (see ApiKeyAuthenticator); past it the tables start again.
-KEYS_KEPT = 4096
+# Users whose Principal an authenticator keeps made (see ApiKeyAuthenticator._principal); past it the table restarts.
+PRINCIPALS_KEPT = 4096
 
 
 @dataclass(frozen=True)
@@ -108,24 +108,15 @@ def format_keys(keys: dict[str, ApiKey]) -> str:
 
 
 class ApiKeyAuthenticator:
-    """``Authorization: Bearer alk_...`` (what the OpenAI SDK sends for ``api_key=``).
-
-    A key that passed the check is kept with its entry, so that the next requests with it skip the check (a regular
-    expression, SHA-256 and a comparison: measurable per request, py-spy under ``tests/bench/gateway_cpu``); its user's
-    Principal is kept too. Both tables are emptied whenever the key file is reloaded, so a revoked or removed key
-    fails at the first request after the reload, exactly as without them; expiry and revocation are read from the
-    entry on every request. Only keys that passed are kept (a made-up key always costs the whole check), in memory
-    only, and at most KEYS_KEPT of them.
-    """
+    """``Authorization: Bearer alk_...`` (what the OpenAI SDK sends for ``api_key=``)."""
 
     scheme = "bearer"
 
     def __init__(self, keys: WatchedFile[dict[str, ApiKey]], groups: dict[str, frozenset[str]]) -> None:
         self._keys = keys
         self._groups = groups
-        self._version = keys.version
-        self._checked: dict[str, ApiKey] = {}
         self._principals: dict[str, Principal] = {}
+        self._principals_version = keys.version
 
     def accepts(self, scheme: str, credentials: str) -> bool:
         return scheme == "bearer" and looks_like_api_key(credentials)
@@ -135,38 +126,29 @@ class ApiKeyAuthenticator:
         return None
 
     async def authenticate(self, token: str) -> Principal | None:
-        keys = self._keys.current  # the file re-read first if it changed
-        if keys is None:
+        match = KEY_PATTERN.match(token)
+        keys = self._keys.current
+        if match is None or keys is None:
             return None
-        if self._version != self._keys.version:
-            self._checked.clear()
-            self._principals.clear()
-            self._version = self._keys.version
-        entry = self._checked.get(token)
-        if entry is None:
-            entry = _check(token, keys)
-            if entry is None:
-                return None
-            if len(self._checked) >= KEYS_KEPT:
-                self._checked.clear()
-            self._checked[token] = entry
+        entry = keys.get(match.group(1))
+        digest = hashlib.sha256(match.group(2).encode()).hexdigest()
+        if not hmac.compare_digest(digest, entry.sha256 if entry else _DUMMY_DIGEST) or entry is None:
+            return None
         if entry.state_at(time.time()) != "active":
             return None
-        principal = self._principals.get(entry.user)
-        if principal is None:  # made once per user: it depends on the name and the configured groups only
-            if len(self._principals) >= KEYS_KEPT:
+        return self._principal(entry.user)
+
+    def _principal(self, user: str) -> Principal:
+        """``user``'s Principal, made once and kept: it depends on the user's name and the configured groups only,
+        never on a key (every key is still checked against the file on every request, above). The table is
+        emptied whenever the key file is reloaded and bounded (PRINCIPALS_KEPT), so it holds at most the users of
+        the keys in use."""
+        if self._principals_version != self._keys.version:
+            self._principals.clear()
+            self._principals_version = self._keys.version
+        principal = self._principals.get(user)
+        if principal is None:
+            if len(self._principals) >= PRINCIPALS_KEPT:
                 self._principals.clear()
-            principal = self._principals[entry.user] = local_principal(entry.user, self._groups)
+            principal = self._principals[user] = local_principal(user, self._groups)
         return principal
-
-
-def _check(token: str, keys: dict[str, ApiKey]) -> ApiKey | None:
-    """The entry whose key ``token`` is, whatever its state; None for anything else (same cost for an unknown id)."""
-    match = KEY_PATTERN.match(token)
-    if match is None:
-        return None
-    entry = keys.get(match.group(1))
-    digest = hashlib.sha256(match.group(2).encode()).hexdigest()
-    if not hmac.compare_digest(digest, entry.sha256 if entry else _DUMMY_DIGEST) or entry is None:
-        return None
-    return entry
