@@ -47,7 +47,7 @@ PRIVACY_ENV: Mapping[str, str] = {
     # packet leaves, but it is an attempt to route outside, and a replica only ever talks over loopback.
     "VLLM_HOST_IP": "127.0.0.1",
 }
-# The gateway is an engine's only client and drops idle connections after 3 s (upstream.KEEPALIVE_EXPIRY_S). With
+# The gateway is an engine's only client and drops idle connections after 3 s (engine_http.KEEPALIVE_EXPIRY_S). With
 # vLLM's own 5 s, an engine whose event loop stalls for a few seconds under load closes a connection just as the
 # gateway sends a request on it (`make bench`, concurrency 64: bursts of dropped requests, then 503s). Kept for
 # 60 s, the gateway always closes first.
