@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl
 from typing import cast
 from urllib.parse import urlsplit
@@ -102,15 +103,14 @@ class EngineConnections:
         try:
             async with asyncio.timeout(self.read_timeout_s):
                 handed = await waiter
-        except TimeoutError:
-            raise EngineDropped("no connection to the engine was free in time") from None
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():  # handed over just as this request was cancelled
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():  # handed over just as the wait ended
                 self._pass_on(waiter.result())
-            raise
-        finally:
-            if not waiter.done():
+            with contextlib.suppress(ValueError):
                 self._waiting.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise EngineDropped("no connection to the engine was free in time") from None
+            raise
         # A connection whose answer has ended, or (None) the place of one that closed, to open a new one in.
         return handed if handed is not None else await self._dial()
 
@@ -318,12 +318,12 @@ class _Connection(asyncio.Protocol):
         self._lost()
 
     def pause_reading(self) -> None:
-        if not self._reading_paused and self._transport is not None:
+        if not self._reading_paused and not self.closed and self._transport is not None:
             self._reading_paused = True
             self._transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._reading_paused and self._transport is not None:
+        if self._reading_paused and not self.closed and self._transport is not None:
             self._reading_paused = False
             self._transport.resume_reading()
 
