@@ -9,7 +9,7 @@ pool and one timer a request; the HTTP parsing is llhttp's. The control plane (h
 What the relay tells apart (``proxy._Exchange``):
 
 - ``EngineRefused``: no connection could be made (refused, no socket, a failed TLS handshake): the engine is down.
-- ``EngineDropped``: the connection ended, or none was made or free in time, before any of the answer arrived:
+- ``EngineDropped``: the connection ended, or none was made or free in time, before the answer's head was in:
   nothing reached the client, so another try is safe.
 - ``EngineBroken``: the answer ended before its end, or was not HTTP.
 - ``TimeoutError``: the engine was silent for ``read_timeout_s`` while the relay waited for it (bytes that wait for
@@ -32,6 +32,8 @@ KEEPALIVE_EXPIRY_S = 3.0
 # Bytes of an answer held for a client slower than the engine before the engine's connection stops being read (TCP
 # then slows the engine's sends); aiohttp's StreamReader paused at 128 KiB too.
 PAUSE_READING_BYTES = 128 * 1024
+# The longest answer head read: aiohttp's limits were 8190 bytes a line and 128 headers (aiohttp/client_proto.py).
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class EngineHttpError(Exception):
@@ -43,7 +45,7 @@ class EngineRefused(EngineHttpError):
 
 
 class EngineDropped(EngineHttpError):
-    """The connection ended, or none was made or free in time, before the answer began."""
+    """The connection ended, or none was made or free in time, before the answer's head was in."""
 
 
 class EngineBroken(EngineHttpError):
@@ -77,7 +79,7 @@ class EngineConnections:
         self.read_timeout_s = read_timeout_s
         self._max = max_connections
         self._open = 0
-        self._idle: list[_Connection] = []  # most recently used last: the warmest is reused first
+        self._idle: collections.deque[_Connection] = collections.deque()  # most recently used last: reused first
         self._waiting: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
         self._closed = False
 
@@ -85,6 +87,8 @@ class EngineConnections:
         """Send ``body`` (JSON) to ``path``; returns once the answer's status and headers are in. Raises
         ``EngineHttpError`` or ``TimeoutError`` (module docstring); cancelling closes the connection."""
         connection = await self._connection()
+        while connection.closed:  # closed by the engine as it was handed over: nothing was sent on it
+            connection = await self._connection()
         head = b"POST %s%s HTTP/1.1\r\n%s%d\r\n\r\n" % (self._prefix, path.encode("latin-1"), self._head_end, len(body))
         return await connection.request(head, body, self.read_timeout_s)
 
@@ -128,8 +132,9 @@ class EngineConnections:
                 if self._unix_path is not None:
                     await loop.create_unix_connection(connection, self._unix_path)
                 else:
+                    # A fully qualified name's final dot is not in its certificate (as aiohttp and browsers do).
                     await loop.create_connection(connection, self._host, self._port, ssl=self._tls,
-                                                 server_hostname=self._host if self._tls is not None else None)
+                                                 server_hostname=self._host.rstrip(".") if self._tls else None)
         except BaseException as exc:
             if made:
                 made[0].close()  # gives its place up once
@@ -168,14 +173,22 @@ class EngineConnections:
             if not waiter.done():
                 waiter.set_result(connection)
                 return
-        connection.idle_since = asyncio.get_running_loop().time()
-        self._idle.append(connection)
+        idle, now = self._idle, asyncio.get_running_loop().time()
+        connection.idle_since = now
+        idle.append(connection)
+        while now - idle[0].idle_since >= KEEPALIVE_EXPIRY_S:  # the oldest, unused since a burst: closed
+            idle.popleft().close()
 
     async def close(self) -> None:
+        """Idle connections close now, the others as their answers end; waiting requests are dropped."""
         self._closed = True
         for connection in self._idle:
             connection.close()
         self._idle.clear()
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(EngineDropped("the gateway is stopping"))
 
 
 class EngineResponse:
@@ -227,11 +240,15 @@ class EngineResponse:
 
     def release(self) -> None:
         """Done with the answer: its connection serves the next request if the answer ended cleanly, else closes."""
-        self._connection.finished(reusable=self.at_eof())
+        connection = self._connection
+        if connection._response is self:  # once only: the connection may serve another request by now
+            connection.finished(reusable=self.at_eof())
 
     def close(self) -> None:
         """Done with the answer before its end: the connection is closed (vLLM then aborts the request)."""
-        self._connection.finished(reusable=False)
+        connection = self._connection
+        if connection._response is self:
+            connection.finished(reusable=False)
 
     # Called by the connection.
     def _feed(self, data: bytes) -> None:
@@ -244,7 +261,7 @@ class EngineResponse:
     def _end(self, error: BaseException | None) -> None:
         if error is None:
             self._complete = True
-        elif not self._complete:
+        elif not self._complete and self._error is None:  # the first error says what happened
             self._error = error
         self._wake()
 
@@ -279,21 +296,27 @@ class _Connection(asyncio.Protocol):
         self._timeout_s = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
+        self._head_bytes = 0  # of an answer head not complete yet
+        self._interim = False  # the message being parsed is a 1xx
 
     async def request(self, head: bytes, body: bytes, timeout_s: float) -> EngineResponse:
         assert self._transport is not None
+        if self.closed:  # closed by the engine as it was handed over (its place is already free): nothing was sent
+            raise EngineDropped("the engine closed the connection before the request")
+        self._head_bytes = 0
+        self._interim = False
         self._headers = {}
         self._response = None
         self._until_eof = False
         self._keep_alive = False
         self._started = self._loop.create_future()
-        self._timeout_s = timeout_s
-        self._last_heard = self._loop.time()
-        self._timer = self._loop.call_at(self._last_heard + timeout_s, self._check_silence)
         if len(body) < 65536:
             self._transport.write(head + body)
         else:
-            self._transport.writelines((head, body))  # no copy of a large body
+            self._transport.writelines((head, body))  # on uvloop, the large body is not copied
+        self._timeout_s = timeout_s
+        self._last_heard = self._loop.time()
+        self._timer = self._loop.call_at(self._last_heard + timeout_s, self._check_silence)
         try:
             return await self._started
         except BaseException:
@@ -366,9 +389,15 @@ class _Connection(asyncio.Protocol):
         self._last_heard = self._loop.time()
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # the latter is no HttpParserError
             self._fail(EngineBroken("the engine's answer was not HTTP"))
             self.close()
+            return
+        if self._response is None and not self.closed:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(EngineBroken("the engine's answer head was too long"))
+                self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         response = self._response
@@ -384,9 +413,17 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
+    def on_message_begin(self) -> None:
+        if self._response is not None:  # a second answer to one request: the connection is not to be trusted
+            raise EngineBroken("more than one answer")
+
     def on_headers_complete(self) -> None:
         headers = self._headers
-        self._until_eof = "content-length" not in headers and "chunked" not in headers.get("transfer-encoding", "")
+        if 100 <= self._parser.get_status_code() < 200:  # interim (RFC 9110 15.2), skipped as aiohttp did
+            self._interim, self._headers = True, {}
+            return
+        self._until_eof = ("content-length" not in headers
+                           and "chunked" not in headers.get("transfer-encoding", "").lower())
         self._response = EngineResponse(self, self._parser.get_status_code(), headers)
         if self._started is not None and not self._started.done():
             self._started.set_result(self._response)
@@ -396,6 +433,9 @@ class _Connection(asyncio.Protocol):
             self._response._feed(body)
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self._keep_alive = self._parser.should_keep_alive()  # llhttp forgets it once the next message may begin
         if self._response is not None:
             self._response._end(None)

@@ -40,8 +40,6 @@ MAX_ENGINE_ERROR_BYTES = 64 * 1024
 ATTEMPTS = 2
 # Headers worth passing from the engine to the client; everything else (server, date, ...) is dropped.
 RELAYED_HEADERS = frozenset({"content-type"})
-# What the gateway sends the engine: nothing of the client's headers. identity: bytes are relayed as they are.
-UPSTREAM_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
 # How vLLM reports a failure inside a stream (vllm/entrypoints/openai/engine/serving.py, create_streaming_error_
 # response): an event whose data is an OpenAI error object. Inside an answer's text the quotes would be escaped.
 ERROR_EVENT = b'data: {"error"'

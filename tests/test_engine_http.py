@@ -330,3 +330,101 @@ async def test_a_cancelled_request_closes_its_connection(tmp_path: Path) -> None
         with pytest.raises(asyncio.CancelledError):
             await request
         await asyncio.wait_for(scripted.closed_by_client.wait(), 5)
+
+
+# What a proxy in front of an engine, or a broken engine, may send (found by review; aiohttp handled each).
+
+
+@on_each_loop
+async def test_an_interim_answer_is_skipped_and_each_request_gets_its_own_answer(tmp_path: Path) -> None:
+    async def early_hints(scripted: Engine, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (body := await scripted.read_request(reader)) is not None:
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(whole(b"for " + body))
+            await writer.drain()
+
+    async with engine(tmp_path, early_hints) as (scripted, connections):
+        for user in (b"A", b"B"):
+            response = await connections.post("/v1/completions", user)
+            assert (response.status, await response.read()) == (200, b"for " + user)
+            response.release()
+        assert scripted.connections == 1
+
+
+@on_each_loop
+async def test_bytes_after_the_end_of_an_answer_keep_its_connection_from_serving_another(tmp_path: Path) -> None:
+    async def stray(scripted: Engine, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (body := await scripted.read_request(reader)) is not None:
+            extra = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 40\r\n\r\nSTALE"
+            writer.write(whole(b"for " + body) + (extra if body == b"A" else b""))
+            await writer.drain()
+
+    async with engine(tmp_path, stray) as (scripted, connections):
+        first = await connections.post("/v1/completions", b"A")
+        assert await first.read() == b"for A"
+        assert first.headers["content-type"] == "application/json"  # not the stray answer's
+        first.release()
+        second = await connections.post("/v1/completions", b"B")
+        assert await second.read() == b"for B"
+        assert scripted.connections == 2
+
+
+@on_each_loop
+async def test_an_endless_answer_head_is_broken_off(tmp_path: Path) -> None:
+    async def endless(scripted: Engine, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await scripted.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nx-padding: ")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(4096):  # up to 64 MiB
+                writer.write(b"a" * 16384)
+                await writer.drain()
+
+    async with engine(tmp_path, endless) as (_, connections):
+        with pytest.raises(EngineBroken, match="head was too long"):
+            await connections.post("/v1/completions", b"{}")
+
+
+@on_each_loop
+async def test_a_chunked_answer_cut_short_is_broken_whatever_the_spelling(tmp_path: Path) -> None:
+    async def cut(scripted: Engine, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await scripted.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n" + chunk(b"data: 1\n\n"))
+        await writer.drain()
+
+    async with engine(tmp_path, cut) as (_, connections):
+        response = await connections.post("/v1/chat/completions", b"{}")
+        with pytest.raises(EngineBroken):
+            await response.read()
+
+
+@on_each_loop
+async def test_a_switch_of_protocols_is_broken(tmp_path: Path) -> None:
+    async def upgrade(scripted: Engine, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await scripted.read_request(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nxyz")
+        await writer.drain()
+        await reader.read()
+
+    async with engine(tmp_path, upgrade) as (_, connections):
+        with pytest.raises(EngineBroken):
+            await connections.post("/v1/completions", b"{}")
+
+
+@on_each_loop
+async def test_releasing_an_answer_twice_leaves_the_next_request_alone(tmp_path: Path) -> None:
+    async def slow_for_b(scripted: Engine, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (body := await scripted.read_request(reader)) is not None:
+            await asyncio.sleep(0.5 if body == b"B" else 0)
+            writer.write(whole(body))
+            await writer.drain()
+
+    async with engine(tmp_path, slow_for_b, max_connections=1, read_timeout_s=1) as (_, connections):
+        first = await connections.post("/v1/completions", b"A")
+        assert await first.read() == b"A"
+        first.release()
+        second = asyncio.create_task(connections.post("/v1/completions", b"B"))  # on the same connection
+        await asyncio.sleep(0.1)
+        first.close()  # a late second "done" on the first answer
+        assert await asyncio.wait_for((await asyncio.wait_for(second, 3)).read(), 3) == b"B"
