@@ -47,10 +47,10 @@ PRIVACY_ENV: Mapping[str, str] = {
     # packet leaves, but it is an attempt to route outside, and a replica only ever talks over loopback.
     "VLLM_HOST_IP": "127.0.0.1",
 }
-# The gateway is an engine's only client and drops idle connections after 3 s (upstream.KEEPALIVE_EXPIRY_S). With
-# vLLM's own 5 s, an engine whose event loop stalls for a few seconds under load closes a connection just as the
-# gateway sends a request on it (`make bench`, concurrency 64: bursts of dropped requests, then 503s). Kept for
-# 60 s, the gateway always closes first.
+# The gateway is an engine's only client and never sends on a connection idle for 3 s (engine_http.KEEPALIVE_EXPIRY_S;
+# it closes such connections as others are released). With vLLM's own 5 s, an engine whose event loop stalls for a
+# few seconds under load closes a connection just as the gateway sends a request on it (`make bench`, concurrency
+# 64: bursts of dropped requests, then 503s). Kept for 60 s, the gateway always gives up a connection first.
 KEEPALIVE_ENV: Mapping[str, str] = {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "60"}
 
 # Forced on every engine: no access log (it carries client addresses), no prompt or output logging, no

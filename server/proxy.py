@@ -10,17 +10,15 @@ never a silent truncation. An engine's own error text never reaches the client.
 
 from __future__ import annotations
 
-import asyncio
-import io
 import logging
 import time
 from dataclasses import dataclass
 from typing import NoReturn
 
-import aiohttp
 from starlette.types import Send
 
 from .auth import Principal
+from .engine_http import EngineDropped, EngineHttpError, EngineRefused, EngineResponse
 from .errors import (
     NO_STORE,
     AirlockError,
@@ -42,16 +40,10 @@ MAX_ENGINE_ERROR_BYTES = 64 * 1024
 ATTEMPTS = 2
 # Headers worth passing from the engine to the client; everything else (server, date, ...) is dropped.
 RELAYED_HEADERS = frozenset({"content-type"})
-# What the gateway sends the engine: nothing of the client's headers. identity: bytes are relayed as they are.
-UPSTREAM_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
 # How vLLM reports a failure inside a stream (vllm/entrypoints/openai/engine/serving.py, create_streaming_error_
 # response): an event whose data is an OpenAI error object. Inside an answer's text the quotes would be escaped.
 ERROR_EVENT = b'data: {"error"'
 STOPPED = "the model engine stopped while answering"
-# Bodies above aiohttp's TOO_LARGE_BYTES_BODY (1 MiB, aiohttp/payload.py) go as a BytesIO, which aiohttp writes in
-# 64 KiB pieces, yielding to the event loop between them (and without its ResourceWarning); smaller ones as bytes, in
-# one write. A BytesIO made from bytes shares them until written to: no copy.
-LARGE_BODY_BYTES = 1 << 20
 FAILED = "the model engine failed to answer this request; try again"
 # How vLLM refuses a prompt longer than its context ("This model's maximum context length is N tokens. However, ...",
 # vllm/renderers/params.py; "Input length (N) exceeds model's maximum context length (M).", vllm/entrypoints/serve/
@@ -164,7 +156,7 @@ class _Exchange:
         finally:
             # A whole answer leaves its connection for the next request; anything else (an answer cut short, a
             # client that left) closes it, and vLLM aborts the request.
-            if upstream.content.at_eof():
+            if upstream.at_eof():
                 upstream.release()
             else:
                 upstream.close()
@@ -174,23 +166,20 @@ class _Exchange:
         self.forwarder.failed(self.replica, reason)
         raise _TryElsewhere(EngineFailed(FAILED))
 
-    async def _open(self) -> aiohttp.ClientResponse:
+    async def _open(self) -> EngineResponse:
         """Send the request; a failure before the engine answered may be retried elsewhere."""
         replica = self.replica
-        assert replica.session is not None, "the pool opens every replica's session when it starts"
+        assert replica.connections is not None, "every replica of a serving pool has its connections"
         self.record.forwarded()
         errors = self.forwarder.metrics.upstream_errors
         try:
-            body = self.request.body
-            return await replica.session.post(replica.endpoint(self.request.path),
-                                              data=io.BytesIO(body) if len(body) > LARGE_BODY_BYTES else body,
-                                              headers=UPSTREAM_HEADERS)
-        except aiohttp.ClientConnectorError:
+            return await replica.connections.post(self.request.path, self.request.body)
+        except EngineRefused:
             # Refused or no socket: the engine is down.
             errors.labels("connect_failed").inc()
             self.forwarder.pool.mark_failed(replica)
             raise _TryElsewhere(self.forwarder.unavailable()) from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError, aiohttp.ClientOSError):
+        except EngineDropped:
             # Dropped before any answer (a kept-alive connection the engine had just closed, an engine too busy to
             # accept, or one that died): nothing reached the client yet, so another try is safe.
             errors.labels("dropped").inc()
@@ -198,9 +187,9 @@ class _Exchange:
             self.forwarder.pool.check_soon(replica)
             raise _TryElsewhere(EngineFailed(FAILED), same_replica_may_retry=True) from None
         except TimeoutError as exc:
-            # No answer within read_timeout_s, or no free connection: not retried, the work may be under way.
+            # No answer within read_timeout_s: not retried, the work may be under way.
             raise self._timed_out() from exc
-        except aiohttp.ClientError as exc:
+        except EngineHttpError as exc:
             errors.labels("transport").inc()
             raise EngineFailed(FAILED) from exc
 
@@ -210,20 +199,19 @@ class _Exchange:
         self.forwarder.metrics.upstream_errors.labels("timeout").inc()
         return EngineTimeout("the model engine did not answer in time; try a smaller request or streaming")
 
-    def _headers(self, upstream: aiohttp.ClientResponse, extra: dict[str, str]) -> list[tuple[bytes, bytes]]:
-        # ASGI wants header names in lower case; aiohttp gives them as the engine spelt them.
-        headers = {name.lower(): value for name, value in upstream.headers.items() if name.lower() in RELAYED_HEADERS}
+    def _headers(self, upstream: EngineResponse, extra: dict[str, str]) -> list[tuple[bytes, bytes]]:
+        headers = {name: value for name, value in upstream.headers.items() if name in RELAYED_HEADERS}
         headers.update(NO_STORE)
         headers.update(extra)
         return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
 
-    async def _relay_whole(self, upstream: aiohttp.ClientResponse) -> None:
+    async def _relay_whole(self, upstream: EngineResponse) -> None:
         # A non-streaming answer arrives at once; reading it whole lets an engine failure still become a retry.
         try:
             content = await upstream.read()
         except TimeoutError as exc:
             raise self._timed_out() from exc
-        except aiohttp.ClientError:
+        except EngineHttpError:
             self._give_up("broken_answer")
         self.record.first_byte()
         self.replica.made_progress()
@@ -232,23 +220,21 @@ class _Exchange:
         await self.send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         await self.send({"type": "http.response.body", "body": content, "more_body": False})
 
-    async def _relay_stream(self, upstream: aiohttp.ClientResponse) -> None:
+    async def _relay_stream(self, upstream: EngineResponse) -> None:
         # Commit late: the client's response starts only once the engine's first events are in and are not an
         # error, so an engine that fails before its first token is replaced by another replica.
-        read = upstream.content.readany  # b"" at the end (plain calls: an async iterator costs more per chunk)
+        read = upstream.readany  # b"" at the end (plain calls: an async iterator costs more per chunk)
         usage = StreamUsage(self.request.remove_usage_event)
         first = b""
-        taken = 0  # bytes read so far
         try:
             while not first:
                 chunk = await read()
                 if not chunk:
                     break
-                taken += len(chunk)
                 first = usage.feed(chunk)  # whole events only, so an error event is seen whole
         except TimeoutError as exc:
             raise self._timed_out() from exc
-        except aiohttp.ClientError:
+        except EngineHttpError:
             self._give_up("broken_answer")
         if not first or ERROR_EVENT in first:  # nothing went to the client yet: another replica may answer
             self._give_up("error_event" if first else "broken_answer")
@@ -259,15 +245,12 @@ class _Exchange:
         # The start and the end go through every layer; the chunks in between straight to the server.
         await self.send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         send = self.chunk_send
-        silence = _Silence.instead_of_sock_read(upstream, taken)
         try:
             arrived = time.perf_counter()
             await send({"type": "http.response.body", "body": first, "more_body": True})
             record.relayed(arrived)
             while chunk := await read():
                 arrived = time.perf_counter()
-                if silence is not None:
-                    silence.heard(arrived, len(chunk))
                 replica.made_progress()
                 events = usage.feed(chunk)
                 if events:
@@ -278,13 +261,11 @@ class _Exchange:
             rest = usage.rest()
             if rest:
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (EngineHttpError, TimeoutError) as exc:
             self.forwarder.failed(replica, "broken_stream")
             raise EngineFailed(STOPPED) from exc
         finally:
             record.counted(usage.counts)
-            if silence is not None:
-                silence.cancel()
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _stop_at_error_event(self, events: bytes) -> None:
@@ -295,55 +276,6 @@ class _Exchange:
             await self.send({"type": "http.response.body", "body": before, "more_body": True})
         self.forwarder.failed(self.replica, "error_event")
         raise EngineFailed(STOPPED)
-
-
-class _Silence:
-    """The longest silence of an engine in a stream once it has started, as aiohttp's ``sock_read`` bounds it (the
-    same timeout, the same ``SocketTimeoutError``), with one timer per timeout rather than one per chunk: aiohttp
-    cancels and sets a timer at every read, 2 to 3 us of the gateway's CPU per chunk (``tests/bench/gateway_cpu``,
-    side by side). The engine is silent while the relay waits for it: all it sent has been read, and nothing came
-    since ``last``. While bytes wait for a slow client the engine is not counted silent, so a stall behind a slow
-    client is seen within at most twice the timeout (aiohttp: once). Once the engine's answer has ended (EOF, as
-    aiohttp drops its own timer then), nothing fires."""
-
-    __slots__ = ("_content", "_handle", "_read", "_timeout_s", "last")
-
-    def __init__(self, content: aiohttp.StreamReader, timeout_s: float, taken: int) -> None:
-        self._content = content
-        self._timeout_s = timeout_s
-        self._read = taken  # of the body's bytes (content.total_bytes: all that came)
-        self.last = time.perf_counter()
-        self._handle = asyncio.get_running_loop().call_later(timeout_s, self._check)
-
-    @classmethod
-    def instead_of_sock_read(cls, upstream: aiohttp.ClientResponse, taken: int) -> _Silence | None:
-        """Take over the response's read timeout, if it has one (None: nothing to take over); ``taken``: bytes of
-        the body the relay has read so far."""
-        protocol = upstream.connection.protocol if upstream.connection is not None else None
-        if protocol is None or not protocol.read_timeout:
-            return None
-        silence = cls(upstream.content, protocol.read_timeout, taken)
-        protocol.read_timeout = None  # aiohttp's own timer is dropped at its next read
-        return silence
-
-    def heard(self, at: float, size: int) -> None:
-        """``size`` bytes read at ``at``."""
-        self.last = at
-        self._read += size
-
-    def _check(self) -> None:
-        if self._content.is_eof():
-            return  # the answer is all in: a slow client's wait is no silence of the engine's
-        now = time.perf_counter()
-        waiting = self._content.total_bytes == self._read  # else bytes wait for the relay (a slow client)
-        left = self._timeout_s - (now - self.last) if waiting else self._timeout_s
-        if left > 0:
-            self._handle = asyncio.get_running_loop().call_later(left, self._check)
-            return
-        self._content.set_exception(aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
-
-    def cancel(self) -> None:
-        self._handle.cancel()
 
 
 def document_too_long(engine_message: str) -> InvalidRequest:
@@ -357,15 +289,13 @@ def document_too_long(engine_message: str) -> InvalidRequest:
     )
 
 
-async def _read_bounded(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
+async def _read_bounded(upstream: EngineResponse, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in upstream.content.iter_any():
+        while size <= limit and (chunk := await upstream.readany()):
             chunks.append(chunk)
             size += len(chunk)
-            if size > limit:
-                break
-    except (aiohttp.ClientError, TimeoutError):
+    except (EngineHttpError, TimeoutError):
         pass
     return b"".join(chunks)[:limit]

@@ -7,9 +7,9 @@ the gateway's client certificate, from one TLS context shared by both clients; a
 that context while the pool runs, for the connections opened afterwards.
 
 Each replica has two clients: httpx for the control plane (health checks, model lists, metrics: a few requests a
-second), and aiohttp for the requests themselves, whose C parser and light streams cost the gateway a fraction
-of httpx's per request and per streamed chunk (profiled with py-spy under `make bench`: httpx's stack was about
-45% of the gateway's CPU).
+second), and ``engine_http`` for the requests themselves, llhttp's parser and a pool of connections with nothing
+else on the path (profiled with py-spy under `make bench`: httpx's stack was about 45% of the gateway's CPU, and
+aiohttp's client, which came next, 30%).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-import aiohttp
 import httpx
 
 from .config import ConfigError, GatewaySettings, UpstreamTlsSettings
+from .engine_http import KEEPALIVE_EXPIRY_S, EngineConnections
 from .engine_limits import FALLBACK_IN_FLIGHT, in_flight_limit, kv_cache_tokens
 from .fairqueue import Capacity
 from .tls import CertificateFiles, CertificateReloader, TlsFileError, client_context
@@ -42,7 +42,6 @@ HEALTH_TIMEOUT_S = 5.0
 # or an error status takes it out at once.
 SLOW_CHECKS_TOLERATED = 2
 PROGRESS_KEEPS_HEALTHY_S = 10.0
-KEEPALIVE_EXPIRY_S = 3.0
 # An engine's metrics are some hundreds of KB at most; anything longer is not read for its KV cache size.
 MAX_ENGINE_METRICS_BYTES = 8 * 1024 * 1024
 # OpenSSL's verify codes for a certificate that does not name the host asked for (its message would quote the host).
@@ -56,8 +55,8 @@ class Replica:
     index: int
     client: httpx.AsyncClient
     url: str = ""
-    # The data plane's session, opened when the pool starts (aiohttp wants a running loop).
-    session: aiohttp.ClientSession | None = None
+    # The data plane's connections (None only in tests of the control plane).
+    connections: EngineConnections | None = None
     healthy: bool = False
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     outstanding: int = 0
@@ -82,11 +81,6 @@ class Replica:
     @property
     def answering(self) -> bool:
         return time.monotonic() - self.last_progress < PROGRESS_KEEPS_HEALTHY_S
-
-    def endpoint(self, path: str) -> str:
-        """The URL of ``path`` on this engine, for the data plane's session."""
-        base = "http://engine" if self.url.startswith("unix:") else self.url.rstrip("/")
-        return base + path
 
 
 @dataclass
@@ -126,20 +120,13 @@ def make_client(url: str, settings: GatewaySettings, tls: ssl.SSLContext | None 
     return httpx.AsyncClient(transport=transport, base_url=base_url, timeout=timeout, trust_env=False)
 
 
-def make_session(url: str, settings: GatewaySettings, tls: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
-    """The data plane's session for one engine (inside a running loop); ``https://`` is verified with ``tls``."""
-    options: dict[str, Any] = {"limit": settings.max_upstream_connections, "keepalive_timeout": KEEPALIVE_EXPIRY_S}
-    connector = (aiohttp.UnixConnector(path=url.removeprefix("unix:"), **options) if url.startswith("unix:")
-                 else aiohttp.TCPConnector(ssl=tls if tls is not None and url.startswith("https://") else True,
-                                           **options))
-    # connect: a free connection and the connection itself; sock_read: the longest silence between two reads.
-    timeout = aiohttp.ClientTimeout(total=None, connect=settings.read_timeout_s,
-                                    sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s)
-    # trust_env=False: proxy variables in the environment must never send prompts elsewhere. No decompression:
-    # bytes are relayed as they came. No user agent: the engine learns nothing it does not need.
-    # No cookie jar: nothing an engine sets is kept or sent back.
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False, auto_decompress=False,
-                                 skip_auto_headers=("User-Agent",), cookie_jar=aiohttp.DummyCookieJar())
+def make_connections(url: str, settings: GatewaySettings, tls: ssl.SSLContext | None = None) -> EngineConnections:
+    """The data plane's connections to one engine; ``https://`` is verified with ``tls``."""
+    # connect_timeout_s: the connection itself; read_timeout_s: the longest silence of the engine, and the longest
+    # wait for a free connection. Nothing of the environment (proxy variables) is read: prompts never go elsewhere.
+    return EngineConnections(url, connect_timeout_s=settings.connect_timeout_s,
+                             read_timeout_s=settings.read_timeout_s,
+                             max_connections=settings.max_upstream_connections, tls=tls)
 
 
 def tls_failure(exc: BaseException) -> str | None:
@@ -204,7 +191,8 @@ class ReplicaPool:
         context = self.tls.context if self.tls is not None else None
         self._gateways = gateway_replicas
         fixed = 0 if max_in_flight_per_replica == "auto" else self._share(max_in_flight_per_replica)
-        self.replicas = [Replica(index, make_client(url, settings, context), url, max_in_flight=fixed)
+        self.replicas = [Replica(index, make_client(url, settings, context), url,
+                                 make_connections(url, settings, context), max_in_flight=fixed)
                          for index, url in enumerate(urls)]
         self._settings = settings
         self._interval = settings.health_interval_s
@@ -218,9 +206,6 @@ class ReplicaPool:
         self.on_change: list[Callable[[], None]] = []
 
     async def start(self) -> None:
-        context = self.tls.context if self.tls is not None else None
-        for replica in self.replicas:
-            replica.session = make_session(replica.url, self._settings, context)
         if self.tls is not None:
             # The client certificate is renewed in place for as long as the pool serves.
             self._reloading = asyncio.create_task(self.tls.reloader.run(), name="airlock-upstream-tls")
@@ -237,7 +222,7 @@ class ReplicaPool:
             if replica.recheck is not None:
                 replica.recheck.cancel()
         await asyncio.gather(*(replica.client.aclose() for replica in self.replicas))
-        await asyncio.gather(*(replica.session.close() for replica in self.replicas if replica.session))
+        await asyncio.gather(*(replica.connections.close() for replica in self.replicas if replica.connections))
 
     async def _poll(self) -> None:
         while True:

@@ -338,6 +338,7 @@ class _WhoAmI(http.server.BaseHTTPRequestHandler):
     """Answers with the common name of the client certificate the connection presented (one request each)."""
 
     def do_GET(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
         assert isinstance(self.connection, ssl.SSLSocket)
         subject = dict(item for rdn in self.connection.getpeercert()["subject"] for item in rdn)
         body = str(subject["commonName"]).encode()
@@ -346,6 +347,8 @@ class _WhoAmI(http.server.BaseHTTPRequestHandler):
         self.send_header("connection", "close")
         self.end_headers()
         self.wfile.write(body)
+
+    do_POST = do_GET  # the data plane's requests
 
     def log_message(self, *_: object) -> None:
         pass
@@ -380,12 +383,15 @@ def test_a_renewed_client_certificate_is_presented_on_new_connections(who_am_i: 
         await pool.start()
         try:
             replica = pool.replicas[0]
-            assert replica.session is not None
+            assert replica.connections is not None
 
             async def names() -> tuple[str, str]:
                 control = (await replica.client.get("/")).text
-                async with replica.session.get(replica.endpoint("/")) as data:  # type: ignore[union-attr]
-                    return control, await data.text()
+                data = await replica.connections.post("/", b"{}")  # type: ignore[union-attr]
+                try:
+                    return control, (await data.read()).decode()
+                finally:
+                    data.release()
 
             assert await names() == ("airlock-gateway", "airlock-gateway")
             # Renewed: a new certificate and key from the same CA, written over the old files.

@@ -139,9 +139,10 @@ def test_a_client_that_stops_reading_for_longer_than_the_read_timeout_still_gets
         gateway: str) -> None:
     """The engine sends a long answer at once and ends; the client stops reading for more than twice the read
     timeout, so the gateway waits in its writes with the engine's bytes waiting to be relayed. That is no silence of
-    the engine's (the read timeout's own timer, ``proxy._Silence``, must not fire), so the client gets every byte
-    and no error event when it reads on. (The case where the gateway waits in its last write with the answer all
-    read and ended, which ``_Silence`` also lets pass, depends on the sockets' buffer sizes: it is not staged.)"""
+    the engine's (the read timeout's own timer, ``engine_http._Connection._check_silence``, must not fire), so the
+    client gets every byte and no error event when it reads on. (The case where the gateway waits in its last write
+    with the answer all read and ended, which the timer also lets pass, depends on the sockets' buffer sizes: it is
+    not staged.)"""
     body = {"model": MODEL, "messages": [{"role": "user", "content": "long"}], "stream": True}
     with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body, timeout=30) as response:
         reads = response.iter_raw()

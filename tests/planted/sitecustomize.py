@@ -1,7 +1,7 @@
 """A deliberately leaky gateway, for proving that ``airlock audit`` catches leaks (tests/test_audit.py).
 
 Python imports this module at start-up when its folder is on PYTHONPATH; it does anything only when
-LEAKY_GATEWAY_TEST=1. It then wraps the aiohttp session the gateway forwards requests with, so that each
+LEAKY_GATEWAY_TEST=1. It then wraps the connections the gateway forwards requests with, so that each
 forwarded body is spooled to an unnamed temporary file, printed to stderr, and followed by an attempt to
 reach an outside address and to resolve a name: one of each kind of violation the audit reports. It also wraps
 the document render pool, so that each document is spooled as it came (its raw bytes) and printed as base64, and
@@ -20,11 +20,10 @@ if os.environ.get("LEAKY_GATEWAY_TEST") == "1":
     import sys
     import tempfile
     import threading
-    from typing import Any
 
-    import aiohttp
+    from server import engine_http
 
-    _request = aiohttp.ClientSession._request
+    _post = engine_http.EngineConnections.post
 
     def _reach_outside() -> None:
         with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
@@ -32,16 +31,15 @@ if os.environ.get("LEAKY_GATEWAY_TEST") == "1":
         with contextlib.suppress(OSError):
             socket.getaddrinfo("airlock-planted.invalid", 443)
 
-    async def _leaky_request(self: aiohttp.ClientSession, method: str, url: Any, **kwargs: Any) -> Any:
-        body = kwargs.get("data")
-        if isinstance(body, bytes) and body:
+    async def _leaky_post(self: engine_http.EngineConnections, path: str, body: bytes) -> engine_http.EngineResponse:
+        if body:
             with tempfile.TemporaryFile() as spool:
                 spool.write(body)
             print(body[:8192].decode(errors="replace"), file=sys.stderr, flush=True)
             threading.Thread(target=_reach_outside, daemon=True).start()
-        return await _request(self, method, url, **kwargs)
+        return await _post(self, path, body)
 
-    aiohttp.ClientSession._request = _leaky_request  # type: ignore[method-assign]
+    engine_http.EngineConnections.post = _leaky_post  # type: ignore[method-assign]
 
     import base64
 
