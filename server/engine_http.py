@@ -108,7 +108,7 @@ class EngineConnections:
             async with asyncio.timeout(self.read_timeout_s):
                 handed = await waiter
         except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():  # handed over just as the wait ended
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:  # handed over as it ended
                 self._pass_on(waiter.result())
             with contextlib.suppress(ValueError):
                 self._waiting.remove(waiter)

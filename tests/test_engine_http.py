@@ -428,3 +428,16 @@ async def test_releasing_an_answer_twice_leaves_the_next_request_alone(tmp_path:
         await asyncio.sleep(0.1)
         first.close()  # a late second "done" on the first answer
         assert await asyncio.wait_for((await asyncio.wait_for(second, 3)).read(), 3) == b"B"
+
+
+@on_each_loop
+async def test_requests_waiting_for_a_connection_are_dropped_when_the_gateway_stops(tmp_path: Path) -> None:
+    async with engine(tmp_path, echo_forever, max_connections=1) as (_, connections):
+        held = await connections.post("/v1/completions", b"1")
+        waiting = asyncio.create_task(connections.post("/v1/completions", b"2"))
+        await asyncio.sleep(0.1)
+        await connections.close()
+        with pytest.raises(EngineDropped, match="stopping"):
+            await asyncio.wait_for(waiting, 2)
+        assert await held.read() == b"1"  # what was under way ends as it would
+        held.release()
