@@ -1,6 +1,8 @@
 """The request body as a JSON object whose fields the gateway reads are of the types OpenAI documents.
 
-Every way a body can break a later step is refused here with a 400, before anything else reads it:
+A body is decoded by orjson where it reads it as Python's json with this module's hooks would (``_quick_decode``),
+else by the latter (``_decode``), the reference for everything below. Every way a body can break a later step is
+refused here with a 400, before anything else reads it:
 
 - bytes that are not UTF-8 (JSON on the wire is UTF-8, RFC 8259 section 8.1);
 - nesting deeper than ``screening.max_json_depth``: Python's decoder recurses once per level and stops with
@@ -23,6 +25,8 @@ import json
 import math
 import re
 from typing import Any
+
+import orjson
 
 from .errors import InvalidRequest
 
@@ -66,6 +70,48 @@ STREAM_OPTIONS = {"include_usage": _BOOLEAN, "continuous_usage_stats": _BOOLEAN}
 
 def parse_request(body: bytes, max_depth: int) -> dict[str, Any]:
     """The JSON object of an OpenAI request, with a ``model`` string and the interpreted fields well typed."""
+    payload = _quick_decode(body)
+    if payload is _UNDECIDED:
+        payload = _decode(body, max_depth)
+    if not isinstance(payload, dict):
+        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    _check_depth(payload, max_depth)
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required and must be a string", param="model", code="missing_model")
+    check_types(payload)
+    return payload
+
+
+def _quick_decode(body: bytes) -> Any:
+    """The body as orjson decodes it, when that is what the reference decoder (``_decode``) would give; else
+    ``_UNDECIDED``. orjson parses a department's 675 KB page request in 0.19 ms where json takes 0.42, and the UTF-8
+    check and the surrogate scan (0.2 ms each) come with it; this runs on the event loop's thread.
+
+    What orjson refuses (a byte order mark, invalid UTF-8, ``NaN``, a number out of a float's range, an escaped lone
+    surrogate, 1,024 levels) goes to the reference decoder, which accepts or refuses it as before, with its own
+    message. What orjson accepts differently is found in its result: integers outside 64 bits (it gives them up to
+    unsigned 64 bits, and a float beyond), so an integer outside the signed range, or a float as large as one, also
+    goes to the reference decoder. orjson combines surrogate pairs as json does, and keeps a repeated key's last
+    value, as json does."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _UNDECIDED
+    pending = [payload]
+    while pending:  # scalars are few (a body of megabytes of images is a few dozen values)
+        value = pending.pop()
+        for child in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+            kind = type(child)
+            if kind is dict or kind is list:
+                pending.append(child)
+            elif (kind is int and not INT64_MIN <= child <= INT64_MAX) or (kind is float and abs(child) >= 2.0**63):
+                return _UNDECIDED
+    return payload
+
+
+def _decode(body: bytes, max_depth: int) -> Any:
+    """The reference decoder: Python's json with the hooks below, for what ``_quick_decode`` leaves undecided."""
     try:
         # A byte order mark is allowed, as Python's json (and so vLLM) allows it; str() of a view copies nothing more.
         text = str(memoryview(body)[3:], "utf-8") if body.startswith(codecs.BOM_UTF8) else body.decode("utf-8")
@@ -80,15 +126,9 @@ def parse_request(body: bytes, max_depth: int) -> dict[str, Any]:
         # Python's decoder recurses once per level and stops cleanly at its recursion limit (about a thousand
         # levels, far above the setting's highest value): deeper than any limit.
         raise _too_deep(max_depth) from exc
-    if not isinstance(payload, dict):
-        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
-    _check_depth(payload, max_depth)
-    if "\\" in text and _SURROGATE_ESCAPE.search(text):
+    if "\\" in text and _SURROGATE_ESCAPE.search(text) and isinstance(payload, dict):
+        _check_depth(payload, max_depth)  # before the recursive walk below
         _check_unicode(payload, "")
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' is required and must be a string", param="model", code="missing_model")
-    check_types(payload)
     return payload
 
 
@@ -219,5 +259,7 @@ def _integer(text: str) -> int:
     return value
 
 
+# What _quick_decode returns when the reference decoder is to decide.
+_UNDECIDED = object()
 # Built once: json.loads with any option builds a decoder (and its scanner) on every call.
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite, parse_int=_integer)

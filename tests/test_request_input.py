@@ -19,8 +19,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
+from server import payload as payload_module
 from server.admission import Admission
 from server.config import AdmissionSettings, EngineSettings
 from server.engine_limits import EngineLimits
@@ -76,6 +79,7 @@ def test_twenty_thousand_levels_are_refused_before_decoding() -> None:
     # 64-bit integers only: a top_k of 2**64 made vLLM answer 500 (and cost its replica a health check).
     (b'{"model": "m", "top_k": 18446744073709551616}', "invalid_json"),
     (b'{"model": "m", "seed": -9223372036854775809}', "invalid_json"),
+    (b'{"model": "m", "seed": 9223372036854775808}', "invalid_json"),  # orjson reads up to unsigned 64 bits
     # A body that is no object at all (the depth walk once tried to walk a number: a 500).
     (b"null", "invalid_json"), (b"5", "invalid_json"), (b"true", "invalid_json"), (b"1.5", "invalid_json"),
     (b'"a string"', "invalid_json"),
@@ -87,6 +91,40 @@ def test_what_python_would_accept_or_crash_on(body: bytes, code: str) -> None:
 def test_the_largest_64_bit_integers_are_fine() -> None:
     body = b'{"model": "m", "seed": 9223372036854775807, "top_k": -9223372036854775808}'
     assert parse_request(body, DEPTH)["seed"] == 2**63 - 1
+    # A float as large as a refused integer is a float, whichever decoder reads it.
+    assert parse_request(b'{"model": "m", "x": 1e19, "y": -2e300}', DEPTH) == {"model": "m", "x": 1e19, "y": -2e300}
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(JSON_VALUES, st.booleans())
+def test_the_quick_decoder_answers_only_where_it_agrees_with_the_reference_one(value: Any, ascii_only: bool) -> None:
+    """orjson (``_quick_decode``) reads what it can; whatever it reads must be what Python's json with the gateway's
+    hooks (``_decode``) reads, value for value and type for type; anything else is left to the latter."""
+    body = json.dumps({"model": "m", "value": value}, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    quick = payload_module._quick_decode(body)
+    try:
+        reference: Any = payload_module._decode(body, DEPTH)
+    except InvalidRequest:
+        assert quick is payload_module._UNDECIDED
+        return
+    if quick is not payload_module._UNDECIDED:
+        assert typed(quick) == typed(reference)
+
+
+def typed(value: Any) -> Any:
+    """``value`` with each scalar's type beside it (1, 1.0 and True are equal in Python)."""
+    if isinstance(value, dict):
+        return {key: typed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [typed(item) for item in value]
+    return type(value).__name__, value
 
 
 def test_the_first_mistyped_field_in_openais_order_is_named_whatever_the_bodys_order() -> None:
