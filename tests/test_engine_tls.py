@@ -172,8 +172,13 @@ def test_the_engines_metrics_come_over_the_same_tls(tls_stack: TlsStack) -> None
 @pytest.mark.engine
 def test_the_launcher_saw_its_tls_engine_start(tls_stack: TlsStack) -> None:
     # Without a client certificate the launcher cannot ask /health; had it not seen the engine serve, it would
-    # restart it after engine.startup_timeout_s.
-    assert '"logger": "server.supervisor", "message": "replica 0 is healthy"' in tls_stack.log_path.read_text()
+    # restart it after engine.startup_timeout_s. It looks once a second, on its own, so the gateway's checks (which
+    # made the stack ready) may see the engine first: its line is waited for, a few of its looks at most.
+    seen = '"logger": "server.supervisor", "message": "replica 0 is healthy"'
+    deadline = time.monotonic() + 15
+    while seen not in tls_stack.log_path.read_text():
+        assert time.monotonic() < deadline, "the launcher never saw its TLS engine serve"
+        time.sleep(0.2)
 
 
 @pytest.mark.engine
