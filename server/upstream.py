@@ -148,8 +148,9 @@ def tls_failure(exc: BaseException) -> str | None:
             return "the engine's certificate does not name the host in its URL (upstreams[].url)"
         return (f"the engine's certificate was not accepted ({cause.verify_message}): is it signed by "
                 "upstream_tls.ca_file, and still valid?")
-    if cause is not None and cause.reason in _CLIENT_CERTIFICATE_REFUSED:
-        return (f"the engine refused the gateway's client certificate ({cause.reason}): is upstream_tls.cert_file "
+    reason = getattr(cause, "reason", None)  # OpenSSL's name for what went wrong, when it gave one
+    if reason in _CLIENT_CERTIFICATE_REFUSED:
+        return (f"the engine refused the gateway's client certificate ({reason}): is upstream_tls.cert_file "
                 "signed by its engine.tls.client_ca_file, and still valid?")
     if cause is not None and not isinstance(cause, ssl.SSLEOFError):
         return f"TLS handshake failed ({cause.reason or type(cause).__name__})"
