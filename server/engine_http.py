@@ -404,7 +404,9 @@ class _Connection(asyncio.Protocol):
         if response is not None and self._until_eof and exc is None:
             response._end(None)
         elif self._started is not None and not self._started.done():
-            self._fail(EngineDropped("the engine closed the connection before answering"))
+            dropped = EngineDropped("the engine closed the connection before answering")
+            dropped.__cause__ = exc  # a TLS alert (a client certificate refused after a TLS 1.3 handshake) says why
+            self._fail(dropped)
         else:
             self._fail(EngineBroken("the engine closed the connection before the end of its answer"))
         self._lost()

@@ -46,6 +46,11 @@ PROGRESS_KEEPS_HEALTHY_S = 10.0
 MAX_ENGINE_METRICS_BYTES = 8 * 1024 * 1024
 # OpenSSL's verify codes for a certificate that does not name the host asked for (its message would quote the host).
 _NAME_MISMATCH = frozenset({62, 63, 64})
+# The alerts (RFC 8446 section 6.2) an engine sends about the client certificate it was shown, as OpenSSL names them.
+_CLIENT_CERTIFICATE_REFUSED = frozenset({"TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE",
+                                         "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_REVOKED",
+                                         "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+                                         "TLSV13_ALERT_CERTIFICATE_REQUIRED", "TLSV1_ALERT_ACCESS_DENIED"})
 
 
 @dataclass
@@ -105,7 +110,10 @@ def make_client(url: str, settings: GatewaySettings, tls: ssl.SSLContext | None 
     timeout = httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s)
     limits = httpx.Limits(
         max_connections=settings.max_upstream_connections,
-        max_keepalive_connections=min(settings.max_upstream_connections, 256),
+        # Over TLS, every check makes a new connection and so a new handshake: a connection kept alive stays
+        # authenticated, and checks passing on it would keep a replica in the pool after its certificate, or the
+        # gateway's, was replaced by one the other side refuses (every request then failed; seen by a newcomer).
+        max_keepalive_connections=0 if url.startswith("https://") else min(settings.max_upstream_connections, 256),
         # Shorter than the engine's own keep-alive (uvicorn's 5 s), so a connection it is closing is not reused.
         keepalive_expiry=KEEPALIVE_EXPIRY_S,
     )
@@ -140,6 +148,10 @@ def tls_failure(exc: BaseException) -> str | None:
             return "the engine's certificate does not name the host in its URL (upstreams[].url)"
         return (f"the engine's certificate was not accepted ({cause.verify_message}): is it signed by "
                 "upstream_tls.ca_file, and still valid?")
+    reason = getattr(cause, "reason", None)  # OpenSSL's name for what went wrong, when it gave one
+    if reason in _CLIENT_CERTIFICATE_REFUSED:
+        return (f"the engine refused the gateway's client certificate ({reason}): is upstream_tls.cert_file "
+                "signed by its engine.tls.client_ca_file, and still valid?")
     if cause is not None and not isinstance(cause, ssl.SSLEOFError):
         return f"TLS handshake failed ({cause.reason or type(cause).__name__})"
     # Engines end the handshake without a word for a client certificate they do not accept: with TLS 1.2 the
@@ -227,7 +239,11 @@ class ReplicaPool:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            await self.check_all()
+            try:
+                await self.check_all()
+            except Exception as exc:  # a kind of failure not foreseen must not end the checks (the type only: no URL)
+                log.error("the engines' health checks failed (%s); trying again in %g s", type(exc).__name__,
+                          self._interval)
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self._check(replica) for replica in self.replicas))
@@ -252,7 +268,9 @@ class ReplicaPool:
             replica.slow_checks += 1
             healthy = replica.healthy and (replica.slow_checks < SLOW_CHECKS_TOLERATED or replica.answering)
             reason = f"{replica.slow_checks} health checks in a row timed out"
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        # OSError: an ssl.SSLError read after a TLS 1.3 handshake (an alert about the client certificate) reaches here
+        # as it is, not as an httpx error; uncaught, it ended the health checks for good.
+        except (httpx.HTTPError, OSError, ValueError, KeyError, TypeError) as exc:
             healthy = False
             reason = f"health check failed ({type(exc).__name__})"
             failure = tls_failure(exc) if replica.url.startswith("https://") else None

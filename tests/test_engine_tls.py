@@ -412,6 +412,61 @@ def test_a_renewed_client_certificate_is_presented_on_new_connections(who_am_i: 
     asyncio.run(scenario())
 
 
+class _Engine(http.server.BaseHTTPRequestHandler):
+    """Health and a model list, over TLS with client certificates: what the gateway's checks read of an engine."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"data": [{"id": "m"}]}).encode() if self.path == "/v1/models" else b"{}"
+        self.send_response(200 if self.path in ("/health", "/v1/models") else 404)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_certificates_replaced_by_ones_the_other_side_refuses_take_the_replica_out_naming_the_setting(
+        tmp_path: Path) -> None:
+    """Connections made before the change stay authenticated; the checks make a new one each time (over TLS), so
+    the replica leaves the pool at the next check and the log names the setting, as when the gateway starts so."""
+    pki = make_pki(tmp_path)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Engine)
+    server.socket = server_context(CertificateFiles(pki.path("engine.pem"), pki.path("engine.key")),
+                                   pki.path("gateway-ca.pem")).wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = UpstreamTlsSettings(ca_file=pki.path("engine-ca.pem"), cert_file=pki.path("gateway.pem"),
+                                   key_file=pki.path("gateway.key"))
+
+    async def scenario() -> None:
+        pool = ReplicaPool([f"https://127.0.0.1:{server.server_address[1]}"], load_settings().gateway,
+                           LeastOutstanding(), 64, settings)
+        assert pool.tls is not None
+        pool.tls.reloader.interval_s = 0.2
+        await pool.start()
+        try:
+            replica = pool.replicas[0]
+            assert replica.healthy
+            # The gateway's certificate replaced by one from a CA the engine does not trust (the stranger's).
+            for suffix in ("pem", "key"):
+                pki.path(f"gateway.{suffix}").write_bytes(pki.path(f"stranger.{suffix}").read_bytes())
+            deadline = time.monotonic() + 10
+            while pool.tls.reloader.reloads < 1:
+                assert time.monotonic() < deadline, "the certificate files were not reloaded"
+                await asyncio.sleep(0.1)
+            await pool.check_all()
+            assert not replica.healthy
+            assert "upstream_tls.cert_file" in replica.tls_failure
+        finally:
+            await pool.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_unusable_client_certificate_files_stop_the_start_naming_the_setting(tmp_path: Path) -> None:
     pki = make_pki(tmp_path)
     (tmp_path / "gateway.key").write_text("not a key")
