@@ -147,6 +147,32 @@ async def open_loop(client: aiohttp.ClientSession, body: bytes, headers: dict[st
     return Run(samples, time.perf_counter() - started)
 
 
+async def interleaved(paths: dict[str, tuple[aiohttp.ClientSession, dict[str, str]]], body: bytes, requests: int,
+                      rounds: int) -> dict[str, list[Run]]:
+    """Concurrency 1, request by request: each of ``requests`` turns sends one request over every named path, one
+    after another, the order rotated each turn: the runs of each path, round by round (a run's wall time is the sum
+    of its requests', as a closed loop's at concurrency 1 would be).
+
+    Why not ``alternating``'s runs one after another: one request at a time, vLLM's time to first token here swings
+    between about 25 and 80 ms with the state it is left in (how soon after the last answer the next request
+    comes), so consecutive runs of one path compared those states as much as the paths. Turn by turn, every path
+    meets the same states."""
+    names = list(paths)
+    samples: dict[str, list[list[Sample]]] = {name: [[] for _ in range(rounds)] for name in names}
+    for turn in range(rounds):
+        for index in range(requests):
+            shift = index % len(names)
+            for path in names[shift:] + names[:shift]:
+                client, sent = paths[path]
+                try:
+                    samples[path][turn].append(await one(client, body, sent))
+                except Exception as exc:
+                    exc.add_note(f"sent {path}, concurrency 1 (interleaved), round {turn}")
+                    raise
+    return {name: [Run(round_samples, sum(sample.e2e_s for sample in round_samples))
+                   for round_samples in samples[name]] for name in names}
+
+
 def merged(runs: Sequence[Run]) -> Run:
     return Run([sample for run in runs for sample in run.samples], sum(run.wall_s for run in runs))
 

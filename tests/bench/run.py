@@ -303,7 +303,8 @@ def main() -> int:
     parser.add_argument("--paced-requests", type=int, default=1000, help="per paced run (4 runs)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternating (direct, airlock, nginx) rounds per engine cell")
-    parser.add_argument("--requests-per-client", type=int, default=3, help="per engine run, at least 16 in all")
+    parser.add_argument("--requests-per-client", type=int, default=3,
+                        help="per engine run, at least 16 in all (at concurrency 1: 64 a path, interleaved)")
     parser.add_argument("--skip-engine", action="store_true", help="only what needs no vLLM engine")
     parser.add_argument("--skip-proxy", action="store_true", help="no pure-proxy, memory or paced runs")
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway during the pure-proxy runs")
