@@ -147,6 +147,12 @@ async def open_loop(client: aiohttp.ClientSession, body: bytes, headers: dict[st
     return Run(samples, time.perf_counter() - started)
 
 
+def rotated(names: list[str], turn: int) -> list[str]:
+    """``names`` starting at the ``turn``-th (modulo their number): each name takes each place in turn."""
+    shift = turn % len(names)
+    return names[shift:] + names[:shift]
+
+
 async def interleaved(paths: dict[str, tuple[aiohttp.ClientSession, dict[str, str]]], body: bytes, requests: int,
                       rounds: int) -> dict[str, list[Run]]:
     """Concurrency 1, request by request: each of ``requests`` turns sends one request over every named path, one
@@ -161,8 +167,7 @@ async def interleaved(paths: dict[str, tuple[aiohttp.ClientSession, dict[str, st
     samples: dict[str, list[list[Sample]]] = {name: [[] for _ in range(rounds)] for name in names}
     for turn in range(rounds):
         for index in range(requests):
-            shift = index % len(names)
-            for path in names[shift:] + names[:shift]:
+            for path in rotated(names, index):
                 client, sent = paths[path]
                 try:
                     samples[path][turn].append(await one(client, body, sent))
@@ -196,8 +201,7 @@ async def alternating(paths: dict[str, tuple[aiohttp.ClientSession, dict[str, st
     names = list(paths)
     runs: dict[str, list[Run]] = {name: [] for name in names}
     for turn in range(rounds):
-        shift = turn % len(names)
-        for path in names[shift:] + names[:shift]:
+        for path in rotated(names, turn):
             client, sent = paths[path]
             if warm_up and turn == 0:
                 await closed_loop(client, body, sent, concurrency, concurrency * 2)  # open the connections
