@@ -222,12 +222,13 @@ def test_keys_create_shows_the_key_once_and_nothing_else_repeats_it(tmp_path: Pa
         (("keys", "list", key), 2),                           # a key where no argument belongs
         (("keys", "revoke", wrong_id), 1),
         (("keys", "revoke", f"{key}x!"), 1),                  # a mangled key: neither an id nor a key
-        (("keys", "revoke", secret), 1),                      # only the secret half
+        (("keys", "revoke", "--", secret), 1),                # only the secret half ("--": it may begin with "-")
+        (("keys", "revoke", f"-{secret}"), 2),                # read as an unknown option: refused, not echoed
         (("keys", "revoke", key, "--mode", "0640"), 0),       # the whole key revokes it, by its id
         (("keys", "revoke", key), 0),                         # already revoked
         (("keys", "create", "--user", "bob", key), 2),
     ]:
-        result = run(*args, "--file", str(keys_file))
+        result = run(*args[:2], "--file", str(keys_file), *args[2:])
         assert result.returncode == returncode, (args, result.stderr)
         assert_not_echoed(result, secret)
     revoked = [line for line in airlock_cli("keys", "list", "--file", str(keys_file)).splitlines() if key_id in line]
