@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import aiohttp
 import psutil
 
+from server.runtime import TRIM_PERIOD_S
+
 from .load import Run, chat_request, closed_loop, merged, open_loop, side_by_side
 
 TEXT = "Describe the attached invoice in one sentence."
@@ -117,6 +119,11 @@ class MemoryUse:
         return self.rss_end_mb / self.rss_warm_mb - 1
 
 
+# Before each reading of the RSS: the last requests' buffers go back to the system when the gateway next trims its
+# heap (``server.runtime.TRIM_PERIOD_S``, each second), so each reading is of the gateway settled, not mid-trim.
+SETTLE_S = TRIM_PERIOD_S + 1
+
+
 async def memory_use(gateway: aiohttp.ClientSession, headers: dict[str, str], pid: int, body: bytes,
                      image_mb: float, requests: int, concurrency: int = 8, in_flight: int = 32) -> MemoryUse:
     def rss_mb() -> float:
@@ -124,9 +131,10 @@ async def memory_use(gateway: aiohttp.ClientSession, headers: dict[str, str], pi
 
     start = rss_mb()
     await closed_loop(gateway, body, headers, concurrency, 200)
+    await asyncio.sleep(SETTLE_S)
     warm = rss_mb()
     run = await closed_loop(gateway, body, headers, concurrency, requests)
-    await asyncio.sleep(1)  # let the last requests' buffers go
+    await asyncio.sleep(SETTLE_S)
     end = rss_mb()
     # Peak memory per in-flight image: many at once, against the same process settled again.
     settled = rss_mb()
