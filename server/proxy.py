@@ -94,7 +94,7 @@ class Forwarder:
         ``chunk_send`` if given (the server's own: ``metrics_middleware.server_send``). Raises an ``AirlockError``
         (before or after the response started: the boundary tells which) when no replica could answer."""
         tried: Replica | None = None
-        failure: AirlockError = self.unavailable()
+        failure: AirlockError | None = None  # made when needed: most requests never need it
         pool, model, tenant = self.pool, request.model, request.cache_salt
         same_may_retry = False
         for _ in range(ATTEMPTS):
@@ -111,7 +111,7 @@ class Forwarder:
                     return
                 except _TryElsewhere as attempt_failed:
                     failure, same_may_retry = attempt_failed.failure, attempt_failed.same_replica_may_retry
-        raise failure
+        raise self.unavailable() if failure is None else failure
 
     def unavailable(self) -> EngineUnavailable:
         return EngineUnavailable("no engine for this model is available right now; try again shortly",
