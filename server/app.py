@@ -2,7 +2,7 @@
 them; the engine routes' own steps are listed in ``request_path``."""
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -95,10 +95,12 @@ class BoundedBody:
 
 @dataclass(frozen=True)
 class Gateway:
-    """The API, and the app of the separate metrics listener when ``metrics.listener`` is ``separate``."""
+    """The API, the app of the separate metrics listener when ``metrics.listener`` is ``separate``, and the number of
+    requests the API has started so far (for ``runtime.trim_heap_when_quiet``)."""
 
     api: ASGIApp
     metrics: Starlette | None
+    requests_started: Callable[[], int]
 
 
 def create_app(config: Settings, upstream_urls: Sequence[str]) -> ASGIApp:
@@ -235,7 +237,8 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     # Outermost: it hands the server's own send to the engine routes' streamed chunks (server_send).
     api = MetricsMiddleware(api, metrics=metrics)
     separate = config.metrics.listener == "separate"
-    return Gateway(api, metrics_app(metrics_endpoint(config, metrics, pool)) if separate else None)
+    return Gateway(api, metrics_app(metrics_endpoint(config, metrics, pool)) if separate else None,
+                   lambda: metrics.requests_started)
 
 
 def metrics_endpoint(config: Settings, metrics: GatewayMetrics, pool: ReplicaPool) -> MetricsEndpoint:

@@ -67,6 +67,7 @@ class MetricsMiddleware:
             await send(message)
 
         self.metrics.requests_in_flight += 1
+        self.metrics.requests_started += 1
         try:
             await self.app(scope, receive, send_noting_status)
         except Exception:

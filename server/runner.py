@@ -32,7 +32,7 @@ from .gpus import Gpu, Run, discover_gpus, place_replicas
 from .metrics_endpoint import metrics_app
 from .privacy import harden_process
 from .profiles import DEMO_PROFILE, ModelChoice, choose_model, load_profiles
-from .runtime import settle_heap
+from .runtime import settle_heap, trim_heap_when_quiet
 from .sizing import EnginePlan, check_free_memory, plan_cpu, plan_engine
 from .supervisor import Supervisor
 from .tls import (
@@ -466,6 +466,7 @@ async def run_gateway(settings: Settings) -> None:
 async def serve_gateway(gateway: Gateway, settings: Settings, sock: socket.socket, signals: Signals,
                         tls: GatewayTls | None) -> None:
     """The gateway's listener (and the metrics one) until a signal; a renewed certificate is picked up meanwhile."""
+    trim_heap_when_quiet(gateway.requests_started)
     gateway_settings = settings.gateway
     scheme = "https" if tls is not None else "http"
     log.info("gateway on %s://%s:%d/v1 (ready once an engine is healthy: GET /readyz)",

@@ -1,28 +1,32 @@
 """How the gateway's process runs: on uvloop when it is installed, and with glibc's allocator set for request
-bodies of megabytes: kept in one heap for reuse, and that heap's free pages handed back to the system each second.
+bodies of megabytes: kept in one heap and reused, and that heap's free pages handed back to the system when requests
+pause.
 
 uvloop is a faster event loop than asyncio's own (`make bench` shows what the gateway costs).
 
 The allocator: request bodies carry megabytes of images, and each step of the image path (the body received, parsed,
-its base64 checked, the body forwarded) holds a buffer of about that size for a moment. glibc's defaults let the
-gateway's memory only grow: after the first large buffer is freed it raises its mmap threshold, so later ones come
-from the heap, and every thread that screens bodies gets a heap of its own, which is never trimmed below what it
-once held. The opposite, a fixed 128 KiB mmap threshold (the setting until 1 December 2026), kept memory flat but
-gave every such buffer a mapping of its own, whose pages the kernel faulted in and zeroed anew on every request:
+its base64 checked, the body forwarded) holds a buffer of about that size for a moment. With glibc's defaults the
+gateway's memory kept growing: after the first large buffer is freed glibc raises its mmap threshold, so later ones
+come from the heap, and the threads that screen bodies get heaps of their own (up to 8 per core), which keep what
+they once held. The opposite, a fixed 128 KiB mmap threshold (the setting until 1 December 2026), kept memory flat
+but gave every such buffer a mapping of its own, whose pages the kernel faulted in and zeroed anew on every request:
 2,900 minor faults and 13 ms of the gateway's CPU for a request with a 1 MB JPEG on this project's test machine (a
 VM, where a fault costs about 2.3 us). So now:
 
 - buffers up to ``MMAP_THRESHOLD_BYTES`` come from the heap and are reused from request to request;
-- one heap (``M_ARENA_MAX`` 1) for every thread: ``malloc_trim`` returns the free pages of the main heap, but only
-  the free chunks of the others, not their top (measured once idle: two heaps kept 15 to 25 MB, one kept none);
-- free() trims the heap's top only past ``TRIM_THRESHOLD_BYTES``, and a daemon thread calls ``malloc_trim(0)``
-  every ``TRIM_PERIOD_S``: the pages of buffers freed since go back to the system then, once, rather than on every
-  free.
+- one heap (``M_ARENA_MAX`` 1) for every thread: ``malloc_trim`` hands back the free pages inside every heap but the
+  top of the main one only (glibc's ``mtrim``; measured once idle: two heaps kept 15 to 25 MB, one kept none);
+- free() trims the heap's top only past ``TRIM_THRESHOLD_BYTES``, and ``trim_heap_when_quiet`` calls
+  ``malloc_trim(0)`` once requests pause (not on a timer: it holds the allocator's only lock for milliseconds).
+
+These calls override an operator's ``MALLOC_ARENA_MAX`` or ``GLIBC_TUNABLES`` for the same settings. A freed body's
+bytes now stay in the heap until reused or trimmed, where a mapping of its own was unmapped at once: the process is
+not dumpable (``privacy.harden_process``), so no other process of the same user can read them.
 
 Measured (``python -m tests.bench.run``'s memory load, a 1 MB JPEG a request, 8 at once, the old and new settings
 one after the other, 1 December 2026): 6.0 ms of the gateway's CPU and 65 faults a request, against 12.8 ms and
-2,915; 5,000 such requests left the RSS where it was (89 MB once idle, against 95 MB before). While requests flow,
-the RSS also holds the last second's freed buffers (130 to 140 MB at 8 image requests at once).
+2,915; 5,000 such requests left the RSS where it was once they stopped (89 MB, against 95 MB before). While requests
+flow, the RSS holds what was freed since the last pause as well (130 to 140 MB at 8 image requests at once).
 """
 
 from __future__ import annotations
@@ -42,17 +46,15 @@ from typing import Any
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
-MMAP_THRESHOLD_BYTES = 16 * 1024 * 1024  # above any image's base64 at the default limits
+MMAP_THRESHOLD_BYTES = 16 * 1024 * 1024  # above an image's base64 at the default limits (10 MB: 13.3 MB)
 TRIM_THRESHOLD_BYTES = 32 * 1024 * 1024
 ARENA_MAX = 1
-TRIM_PERIOD_S = 1.0
+QUIET_S = 1.0  # no request started for this long: the heap is trimmed
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
     """Run the gateway's (or the supervisor's) main coroutine."""
-    trim = tune_malloc()
-    if trim is not None:
-        start_trimming(trim, TRIM_PERIOD_S)
+    tune_malloc()
     try:
         import uvloop
     except ImportError:
@@ -70,31 +72,50 @@ def settle_heap() -> None:
     gc.freeze()
 
 
-def tune_malloc() -> Callable[[], object] | None:
-    """Apply the settings above where the C library is glibc; then a function that trims the heap, else None."""
+def _glibc() -> ctypes.CDLL | None:
+    """The C library, if it is glibc (musl's mallopt does nothing; macOS has neither call)."""
     if not sys.platform.startswith("linux"):
         return None
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-        libc.gnu_get_libc_version  # noqa: B018 (present in glibc only: musl's mallopt does nothing)
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.gnu_get_libc_version  # noqa: B018 (present in glibc only)
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     except (OSError, AttributeError, TypeError):
         return None
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-    applied = (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-               and mallopt(M_ARENA_MAX, ARENA_MAX))
-    return functools.partial(malloc_trim, 0) if applied else None  # ctypes releases the GIL while it runs
+    return libc
 
 
-def start_trimming(trim: Callable[[], object], period_s: float) -> threading.Thread:
-    """A daemon thread that calls ``trim`` every ``period_s`` seconds for as long as the process lives."""
+def tune_malloc() -> bool:
+    """The allocator settings above, where the C library is glibc; True when applied."""
+    libc = _glibc()
+    return libc is not None and bool(
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+        and libc.mallopt(M_ARENA_MAX, ARENA_MAX))
+
+
+def trim_heap_when_quiet(requests_started: Callable[[], int], quiet_s: float = QUIET_S) -> threading.Thread | None:
+    """A daemon thread that calls ``malloc_trim(0)`` once no request has started for ``quiet_s`` to ``2 * quiet_s``
+    seconds, once each such pause (``requests_started``: a count that grows with every request). Not while requests
+    keep coming: it holds the allocator's lock while it hands back every free chunk (a few ms, tens in a heap cut
+    into many pieces), and every thread that allocates waits for it, the event loop's included. None where the C
+    library is not glibc."""
+    libc = _glibc()
+    if libc is None:
+        return None
+    trim = functools.partial(libc.malloc_trim, 0)  # ctypes releases the GIL while it runs
+
     def trimming() -> None:
+        seen, trimmed = requests_started(), True  # nothing to hand back before the first request
         while True:
-            time.sleep(period_s)
-            trim()
+            time.sleep(quiet_s)
+            started = requests_started()
+            if started != seen:
+                seen, trimmed = started, False
+            elif not trimmed:
+                trim()
+                trimmed = True
 
-    thread = threading.Thread(target=trimming, name="malloc-trim", daemon=True)
+    thread = threading.Thread(target=trimming, name="heap-trim", daemon=True)
     thread.start()
     return thread

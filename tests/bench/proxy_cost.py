@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import aiohttp
 import psutil
 
-from server.runtime import TRIM_PERIOD_S
+from server.runtime import QUIET_S
 
 from .load import Run, chat_request, closed_loop, merged, open_loop, side_by_side
 
@@ -119,9 +119,9 @@ class MemoryUse:
         return self.rss_end_mb / self.rss_warm_mb - 1
 
 
-# Before each reading of the RSS: the last requests' buffers go back to the system when the gateway next trims its
-# heap (``server.runtime.TRIM_PERIOD_S``, each second), so each reading is of the gateway settled, not mid-trim.
-SETTLE_S = TRIM_PERIOD_S + 1
+# Before each reading of the RSS: the last requests' buffers go back to the system once the gateway has seen no
+# request for QUIET_S to twice that (``server.runtime.trim_heap_when_quiet``): each reading is of the gateway settled.
+SETTLE_S = 2 * QUIET_S + 1
 
 
 async def memory_use(gateway: aiohttp.ClientSession, headers: dict[str, str], pid: int, body: bytes,
