@@ -17,7 +17,8 @@ VM, where a fault costs about 2.3 us). So now:
 - one heap (``M_ARENA_MAX`` 1) for every thread: ``malloc_trim`` hands back the free pages inside every heap but the
   top of the main one only (glibc's ``mtrim``; measured once idle: two heaps kept 15 to 25 MB, one kept none);
 - free() trims the heap's top only past ``TRIM_THRESHOLD_BYTES``, and ``trim_heap_when_quiet`` calls
-  ``malloc_trim(0)`` once requests pause (not on a timer: it holds the allocator's only lock for milliseconds).
+  ``malloc_trim(0)`` once requests pause, and once a minute if they never do (not each second: it holds the
+  allocator's only lock for milliseconds).
 
 These calls override an operator's ``MALLOC_ARENA_MAX`` or ``GLIBC_TUNABLES`` for the same settings. A freed body's
 bytes now stay in the heap until reused or trimmed, where a mapping of its own was unmapped at once: the process is
@@ -50,6 +51,7 @@ MMAP_THRESHOLD_BYTES = 16 * 1024 * 1024  # above an image's base64 at the defaul
 TRIM_THRESHOLD_BYTES = 32 * 1024 * 1024
 ARENA_MAX = 1
 QUIET_S = 1.0  # no request started for this long: the heap is trimmed
+LONGEST_UNTRIMMED_S = 60.0  # and at least this often under steady load, so a burst's peak is not kept all day
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -94,12 +96,13 @@ def tune_malloc() -> bool:
         and libc.mallopt(M_ARENA_MAX, ARENA_MAX))
 
 
-def trim_heap_when_quiet(requests_started: Callable[[], int], quiet_s: float = QUIET_S) -> threading.Thread | None:
+def trim_heap_when_quiet(requests_started: Callable[[], int], quiet_s: float = QUIET_S,
+                         longest_s: float = LONGEST_UNTRIMMED_S) -> threading.Thread | None:
     """A daemon thread that calls ``malloc_trim(0)`` once no request has started for ``quiet_s`` to ``2 * quiet_s``
-    seconds, once each such pause (``requests_started``: a count that grows with every request). Not while requests
-    keep coming: it holds the allocator's lock while it hands back every free chunk (a few ms, tens in a heap cut
-    into many pieces), and every thread that allocates waits for it, the event loop's included. None where the C
-    library is not glibc."""
+    seconds, once each such pause (``requests_started``: a count that grows with every request), and at least every
+    ``longest_s`` seconds while requests keep coming. Not more often: it holds the allocator's lock while it hands
+    back every free chunk (a few ms, tens in a heap cut into many pieces), and every thread that allocates waits for
+    it, the event loop's included. None where the C library is not glibc."""
     libc = _glibc()
     if libc is None:
         return None
@@ -107,14 +110,15 @@ def trim_heap_when_quiet(requests_started: Callable[[], int], quiet_s: float = Q
 
     def trimming() -> None:
         seen, trimmed = requests_started(), True  # nothing to hand back before the first request
+        last_trim = time.monotonic()
         while True:
             time.sleep(quiet_s)
             started = requests_started()
-            if started != seen:
-                seen, trimmed = started, False
-            elif not trimmed:
+            busy = started != seen
+            seen, trimmed = started, trimmed and not busy
+            if not trimmed and (not busy or time.monotonic() - last_trim >= longest_s):
                 trim()
-                trimmed = True
+                trimmed, last_trim = True, time.monotonic()
 
     thread = threading.Thread(target=trimming, name="heap-trim", daemon=True)
     thread.start()

@@ -15,8 +15,8 @@ SIZE = 1_300_000  # the base64 of a 1 MB JPEG
 HELD = 20  # 26 MB: below the trim threshold (32 MiB), so free() alone hands none of it back
 
 # argv: "faults" (allocate and free SIZE 200 times, as a request's steps do, and count the minor faults) or
-# "held BUSY_S" (hold HELD buffers, free them, count a request every 50 ms for BUSY_S seconds, then none; the RSS
-# before, while held, at the end of the busy spell and once quiet).
+# "held BUSY_S [LONGEST_S]" (hold HELD buffers, free them, count a request every 50 ms for BUSY_S seconds, then none;
+# the RSS before, while held, at the end of the busy spell and once quiet).
 PROBE = textwrap.dedent(f"""
     import resource, sys, time
     from server import runtime
@@ -36,7 +36,7 @@ PROBE = textwrap.dedent(f"""
         sys.exit()
     started = [0]
     if sys.argv[2] != "untrimmed":
-        runtime.trim_heap_when_quiet(lambda: started[0], 0.2)
+        runtime.trim_heap_when_quiet(lambda: started[0], 0.2, float(sys.argv[3]) if len(sys.argv) > 3 else 60)
     base = rss_mb()
     started[0] += 1  # a request, whose buffers these are
     held = [bytearray(b"x") * {SIZE} for _ in range({HELD})]
@@ -80,3 +80,8 @@ def test_the_heap_is_not_trimmed_while_requests_keep_coming() -> None:
     base, peak, busy, quiet = probe("held", "1.5")  # 1.5 s of requests, 30 trimmer periods
     assert busy - base > 20, f"RSS {base:.0f} MB, {peak:.0f} held, {busy:.0f} while busy: trimmed under load"
     assert quiet - base < 5, f"RSS {base:.0f} MB before, {quiet:.0f} MB once quiet: not handed back"
+
+
+def test_under_steady_load_the_heap_is_still_trimmed_now_and_then() -> None:
+    base, peak, busy, _ = probe("held", "1.5", "0.5")  # requests for 1.5 s, a trim at least every 0.5 s
+    assert peak - base > 20 and busy - base < 5, f"RSS {base:.0f} MB, {peak:.0f} held, {busy:.0f} while busy"
