@@ -95,12 +95,12 @@ class BoundedBody:
 
 @dataclass(frozen=True)
 class Gateway:
-    """The API, the app of the separate metrics listener when ``metrics.listener`` is ``separate``, and the number of
-    requests the API has started so far (for ``runtime.trim_heap_when_quiet``)."""
+    """The API, the app of the separate metrics listener when ``metrics.listener`` is ``separate``, and a count of the
+    API's requests started and finished so far (the heap trimmer's sign of activity: ``runtime.HeapTrimmer``)."""
 
     api: ASGIApp
     metrics: Starlette | None
-    requests_started: Callable[[], int]
+    activity: Callable[[], int]
 
 
 def create_app(config: Settings, upstream_urls: Sequence[str]) -> ASGIApp:
@@ -238,7 +238,7 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     api = MetricsMiddleware(api, metrics=metrics)
     separate = config.metrics.listener == "separate"
     return Gateway(api, metrics_app(metrics_endpoint(config, metrics, pool)) if separate else None,
-                   lambda: metrics.requests_started)
+                   lambda: metrics.requests_started + metrics.requests_finished)
 
 
 def metrics_endpoint(config: Settings, metrics: GatewayMetrics, pool: ReplicaPool) -> MetricsEndpoint:

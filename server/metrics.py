@@ -239,9 +239,9 @@ class GatewayMetrics:
                 self.documents.labels(purpose, outcome)
         # A plain count, read at each scrape: cheaper per request than a Gauge's locked inc() and dec().
         self.requests_in_flight = 0
-        # API requests since the start (not probes or scrapes), never exported: the heap trimmer's sign of activity
-        # (runtime.trim_heap_when_quiet).
-        self.requests_started = 0
+        # API requests (not probes or scrapes) started and finished since the start, never exported: the heap
+        # trimmer's sign of activity (runtime.HeapTrimmer).
+        self.requests_started = self.requests_finished = 0
         Gauge("airlock_requests_in_flight", "API requests under way in the gateway (queued too).",
               registry=r).set_function(lambda: self.requests_in_flight)
         for reason in UPSTREAM_ERRORS:

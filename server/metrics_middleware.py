@@ -75,4 +75,5 @@ class MetricsMiddleware:
             raise
         finally:
             self.metrics.requests_in_flight -= 1
+            self.metrics.requests_finished += 1
             self.metrics.finish(record, status)

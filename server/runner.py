@@ -466,7 +466,7 @@ async def run_gateway(settings: Settings) -> None:
 async def serve_gateway(gateway: Gateway, settings: Settings, sock: socket.socket, signals: Signals,
                         tls: GatewayTls | None) -> None:
     """The gateway's listener (and the metrics one) until a signal; a renewed certificate is picked up meanwhile."""
-    trim_heap_when_quiet(gateway.requests_started)
+    trim_heap_when_quiet(gateway.activity)
     gateway_settings = settings.gateway
     scheme = "https" if tls is not None else "http"
     log.info("gateway on %s://%s:%d/v1 (ready once an engine is healthy: GET /readyz)",

@@ -17,8 +17,8 @@ VM, where a fault costs about 2.3 us). So now:
 - one heap (``M_ARENA_MAX`` 1) for every thread: ``malloc_trim`` hands back the free pages inside every heap but the
   top of the main one only (glibc's ``mtrim``; measured once idle: two heaps kept 15 to 25 MB, one kept none);
 - free() trims the heap's top only past ``TRIM_THRESHOLD_BYTES``, and ``trim_heap_when_quiet`` calls
-  ``malloc_trim(0)`` once requests pause, and once a minute if they never do (not each second: it holds the
-  allocator's only lock for milliseconds).
+  ``malloc_trim(0)`` once requests pause, and once a minute if they never do (``HeapTrimmer``; not each second: it
+  holds the allocator's only lock for milliseconds).
 
 These calls override an operator's ``MALLOC_ARENA_MAX`` or ``GLIBC_TUNABLES`` for the same settings. A freed body's
 bytes now stay in the heap until reused or trimmed, where a mapping of its own was unmapped at once: the process is
@@ -27,7 +27,8 @@ not dumpable (``privacy.harden_process``), so no other process of the same user 
 Measured (``python -m tests.bench.run``'s memory load, a 1 MB JPEG a request, 8 at once, the old and new settings
 one after the other, 1 December 2026): 6.0 ms of the gateway's CPU and 65 faults a request, against 12.8 ms and
 2,915; 5,000 such requests left the RSS where it was once they stopped (89 MB, against 95 MB before). While requests
-flow, the RSS holds what was freed since the last pause as well (130 to 140 MB at 8 image requests at once).
+flow, the RSS also holds what was freed since the last trim, a pause or at most a minute ago (130 to 140 MB at 8 image
+requests at once).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 16 * 1024 * 1024  # above an image's base64 at the default limits (10 MB: 13.3 MB)
 TRIM_THRESHOLD_BYTES = 32 * 1024 * 1024
 ARENA_MAX = 1
-QUIET_S = 1.0  # no request started for this long: the heap is trimmed
+QUIET_S = 1.0  # no request started or finished for this long: the heap is trimmed
 LONGEST_UNTRIMMED_S = 60.0  # and at least this often under steady load, so a burst's peak is not kept all day
 
 
@@ -96,29 +97,45 @@ def tune_malloc() -> bool:
         and libc.mallopt(M_ARENA_MAX, ARENA_MAX))
 
 
-def trim_heap_when_quiet(requests_started: Callable[[], int], quiet_s: float = QUIET_S,
-                         longest_s: float = LONGEST_UNTRIMMED_S) -> threading.Thread | None:
-    """A daemon thread that calls ``malloc_trim(0)`` once no request has started for ``quiet_s`` to ``2 * quiet_s``
-    seconds, once each such pause (``requests_started``: a count that grows with every request), and at least every
-    ``longest_s`` seconds while requests keep coming. Not more often: it holds the allocator's lock while it hands
-    back every free chunk (a few ms, tens in a heap cut into many pieces), and every thread that allocates waits for
-    it, the event loop's included. None where the C library is not glibc."""
+class HeapTrimmer:
+    """When to call ``malloc_trim(0)``: once activity (``activity``: a count that grows with every API request started
+    or finished, each of which allocates or frees its body) has paused for a whole tick, once each pause; and while it
+    never pauses, every ``longest_s`` seconds of it, so a burst's peak is not kept all day. Not more often: a trim holds
+    the allocator's only lock while it hands back every free chunk (a few ms, tens in a heap cut into many pieces),
+    and every thread that allocates waits for it, the event loop's included. ``tick`` is called every ``quiet_s``."""
+
+    def __init__(self, activity: Callable[[], int], trim: Callable[[], object], clock: Callable[[], float],
+                 longest_s: float = LONGEST_UNTRIMMED_S) -> None:
+        self._activity, self._trim, self._clock, self._longest_s = activity, trim, clock, longest_s
+        self._seen = activity()
+        self._dirty_since: float | None = None  # when activity began since the last trim; None: nothing to trim
+
+    def tick(self) -> bool:
+        """True when it trimmed."""
+        seen, self._seen = self._seen, self._activity()
+        busy = self._seen != seen
+        now = self._clock()
+        if busy and self._dirty_since is None:
+            self._dirty_since = now  # the clock for longest_s starts with the activity, not at the last trim
+        if self._dirty_since is None or (busy and now - self._dirty_since < self._longest_s):
+            return False
+        self._trim()
+        self._dirty_since = now if busy else None  # still busy: what it frees next is trimmed in turn
+        return True
+
+
+def trim_heap_when_quiet(activity: Callable[[], int], quiet_s: float = QUIET_S) -> threading.Thread | None:
+    """A daemon thread that trims the heap as ``HeapTrimmer`` says, ticking every ``quiet_s`` seconds; None where the
+    C library is not glibc."""
     libc = _glibc()
     if libc is None:
         return None
-    trim = functools.partial(libc.malloc_trim, 0)  # ctypes releases the GIL while it runs
+    trimmer = HeapTrimmer(activity, functools.partial(libc.malloc_trim, 0), time.monotonic)  # ctypes frees the GIL
 
     def trimming() -> None:
-        seen, trimmed = requests_started(), True  # nothing to hand back before the first request
-        last_trim = time.monotonic()
         while True:
             time.sleep(quiet_s)
-            started = requests_started()
-            busy = started != seen
-            seen, trimmed = started, trimmed and not busy
-            if not trimmed and (not busy or time.monotonic() - last_trim >= longest_s):
-                trim()
-                trimmed, last_trim = True, time.monotonic()
+            trimmer.tick()
 
     thread = threading.Thread(target=trimming, name="heap-trim", daemon=True)
     thread.start()

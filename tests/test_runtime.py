@@ -1,5 +1,6 @@
-"""The gateway's allocator setting (``server.runtime``), in a process of its own: large buffers are reused rather
-than faulted in anew, and the heap's free pages go back to the system once requests pause, not while they come."""
+"""The gateway's allocator setting (``server.runtime``): large buffers are reused rather than faulted in anew, and the
+heap's free pages go back to the system once requests pause (in a process of its own); and when the trimmer trims
+(``HeapTrimmer`` on a clock of the test's)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ import textwrap
 
 import pytest
 
+from server import runtime
+
 from .conftest import ROOT
 
 SIZE = 1_300_000  # the base64 of a 1 MB JPEG
 HELD = 20  # 26 MB: below the trim threshold (32 MiB), so free() alone hands none of it back
 
-# argv: "faults" (allocate and free SIZE 200 times, as a request's steps do, and count the minor faults) or
-# "held BUSY_S [LONGEST_S]" (hold HELD buffers, free them, count a request every 50 ms for BUSY_S seconds, then none;
-# the RSS before, while held, at the end of the busy spell and once quiet).
+# argv: "faults" (allocate and free SIZE 200 times, as a request's steps do, and count the minor faults) or "held"
+# / "untrimmed" (a request's HELD buffers held and freed, with the trimming thread ticking every 0.2 s or without it;
+# the RSS before, while held, and 2 s later).
 PROBE = textwrap.dedent(f"""
     import resource, sys, time
     from server import runtime
@@ -34,21 +37,17 @@ PROBE = textwrap.dedent(f"""
             bytearray(b"x") * {SIZE}  # written in full: every page touched
         print(faults() - before)
         sys.exit()
-    started = [0]
-    if sys.argv[2] != "untrimmed":
-        runtime.trim_heap_when_quiet(lambda: started[0], 0.2, float(sys.argv[3]) if len(sys.argv) > 3 else 60)
+    requests = [0]
+    if sys.argv[1] == "held":
+        runtime.trim_heap_when_quiet(lambda: requests[0], 0.2)
     base = rss_mb()
-    started[0] += 1  # a request, whose buffers these are
+    requests[0] += 1  # a request started, whose buffers these are
     held = [bytearray(b"x") * {SIZE} for _ in range({HELD})]
     peak = rss_mb()
     del held
-    busy_until = time.monotonic() + float(sys.argv[2] if sys.argv[2] != "untrimmed" else 0)
-    while time.monotonic() < busy_until:
-        started[0] += 1
-        time.sleep(0.05)
-    busy = rss_mb()
-    time.sleep(1.0)
-    print(base, peak, busy, rss_mb())
+    requests[0] += 1  # and finished
+    time.sleep(2.0)
+    print(base, peak, rss_mb())
 """)
 
 
@@ -68,20 +67,55 @@ def test_large_buffers_are_reused_not_faulted_in_each_time() -> None:
 
 
 def test_freed_buffers_go_back_to_the_system_once_requests_pause() -> None:
-    base, peak, _, quiet = probe("held", "0")
+    base, peak, quiet = probe("held")
     assert peak - base > 20, (base, peak)  # 26 MB held: the probe sees what it should
     assert quiet - base < 5, f"RSS {base:.0f} MB before, {peak:.0f} MB held, {quiet:.0f} MB once freed and quiet"
-    base, _, _, kept = probe("held", "untrimmed")
+    base, _, kept = probe("untrimmed")
     # The contrast: without the trimming thread the heap keeps them.
     assert kept - base > 20, f"{kept:.0f} MB against {base:.0f}: kept without trimming, yet handed back"
 
 
-def test_the_heap_is_not_trimmed_while_requests_keep_coming() -> None:
-    base, peak, busy, quiet = probe("held", "1.5")  # 1.5 s of requests, 30 trimmer periods
-    assert busy - base > 20, f"RSS {base:.0f} MB, {peak:.0f} held, {busy:.0f} while busy: trimmed under load"
-    assert quiet - base < 5, f"RSS {base:.0f} MB before, {quiet:.0f} MB once quiet: not handed back"
+class Ticking:
+    """``HeapTrimmer`` on a clock of its own: one tick a second, the activity count set by the test."""
+
+    def __init__(self) -> None:
+        self.now, self.activity, self.trims = 0.0, 0, []  # type: list[float]
+        self.trimmer = runtime.HeapTrimmer(lambda: self.activity, lambda: self.trims.append(self.now),
+                                           lambda: self.now, longest_s=60)
+
+    def run(self, seconds: int, requests_per_tick: int = 0) -> None:
+        for _ in range(seconds):
+            self.now += 1
+            self.activity += requests_per_tick
+            self.trimmer.tick()
 
 
-def test_under_steady_load_the_heap_is_still_trimmed_now_and_then() -> None:
-    base, peak, busy, _ = probe("held", "1.5", "0.5")  # requests for 1.5 s, a trim at least every 0.5 s
-    assert peak - base > 20 and busy - base < 5, f"RSS {base:.0f} MB, {peak:.0f} held, {busy:.0f} while busy"
+def test_idle_it_never_trims() -> None:
+    ticking = Ticking()
+    ticking.run(600)
+    assert ticking.trims == []
+
+
+def test_a_burst_is_trimmed_once_in_the_pause_after_it() -> None:
+    ticking = Ticking()
+    ticking.run(10)
+    ticking.run(5, requests_per_tick=3)
+    ticking.run(600)
+    assert ticking.trims == [16.0]  # the first tick with nothing started or finished
+
+
+def test_steady_load_is_trimmed_once_a_minute_and_once_after() -> None:
+    ticking = Ticking()
+    ticking.run(600)  # a long idle spell first: the minute counts from the load's start, not from the last trim
+    ticking.run(150, requests_per_tick=1)
+    ticking.run(30)
+    assert ticking.trims == [661.0, 721.0, 751.0]  # the load from 601 to 750
+
+
+def test_a_request_that_finishes_long_after_the_pause_is_trimmed_after_it() -> None:
+    ticking = Ticking()
+    ticking.run(1, requests_per_tick=1)  # it starts
+    ticking.run(30)  # it streams (or waits in the queue), holding its body
+    ticking.run(1, requests_per_tick=1)  # it finishes
+    ticking.run(30)
+    assert ticking.trims == [2.0, 33.0]

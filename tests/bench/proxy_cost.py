@@ -120,7 +120,7 @@ class MemoryUse:
 
 
 # Before each reading of the RSS: the last requests' buffers go back to the system once the gateway has seen no
-# request for QUIET_S to twice that (``server.runtime.trim_heap_when_quiet``): each reading is of the gateway settled.
+# request start or finish for QUIET_S to twice that (``server.runtime.HeapTrimmer``): each reading is of it settled.
 SETTLE_S = 2 * QUIET_S + 1
 
 
