@@ -25,10 +25,10 @@ bytes now stay in the heap until reused or trimmed, where a mapping of its own w
 not dumpable (``privacy.harden_process``), so no other process of the same user can read them.
 
 Measured (``python -m tests.bench.run``'s memory load, a 1 MB JPEG a request, 8 at once, the old and new settings
-one after the other, 1 December 2026): 6.0 ms of the gateway's CPU and 65 faults a request, against 12.8 ms and
-2,915; 5,000 such requests left the RSS where it was once they stopped (89 MB, against 95 MB before). While requests
-flow, the RSS also holds what was freed since the last trim, a pause or at most a minute ago (130 to 140 MB at 8 image
-requests at once).
+one after the other, 1 December 2026): 5.8 to 6.3 ms of the gateway's CPU and 28 to 67 faults a request, against
+12.8 ms and 2,915; 5,000 such requests left the RSS where it was once they stopped (89 MB, against 95 MB before).
+While requests flow, the RSS also holds what was freed since the last trim, a pause or at most a minute ago (130 to
+140 MB at 8 image requests at once).
 """
 
 from __future__ import annotations
