@@ -79,7 +79,8 @@ class Ticking:
     """``HeapTrimmer`` on a clock of its own: one tick a second, the activity count set by the test."""
 
     def __init__(self) -> None:
-        self.now, self.activity, self.trims = 0.0, 0, []  # type: list[float]
+        self.now, self.activity = 0.0, 0
+        self.trims: list[float] = []  # when it trimmed
         self.trimmer = runtime.HeapTrimmer(lambda: self.activity, lambda: self.trims.append(self.now),
                                            lambda: self.now, longest_s=60)
 
