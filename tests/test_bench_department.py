@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from tests.bench.department import Scale, arrivals, department
+from tests.bench.department import GATEWAY_CORES, Processes, Scale, arrivals, department, report
 from tests.bench.paced_upstream import PROMPT_TOKENS, WORDS, Answers, Connection, Counts
 from tests.bench.run import Layout
 from tests.servers import free_port
@@ -53,6 +53,19 @@ def test_department_harness_serves_every_stream_and_counts_every_token(tmp_path:
     # Paced: no stream ended before its tokens' time had passed (less one interval: timers fire to the millisecond).
     assert all(sample.e2e_s >= TINY.stream_s - TINY.interval_ms / 1000
                for run in [*result.direct, *result.gateway] for sample in run.samples)
+    # What the hypervisor took from the cores is a share of their time, printed next to the verdict it qualifies.
+    for path in ("direct", "gateway"):
+        for cores in ("gateway_cores", "other_cores"):
+            assert 0 <= figures[f"{path}_{cores}_stolen_percent"] <= 100, (path, cores)
+    assert all(0 <= run.stolen_percent[GATEWAY_CORES] <= 100 for run in result.gateway)
+    printed = report(result)
+    assert "taken by the hypervisor" in printed and "target: added TTFT p99" in printed
+
+
+def test_steal_is_summed_over_the_named_cores_only() -> None:
+    """One reading of /proc/stat for both sets: a core's steal never exceeds that of all the cores with it."""
+    stolen = Processes({}, {"first core": {0}, "every core": None}).stolen()
+    assert 0 <= stolen["first core"] <= stolen["every core"]
 
 
 # -- the stand-in on its own -----------------------------------------------------------------------------------
