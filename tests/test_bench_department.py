@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from tests.bench.department import GATEWAY_CORES, Processes, Scale, arrivals, department, report
+from tests.bench.department import GATEWAY_CORES, STOLEN_PERCENT_LIMIT, Processes, Scale, arrivals, department, report
 from tests.bench.paced_upstream import PROMPT_TOKENS, WORDS, Answers, Connection, Counts
 from tests.bench.run import Layout
 from tests.servers import free_port
@@ -58,6 +58,7 @@ def test_department_harness_serves_every_stream_and_counts_every_token(tmp_path:
         for cores in ("gateway_cores", "other_cores"):
             assert 0 <= figures[f"{path}_{cores}_stolen_percent"] <= 100, (path, cores)
     assert all(0 <= run.stolen_percent[GATEWAY_CORES] <= 100 for run in result.gateway)
+    assert figures["host_quiet"] == (figures["most_stolen_percent"] < STOLEN_PERCENT_LIMIT)
     printed = report(result)
     assert "taken by the hypervisor" in printed and "target: added TTFT p99" in printed
 

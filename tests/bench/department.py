@@ -75,8 +75,8 @@ TARGET_CHUNKS_PER_S = 20_000
 # CPU used plus run-queue wait, % of one core, at which the gateway counts as saturated (or crowded out).
 SATURATED_PERCENT = 90.0
 # A virtual machine's cores are shared with other guests: the time the hypervisor runs something else on a core
-# (Linux's "steal" in /proc/stat) freezes whatever this guest had on it, the gateway's event loop included. Above
-# this share of the gateway's core over a run, its p99 measures the host, not the gateway.
+# (Linux's "steal" in /proc/stat) freezes whatever this guest had on it: the gateway's event loop, the stand-ins,
+# the load generator. Above this share of any run's cores, the added p99 measures the host, not the gateway.
 STOLEN_PERCENT_LIMIT = 5.0
 GATEWAY_CORES, OTHER_CORES = "gateway's cores", "other cores"
 # A token event's delta, and no other event's (the role event's content is empty: '"content":""').
@@ -470,8 +470,11 @@ class Department:
         figures["gateway_below_saturation"] = gateway_cpu + figures["gateway_wait_percent"] < SATURATED_PERCENT
         figures["target_met"] = (figures["added_ttft_p99_ms"] <= TARGET_ADDED_TTFT_P99_MS
                                  and figures["gateway_below_saturation"])
-        # The host's share: the gateway's core was its own for (nearly) the whole of its runs.
-        figures["gateway_cores_quiet"] = figures["gateway_gateway_cores_stolen_percent"] < STOLEN_PERCENT_LIMIT
+        # The host's share: every core had (nearly) all of every run to itself. The added p99 is one path's p99
+        # minus the other's, so the load generator stalled in a direct run skews it as much as the gateway stalled.
+        figures["most_stolen_percent"] = max(figures[f"{path}_{cores}_stolen_percent"] for path in ("direct", "gateway")
+                                             for cores in ("gateway_cores", "other_cores"))
+        figures["host_quiet"] = figures["most_stolen_percent"] < STOLEN_PERCENT_LIMIT
         return figures
 
 
@@ -540,10 +543,10 @@ def report(result: Department) -> str:
         f"wait < {SATURATED_PERCENT:g}% of its core): {f['added_ttft_p99_ms']:.2f} ms at "
         f"{f['gateway_cpu_percent']:.0f}% + {f['gateway_wait_percent']:.0f}%: "
         f"{'met' if f['target_met'] else 'MISSED'}"
-        + ("" if f["gateway_cores_quiet"] else
-           f" (the hypervisor took {f['gateway_gateway_cores_stolen_percent']:.0f}% of the gateway's core, over "
-           f"{STOLEN_PERCENT_LIMIT:g}%: the gateway stood still that long, so this p99 is the host's more than "
-           "the gateway's)"),
+        + ("" if f["host_quiet"] else
+           f" (the hypervisor took up to {f['most_stolen_percent']:.0f}% of a run's cores, over "
+           f"{STOLEN_PERCENT_LIMIT:g}%: what ran on them stood still that long, so this p99 is the host's more "
+           "than the gateway's)"),
     ]
     return "\n".join(lines)
 
