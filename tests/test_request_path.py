@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import weakref
+from types import SimpleNamespace
+from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
+from server.auth.principal import Principal, local_principal
+from server.config import Settings
 from server.errors import BodyTooLarge, UnsupportedMediaType
-from server.request_path import cancelled_when_client_leaves, read_body
+from server.payload import parse_request
+from server.request_path import SCREEN_INLINE_BYTES, EngineRoutes, cancelled_when_client_leaves, read_body
+from server.screening import Route, Screened, Screening
+from server.tenancy import TenantSalts
+from tests.bench.department import request_body, scanned_invoice
 
 
 def test_a_request_that_ends_leaves_no_cycle_for_the_garbage_collector() -> None:
@@ -77,3 +86,32 @@ def test_the_body_is_read_whole_and_refused_at_the_first_byte_past_the_limit() -
 def test_a_client_that_leaves_while_its_body_is_read_is_a_disconnect() -> None:
     left, read = body_of([part(b"0123", True), {"type": "http.disconnect"}, part(b"never read", False)])
     assert isinstance(left, ClientDisconnect) and read == 2
+
+
+def test_a_scanned_page_is_screened_on_the_loops_thread_and_larger_bodies_in_a_worker() -> None:
+    """A body below SCREEN_INLINE_BYTES (the department benchmark's 0.7 MB page) is screened where the event loop
+    runs: a hop to a worker and back waits twice for the GIL while the loop is busy. Larger ones go to a worker,
+    where the loop gets the GIL back every switch interval of a long screening. The choice is by body size alone."""
+    settings = Settings()
+    screened_on: list[int] = []
+
+    class Recording(Screening):
+        def screen(self, route: Route, payload: dict[str, Any], principal: Principal) -> Screened:
+            screened_on.append(threading.get_ident())
+            return super().screen(route, payload, principal)
+
+    routes = SimpleNamespace(screening=Recording(settings.screening, TenantSalts(settings.privacy)),
+                             admission=SimpleNamespace(estimate_cost=lambda payload, sizes: 1))
+    body = request_body(16, scanned_invoice())
+    assert 512 * 1024 < len(body) < SCREEN_INLINE_BYTES
+
+    async def screen(size: int) -> int:
+        forwarded = await EngineRoutes._screen(routes, "/v1/chat/completions", "chat",  # type: ignore[arg-type]
+                                               parse_request(body, 64), local_principal("u", {}), size)
+        assert forwarded.body.startswith(b"{") and len(forwarded.body) > 512 * 1024
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(screen(len(body)))
+    assert screened_on == [loop_thread]
+    loop_thread = asyncio.run(screen(SCREEN_INLINE_BYTES))
+    assert screened_on[1] != loop_thread
