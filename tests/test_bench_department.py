@@ -59,6 +59,11 @@ def test_department_harness_serves_every_stream_and_counts_every_token(tmp_path:
             assert 0 <= figures[f"{path}_{cores}_stolen_percent"] <= 100, (path, cores)
     assert all(0 <= run.stolen_percent[GATEWAY_CORES] <= 100 for run in result.gateway)
     assert figures["host_quiet"] == (figures["most_stolen_percent"] < STOLEN_PERCENT_LIMIT)
+    # A run with every core nearly its own has every round quiet, and its quiet rounds' figures are the run's.
+    assert set(figures["quiet_rounds"]) <= set(range(TINY.rounds))
+    if figures["host_quiet"]:
+        assert figures["quiet_rounds"] == list(range(TINY.rounds))
+        assert figures["added_ttft_p99_ms_quiet_rounds"] == figures["added_ttft_p99_ms"]
     printed = report(result)
     assert "taken by the hypervisor" in printed and "target: added TTFT p99" in printed
 
