@@ -14,12 +14,14 @@ import json
 import math
 from pathlib import Path
 
+import psutil
 import pytest
 import uvloop
 
 from tests.bench.department import GATEWAY_CORES, STOLEN_PERCENT_LIMIT, Processes, Scale, arrivals, department, report
+from tests.bench.host import core_count, cpu_model
 from tests.bench.paced_upstream import PROMPT_TOKENS, WORDS, Answers, Connection, Counts
-from tests.bench.run import Layout
+from tests.bench.run import Layout, machine
 from tests.servers import free_port
 
 # At a stream interval of 3 (12 tokens: events at tokens 1, 4, 7, 10 and 12), so that events and tokens differ and
@@ -72,6 +74,15 @@ def test_steal_is_summed_over_the_named_cores_only() -> None:
     """One reading of /proc/stat for both sets: a core's steal never exceeds that of all the cores with it."""
     stolen = Processes({}, {"first core": {0}, "every core": None}).stolen()
     assert 0 <= stolen["first core"] <= stolen["every core"]
+    assert core_count(None) == len(psutil.cpu_times(percpu=True)) and core_count({0}) == 1
+
+
+def test_the_processor_is_named_as_the_kernel_names_it() -> None:
+    """Figures from different hosts differ twofold here: every report names the processor it ran on."""
+    named = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.split(":", 1)[0].strip() == "model name"]
+    assert cpu_model() == (named[0] if named else cpu_model()) and cpu_model()
+    assert machine()["cpu"] == cpu_model()
 
 
 # -- the stand-in on its own -----------------------------------------------------------------------------------

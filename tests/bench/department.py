@@ -62,6 +62,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from server.auth.apikeys import format_keys, new_key
 
+from .host import core_count, cpu_model, stolen_s
 from .load import MODEL, percentile, session
 from .paced_upstream import event_ends
 from .stacks import airlock, running
@@ -254,8 +255,7 @@ class Processes:
 
     def __init__(self, pids: dict[str, int], cores: dict[str, set[int] | None]) -> None:
         self._processes = {name: psutil.Process(pid) for name, pid in pids.items()}
-        everything = set(range(psutil.cpu_count() or 1))
-        self.cores = {name: everything if chosen is None else chosen for name, chosen in cores.items()}
+        self.cores = cores
 
     def read(self) -> dict[str, tuple[float, float]]:
         """Process -> (CPU seconds, run-queue wait seconds)."""
@@ -263,9 +263,7 @@ class Processes:
 
     def stolen(self) -> dict[str, float]:
         """Cores' name -> seconds the hypervisor has taken from them, summed over the cores."""
-        per_cpu = psutil.cpu_times(percpu=True)
-        return {name: sum(float(getattr(per_cpu[core], "steal", 0.0)) for core in chosen if core < len(per_cpu))
-                for name, chosen in self.cores.items()}
+        return {name: stolen_s(chosen) for name, chosen in self.cores.items()}
 
 
 def _cpu(process: psutil.Process) -> float:
@@ -365,7 +363,7 @@ async def run_path(path: str, clients: list[aiohttp.ClientSession], heads: list[
     (t0, events0, cpu0, stolen0), (t1, events1, cpu1, stolen1) = window["start"], window["end"]
     cpu = {name: (cpu1[name][0] - cpu0[name][0]) / (t1 - t0) * 100 for name in cpu0}
     wait = {name: (cpu1[name][1] - cpu0[name][1]) / (t1 - t0) * 100 for name in cpu0}
-    stolen = {name: (stolen1[name] - stolen0[name]) / (t1 - t0) / len(processes.cores[name]) * 100
+    stolen = {name: (stolen1[name] - stolen0[name]) / (t1 - t0) / core_count(processes.cores[name]) * 100
               for name in stolen0}
     return PathRun(path, samples, live.errors, t1 - t0, events1 - events0, sum(opens) / max(1, len(opens)),
                    max(opens, default=0), cpu, wait, stolen, events_after - events_before, (began, time.time()),
@@ -562,8 +560,7 @@ def report(result: Department) -> str:
         f"{'met' if f['target_met'] else 'MISSED'}"
         + ("" if f["host_quiet"] else
            f" (the hypervisor took up to {f['most_stolen_percent']:.0f}% of a core in a run, over "
-           f"{STOLEN_PERCENT_LIMIT:g}%: what ran on them stood still that long, so this p99 is the host's more "
-           "than the gateway's)"),
+           f"{STOLEN_PERCENT_LIMIT:g}%: what ran there stood still meanwhile, and the p99 holds those stalls)"),
     ]
     quiet = f["quiet_rounds"]
     if not f["host_quiet"]:
@@ -732,7 +729,7 @@ def main() -> int:
         print(f"warning: {scale.duration_s:g} s of arrivals is no longer than one stream ({scale.stream_s:g} s): the "
               f"run never reaches its load, and its per-chunk figures are not the department's", flush=True)
     layout = Layout.of_this_machine()
-    print(f"layout: {layout.describe()}", flush=True)
+    print(f"layout: {layout.describe()}; processor: {cpu_model()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="airlock-bench-") as scratch:
         result = department(scale, layout, args.logs or Path(scratch), args.port, args.stall_probe)
     print(report(result))

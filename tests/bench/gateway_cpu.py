@@ -40,6 +40,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 
+from .host import core_count, cpu_model, stolen_s
 from .load import chat_request, closed_loop, open_loop
 from .stacks import py_spy
 
@@ -87,6 +88,9 @@ class GatewayCpu:
     # Whole requests sent faster than the gateway serves them (a closed loop of SATURATED_CONCURRENCY clients): CPU
     # over requests, the method of the README's earlier per-request figures (0.5 ms), by round.
     saturated_whole_us: list[float] = field(default_factory=list)
+    # The share of the gateway's cores' time the hypervisor took while each round's open-loop blocks ran (host.py):
+    # the same work costs more CPU while another guest shares the physical core.
+    stolen_percent: list[float] = field(default_factory=list)
 
     def _per_chunk_us(self, short: CpuRun, long: CpuRun) -> float:
         return (long.cpu_s - short.cpu_s) / (short.requests * (long.tokens - short.tokens)) * 1e6
@@ -120,6 +124,7 @@ class GatewayCpu:
                 "whole_per_request_us_by_round": [round(value, 1) for value in whole],
                 "saturated_whole_per_request_us": statistics.median(self.saturated_whole_us),
                 "saturated_whole_per_request_us_by_round": [round(value, 1) for value in self.saturated_whole_us],
+                "stolen_percent_by_round": [round(value, 1) for value in self.stolen_percent],
                 "target_per_chunk_us": TARGET_PER_CHUNK_US, "target_per_request_us": TARGET_PER_REQUEST_US}
 
     def report(self) -> str:
@@ -128,7 +133,8 @@ class GatewayCpu:
         request_met = "met" if f["per_request_us"] <= TARGET_PER_REQUEST_US else "MISSED"  # type: ignore[operator]
         saturated = f["saturated_whole_per_request_us"]
         saturated_met = "met" if saturated <= TARGET_PER_REQUEST_US else "MISSED"  # type: ignore[operator]
-        return (f"gateway CPU ({f['rounds']} rounds of {f['requests_per_kind']} requests of each kind, "
+        return (f"gateway CPU on {cpu_model()} ({f['rounds']} rounds of {f['requests_per_kind']} requests of each "
+                f"kind, "
                 f"{self.rate:g}/s, {self.short_tokens} and {self.long_tokens} tokens {self.interval_ms:g} ms apart; "
                 f"idle {f['idle_cpu_per_s_ms']:.1f} ms/s taken out):\n"
                 f"  per streamed chunk  {f['per_chunk_us']:7.1f} us (target <= {TARGET_PER_CHUNK_US:g}): {chunk_met}"
@@ -140,7 +146,9 @@ class GatewayCpu:
                 f"  per whole request, saturated ({SATURATED_CONCURRENCY} clients in a closed loop: the README's "
                 f"earlier method) {f['saturated_whole_per_request_us']:.1f} us (target <= "
                 f"{TARGET_PER_REQUEST_US:g}): {saturated_met}   by round "
-                f"{f['saturated_whole_per_request_us_by_round']}")
+                f"{f['saturated_whole_per_request_us_by_round']}\n"
+                f"  taken by the hypervisor from the gateway's core (steal), % by round: "
+                f"{f['stolen_percent_by_round']}")
 
 
 def upstream_args(long_tokens: int = LONG_TOKENS, interval_ms: float = INTERVAL_MS) -> list[str]:
@@ -164,7 +172,9 @@ async def gateway_cpu(gateway: aiohttp.ClientSession, headers: dict[str, str], p
 
     kinds = [(short_tokens, True), (long_tokens, True), (short_tokens, False)]
     result = GatewayCpu(short_tokens, long_tokens, interval_ms, rate, idle_per_s)
+    cores = set(psutil.Process(pid).cpu_affinity() or ())
     for turn in range(rounds):
+        stolen_before, round_wall = stolen_s(cores), time.perf_counter()
         used = {kind: 0.0 for kind in kinds}
         system = {kind: 0.0 for kind in kinds}
         walls = {kind: 0.0 for kind in kinds}
@@ -188,6 +198,8 @@ async def gateway_cpu(gateway: aiohttp.ClientSession, headers: dict[str, str], p
                                      system[tokens, stream])
                               for tokens, stream in kinds)
         result.rounds.append((short, long, whole))
+        result.stolen_percent.append((stolen_s(cores) - stolen_before) / (time.perf_counter() - round_wall)
+                                     / core_count(cores) * 100)
         whole_body = chat_request(TEXT, stream=False, max_tokens=short_tokens)
         started = cpu_s(pid)[0]
         done = await closed_loop(gateway, whole_body, headers, SATURATED_CONCURRENCY, requests * 3)

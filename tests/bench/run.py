@@ -34,6 +34,7 @@ import psutil
 from .engine_overhead import KINDS, engine_overheads
 from .gateway_cpu import gateway_cpu
 from .gateway_cpu import upstream_args as cpu_upstream_args
+from .host import cpu_model
 from .load import session
 from .nginx_proxy import nginx_proxy
 from .proxy_cost import memory_use, paced_streams, proxy_costs, summary
@@ -106,7 +107,7 @@ def table(title: str, rows: Sequence[dict[str, Any]], columns: dict[str, str]) -
 
 
 def machine() -> dict[str, Any]:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(),
             "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
             "gpu": False}
 
