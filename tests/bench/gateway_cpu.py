@@ -134,8 +134,8 @@ class GatewayCpu:
         saturated = f["saturated_whole_per_request_us"]
         saturated_met = "met" if saturated <= TARGET_PER_REQUEST_US else "MISSED"  # type: ignore[operator]
         return (f"gateway CPU on {cpu_model()} ({f['rounds']} rounds of {f['requests_per_kind']} requests of each "
-                f"kind, "
-                f"{self.rate:g}/s, {self.short_tokens} and {self.long_tokens} tokens {self.interval_ms:g} ms apart; "
+                f"kind, {self.rate:g}/s, {self.short_tokens} and {self.long_tokens} tokens {self.interval_ms:g} ms "
+                "apart; "
                 f"idle {f['idle_cpu_per_s_ms']:.1f} ms/s taken out):\n"
                 f"  per streamed chunk  {f['per_chunk_us']:7.1f} us (target <= {TARGET_PER_CHUNK_US:g}): {chunk_met}"
                 f"   by round {f['per_chunk_us_by_round']}; in the kernel {f['system_per_chunk_us']:.1f} us\n"
