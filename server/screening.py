@@ -19,7 +19,7 @@ from .auth import Principal
 from .config import ScreeningSettings
 from .errors import InvalidRequest
 from .forwarded_body import ForwardedBody
-from .images import CheckedImage, ImageLimits, check_image_url, load_image_plugins
+from .images import CheckedImage, ImageLimits, check_image_url, limit_png_text, load_image_plugins
 from .payload import shown_name
 from .tenancy import TenantSalts
 
@@ -65,6 +65,7 @@ class Screening:
                                    settings.max_image_pixels, settings.max_image_aspect_ratio)
         self._body = ForwardedBody()
         load_image_plugins()
+        limit_png_text()
         self._caps = (("max_tokens", settings.max_tokens_limit, "max_tokens_too_large"),
                       ("max_completion_tokens", settings.max_tokens_limit, "max_tokens_too_large"),
                       ("n", settings.max_choices, "too_many_choices"),

@@ -20,6 +20,7 @@ import pytest
 from server.config import ScreeningSettings
 
 from .conftest import Stack
+from .hostile_images import jpeg_with_fill, png_with_text_bomb
 from .images import data_url, image_bytes, image_part
 from .leaks import files_written_since, read
 
@@ -99,6 +100,10 @@ def corpus() -> list[tuple[str, Any, int, str]]:
         ("truncated png", chat(image(b64(png[: len(png) // 2]))), 400, "invalid_image"),
         ("not an image", chat(image(b64(CANARY.encode() * 10))), 400, "invalid_image"),
         ("gif not allowed", chat(image(b64(image_bytes("GIF"), "image/gif"))), 400, "invalid_image"),
+        # Valid, but built to be slow to check: refused after a bounded amount of work (tests/test_hostile_images.py).
+        ("jpeg padded with 200 KB of fill bytes", chat(image(b64(jpeg_with_fill(200_000), "image/jpeg"))), 400,
+         "invalid_image"),
+        ("png whose text inflates to 2 MiB", chat(image(b64(png_with_text_bomb(2)))), 400, "invalid_image"),
         ("decompression bomb", chat(image(b64(png_claiming(40_000, 40_000)))), 400, "image_too_large"),
         ("just over the pixel limit", chat(image(b64(png_claiming(5001, 5000)))), 400, "image_too_large"),
         ("image over the byte limit", chat(image(b64(noise_png((640, 640))))), 400, "image_too_large"),
