@@ -49,7 +49,7 @@ from .metrics import UNKNOWN_MODEL, RequestRecord
 from .metrics_middleware import request_record, server_send
 from .payload import parse_request
 from .proxy import EngineRequest, Forwarder
-from .screening import Route, Screening
+from .screening import Route, Screened, Screening
 from .upstream import ReplicaPool
 from .usage import ask_for_usage
 
@@ -133,23 +133,25 @@ class EngineRoutes:
                                             part.get("type") == "file" else part for part in message["content"]]}
                     if isinstance(message, dict) and isinstance(message.get("content"), list) else message
                     for message in payload["messages"]]
-        copy = {**payload, "messages": messages}
-        if size < SCREEN_INLINE_BYTES:
-            self.screening.screen(route, copy, principal)
-        else:
-            await anyio.to_thread.run_sync(self.screening.screen, route, copy, principal)
+        await screened(self.screening, route, {**payload, "messages": messages}, principal, size)
 
     async def _screen(self, path: str, route: Route, payload: dict[str, Any], principal: Principal,
                       size: int, documents: bool = False) -> EngineRequest:
         # Token counts for the metrics: a stream is asked to end with them (removed again if the client did not ask).
         remove_usage = ask_for_usage(payload)
-        if size < SCREEN_INLINE_BYTES:
-            screened = self.screening.screen(route, payload, principal)
-        else:  # decoding and checking megabytes of images would stall every other request
-            screened = await anyio.to_thread.run_sync(self.screening.screen, route, payload, principal)
-        cost = self.admission.estimate_cost(payload, screened.image_sizes)
-        return EngineRequest(path, screened.body, payload["model"], principal, screened.cache_salt, cost,
+        checked = await screened(self.screening, route, payload, principal, size)
+        cost = self.admission.estimate_cost(payload, checked.image_sizes)
+        return EngineRequest(path, checked.body, payload["model"], principal, checked.cache_salt, cost,
                              remove_usage, documents)
+
+
+async def screened(screening: Screening, route: Route, payload: dict[str, Any], principal: Principal,
+                   size: int) -> Screened:
+    """``screening.screen`` of a request whose body is ``size`` bytes: on the event loop's thread below
+    ``SCREEN_INLINE_BYTES``, else in a worker thread. Raises what screening raises (``InvalidRequest`` and kin)."""
+    if size < SCREEN_INLINE_BYTES:
+        return screening.screen(route, payload, principal)
+    return await anyio.to_thread.run_sync(screening.screen, route, payload, principal)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -6,7 +6,6 @@ import asyncio
 import gc
 import threading
 import weakref
-from types import SimpleNamespace
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -16,7 +15,7 @@ from server.auth.principal import Principal, local_principal
 from server.config import Settings
 from server.errors import BodyTooLarge, UnsupportedMediaType
 from server.payload import parse_request
-from server.request_path import SCREEN_INLINE_BYTES, EngineRoutes, cancelled_when_client_leaves, read_body
+from server.request_path import SCREEN_INLINE_BYTES, cancelled_when_client_leaves, read_body, screened
 from server.screening import Route, Screened, Screening
 from server.tenancy import TenantSalts
 from tests.bench.department import request_body, scanned_invoice
@@ -100,15 +99,13 @@ def test_a_scanned_page_is_screened_on_the_loops_thread_and_larger_bodies_in_a_w
             screened_on.append(threading.get_ident())
             return super().screen(route, payload, principal)
 
-    routes = SimpleNamespace(screening=Recording(settings.screening, TenantSalts(settings.privacy)),
-                             admission=SimpleNamespace(estimate_cost=lambda payload, sizes: 1))
+    screening = Recording(settings.screening, TenantSalts(settings.privacy))
     body = request_body(16, scanned_invoice())
     assert 512 * 1024 < len(body) < SCREEN_INLINE_BYTES
 
     async def screen(size: int) -> int:
-        forwarded = await EngineRoutes._screen(routes, "/v1/chat/completions", "chat",  # type: ignore[arg-type]
-                                               parse_request(body, 64), local_principal("u", {}), size)
-        assert forwarded.body.startswith(b"{") and len(forwarded.body) > 512 * 1024
+        checked = await screened(screening, "chat", parse_request(body, 64), local_principal("u", {}), size)
+        assert checked.image_sizes == ((1654, 2339),) and len(checked.body) > 512 * 1024
         return threading.get_ident()
 
     loop_thread = asyncio.run(screen(len(body)))

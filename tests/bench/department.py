@@ -231,7 +231,8 @@ class PathRun:
     open_max: int
     cpu_percent: dict[str, float]  # process -> % of one core over the window
     wait_percent: dict[str, float]  # process -> % of the window its threads waited, runnable, for a core
-    stolen_percent: dict[str, float]  # "gateway's cores", "other cores" -> % of their time the hypervisor took
+    # "gateway's cores", "other cores" -> % of their time the hypervisor took, from the first arrival to the last end
+    stolen_percent: dict[str, float]
     sent_token_events: int  # what the stand-ins sent over the whole run (their own count)
     wall: tuple[float, float] = (0.0, 0.0)  # time.time() at the run's first arrival and at its last stream's end
     sent_tokens: int = 0  # the tokens those events carried (their own count)
@@ -332,17 +333,18 @@ async def run_path(path: str, clients: list[aiohttp.ClientSession], heads: list[
     gc.collect()  # the previous run's garbage, before the clock starts
     events_before, tokens_before = await _sent(stats)
     start, began = time.perf_counter(), time.time()
+    stolen_from = processes.stolen()  # over every TTFT of the run, not only the steady window's
     window: dict[str, Any] = {}
     opens: list[int] = []
 
     async def watch() -> None:
         """The steady window: CPU and token events at its two ends, streams open sampled every 100 ms."""
         await asyncio.sleep(min(scale.stream_s, scale.duration_s / 2))
-        window["start"] = (time.perf_counter(), live.token_events, processes.read(), processes.stolen())
+        window["start"] = (time.perf_counter(), live.token_events, processes.read())
         while time.perf_counter() - start < scale.duration_s:
             opens.append(live.open)
             await asyncio.sleep(0.1)
-        window["end"] = (time.perf_counter(), live.token_events, processes.read(), processes.stolen())
+        window["end"] = (time.perf_counter(), live.token_events, processes.read())
 
     watcher = asyncio.create_task(watch())
     tasks = []
@@ -359,12 +361,13 @@ async def run_path(path: str, clients: list[aiohttp.ClientSession], heads: list[
         await asyncio.gather(*tasks)
     finally:
         gc.enable()
+    stolen_to, ended = processes.stolen(), time.perf_counter()
     events_after, tokens_after = await _sent(stats)
-    (t0, events0, cpu0, stolen0), (t1, events1, cpu1, stolen1) = window["start"], window["end"]
+    (t0, events0, cpu0), (t1, events1, cpu1) = window["start"], window["end"]
     cpu = {name: (cpu1[name][0] - cpu0[name][0]) / (t1 - t0) * 100 for name in cpu0}
     wait = {name: (cpu1[name][1] - cpu0[name][1]) / (t1 - t0) * 100 for name in cpu0}
-    stolen = {name: (stolen1[name] - stolen0[name]) / (t1 - t0) / core_count(processes.cores[name]) * 100
-              for name in stolen0}
+    stolen = {name: (stolen_to[name] - stolen_from[name]) / (ended - start) / core_count(processes.cores[name]) * 100
+              for name in stolen_from}
     return PathRun(path, samples, live.errors, t1 - t0, events1 - events0, sum(opens) / max(1, len(opens)),
                    max(opens, default=0), cpu, wait, stolen, events_after - events_before, (began, time.time()),
                    tokens_after - tokens_before)
@@ -424,7 +427,7 @@ class Department:
             "interval_ms": s.interval_ms, "stream_interval": s.stream_interval,
             "events_per_stream": s.events_per_stream, "duration_s": s.duration_s, "rounds": s.rounds,
             "arrivals_per_s": s.rate, "image_share": s.image_share, "image_kb": self.image_kb, "users": s.users,
-            "layout": self.layout,
+            "layout": self.layout, "processor": cpu_model(),
             "requests_direct": sum(len(run.samples) for run in self.direct),
             "requests_gateway": sum(len(run.samples) for run in self.gateway),
             "errors_direct": sum(run.errors for run in self.direct),
@@ -505,7 +508,7 @@ def report(result: Department) -> str:
         + f", {f['arrivals_per_s']:.1f} "
         f"arrivals/s (Poisson), {s.image_share:.0%} with a {f['image_kb']:.0f} KB scanned page, {s.users} users; "
         f"{s.rounds} rounds of {s.duration_s:g} s of arrivals per path, alternating",
-        f"layout: {f['layout']}",
+        f"layout: {f['layout']}; processor: {f['processor']}",
         f"requests: direct {f['requests_direct']} ({f['errors_direct']} failed), through the gateway "
         f"{f['requests_gateway']} ({f['errors_gateway']} failed)",
         "",

@@ -88,8 +88,8 @@ class GatewayCpu:
     # Whole requests sent faster than the gateway serves them (a closed loop of SATURATED_CONCURRENCY clients): CPU
     # over requests, the method of the README's earlier per-request figures (0.5 ms), by round.
     saturated_whole_us: list[float] = field(default_factory=list)
-    # The share of the gateway's cores' time the hypervisor took while each round's open-loop blocks ran (host.py):
-    # the same work costs more CPU while another guest shares the physical core.
+    # The share of the gateway's cores' time the hypervisor took over each round, its saturated part included
+    # (host.py): while it took much, the gateway stood still, and its figures hold what the host did.
     stolen_percent: list[float] = field(default_factory=list)
 
     def _per_chunk_us(self, short: CpuRun, long: CpuRun) -> float:
@@ -172,7 +172,7 @@ async def gateway_cpu(gateway: aiohttp.ClientSession, headers: dict[str, str], p
 
     kinds = [(short_tokens, True), (long_tokens, True), (short_tokens, False)]
     result = GatewayCpu(short_tokens, long_tokens, interval_ms, rate, idle_per_s)
-    cores = set(psutil.Process(pid).cpu_affinity() or ())
+    cores = set(psutil.Process(pid).cpu_affinity() or ()) or None
     for turn in range(rounds):
         stolen_before, round_wall = stolen_s(cores), time.perf_counter()
         used = {kind: 0.0 for kind in kinds}
@@ -198,13 +198,13 @@ async def gateway_cpu(gateway: aiohttp.ClientSession, headers: dict[str, str], p
                                      system[tokens, stream])
                               for tokens, stream in kinds)
         result.rounds.append((short, long, whole))
-        result.stolen_percent.append((stolen_s(cores) - stolen_before) / (time.perf_counter() - round_wall)
-                                     / core_count(cores) * 100)
         whole_body = chat_request(TEXT, stream=False, max_tokens=short_tokens)
         started = cpu_s(pid)[0]
         done = await closed_loop(gateway, whole_body, headers, SATURATED_CONCURRENCY, requests * 3)
         await asyncio.sleep(0.02)
         result.saturated_whole_us.append((cpu_s(pid)[0] - started) / len(done.samples) * 1e6)
+        result.stolen_percent.append((stolen_s(cores) - stolen_before) / (time.perf_counter() - round_wall)
+                                     / core_count(cores) * 100)
     return result
 
 

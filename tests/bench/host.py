@@ -15,28 +15,34 @@ from pathlib import Path
 import psutil
 
 
+def _chosen(cores: set[int] | None, present: int) -> list[int]:
+    """The cores of ``cores`` (None or empty: every core) that psutil's per-CPU list has."""
+    return [core for core in sorted(cores) if core < present] if cores else list(range(present))
+
+
 def stolen_s(cores: set[int] | None) -> float:
-    """Seconds the hypervisor has taken from ``cores`` (None: every core) since boot, summed over them; 0 where the
-    kernel does not count steal (bare metal, other systems)."""
+    """Seconds the hypervisor has taken from ``cores`` (None or empty: every core) since boot, summed over them; 0
+    where the kernel does not count steal (bare metal, other systems), which the reports then show as 0%."""
     per_cpu = psutil.cpu_times(percpu=True)
-    chosen = range(len(per_cpu)) if cores is None else [core for core in cores if core < len(per_cpu)]
-    return sum(float(getattr(per_cpu[core], "steal", 0.0)) for core in chosen)
+    return sum(float(getattr(per_cpu[core], "steal", 0.0)) for core in _chosen(cores, len(per_cpu)))
 
 
 def core_count(cores: set[int] | None) -> int:
-    """How many cores ``cores`` names (None: every core), to turn ``stolen_s`` into a share of their time."""
-    return len(psutil.cpu_times(percpu=True)) if cores is None else len(cores)
+    """How many cores ``stolen_s(cores)`` sums over, to turn it into a share of their time (at least 1)."""
+    return max(1, len(_chosen(cores, len(psutil.cpu_times(percpu=True)))))
 
 
 def cpu_model() -> str:
     """The processor's name as the kernel reports it (/proc/cpuinfo's "model name"; else ``platform``'s answer): the
     same guest has run on an AMD EPYC host one day and an Intel Xeon at 2.0 GHz another, with the gateway's CPU a
     chunk twice as high on the latter, so every printed figure says which."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             name, _, value = line.partition(":")
-            if name.strip() == "model name" and value.strip():
-                return value.strip()
+            fields.setdefault(name.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    # A virtual machine's name can be as plain as "Intel(R) Xeon(R) Processor": its clock tells two hosts apart.
+    return f"{model}, {float(fields['cpu MHz']):.0f} MHz" if fields.get("cpu MHz") else model
