@@ -77,7 +77,7 @@ TARGET_CHUNKS_PER_S = 20_000
 SATURATED_PERCENT = 90.0
 # A virtual machine's cores are shared with other guests: the time the hypervisor runs something else on a core
 # (Linux's "steal" in /proc/stat) freezes whatever this guest had on it: the gateway's event loop, the stand-ins,
-# the load generator. Above this share of any run's cores, the added p99 measures the host, not the gateway.
+# the load generator. At this share of any run's cores or above, the added p99 measures the host, not the gateway.
 STOLEN_PERCENT_LIMIT = 5.0
 GATEWAY_CORES, OTHER_CORES = "gateway's cores", "other cores"
 # A token event's delta, and no other event's (the role event's content is empty: '"content":""').
@@ -540,7 +540,7 @@ def report(result: Department) -> str:
         f"{'  load generator':28}{f['direct_load_cpu_percent']:>10.1f}{f['gateway_load_cpu_percent']:>10.1f}"
         f"   ({f['direct_load_wait_percent']:.0f} / {f['gateway_load_wait_percent']:.0f})",
         f"{'taken by the hypervisor, %':28}   (steal: of the cores' time, while another guest ran on them)",
-        f"{'  the gateway' + chr(39) + 's cores':28}{f['direct_gateway_cores_stolen_percent']:>10.1f}"
+        "  the gateway's cores".ljust(28) + f"{f['direct_gateway_cores_stolen_percent']:>10.1f}"
         f"{f['gateway_gateway_cores_stolen_percent']:>10.1f}",
         f"{'  the other cores':28}{f['direct_other_cores_stolen_percent']:>10.1f}"
         f"{f['gateway_other_cores_stolen_percent']:>10.1f}",
