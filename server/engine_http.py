@@ -22,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 import ssl
+from collections.abc import Callable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -194,7 +195,8 @@ class EngineConnections:
 class EngineResponse:
     """An engine's answer: ``status``, ``headers`` (names in lower case), and its body as it arrives."""
 
-    __slots__ = ("_buffered", "_chunks", "_complete", "_connection", "_error", "_waiter", "headers", "status")
+    __slots__ = ("_buffered", "_chunks", "_complete", "_connection", "_error", "_held", "_sink", "_waiter", "headers",
+                 "status")
 
     def __init__(self, connection: _Connection, status: int, headers: dict[str, str]) -> None:
         self._connection = connection
@@ -205,6 +207,8 @@ class EngineResponse:
         self._complete = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._sink: Callable[[bytes], bool] | None = None
+        self._held = False
 
     async def readany(self) -> bytes:
         """What has arrived since the last read, waiting for something if nothing has; b"" at the end. Raises
@@ -226,6 +230,54 @@ class EngineResponse:
             self._connection.resume_reading()
         self._buffered = 0
         return data
+
+    def relay_to(self, sink: Callable[[bytes], bool]) -> None:
+        """From now on the body goes to ``sink`` as it arrives, called from the connection's own callback, rather
+        than to ``readany``: no task wakes up per chunk (see ``proxy.DirectChunks`` for why). What has arrived
+        already goes first. ``sink`` returns False to stop the engine's connection from being read (a client that
+        is slower than the engine, or a stream that is to end); ``relayed`` then returns and ``resume`` reads on."""
+        self._sink = sink
+        if self._chunks:
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            self._buffered = 0
+            self._connection.resume_reading()
+            if not sink(data):
+                self._hold()
+
+    async def relayed(self) -> bool:
+        """Wait, while ``relay_to``'s sink takes the body, for the end (True) or for the sink to stop (False).
+        Raises ``EngineBroken`` or ``TimeoutError``."""
+        while True:
+            if self._held:  # before the end: bytes may still wait to be given to the sink
+                return False
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return True
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def resume(self) -> None:
+        """Read on after the sink stopped (``relayed`` returned False): what arrived with the bytes that stopped it
+        goes first."""
+        self._held = False
+        sink = self._sink
+        if self._chunks and sink is not None:
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            if not sink(data):
+                self._hold()
+                return
+        self._connection.resume_reading()
+
+    def _hold(self) -> None:
+        self._held = True
+        self._connection.pause_reading()
+        self._wake()
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -252,6 +304,13 @@ class EngineResponse:
 
     # Called by the connection.
     def _feed(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            if not self._held and not sink(data):
+                self._hold()
+            elif self._held:  # arrived in the same read as the bytes that stopped the sink: given to it on resume
+                self._chunks.append(data)
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered >= PAUSE_READING_BYTES:
@@ -272,7 +331,7 @@ class EngineResponse:
 
     def _silent(self) -> bool:
         """Whether the relay is waiting for the engine (not the other way round)."""
-        return not self._chunks and not self._complete and self._error is None
+        return not self._chunks and not self._held and not self._complete and self._error is None
 
 
 class _Connection(asyncio.Protocol):
@@ -331,6 +390,7 @@ class _Connection(asyncio.Protocol):
         self._response = None
         self._started = None
         if reusable and self._keep_alive and not self.closed:
+            self.resume_reading()  # a sink may have stopped it at the answer's last bytes (an error event)
             self._pool._reuse(self)
         else:
             self.close()

@@ -18,6 +18,7 @@ from typing import NoReturn
 from starlette.types import Send
 
 from .auth import Principal
+from .direct_chunks import DirectChunks
 from .engine_http import EngineDropped, EngineHttpError, EngineRefused, EngineResponse
 from .errors import (
     NO_STORE,
@@ -249,15 +250,19 @@ class _Exchange:
             arrived = time.perf_counter()
             await send({"type": "http.response.body", "body": first, "more_body": True})
             record.relayed(arrived)
-            while chunk := await read():
-                arrived = time.perf_counter()
-                replica.made_progress()
-                events = usage.feed(chunk)
-                if events:
-                    if ERROR_EVENT in events:
-                        await self._stop_at_error_event(events)
-                    await send({"type": "http.response.body", "body": events, "more_body": True})
-                record.relayed(arrived)
+            direct = DirectChunks.of(send)
+            if direct is not None:
+                await self._relay_direct(upstream, usage, direct)
+            else:
+                while chunk := await read():
+                    arrived = time.perf_counter()
+                    replica.made_progress()
+                    events = usage.feed(chunk)
+                    if events:
+                        if ERROR_EVENT in events:
+                            await self._stop_at_error_event(events)
+                        await send({"type": "http.response.body", "body": events, "more_body": True})
+                    record.relayed(arrived)
             rest = usage.rest()
             if rest:
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
@@ -267,6 +272,45 @@ class _Exchange:
         finally:
             record.counted(usage.counts)
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _relay_direct(self, upstream: EngineResponse, usage: StreamUsage, client: DirectChunks) -> None:
+        """The chunks after the first, written by the engine connection's callback (``direct_chunks``): the same
+        steps as the loop in ``_relay_stream``, without a task step per chunk. This task wakes at the end, at an
+        error event, when the client's buffer is full (it waits for it to drain) and when the client has left (the
+        stream ends; the disconnect watch cancels the request as before)."""
+        record, replica = self.record, self.replica
+        stopped_at: list[bytes] = []  # the events holding an error event
+        failed: list[Exception] = []
+
+        def sink(chunk: bytes) -> bool:
+            if stopped_at or failed:
+                return False
+            try:
+                arrived = time.perf_counter()
+                replica.made_progress()
+                events = usage.feed(chunk)
+                more = True
+                if events:
+                    if ERROR_EVENT in events:
+                        stopped_at.append(events)
+                        return False
+                    more = client.write(events)
+                record.relayed(arrived)
+                return more
+            except Exception as error:  # raised in the task below, not in the engine connection's callback
+                failed.append(error)
+                return False
+
+        upstream.relay_to(sink)
+        while not await upstream.relayed():
+            if failed:
+                raise failed[0]
+            if stopped_at:
+                await self._stop_at_error_event(stopped_at[0])
+            if client.gone:
+                return
+            await client.drain()
+            upstream.resume()
 
     async def _stop_at_error_event(self, events: bytes) -> None:
         """The engine failed mid-stream and says so in an event: what came before it goes on, its own text does not

@@ -165,6 +165,95 @@ async def test_a_stream_arrives_as_it_is_sent_and_ends(tmp_path: Path) -> None:
 
 
 @on_each_loop
+async def test_a_sink_gets_the_stream_from_the_connections_callback_what_had_arrived_first(tmp_path: Path) -> None:
+    """``relay_to``: the chunks go to the sink as they arrive (no ``readany``), those read before it first, in
+    order; ``relayed`` returns True at the end, and the connection serves the next request."""
+    sent = asyncio.Event()
+
+    async def stream(scripted: Engine, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await scripted.read_request(reader)
+        writer.write(STREAM_HEAD + chunk(b"data: 0\n\n") + chunk(b"data: 1\n\n"))
+        await sent.wait()
+        for number in range(2, 5):
+            writer.write(chunk(b"data: %d\n\n" % number))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        writer.write(b"0\r\n\r\n")
+        await echo_forever(scripted, reader, writer)
+
+    async with engine(tmp_path, stream) as (scripted, connections):
+        response = await connections.post("/v1/chat/completions", b"{}")
+        await asyncio.sleep(0.1)  # the first two chunks are in before the sink is
+        got: list[bytes] = []
+        response.relay_to(lambda data: got.append(data) is None)
+        assert b"".join(got) == b"data: 0\n\ndata: 1\n\n"
+        sent.set()
+        assert await response.relayed() is True
+        assert b"".join(got) == b"".join(b"data: %d\n\n" % number for number in range(5))
+        assert len(got) >= 4  # given as they came, not gathered at the end
+        response.release()
+        again = await connections.post("/v1/chat/completions", b"next")
+        assert await again.read() == b"next"
+        assert scripted.connections == 1
+
+
+@on_each_loop
+async def test_a_sink_that_stops_holds_the_engine_back_until_resumed(tmp_path: Path) -> None:
+    """A sink that returns False (a client slower than the engine) stops the engine's connection from being read:
+    nothing more reaches it, the engine's bytes wait at the engine (not in the gateway), the wait is not the
+    engine's silence, and ``resume`` gives it the rest in order."""
+    held: list[int] = []
+
+    async def flood(scripted: Engine, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await scripted.read_request(reader)
+        writer.write(STREAM_HEAD)
+        for number in range(64):
+            writer.write(chunk(bytes([65 + number % 26]) * 65536))  # 4 MiB
+        await asyncio.sleep(1.0)
+        held.append(writer.transport.get_write_buffer_size())
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await scripted.read_request(reader)
+
+    async with engine(tmp_path, flood, read_timeout_s=0.5) as (_, connections):
+        response = await connections.post("/v1/chat/completions", b"{}")
+        got: list[bytes] = []
+        response.relay_to(lambda data: got.append(data) is not None)  # stops after each read
+        assert await response.relayed() is False
+        taken = len(b"".join(got))
+        await asyncio.sleep(1.5)  # three read timeouts: the sink, not the engine, is what waits
+        assert len(b"".join(got)) == taken  # nothing reached the sink while it was stopped
+        assert held and held[0] > 2 * 1024 * 1024  # most of it still waits at the engine
+        while True:
+            response.resume()
+            if await response.relayed():
+                break
+        body = b"".join(got)
+        assert body == b"".join(bytes([65 + number % 26]) * 65536 for number in range(64))
+
+
+@on_each_loop
+async def test_a_connection_whose_sink_stopped_at_the_last_bytes_serves_the_next_request(tmp_path: Path) -> None:
+    """A sink that stops at the answer's last bytes (an error event, which ends the relay) leaves a connection that
+    was stopped from being read: given back whole, it is read again for the next request."""
+    async def short(scripted: Engine, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await scripted.read_request(reader)
+        writer.write(STREAM_HEAD + chunk(b"data: error\n\n") + b"0\r\n\r\n")
+        await echo_forever(scripted, reader, writer)
+
+    async with engine(tmp_path, short, read_timeout_s=1.0) as (scripted, connections):
+        response = await connections.post("/v1/chat/completions", b"{}")
+        response.relay_to(lambda data: False)
+        assert await response.relayed() is False
+        await asyncio.sleep(0.1)
+        assert response.at_eof()
+        response.release()
+        again = await connections.post("/v1/chat/completions", b"next")
+        assert await again.read() == b"next"
+        assert scripted.connections == 1
+
+
+@on_each_loop
 async def test_no_engine_is_refused(tmp_path: Path) -> None:
     connections = EngineConnections(f"unix:{tmp_path / 'absent.sock'}", connect_timeout_s=1, read_timeout_s=1,
                                     max_connections=1)
