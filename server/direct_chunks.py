@@ -41,13 +41,14 @@ class DirectChunks:
 
     @property
     def gone(self) -> bool:
-        """The client has left (uvicorn saw its connection end)."""
-        return bool(self._cycle.disconnected)
+        """The client has left: uvicorn saw its connection end, or the transport is closing already (uvicorn hears
+        of it a loop step or two later, and a transport written after it failed logs a warning per write)."""
+        return bool(self._cycle.disconnected) or self._transport.is_closing()
 
     def write(self, body: bytes) -> bool:
         """One non-empty chunk, framed as uvicorn frames it. False when the client's connection takes no more now
         (its buffer is past the high-water mark: ``drain`` first) or is gone (nothing was written)."""
-        if self._cycle.disconnected:
+        if self._cycle.disconnected or self._transport.is_closing():
             return False
         self._transport.write(b"".join((b"%x\r\n" % len(body), body, b"\r\n")))
         return not self._flow.write_paused

@@ -357,6 +357,7 @@ class _Connection(asyncio.Protocol):
         self._reading_paused = False
         self._head_bytes = 0  # of an answer head not complete yet
         self._interim = False  # the message being parsed is a 1xx
+        self._body: list[bytes] = []  # the answer's body pieces of one read, given to it together
 
     async def request(self, head: bytes, body: bytes, timeout_s: float) -> EngineResponse:
         assert self._transport is not None
@@ -364,6 +365,7 @@ class _Connection(asyncio.Protocol):
             raise EngineDropped("the engine closed the connection before the request")
         self._head_bytes = 0
         self._interim = False
+        self._body.clear()
         self._headers = {}
         self._response = None
         self._until_eof = False
@@ -450,9 +452,11 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # the latter is no HttpParserError
+            self._give_body()
             self._fail(EngineBroken("the engine's answer was not HTTP"))
             self.close()
             return
+        self._give_body()
         if self._response is None and not self.closed:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
@@ -492,12 +496,24 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self._response is not None:
-            self._response._feed(body)
+            self._body.append(body)
+
+    def _give_body(self) -> None:
+        """What one read held of the body (one piece per chunk of the engine's chunked framing, several where the
+        engine was quicker than the gateway) goes to the answer in one piece: the relay then handles and writes it
+        once, as it did when it read whatever had arrived."""
+        body = self._body
+        if body:
+            data = body[0] if len(body) == 1 else b"".join(body)
+            body.clear()
+            if self._response is not None:
+                self._response._feed(data)
 
     def on_message_complete(self) -> None:
         if self._interim:
             self._interim = False
             return
+        self._give_body()  # before the end is marked
         self._keep_alive = self._parser.should_keep_alive()  # llhttp forgets it once the next message may begin
         if self._response is not None:
             self._response._end(None)

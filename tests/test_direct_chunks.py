@@ -27,7 +27,7 @@ BIG = b"y" * 65536
 class App:
     """/send: the pieces through ``send``; /direct: the same through ``DirectChunks``; /sized: a response with a
     Content-Length; /flood: 64 KiB chunks until the client's buffer is full, then until the client reads; /left:
-    one chunk, then waits for the client to leave."""
+    one chunk, then waits for the client to leave; /closing: one chunk, then closes the connection itself."""
 
     def __init__(self) -> None:
         self.found: dict[str, bool] = {}
@@ -60,6 +60,12 @@ class App:
                 assert self.writes_before_full < 4096, "a client that reads nothing never filled the buffer"
             await direct.drain()
             self.drained.set()
+        elif path == "/closing":
+            assert direct.write(PIECES[0])
+            self.found["closing"] = direct.gone
+            cycle = send.__self__  # type: ignore[attr-defined]
+            cycle.transport.close()  # as when a write failed: uvicorn hears of it a loop step later
+            self.found["closed"] = direct.gone and not direct.write(PIECES[0]) and not cycle.disconnected
         elif path == "/left":
             assert direct.write(PIECES[0])
             while not direct.gone:
@@ -129,3 +135,20 @@ def test_a_client_that_left_is_noticed_and_written_no_more() -> None:
         assert b"data: one" in client.recv(65536)
         client.close()
         assert app.left.wait(10)
+
+
+def test_a_connection_closing_before_uvicorn_hears_of_it_is_gone_already() -> None:
+    """A transport whose write failed closes at once and tells uvicorn a loop step or two later (later still over
+    TLS): writes in between would each log a warning, so the connection counts as gone from the start."""
+    app, port = App(), free_port()
+    with ThreadedServer(app, host="127.0.0.1", port=port, http="httptools"):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"GET /closing HTTP/1.1\r\nhost: a\r\n\r\n")
+            data = b""
+            while part := client.recv(65536):
+                data += part
+        assert b"data: one" in data
+        deadline = time.monotonic() + 10
+        while "closed" not in app.found and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert app.found["closing"] is False and app.found["closed"] is True

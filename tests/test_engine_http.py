@@ -198,6 +198,37 @@ async def test_a_sink_gets_the_stream_from_the_connections_callback_what_had_arr
 
 
 @on_each_loop
+async def test_the_chunks_of_one_read_reach_the_relay_as_one_piece(tmp_path: Path) -> None:
+    """An engine quicker than the gateway sends many chunks before the gateway reads: they reach the relay (a sink
+    or ``readany``) together, so it handles and writes them once, not once per chunk of the engine's framing."""
+    events = [b"data: %d\n\n" % number for number in range(50)]
+    go = asyncio.Event()
+
+    async def burst(scripted: Engine, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await scripted.read_request(reader)
+            writer.write(STREAM_HEAD)
+            await writer.drain()
+            await go.wait()
+            writer.write(b"".join(chunk(event) for event in events) + b"0\r\n\r\n")
+            await writer.drain()
+
+    async with engine(tmp_path, burst) as (_, connections):
+        response = await connections.post("/v1/chat/completions", b"{}")
+        got: list[bytes] = []
+        response.relay_to(lambda data: got.append(data) is None)  # in place before the burst arrives
+        go.set()
+        assert await response.relayed() is True
+        assert b"".join(got) == b"".join(events) and len(got) <= 2
+        response.release()
+        again = await connections.post("/v1/chat/completions", b"{}")
+        reads = []
+        while data := await again.readany():
+            reads.append(data)
+        assert b"".join(reads) == b"".join(events) and len(reads) <= 2
+
+
+@on_each_loop
 async def test_a_sink_that_stops_holds_the_engine_back_until_resumed(tmp_path: Path) -> None:
     """A sink that returns False (a client slower than the engine) stops the engine's connection from being read:
     nothing more reaches it, the engine's bytes wait at the engine (not in the gateway), the wait is not the
