@@ -233,7 +233,7 @@ class EngineResponse:
 
     def relay_to(self, sink: Callable[[bytes], bool]) -> None:
         """From now on the body goes to ``sink`` as it arrives, called from the connection's own callback, rather
-        than to ``readany``: no task wakes up per chunk (see ``proxy.DirectChunks`` for why). What has arrived
+        than to ``readany``: no task wakes up per chunk (``direct_chunks`` says why). What has arrived
         already goes first. ``sink`` returns False to stop the engine's connection from being read (a client that
         is slower than the engine, or a stream that is to end); ``relayed`` then returns and ``resume`` reads on."""
         self._sink = sink
