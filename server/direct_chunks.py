@@ -48,7 +48,7 @@ class DirectChunks:
     def write(self, body: bytes) -> bool:
         """One non-empty chunk, framed as uvicorn frames it. False when the client's connection takes no more now
         (its buffer is past the high-water mark: ``drain`` first) or is gone (nothing was written)."""
-        if self._cycle.disconnected or self._transport.is_closing():
+        if self.gone:
             return False
         self._transport.write(b"".join((b"%x\r\n" % len(body), body, b"\r\n")))
         return not self._flow.write_paused

@@ -237,13 +237,8 @@ class EngineResponse:
         already goes first. ``sink`` returns False to stop the engine's connection from being read (a client that
         is slower than the engine, or a stream that is to end); ``relayed`` then returns and ``resume`` reads on."""
         self._sink = sink
-        if self._chunks:
-            data = b"".join(self._chunks)
-            self._chunks.clear()
-            self._buffered = 0
-            self._connection.resume_reading()
-            if not sink(data):
-                self._hold()
+        self._buffered = 0  # counted for readany only
+        self.resume()
 
     async def relayed(self) -> bool:
         """Wait, while ``relay_to``'s sink takes the body, for the end (True) or for the sink to stop (False).
@@ -263,7 +258,7 @@ class EngineResponse:
 
     def resume(self) -> None:
         """Read on after the sink stopped (``relayed`` returned False): what arrived with the bytes that stopped it
-        goes first."""
+        (or, from ``relay_to``, before the sink was there) goes first."""
         self._held = False
         sink = self._sink
         if self._chunks and sink is not None:

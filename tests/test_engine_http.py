@@ -22,6 +22,7 @@ from server.engine_http import (
     EngineConnections,
     EngineDropped,
     EngineRefused,
+    EngineResponse,
 )
 
 # The gateway runs on uvloop (server/runtime.py), and on asyncio's own loop where uvloop is missing: both are tested.
@@ -164,6 +165,15 @@ async def test_a_stream_arrives_as_it_is_sent_and_ends(tmp_path: Path) -> None:
         assert response.at_eof()
 
 
+async def assert_the_connection_serves_the_next_request(response: EngineResponse, connections: EngineConnections,
+                                                       scripted: Engine) -> None:
+    """``response`` given back: its kept-alive connection (the only one made) answers the next request."""
+    response.release()
+    again = await connections.post("/v1/chat/completions", b"next")
+    assert await again.read() == b"next"
+    assert scripted.connections == 1
+
+
 @on_each_loop
 async def test_a_sink_gets_the_stream_from_the_connections_callback_what_had_arrived_first(tmp_path: Path) -> None:
     """``relay_to``: the chunks go to the sink as they arrive (no ``readany``), those read before it first, in
@@ -191,10 +201,7 @@ async def test_a_sink_gets_the_stream_from_the_connections_callback_what_had_arr
         assert await response.relayed() is True
         assert b"".join(got) == b"".join(b"data: %d\n\n" % number for number in range(5))
         assert len(got) >= 4  # given as they came, not gathered at the end
-        response.release()
-        again = await connections.post("/v1/chat/completions", b"next")
-        assert await again.read() == b"next"
-        assert scripted.connections == 1
+        await assert_the_connection_serves_the_next_request(response, connections, scripted)
 
 
 @on_each_loop
@@ -278,10 +285,7 @@ async def test_a_connection_whose_sink_stopped_at_the_last_bytes_serves_the_next
         assert await response.relayed() is False
         await asyncio.sleep(0.1)
         assert response.at_eof()
-        response.release()
-        again = await connections.post("/v1/chat/completions", b"next")
-        assert await again.read() == b"next"
-        assert scripted.connections == 1
+        await assert_the_connection_serves_the_next_request(response, connections, scripted)
 
 
 @on_each_loop
