@@ -20,7 +20,7 @@ from .admission import Admission
 from .auth import ModelAccess, Principal, RuleCoverage, build_authentication
 from .boundary import UNEXPECTED, ErrorBoundary, refusal
 from .callers import Callers
-from .config import Settings
+from .config import Settings, is_loopback_host
 from .console import console_router
 from .documents import Documents
 from .engine_limits import EngineLimits
@@ -34,6 +34,7 @@ from .errors import (
     PermissionDenied,
     RouteNotFound,
 )
+from .foreign_origins import ForeignOriginGuard
 from .hsts import with_hsts
 from .metrics import GatewayMetrics
 from .metrics_endpoint import MetricsEndpoint, metrics_app
@@ -230,7 +231,10 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     other_routes = HeadAsGet(BoundedBody(app, settings.max_body_bytes))
     engine_routes = EngineRoutes(other_routes, config, callers, admission, access, pool, documents, screening,
                                  forwarder)
-    api: ASGIApp = ErrorBoundary(engine_routes, metrics)
+    # Inside the error boundary, which answers its refusals; with no sign-in (loopback only), this computer's names.
+    guarded = ForeignOriginGuard(engine_routes, bind_host=settings.host,
+                                 loopback_names=not config.auth.configured and is_loopback_host(settings.host))
+    api: ASGIApp = ErrorBoundary(guarded, metrics)
     if settings.tls.enabled or settings.tls_terminated_by_proxy:
         # Every answer that travelled over TLS (here or at the trusted proxy) tells browsers to keep to https.
         api = with_hsts(api, settings.tls.hsts_max_age_s)

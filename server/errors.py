@@ -257,6 +257,8 @@ def _engine_message(raw: bytes) -> tuple[str, str | None]:
         message = fallback
     elif VALIDATION_ERRORS.match(message):
         message = _without_inputs(message) or fallback
+    elif PYDANTIC_ERRORS.match(message):
+        message = _pydantic_without_inputs(message) or fallback
     else:
         message = _without_values(message) or fallback
     # vLLM names a field of the body as "body.<field>"; OpenAI's param is the field alone.
@@ -266,6 +268,13 @@ def _engine_message(raw: bytes) -> tuple[str, str | None]:
 # vLLM's answer to a request its pydantic models refuse: a count, then one Python dict per error, each repeating the
 # offending value under 'input' (vllm/entrypoints/serve/exception_handling/handlers/validation.py).
 VALIDATION_ERRORS = re.compile(r"\d+ validation errors?:\n")
+# Pydantic's own text of a ValidationError (``str(error)``), which vLLM passes on from a check inside its request
+# handling (a content part it reads on its own: an image_url's ``detail``, say): a count and the model's name, then
+# for each error its location, an indented message ending in "[type=..., input_value=..., input_type=...]", and a
+# further-indented link (pydantic_core's ``ValidationError.__str__``).
+PYDANTIC_ERRORS = re.compile(r"\d+ validation errors? for \w+\n")
+PYDANTIC_DETAILS = " [type="
+LOCATION_PART = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}|\d{1,9}")
 
 
 # What in an engine's message may repeat what the client sent: vLLM's "(parameter=..., value=...)" suffix
@@ -273,6 +282,8 @@ VALIDATION_ERRORS = re.compile(r"\d+ validation errors?:\n")
 # ['...']"). Numbers stay: "maximum context length is 4096 tokens" is what a user needs to fix the request.
 PARAMETER_SUFFIX = re.compile(r"\s*\(parameter=[^()]*?(?:, value=.*)?\)\s*$", re.DOTALL)
 QUOTED = re.compile(r"(?<!\w)'[^'\n]*'|\"[^\"\n]*\"|\[[^\]\n]*\]")
+# A bracketed range of numbers is the engine's limit ("temperature must be in [0, 2]"), not the client's text.
+NUMBERS = re.compile(r"\[[-+0-9.,e ]*(?:inf)?\]")
 # Pydantic's own messages name types and allowed values, never the input; a validator's text may hold anything.
 VALIDATOR_TEXT = ("Value error", "Assertion failed")
 
@@ -286,7 +297,22 @@ def _without_values(message: str) -> str:
     """``message`` with anything that may be a value the client sent left out (shown as ``...``)."""
     message = PARAMETER_SUFFIX.sub("", message)
     message = BACKTICKED.sub(lambda name: name.group(0) if FIELD_NAME.fullmatch(name.group(1)) else "`...`", message)
-    return QUOTED.sub(lambda quoted: quoted.group(0)[0] + "..." + quoted.group(0)[-1], message)
+    return QUOTED.sub(lambda quoted: quoted.group(0) if NUMBERS.fullmatch(quoted.group(0))
+                      else quoted.group(0)[0] + "..." + quoted.group(0)[-1], message)
+
+
+def _pydantic_without_inputs(message: str) -> str:
+    """Pydantic's text of a ValidationError (``PYDANTIC_ERRORS``) as ``location: what is wrong`` lines, each message
+    cut before its details (which repeat the input), a location's parts that are not names or indices shown as
+    ``...`` (a dict's keys may be the client's), a validator's own text without values."""
+    lines, where = [], "the request"
+    for line in message.splitlines()[1:]:
+        if not line.startswith(" "):
+            where = ".".join(part if LOCATION_PART.fullmatch(part) else "..." for part in line.strip().split("."))
+        elif not line.startswith("   "):
+            what = line.strip().split(PYDANTIC_DETAILS, 1)[0]
+            lines.append(f"{where}: {_without_values(what) if what.startswith(VALIDATOR_TEXT) else what}")
+    return "; ".join(lines)
 
 
 def _without_inputs(message: str) -> str:

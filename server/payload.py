@@ -47,7 +47,7 @@ MAX_INTEGER_DIGITS = 19
 
 # The fields the gateway reads, and what OpenAI's API reference says each one is.
 _BOOLEAN, _INTEGER, _NUMBER, _OBJECT = "a boolean", "an integer", "a number", "an object"
-_ARRAY, _STRING_OR_OBJECT = "an array", "a string or an object"
+_ARRAY, _STRING, _STRING_OR_OBJECT = "an array", "a string", "a string or an object"
 TYPED_FIELDS = {
     "stream": _BOOLEAN,
     "stream_options": _OBJECT,
@@ -64,6 +64,14 @@ TYPED_FIELDS = {
     "tools": _ARRAY,
     "tool_choice": _STRING_OR_OBJECT,
     "parallel_tool_calls": _BOOLEAN,
+    # About OpenAI's service, not the answer: checked, then left out of what the engine gets (``screening``).
+    "store": _BOOLEAN,
+    "metadata": _OBJECT,
+    "service_tier": _STRING,
+    "prompt_cache_key": _STRING,
+    "safety_identifier": _STRING,
+    "verbosity": _STRING,
+    "modalities": _ARRAY,
 }
 STREAM_OPTIONS = {"include_usage": _BOOLEAN, "continuous_usage_stats": _BOOLEAN}
 
@@ -135,7 +143,7 @@ def _decode(body: bytes, max_depth: int) -> Any:
 def check_types(payload: dict[str, Any]) -> None:
     """``InvalidRequest`` naming the first interpreted field whose type OpenAI would refuse.
 
-    The request's own fields are looked at (a few), not every interpreted one (fourteen); only when one is refused
+    The request's own fields are looked at (a few), not every interpreted one (over twenty); only when one is refused
     are they checked in ``TYPED_FIELDS``' order, so that the same one is named first whatever the body's order.
     """
     for field in payload:
@@ -169,6 +177,8 @@ def _fits(value: object, expected: str) -> bool:
         fits = isinstance(value, dict)
     elif expected == _ARRAY:
         fits = isinstance(value, list)
+    elif expected == _STRING:
+        fits = isinstance(value, str)
     elif expected == _STRING_OR_OBJECT:
         fits = isinstance(value, (str, dict))
     elif isinstance(value, bool):  # a bool is an int in Python, never in JSON

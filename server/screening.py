@@ -7,6 +7,13 @@ or poison the cached image) and a client's ``cache_salt`` are refused; ``max_tok
 (the engine bounds a missing one by what is left of its context, which only it knows); and the gateway sets
 ``cache_salt`` from the tenant, so the prefix cache is never shared across tenants. Types were checked when the
 body was parsed (``payload``).
+
+Fields of OpenAI's API that are about OpenAI's own service, not the answer (``store``, ``metadata``,
+``service_tier``, ``prompt_cache_key``, ``safety_identifier``, ``verbosity``, ``user``, and ``modalities`` when
+it asks for text), are accepted and left out of what the engine gets: nothing is stored here, there is one tier, and
+an identifier of the user goes no further. So are the fields the SDK writes into the assistant message it returns
+(``refusal``, ``annotations``, and ``audio`` and ``function_call`` as null), so that a conversation can send that
+message back as it came; a refusal with no content becomes the turn's content, as the model said it.
 """
 
 from __future__ import annotations
@@ -31,16 +38,28 @@ _SAMPLING = frozenset({
     "logprobs", "top_logprobs", "min_tokens", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
     "include_stop_str_in_output", "length_penalty", "response_format", "structured_outputs", "user",
 })
+# OpenAI's, about its service rather than the answer: accepted, checked, and not forwarded (the module docstring).
+SERVICE_FIELDS: dict[str, frozenset[str] | None] = {  # the values OpenAI's API reference allows, where it lists them
+    "store": None, "metadata": None, "prompt_cache_key": None, "safety_identifier": None,
+    "service_tier": frozenset({"auto", "default", "flex", "scale", "priority"}),
+    "verbosity": frozenset({"low", "medium", "high"}),
+    "modalities": None,
+}
 FIELDS: dict[Route, frozenset[str]] = {
-    "chat": _SAMPLING | {
+    "chat": _SAMPLING | SERVICE_FIELDS.keys() | {
         "messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
         "reasoning_effort", "add_generation_prompt", "continue_final_message", "echo",
     },
     "completions": _SAMPLING | {"prompt", "echo", "suffix", "best_of"},
 }
-MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning", "reasoning_content"})
+# What the SDK's own assistant message (``ChatCompletionMessage``) carries besides these, sent back as it came in a
+# conversation: accepted, and not forwarded (``_settle_sdk_echo``).
+SDK_ECHO_FIELDS = frozenset({"refusal", "annotations", "audio", "function_call"})
+MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning",
+                            "reasoning_content"}) | SDK_ECHO_FIELDS
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-PART_FIELDS = {"text": frozenset({"type", "text"}), "image_url": frozenset({"type", "image_url"})}
+PART_FIELDS = {"text": frozenset({"type", "text"}), "image_url": frozenset({"type", "image_url"}),
+               "refusal": frozenset({"type", "refusal"})}  # an assistant's refusal (vLLM reads it as text)
 IMAGE_URL_FIELDS = frozenset({"url", "detail"})
 
 
@@ -81,6 +100,8 @@ class Screening:
                 raise InvalidRequest(f"the field '{_shown(field)}' is not accepted by this server",
                                      param=_shown(field), code="field_not_allowed")
         payload.pop("user", None)  # OpenAI's end-user id: an identity the engine has no use for
+        if route == "chat":
+            _drop_service_fields(payload)
         self._cap_tokens(payload)
         sizes: tuple[tuple[int, int], ...] = ()
         images: list[tuple[dict[str, Any], bytes | memoryview]] = []  # for ForwardedBody
@@ -125,6 +146,8 @@ class Screening:
                                      code="invalid_messages")
             if message.get("tool_calls") is not None:
                 _settle_tool_call_arguments(message["tool_calls"])
+            if not SDK_ECHO_FIELDS.isdisjoint(message):
+                _settle_sdk_echo(message, where)
             content = message.get("content")
             if content is None or isinstance(content, str):
                 continue
@@ -144,7 +167,7 @@ class Screening:
     def _check_part(self, part: Any, where: str) -> CheckedImage | None:
         """An image part's check; None for text."""
         if not isinstance(part, dict) or not isinstance(part.get("type"), str) or part["type"] not in PART_FIELDS:
-            raise InvalidRequest(f"{where} must be a part of type text or image_url", param=where,
+            raise InvalidRequest(f"{where} must be a part of type text, image_url or refusal", param=where,
                                  code="unsupported_content")
         if "uuid" in part:
             raise InvalidRequest(f"{where}: 'uuid' is not accepted (this server caches nothing across users)",
@@ -153,9 +176,10 @@ class Screening:
         if unknown:
             raise InvalidRequest(f"{where} has a field this server does not accept: '{_shown(min(unknown))}'",
                                  param=where, code="field_not_allowed")
-        if part["type"] == "text":
-            if not isinstance(part.get("text"), str):
-                raise InvalidRequest(f"{where}.text must be a string", param=where, code="invalid_messages")
+        if part["type"] != "image_url":
+            text_field = part["type"]  # "text" or "refusal"
+            if not isinstance(part.get(text_field), str):
+                raise InvalidRequest(f"{where}.{text_field} must be a string", param=where, code="invalid_messages")
             return None
         image_url = part.get("image_url")
         if isinstance(image_url, str):  # a shorthand some clients send
@@ -223,6 +247,41 @@ def _settle_tool_call_arguments(tool_calls: Any) -> None:
             parsed = None
         if not isinstance(parsed, dict):
             function["arguments"] = "{}"  # type: ignore[index]
+
+
+def _drop_service_fields(payload: dict[str, Any]) -> None:
+    """``SERVICE_FIELDS`` checked as OpenAI checks them (a value outside its list, or output other than text, is a
+    400) and taken out of ``payload``."""
+    for field, allowed in SERVICE_FIELDS.items():
+        value = payload.pop(field, None)
+        if value is None:
+            continue
+        if allowed is not None and value not in allowed:
+            raise InvalidRequest(f"{field} must be one of {', '.join(sorted(allowed))}", param=field,
+                                 code="invalid_value")
+        if field == "modalities" and any(modality != "text" for modality in value):
+            raise InvalidRequest("this server answers in text only: modalities may only be [\"text\"]",
+                                 param=field, code="unsupported_modality")
+
+
+def _settle_sdk_echo(message: dict[str, Any], where: str) -> None:
+    """The SDK's assistant message sent back (``SDK_ECHO_FIELDS``): its ``refusal`` becomes the content when there is
+    none, and the rest goes. Audio and the deprecated ``function_call`` are refused unless null: this server answers
+    neither, so a non-null one came from elsewhere and would be lost."""
+    for field in ("audio", "function_call"):
+        if message.get(field) is not None:
+            hint = "send tool_calls instead" if field == "function_call" else "this server answers in text only"
+            raise InvalidRequest(f"{where}.{field} is not accepted: {hint}", param=where, code="field_not_allowed")
+    annotations = message.get("annotations")
+    if annotations is not None and not isinstance(annotations, list):
+        raise InvalidRequest(f"{where}.annotations must be an array", param=where, code="invalid_messages")
+    refusal = message.get("refusal")
+    if refusal is not None and not isinstance(refusal, str):
+        raise InvalidRequest(f"{where}.refusal must be a string", param=where, code="invalid_messages")
+    for field in SDK_ECHO_FIELDS:
+        message.pop(field, None)
+    if refusal and not message.get("content"):
+        message["content"] = refusal
 
 
 def _check_prompt(prompt: Any) -> None:

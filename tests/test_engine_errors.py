@@ -34,6 +34,20 @@ def told(message: str, param: str | None = "body.x", status: int = 400) -> Engin
     (f"`logprobs` must be an integer. (parameter=logprobs, value={MARK})", "`logprobs` must be an integer."),
     (f'Unsupported type "{MARK}"', 'Unsupported type "..."'),
     ("top_p must be in (0, 1], got 5.0. (parameter=top_p, value=5.0)", "top_p must be in (0, 1], got 5.0."),
+    # A range is the engine's own limit, not the client's text.
+    ("temperature must be in [0, 2], got 5.0. (parameter=temperature, value=5.0)",
+     "temperature must be in [0, 2], got 5.0."),
+    # Pydantic's own text of an error (vLLM checking a content part itself): each location and message, cut before
+    # the details that repeat the input, even where the input holds a bracket and a line break; a location part
+    # that is a key the client chose is not shown.
+    (f"2 validation errors for ValidatorIterator\n0.ChatCompletionContentPartTextParam.text\n  Field required "
+     f"[type=missing, input_value={{'type': 'image_url', 'i...'}}, input_type=dict]\n    For further information "
+     f"visit https://errors.pydantic.dev/2.14/v/missing\n0.ChatCompletionContentPartImageParam.image_url.detail\n"
+     f"  Input should be 'auto', 'low' or 'high' [type=literal_error, input_value='a]b\\n{MARK}', input_type=str]"
+     f"\n    For further information visit https://errors.pydantic.dev/2.14/v/literal_error\n0.{MARK} x.y\n"
+     f"  Value error, no '{MARK}' [type=value_error, input_value=1, input_type=int]",
+     "0.ChatCompletionContentPartTextParam.text: Field required; 0.ChatCompletionContentPartImageParam.image_url."
+     "detail: Input should be 'auto', 'low' or 'high'; 0.....y: Value error, no '...'"),
     ("This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (4000 in the "
      "messages, 1000 in the completion). Please reduce the length of the messages or completion.",
      "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (4000 in the "

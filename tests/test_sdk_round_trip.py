@@ -1,0 +1,158 @@
+"""What the OpenAI SDK sends back and besides: the assistant message it returned, sent back as it came in a
+conversation; OpenAI's fields about its own service (store, metadata, service_tier, ...), accepted and kept from the
+engine; and requests a web page elsewhere made a browser send, refused. Screening's rules first (no engine), then
+through the real gateway and engine with the real SDK."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from server.auth import Principal
+from server.config import PrivacySettings, ScreeningSettings
+from server.errors import InvalidRequest
+from server.screening import Screening
+from server.tenancy import TenantSalts
+
+from .conftest import Stack
+from .servers import gateway_in_front_of
+
+SERVICE_FIELDS: dict[str, Any] = {
+    "store": False, "metadata": {"team": "finance"}, "service_tier": "auto", "prompt_cache_key": "invoices",
+    "safety_identifier": "hashed-user", "verbosity": "low", "modalities": ["text"],
+}
+# The assistant message as openai 2.x's ChatCompletionMessage.model_dump() gives it.
+SDK_ASSISTANT = {"content": "Hello.", "refusal": None, "role": "assistant", "annotations": None, "audio": None,
+                 "function_call": None, "tool_calls": None}
+
+
+def forwarded(payload: dict[str, Any]) -> dict[str, Any]:
+    screening = Screening(ScreeningSettings(), TenantSalts(PrivacySettings()))
+    body: dict[str, Any] = json.loads(screening.screen("chat", payload, Principal("u", source="api_key")).body)
+    return body
+
+
+def conversation(*messages: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}, *messages], **fields}
+
+
+def test_the_sdks_assistant_message_goes_to_the_engine_without_its_empty_fields() -> None:
+    sent = forwarded(conversation(SDK_ASSISTANT, {"role": "user", "content": "and?"}))
+    assert sent["messages"][1] == {"role": "assistant", "content": "Hello.", "tool_calls": None}
+
+
+def test_a_refusal_without_content_becomes_the_turns_content() -> None:
+    refused = {**SDK_ASSISTANT, "content": None, "refusal": "I cannot help with that."}
+    assert forwarded(conversation(refused))["messages"][1]["content"] == "I cannot help with that."
+    both = {**SDK_ASSISTANT, "refusal": "No.", "annotations": []}
+    assert forwarded(conversation(both))["messages"][1] == {"role": "assistant", "content": "Hello.",
+                                                            "tool_calls": None}
+    part = {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]}
+    assert forwarded(conversation(part))["messages"][1] == part  # vLLM reads a refusal part as text
+
+
+def test_service_fields_are_accepted_and_not_forwarded() -> None:
+    sent = forwarded(conversation(**SERVICE_FIELDS, user="alice@example.org"))
+    assert not (set(SERVICE_FIELDS) | {"user"}) & set(sent)
+
+
+@pytest.mark.parametrize(("extra", "code"), [
+    ({"service_tier": "ultra"}, "invalid_value"),
+    ({"verbosity": "loud"}, "invalid_value"),
+    ({"modalities": ["text", "audio"]}, "unsupported_modality"),
+])
+def test_service_fields_outside_openais_values_are_refused(extra: dict[str, Any], code: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        forwarded(conversation(**extra))
+    assert refused.value.code == code and refused.value.param == next(iter(extra))
+
+
+@pytest.mark.parametrize(("field", "value", "code"), [
+    ("audio", {"id": "audio_abc"}, "field_not_allowed"),
+    ("function_call", {"name": "f", "arguments": "{}"}, "field_not_allowed"),
+    ("annotations", "none", "invalid_messages"),
+    ("refusal", 3, "invalid_messages"),
+])
+def test_what_the_sdk_echo_cannot_hold_is_refused(field: str, value: Any, code: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        forwarded(conversation({**SDK_ASSISTANT, field: value}))
+    assert refused.value.code == code and field in refused.value.message
+
+
+@pytest.mark.engine
+def test_a_conversation_sends_the_sdks_own_message_back(client: openai.OpenAI, stack: Stack) -> None:
+    question: list[Any] = [{"role": "user", "content": "Say hello."}]
+    first = client.chat.completions.create(model=stack.model, messages=question, max_tokens=8)
+    reply = first.choices[0].message
+    # As the SDK's examples write it: the message object itself, then its dump (what a saved history holds).
+    for sent_back in (reply, reply.model_dump()):
+        again = client.chat.completions.create(
+            model=stack.model, messages=[*question, sent_back, {"role": "user", "content": "Again."}], max_tokens=8)
+        assert again.choices[0].finish_reason in {"stop", "length"}
+
+
+@pytest.mark.engine
+def test_openais_service_fields_do_not_stop_a_request(client: openai.OpenAI, stack: Stack) -> None:
+    answer = client.chat.completions.create(
+        model=stack.model, messages=[{"role": "user", "content": "Hello."}], max_tokens=4, store=False,
+        metadata=SERVICE_FIELDS["metadata"], service_tier="auto", modalities=["text"],
+        extra_body={"prompt_cache_key": "invoices", "safety_identifier": "hashed-user", "verbosity": "low"})
+    assert answer.choices[0].finish_reason in {"stop", "length"}
+
+
+def chat_body(stack: Stack) -> dict[str, Any]:
+    return {"model": stack.model, "messages": [{"role": "user", "content": "Hello."}], "max_tokens": 2}
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("browser", [
+    {"sec-fetch-site": "cross-site", "origin": "https://pages.example"},
+    {"sec-fetch-site": "same-site", "origin": "https://other.dept.internal"},
+    {"origin": "https://pages.example"},  # a browser too old for Fetch Metadata
+    {"origin": "null"},  # a sandboxed frame, a file:// page
+])
+def test_a_request_another_site_made_a_browser_send_is_refused(stack: Stack, browser: dict[str, str]) -> None:
+    # Credentials included: a browser holding the user's Basic credentials for Airlock sends them along.
+    refused = httpx.post(f"{stack.base_url}/v1/chat/completions", json=chat_body(stack),
+                         headers={**stack.auth, **browser}, timeout=60)
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["error"]["code"] == "cross_origin_request"
+    # Reads pass: they change nothing, and their answer stays hidden from the other site.
+    assert httpx.get(f"{stack.base_url}/v1/models", headers={**stack.auth, **browser}, timeout=30).status_code == 200
+
+
+@pytest.mark.engine
+def test_the_consoles_own_requests_and_non_browsers_pass(stack: Stack) -> None:
+    host = stack.base_url.removeprefix("http://")
+    for headers in ({"sec-fetch-site": "same-origin", "origin": stack.base_url}, {"origin": stack.base_url},
+                    {"sec-fetch-site": "none"}, {}):
+        answered = httpx.post(f"{stack.base_url}/v1/chat/completions", json=chat_body(stack),
+                              headers={**stack.auth, **headers, "host": host}, timeout=120)
+        assert answered.status_code == 200, (headers, answered.text)
+
+
+@pytest.mark.engine
+def test_without_sign_in_only_this_computers_names_are_served(stack: Stack) -> None:
+    """No sign-in configured (loopback only): a page that pointed its own name at 127.0.0.1 (DNS rebinding) would be
+    same-origin with the gateway; the Host it asks for gives it away."""
+    with gateway_in_front_of(stack.engine_socket) as open_gateway:
+        port = open_gateway.rsplit(":", 1)[1]
+        for name in (f"rebound.example:{port}", "rebound.example", f"127.0.0.1.nip.io:{port}"):
+            for answer in (httpx.get(f"{open_gateway}/v1/models", headers={"host": name}, timeout=30),
+                           httpx.get(f"{open_gateway}/", headers={"host": name}, timeout=30),
+                           httpx.post(f"{open_gateway}/v1/chat/completions", json=chat_body(stack),
+                                      headers={"host": name}, timeout=60)):
+                assert answer.status_code == 403, (name, answer.text)
+                assert answer.json()["error"]["code"] == "host_not_allowed"
+        for name in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost", f"[::1]:{port}", f"LOCALHOST:{port}"):
+            assert httpx.get(f"{open_gateway}/v1/models", headers={"host": name}, timeout=30).status_code == 200, name
+        answered = httpx.post(f"{open_gateway}/v1/chat/completions", json=chat_body(stack), timeout=120)
+        assert answered.status_code == 200, answered.text
+    # With sign-in configured, other names are served (the stack's gateway has it): a department's DNS name.
+    named = httpx.get(f"{stack.base_url}/v1/models", headers={**stack.auth, "host": "airlock.dept.internal"},
+                      timeout=30)
+    assert named.status_code == 200
