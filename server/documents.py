@@ -142,7 +142,7 @@ def split_file_data(file_data: object, param: str) -> tuple[str, str | None]:
     """The base64 of ``file_data`` (line breaks removed) and the media type a ``data:`` URL declares (lower case,
     parameters left out; None for bare base64)."""
     if not isinstance(file_data, str) or not file_data:
-        raise InvalidRequest("file.file_data must be a string: the document as a data: URL or base64",
+        raise InvalidRequest("file.file_data must be a non-empty string: the document as a data: URL or base64",
                              param=param, code="invalid_file")
     declared = None
     if file_data[:5].lower() == "data:":

@@ -237,8 +237,25 @@ def _check_header(raw: bytes, limits: ImageLimits, param: str) -> tuple[int, int
                                  code="image_too_large") from exc
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
             names = ", ".join(sorted(limits.formats)).upper()
+            sniffed = sniffed_format(raw)
+            if sniffed is not None and sniffed not in limits.formats:
+                raise InvalidRequest(f"{FORMATS[sniffed]} images are not accepted by this server (accepted: {names})",
+                                     param=param, code="invalid_image") from exc
             raise InvalidRequest(f"the image is damaged or not in an accepted format ({names})", param=param,
                                  code="invalid_image") from exc
+
+
+# The first bytes of each format in ``FORMATS`` (their specifications' signatures; WebP is a RIFF file of type WEBP).
+SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
+              (b"BM", "bmp"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"))
+
+
+def sniffed_format(raw: bytes) -> str | None:
+    """The format ``raw`` says it is by its first bytes (a ``FORMATS`` key), to name a refused one in its message;
+    nothing is parsed."""
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "webp"
+    return next((name for signature, name in SIGNATURES if raw.startswith(signature)), None)
 
 
 def _not_base64(kind: Inline, why: str) -> str:

@@ -103,3 +103,18 @@ def real_images() -> list[tuple[str, bytes, str]]:
 @pytest.mark.parametrize(("name", "raw", "fmt"), real_images(), ids=[name for name, _, _ in real_images()])
 def test_real_images_of_every_allowed_format_pass(name: str, raw: bytes, fmt: str) -> None:
     assert checked(raw, MIME[fmt]) == (700, 500), name
+
+
+@pytest.mark.parametrize(("fmt", "named"), [("GIF", "GIF"), ("BMP", "BMP"), ("TIFF", "TIFF")])
+def test_a_valid_image_in_a_format_not_accepted_is_named_as_such(fmt: str, named: str) -> None:
+    raw = io.BytesIO()
+    Image.new("RGB", (32, 24), "white").save(raw, fmt)
+    only_defaults = ImageLimits(frozenset({"png", "jpeg", "webp"}), 10_000_000, 25_000_000, 200.0)
+    with pytest.raises(InvalidRequest) as refused:
+        check_image_url(data_url(raw.getvalue(), MIME[fmt]), only_defaults, "messages[0].content[0]")
+    assert refused.value.code == "invalid_image"
+    assert refused.value.message == f"{named} images are not accepted by this server (accepted: JPEG, PNG, WEBP)"
+    # A damaged image of an accepted format is still called damaged.
+    with pytest.raises(InvalidRequest) as damaged:
+        check_image_url(data_url(b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "image/png"), only_defaults, "m")
+    assert "damaged or not in an accepted format" in damaged.value.message
