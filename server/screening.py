@@ -289,8 +289,9 @@ def _check_prompt(prompt: Any) -> None:
         return
     if isinstance(prompt, list) and prompt and all(isinstance(item, str) for item in prompt):
         return
-    raise InvalidRequest("prompt must be a non-empty string or list of strings", param="prompt",
-                         code="invalid_prompt")
+    # Token IDs are not taken: the queue's cost estimate reads a prompt's characters (admission.estimate_cost).
+    raise InvalidRequest("prompt must be a non-empty string or list of strings (token IDs are not accepted)",
+                         param="prompt", code="invalid_prompt")
 
 
 def _shown(name: str) -> str:
