@@ -11,7 +11,6 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -100,7 +99,7 @@ class Gateway:
     API's requests started and finished so far (the heap trimmer's sign of activity: ``runtime.HeapTrimmer``)."""
 
     api: ASGIApp
-    metrics: Starlette | None
+    metrics: ASGIApp | None
     activity: Callable[[], int]
 
 
@@ -233,7 +232,7 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
                                  forwarder)
     # Inside the error boundary, which answers its refusals; with no sign-in (loopback only), this computer's names.
     guarded = ForeignOriginGuard(engine_routes, bind_host=settings.host,
-                                 loopback_names=not config.auth.configured and is_loopback_host(settings.host))
+                                 local_names_only=not config.auth.configured and is_loopback_host(settings.host))
     api: ASGIApp = ErrorBoundary(guarded, metrics)
     if settings.tls.enabled or settings.tls_terminated_by_proxy:
         # Every answer that travelled over TLS (here or at the trusted proxy) tells browsers to keep to https.
@@ -241,7 +240,7 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     # Outermost: it hands the server's own send to the engine routes' streamed chunks (server_send).
     api = MetricsMiddleware(api, metrics=metrics)
     separate = config.metrics.listener == "separate"
-    return Gateway(api, metrics_app(metrics_endpoint(config, metrics, pool)) if separate else None,
+    return Gateway(api, metrics_app(metrics_endpoint(config, metrics, pool), config.metrics.host) if separate else None,
                    lambda: metrics.requests_started + metrics.requests_finished)
 
 

@@ -269,12 +269,21 @@ def _engine_message(raw: bytes) -> tuple[str, str | None]:
 # offending value under 'input' (vllm/entrypoints/serve/exception_handling/handlers/validation.py).
 VALIDATION_ERRORS = re.compile(r"\d+ validation errors?:\n")
 # Pydantic's own text of a ValidationError (``str(error)``), which vLLM passes on from a check inside its request
-# handling (a content part it reads on its own: an image_url's ``detail``, say): a count and the model's name, then
-# for each error its location, an indented message ending in "[type=..., input_value=..., input_type=...]", and a
-# further-indented link (pydantic_core's ``ValidationError.__str__``).
-PYDANTIC_ERRORS = re.compile(r"\d+ validation errors? for \w+\n")
-PYDANTIC_DETAILS = " [type="
+# handling (a content part it reads on its own: an image_url's ``detail``, say): a count and a title, then for each
+# error its location, an indented message ending in "[type=..., input_value=..., input_type=...]", and a
+# further-indented link (pydantic_core's ``ValidationError.__str__``; a validator's message may span lines).
+PYDANTIC_ERRORS = re.compile(r"\d+ validation errors? for [^\n]+\n")
+# An error's details: its type, then (unless hidden) the input again. The first such bracket ends the message.
+PYDANTIC_DETAILS = re.compile(r"(.*?) \[type=([a-z_]+)[,\]]", re.DOTALL)
 LOCATION_PART = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}|\d{1,9}")
+# Error types whose message is pydantic's own template, naming what was expected and never the input
+# (pydantic_core's ErrorType messages); any other (a validator's text, a union's tag) is shown without values.
+TEMPLATE_ONLY = frozenset({
+    "missing", "literal_error", "enum", "extra_forbidden", "none_required", "string_type", "int_type", "int_parsing",
+    "int_from_float", "float_type", "float_parsing", "bool_type", "bool_parsing", "dict_type", "list_type",
+    "model_type", "model_attributes_type", "greater_than", "greater_than_equal", "less_than", "less_than_equal",
+    "too_short", "too_long", "string_too_short", "string_too_long", "union_tag_not_found", "finite_number",
+})
 
 
 # What in an engine's message may repeat what the client sent: vLLM's "(parameter=..., value=...)" suffix
@@ -302,17 +311,29 @@ def _without_values(message: str) -> str:
 
 
 def _pydantic_without_inputs(message: str) -> str:
-    """Pydantic's text of a ValidationError (``PYDANTIC_ERRORS``) as ``location: what is wrong`` lines, each message
-    cut before its details (which repeat the input), a location's parts that are not names or indices shown as
-    ``...`` (a dict's keys may be the client's), a validator's own text without values."""
-    lines, where = [], "the request"
+    """Pydantic's text of a ValidationError (``PYDANTIC_ERRORS``) as ``location: what is wrong`` lines. Each error's
+    message (its lines up to the one holding its details bracket) is cut at that bracket, which repeats the input;
+    only messages of ``TEMPLATE_ONLY`` types are kept whole, others go without values; a location's parts that are
+    not names or indices (a dict's keys may be the client's) show as ``[...]``."""
+    errors: list[tuple[str, list[str]]] = []
+    complete = True  # the last error's message has reached its details: what follows is a link or a location
     for line in message.splitlines()[1:]:
-        if not line.startswith(" "):
-            where = ".".join(part if LOCATION_PART.fullmatch(part) else "..." for part in line.strip().split("."))
-        elif not line.startswith("   "):
-            what = line.strip().split(PYDANTIC_DETAILS, 1)[0]
-            lines.append(f"{where}: {_without_values(what) if what.startswith(VALIDATOR_TEXT) else what}")
-    return "; ".join(lines)
+        if complete:
+            if not line.startswith("    For further information"):
+                errors.append((line.strip(), []))
+                complete = False
+        else:
+            errors[-1][1].append(line.strip())
+            complete = PYDANTIC_DETAILS.match(line) is not None
+    shown = []
+    for location, text in errors:
+        where = ".".join(part if LOCATION_PART.fullmatch(part) else "[...]" for part in location.split("."))
+        details = PYDANTIC_DETAILS.match(" ".join(text))
+        what, kind = details.groups() if details else (" ".join(text), "")
+        if kind not in TEMPLATE_ONLY or what.startswith(VALIDATOR_TEXT):
+            what = _without_values(what) or "invalid value"
+        shown.append(f"{where}: {what}")
+    return "; ".join(shown)
 
 
 def _without_inputs(message: str) -> str:

@@ -245,16 +245,21 @@ def _check_header(raw: bytes, limits: ImageLimits, param: str) -> tuple[int, int
                                  code="invalid_image") from exc
 
 
-# The first bytes of each format in ``FORMATS`` (their specifications' signatures; WebP is a RIFF file of type WEBP).
+# The first bytes of each format in ``FORMATS`` (their specifications' signatures; WebP is a RIFF file of type WEBP,
+# and a BMP's two letters are followed by its header: see ``sniffed_format``).
 SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
-              (b"BM", "bmp"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"))
+              (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"))
+# The sizes of a BMP's info header (BITMAPCOREHEADER to BITMAPV5HEADER, as Pillow's BmpImagePlugin reads them).
+BMP_INFO_HEADER_SIZES = frozenset({12, 40, 52, 56, 64, 108, 124})
 
 
 def sniffed_format(raw: bytes) -> str | None:
     """The format ``raw`` says it is by its first bytes (a ``FORMATS`` key), to name a refused one in its message;
-    nothing is parsed."""
+    nothing is parsed. "BM" alone is also how text can begin: a BMP has its info header's size at byte 14 too."""
     if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
         return "webp"
+    if raw[:2] == b"BM":
+        return "bmp" if int.from_bytes(raw[14:18], "little") in BMP_INFO_HEADER_SIZES else None
     return next((name for signature, name in SIGNATURES if raw.startswith(signature)), None)
 
 

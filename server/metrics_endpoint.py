@@ -27,8 +27,11 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
+from .config import is_loopback_host
 from .errors import NO_STORE
+from .foreign_origins import LocalNamesOnly
 
 ENGINE_PREFIX = "vllm:"
 # An engine's exposition is some hundreds of KB at most; anything longer is not read.
@@ -121,10 +124,12 @@ class MetricsEndpoint:
         return own + engines
 
 
-def metrics_app(endpoint: MetricsEndpoint) -> Starlette:
-    """The separate metrics listener: ``GET /metrics`` and nothing else."""
+def metrics_app(endpoint: MetricsEndpoint, host: str) -> ASGIApp:
+    """A separate metrics listener on ``host``: ``GET /metrics`` and nothing else. It asks nobody who is calling, so
+    on loopback it answers only to this computer's names (``foreign_origins.LocalNamesOnly``: DNS rebinding)."""
 
     async def scrape(_: Request) -> Response:
         return Response(await endpoint.render(), media_type=CONTENT_TYPE_LATEST, headers=NO_STORE)
 
-    return Starlette(routes=[Route("/metrics", scrape)])
+    app = Starlette(routes=[Route("/metrics", scrape)])
+    return LocalNamesOnly(app, host) if is_loopback_host(host) else app

@@ -342,7 +342,7 @@ async def engine_metrics_listener(settings: Settings, launches: Sequence[Replica
     served = engine_metrics(settings, launches)
     try:
         with listen(engine.metrics_host, engine.metrics_port, "engine.metrics") as sock:
-            server = _Server(_uvicorn_config(metrics_app(served.endpoint), settings))
+            server = _Server(_uvicorn_config(metrics_app(served.endpoint, engine.metrics_host), settings))
             serving = asyncio.create_task(server.serve(sockets=[sock]))
             while not server.started and not serving.done():  # listening once this returns
                 await asyncio.sleep(0.05)

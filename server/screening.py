@@ -12,8 +12,9 @@ Fields of OpenAI's API that are about OpenAI's own service, not the answer (``st
 ``service_tier``, ``prompt_cache_key``, ``safety_identifier``, ``verbosity``, ``user``, and ``modalities`` when
 it asks for text), are accepted and left out of what the engine gets: nothing is stored here, there is one tier, and
 an identifier of the user goes no further. So are the fields the SDK writes into the assistant message it returns
-(``refusal``, ``annotations``, and ``audio`` and ``function_call`` as null), so that a conversation can send that
-message back as it came; a refusal with no content becomes the turn's content, as the model said it.
+(``refusal``, ``annotations``, ``parsed``, and ``audio`` and ``function_call`` as null), so that a conversation can
+send that message back as it came; a refusal with no content becomes the turn's content, as the model said it, and a
+refusal part a text part.
 """
 
 from __future__ import annotations
@@ -52,14 +53,16 @@ FIELDS: dict[Route, frozenset[str]] = {
     },
     "completions": _SAMPLING | {"prompt", "echo", "suffix", "best_of"},
 }
-# What the SDK's own assistant message (``ChatCompletionMessage``) carries besides these, sent back as it came in a
-# conversation: accepted, and not forwarded (``_settle_sdk_echo``).
-SDK_ECHO_FIELDS = frozenset({"refusal", "annotations", "audio", "function_call"})
-MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning",
-                            "reasoning_content"}) | SDK_ECHO_FIELDS
+MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning", "reasoning_content"})
+# What the SDK's own assistant message (``ChatCompletionMessage``; ``parsed`` from ``ParsedChatCompletionMessage``, as
+# the ``parse`` and ``stream`` helpers return it) carries besides those, sent back as it came in a conversation:
+# accepted on an assistant message, and not forwarded (``_settle_sdk_echo``).
+SDK_ECHO_FIELDS = frozenset({"refusal", "annotations", "audio", "function_call", "parsed"})
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-PART_FIELDS = {"text": frozenset({"type", "text"}), "image_url": frozenset({"type", "image_url"}),
-               "refusal": frozenset({"type", "refusal"})}  # an assistant's refusal (vLLM reads it as text)
+PART_FIELDS = {"text": frozenset({"type", "text"}), "image_url": frozenset({"type", "image_url"})}
+# An assistant's refusal as a content part (OpenAI's, on assistant messages only): forwarded as the text part vLLM
+# reads it as, so that the cost estimate and the documents' page budget count its text too.
+REFUSAL_PART = frozenset({"type", "refusal"})
 IMAGE_URL_FIELDS = frozenset({"url", "detail"})
 
 
@@ -136,17 +139,18 @@ class Screening:
             where = f"messages[{m}]"
             if not isinstance(message, dict):
                 raise InvalidRequest(f"{where} must be an object", param=where, code="invalid_messages")
-            unknown = set(message) - MESSAGE_FIELDS
+            role = message.get("role")
+            assistant = role == "assistant"
+            unknown = set(message) - MESSAGE_FIELDS - (SDK_ECHO_FIELDS if assistant else frozenset())
             if unknown:
                 raise InvalidRequest(f"{where} has a field this server does not accept: '{_shown(min(unknown))}'",
                                      param=where, code="field_not_allowed")
-            role = message.get("role")
             if not isinstance(role, str) or role not in ROLES:
                 raise InvalidRequest(f"{where}.role must be one of {', '.join(sorted(ROLES))}", param=where,
                                      code="invalid_messages")
             if message.get("tool_calls") is not None:
                 _settle_tool_call_arguments(message["tool_calls"])
-            if not SDK_ECHO_FIELDS.isdisjoint(message):
+            if assistant and not SDK_ECHO_FIELDS.isdisjoint(message):
                 _settle_sdk_echo(message, where)
             content = message.get("content")
             if content is None or isinstance(content, str):
@@ -155,6 +159,8 @@ class Screening:
                 raise InvalidRequest(f"{where}.content must be a string or a list of parts", param=where,
                                      code="invalid_messages")
             for p, part in enumerate(content):
+                if assistant and isinstance(part, dict) and part.get("type") == "refusal":
+                    _settle_refusal_part(part, f"{where}.content[{p}]")
                 image = self._check_part(part, f"{where}.content[{p}]")
                 if image is not None:
                     sizes.append(image.size)
@@ -167,8 +173,8 @@ class Screening:
     def _check_part(self, part: Any, where: str) -> CheckedImage | None:
         """An image part's check; None for text."""
         if not isinstance(part, dict) or not isinstance(part.get("type"), str) or part["type"] not in PART_FIELDS:
-            raise InvalidRequest(f"{where} must be a part of type text, image_url or refusal", param=where,
-                                 code="unsupported_content")
+            raise InvalidRequest(f"{where} must be a part of type text or image_url (or refusal, from an assistant)",
+                                 param=where, code="unsupported_content")
         if "uuid" in part:
             raise InvalidRequest(f"{where}: 'uuid' is not accepted (this server caches nothing across users)",
                                  param=where, code="field_not_allowed")
@@ -176,10 +182,9 @@ class Screening:
         if unknown:
             raise InvalidRequest(f"{where} has a field this server does not accept: '{_shown(min(unknown))}'",
                                  param=where, code="field_not_allowed")
-        if part["type"] != "image_url":
-            text_field = part["type"]  # "text" or "refusal"
-            if not isinstance(part.get(text_field), str):
-                raise InvalidRequest(f"{where}.{text_field} must be a string", param=where, code="invalid_messages")
+        if part["type"] == "text":
+            if not isinstance(part.get("text"), str):
+                raise InvalidRequest(f"{where}.text must be a string", param=where, code="invalid_messages")
             return None
         image_url = part.get("image_url")
         if isinstance(image_url, str):  # a shorthand some clients send
@@ -264,10 +269,22 @@ def _drop_service_fields(payload: dict[str, Any]) -> None:
                                  param=field, code="unsupported_modality")
 
 
+def _settle_refusal_part(part: dict[str, Any], where: str) -> None:
+    """An assistant's refusal part (``REFUSAL_PART``) made the text part it is for the engine, in place."""
+    if set(part) - REFUSAL_PART:
+        unknown = min(set(part) - REFUSAL_PART)
+        raise InvalidRequest(f"{where} has a field this server does not accept: '{_shown(unknown)}'", param=where,
+                             code="field_not_allowed")
+    if not isinstance(part.get("refusal"), str):
+        raise InvalidRequest(f"{where}.refusal must be a string", param=where, code="invalid_messages")
+    text = part.pop("refusal")
+    part.update(type="text", text=text)
+
+
 def _settle_sdk_echo(message: dict[str, Any], where: str) -> None:
     """The SDK's assistant message sent back (``SDK_ECHO_FIELDS``): its ``refusal`` becomes the content when there is
-    none, and the rest goes. Audio and the deprecated ``function_call`` are refused unless null: this server answers
-    neither, so a non-null one came from elsewhere and would be lost."""
+    none, and the rest goes (``parsed`` repeats the content). Audio and the deprecated ``function_call`` are refused
+    unless null: this server answers neither, so a non-null one came from elsewhere and would be lost."""
     for field in ("audio", "function_call"):
         if message.get(field) is not None:
             hint = "send tool_calls instead" if field == "function_call" else "this server answers in text only"

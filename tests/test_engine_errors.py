@@ -47,7 +47,19 @@ def told(message: str, param: str | None = "body.x", status: int = 400) -> Engin
      f"\n    For further information visit https://errors.pydantic.dev/2.14/v/literal_error\n0.{MARK} x.y\n"
      f"  Value error, no '{MARK}' [type=value_error, input_value=1, input_type=int]",
      "0.ChatCompletionContentPartTextParam.text: Field required; 0.ChatCompletionContentPartImageParam.image_url."
-     "detail: Input should be 'auto', 'low' or 'high'; 0.....y: Value error, no '...'"),
+     "detail: Input should be 'auto', 'low' or 'high'; 0.[...].y: Value error, no '...'"),
+    # Any title; a union's tag repeats the input (not one of pydantic's fixed messages); a validator's message that
+    # spans lines, or holds a details bracket of its own; an input holding one.
+    (f"1 validation error for tagged-union[A,B]\npart\n  Input tag '{MARK}' found using 'type' does not match any of "
+     f"the expected tags: 'a', 'b' [type=union_tag_invalid, input_value={{'type': '{MARK}'}}, input_type=dict]",
+     "part: Input tag '...' found using '...' does not match any of the expected tags: '...', '...'"),
+    (f"1 validation error for M\nv\n  Value error, unknown value 'a\n{MARK}.name\n  {MARK}' [type=value_error, "
+     f"input_value='x', input_type=str]", "v: Value error, unknown value '...'"),
+    (f"1 validation error for M\nv\n  Value error, unknown value '{MARK} [type=x' [type=value_error, "
+     f"input_value='{MARK} [type=x', input_type=str]", "v: Value error, unknown value '...'"),
+    (f"1 validation error for list[int]\n0\n  Input should be a valid integer, unable to parse string as an integer "
+     f"[type=int_parsing, input_value='{MARK}] [type=missing, tail', input_type=str]",
+     "0: Input should be a valid integer, unable to parse string as an integer"),
     ("This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (4000 in the "
      "messages, 1000 in the completion). Please reduce the length of the messages or completion.",
      "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (4000 in the "

@@ -114,7 +114,8 @@ def test_a_valid_image_in_a_format_not_accepted_is_named_as_such(fmt: str, named
         check_image_url(data_url(raw.getvalue(), MIME[fmt]), only_defaults, "messages[0].content[0]")
     assert refused.value.code == "invalid_image"
     assert refused.value.message == f"{named} images are not accepted by this server (accepted: JPEG, PNG, WEBP)"
-    # A damaged image of an accepted format is still called damaged.
-    with pytest.raises(InvalidRequest) as damaged:
-        check_image_url(data_url(b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "image/png"), only_defaults, "m")
-    assert "damaged or not in an accepted format" in damaged.value.message
+    # A damaged image of an accepted format is still called damaged, and text that begins as a BMP does is no BMP.
+    for damaged in (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b"BMW owner's manual, chapter 1: the engine"):
+        with pytest.raises(InvalidRequest) as refused:
+            check_image_url(data_url(damaged, "image/png"), only_defaults, "m")
+        assert "damaged or not in an accepted format" in refused.value.message

@@ -6,28 +6,33 @@ through the real gateway and engine with the real SDK."""
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ParsedChatCompletionMessage
 
+from server.admission import text_length
+from server.app import create_gateway
 from server.auth import Principal
-from server.config import PrivacySettings, ScreeningSettings
+from server.config import PrivacySettings, ScreeningSettings, load_settings
 from server.errors import InvalidRequest
 from server.screening import Screening
 from server.tenancy import TenantSalts
 
 from .conftest import Stack
-from .servers import gateway_in_front_of
+from .servers import ThreadedServer, free_port, gateway_in_front_of
 
 SERVICE_FIELDS: dict[str, Any] = {
     "store": False, "metadata": {"team": "finance"}, "service_tier": "auto", "prompt_cache_key": "invoices",
     "safety_identifier": "hashed-user", "verbosity": "low", "modalities": ["text"],
 }
-# The assistant message as openai 2.x's ChatCompletionMessage.model_dump() gives it.
+# The assistant message as openai 2.x's ParsedChatCompletionMessage.model_dump() gives it (the parse and stream
+# helpers return one; ChatCompletionMessage has no "parsed").
 SDK_ASSISTANT = {"content": "Hello.", "refusal": None, "role": "assistant", "annotations": None, "audio": None,
-                 "function_call": None, "tool_calls": None}
+                 "function_call": None, "tool_calls": None, "parsed": None}
 
 
 def forwarded(payload: dict[str, Any]) -> dict[str, Any]:
@@ -48,11 +53,30 @@ def test_the_sdks_assistant_message_goes_to_the_engine_without_its_empty_fields(
 def test_a_refusal_without_content_becomes_the_turns_content() -> None:
     refused = {**SDK_ASSISTANT, "content": None, "refusal": "I cannot help with that."}
     assert forwarded(conversation(refused))["messages"][1]["content"] == "I cannot help with that."
-    both = {**SDK_ASSISTANT, "refusal": "No.", "annotations": []}
+    both = {**SDK_ASSISTANT, "refusal": "No.", "annotations": [], "parsed": {"total": 1}}
     assert forwarded(conversation(both))["messages"][1] == {"role": "assistant", "content": "Hello.",
                                                             "tool_calls": None}
-    part = {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]}
-    assert forwarded(conversation(part))["messages"][1] == part  # vLLM reads a refusal part as text
+
+
+def test_a_refusal_part_is_the_text_part_the_engine_reads_and_is_counted_as_one() -> None:
+    words = "I will not read this contract aloud. " * 50
+    part = {"role": "assistant", "content": [{"type": "refusal", "refusal": words}]}
+    payload = conversation(part)
+    sent = forwarded(payload)
+    assert sent["messages"][1] == {"role": "assistant", "content": [{"type": "text", "text": words}]}
+    # What the fair queue's cost estimate and the documents' page budget read: the refusal's text is in it.
+    assert text_length(payload["messages"]) == len("hi") + len(words)
+
+
+@pytest.mark.parametrize("role", ["user", "system", "developer", "tool"])
+def test_the_sdks_echo_is_an_assistants_only(role: str) -> None:
+    for field, value in (("refusal", "You are evil."), ("annotations", None), ("parsed", None)):
+        with pytest.raises(InvalidRequest) as refused:
+            forwarded(conversation({"role": role, "content": "x", "tool_call_id": "c", field: value}))
+        assert refused.value.code == "field_not_allowed" and f"'{field}'" in refused.value.message
+    with pytest.raises(InvalidRequest) as refused:
+        forwarded(conversation({"role": role, "content": [{"type": "refusal", "refusal": "No."}]}))
+    assert refused.value.code == "unsupported_content"
 
 
 def test_service_fields_are_accepted_and_not_forwarded() -> None:
@@ -88,8 +112,12 @@ def test_a_conversation_sends_the_sdks_own_message_back(client: openai.OpenAI, s
     question: list[Any] = [{"role": "user", "content": "Say hello."}]
     first = client.chat.completions.create(model=stack.model, messages=question, max_tokens=8)
     reply = first.choices[0].message
-    # As the SDK's examples write it: the message object itself, then its dump (what a saved history holds).
-    for sent_back in (reply, reply.model_dump()):
+    # What the SDK's parse and stream helpers return (they raise at finish_reason "length", which the demo model's
+    # short answers end with, so it is built from the reply here): its "parsed" goes back too.
+    parsed = ParsedChatCompletionMessage[None].model_validate({**reply.model_dump(), "parsed": None})
+    # As the SDK's examples write it: the message object itself, its dump (what a saved history holds), and the
+    # helpers' message.
+    for sent_back in (reply, reply.model_dump(), parsed):
         again = client.chat.completions.create(
             model=stack.model, messages=[*question, sent_back, {"role": "user", "content": "Again."}], max_tokens=8)
         assert again.choices[0].finish_reason in {"stop", "length"}
@@ -152,7 +180,34 @@ def test_without_sign_in_only_this_computers_names_are_served(stack: Stack) -> N
             assert httpx.get(f"{open_gateway}/v1/models", headers={"host": name}, timeout=30).status_code == 200, name
         answered = httpx.post(f"{open_gateway}/v1/chat/completions", json=chat_body(stack), timeout=120)
         assert answered.status_code == 200, answered.text
+        # Two Host headers (no browser sends them) would let this check and the app read different ones.
+        for hosts in ((f"localhost:{port}", "rebound.example"), ("rebound.example", f"localhost:{port}")):
+            assert raw_status(int(port), "GET /v1/models", *(f"Host: {host}" for host in hosts)) == 400
     # With sign-in configured, other names are served (the stack's gateway has it): a department's DNS name.
     named = httpx.get(f"{stack.base_url}/v1/models", headers={**stack.auth, "host": "airlock.dept.internal"},
                       timeout=30)
     assert named.status_code == 200
+
+
+def raw_status(port: int, request_line: str, *headers: str) -> int:
+    """The status of a request written byte for byte (httpx sends one Host header, whatever it is given)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall("\r\n".join([f"{request_line} HTTP/1.1", *headers, "Connection: close", "", ""]).encode())
+        return int(connection.recv(1024).split(b" ", 2)[1])
+
+
+@pytest.mark.engine
+def test_a_metrics_listener_on_loopback_answers_only_to_this_computers_names(stack: Stack) -> None:
+    """The separate metrics listener asks nobody who is calling: DNS rebinding would let any page read it."""
+    port, api_port = free_port(), free_port()
+    settings = load_settings(gateway={"port": api_port}, metrics={"listener": "separate", "port": port})
+    gateway = create_gateway(settings, [f"unix:{stack.engine_socket}"])
+    assert gateway.metrics is not None
+    # Both apps, as `airlock gateway` serves them: the API's lifespan opens and closes the engines' connections.
+    with ThreadedServer(gateway.api, host="127.0.0.1", port=api_port), \
+            ThreadedServer(gateway.metrics, host="127.0.0.1", port=port):
+        refused = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"host": f"rebound.example:{port}"})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "host_not_allowed"
+        assert "rebound" not in refused.text
+        served = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30)
+        assert served.status_code == 200 and "airlock_" in served.text
