@@ -73,13 +73,14 @@ def test_the_console_and_the_posture_show_the_engines_budget() -> None:
     settings = load_settings(console={"image_max_pixels": 4_000_000})
     budget = EngineLimits(max_pixels=1_500_000, min_pixels=4096, max_num_seqs=None)
     gateway = create_gateway(settings, ["unix:/nonexistent/engine.sock"], engine_limits=budget)
-    with TestClient(gateway.api) as client:
+    with TestClient(gateway.api, base_url="http://localhost") as client:  # no sign-in: only local names
         assert client.get("/console/api/session").json()["limits"]["max_image_pixels"] == 1_500_000
         posture = client.get("/v1/airlock/privacy").json()["limits"]
         assert posture["engine_image_budget"] == {"max_pixels": 1_500_000, "min_pixels": 4096}
     # Without a plan: the settings' console limit when it is the smaller one.
     small_console = load_settings(console={"image_max_pixels": 100_000})
-    with TestClient(create_gateway(small_console, ["unix:/nonexistent/engine.sock"]).api) as client:
+    with TestClient(create_gateway(small_console, ["unix:/nonexistent/engine.sock"]).api,
+                    base_url="http://localhost") as client:
         assert client.get("/console/api/session").json()["limits"]["max_image_pixels"] == 100_000
 
 
@@ -155,6 +156,6 @@ def test_the_gateway_refuses_more_images_than_the_engines_take(stack: Stack) -> 
         assert three.usage.prompt_tokens > 3 * (SMALL[0] * SMALL[1] // PIXELS_PER_TOKEN)
     limits = EngineLimits(1024 * 1024, 1024, None, 3)
     gateway = create_gateway(load_settings(), ["unix:/nonexistent/engine.sock"], engine_limits=limits)
-    with TestClient(gateway.api) as local:
+    with TestClient(gateway.api, base_url="http://localhost") as local:  # no sign-in: only local names
         assert local.get("/console/api/session").json()["limits"]["max_images"] == 3
         assert local.get("/v1/airlock/privacy").json()["limits"]["max_images_per_request"] == 3

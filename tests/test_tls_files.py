@@ -252,7 +252,7 @@ def test_the_expiry_gauge_shows_the_gateways_certificates_by_role(tmp_path: Path
         gateway = create_gateway(settings, [u.url for u in settings.upstreams], reloader)
         assert gateway.metrics is not None
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.metrics),
-                                     base_url="http://metrics") as scraper:
+                                     base_url="http://127.0.0.1") as scraper:  # a name of this computer
             text = (await scraper.get("/metrics")).text
         return {sample.labels["certificate"]: sample.value
                 for family in text_string_to_metric_families(text)
