@@ -169,6 +169,7 @@ def test_only_layers_that_leave_body_chunks_alone_sit_between_the_server_and_the
     between: a layer that changed body chunks (compression, say) would be skipped for them. Any new layer here must
     be checked for that, and added to this list."""
     from server.boundary import ErrorBoundary
+    from server.foreign_origins import ForeignOriginGuard
     from server.hsts import StrictTransportSecurity
     from server.metrics_middleware import MetricsMiddleware
     from server.request_path import EngineRoutes
@@ -179,4 +180,5 @@ def test_only_layers_that_leave_body_chunks_alone_sit_between_the_server_and_the
     while not isinstance(layer, EngineRoutes):
         layers.append(type(layer))
         layer = layer.app  # type: ignore[attr-defined]
-    assert layers == [MetricsMiddleware, StrictTransportSecurity, ErrorBoundary]
+    # ForeignOriginGuard reads the request's headers and never wraps send.
+    assert layers == [MetricsMiddleware, StrictTransportSecurity, ErrorBoundary, ForeignOriginGuard]
