@@ -44,11 +44,12 @@ class ForeignOriginGuard:
         self.bind_host = bind_host
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        unsafe = scope["type"] == "http" and scope["method"] not in SAFE_METHODS
+        if unsafe or (self.local_names_only and scope["type"] == "http"):  # else nothing here to judge
             host, origin, site = judged_headers(scope)
             if self.local_names_only and not names_this_computer(host, self.bind_host):
                 raise PermissionDenied(NOT_THIS_COMPUTER, code="host_not_allowed")
-            if scope["method"] not in SAFE_METHODS and _from_another_site(host, origin, site):
+            if unsafe and _from_another_site(host, origin, site):
                 raise PermissionDenied("a request another web site made the browser send is not accepted",
                                        code="cross_origin_request")
         await self.app(scope, receive, send)
