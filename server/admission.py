@@ -8,7 +8,7 @@ budget: ``EngineLimits``), and the most it may generate.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Any
 
 from .auth import Principal
@@ -16,22 +16,27 @@ from .config import AdmissionSettings
 from .engine_limits import EngineLimits
 from .fairqueue import Capacity, FairQueue
 from .limits import UserLimits
+from .shared_limits import SharedLimitsClient, SharedUserLimits
 
 CHARS_PER_TOKEN = 4
 
 
 class Admission:
     def __init__(self, settings: AdmissionSettings, capacity: Callable[[str], Capacity], max_tokens_limit: int,
-                 engine_limits: EngineLimits, context_of: Callable[[str], int | None] = lambda _model: None) -> None:
+                 engine_limits: EngineLimits, context_of: Callable[[str], int | None] = lambda _model: None,
+                 shared: SharedLimitsClient | None = None) -> None:
         """``max_tokens_limit``: what a request that names no ``max_tokens`` may generate at most (the engine's
         default, ``screening.max_tokens_limit``); ``engine_limits``: the engines' image budget; ``context_of``: a
-        model's context (max_model_len) where the engines say, which also bounds what a request generates."""
+        model's context (max_model_len) where the engines say, which also bounds what a request generates;
+        ``shared``: the limits server's client, which counts users' own limits for every gateway (started and
+        closed by the caller)."""
         self._context_of = context_of
         self._settings = settings
         self._engine_limits = engine_limits
         self._max_tokens_limit = max_tokens_limit
         self._capacity = capacity
         self._limits = UserLimits(settings)
+        self._shared = SharedUserLimits(shared, self._limits) if shared is not None else None
         self._queues: dict[str, FairQueue] = {}
 
     def queue(self, model: str) -> FairQueue:
@@ -44,19 +49,27 @@ class Admission:
         """Every model's queue so far, for the metrics."""
         return list(self._queues.items())
 
+    @property
+    def shared_limits(self) -> SharedLimitsClient | None:
+        """The limits server's client, when users' limits are counted for every gateway."""
+        return self._shared.client if self._shared is not None else None
+
     def capacity_changed(self) -> None:
         for queue in self._queues.values():
             queue.capacity_changed()
 
-    def user_limits(self, principal: Principal) -> AbstractContextManager[None]:
-        """Count the user's request while it runs (429 when over a limit); checked before the body is read, so a
-        user over their limit costs the gateway almost nothing.
+    def user_limits(self, principal: Principal) -> AbstractAsyncContextManager[None]:
+        """Count the user's request while it runs (``async with``; 429 when over a limit), at the limits server when
+        there is one, else here; checked before the body is read, so a user over their limit costs the gateway
+        almost nothing.
 
         Everyone is one anonymous user when no sign-in is configured (loopback only): per-user limits would then
         limit the whole machine, so they apply to signed-in users only; the fair queue still applies.
         """
         if principal.source == "anonymous":
             return nullcontext()
+        if self._shared is not None:
+            return self._shared.admit(principal.key)
         return self._limits.admit(principal.key)
 
     def estimate_cost(self, payload: dict[str, Any], image_sizes: Sequence[tuple[int, int]]) -> float:

@@ -45,7 +45,8 @@ from .request_path import EngineRoutes, cancelled_when_client_leaves
 from .routing import build_strategy
 from .screening import Screening
 from .sessions import SessionStore
-from .tenancy import TenantSalts
+from .shared_limits import SharedLimitsClient
+from .tenancy import TenantSalts, read_secret
 from .tls import CertificateReloader
 from .upstream import ReplicaPool
 
@@ -126,8 +127,10 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
                                                     or config.admission.expected_tokens_per_request),
                        max_num_seqs=engine_limits.max_num_seqs,
                        gateway_replicas=config.admission.gateway_replicas)
+    shared_limits = (SharedLimitsClient(config.admission.shared_limits, read_secret(config.privacy))
+                     if config.admission.shared_limits is not None else None)
     admission = Admission(config.admission, pool.capacity, config.screening.max_tokens_limit, engine_limits,
-                          pool.context_of)
+                          pool.context_of, shared_limits)
     pool.on_change.append(admission.capacity_changed)
     metrics = GatewayMetrics(config.metrics.active_users_window_s)
     metrics.watch(pool, admission, listener_certificate)
@@ -148,6 +151,8 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await pool.start()
+        if shared_limits is not None:
+            await shared_limits.start()
         if config.documents.enabled:
             await render_pool.start()
         # The provider's keys are fetched in the background: an IdP that is down must not hold up the start.
@@ -163,6 +168,8 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
                     task.cancel()
             await render_pool.close()
             await pool.close()
+            if shared_limits is not None:
+                await shared_limits.close()
 
     # No redirects for a trailing slash: FastAPI builds their Location from the client's Host header.
     app = FastAPI(title="Airlock", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
@@ -195,7 +202,7 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
     async def document_preview(request: Request, principal: CurrentPrincipal) -> Response:
         """The console's page thumbnails of a document (``Documents.preview``), counted in the user's own limits
         as a request is: the render workers are shared by everyone. A client that leaves stops the render."""
-        with admission.user_limits(principal):
+        async with admission.user_limits(principal):
             body = await request.body()
             async with cancelled_when_client_leaves(request.receive):
                 return JSONResponse(await documents.preview(body), headers=NO_STORE)

@@ -116,6 +116,14 @@ def _cmd_gateway(args: argparse.Namespace) -> None:
     runtime.run(run_gateway(settings))
 
 
+def _cmd_limits_server(args: argparse.Namespace) -> None:
+    from .limits_server import run_limits_server
+
+    settings = load_settings(args.config)
+    _configure_logging(settings)
+    runtime.run(run_limits_server(settings, args.host))
+
+
 def _cmd_demo_model(args: argparse.Namespace) -> None:
     from .demo_model import build_demo_model, is_built
 
@@ -256,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--host", help="gateway address (default 127.0.0.1)")
     gateway.add_argument("--port", type=int, help="gateway port (default 8000)")
     gateway.set_defaults(func=_cmd_gateway)
+
+    limits = with_config(commands.add_parser(
+        "limits-server", help="count users' own limits for several gateways (admission.shared_limits)"))
+    limits.add_argument("--host", help="address to listen on for a tcp:// url (default: the url's host)")
+    limits.set_defaults(func=_cmd_limits_server)
 
     demo = commands.add_parser("demo-model", help="build the tiny random-weight Qwen3-VL used for demos and tests")
     demo.add_argument("directory", type=Path)

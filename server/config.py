@@ -334,6 +334,61 @@ class RoutingSettings(_Section):
     affinity_slack: int = Field(4, ge=0)
 
 
+class SharedLimitsTlsSettings(_Section):
+    """Mutual TLS between the gateways and ``airlock limits-server`` over TCP: each side presents ``cert_file`` and
+    accepts only a peer whose certificate ``ca_file`` signed (use a CA of its own for this hop); the gateways also
+    check that the server's certificate names the URL's host."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    _expand_home = field_validator("ca_file", "cert_file", "key_file")(_expand)
+
+
+class SharedLimitsSettings(_Section):
+    """Per-user limits counted once for several gateways (processes on one host, pods of a Deployment) by one
+    ``airlock limits-server``, which every gateway reaches at ``url``: ``unix:/path/to/socket`` (one host) or
+    ``tcp://host:port`` (with ``tls`` unless the host is loopback). The server applies its own
+    ``admission.max_concurrent_per_user`` and ``requests_per_minute_per_user``: give it the gateways' settings file.
+    While it cannot be reached, each gateway counts its own requests (the limits then hold per gateway)."""
+
+    url: str = Field(pattern=r"^(unix:/.+|tcp://[^/?#]+:[0-9]{1,5})$")
+    tls: SharedLimitsTlsSettings | None = None
+    # How long a gateway waits for the server's answer before counting the request on its own.
+    timeout_s: float = Field(0.5, gt=0, le=30)
+    # Between attempts to reach the server again after losing it.
+    reconnect_interval_s: float = Field(2.0, gt=0)
+
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        """(host, port) of a ``tcp://`` URL; None for a unix socket."""
+        if not self.url.startswith("tcp://"):
+            return None
+        host, _, port = self.url.removeprefix("tcp://").rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
+    def socket_path(self) -> Path | None:
+        return Path(self.url.removeprefix("unix:")) if self.url.startswith("unix:") else None
+
+    @model_validator(mode="after")
+    def _refuse_clear_text(self) -> SharedLimitsSettings:
+        address = self.tcp_address
+        if address is not None and not 1 <= address[1] <= 65535:
+            raise ValueError(f"admission.shared_limits.url: port {address[1]} is not between 1 and 65535")
+        if address is not None and self.tls is None and not is_loopback_host(address[0]):
+            raise ValueError(
+                "admission.shared_limits.url is tcp:// on a host other than loopback: set admission.shared_limits.tls "
+                "(ca_file, cert_file, key_file), since the gateways and the limits server must know each other and "
+                "the pseudonyms of users should not cross the network in clear"
+            )
+        if address is None and self.tls is not None:
+            raise ValueError("admission.shared_limits.tls applies to tcp:// URLs only (a unix socket is guarded by "
+                             "its directory's permissions)")
+        return self
+
+
 class AdmissionSettings(_Section):
     """Fair share: per-user limits, and a fair queue in front of the engines. 0 turns a per-user limit off."""
 
@@ -362,6 +417,8 @@ class AdmissionSettings(_Section):
     # Cost of a request in the fair queue, in tokens: its prompt (characters / 4), its images (pixels /
     # image_pixels_per_token: 32x32 for Qwen3-VL) and max_tokens x n.
     image_pixels_per_token: int = Field(1024, ge=1)
+    # max_concurrent_per_user and requests_per_minute_per_user counted across gateways: see SharedLimitsSettings.
+    shared_limits: SharedLimitsSettings | None = None
 
 
 class MetricsSettings(_Section):
@@ -630,6 +687,16 @@ class Settings(BaseSettings):
                 f"{metrics.host!r} and the gateway on {gateway.host!r}, the second listener could not bind at start "
                 "(address in use). Give metrics a port of its own (default 9464), or use metrics.listener: main "
                 "(GET /metrics on the gateway's port, with sign-in)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _shared_limits_need_a_common_secret(self) -> Settings:
+        if self.admission.shared_limits is not None and self.privacy.salt_secret_file is None:
+            raise ValueError(
+                "admission.shared_limits needs privacy.salt_secret_file, the same file for every gateway: users are "
+                "known to the limits server by a pseudonym keyed with it (never by their names), and the gateways "
+                "must agree on it"
             )
         return self
 

@@ -73,7 +73,8 @@ class UserLimits:
 
 class _Admitted:
     """``UserLimits.admit``: a class rather than a generator-based context manager, for its cost per request (py-spy
-    under ``tests/bench/gateway_cpu``). The request is counted until the block ends, whatever ends it."""
+    under ``tests/bench/gateway_cpu``). The request is counted until the block ends, whatever ends it; ``async with``
+    too, as ``Admission.user_limits`` is with a limits server."""
 
     __slots__ = ("_limits", "_user")
 
@@ -84,4 +85,10 @@ class _Admitted:
         self._limits._enter(self._user)
 
     def __exit__(self, *_: object) -> None:
+        self._limits._leave(self._user)
+
+    async def __aenter__(self) -> None:
+        self._limits._enter(self._user)
+
+    async def __aexit__(self, *_: object) -> None:
         self._limits._leave(self._user)

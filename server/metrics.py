@@ -270,6 +270,9 @@ class GatewayMetrics:
             yield "gateway", self._listener_certificate
         if self._pool is not None and self._pool.tls is not None:
             yield "upstream_client", self._pool.tls.reloader
+        shared = self._admission.shared_limits if self._admission is not None else None
+        if shared is not None and shared.reloader is not None:
+            yield "shared_limits_client", shared.reloader
 
     def _state(self) -> Iterator[Metric]:
         users = GaugeMetricFamily("airlock_active_users",
@@ -297,7 +300,8 @@ class GatewayMetrics:
         expiry = GaugeMetricFamily(
             "airlock_tls_certificate_expiry_timestamp_seconds",
             "When a certificate the gateway presents expires (its notAfter, unix seconds): gateway (its listener), "
-            "upstream_client (to the engines). The one in use: a renewal shows once it is loaded.",
+            "upstream_client (to the engines), shared_limits_client (to the limits server). The one in use: a renewal "
+            "shows once it is loaded.",
             labels=["certificate"])
         for role, reloader in self._certificates():
             if reloader.not_after is not None:
@@ -310,6 +314,14 @@ class GatewayMetrics:
             for model, queue in self._admission.queues():
                 queued.add_metric([model], queue.queued)
             yield queued
+            shared = self._admission.shared_limits
+            if shared is not None:
+                connected = GaugeMetricFamily(
+                    "airlock_shared_limits_connected",
+                    "1 while the limits server counts users' own limits for every gateway (admission.shared_limits); "
+                    "0 while this gateway cannot reach it and counts its own requests.")
+                connected.add_metric([], 1.0 if shared.connected else 0.0)
+                yield connected
 
     def document_rendered(self, purpose: str, outcome: str, seconds: float, pages: int) -> None:
         """One document back from the render workers (``purpose`` and ``outcome`` from the lists above)."""

@@ -90,7 +90,7 @@ class EngineRoutes:
         record = request_record(request)
         assert record is not None, "MetricsMiddleware gives every /v1/ request a record"
         principal = await self.callers.identify(request)
-        with self.admission.user_limits(principal):
+        async with self.admission.user_limits(principal):
             body = await read_body(request, self.max_body_bytes)
             payload = parse_request(body, self.max_json_depth)
             model = self._authorize(principal, payload, record)

@@ -21,7 +21,7 @@ SALTS_KEPT = 4096
 class TenantSalts:
     def __init__(self, settings: PrivacySettings) -> None:
         self.mode = settings.tenant
-        self._secret = _secret(settings)
+        self._secret = read_secret(settings)
         self._salts: dict[str, str] = {}
 
     def tenant_of(self, principal: Principal) -> str:
@@ -44,7 +44,9 @@ class TenantSalts:
         return salt
 
 
-def _secret(settings: PrivacySettings) -> bytes:
+def read_secret(settings: PrivacySettings) -> bytes:
+    """The server secret from ``privacy.salt_secret_file`` (random for this process when there is none). Raises
+    ConfigError for a file that cannot be read or is too short."""
     if settings.salt_secret_file is None:
         return secrets.token_bytes(MIN_SECRET_BYTES)
     try:
