@@ -46,7 +46,7 @@ from .routing import build_strategy
 from .screening import Screening
 from .sessions import SessionStore
 from .shared_limits import SharedLimitsClient
-from .tenancy import TenantSalts, read_secret
+from .tenancy import TenantSalts
 from .tls import CertificateReloader
 from .upstream import ReplicaPool
 
@@ -127,8 +127,7 @@ def create_gateway(config: Settings, upstream_urls: Sequence[str],
                                                     or config.admission.expected_tokens_per_request),
                        max_num_seqs=engine_limits.max_num_seqs,
                        gateway_replicas=config.admission.gateway_replicas)
-    shared_limits = (SharedLimitsClient(config.admission.shared_limits, read_secret(config.privacy))
-                     if config.admission.shared_limits is not None else None)
+    shared_limits = SharedLimitsClient.for_gateway(config)
     admission = Admission(config.admission, pool.capacity, config.screening.max_tokens_limit, engine_limits,
                           pool.context_of, shared_limits)
     pool.on_change.append(admission.capacity_changed)

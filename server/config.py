@@ -350,8 +350,9 @@ class SharedLimitsSettings(_Section):
     """Per-user limits counted once for several gateways (processes on one host, pods of a Deployment) by one
     ``airlock limits-server``, which every gateway reaches at ``url``: ``unix:/path/to/socket`` (one host) or
     ``tcp://host:port`` (with ``tls`` unless the host is loopback). The server applies its own
-    ``admission.max_concurrent_per_user`` and ``requests_per_minute_per_user``: give it the gateways' settings file.
-    While it cannot be reached, each gateway counts its own requests (the limits then hold per gateway)."""
+    ``admission.max_concurrent_per_user`` and ``requests_per_minute_per_user`` (it warns when a gateway's differ).
+    Gateways also need ``privacy.salt_secret_file``, the same for all (``shared_limits``). While the server cannot be
+    reached, each gateway counts its own requests (the limits then hold per gateway)."""
 
     url: str = Field(pattern=r"^(unix:/.+|tcp://[^/?#]+:[0-9]{1,5})$")
     tls: SharedLimitsTlsSettings | None = None
@@ -687,16 +688,6 @@ class Settings(BaseSettings):
                 f"{metrics.host!r} and the gateway on {gateway.host!r}, the second listener could not bind at start "
                 "(address in use). Give metrics a port of its own (default 9464), or use metrics.listener: main "
                 "(GET /metrics on the gateway's port, with sign-in)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _shared_limits_need_a_common_secret(self) -> Settings:
-        if self.admission.shared_limits is not None and self.privacy.salt_secret_file is None:
-            raise ValueError(
-                "admission.shared_limits needs privacy.salt_secret_file, the same file for every gateway: users are "
-                "known to the limits server by a pseudonym keyed with it (never by their names), and the gateways "
-                "must agree on it"
             )
         return self
 

@@ -39,6 +39,8 @@ class LimitsServer:
     def __init__(self, settings: Settings) -> None:
         self.limits = UserLimits(settings.admission)
         self.connections = 0
+        self._own = {"max_concurrent_per_user": settings.admission.max_concurrent_per_user,
+                     "requests_per_minute_per_user": settings.admission.requests_per_minute_per_user}
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One gateway's connection: its requests, until it closes or breaks the protocol."""
@@ -63,6 +65,9 @@ class LimitsServer:
 
     def _handle(self, line: bytes, counted: dict[int, str]) -> bytes | None:
         message: dict[str, Any] = orjson.loads(line)
+        if "hello" in message:
+            self._compare(message["hello"])
+            return None
         if "leave" in message:
             user = counted.pop(_request_id(message["leave"]), None)
             if user is not None:
@@ -79,6 +84,17 @@ class LimitsServer:
                 "message": refused.message, "code": refused.code, "retry_after_s": retry_after}}) + b"\n"
         counted[request_id] = user
         return b'{"id":%d}\n' % request_id
+
+
+    def _compare(self, theirs: object) -> None:
+        """Warn when a gateway was set up with other limits: this server's apply, which may surprise its operator."""
+        if not isinstance(theirs, dict):
+            raise ValueError("not a gateway's hello")
+        differing = [f"{name} {theirs.get(name)!r} there, {mine} here" for name, mine in self._own.items()
+                     if theirs.get(name) != mine and isinstance(theirs.get(name), (int, type(None)))]
+        if differing:
+            log.warning("limits server: a gateway's settings differ (%s); this server's apply to all of its users. "
+                        "Give the limits server the gateways' admission settings", "; ".join(differing))
 
 
 def _request_id(value: object) -> int:

@@ -3,6 +3,8 @@
 
 The wire is one connection a gateway keeps open, newline-delimited JSON, one small object a line:
 
+    gateway -> server   {"hello": {"max_concurrent_per_user": 32, "requests_per_minute_per_user": 600}}
+                                                              first: the gateway's own limits (the server's apply)
     gateway -> server   {"enter": 7, "user": "<pseudonym>"}      count request 7 of this user, or refuse it
     server -> gateway   {"id": 7}                                 counted
                         {"id": 7, "refused": {"message": "...", "code": "...", "retry_after_s": 1}}
@@ -30,9 +32,10 @@ from typing import Any
 
 import orjson
 
-from .config import ConfigError, SharedLimitsSettings
+from .config import ConfigError, Settings, SharedLimitsSettings
 from .errors import RateLimited
 from .limits import UserLimits
+from .tenancy import read_secret
 from .tls import CertificateFiles, CertificateReloader, TlsFileError, client_context
 
 log = logging.getLogger("airlock.shared_limits")
@@ -52,10 +55,28 @@ class ServerUnavailable(Exception):
 class SharedLimitsClient:
     """The connection to the limits server, kept open and re-made ``reconnect_interval_s`` after it is lost."""
 
-    def __init__(self, settings: SharedLimitsSettings, secret: bytes) -> None:
-        """``secret``: the gateways' common one (``tenancy.read_secret``). Raises ConfigError for unusable TLS
-        files, naming the file."""
+    @classmethod
+    def for_gateway(cls, config: Settings) -> SharedLimitsClient | None:
+        """The client ``admission.shared_limits`` asks for, if any. Raises ConfigError without a common secret."""
+        shared = config.admission.shared_limits
+        if shared is None:
+            return None
+        if config.privacy.salt_secret_file is None:
+            raise ConfigError(
+                "admission.shared_limits needs privacy.salt_secret_file, the same file for every gateway: users are "
+                "known to the limits server by a pseudonym keyed with it (never by their names), and the gateways "
+                "must agree on it")
+        limits = config.admission
+        return cls(shared, read_secret(config.privacy),
+                   {"max_concurrent_per_user": limits.max_concurrent_per_user,
+                    "requests_per_minute_per_user": limits.requests_per_minute_per_user})
+
+    def __init__(self, settings: SharedLimitsSettings, secret: bytes, limits: dict[str, int] | None = None) -> None:
+        """``secret``: the gateways' common one (``tenancy.read_secret``); ``limits``: this gateway's own, which the
+        server compares with its own (it warns when they differ). Raises ConfigError for unusable TLS files, naming
+        the file."""
         self._settings = settings
+        self._hello = orjson.dumps({"hello": limits or {}}) + b"\n"
         self._secret = secret
         self._pseudonyms: dict[str, str] = {}
         self._ssl: ssl.SSLContext | None = None
@@ -146,6 +167,7 @@ class SharedLimitsClient:
                 await asyncio.sleep(settings.reconnect_interval_s)
                 continue
             self._connection += 1
+            writer.write(self._hello)
             self._writer, self.connected = writer, True
             log.info("shared limits: connected to the limits server; users' limits are counted for every gateway")
             lost_logged = False

@@ -94,7 +94,7 @@ def systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([tool, *args], capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("unit", ["airlock-gateway.service", "airlock-engines.service"])
+@pytest.mark.parametrize("unit", ["airlock-gateway.service", "airlock-engines.service", "airlock-limits.service"])
 def test_systemd_units_verify_and_are_locked_down(unit: str, tmp_path: Path) -> None:
     text = (SYSTEMD / unit).read_text()
     # The analyzer checks that ExecStart exists: point it at this checkout's airlock.

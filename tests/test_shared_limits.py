@@ -109,13 +109,16 @@ def test_settings_refuse_a_limits_server_reached_in_clear_or_at_no_address(share
         SharedLimitsSettings(**shared)
 
 
-def test_settings_need_the_gateways_common_secret(secret_file: Path) -> None:
+def test_a_gateway_needs_the_gateways_common_secret(secret_file: Path) -> None:
+    from server.app import create_app
+
     shared = {"url": "tcp://127.0.0.1:9470"}  # loopback: clear text allowed, as for the engines
-    with pytest.raises(ConfigError, match=r"needs privacy\.salt_secret_file"):
-        load_settings(admission={"shared_limits": shared})
+    with pytest.raises(ConfigError, match=r"needs privacy\.salt_secret_file, the same file for every gateway"):
+        create_app(load_settings(admission={"shared_limits": shared}), ["unix:/nonexistent.sock"])
     loaded = load_settings(admission={"shared_limits": shared}, privacy={"salt_secret_file": str(secret_file)})
     assert loaded.admission.shared_limits is not None
     assert loaded.admission.shared_limits.tcp_address == ("127.0.0.1", 9470)
+    create_app(loaded, ["unix:/nonexistent.sock"])
 
 
 # --- the server's side of the wire, with raw sockets ---------------------------------------------------------------
@@ -133,6 +136,9 @@ class Wire:
         self.sock.sendall(json.dumps({"enter": request_id, "user": user}).encode() + b"\n")
         answer: dict[str, Any] = json.loads(self.lines.readline())
         return answer
+
+    def hello(self, **limits: int) -> None:
+        self.sock.sendall(json.dumps({"hello": limits}).encode() + b"\n")
 
     def leave(self, request_id: int) -> None:
         self.sock.sendall(json.dumps({"leave": request_id}).encode() + b"\n")
@@ -152,6 +158,7 @@ def test_the_server_counts_every_connection_and_forgets_what_a_closed_one_held(t
     with limits_server(config, log_path):
         assert path.stat().st_mode & 0o777 == 0o660  # the service's user and group only
         one, two = Wire(path), Wire(path)
+        one.hello(max_concurrent_per_user=5, requests_per_minute_per_user=0)  # set up otherwise: the server's apply
         assert one.enter(1, alice) == {"id": 1}
         assert two.enter(1, alice) == {"id": 1}  # ids are per connection
         refused = one.enter(2, alice)["refused"]
@@ -169,6 +176,7 @@ def test_the_server_counts_every_connection_and_forgets_what_a_closed_one_held(t
         one.close()
         three.close()
     logged = log_path.read_text()
+    assert "a gateway's settings differ (max_concurrent_per_user 5 there, 2 here)" in logged
     assert alice not in logged and bob not in logged
     assert not path.exists(), "a stopped server leaves its socket behind"
 
