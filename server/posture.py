@@ -32,6 +32,7 @@ def privacy_posture(config: Settings, upstream_urls: Sequence[str], rules: RuleC
             "proxy_environment_ignored": True,
             "engine_transport": sorted({url.split(":", 1)[0] for url in upstream_urls}),
             "identity_provider": auth.oidc.issuer if auth.oidc.enabled else None,
+            "limits_server": _limits_server(config),
         },
         "logging": {
             "request_content": False, "credentials": False, "user_ids": False, "client_addresses": False,
@@ -53,7 +54,7 @@ def privacy_posture(config: Settings, upstream_urls: Sequence[str], rules: RuleC
             "engine_image_budget": {"max_pixels": engine_limits.max_pixels, "min_pixels": engine_limits.min_pixels},
             "image_formats": list(screening.image_formats),
             "max_tokens_limit": screening.max_tokens_limit,
-            "admission": config.admission.model_dump(),
+            "admission": config.admission.model_dump(exclude={"shared_limits"}),
         },
         "authentication": {"methods": methods, "required": bool(methods)},
         "authorization": rules.posture(),
@@ -71,3 +72,13 @@ def privacy_posture(config: Settings, upstream_urls: Sequence[str], rules: RuleC
             "active_users": "a count only",
         },
     }
+
+
+def _limits_server(config: Settings) -> dict[str, str] | None:
+    """What reaches ``airlock limits-server`` (``shared_limits``), and how: never its address or file paths."""
+    shared = config.admission.shared_limits
+    if shared is None:
+        return None
+    transport = "unix" if shared.socket_path is not None else "tcp+mutual_tls" if shared.tls is not None else "tcp"
+    return {"transport": transport, "sends": "a keyed pseudonym of each signed-in user, and when each of their "
+                                             "requests starts and ends"}

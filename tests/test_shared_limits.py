@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import signal
 import socket
 import ssl
@@ -21,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import trustme
+import yaml
 from pydantic import ValidationError
 
 from server.config import ConfigError, SharedLimitsSettings, load_settings
@@ -222,9 +224,8 @@ def write_identity(ca: trustme.CA, directory: Path, name: str) -> dict[str, str]
     return {"cert_file": str(cert), "key_file": str(key)}
 
 
-async def connects(shared: SharedLimitsSettings, seconds: float = 5) -> bool:
-    """Whether the gateways' real client gets a connection within ``seconds``."""
-    client = SharedLimitsClient(shared, SECRET.encode())
+async def connects(client: SharedLimitsClient, seconds: float = 5) -> bool:
+    """Whether the gateways' real client gets a connection within ``seconds``, and a request counted."""
     await client.start()
     try:
         deadline = time.monotonic() + seconds
@@ -251,8 +252,9 @@ def test_over_tcp_only_a_gateway_with_a_certificate_of_the_hops_ca_is_served(
     stranger = write_identity(stranger_ca, tmp_path, "stranger")
     log_path = tmp_path / "limits.log"
     with limits_server(config, log_path, "--host", "127.0.0.1") as process:
-        def shared(ca: str, identity: dict[str, str], **more: Any) -> SharedLimitsSettings:
-            return SharedLimitsSettings(url=url, tls={"ca_file": str(tmp_path / ca), **identity}, **more)
+        def shared(ca: str, identity: dict[str, str]) -> SharedLimitsClient:
+            settings = SharedLimitsSettings(url=url, tls={"ca_file": str(tmp_path / ca), **identity})
+            return SharedLimitsClient(settings, SECRET.encode())
 
         assert asyncio.run(connects(shared("hop-ca.pem", gateway)))
         with caplog.at_level(logging.WARNING, logger="airlock.shared_limits"):
@@ -359,6 +361,12 @@ def test_requests_per_minute_are_counted_across_two_gateways(
         assert refused.json()["error"]["message"].startswith("more than 3 requests per minute; try again in ")
         assert 1 <= int(refused.headers["retry-after"]) <= 20
         assert one.post("/v1/chat/completions", json=chat(1), headers=bob).status_code == 200
+        # The posture says what reaches the limits server, never where it is.
+        posture = one.get("/v1/airlock/privacy", headers=bob).json()
+        assert posture["egress"]["limits_server"]["transport"] == "unix"
+        assert "pseudonym" in posture["egress"]["limits_server"]["sends"]
+        assert "shared_limits" not in posture["limits"]["admission"]
+        assert str(path) not in json.dumps(posture)
 
 
 @pytest.mark.engine
@@ -409,3 +417,42 @@ def test_while_the_server_is_away_each_gateway_counts_its_own_and_it_rejoins(
                 assert one.post("/v1/chat/completions", json=paced(4), headers=alice).status_code == 429
     assert credentials.api_key not in caplog.text
     assert "alice" not in caplog.text and "alice" not in log_path.read_text()
+
+
+def readme_yaml_naming(marker: str) -> dict[str, Any]:
+    """The README's YAML block that holds ``marker``."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+    found = [block for block in blocks if marker in block]
+    assert len(found) == 1, f"the README has {len(found)} YAML blocks with {marker}"
+    loaded: dict[str, Any] = yaml.safe_load(found[0])
+    return loaded
+
+
+def test_the_readmes_bare_metal_settings_connect_a_gateway_to_the_limits_server(tmp_path: Path,
+                                                                                secret_file: Path) -> None:
+    """"Gateways on several hosts", as typed, with the credentials' directories and the host's name made local."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "limits-ca.crt"))
+    for side in ("airlock-limits.service", "airlock-gateway.service"):
+        directory = tmp_path / side
+        directory.mkdir()
+        (directory / "limits-ca.crt").write_bytes((tmp_path / "limits-ca.crt").read_bytes())
+        leaf = ca.issue_cert("limits.internal", "localhost", common_name=side)
+        leaf.cert_chain_pems[0].write_to_path(str(directory / "limits.crt"))
+        leaf.private_key_pem.write_to_path(str(directory / "limits.key"))
+    port = free_port()
+
+    def local(settings: dict[str, Any]) -> str:
+        text = yaml.safe_dump(settings).replace("/run/credentials/", f"{tmp_path}/")
+        return text.replace("tcp://limits.internal:9470", f"tcp://localhost:{port}")
+
+    server_settings = readme_yaml_naming("airlock-limits.service/limits-ca.crt")
+    gateway_settings = readme_yaml_naming("airlock-gateway.service/limits-ca.crt")
+    assert server_settings["admission"]["shared_limits"]["url"] == gateway_settings["admission"]["shared_limits"]["url"]
+    (tmp_path / "limits.yaml").write_text(local(server_settings))
+    (tmp_path / "gateway.yaml").write_text(
+        local(gateway_settings) + f"privacy: {{salt_secret_file: {secret_file}}}\n")
+    with limits_server(tmp_path / "limits.yaml", tmp_path / "limits.log", "--host", "127.0.0.1"):
+        client = SharedLimitsClient.for_gateway(load_settings(tmp_path / "gateway.yaml"))
+        assert client is not None
+        assert asyncio.run(connects(client))
