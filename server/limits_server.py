@@ -30,6 +30,11 @@ from .tls import CertificateFiles, CertificateReloader, TlsFileError, reloading,
 log = logging.getLogger("airlock.limits_server")
 
 MAX_LINE_BYTES = 512  # {"enter": <id>, "user": <64 hex>} is under 100
+# A gateway has at most its queue and its engines' slots in progress (admission.max_queued 1024 by default); far
+# more is not a gateway following the wire, and would only grow this process.
+MAX_COUNTED_PER_CONNECTION = 100_000
+# Answers a gateway has not read yet: past this it is not reading, and its connection is dropped.
+MAX_UNREAD_BYTES = 1024 * 1024
 PSEUDONYM_LENGTH = 64  # hex of an HMAC-SHA256
 
 
@@ -50,6 +55,8 @@ class LimitsServer:
             while line := await reader.readline():
                 reply = self._handle(line, counted)
                 if reply is not None:
+                    if writer.transport.get_write_buffer_size() > MAX_UNREAD_BYTES:
+                        raise ValueError("a gateway that does not read its answers")
                     writer.write(reply)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # A broken line or connection: no peer's bytes are logged, only what kind of fault it was.
@@ -74,7 +81,8 @@ class LimitsServer:
                 self.limits._leave(user)
             return None
         request_id, user = _request_id(message["enter"]), message["user"]
-        if not isinstance(user, str) or len(user) != PSEUDONYM_LENGTH or request_id in counted:
+        if not isinstance(user, str) or len(user) != PSEUDONYM_LENGTH or request_id in counted \
+                or len(counted) >= MAX_COUNTED_PER_CONNECTION:
             raise ValueError("not a request this server counts")
         try:
             self.limits._enter(user)

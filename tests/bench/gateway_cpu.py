@@ -21,7 +21,8 @@ for the same code). For each round, ``cpu = requests * (per_request + tokens * p
 usage events and ``[DONE]``). Whole (non-streamed) requests are measured the same way, CPU over requests. The
 figures are the median of the rounds.
 
-Run: ``python -m tests.bench.gateway_cpu [--rounds 3] [--requests 400] [--rate 40]`` (about 2 minutes). To
+Run: ``python -m tests.bench.gateway_cpu [--rounds 3] [--requests 400] [--rate 40] [--shared-limits]`` (about 2
+minutes; ``--shared-limits``: users' limits counted by a real ``airlock limits-server``, one round trip a request). To
 compare two versions of the gateway on a shared machine, run two at once (``--port``), one from each checkout: both
 gateways then share the measured core and whatever else runs on it.
 """
@@ -30,19 +31,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import signal
 import statistics
+import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
+import yaml
 
 from .host import core_count, cpu_model, stolen_s
 from .load import chat_request, closed_loop, open_loop
-from .stacks import py_spy
+from .stacks import AIRLOCK, NO_USER_LIMITS, ROOT, py_spy, stop
 
 TEXT = "Describe the attached invoice in one sentence."
 # The issue's targets on this machine (issue 20): what one core must relay for an eight-GPU department.
@@ -215,12 +222,42 @@ async def _main(args: argparse.Namespace) -> GatewayCpu:
     if layout.others is not None:
         os.sched_setaffinity(0, layout.others)  # the load and the stand-in engine stay off the measured core
     upstream = upstream_args(args.long, args.interval_ms)
-    with tempfile.TemporaryDirectory(prefix="airlock-gateway-cpu-") as work:
-        async with behind_gateway(Path(work), "cpu", args.port, upstream, layout) as proxied:
+    with tempfile.TemporaryDirectory(prefix="airlock-gateway-cpu-") as work, \
+            limits_server(Path(work), layout.others, args.shared_limits) as shared:
+        async with behind_gateway(Path(work), "cpu", args.port, upstream, layout, shared) as proxied:
             with py_spy(proxied.gateway_pid, args.profile, args.native):
                 return await gateway_cpu(proxied.gateway, proxied.headers, proxied.gateway_pid, rounds=args.rounds,
                                          requests=args.requests, rate=args.rate, short_tokens=args.short,
                                          long_tokens=args.long, interval_ms=args.interval_ms, block=args.block)
+
+
+@contextlib.contextmanager
+def limits_server(work: Path, cpus: set[int] | None, wanted: bool) -> Iterator[dict[str, Any] | None]:
+    """With ``wanted``, a real ``airlock limits-server`` on a unix socket (off the measured core), and the gateway's
+    settings for it: each request then makes its round trip there (``--shared-limits``)."""
+    if not wanted:
+        yield None
+        return
+    secret, path = work / "salt", work / "limits.sock"
+    secret.write_text("a secret the benchmark's gateway shares with nobody" * 2)
+    secret.chmod(0o600)
+    settings = {"admission": {**NO_USER_LIMITS, "shared_limits": {"url": f"unix:{path}"}},
+                "privacy": {"salt_secret_file": str(secret)}}
+    config = work / "limits.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    pin = None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+    with (work / "limits.log").open("wb") as log:
+        process = subprocess.Popen([*AIRLOCK, "limits-server", "--config", str(config)], cwd=ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT, preexec_fn=pin)
+    try:
+        deadline = time.monotonic() + 60
+        while not path.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the limits server did not start: see {work / 'limits.log'}")
+            time.sleep(0.1)
+        yield settings
+    finally:
+        stop(process, signal.SIGTERM, 30)
 
 
 def main() -> None:
@@ -235,6 +272,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=18697)
     parser.add_argument("--profile", type=Path, help="record a py-spy profile here (speedscope; raw if *.txt)")
     parser.add_argument("--native", action="store_true", help="with native frames (slows the gateway down)")
+    parser.add_argument("--shared-limits", action="store_true",
+                        help="users' limits counted by a limits server (admission.shared_limits, unix socket)")
     args = parser.parse_args()
     print(asyncio.run(_main(args)).report())
 

@@ -114,9 +114,10 @@ def machine() -> dict[str, Any]:
 
 @asynccontextmanager
 async def behind_gateway(work: Path, name: str, port: int, upstream_args: list[str],
-                         layout: Layout) -> AsyncIterator[Proxied]:
+                         layout: Layout, shared_limits: dict[str, Any] | None = None) -> AsyncIterator[Proxied]:
     """An instant upstream (with ``upstream_args``) and `airlock gateway` in front of it (API keys, screening and
-    metrics on), with a client session for each."""
+    metrics on), with a client session for each; ``shared_limits``: the gateway's ``admission.shared_limits`` and
+    ``privacy`` settings, for a limits server already running."""
     upstream_socket = work / f"{name}.sock"
     keys_file = work / f"{name}-keys.json"
     headers = {**api_keys(keys_file, ["bench"])["bench"], "content-type": "application/json"}
@@ -126,6 +127,9 @@ async def behind_gateway(work: Path, name: str, port: int, upstream_args: list[s
         # Room for every concurrency measured: the fair queue is not what is measured here.
         "admission": {"max_in_flight_per_replica": 1024, "max_queued": 4096, **NO_USER_LIMITS},
     }
+    if shared_limits is not None:
+        settings["admission"]["shared_limits"] = shared_limits["admission"]["shared_limits"]
+        settings["privacy"] = shared_limits["privacy"]
     instant = [sys.executable, "-m", "tests.bench.instant_upstream", "--uds", str(upstream_socket), *upstream_args]
     with running(instant, work / f"{name}.log", "http://localhost/health", ready_uds=upstream_socket), \
             airlock("gateway", work / name, port, settings, cpus=layout.measured) as gateway:
