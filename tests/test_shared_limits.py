@@ -26,7 +26,9 @@ import yaml
 from pydantic import ValidationError
 
 from server.config import ConfigError, SharedLimitsSettings, load_settings
-from server.shared_limits import SharedLimitsClient
+from server.errors import RateLimited
+from server.limits import UserLimits
+from server.shared_limits import SharedLimitsClient, SharedUserLimits
 
 from .conftest import AIRLOCK, ROOT, Credentials, Stack, airlock_cli, airlock_env, log_tail, write_config
 from .servers import free_port, gateway_in_front_of
@@ -456,3 +458,48 @@ def test_the_readmes_bare_metal_settings_connect_a_gateway_to_the_limits_server(
         client = SharedLimitsClient.for_gateway(load_settings(tmp_path / "gateway.yaml"))
         assert client is not None
         assert asyncio.run(connects(client))
+
+
+def test_a_server_slower_than_the_timeout_is_not_waited_for_and_a_late_count_is_given_back(tmp_path: Path) -> None:
+    """A stand-in server that answers after 0.5 s (a fake on purpose: the real one cannot be made slow on cue),
+    in front of a gateway's real client that waits 0.1 s."""
+    path = tmp_path / "slow.sock"
+    received: list[dict[str, Any]] = []
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            message = json.loads(line)
+            received.append(message)
+            if "enter" in message:
+                await asyncio.sleep(0.5)
+                writer.write(json.dumps({"id": message["enter"]}).encode() + b"\n")
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_unix_server(slow, path=str(path))
+        settings = SharedLimitsSettings(url=f"unix:{path}", timeout_s=0.1, reconnect_interval_s=0.1)
+        client = SharedLimitsClient(settings, SECRET.encode(), {"max_concurrent_per_user": 1})
+        limits = SharedUserLimits(client, UserLimits(load_settings(admission={"max_concurrent_per_user": 1,
+                                                                               "requests_per_minute_per_user": 0})
+                                                     .admission))
+        await client.start()
+        async with server:
+            while not client.connected:
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            async with limits.admit("local:alice"):  # counted here after 0.1 s, not after the server's 0.5 s
+                assert time.monotonic() - started < 0.4
+                with pytest.raises(RateLimited):  # by this gateway's own count, while the server is slow
+                    async with limits.admit("local:alice"):
+                        pass
+            await asyncio.sleep(1.5)  # the server's late "counted" arrives: the client gives it back
+            await client.close()
+            await asyncio.sleep(0.1)  # the stand-in sees the end of the connection and closes its side
+
+    asyncio.run(scenario())
+    assert received[0] == {"hello": {"max_concurrent_per_user": 1}}
+    entered = [message["enter"] for message in received if "enter" in message]
+    left = [message["leave"] for message in received if "leave" in message]
+    assert len(entered) == 2 and sorted(left) == sorted(entered), received
+    pseudonym = next(message["user"] for message in received if "enter" in message)
+    assert len(pseudonym) == 64 and "alice" not in pseudonym
