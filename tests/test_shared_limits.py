@@ -450,6 +450,12 @@ def test_the_readmes_bare_metal_settings_connect_a_gateway_to_the_limits_server(
 
     server_settings = readme_yaml_naming("airlock-limits.service/limits-ca.crt")
     gateway_settings = readme_yaml_naming("airlock-gateway.service/limits-ca.crt")
+    # The files the YAML names are the ones the units' LoadCredential= lines hand over (the gateway's commented out).
+    for unit, settings in (("airlock-limits.service", server_settings), ("airlock-gateway.service", gateway_settings)):
+        text = (ROOT / "deploy" / "systemd" / unit).read_text()
+        handed = set(re.findall(r"^#?LoadCredential=(limits[\w.-]*):", text, flags=re.M))
+        named = {Path(path).name for path in settings["admission"]["shared_limits"]["tls"].values()}
+        assert named == handed == {"limits-ca.crt", "limits.crt", "limits.key"}, (unit, named, handed)
     assert server_settings["admission"]["shared_limits"]["url"] == gateway_settings["admission"]["shared_limits"]["url"]
     (tmp_path / "limits.yaml").write_text(local(server_settings))
     (tmp_path / "gateway.yaml").write_text(

@@ -40,6 +40,9 @@ from .terminal import run_in_terminal
 
 SYSTEMD = ROOT / "deploy" / "systemd"
 UNITS = ("airlock-engines.service", "airlock-gateway.service")
+# Every unit shipped: the two above, and the limits server's for gateways on several hosts (README, "Gateways on
+# several hosts"; its sandbox is checked in tests/test_deploy.py).
+SHIPPED_UNITS = (*UNITS, "airlock-limits.service")
 CONFIG_DIR = "/etc/airlock"
 CREDENTIALS = "/run/credentials/airlock-gateway.service/"  # systemd.exec(5): /run/credentials/UNITNAME
 # The README's commands that only install software or copy the model and units (not run here: they need the
@@ -141,7 +144,7 @@ def test_the_readme_and_the_units_agree() -> None:
     assert config_dir[config_dir.index("-g") + 1] == user and config_dir[config_dir.index("-m") + 1] == "0750"
     # The units the README copies are the ones shipped, and each reads a YAML file the README writes.
     copy = next(program(c) for c in steps.commands if program(c)[0] == "cp" and "deploy/systemd" in program(c)[1])
-    assert sorted(p.name for p in ROOT.glob(copy[1])) == sorted(UNITS)
+    assert sorted(p.name for p in ROOT.glob(copy[1])) == sorted(SHIPPED_UNITS)
     for directives, name in ((engines, "engines.yaml"), (gateway, "gateway.yaml")):
         argv = one(directives, "ExecStart").split()
         assert argv[:2] == ["/opt/airlock/bin/airlock", "engine" if name == "engines.yaml" else "gateway"]
@@ -202,15 +205,16 @@ def systemd_root(tmp_path: Path, units: dict[str, str]) -> Path:
 def analyze(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     tool = shutil.which("systemd-analyze")
     assert tool, "systemd-analyze is needed to check the units (Debian: apt install systemd)"
-    return subprocess.run([tool, *args, "--root", str(root), *UNITS], capture_output=True, text=True, timeout=120)
+    return subprocess.run([tool, *args, "--root", str(root), *SHIPPED_UNITS], capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_the_units_verify_verbatim(tmp_path: Path) -> None:
-    root = systemd_root(tmp_path, {name: (SYSTEMD / name).read_text() for name in UNITS})
+    root = systemd_root(tmp_path, {name: (SYSTEMD / name).read_text() for name in SHIPPED_UNITS})
     verified = analyze(root, "verify", "--man=no")
     assert verified.returncode == 0 and not verified.stderr.strip(), verified.stderr
     # The analyzer does catch mistakes in this set-up: a misspelt directive, a credential name it cannot take.
-    broken = {name: (SYSTEMD / name).read_text() for name in UNITS}
+    broken = {name: (SYSTEMD / name).read_text() for name in SHIPPED_UNITS}
     broken["airlock-gateway.service"] = broken["airlock-gateway.service"].replace(
         "LimitNOFILE=", "LimitNOFILES=").replace("LoadCredential=salt:", "LoadCredential=sa/lt:")
     refused = analyze(systemd_root(tmp_path / "broken", broken), "verify", "--man=no")
