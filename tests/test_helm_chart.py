@@ -36,7 +36,7 @@ CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "Certificate", "Issuer"}
 IDP_CIDR = "10.20.0.5/32"
 PROXY_CIDR = "10.42.0.0/16"
 EXISTING_TLS = {"engine": "corp-airlock-engine", "gatewayClient": "corp-airlock-gateway-client",
-                "gatewayServer": "corp-airlock-gateway"}
+                "gatewayServer": "corp-airlock-gateway", "limits": "corp-airlock-limits"}
 
 # The extensibility values (bitnami/prometheus-community conventions), the same on the gateway and the engines.
 EXTENSIBLE: dict[str, Any] = {
@@ -55,6 +55,9 @@ EXTENSIBLE: dict[str, Any] = {
     "extraVolumes": [{"name": "corp-ca", "configMap": {"name": "corp-ca"}}],
     "extraVolumeMounts": [{"name": "corp-ca", "mountPath": "/etc/corp-ca", "readOnly": True}],
 }
+# The ones the limits server's pod takes (it has no extra environment or volumes).
+LIMITS_EXTENSIBLE = {key: EXTENSIBLE[key] for key in ("priorityClassName", "nodeSelector", "tolerations", "affinity",
+                                                      "topologySpreadConstraints", "podAnnotations", "podLabels")}
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -102,6 +105,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                                       "automountServiceAccountToken": False}},
         "gateway": {**EXTENSIBLE, "serviceAccount": {"create": False, "name": "airlock-gateway-sa",
                                                      "automountServiceAccountToken": False}},
+        "sharedLimits": {**LIMITS_EXTENSIBLE, "serviceAccount": {"create": False, "name": "airlock-limits-sa",
+                                                                 "automountServiceAccountToken": False}},
         "networkPolicy": {"gatewayFrom": [{"namespaceSelector": {"matchLabels": {
                               "kubernetes.io/metadata.name": "corp-ingress"}}}],
                           "gateway": {"extraEgress": [{"to": [{"ipBlock": {"cidr": "10.30.0.0/24"}}],
@@ -290,6 +295,12 @@ def test_the_gateway_settings_are_valid_and_name_every_engine(
     else:
         assert settings.gateway.tls.cert_file == Path("/etc/airlock/tls/server/tls.crt")
         assert settings.gateway.tls.key_file == Path("/etc/airlock/tls/server/tls.key")
+    # A user's own limits are counted by the limits server, over mutual TLS with the limits hop's certificate.
+    shared = settings.admission.shared_limits
+    assert shared is not None and shared.url == f"tcp://{RELEASE}-limits.airlock.svc.cluster.local:9470"
+    assert shared.tls is not None and shared.tls.ca_file == Path("/etc/airlock/tls/limits/ca.crt")
+    assert (shared.tls.cert_file, shared.tls.key_file) == (Path("/etc/airlock/tls/limits/tls.crt"),
+                                                           Path("/etc/airlock/tls/limits/tls.key"))
 
 
 def test_engines_are_reachable_only_from_the_gateway_and_reach_nothing(
@@ -323,6 +334,8 @@ def test_the_gateway_egress_goes_only_to_engines_dns_and_the_configured_provider
             elif "namespaceSelector" in peer:
                 assert peer["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
                 assert {port["port"] for port in rule["ports"]} == {53}
+            elif peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "limits":
+                assert rule["ports"] == [{"port": 9470, "protocol": "TCP"}]
             else:
                 assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "engine"
     # Address blocks only where the values name them: the provider, NodeLocal DNSCache, an extra egress rule.

@@ -137,14 +137,16 @@ def test_global_image_registry_reaches_every_image(name: str) -> None:
     values = merged(VALUE_SETS[name])
     values["global"]["imageRegistry"] = "harbor.corp:5000/mirror"
     images = every_image(render(values, kubernetes=KUBE_VERSIONS.get(name, KUBERNETES)))
-    assert len(images) >= 3 if "model" in name else len(images) == 2
+    # The gateway, an engine and the limits server (the gateway's image), and the model images.
+    assert len(images) >= 4 if "model" in name else len(images) == 3
     assert all(image.startswith("harbor.corp:5000/mirror/airlock/") for image in images), images
 
 
 def test_an_image_registry_of_its_own_is_used_when_no_global_one_is_set() -> None:
     documents = render(VALUE_SETS["existing-secrets"])
+    # The limits server runs the gateway's image.
     assert sorted(every_image(documents)) == ["registry.corp/airlock/engine:0.1.0",
-                                              "registry.corp/airlock/gateway@sha256:" + "a" * 64]
+                                              *["registry.corp/airlock/gateway@sha256:" + "a" * 64] * 2]
     # global wins over each image's registry (bitnami's rule).
     values = copy.deepcopy(VALUE_SETS["existing-secrets"])
     values["global"]["imageRegistry"] = "mirror.corp"
@@ -336,7 +338,7 @@ def test_affinity_and_spread_are_rendered_with_tpl() -> None:
 def test_service_accounts_are_made_without_a_token_unless_asked() -> None:
     documents = render({})
     accounts = {a["metadata"]["name"]: a for a in of_kind(documents, "ServiceAccount")}
-    assert set(accounts) == {f"{RELEASE}-gateway", f"{RELEASE}-engine"}
+    assert set(accounts) == {f"{RELEASE}-gateway", f"{RELEASE}-engine", f"{RELEASE}-limits"}
     assert all(a["automountServiceAccountToken"] is False for a in accounts.values())
     assert pod(documents, f"{RELEASE}-gateway")["serviceAccountName"] == f"{RELEASE}-gateway"
     documents = render(VALUE_SETS["model-image"])
@@ -402,8 +404,8 @@ def test_the_dns_rule_variants(dns: dict[str, Any], rule: dict[str, Any] | None)
     policy = gateway_policy({"networkPolicy": {"dns": dns}})
     dns_rules = [r for r in policy["egress"] if any(p.get("port") in (53, 5353) for p in r.get("ports", []))]
     assert dns_rules == ([rule] if rule else [])
-    # Without a DNS rule only the engines remain (no provider configured).
-    assert len(policy["egress"]) == (2 if rule else 1)
+    # Without a DNS rule only the engines and the limits server remain (no provider configured).
+    assert len(policy["egress"]) == (3 if rule else 2)
 
 
 def test_the_api_is_open_only_to_the_named_sources() -> None:
@@ -564,7 +566,7 @@ def test_long_names_stay_within_the_kubernetes_limits() -> None:
             labels |= metadata.get("labels") or {}
         assert all(len(str(value)) <= 63 for value in labels.values()), labels
     common_names = [c["spec"]["commonName"] for c in of_kind(documents, "Certificate")]
-    assert len(common_names) == 12 + 2 + 2
+    assert len(common_names) == 12 + 2 + 3 + 1  # engines, gateway client and server, 3 CAs, the limits Service
     assert all(len(name) <= 64 for name in common_names), [n for n in common_names if len(n) > 64]
     assert len(set(common_names)) == len(common_names)
 
@@ -640,7 +642,7 @@ def test_a_peer_list_that_would_match_everything_is_refused(overrides: dict[str,
 
 def test_dns_may_name_no_peer_only_when_its_rule_is_off() -> None:
     policy = gateway_policy({"networkPolicy": {"dns": {"enabled": False, "to": [], "ports": []}}})
-    assert all(rule["to"] for rule in policy["egress"]) and len(policy["egress"]) == 1
+    assert all(rule["to"] for rule in policy["egress"]) and len(policy["egress"]) == 2  # engines, limits server
 
 
 def test_an_extra_rule_to_anywhere_is_written_out() -> None:

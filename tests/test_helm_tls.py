@@ -94,7 +94,7 @@ def test_gateway_tls_goes_off_only_when_a_named_proxy_terminates_it() -> None:
 
 
 def test_existing_secret_mode_names_each_secret_it_needs() -> None:
-    given = {"engine": "e", "gatewayClient": "c", "gatewayServer": "s"}
+    given = {"engine": "e", "gatewayClient": "c", "gatewayServer": "s", "limits": "l"}
     for missing in given:
         secrets = {key: value for key, value in given.items() if key != missing}
         with pytest.raises(helm.HelmError) as refused:
@@ -108,8 +108,8 @@ def test_cert_manager_objects_render_when_the_cluster_has_cert_manager() -> None
     without = render({"engine": {"replicas": 2}})
     assert not of_kind(without, "Certificate") and not of_kind(without, "Issuer")
     assert {s["metadata"]["name"] for s in of_kind(without, "Secret") if s["type"] == "kubernetes.io/tls"} == {
-        f"{RELEASE}-{n}" for n in ("engine-ca", "gateway-ca", "engine-0-tls", "engine-1-tls", "gateway-client-tls",
-                                   "gateway-tls")}
+        f"{RELEASE}-{n}" for n in ("engine-ca", "gateway-ca", "limits-ca", "engine-0-tls", "engine-1-tls",
+                                   "gateway-client-tls", "gateway-tls", "limits-tls")}
     assert not [s for s in of_kind(with_api, "Secret") if s["type"] == "kubernetes.io/tls"]
     assert cert_manager_chain(with_api) == cert_manager_chain(render({"engine": {"replicas": 2},
                                                                       "tls": {"source": "certManager"}}))
@@ -142,13 +142,15 @@ def test_cert_manager_issues_each_certificate_from_the_ca_of_its_hop() -> None:
         # CA, so the Ingress controller (which reads it) cannot reach an engine with it.
         f"{RELEASE}-gateway-client-tls": (engine_ca, ("client auth",)),
         f"{RELEASE}-gateway-tls": (gateway_ca, ("server auth",)),
+        # Presented by the limits server and by every gateway pod, from a CA of its own (tests/test_helm_limits.py).
+        f"{RELEASE}-limits-tls": (f"{RELEASE}-limits-ca", ("server auth", "client auth")),
     }
     certificates = {c["spec"]["secretName"]: c["spec"] for c in of_kind(documents, "Certificate")}
     # A renewed CA keeps its key (a new one would strand every certificate it issued until each renews); the
     # certificates it issues get a new key with each renewal.
     for spec in certificates.values():
         assert spec["privateKey"]["rotationPolicy"] == ("Never" if spec.get("isCA") else "Always")
-    assert sum(1 for spec in certificates.values() if spec.get("isCA")) == 2
+    assert sum(1 for spec in certificates.values() if spec.get("isCA")) == 3
     gateway = gateway_settings_of(documents)
     for upstream in gateway["upstreams"]:
         host = upstream["url"].removeprefix("https://").rsplit(":", 1)[0]
@@ -161,7 +163,7 @@ def test_cert_manager_with_your_own_issuer_makes_no_ca() -> None:
     documents = render({"tls": {"source": "certManager", "certManager": {"issuerRef": issuer}}})
     assert not of_kind(documents, "Issuer")
     certificates = of_kind(documents, "Certificate")
-    assert len(certificates) == 3 and all(c["spec"]["issuerRef"] == issuer for c in certificates)
+    assert len(certificates) == 4 and all(c["spec"]["issuerRef"] == issuer for c in certificates)
 
 
 def test_checksums_follow_the_certificates_a_pod_mounts() -> None:
@@ -370,6 +372,8 @@ def remade(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> set[str
 
 ENGINE_SIDE = {f"{RELEASE}-{n}" for n in ("engine-ca", "engine-0-tls", "engine-1-tls", "gateway-client-tls")}
 GATEWAY_SIDE = {f"{RELEASE}-{n}" for n in ("gateway-ca", "gateway-tls")}
+LIMITS_SIDE = {f"{RELEASE}-{n}" for n in ("limits-ca", "limits-tls")}
+CAS = {f"{RELEASE}-{n}-ca" for n in ("engine", "gateway", "limits")}
 TWO_ENGINES: dict[str, Any] = {"engine": {"replicas": 2}}
 
 
@@ -385,7 +389,7 @@ def test_an_upgrade_keeps_the_generated_certificates_and_the_salt(tmp_path: Path
     first = cluster.helm(TWO_ENGINES)
     salt = named(first, "Secret", f"{RELEASE}-salt")["data"]
     second = cluster.helm(TWO_ENGINES)
-    assert remade(first, second) == set() and len(certificates(second)) == 6
+    assert remade(first, second) == set() and len(certificates(second)) == 8
     assert pod_checksums(first) == pod_checksums(second)
     assert named(second, "Secret", f"{RELEASE}-salt")["data"] == salt
 
@@ -448,9 +452,9 @@ def test_changing_the_validity_or_losing_the_recorded_expiry_remakes_certificate
     cluster = Cluster(tmp_path)
     first = cluster.helm(TWO_ENGINES)
     shorter = cluster.helm({**TWO_ENGINES, "tls": {"generated": {"validityDays": 400}}})
-    assert remade(first, shorter) == (ENGINE_SIDE | GATEWAY_SIDE) - {f"{RELEASE}-engine-ca", f"{RELEASE}-gateway-ca"}
+    assert remade(first, shorter) == (ENGINE_SIDE | GATEWAY_SIDE | LIMITS_SIDE) - CAS
     longer_ca = cluster.helm({**TWO_ENGINES, "tls": {"generated": {"validityDays": 400, "caValidityDays": 5000}}})
-    assert remade(shorter, longer_ca) == ENGINE_SIDE | GATEWAY_SIDE
+    assert remade(shorter, longer_ca) == ENGINE_SIDE | GATEWAY_SIDE | LIMITS_SIDE
     # A Secret without the date (made by hand, or by an older chart) is taken as expiring.
     del cluster.secrets[f"{RELEASE}-gateway-ca"]["metadata"]["annotations"][NOT_AFTER]
     again = cluster.helm({**TWO_ENGINES, "tls": {"generated": {"validityDays": 400, "caValidityDays": 5000}}})

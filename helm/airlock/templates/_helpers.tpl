@@ -91,11 +91,17 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 
+{{/* The values of a component's pods: the component's name, but sharedLimits for the limits server (its pods are
+"limits", as its Service and labels). (component) */}}
+{{- define "airlock.valuesKey" -}}
+{{- ternary "sharedLimits" . (eq . "limits") }}
+{{- end }}
+
 {{/* The ServiceAccount of a component's pods (bitnami: common.names.serviceAccountName). (list root component) */}}
 {{- define "airlock.serviceAccountName" -}}
 {{- $root := index . 0 }}
 {{- $component := index . 1 }}
-{{- $account := (get $root.Values $component).serviceAccount }}
+{{- $account := (get $root.Values (include "airlock.valuesKey" $component)).serviceAccount }}
 {{- if $account.create }}
 {{- $account.name | default (include "airlock.component" (list $root $component)) }}
 {{- else }}
@@ -111,10 +117,10 @@ imagePullSecrets:
 {{- $own := include "airlock.selectorLabels" $root | fromYaml }}
 {{- $_ := set $own "app.kubernetes.io/component" $component }}
 {{- $own = merge $own (index . 2) }}
-{{- $extra := (get $root.Values $component).podLabels | default dict }}
+{{- $extra := (get $root.Values (include "airlock.valuesKey" $component)).podLabels | default dict }}
 {{- range $key, $value := $extra }}
 {{- if hasKey $own $key }}
-{{- fail (printf "%s.podLabels: %s is the chart's own label" $component $key) }}
+{{- fail (printf "%s.podLabels: %s is the chart's own label" (include "airlock.valuesKey" $component) $key) }}
 {{- end }}
 {{- end }}
 {{- merge $own $extra | toYaml }}
@@ -125,7 +131,7 @@ ServiceAccount, runtime and priority class, scheduling. (list root component) */
 {{- define "airlock.podExtras" -}}
 {{- $root := index . 0 }}
 {{- $component := index . 1 }}
-{{- $values := get $root.Values $component -}}
+{{- $values := get $root.Values (include "airlock.valuesKey" $component) -}}
 serviceAccountName: {{ include "airlock.serviceAccountName" (list $root $component) }}
 automountServiceAccountToken: {{ $values.serviceAccount.automountServiceAccountToken }}
 enableServiceLinks: false
@@ -183,6 +189,22 @@ setting of the chart (the model check, the listening address, the certificates).
 {{- end }}
 {{- with $extra }}
 {{- include "airlock.tplvalues" (dict "value" . "context" $root) }}
+{{- end }}
+{{- end }}
+
+{{/* The OIDC issuer and audience, as environment variables (from auth.oidc, or its Secret): the gateway's, and the
+limits server's, which reads the same settings (with no sign-in method left, they would be refused). */}}
+{{- define "airlock.oidcEnv" -}}
+{{- if .Values.auth.oidc.existingSecret }}
+- name: AIRLOCK_AUTH__OIDC__ISSUER
+  valueFrom: {secretKeyRef: {name: {{ .Values.auth.oidc.existingSecret }}, key: issuer}}
+- name: AIRLOCK_AUTH__OIDC__AUDIENCE
+  valueFrom: {secretKeyRef: {name: {{ .Values.auth.oidc.existingSecret }}, key: audience}}
+{{- else if .Values.auth.oidc.issuer }}
+- name: AIRLOCK_AUTH__OIDC__ISSUER
+  value: {{ .Values.auth.oidc.issuer | quote }}
+- name: AIRLOCK_AUTH__OIDC__AUDIENCE
+  value: {{ required "auth.oidc.audience is required with auth.oidc.issuer" .Values.auth.oidc.audience | quote }}
 {{- end }}
 {{- end }}
 
@@ -258,11 +280,21 @@ seccompProfile:
 {{- end }}
 
 {{/*
-TLS inside the cluster. Two private CAs, each for one hop, so that no certificate is accepted where it does not belong:
+TLS inside the cluster. A private CA for each hop, so that no certificate is accepted where it does not belong:
 the engine CA issues the engines' server certificates and the gateway's client certificate (engines accept a client
-only with a certificate from it); the gateway CA issues the gateway's server certificate (the Ingress verifies it).
-Every certificate Secret holds tls.crt, tls.key and ca.crt (the layout of kubernetes.io/tls and of cert-manager).
+only with a certificate from it); the gateway CA issues the gateway's server certificate (the Ingress verifies it); the
+limits CA (sharedLimits.enabled) issues the one certificate that the limits server and the gateways both present
+(each side accepts only a peer with a certificate from it, and the gateways check it names the limits Service), so
+neither an engine's certificate nor the gateway's upstream one reaches the limits server. Every certificate Secret
+holds tls.crt, tls.key and ca.crt (the layout of kubernetes.io/tls and of cert-manager).
 */}}
+
+{{/* The hops that have a CA of their own, as JSON: engine, gateway, and limits with sharedLimits.enabled. */}}
+{{- define "airlock.caRoles" -}}
+{{- $roles := list "engine" "gateway" }}
+{{- if .Values.sharedLimits.enabled }}{{ $roles = append $roles "limits" }}{{ end }}
+{{- toJson $roles }}
+{{- end }}
 
 {{/*
 A Secret as the cluster holds it now, as JSON ({} when there is none): the chart's only lookup. Renderers without a
@@ -326,6 +358,21 @@ installed later does not switch a release over by itself. Memoized on the root c
 {{- end }}
 {{- end }}
 
+{{- define "airlock.limitsTlsSecret" -}}
+{{- if eq (include "airlock.tlsSource" .) "existingSecret" }}
+{{- required "tls.existingSecret.limits: name the Secret with the limits server's certificate for its Service names, allowing server and client authentication (tls.crt, tls.key, ca.crt), or set sharedLimits.enabled: false" .Values.tls.existingSecret.limits }}
+{{- else }}
+{{- include "airlock.component" (list . "limits-tls") }}
+{{- end }}
+{{- end }}
+
+{{/* Where the gateways reach the limits server: its Service's fully qualified name, which its certificate names (the
+gateways check it). */}}
+{{- define "airlock.limitsUrl" -}}
+{{- $service := include "airlock.component" (list . "limits") }}
+{{- printf "tcp://%s:%d" (last (include "airlock.serviceDNSNames" (list . $service) | fromJsonArray)) (int .Values.sharedLimits.port) }}
+{{- end }}
+
 {{/* A CA's commonName, "<fullname> <role> CA", within the 64 characters of X.509 (RFC 5280, ub-common-name;
 cert-manager refuses a longer one). Leaf names are Service names (63) or "<gateway>-client", cut to fit likewise.
 (list root role) */}}
@@ -336,7 +383,8 @@ cert-manager refuses a longer one). Leaf names are Service names (63) or "<gatew
 
 {{/*
 Every certificate the chart issues: a list of {secret, ca, commonName, dnsNames, usages}. The engine CA's leaves
-(engines, gateway client) and the gateway CA's leaf (gateway server, only with tls.gateway.enabled).
+(engines, gateway client), the limits CA's leaf (the limits Service, only with sharedLimits.enabled) and the gateway
+CA's leaf (gateway server, only with tls.gateway.enabled).
 */}}
 {{- define "airlock.tlsLeaves" -}}
 {{- $leaves := list }}
@@ -347,6 +395,11 @@ Every certificate the chart issues: a list of {secret, ca, commonName, dnsNames,
 {{- end }}
 {{- $gateway := include "airlock.component" (list . "gateway") }}
 {{- $leaves = append $leaves (dict "secret" (include "airlock.gatewayClientTlsSecret" .) "ca" "engine" "commonName" (printf "%s-client" ($gateway | trunc 57 | trimSuffix "-")) "dnsNames" list "usages" (list "client auth")) }}
+{{- if .Values.sharedLimits.enabled }}
+{{- /* Presented by both sides of the hop: server auth for the limits server, client auth for the gateways. */}}
+{{- $limits := include "airlock.component" (list . "limits") }}
+{{- $leaves = append $leaves (dict "secret" (include "airlock.limitsTlsSecret" .) "ca" "limits" "commonName" $limits "dnsNames" (include "airlock.serviceDNSNames" (list . $limits) | fromJsonArray) "usages" (list "server auth" "client auth")) }}
+{{- end }}
 {{- if .Values.tls.gateway.enabled }}
 {{- $leaves = append $leaves (dict "secret" (include "airlock.gatewayServerTlsSecret" .) "ca" "gateway" "commonName" $gateway "dnsNames" (include "airlock.serviceDNSNames" (list . $gateway) | fromJsonArray) "usages" (list "server auth")) }}
 {{- end }}
@@ -361,7 +414,7 @@ down the date it asked for, taken just before the certificate is made, so never 
 upgrade a certificate is made again when its identity changed, when it expires within tls.generated.renewBeforeDays,
 or when its CA was made again; a CA when its identity changed or when it expires before a certificate issued now
 would (validityDays + renewBeforeDays). Sprig certificates always allow both server and client authentication (it
-cannot restrict usages): the two CAs keep them apart. Memoized on the root context: every template of one render
+cannot restrict usages): the CAs keep them apart. Memoized on the root context: every template of one render
 sees the same certificates (the Secrets and the pods' checksums). Returns {secretName: {tls.crt, tls.key, ca.crt,
 identity, notAfter}} with base64 values, CA Secrets included.
 */}}
@@ -380,7 +433,7 @@ identity, notAfter}} with base64 values, CA Secrets included.
 {{- $now := now | unixEpoch | int64 }}
 {{- $secrets := dict }}
 {{- $cas := dict }}
-{{- range $role := list "engine" "gateway" }}
+{{- range $role := include "airlock.caRoles" . | fromJsonArray }}
 {{- $name := include "airlock.component" (list $ (printf "%s-ca" $role)) }}
 {{- $commonName := include "airlock.caCommonName" (list $ $role) }}
 {{- $identity := printf "%s|%d" $commonName $caDays | sha256sum }}
