@@ -74,7 +74,7 @@ class LimitsServer:
         message: dict[str, Any] = orjson.loads(line)
         if "hello" in message:
             self._compare(message["hello"])
-            return None
+            return b'{"ready":true}\n'
         if "leave" in message:
             user = counted.pop(_request_id(message["leave"]), None)
             if user is not None:

@@ -5,6 +5,7 @@ The wire is one connection a gateway keeps open, newline-delimited JSON, one sma
 
     gateway -> server   {"hello": {"max_concurrent_per_user": 32, "requests_per_minute_per_user": 600}}
                                                               first: the gateway's own limits (the server's apply)
+    server -> gateway   {"ready": true}                          the connection is served
     gateway -> server   {"enter": 7, "user": "<pseudonym>"}      count request 7 of this user, or refuse it
     server -> gateway   {"id": 7}                                 counted
                         {"id": 7, "refused": {"message": "...", "code": "...", "retry_after_s": 1}}
@@ -159,7 +160,7 @@ class SharedLimitsClient:
         while True:
             try:
                 reader, writer = await self._open()
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, ValueError) as exc:
                 if not lost_logged:
                     log.warning("shared limits: cannot reach the limits server (%s); each gateway counts its own "
                                 "requests until it can, trying every %g s", _reason(exc), settings.reconnect_interval_s)
@@ -167,7 +168,6 @@ class SharedLimitsClient:
                 await asyncio.sleep(settings.reconnect_interval_s)
                 continue
             self._connection += 1
-            writer.write(self._hello)
             self._writer, self.connected = writer, True
             log.info("shared limits: connected to the limits server; users' limits are counted for every gateway")
             lost_logged = False
@@ -185,15 +185,28 @@ class SharedLimitsClient:
             await asyncio.sleep(settings.reconnect_interval_s)
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection the server has said it serves (its "ready" to this gateway's hello): with TLS 1.3 a server
+        refuses a client certificate only after the client's side of the handshake, so a connection is not taken
+        for working before that answer. Raises OSError (TLS errors too), TimeoutError or ValueError."""
         settings = self._settings
         async with asyncio.timeout(max(settings.timeout_s, 5.0)):
             path, address = settings.socket_path, settings.tcp_address
             if path is not None:
-                return await asyncio.open_unix_connection(path, limit=MAX_LINE_BYTES)
-            assert address is not None
-            if self.reloader is not None:
-                self.reloader.check()
-            return await asyncio.open_connection(address[0], address[1], ssl=self._ssl, limit=MAX_LINE_BYTES)
+                reader, writer = await asyncio.open_unix_connection(path, limit=MAX_LINE_BYTES)
+            else:
+                assert address is not None
+                if self.reloader is not None:
+                    self.reloader.check()
+                reader, writer = await asyncio.open_connection(address[0], address[1], ssl=self._ssl,
+                                                               limit=MAX_LINE_BYTES)
+            try:
+                writer.write(self._hello)
+                if orjson.loads(await reader.readline()) != {"ready": True}:
+                    raise ValueError("not a limits server")
+            except BaseException:
+                writer.close()
+                raise
+            return reader, writer
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():

@@ -141,8 +141,10 @@ class Wire:
         answer: dict[str, Any] = json.loads(self.lines.readline())
         return answer
 
-    def hello(self, **limits: int) -> None:
+    def hello(self, **limits: int) -> dict[str, Any]:
         self.sock.sendall(json.dumps({"hello": limits}).encode() + b"\n")
+        answer: dict[str, Any] = json.loads(self.lines.readline())
+        return answer
 
     def leave(self, request_id: int) -> None:
         self.sock.sendall(json.dumps({"leave": request_id}).encode() + b"\n")
@@ -162,7 +164,8 @@ def test_the_server_counts_every_connection_and_forgets_what_a_closed_one_held(t
     with limits_server(config, log_path):
         assert path.stat().st_mode & 0o777 == 0o660  # the service's user and group only
         one, two = Wire(path), Wire(path)
-        one.hello(max_concurrent_per_user=5, requests_per_minute_per_user=0)  # set up otherwise: the server's apply
+        # Set up otherwise: served all the same, with the server's limits (and a warning).
+        assert one.hello(max_concurrent_per_user=5, requests_per_minute_per_user=0) == {"ready": True}
         assert one.enter(1, alice) == {"id": 1}
         assert two.enter(1, alice) == {"id": 1}  # ids are per connection
         refused = one.enter(2, alice)["refused"]
@@ -476,6 +479,8 @@ def test_a_server_slower_than_the_timeout_is_not_waited_for_and_a_late_count_is_
         while line := await reader.readline():
             message = json.loads(line)
             received.append(message)
+            if "hello" in message:
+                writer.write(b'{"ready": true}\n')
             if "enter" in message:
                 await asyncio.sleep(0.5)
                 writer.write(json.dumps({"id": message["enter"]}).encode() + b"\n")
