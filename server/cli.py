@@ -266,7 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.set_defaults(func=_cmd_gateway)
 
     limits = with_config(commands.add_parser(
-        "limits-server", help="count users' own limits for several gateways (admission.shared_limits)"))
+        "limits-server", help="count users' own limits for several gateways (admission.shared_limits)",
+        description="Count users' own limits (admission.max_concurrent_per_user, requests_per_minute_per_user) once "
+                    "for every gateway whose settings name this server in admission.shared_limits.url; listens "
+                    "there (unix socket, or TCP with mutual TLS off loopback). README: \"Several gateways, one "
+                    "count\"."))
     limits.add_argument("--host", help="address to listen on for a tcp:// url (default: the url's host)")
     limits.set_defaults(func=_cmd_limits_server)
 

@@ -377,16 +377,16 @@ class SharedLimitsSettings(_Section):
     def _refuse_clear_text(self) -> SharedLimitsSettings:
         address = self.tcp_address
         if address is not None and not 1 <= address[1] <= 65535:
-            raise ValueError(f"admission.shared_limits.url: port {address[1]} is not between 1 and 65535")
+            raise ValueError(f"url: port {address[1]} is not between 1 and 65535")
         if address is not None and self.tls is None and not is_loopback_host(address[0]):
             raise ValueError(
-                "admission.shared_limits.url is tcp:// on a host other than loopback: set admission.shared_limits.tls "
-                "(ca_file, cert_file, key_file), since the gateways and the limits server must know each other and "
-                "the pseudonyms of users should not cross the network in clear"
+                "a tcp:// url on a host other than loopback needs tls (ca_file, cert_file, key_file): the gateways "
+                "and the limits server must know each other, and users' pseudonyms must not cross the network in "
+                "clear"
             )
         if address is None and self.tls is not None:
-            raise ValueError("admission.shared_limits.tls applies to tcp:// URLs only (a unix socket is guarded by "
-                             "its directory's permissions)")
+            raise ValueError("tls applies to tcp:// URLs only (a unix socket is guarded by its directory's "
+                             "permissions)")
         return self
 
 

@@ -1,5 +1,6 @@
 """Per-user limits: requests in progress at once, and requests per minute (a token bucket). Over either: 429
-with Retry-After. Keyed by user id, in memory only, and bounded: idle users with a full bucket are forgotten."""
+with Retry-After. Keyed by user id, in memory only, and bounded: idle users with a full bucket are forgotten (so
+the table holds at most about twice the users active within the last minute, and USERS_KEPT at least)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ class UserLimits:
         self._per_minute = settings.requests_per_minute_per_user
         self._active: Counter[str] = Counter()
         self._buckets: dict[str, _Bucket] = {}
+        # The table's size at which idle users are next looked for: twice what the last look left, so that users
+        # who all keep a bucket in use cost one look per doubling, not one per newcomer.
+        self._sweep_at = USERS_KEPT
 
     def admit(self, user: str) -> _Admitted:
         """Count one request of ``user`` while it runs (``with``), or refuse it with 429 on entering."""
@@ -52,7 +56,7 @@ class UserLimits:
         rate = self._per_minute / 60.0
         bucket = self._buckets.get(user)
         if bucket is None:
-            if len(self._buckets) >= USERS_KEPT:
+            if len(self._buckets) >= self._sweep_at:
                 self._forget_idle(now, rate)
             bucket = self._buckets[user] = _Bucket(float(self._per_minute), now)
         bucket.tokens = min(float(self._per_minute), bucket.tokens + (now - bucket.updated) * rate)
@@ -69,6 +73,7 @@ class UserLimits:
             user: bucket for user, bucket in self._buckets.items()
             if user in self._active or bucket.tokens + (now - bucket.updated) * rate < full
         }
+        self._sweep_at = max(USERS_KEPT, 2 * len(self._buckets))
 
 
 class _Admitted:

@@ -16,12 +16,13 @@ import os
 import signal
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from .config import ConfigError, Settings, SharedLimitsSettings
+from .config import ConfigError, Settings, SharedLimitsSettings, is_loopback_host
 from .errors import RateLimited
 from .limits import UserLimits
 from .privacy import harden_process
@@ -36,6 +37,28 @@ MAX_COUNTED_PER_CONNECTION = 100_000
 # Answers a gateway has not read yet: past this it is not reading, and its connection is dropped.
 MAX_UNREAD_BYTES = 1024 * 1024
 PSEUDONYM_LENGTH = 64  # hex of an HMAC-SHA256
+# Gateways connected at once: a deployment has a handful (one connection each); past this, a connection is closed at
+# once, so that a flood of them cannot take every file descriptor and lock the gateways out.
+MAX_CONNECTIONS = 256
+# Warnings about peers, at most one per this many seconds each (with a count of those not logged).
+WARNING_INTERVAL_S = 60.0
+
+
+class _Throttled:
+    """A warning a peer can cause, logged at most once per ``WARNING_INTERVAL_S``: a misbehaving peer must not be
+    able to flood the log."""
+
+    def __init__(self) -> None:
+        self._last = -WARNING_INTERVAL_S
+        self._skipped = 0
+
+    def warn(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < WARNING_INTERVAL_S:
+            self._skipped += 1
+            return
+        skipped, self._skipped, self._last = self._skipped, 0, now
+        log.warning(message + (f" ({skipped} more like it not logged)" if skipped else ""), *args)
 
 
 class LimitsServer:
@@ -44,12 +67,18 @@ class LimitsServer:
     def __init__(self, settings: Settings) -> None:
         self.limits = UserLimits(settings.admission)
         self.connections = 0
+        self._dropped, self._differ, self._full = _Throttled(), _Throttled(), _Throttled()
         self._own = {"max_concurrent_per_user": settings.admission.max_concurrent_per_user,
                      "requests_per_minute_per_user": settings.admission.requests_per_minute_per_user}
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One gateway's connection: its requests, until it closes or breaks the protocol."""
         counted: dict[int, str] = {}
+        if self.connections >= MAX_CONNECTIONS:
+            self._full.warn("limits server: %d connections open, the most it takes; closed a new one",
+                            MAX_CONNECTIONS)
+            writer.transport.abort()
+            return
         self.connections += 1
         try:
             while line := await reader.readline():
@@ -60,15 +89,14 @@ class LimitsServer:
                     writer.write(reply)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # A broken line or connection: no peer's bytes are logged, only what kind of fault it was.
-            log.warning("limits server: dropped a gateway's connection (%s); its %d requests are no longer counted",
-                        type(exc).__name__, len(counted))
+            self._dropped.warn("limits server: dropped a connection that broke the wire (%s); its %d requests are no "
+                               "longer counted", type(exc).__name__, len(counted))
         finally:
             self.connections -= 1
             for user in counted.values():
                 self.limits._leave(user)
-            writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError):
-                await writer.wait_closed()
+            # At once, whatever is unsent: a peer that does not read would otherwise keep its buffer and descriptor.
+            writer.transport.abort()
 
     def _handle(self, line: bytes, counted: dict[int, str]) -> bytes | None:
         message: dict[str, Any] = orjson.loads(line)
@@ -101,8 +129,8 @@ class LimitsServer:
         differing = [f"{name} {theirs.get(name)!r} there, {mine} here" for name, mine in self._own.items()
                      if theirs.get(name) != mine and isinstance(theirs.get(name), (int, type(None)))]
         if differing:
-            log.warning("limits server: a gateway's settings differ (%s); this server's apply to all of its users. "
-                        "Give the limits server the gateways' admission settings", "; ".join(differing))
+            self._differ.warn("limits server: a gateway's settings differ (%s); this server's apply to all of its "
+                              "users. Give the limits server the gateways' admission settings", "; ".join(differing))
 
 
 def _request_id(value: object) -> int:
@@ -114,8 +142,6 @@ def _request_id(value: object) -> int:
 async def run_limits_server(settings: Settings, host: str | None = None) -> None:
     """Serve until SIGTERM or SIGINT, on ``admission.shared_limits.url`` (its port on ``host`` for tcp://).
     Raises ConfigError for a URL it cannot listen on or unusable TLS files."""
-    from .runner import listen  # binds with the gateway's messages for a taken port or an unknown name
-
     shared = settings.admission.shared_limits
     if shared is None:
         raise ConfigError("admission.shared_limits: set url (unix:/path or tcp://host:port) and, for tcp://, tls")
@@ -124,6 +150,8 @@ async def run_limits_server(settings: Settings, host: str | None = None) -> None
     path, address = shared.socket_path, shared.tcp_address
     reloader = None
     if path is not None:
+        if host is not None:
+            raise ConfigError("--host applies to a tcp:// admission.shared_limits.url; this one is a unix socket")
         listener = await asyncio.start_unix_server(server.serve_connection, sock=_unix_socket(path),
                                                    limit=MAX_LINE_BYTES)
         where = f"unix:{path}"
@@ -131,8 +159,12 @@ async def run_limits_server(settings: Settings, host: str | None = None) -> None
         assert address is not None
         context, reloader = _server_tls(shared)
         bind = host if host is not None else address[0]
-        listener = await asyncio.start_server(server.serve_connection, sock=listen(bind, address[1], "limits server"),
-                                              ssl=context, limit=MAX_LINE_BYTES, ssl_handshake_timeout=10.0)
+        if context is None and not is_loopback_host(bind):
+            raise ConfigError(f"refusing to listen on {bind!r} without TLS: set admission.shared_limits.tls, or "
+                              "listen on loopback only")
+        tls_options: dict[str, Any] = {"ssl": context, "ssl_handshake_timeout": 10.0} if context is not None else {}
+        listener = await asyncio.start_server(server.serve_connection, sock=_tcp_socket(bind, address[1]),
+                                              limit=MAX_LINE_BYTES, **tls_options)
         where = f"tcp://{bind}:{address[1]}" + (" (mutual TLS)" if context is not None else "")
     admission = settings.admission
     log.info("limits server on %s: %s requests at once and %s a minute per user", where,
@@ -163,11 +195,35 @@ def _server_tls(shared: SharedLimitsSettings) -> tuple[ssl.SSLContext | None, Ce
     return context, CertificateReloader(certificate, [context])
 
 
+def _tcp_socket(host: str, port: int) -> socket.socket:
+    """Bound up front, with messages that name the setting."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, IndexError) as exc:
+        raise ConfigError(f"admission.shared_limits.url (or --host): cannot resolve {host!r}") from exc
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"admission.shared_limits.url: cannot listen on {host}:{port} ({exc.strerror})") from exc
+    return sock
+
+
 def _unix_socket(path: Path) -> socket.socket:
-    """A socket only this user and its group may use (put it in a directory of the service's own)."""
-    with contextlib.suppress(FileNotFoundError):
-        if path.is_socket():
-            path.unlink()  # left by a server that was killed
+    """A socket only this user and its group may use (put it in a directory of the service's own). One left by a
+    server that was killed is replaced; one a running server answers on is not."""
+    if path.is_socket():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink(missing_ok=True)  # nobody answers: left behind
+        else:
+            raise ConfigError(f"admission.shared_limits.url: another limits server is listening on unix:{path}")
+        finally:
+            probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o117)
     try:

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import hmac
 import logging
+import os
 import ssl
 from typing import Any
 
@@ -47,6 +49,7 @@ PSEUDONYMS_KEPT = 4096
 MAX_LINE_BYTES = 4096
 # Past this many bytes not yet taken by the server, it is too slow to wait for: count requests here.
 MAX_UNSENT_BYTES = 1024 * 1024
+X509_V_ERR_HOSTNAME_MISMATCH = 62  # OpenSSL's x509_vfy.h
 
 
 class ServerUnavailable(Exception):
@@ -97,6 +100,7 @@ class SharedLimitsClient:
         self._connection = 0  # which connection an id was counted on: a leave goes only to that one
         self._task: asyncio.Task[None] | None = None
         self.connected = False
+        self._timed_out = False  # the last connection was dropped for not answering (already logged)
 
     async def start(self) -> None:
         """Connect in the background: the gateway starts whether or not the server is up."""
@@ -133,6 +137,7 @@ class SharedLimitsClient:
                 reply = await answer
         except TimeoutError:
             self._late.add(request_id)
+            self._give_up(writer)
             raise ServerUnavailable from None
         except ServerUnavailable:
             raise
@@ -147,6 +152,18 @@ class SharedLimitsClient:
                               code=str(refused.get("code", "rate_limit_exceeded")),
                               retry_after_s=int(refused.get("retry_after_s", 1)))
         return connection, request_id
+
+    def _give_up(self, writer: asyncio.StreamWriter) -> None:
+        """The server did not answer in time (hung, its host cut off without a reset, starved of CPU): drop the
+        connection, so that every request is counted here at once instead of each waiting ``timeout_s``. The
+        next connection must answer its hello in time before requests go there again."""
+        if writer is not self._writer or not self.connected:
+            return
+        self.connected = False
+        self._timed_out = True
+        log.warning("shared limits: the limits server did not answer within %g s; counting this gateway's requests "
+                    "here until it answers again", self._settings.timeout_s)
+        writer.transport.abort()
 
     def leave(self, counted: tuple[int, int]) -> None:
         """The request has ended. Nothing to do if its connection is gone: the server let go of it then."""
@@ -168,17 +185,19 @@ class SharedLimitsClient:
                 await asyncio.sleep(settings.reconnect_interval_s)
                 continue
             self._connection += 1
-            self._writer, self.connected = writer, True
+            self._writer, self.connected, self._timed_out = writer, True, False
             log.info("shared limits: connected to the limits server; users' limits are counted for every gateway")
             lost_logged = False
             try:
                 await self._read(reader)
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("shared limits: lost the limits server (%s); counting this gateway's requests here until "
-                            "it is back", _reason(exc))
+                if not self._timed_out:
+                    log.warning("shared limits: lost the limits server (%s); counting this gateway's requests here "
+                                "until it is back", _reason(exc))
             else:
-                log.warning("shared limits: the limits server closed the connection; counting this gateway's "
-                            "requests here until it is back")
+                if not self._timed_out:
+                    log.warning("shared limits: the limits server closed the connection; counting this gateway's "
+                                "requests here until it is back")
             finally:
                 self._disconnected(writer)
             lost_logged = True
@@ -201,7 +220,11 @@ class SharedLimitsClient:
                                                                limit=MAX_LINE_BYTES)
             try:
                 writer.write(self._hello)
-                if orjson.loads(await reader.readline()) != {"ready": True}:
+                answer = await reader.readline()
+                if not answer:
+                    raise ConnectionResetError(errno.ECONNRESET, "it closed the connection before answering (was "
+                                                                 "this gateway's certificate refused?)")
+                if orjson.loads(answer) != {"ready": True}:
                     raise ValueError("not a limits server")
             except BaseException:
                 writer.close()
@@ -270,9 +293,18 @@ class _SharedAdmitted:
 
 
 def _reason(exc: BaseException) -> str:
-    """What went wrong, without anything a peer sent: the exception's class and the system's own error text."""
+    """What went wrong, without anything a peer sent or any address: the system's text for the error number, or a
+    fixed text."""
     if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code == X509_V_ERR_HOSTNAME_MISMATCH:
+            return "its certificate does not name the host of admission.shared_limits.url"
         return f"its certificate was not accepted: {exc.verify_message}"
-    if isinstance(exc, OSError) and exc.strerror:
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or type(exc).__name__}"  # OpenSSL's reason, e.g. TLSV13_ALERT_CERTIFICATE_REQUIRED
+    if isinstance(exc, ConnectionResetError) and exc.strerror and exc.strerror.startswith("it closed"):
         return exc.strerror
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)  # asyncio's own text names the address ("Connect call failed (...)")
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
     return type(exc).__name__
