@@ -121,7 +121,6 @@ class LimitsServer:
         counted[request_id] = user
         return b'{"id":%d}\n' % request_id
 
-
     def _compare(self, theirs: object) -> None:
         """Warn when a gateway was set up with other limits: this server's apply, which may surprise its operator."""
         if not isinstance(theirs, dict):
