@@ -101,16 +101,19 @@ class SharedLimitsClient:
         self._task: asyncio.Task[None] | None = None
         self.connected = False
         self._timed_out = False  # the last connection was dropped for not answering (already logged)
+        self._heard = 0  # lines read from the server so far
+        self._checking: asyncio.Task[None] | None = None  # is the server silent? (``_suspect``)
 
     async def start(self) -> None:
         """Connect in the background: the gateway starts whether or not the server is up."""
         self._task = asyncio.create_task(self._keep_connected())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._checking):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def pseudonym(self, user_key: str) -> str:
         name = self._pseudonyms.get(user_key)
@@ -131,13 +134,14 @@ class SharedLimitsClient:
         request_id, connection = self._next_id, self._connection
         answer = asyncio.get_running_loop().create_future()
         self._pending[request_id] = answer
+        heard = self._heard
         writer.write(orjson.dumps({"enter": request_id, "user": self.pseudonym(user_key)}) + b"\n")
         try:
             async with asyncio.timeout(self._settings.timeout_s):
                 reply = await answer
         except TimeoutError:
             self._late.add(request_id)
-            self._give_up(writer)
+            self._suspect(writer, heard)
             raise ServerUnavailable from None
         except ServerUnavailable:
             raise
@@ -153,8 +157,23 @@ class SharedLimitsClient:
                               retry_after_s=int(refused.get("retry_after_s", 1)))
         return connection, request_id
 
+    def _suspect(self, writer: asyncio.StreamWriter, heard: int) -> None:
+        """A request was not answered in time. That may be this gateway's own event loop, stalled past
+        ``timeout_s`` with the answer already in the socket: the connection is given up only if nothing at all
+        has come from the server since the request was sent (``heard``: lines read then), ``timeout_s`` later."""
+        if self._heard == heard and self._checking is None and writer is self._writer and self.connected:
+            self._checking = asyncio.create_task(self._give_up_if_silent(writer, heard))
+
+    async def _give_up_if_silent(self, writer: asyncio.StreamWriter, heard: int) -> None:
+        try:
+            await asyncio.sleep(self._settings.timeout_s)
+            if self._heard == heard:
+                self._give_up(writer)
+        finally:
+            self._checking = None
+
     def _give_up(self, writer: asyncio.StreamWriter) -> None:
-        """The server did not answer in time (hung, its host cut off without a reset, starved of CPU): drop the
+        """The server did not answer at all (hung, its host cut off without a reset, starved of CPU): drop the
         connection, so that every request is counted here at once instead of each waiting ``timeout_s``. The
         next connection must answer its hello in time before requests go there again."""
         if writer is not self._writer or not self.connected:
@@ -233,12 +252,13 @@ class SharedLimitsClient:
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
+            self._heard += 1
             reply = orjson.loads(line)
             request_id = reply["id"]
             answer = self._pending.get(request_id)
             if answer is not None and not answer.done():
                 answer.set_result(reply)
-            elif request_id in self._late:
+            elif request_id in self._late or answer is not None:  # answered after its wait ended: give it back
                 self._late.discard(request_id)
                 if "refused" not in reply and self._writer is not None:
                     self._writer.write(b'{"leave":%d}\n' % request_id)
