@@ -141,6 +141,7 @@ def _request_id(value: object) -> int:
 async def run_limits_server(settings: Settings, host: str | None = None) -> None:
     """Serve until SIGTERM or SIGINT, on ``admission.shared_limits.url`` (its port on ``host`` for tcp://).
     Raises ConfigError for a URL it cannot listen on or unusable TLS files."""
+    from .runner import listen  # the gateway's own binding, with its messages
     shared = settings.admission.shared_limits
     if shared is None:
         raise ConfigError("admission.shared_limits: set url (unix:/path or tcp://host:port) and, for tcp://, tls")
@@ -162,8 +163,8 @@ async def run_limits_server(settings: Settings, host: str | None = None) -> None
             raise ConfigError(f"refusing to listen on {bind!r} without TLS: set admission.shared_limits.tls, or "
                               "listen on loopback only")
         tls_options: dict[str, Any] = {"ssl": context, "ssl_handshake_timeout": 10.0} if context is not None else {}
-        listener = await asyncio.start_server(server.serve_connection, sock=_tcp_socket(bind, address[1]),
-                                              limit=MAX_LINE_BYTES, **tls_options)
+        sock = listen(bind, address[1], "admission.shared_limits.url", "admission.shared_limits.url (or --host)")
+        listener = await asyncio.start_server(server.serve_connection, sock=sock, limit=MAX_LINE_BYTES, **tls_options)
         where = f"tcp://{bind}:{address[1]}" + (" (mutual TLS)" if context is not None else "")
     admission = settings.admission
     log.info("limits server on %s: %s requests at once and %s a minute per user", where,
@@ -192,22 +193,6 @@ def _server_tls(shared: SharedLimitsSettings) -> tuple[ssl.SSLContext | None, Ce
     except TlsFileError as exc:
         raise ConfigError(f"admission.shared_limits.tls: {exc}") from exc
     return context, CertificateReloader(certificate, [context])
-
-
-def _tcp_socket(host: str, port: int) -> socket.socket:
-    """Bound up front, with messages that name the setting."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except (OSError, IndexError) as exc:
-        raise ConfigError(f"admission.shared_limits.url (or --host): cannot resolve {host!r}") from exc
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"admission.shared_limits.url: cannot listen on {host}:{port} ({exc.strerror})") from exc
-    return sock
 
 
 def _unix_socket(path: Path) -> socket.socket:

@@ -359,13 +359,14 @@ async def engine_metrics_listener(settings: Settings, launches: Sequence[Replica
         await served.aclose()
 
 
-def listen(host: str, port: int, section: str = "gateway") -> socket.socket:
-    """Bind an address up front, so a taken port fails at once, before any engine starts."""
+def listen(host: str, port: int, section: str = "gateway", host_setting: str | None = None) -> socket.socket:
+    """Bind an address up front, so a taken port fails at once, before any engine starts. Errors name
+    ``host_setting`` (default ``<section>.host``) and ``section``."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
     except (OSError, IndexError) as exc:
-        raise ConfigError(f"{section}.host: cannot resolve {host!r}") from exc
+        raise ConfigError(f"{host_setting or section + '.host'}: cannot resolve {host!r}") from exc
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)

@@ -286,8 +286,8 @@ def load_settings_of(documents: list[dict[str, Any]]) -> Settings:
 @contextlib.contextmanager
 def line_server(context: ssl.SSLContext) -> Iterator[int]:
     """A small real TLS server (stdlib) that answers each line with the same line, behind the given context: stands in
-    for `airlock limits-server`'s listener, which builds its context the same way (server_context with the hop's
-    CA as client_ca_file) and speaks newline-delimited JSON."""
+    for an engine's listener (vLLM builds its context from the same files: server_context with the engine CA as
+    client_ca_file), to see which client certificates it takes."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.2)
     stop = threading.Event()
@@ -314,25 +314,32 @@ def line_server(context: ssl.SSLContext) -> Iterator[int]:
         listener.close()
 
 
-def exchange(context: ssl.SSLContext, port: int, server_name: str) -> bytes:
-    """One line over TLS to 127.0.0.1, verifying the server as ``server_name``; what came back."""
-    line = b'{"enter": 1, "user": "' + b"a" * 64 + b'"}\n'
+HELLO = b'{"hello": {}}\n'
+
+
+def exchange(context: ssl.SSLContext, port: int, server_name: str, line: bytes = HELLO) -> bytes:
+    """One line over TLS to 127.0.0.1, verifying the server as ``server_name``; what came back (ConnectionError
+    when nothing did)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
             context.wrap_socket(raw, server_hostname=server_name) as tls:
         tls.sendall(line)
         answer = tls.recv(4096)
-    if answer != line:
+    if not answer:
         raise ConnectionError("the server closed the connection without an answer")
     return answer
 
 
 def test_the_limits_certificate_lets_only_the_gateways_in(tmp_path: Path) -> None:
-    """Real handshakes with the contexts both sides build (server/tls.py): the limits server's listener presents the
-    limits certificate and requires a client certificate from the limits CA; the gateway presents the same
-    certificate, verifies the server against the limits CA under the URL's host. An engine's certificate, the
-    gateway's upstream client certificate or its server certificate gets no answer; the limits certificate gets none
-    from an engine, and the limits server is not taken for an engine."""
+    """Real handshakes: a real `airlock limits-server`, with the chart's settings for the hop and the generated
+    certificate (the pod's mount paths made local), presents the limits certificate and requires a client
+    certificate from the limits CA; the gateway's context (server/tls.py) presents the same certificate and verifies
+    the server against the limits CA under the URL's host. An engine's certificate, the gateway's upstream client
+    certificate or its server certificate gets no answer; the limits certificate gets none from an engine, and the
+    limits server is not taken for an engine."""
     from server.tls import CertificateFiles, client_context, server_context
+
+    from .servers import free_port
+    from .test_shared_limits import limits_server
 
     documents = render({"tls": {"source": "generated"}})
     files = generated_files(documents, tmp_path)
@@ -345,10 +352,16 @@ def test_the_limits_certificate_lets_only_the_gateways_in(tmp_path: Path) -> Non
     def pair(secret: dict[str, Path]) -> CertificateFiles:
         return CertificateFiles(secret["tls.crt"], secret["tls.key"])
 
-    listener = server_context(pair(limits), client_ca_file=limits["ca.crt"])
-    with line_server(listener) as port:
+    port = free_port()
+    tls = {name: str(limits[key]) for name, key in (("ca_file", "ca.crt"), ("cert_file", "tls.crt"),
+                                                    ("key_file", "tls.key"))}
+    assert {Path(path).name for path in tls.values()} == {Path(path).name
+                                                          for path in shared.tls.model_dump().values()}  # type: ignore[union-attr]
+    config = tmp_path / "limits.yaml"
+    config.write_text(yaml.safe_dump({"admission": {"shared_limits": {"url": f"tcp://{host}:{port}", "tls": tls}}}))
+    with limits_server(config, tmp_path / "limits.log", "--host", "127.0.0.1"):
         as_gateway = client_context(limits["ca.crt"], pair(limits))
-        assert exchange(as_gateway, port, host).startswith(b'{"enter": 1')
+        assert exchange(as_gateway, port, host) == b'{"ready":true}\n'
         for certificate in (None, pair(engine), pair(client), pair(gateway)):
             with pytest.raises((ssl.SSLError, ConnectionError)):
                 exchange(client_context(limits["ca.crt"], certificate), port, host)
