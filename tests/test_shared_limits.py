@@ -94,6 +94,15 @@ def wait_for_connected(client: httpx.Client, headers: dict[str, str], expected: 
         time.sleep(0.1)
 
 
+@contextmanager
+def two_gateways(engine_socket: Path, settings: dict[str, Any]) -> Iterator[tuple[httpx.Client, httpx.Client]]:
+    """Two real gateways with the same settings in front of one engine, and a client for each."""
+    with gateway_in_front_of(engine_socket, **settings) as one_url, \
+            gateway_in_front_of(engine_socket, **settings) as two_url, \
+            httpx.Client(base_url=one_url, timeout=120) as one, httpx.Client(base_url=two_url, timeout=120) as two:
+        yield one, two
+
+
 @pytest.fixture(scope="module")
 def bob_key(credentials: Credentials) -> str:
     return airlock_cli("keys", "create", "--user", "bob", "--file", str(credentials.api_keys)).strip()
@@ -318,9 +327,7 @@ def test_a_users_requests_in_progress_are_counted_across_two_gateways(
     settings = gateway_settings(credentials, secret_file, {"url": f"unix:{path}"}, **limits)
     alice, bob = {"authorization": f"Bearer {credentials.api_key}"}, {"authorization": f"Bearer {bob_key}"}
     with limits_server(config, tmp_path / "limits.log"), \
-            gateway_in_front_of(paced_engine, **settings) as one_url, \
-            gateway_in_front_of(paced_engine, **settings) as two_url, \
-            httpx.Client(base_url=one_url, timeout=120) as one, httpx.Client(base_url=two_url, timeout=120) as two:
+            two_gateways(paced_engine, settings) as (one, two):
         wait_for_connected(one, alice, 1.0)
         wait_for_connected(two, alice, 1.0)
         with one.stream("POST", "/v1/chat/completions", json=paced(2000, stream=True), headers=alice) as held_one, \
@@ -355,9 +362,7 @@ def test_requests_per_minute_are_counted_across_two_gateways(
     settings = gateway_settings(credentials, secret_file, {"url": f"unix:{path}"}, **limits)
     alice, bob = {"authorization": f"Bearer {credentials.api_key}"}, {"authorization": f"Bearer {bob_key}"}
     with limits_server(config, tmp_path / "limits.log"), \
-            gateway_in_front_of(stack.engine_socket, **settings) as one_url, \
-            gateway_in_front_of(stack.engine_socket, **settings) as two_url, \
-            httpx.Client(base_url=one_url, timeout=120) as one, httpx.Client(base_url=two_url, timeout=120) as two:
+            two_gateways(stack.engine_socket, settings) as (one, two):
         wait_for_connected(one, alice, 1.0)
         wait_for_connected(two, alice, 1.0)
         statuses = [gateway.post("/v1/chat/completions", json=chat(1), headers=alice).status_code
@@ -388,9 +393,7 @@ def test_while_the_server_is_away_each_gateway_counts_its_own_and_it_rejoins(
     alice = {"authorization": f"Bearer {credentials.api_key}"}
     log_path = tmp_path / "limits.log"
     with caplog.at_level(logging.INFO, logger="airlock.shared_limits"), \
-            gateway_in_front_of(paced_engine, **settings) as one_url, \
-            gateway_in_front_of(paced_engine, **settings) as two_url, \
-            httpx.Client(base_url=one_url, timeout=120) as one, httpx.Client(base_url=two_url, timeout=120) as two:
+            two_gateways(paced_engine, settings) as (one, two):
         # No server yet: the gateways serve, each counting alice's requests on its own (her limit per gateway).
         assert shared_limits_connected(one, alice) == 0.0
         with one.stream("POST", "/v1/chat/completions", json=paced(2000, stream=True), headers=alice) as held:
