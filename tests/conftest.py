@@ -17,6 +17,8 @@ import openai
 import pytest
 import yaml
 
+from server.auth.apikeys import KEY_PATTERN
+
 from .leaks import files_holding
 from .servers import OidcProvider, free_port
 from .suite_canary import CARRIED, SUITE_CANARY, Carried, canary_in_every_request
@@ -173,6 +175,13 @@ def airlock_cli(*args: str, stdin: str = "") -> str:
     result = subprocess.run([*AIRLOCK, *args], cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def key_secret(key: str) -> str:
+    """The secret part of an ``alk_<id>_<secret>`` key; the secret itself may hold ``_`` (URL-safe base64)."""
+    match = KEY_PATTERN.match(key)
+    assert match, "not an Airlock API key"
+    return match.group(2)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import pytest
 from server.auth.apikeys import format_keys, new_key, parse_keys
 from server.auth.chain import FAILED
 
-from .conftest import Credentials, Stack, airlock_cli
+from .conftest import Credentials, Stack, airlock_cli, key_secret
 from .servers import gateway_in_front_of
 
 pytestmark = pytest.mark.engine
@@ -98,7 +98,7 @@ def test_api_key_works_with_the_openai_sdk_and_is_stored_only_as_a_hash(
     )
     assert answer.choices[0].message.content is not None
     stored = credentials.api_keys.read_text()
-    secret = credentials.api_key.rsplit("_", 1)[1]
+    secret = key_secret(credentials.api_key)
     assert credentials.api_key not in stored and secret not in stored
     # Others get nothing; the directory's group may read it (the rule `airlock keys` follows: see test_systemd.py).
     assert oct(credentials.api_keys.stat().st_mode & 0o777) == "0o640"
@@ -129,11 +129,11 @@ def test_revoked_expired_and_made_up_keys_fail(stack: Stack, tmp_path: Path) -> 
         assert status(key) == 200
         assert status(expired) == 401
         key_id = key.split("_")[1]
-        made_up = [key[:-1] + ("A" if key[-1] != "A" else "B"), f"alk_{'0' * 16}_{key.rsplit('_', 1)[1]}", "alk_x",
+        made_up = [key[:-1] + ("A" if key[-1] != "A" else "B"), f"alk_{'0' * 16}_{key_secret(key)}", "alk_x",
                    "sk-not-ours"]
         assert [status(token) for token in made_up] == [401] * len(made_up)
         listing = airlock_cli("keys", "list", "--file", str(keys_file))
-        assert key_id in listing and "expired" in listing and key.rsplit("_", 1)[1] not in listing
+        assert key_id in listing and "expired" in listing and key_secret(key) not in listing
         airlock_cli("keys", "revoke", key_id, "--file", str(keys_file))
         assert eventually(lambda: status(key) == 401)
         assert "revoked" in airlock_cli("keys", "list", "--user", "dana", "--file", str(keys_file))
@@ -167,6 +167,6 @@ def test_no_credential_or_user_reaches_the_log(stack: Stack, credentials: Creden
     httpx.get(url, auth=("bob", "wrong " + credentials.passwords["bob"]))
     httpx.get(url, headers={"authorization": f"Bearer {credentials.api_key}x"})
     log = stack.log_path.read_text(errors="replace")
-    secrets = [*credentials.passwords.values(), credentials.api_key, credentials.api_key.rsplit("_", 1)[1],
+    secrets = [*credentials.passwords.values(), credentials.api_key, key_secret(credentials.api_key),
                "alice", "bob", "mallory", "carol", "eyJ"]
     assert not [secret for secret in secrets if secret in log]
