@@ -101,7 +101,7 @@ def _dry_run(planned: EnginesPlan) -> dict[str, Any]:
                 "argv": shlex.join(launch.argv),
                 # Only what Airlock sets; the rest is the caller's own environment.
                 "env": {k: v for k, v in launch.env.items()
-                        if k in PRIVACY_ENV or k.startswith(("VLLM_CPU_", "CUDA_"))},
+                        if k in PRIVACY_ENV or k == "VLLM_LOGGING_CONFIG_PATH" or k.startswith(("VLLM_CPU_", "CUDA_"))},
             }
             for launch in planned.launches
         ],

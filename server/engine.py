@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from . import engine_logging
 from .config import ConfigError, EngineSettings, EngineTlsSettings
 from .gpus import Gpu
 from .privacy import HARDENED_START
@@ -233,7 +234,16 @@ def engine_environment(parent: Mapping[str, str]) -> dict[str, str]:
     }
     env.update(PRIVACY_ENV)
     env.update(KEEPALIVE_ENV)
+    env.update(logging_environment(env))
     return env
+
+
+def logging_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """vLLM's processes log through ``engine_logging`` (vLLM's ``VLLM_LOGGING_CONFIG_PATH``): tracebacks without
+    the exceptions' messages, as the gateway's own. Its directory alone goes first on ``PYTHONPATH``, so that an
+    ``engine.python`` of its own finds the formatter and nothing else of Airlock's."""
+    python_path = [str(engine_logging.DIRECTORY), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    return {"VLLM_LOGGING_CONFIG_PATH": str(engine_logging.CONFIG), "PYTHONPATH": os.pathsep.join(python_path)}
 
 
 def replica_url(settings: EngineSettings, runtime_dir: Path, index: int) -> str:

@@ -10,21 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import traceback
 from datetime import UTC, datetime
 from typing import Literal
 
+from .engine_logging.airlock_engine_logging import TextFormatter, frames
+
 LogFormat = Literal["auto", "json", "text"]
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Loggers of libraries that would say more than Airlock wants said (httpx logs every request line at INFO).
 QUIETED = ("httpx", "httpcore")
-
-
-def _frames(exc: BaseException) -> str:
-    """A traceback without the exception's message: type and frames only."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = "; ".join(f"{frame.filename}:{frame.lineno} in {frame.name}" for frame in frames)
-    return f"{type(exc).__module__}.{type(exc).__qualname__} at {where}" if where else type(exc).__qualname__
 
 
 class JsonFormatter(logging.Formatter):
@@ -41,17 +34,8 @@ class JsonFormatter(logging.Formatter):
         if isinstance(event, dict):
             line.update(event)
         if record.exc_info and record.exc_info[1] is not None:
-            line["exception"] = _frames(record.exc_info[1])
+            line["exception"] = frames(record.exc_info[1])
         return json.dumps(line, ensure_ascii=False)
-
-
-class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__(TEXT_FORMAT)
-
-    def formatException(self, ei: object) -> str:
-        exc = ei[1] if isinstance(ei, tuple) else None
-        return _frames(exc) if isinstance(exc, BaseException) else ""
 
 
 def configure_logging(level: str, log_format: LogFormat = "auto") -> None:

@@ -320,6 +320,8 @@ def test_dry_run_prints_the_plan(tmp_path: Path) -> None:
     assert f"{GENERATION_CONFIG_FLAG} '{{\"max_new_tokens\": 40960}}'" in plan["replicas"][0]["argv"]
     assert "--enable-auto-tool-choice --tool-call-parser hermes" in plan["replicas"][0]["argv"]
     assert plan["replicas"][0]["env"]["VLLM_NO_USAGE_STATS"] == "1"
+    # vLLM logs through Airlock's format (tests/test_logs.py), shipped in the package.
+    assert Path(plan["replicas"][0]["env"]["VLLM_LOGGING_CONFIG_PATH"]).is_file()
 
 
 ENGINE_TLS = {"cert_file": "/etc/airlock/tls/engine.pem", "key_file": "/etc/airlock/tls/engine.key",
