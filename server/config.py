@@ -107,6 +107,10 @@ class GatewaySettings(_Section):
     tls_terminated_by_proxy: bool = False
     trusted_proxies: list[str] = Field(default_factory=list)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # A client's request head must be whole within header_timeout_s of its first byte, and its body may pause at
+    # most body_timeout_s between two reads; else 408 and the connection is closed (see slow_clients).
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
     # Longest silence tolerated from an engine between two bytes of an answer.
     read_timeout_s: float = Field(600.0, gt=0)

@@ -34,6 +34,7 @@ from .privacy import harden_process
 from .profiles import DEMO_PROFILE, ModelChoice, choose_model, load_profiles
 from .runtime import settle_heap, trim_heap_when_quiet
 from .sizing import EnginePlan, check_free_memory, plan_cpu, plan_engine
+from .slow_clients import guarded
 from .supervisor import Supervisor
 from .tls import (
     CertificateFiles,
@@ -142,6 +143,8 @@ def _uvicorn_config(app: object, settings: Settings, tls: GatewayTls | None = No
         # Longer than client connection pools keep idle connections (httpx, which the OpenAI SDK uses: 5 s), so a
         # client never reuses a connection the gateway is closing at that very moment.
         timeout_keep_alive=CLIENT_KEEP_ALIVE_S,
+        # uvicorn has no deadline for a request's head or body: a client could hold connections forever.
+        http=guarded(settings.gateway.header_timeout_s, settings.gateway.body_timeout_s),
     )
 
 
