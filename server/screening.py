@@ -106,6 +106,7 @@ class Screening:
         if route == "chat":
             _drop_service_fields(payload)
         self._cap_tokens(payload)
+        self._cap_constraints(payload)
         sizes: tuple[tuple[int, int], ...] = ()
         images: list[tuple[dict[str, Any], bytes | memoryview]] = []  # for ForwardedBody
         if route == "chat":
@@ -127,6 +128,24 @@ class Screening:
                 raise InvalidRequest(f"{field} must be at least 1", param=field, code="invalid_value")
             if value > limit:
                 raise InvalidRequest(f"{field} is above this server's limit of {limit}", param=field, code=code)
+
+    def _cap_constraints(self, payload: dict[str, Any]) -> None:
+        """Refuse output constraints larger than ``screening.max_structured_output_bytes``: the engine compiles them
+        into a grammar (xgrammar) before it answers, on its own CPU, and that grows faster than their size (the demo
+        engine here: a JSON schema's enum of 8 KB took 0.4 s, 32 KB 0.8 s, 128 KB 5.2 s, 700 KB about a minute).
+        ``tools`` count only when ``tool_choice`` requires a call ("required" or a named function), which vLLM then
+        enforces with such a grammar; otherwise they are only part of the prompt."""
+        fields = ["response_format", "structured_outputs"]
+        if payload.get("tool_choice") == "required" or isinstance(payload.get("tool_choice"), dict):
+            fields.append("tools")
+        sizes = {field: len(json.dumps(payload[field], ensure_ascii=False, separators=(",", ":")).encode())
+                 for field in fields if payload.get(field) is not None}
+        limit = self._settings.max_structured_output_bytes
+        if sum(sizes.values()) > limit:
+            raise InvalidRequest(
+                f"the output constraints ({', '.join(sizes)}) take {sum(sizes.values())} bytes, above this server's "
+                f"limit of {limit}: the engine compiles them before answering, which takes seconds at this size",
+                param=max(sizes, key=sizes.__getitem__), code="structured_output_too_large")
 
     def _check_messages(self, messages: Any,
                         images: list[tuple[dict[str, Any], bytes | memoryview]]) -> tuple[tuple[int, int], ...]:

@@ -128,7 +128,20 @@ def corpus() -> list[tuple[str, Any, int, str]]:
         ("n zero", chat(n=0), 400, "invalid_value"),
         ("temperature a string", chat(temperature="hot"), 400, "invalid_type"),
         ("top_p out of range", chat(top_p=5), 400, "invalid_request"),  # the engine's own check
+        # Output constraints the engine would spend seconds compiling (screening.max_structured_output_bytes).
+        ("json_schema enum of 80 KB", chat(response_format={"type": "json_schema", "json_schema": {
+            "name": "pick", "schema": {"type": "string", "enum": ENUM_80_KB}}}), 400, "structured_output_too_large"),
+        ("required tools of 80 KB", chat(tools=[tool_choosing(ENUM_80_KB)], tool_choice="required"), 400,
+         "structured_output_too_large"),
     ]
+
+
+ENUM_80_KB = [f"{CANARY}-{index:05d}" for index in range(2800)]
+
+
+def tool_choosing(values: list[str]) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"value": {"type": "string", "enum": values}}}}}
 
 
 def completions_corpus() -> list[tuple[str, Any, int, str]]:
@@ -137,6 +150,9 @@ def completions_corpus() -> list[tuple[str, Any, int, str]]:
         ("prompt empty", {"model": MODEL, "prompt": ""}, 400, "invalid_prompt"),
         ("completions cache_salt", {"model": MODEL, "prompt": CANARY, "cache_salt": "x"}, 400, "field_not_allowed"),
         ("completions chat field", {"model": MODEL, "prompt": CANARY, "messages": []}, 400, "field_not_allowed"),
+        ("completions choice of 80 KB", {"model": MODEL, "prompt": CANARY,
+                                         "structured_outputs": {"choice": ENUM_80_KB}}, 400,
+         "structured_output_too_large"),
     ]
 
 
