@@ -10,6 +10,7 @@ never a silent truncation. An engine's own error text never reaches the client.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ FAILED = "the model engine failed to answer this request; try again"
 # vllm/renderers/params.py; "Input length (N) exceeds model's maximum context length (M).", vllm/entrypoints/serve/
 # utils/api_utils.py).
 CONTEXT_REFUSAL = "maximum context length"
+# vLLM's answer to a request its engine ended with an error (GenerationError: vllm/exceptions.py, raised by
+# vllm/entrypoints/generate/base/serving.py when the finish reason is "error").
+BARE_INTERNAL_ERROR = "Internal server error"
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class EngineRequest:
     remove_usage_event: bool = False
     # Pages of documents were rendered into it: an engine's "too long for the context" refusal is the pages' doing.
     documents: bool = False
+    # It carries structured_outputs.grammar: an engine's bare internal error is then the grammar's doing.
+    grammar: bool = False
 
 
 class _TryElsewhere(Exception):
@@ -142,6 +148,8 @@ class _Exchange:
         upstream = await self._open()
         try:
             if upstream.status >= 500:
+                if self.request.grammar and upstream.status == 500:
+                    await self._refuse_unfollowable_grammar(upstream)
                 # vLLM's EngineDeadError (an engine core killed by the OOM killer, a CUDA error) is a 500 while
                 # its API server still answers: another replica may answer, and this one's health is checked.
                 self._give_up("error_status")
@@ -161,6 +169,20 @@ class _Exchange:
                 upstream.release()
             else:
                 upstream.close()
+
+    async def _refuse_unfollowable_grammar(self, upstream: EngineResponse) -> None:
+        """A grammar that derives no finite text (``root ::= root root``) passes vLLM's checks, and then xgrammar
+        rejects the first token: the engine ends the request with its bare "Internal server error" (vLLM's
+        scheduler: "grammar rejected tokens ... Terminating request"). Every replica would do the same, so that
+        answer to a request with a grammar is the client's 400, not a failure to try elsewhere; the replica's
+        health is still checked. EngineDeadError, the other 500 vLLM sends, says so in its message."""
+        raw = await _read_bounded(upstream, MAX_ENGINE_ERROR_BYTES)
+        self.forwarder.failed(self.replica, "error_status")
+        if _error_message(raw) == BARE_INTERNAL_ERROR:
+            raise InvalidRequest("the model engine could not generate any text that structured_outputs.grammar "
+                                 "allows; a grammar must derive a finite text (root ::= root root derives none)",
+                                 param="structured_outputs", code="invalid_grammar")
+        raise _TryElsewhere(EngineFailed(FAILED))
 
     def _give_up(self, reason: str) -> NoReturn:
         """The engine failed before anything went to the client: another replica may take the request."""
@@ -343,3 +365,13 @@ async def _read_bounded(upstream: EngineResponse, limit: int) -> bytes:
     except (EngineHttpError, TimeoutError):
         pass
     return b"".join(chunks)[:limit]
+
+
+def _error_message(raw: bytes) -> object:
+    """The ``error.message`` of an engine's JSON error answer, or None."""
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        return None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    return error.get("message") if isinstance(error, dict) else None

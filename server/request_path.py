@@ -141,8 +141,10 @@ class EngineRoutes:
         remove_usage = ask_for_usage(payload)
         checked = await screened(self.screening, route, payload, principal, size)
         cost = self.admission.estimate_cost(payload, checked.image_sizes)
+        constraints = payload.get("structured_outputs")
+        grammar = isinstance(constraints, dict) and constraints.get("grammar") is not None
         return EngineRequest(path, checked.body, payload["model"], principal, checked.cache_salt, cost,
-                             remove_usage, documents)
+                             remove_usage, documents, grammar)
 
 
 async def screened(screening: Screening, route: Route, payload: dict[str, Any], principal: Principal,

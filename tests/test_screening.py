@@ -128,6 +128,9 @@ def corpus() -> list[tuple[str, Any, int, str]]:
         ("n zero", chat(n=0), 400, "invalid_value"),
         ("temperature a string", chat(temperature="hot"), 400, "invalid_type"),
         ("top_p out of range", chat(top_p=5), 400, "invalid_request"),  # the engine's own check
+        # A grammar that derives no finite text: every replica's engine ends it with a bare internal error.
+        ("grammar deriving nothing", chat(structured_outputs={"grammar": "root ::= root root"}), 400,
+         "invalid_grammar"),
         # Output constraints the engine would spend seconds compiling (screening.max_structured_output_bytes).
         ("json_schema enum of 80 KB", chat(response_format={"type": "json_schema", "json_schema": {
             "name": "pick", "schema": {"type": "string", "enum": ENUM_80_KB}}}), 400, "structured_output_too_large"),
