@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import uvicorn
@@ -34,7 +35,7 @@ from .privacy import harden_process
 from .profiles import DEMO_PROFILE, ModelChoice, choose_model, load_profiles
 from .runtime import settle_heap, trim_heap_when_quiet
 from .sizing import EnginePlan, check_free_memory, plan_cpu, plan_engine
-from .slow_clients import guarded
+from .slow_clients import SlowClientGuard, guarded
 from .supervisor import Supervisor
 from .tls import (
     CertificateFiles,
@@ -63,11 +64,32 @@ CLIENT_KEEP_ALIVE_S = 75
 
 
 class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: Airlock's runner decides the shutdown order."""
+    """uvicorn without its own signal handling: Airlock's runner decides the shutdown order; and with TLS, a
+    handshake bounded by the listener's ``header_timeout_s`` (``slow_clients``), not asyncio's 60 s: the head's
+    deadline starts only once the handshake is done, and uvicorn passes no handshake timeout of its own."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        http = self.config.http
+        if not (isinstance(http, type) and issubclass(http, SlowClientGuard)):
+            await super().startup(sockets)
+            return
+        loop = asyncio.get_running_loop()
+        create_server = loop.create_server
+
+        def bounded_handshake(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("ssl") is not None:
+                kwargs["ssl_handshake_timeout"] = http.header_timeout_s
+            return create_server(*args, **kwargs)
+
+        loop.create_server = bounded_handshake  # type: ignore[method-assign]
+        try:
+            await super().startup(sockets)
+        finally:
+            del loop.create_server  # the loop's own method again
 
 
 @dataclass(frozen=True)

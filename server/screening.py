@@ -133,10 +133,16 @@ class Screening:
         """Refuse output constraints larger than ``screening.max_structured_output_bytes``: the engine compiles them
         into a grammar (xgrammar) before it answers, on its own CPU, and that grows faster than their size (the demo
         engine here: a JSON schema's enum of 8 KB took 0.4 s, 32 KB 0.8 s, 128 KB 5.2 s, 700 KB about a minute).
-        ``tools`` count only when ``tool_choice`` requires a call ("required" or a named function), which vLLM then
-        enforces with such a grammar; otherwise they are only part of the prompt."""
+        ``tools`` count when vLLM enforces them with such a grammar: when ``tool_choice`` requires a call
+        ("required" or a named function), and, unless it is "none", when a tool is ``strict`` (vLLM's
+        ``VLLM_ENFORCE_STRICT_TOOL_CALLING``, on by default, compiles a strict tool's parameters into a structural
+        tag even with "auto"). Otherwise they are only part of the prompt."""
         fields = ["response_format", "structured_outputs"]
-        if payload.get("tool_choice") == "required" or isinstance(payload.get("tool_choice"), dict):
+        tool_choice, tools = payload.get("tool_choice"), payload.get("tools")
+        strict = isinstance(tools, list) and any(
+            isinstance(tool, dict) and isinstance(tool.get("function"), dict) and tool["function"].get("strict")
+            for tool in tools)
+        if tool_choice == "required" or isinstance(tool_choice, dict) or (strict and tool_choice != "none"):
             fields.append("tools")
         sizes = {field: len(json.dumps(payload[field], ensure_ascii=False, separators=(",", ":")).encode())
                  for field in fields if payload.get(field) is not None}

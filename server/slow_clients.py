@@ -8,7 +8,9 @@ and ``client_body_timeout``:
 - a request's head must be whole within ``gateway.header_timeout_s`` of its first byte (of the connection, for a
   connection's first request);
 - its body may pause for at most ``gateway.body_timeout_s`` between two reads (not counting while the gateway
-  itself has stopped reading, i.e. uvicorn's flow control).
+  itself has stopped reading, i.e. uvicorn's flow control);
+- a request answered before its body was read whole (a refusal) has its connection closed at most
+  ``gateway.body_timeout_s`` after the answer, however the rest trickles in (nginx's ``lingering_time``).
 
 A connection that sent nothing is closed; one that sent part of a request gets a 408 with an OpenAI-style error
 and is closed. One timer per connection at most, checked when it fires, so a request that arrives whole costs no
@@ -23,7 +25,9 @@ from typing import Literal
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-Waiting = Literal["first", "head", "body"]
+# first: a new connection, nothing sent yet; head, body: the request's; linger: answered before its body was read
+# whole, the rest is read and dropped for at most body_timeout_s in all, then the connection is closed.
+Waiting = Literal["first", "head", "body", "linger"]
 
 
 def _timeout_response(message: str) -> bytes:
@@ -76,8 +80,13 @@ class SlowClientGuard(HttpToolsProtocol):
         super().on_message_complete()
         self._waiting = None
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._waiting == "body":  # refused before its body was read (401, 413...): not kept for its body
+            self._wait("linger")
+
     def _limit(self) -> float:
-        return self.body_timeout_s if self._waiting == "body" else self.header_timeout_s
+        return self.body_timeout_s if self._waiting in ("body", "linger") else self.header_timeout_s
 
     def _wait(self, what: Waiting) -> None:
         self._waiting, self._since = what, self.loop.time()

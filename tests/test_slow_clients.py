@@ -9,10 +9,12 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+import trustme
 
 from server.config import ConfigError, load_settings
 
@@ -23,24 +25,42 @@ from .test_limits_and_drain import paced, paced_engine  # noqa: F401 (paced_engi
 HEAD_S, BODY_S = 1.0, 1.0
 
 
-@pytest.fixture
-def gateway(paced_engine: Path, credentials: Credentials, tmp_path: Path) -> Iterator[tuple[int, Path]]:  # noqa: F811
+@contextmanager
+def running_gateway(engine: Path, credentials: Credentials, workdir: Path,
+                    tls: dict[str, str] | None = None) -> Iterator[tuple[int, Path]]:
     port = free_port()
-    config = write_config(tmp_path / "gateway.yaml", {
-        "gateway": {"port": port, "header_timeout_s": HEAD_S, "body_timeout_s": BODY_S},
+    config = write_config(workdir / "gateway.yaml", {
+        "gateway": {"port": port, "header_timeout_s": HEAD_S, "body_timeout_s": BODY_S,
+                    **({"tls": tls} if tls else {})},
         "auth": {"api_keys_file": str(credentials.api_keys)},
-        "upstreams": [{"url": f"unix:{paced_engine}"}],
+        "upstreams": [{"url": f"unix:{engine}"}],
     })
-    log_path = tmp_path / "gateway.log"
+    log_path = workdir / "gateway.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen([*AIRLOCK, "gateway", "--config", str(config)], cwd=ROOT, stdout=log,
                                    stderr=subprocess.STDOUT)
     try:
-        wait_ready(f"http://127.0.0.1:{port}/readyz", process, log_path, 60)
+        deadline = time.monotonic() + 60
+        while not listening(port):
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        if tls is None:
+            wait_ready(f"http://127.0.0.1:{port}/readyz", process, log_path, 60)
         yield port, log_path
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def gateway(paced_engine: Path, credentials: Credentials, tmp_path: Path) -> Iterator[tuple[int, Path]]:  # noqa: F811
+    with running_gateway(paced_engine, credentials, tmp_path) as running:
+        yield running
 
 
 def until_closed(connection: socket.socket, seconds: float = 15) -> tuple[bytes, float]:
@@ -100,6 +120,45 @@ def test_a_body_that_stops_gets_408_and_one_that_trickles_is_served(gateway: tup
         trickle.settimeout(15)
         assert trickle.recv(65536).startswith(b"HTTP/1.1 200 ")
     assert len(pieces) * BODY_S * 0.5 > BODY_S * 2
+
+
+def test_a_request_refused_before_its_body_is_not_kept_open_by_the_rest_trickling_in(
+        gateway: tuple[int, Path]) -> None:
+    """No credentials: the 401 comes at once, before the body. A byte of the announced gigabyte every 0.3 s would
+    otherwise keep the connection for as long as the client likes."""
+    port, _ = gateway
+    with socket.create_connection(("127.0.0.1", port)) as refused:
+        refused.sendall(request_head(port, "not-a-key", 10**9))
+        refused.settimeout(10)
+        assert refused.recv(65536).startswith(b"HTTP/1.1 401 ")
+        answered, closed = time.monotonic(), False
+        while not closed and time.monotonic() - answered < BODY_S + 5:
+            time.sleep(0.3)
+            try:
+                refused.sendall(b"x")
+                refused.settimeout(0.01)
+                closed = refused.recv(65536) == b""
+            except TimeoutError:  # open, and nothing more said
+                continue
+            except OSError:  # reset: the gateway closed it
+                closed = True
+        assert closed, "still open"
+        assert time.monotonic() - answered >= BODY_S * 0.9
+
+
+def test_a_tls_handshake_never_finished_is_given_up_after_the_heads_deadline(
+        paced_engine: Path, credentials: Credentials, tmp_path: Path) -> None:  # noqa: F811
+    ca = trustme.CA()
+    certificate = ca.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "gateway.pem", tmp_path / "gateway.key"
+    certificate.private_key_pem.write_to_path(key_file)
+    certificate.cert_chain_pems[0].write_to_path(cert_file)
+    key_file.chmod(0o600)
+    with running_gateway(paced_engine, credentials, tmp_path, {"cert_file": str(cert_file),
+                                                                "key_file": str(key_file)}) as (port, _), \
+            socket.create_connection(("127.0.0.1", port)) as silent:
+        answer, waited = until_closed(silent)  # not even a ClientHello
+        assert answer == b"" and waited < HEAD_S + 5, waited  # asyncio's own handshake timeout is 60 s
 
 
 def test_held_connections_are_let_go_and_everyone_else_is_served_meanwhile(gateway: tuple[int, Path],

@@ -45,13 +45,20 @@ def test_constraints_up_to_the_limit_pass_and_one_byte_more_is_refused_naming_th
                                      "takes seconds at this size")
 
 
-def test_tools_count_only_when_a_call_is_required() -> None:
+def test_tools_count_when_the_engine_compiles_them() -> None:
     screen(tools=tools_of(LIMIT), tool_choice="auto")  # only part of the prompt
     screen(tools=tools_of(LIMIT))
     for tool_choice in ("required", {"type": "function", "function": {"name": "pick"}}):
         with pytest.raises(InvalidRequest) as refused:
             screen(tools=tools_of(LIMIT), tool_choice=tool_choice)
         assert refused.value.param == "tools"
+    # A strict tool is compiled even with "auto" (vLLM's VLLM_ENFORCE_STRICT_TOOL_CALLING), not with "none".
+    strict = [{**tool, "function": {**tool["function"], "strict": True}} for tool in tools_of(LIMIT)]
+    for tool_choice in ("auto", None):
+        with pytest.raises(InvalidRequest) as refused:
+            screen(tools=strict, tool_choice=tool_choice)
+        assert refused.value.param == "tools"
+    screen(tools=strict, tool_choice="none")
     # The fields are counted together.
     with pytest.raises(InvalidRequest, match=r"\(response_format, structured_outputs\)"):
         screen(response_format=schema_of(LIMIT // 2 + 10), structured_outputs={"regex": "a" * (LIMIT // 2)})
