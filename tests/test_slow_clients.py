@@ -123,14 +123,19 @@ def test_a_body_that_stops_gets_408_and_one_that_trickles_is_served(gateway: tup
 
 
 def test_a_request_refused_before_its_body_is_not_kept_open_by_the_rest_trickling_in(
-        gateway: tuple[int, Path]) -> None:
-    """No credentials: the 401 comes at once, before the body. A byte of the announced gigabyte every 0.3 s would
-    otherwise keep the connection for as long as the client likes."""
+        gateway: tuple[int, Path], credentials: Credentials) -> None:
+    """A body announced as a gigabyte: the 413 comes at once, before the body. A byte of it every 0.3 s would
+    otherwise keep the connection for as long as the client likes. Without credentials, the 401 closes it at once."""
     port, _ = gateway
+    with socket.create_connection(("127.0.0.1", port)) as unknown:
+        unknown.sendall(request_head(port, "not-a-key", 10**9))
+        answer, waited = until_closed(unknown)
+        assert answer.startswith(b"HTTP/1.1 401 ") and b"\r\nconnection: close\r\n" in answer.lower()
+        assert waited < HEAD_S, waited
     with socket.create_connection(("127.0.0.1", port)) as refused:
-        refused.sendall(request_head(port, "not-a-key", 10**9))
+        refused.sendall(request_head(port, credentials.api_key, 10**9))
         refused.settimeout(10)
-        assert refused.recv(65536).startswith(b"HTTP/1.1 401 ")
+        assert refused.recv(65536).startswith(b"HTTP/1.1 413 ")
         answered, closed = time.monotonic(), False
         while not closed and time.monotonic() - answered < BODY_S + 5:
             time.sleep(0.3)

@@ -73,7 +73,7 @@ class Authentication:
             raise TooManyFailures("too many failed sign-in attempts; try again later",
                                   retry_after_s=int(blocked) + 1)
         if not authorization:
-            raise Unauthenticated(FAILED, headers={"www-authenticate": self._challenges[False]})
+            raise Unauthenticated(FAILED, headers=self._refusal(False))
         self._throttle.attempt(source)
         checked = await self._check(authorization, session)
         if checked is not None:
@@ -83,7 +83,13 @@ class Authentication:
         if delay:
             await asyncio.sleep(delay)
         token_refused = authorization.strip().lower().startswith("bearer ")
-        raise Unauthenticated(FAILED, headers={"www-authenticate": self._challenges[token_refused]})
+        raise Unauthenticated(FAILED, headers=self._refusal(token_refused))
+
+    def _refusal(self, token_refused: bool) -> dict[str, str]:
+        """A 401's headers: the challenge, and the connection closed after it, so that a client with no valid
+        credentials keeps a connection only as long as ``slow_clients`` lets a request take, not the keep-alive
+        time (75 s) that signed-in clients get between requests."""
+        return {"www-authenticate": self._challenges[token_refused], "connection": "close"}
 
     async def _check(self, authorization: str, session: bool) -> tuple[Principal, Standing | None] | None:
         scheme, _, credentials = authorization.strip().partition(" ")
