@@ -284,7 +284,8 @@ class ScreeningSettings(_Section):
     # chat_template_kwargs keys a request may set (anything else could change how the prompt is built).
     chat_template_kwargs: list[str] = Field(default_factory=lambda: ["enable_thinking"])
     # Bytes of a request's output constraints (response_format, structured_outputs, and tools when tool_choice
-    # requires a call), as compact JSON: the engine compiles them into a grammar before answering (see screening).
+    # requires a call or a tool is strict), as compact JSON: the engine compiles them into a grammar before
+    # answering (see screening).
     max_structured_output_bytes: int = Field(65536, ge=1024)
     # Levels of nested arrays and objects in a request body (tool and response_format schemas nest; a few thousand
     # levels would exhaust the JSON decoder's recursion). Well under Python's recursion limit of 1000.

@@ -174,15 +174,16 @@ class _Exchange:
         """A grammar that derives no finite text (``root ::= root root``) passes vLLM's checks, and then xgrammar
         rejects the first token: the engine ends the request with its bare "Internal server error" (vLLM's
         scheduler: "grammar rejected tokens ... Terminating request"). Every replica would do the same, so that
-        answer to a request with a grammar is the client's 400, not a failure to try elsewhere; the replica's
-        health is still checked. EngineDeadError, the other 500 vLLM sends, says so in its message."""
+        answer to a request with a grammar is the client's 400, not a failure to try elsewhere nor an engine error
+        in the metrics (a client could raise the alert on those); the replica's health is still checked.
+        EngineDeadError, the other 500 vLLM sends, says so in its message and is an engine failure as before."""
         raw = await _read_bounded(upstream, MAX_ENGINE_ERROR_BYTES)
-        self.forwarder.failed(self.replica, "error_status")
-        if _error_message(raw) == BARE_INTERNAL_ERROR:
-            raise InvalidRequest("the model engine could not generate any text that structured_outputs.grammar "
-                                 "allows; a grammar must derive a finite text (root ::= root root derives none)",
-                                 param="structured_outputs", code="invalid_grammar")
-        raise _TryElsewhere(EngineFailed(FAILED))
+        if _error_message(raw) != BARE_INTERNAL_ERROR:
+            self._give_up("error_status")
+        self.forwarder.pool.check_soon(self.replica)
+        raise InvalidRequest("the model engine could not generate any text that structured_outputs.grammar "
+                             "allows; a grammar must derive a finite text (root ::= root root derives none)",
+                             param="structured_outputs", code="invalid_grammar")
 
     def _give_up(self, reason: str) -> NoReturn:
         """The engine failed before anything went to the client: another replica may take the request."""
