@@ -74,22 +74,26 @@ class _Server(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         http = self.config.http
-        if not (isinstance(http, type) and issubclass(http, SlowClientGuard)):
-            await super().startup(sockets)
-            return
-        loop = asyncio.get_running_loop()
-        create_server = loop.create_server
+        if isinstance(http, type) and issubclass(http, SlowClientGuard):
+            _bound_tls_handshakes(asyncio.get_running_loop(), http.header_timeout_s)
+        await super().startup(sockets)
 
-        def bounded_handshake(*args: Any, **kwargs: Any) -> Any:
-            if kwargs.get("ssl") is not None:
-                kwargs["ssl_handshake_timeout"] = http.header_timeout_s
-            return create_server(*args, **kwargs)
 
-        loop.create_server = bounded_handshake  # type: ignore[method-assign]
-        try:
-            await super().startup(sockets)
-        finally:
-            del loop.create_server  # the loop's own method again
+def _bound_tls_handshakes(loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+    """Every TLS listener this loop creates from now on gives up a handshake after ``timeout_s`` unless told
+    otherwise (uvicorn passes no ``ssl_handshake_timeout``). Once per loop, for good: the API and metrics listeners
+    start at the same time, and a wrapper set and taken away around each start would undo the other's."""
+    create_server = loop.create_server
+    if getattr(create_server, "bounds_tls_handshakes", False):
+        return
+
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_handshake_timeout", timeout_s)
+        return create_server(*args, **kwargs)
+
+    bounded.bounds_tls_handshakes = True  # type: ignore[attr-defined]
+    loop.create_server = bounded  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True)
